@@ -1,0 +1,1 @@
+"""Everything a hospital runs locally: slide reading, tissue, tiling, encoding, training."""

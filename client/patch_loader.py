@@ -1,0 +1,145 @@
+"""Reading and decoding patches in DataLoader workers, re-batched to a fixed encoder batch size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from client.slides import SlideReader
+from client.tiling import PairedGrid
+from common.config.preprocess import TilingConfig
+
+
+@dataclass
+class PatchBatch:
+    """A batch of patches ready for the encoder and where each one goes."""
+
+    pixels: torch.Tensor  # [B, 3, H, W] uint8
+    resolution: list[str]  # "low" / "high" per row
+    index: np.ndarray  # [B] index into that resolution's grid arrays
+
+
+class RegionDataset(Dataset):
+    """Item k = the patches of low-res grid cell k: the low patch and/or its kept high children.
+
+    Each worker process opens its own slide handle (OpenSlide handles are not shared across processes).
+    """
+
+    def __init__(
+        self,
+        slide_path: Path,
+        mpp_override: float | None,
+        mpp_tolerance: float,
+        grid: PairedGrid,
+        tiling: TilingConfig,
+        want_low: bool,
+        want_high: bool,
+    ):
+        self.slide_path = slide_path
+        self.mpp_override = mpp_override
+        self.mpp_tolerance = mpp_tolerance
+        self.grid = grid
+        self.tiling = tiling
+        self.want_low = want_low
+        self.want_high = want_high
+        self._reader: SlideReader | None = None
+        self._reader_pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.grid.low_coords)
+
+    def _slide(self) -> SlideReader:
+        info = get_worker_info()
+        pid = info.id if info is not None else -1
+        if self._reader is None or self._reader_pid != pid:
+            self._reader = SlideReader(self.slide_path, self.mpp_override, self.mpp_tolerance)
+            self._reader_pid = pid
+        return self._reader
+
+    def __getitem__(self, k: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+        slide, t, g = self._slide(), self.tiling, self.grid
+        patches: list[np.ndarray] = []
+        kinds: list[str] = []
+        indices: list[int] = []
+        x0, y0 = g.low_coords[k]
+        if self.want_low:
+            patches.append(slide.read_region(x0, y0, t.low_mpp, t.low_patch_size))
+            kinds.append("low")
+            indices.append(k)
+        if self.want_high:
+            children = g.children_of(k)
+            if len(children):
+                side = t.high_patch_size * g.ratio
+                block = slide.read_region(x0, y0, t.high_mpp, side)
+                for h in children:
+                    row, col = divmod(int(g.high_child[h]), g.ratio)
+                    s = t.high_patch_size
+                    patches.append(block[row * s : (row + 1) * s, col * s : (col + 1) * s])
+                    kinds.append("high")
+                    indices.append(int(h))
+        if not patches:
+            return np.zeros((0, 3, t.high_patch_size, t.high_patch_size), np.uint8), [], np.zeros(0, np.int64)
+        sizes = {p.shape[0] for p in patches}
+        if len(sizes) > 1:
+            raise ValueError("low and high patch sizes differ; encode them in separate passes")
+        stacked = np.ascontiguousarray(np.stack(patches).transpose(0, 3, 1, 2))
+        return stacked, kinds, np.asarray(indices, dtype=np.int64)
+
+
+def _identity(item: tuple) -> tuple:
+    return item
+
+
+def iterate_batches(dataset: RegionDataset, batch_size: int, num_workers: int, pin_memory: bool) -> Iterator[PatchBatch]:
+    """Patches of the dataset in order, in batches of exactly `batch_size` (the last may be smaller)."""
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_identity,
+        pin_memory=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    buf_pixels: list[np.ndarray] = []
+    buf_kinds: list[str] = []
+    buf_index: list[np.ndarray] = []
+    buffered = 0
+    for pixels, kinds, index in loader:
+        if len(kinds) == 0:
+            continue
+        buf_pixels.append(pixels)
+        buf_kinds.extend(kinds)
+        buf_index.append(index)
+        buffered += len(kinds)
+        while buffered >= batch_size:
+            yield _take(buf_pixels, buf_kinds, buf_index, batch_size, pin_memory)
+            buffered -= batch_size
+    if buffered:
+        yield _take(buf_pixels, buf_kinds, buf_index, buffered, pin_memory)
+
+
+def _take(
+    pixels: list[np.ndarray], kinds: list[str], index: list[np.ndarray], n: int, pin_memory: bool
+) -> PatchBatch:
+    """Pop the first n patches off the buffers (in place)."""
+    all_pixels = np.concatenate(pixels) if len(pixels) > 1 else pixels[0]
+    all_index = np.concatenate(index) if len(index) > 1 else index[0]
+    head = torch.from_numpy(np.ascontiguousarray(all_pixels[:n]))
+    if pin_memory:
+        head = head.pin_memory()
+    batch = PatchBatch(pixels=head, resolution=kinds[:n], index=all_index[:n].copy())
+    rest_pixels, rest_index = all_pixels[n:], all_index[n:]
+    pixels.clear()
+    index.clear()
+    del kinds[:n]
+    if len(rest_pixels):
+        pixels.append(rest_pixels)
+        index.append(rest_index)
+    return batch

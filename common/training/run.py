@@ -1,0 +1,243 @@
+"""A whole training run: check inputs, split, train every fold, write metrics, predictions and checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from common.config.base import ConfigError
+from common.config.model import ModelConfig
+from common.config.train import TrainConfig
+from common.metrics import classification_metrics, summarize
+from common.models.base import MILModel
+from common.training import outputs
+from common.training.checkpoint import save_checkpoint
+from common.training.cohort import Cohort, load_cohort
+from common.training.data import BagDataset, eval_loader, train_loader
+from common.training.labels import read_labels
+from common.training.loop import EvalResult, FitResult, class_weights, evaluate, fit
+from common.training.repro import deterministic_torch, resolve_device, seed_everything
+from common.training.splits import FoldSplit, check_splits, cv_splits, given_splits
+
+log = logging.getLogger(__name__)
+
+ModelFactory = Callable[[ModelConfig], MILModel]  # resolved model config -> fresh model
+
+
+@dataclass
+class FoldOutcome:
+    """One trained fold: its split, training record and best-epoch results."""
+
+    split: FoldSplit
+    fit: FitResult
+    val: EvalResult
+    test: EvalResult | None
+    val_metrics: dict[str, float]
+    test_metrics: dict[str, float] | None
+
+
+@dataclass
+class TrainingReport:
+    """What a run produced (everything is also on disk under out_dir)."""
+
+    out_dir: Path
+    classes: tuple[str, ...]
+    split_mode: str
+    folds: list[FoldOutcome]
+    summary: dict[str, dict[str, dict[str, float]]]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def resolve_model_config(model_cfg: ModelConfig, feature_dim: int, num_classes: int) -> ModelConfig:
+    """The model config with in_dim and num_classes taken from the data; explicit values must agree."""
+    data = model_cfg.model_dump()
+    explicit = model_cfg.model_fields_set
+    for key, actual, source in (("in_dim", feature_dim, "the feature files"), ("num_classes", num_classes, "the labels")):
+        given = data.get(key)
+        if given and key in explicit and int(given) != actual:
+            raise ConfigError(f"model.{key.replace('_', '-')} = {given} but {source} give {actual}; leave it unset")
+        data[key] = actual
+    return type(model_cfg).model_validate(data)
+
+
+def default_model_factory(model_cfg: ModelConfig) -> MILModel:
+    """Build the configured model through the model registry."""
+    from common.models.registry import build_model
+
+    return build_model(model_cfg)
+
+
+def plan_splits(cfg: TrainConfig, cohort: Cohort, has_split_column: bool) -> tuple[str, list[FoldSplit]]:
+    """('cv' | 'given', the folds), checked to be trainable."""
+    mode = cfg.splits if cfg.splits != "auto" else ("given" if has_split_column else "cv")
+    labels, groups = cohort.labels, cohort.groups
+    if mode == "given":
+        if not has_split_column:
+            raise ConfigError("splits = \"given\" but the labels CSV has no split column")
+        folds = given_splits([s.split for s in cohort.slides], labels, groups, cfg.repeats, cfg.seed, cfg.val_fraction)
+    else:
+        folds = cv_splits(labels, groups, cfg.cv_folds, cfg.repeats, cfg.seed, cfg.val_fraction)
+    check_splits(
+        folds,
+        labels,
+        cohort.classes,
+        [s.slide_id for s in cohort.slides],
+        val_needs_all_classes=cfg.early_stopping_metric == "auc",
+    )
+    return mode, folds
+
+
+def _train_fold(
+    cfg: TrainConfig,
+    cohort: Cohort,
+    split: FoldSplit,
+    model_cfg: ModelConfig,
+    factory: ModelFactory,
+    device: torch.device,
+    progress: bool | None,
+) -> FoldOutcome:
+    seed_everything(split.seed)
+    model = factory(model_cfg)
+    train_ds = BagDataset(cohort, split.train, max_instances=cfg.max_instances)
+    weights = class_weights(cohort.labels[split.train], len(cohort.classes), cfg.class_weighting)
+    loader = train_loader(train_ds, cfg.batch_size, split.seed, cfg.num_workers, cfg.group_by_length)
+    eval_bs = cfg.resolved_eval_batch_size
+    val_loader = eval_loader(BagDataset(cohort, split.val), eval_bs, cfg.num_workers)
+    result = fit(model, loader, val_loader, cfg, device, weights, progress, description=split.name)
+    model.load_state_dict(result.best_state)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
+    val = evaluate(model, val_loader, loss_fn, device)
+    test = None
+    if split.test.size:
+        test = evaluate(model, eval_loader(BagDataset(cohort, split.test), eval_bs, cfg.num_workers), loss_fn, device)
+    return FoldOutcome(
+        split=split,
+        fit=result,
+        val=val,
+        test=test,
+        val_metrics=_metrics(val, cfg.ece_bins),
+        test_metrics=None if test is None else _metrics(test, cfg.ece_bins),
+    )
+
+
+def _metrics(result: EvalResult, ece_bins: int) -> dict[str, float]:
+    return {**classification_metrics(result.labels, result.probs, ece_bins), "loss": result.loss}
+
+
+def _better(metric: str, score: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    if math.isnan(score):
+        return False
+    return score < best if metric == "loss" else score > best
+
+
+def run_training(cfg: TrainConfig, model_factory: ModelFactory | None = None, progress: bool | None = None) -> TrainingReport:
+    """Train and evaluate every fold of every repeat; write outputs to cfg.out_dir.
+
+    Raises TrainingInputError subclasses (naming files/ids) before any training when inputs are bad.
+    `progress` None shows tqdm bars only on a terminal.
+    """
+    table = read_labels(cfg.labels)
+    cohort = load_cohort(cfg.features_dir, table, allow_missing=cfg.allow_missing, preload=cfg.preload)
+    model_cfg = resolve_model_config(cfg.model, cohort.feature_dim, len(cohort.classes))
+    mode, splits = plan_splits(cfg, cohort, table.has_split)
+    device = resolve_device(cfg.device)
+    factory = model_factory or default_model_factory
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log.info("training %s on %d slides (%s), %d fold(s), device %s", model_cfg.name, len(cohort.slides),
+             ", ".join(cohort.classes), len(splits), device)
+
+    folds: list[FoldOutcome] = []
+    predictions: list[list[Any]] = []
+    history: list[list[Any]] = []
+    best: tuple[float, FoldOutcome] | None = None
+    model_config_dict = model_cfg.model_dump(mode="json")
+    checkpoint_common = dict(
+        model_config=model_config_dict,
+        label_map=cohort.label_map,
+        feature_dim=cohort.feature_dim,
+        encoder=cohort.encoder_attrs,
+        train_config=cfg.to_toml_dict(),
+    )
+    with deterministic_torch(cfg.deterministic, cuda=device.type == "cuda"):
+        for split in tqdm(splits, desc="folds", disable=None if progress is None else not progress):
+            outcome = _train_fold(cfg, cohort, split, model_cfg, factory, device, progress)
+            folds.append(outcome)
+            predictions += outputs.prediction_rows(cohort, outcome.val, "val", split.repeat, split.fold)
+            if outcome.test is not None:
+                predictions += outputs.prediction_rows(cohort, outcome.test, "test", split.repeat, split.fold)
+            history += outputs.history_rows(outcome.fit.history, split.repeat, split.fold)
+            fold_extra = dict(repeat=split.repeat, fold=split.fold, epoch=outcome.fit.best_epoch,
+                              val_metrics=outputs.json_safe(outcome.val_metrics))
+            if cfg.save_fold_checkpoints:
+                save_checkpoint(out_dir / "checkpoints" / f"repeat{split.repeat}_fold{split.fold}.pt",
+                                outcome.fit.best_state, **checkpoint_common, **fold_extra)
+            if best is None or _better(cfg.early_stopping_metric, outcome.fit.best_score, best[0]):
+                best = (outcome.fit.best_score, outcome)
+                save_checkpoint(out_dir / outputs.CHECKPOINT_FILE, outcome.fit.best_state,
+                                **checkpoint_common, **fold_extra)
+
+    assert best is not None
+    summary = {"val": summarize([f.val_metrics for f in folds])}
+    tested = [f.test_metrics for f in folds if f.test_metrics is not None]
+    if tested:
+        summary["test"] = summarize(tested)
+    classes = list(cohort.classes)
+    files = {
+        "metrics": out_dir / outputs.METRICS_FILE,
+        "predictions": out_dir / outputs.PREDICTIONS_FILE,
+        "history": out_dir / outputs.HISTORY_FILE,
+        "label_map": out_dir / outputs.LABEL_MAP_FILE,
+        "checkpoint": out_dir / outputs.CHECKPOINT_FILE,
+    }
+    outputs.write_csv(files["predictions"], outputs.prediction_header(classes), predictions)
+    outputs.write_csv(files["history"], outputs.HISTORY_HEADER, history)
+    outputs.write_json(files["label_map"], {"label_map": cohort.label_map, "classes": classes})
+    outputs.write_json(
+        files["metrics"],
+        {
+            "schema": outputs.METRICS_SCHEMA,
+            "config": cfg.to_toml_dict(),
+            "model": model_config_dict,
+            "label_map": cohort.label_map,
+            "classes": classes,
+            "feature_dim": cohort.feature_dim,
+            "encoder": cohort.encoder_attrs,
+            "num_slides": len(cohort.slides),
+            "split_mode": mode,
+            "folds": [
+                {
+                    "repeat": f.split.repeat,
+                    "fold": f.split.fold,
+                    "seed": f.split.seed,
+                    "n_train": int(f.split.train.size),
+                    "n_val": int(f.split.val.size),
+                    "n_test": int(f.split.test.size),
+                    "best_epoch": f.fit.best_epoch,
+                    "epochs_run": f.fit.epochs_run,
+                    "stopped_early": f.fit.stopped_early,
+                    "val": f.val_metrics,
+                    "test": f.test_metrics,
+                }
+                for f in folds
+            ],
+            "summary": summary,
+            "best_checkpoint": {
+                "repeat": best[1].split.repeat,
+                "fold": best[1].split.fold,
+                "path": outputs.CHECKPOINT_FILE,
+                "monitor": f"val_{cfg.early_stopping_metric}",
+                "score": best[0],
+            },
+        },
+    )
+    return TrainingReport(out_dir=out_dir, classes=cohort.classes, split_mode=mode, folds=folds, summary=summary, files=files)

@@ -1,0 +1,1 @@
+"""Coordinating site: Flower ServerApp, aggregation, server-side distillation, reports."""

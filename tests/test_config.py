@@ -1,0 +1,96 @@
+"""Stage configs: TOML + CLI precedence and error messages that name key, value and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+
+from common.cli import main
+from common.config.base import ConfigError, load_config
+from common.config.preprocess import PreprocessConfig, TilingConfig
+
+
+def test_defaults_nest_four_by_four() -> None:
+    cfg = PreprocessConfig()
+    assert cfg.tiling.ratio == 4
+    assert cfg.encoder.name == "efficientnet_lite0"
+
+
+def test_out_of_range_value_names_key_value_and_rule() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(PreprocessConfig, section="preprocess", values={"tiling.low_mpp": -1})
+    text = str(err.value)
+    assert "preprocess.tiling.low-mpp" in text and "-1" in text and "greater than 0" in text
+
+
+def test_unknown_key_lists_allowed_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(PreprocessConfig, overrides=["tiling.low-mag=5"])
+    text = str(err.value)
+    assert "unknown key 'tiling.low-mag'" in text
+    assert "low-mpp" in text and "min-tissue-high" in text
+
+
+def test_wrong_choice_lists_choices() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(PreprocessConfig, overrides=["resolutions=medium"])
+    assert "'medium'" in str(err.value) and "'both', 'low' or 'high'" in str(err.value)
+
+
+def test_grids_that_do_not_nest_are_refused() -> None:
+    with pytest.raises(ValueError, match="whole multiple"):
+        TilingConfig(low_mpp=1.7)
+
+
+def test_precedence_defaults_file_flags_overrides(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text('[preprocess]\nresolutions = "low"\n[preprocess.tiling]\nmin-tissue-low = 0.3\nmin-tissue-high = 0.4\n')
+    cfg = load_config(
+        PreprocessConfig,
+        path=toml,
+        section="preprocess",
+        values={"tiling.min_tissue_high": 0.5},
+        overrides=["encoder.batch-size=8"],
+    )
+    assert cfg.resolutions == "low"
+    assert cfg.tiling.min_tissue_low == 0.3
+    assert cfg.tiling.min_tissue_high == 0.5
+    assert cfg.encoder.batch_size == 8
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[preprocess\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(PreprocessConfig, path=bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(PreprocessConfig, path=tmp_path / "nope.toml")
+
+
+def test_shipped_config_files_are_valid() -> None:
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(configs.glob("*.toml"))
+    assert files, "configs/ ships TOML files"
+    for f in files:
+        load_config(PreprocessConfig, path=f, section="preprocess")
+
+
+def test_cli_refuses_bad_value_before_doing_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "slides").mkdir()
+    code = main(["preprocess", "--site", str(tmp_path), "--set", "tiling.min-tissue-low=2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "tiling.min-tissue-low" in err and "2" in err and "less than or equal to 1" in err
+    assert not (tmp_path / "features").exists()
+
+
+def test_defaults_file_documents_the_real_defaults() -> None:
+    defaults = Path(__file__).resolve().parents[1] / "configs" / "defaults.toml"
+    assert load_config(PreprocessConfig, path=defaults, section="preprocess") == PreprocessConfig()
+
+
+def test_defaults_file_documents_the_synth_defaults(tmp_path: Path) -> None:
+    from common.config.synth import SynthConfig
+
+    defaults = Path(__file__).resolve().parents[1] / "configs" / "defaults.toml"
+    loaded = load_config(SynthConfig, path=defaults, section="synth", values={"out_dir": str(tmp_path)})
+    assert loaded == SynthConfig(out_dir=tmp_path)
