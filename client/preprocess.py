@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from client.encoders.base import PatchEncoder
 from client.encoders.registry import build_encoder
-from client.patch_loader import RegionDataset, iterate_batches
+from client.encoding import encode_grid, resolve_device
+from client.patch_loader import RegionDataset
 from client.qc import write_qc_image
 from client.slides import SlideError, SlideReader, discover_slides
 from client.tiling import PairedGrid, paired_grid
@@ -77,21 +78,6 @@ class SiteSummary:
         }
 
 
-def _device(cfg_device: str) -> torch.device:
-    if cfg_device == "cuda" or (cfg_device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 class SitePreprocessor:
     """Runs preprocessing over the slides of one site directory with one loaded encoder."""
 
@@ -99,7 +85,7 @@ class SitePreprocessor:
         self.cfg = cfg
         if cfg.encoder.threads:
             torch.set_num_threads(cfg.encoder.threads)
-        self.device = _device(cfg.encoder.device)
+        self.device = resolve_device(cfg.encoder.device)
         self.encoder = (encoder or build_encoder(cfg.encoder)).to(self.device).eval()
         if self.device.type == "cuda":
             self.encoder = self.encoder.to(memory_format=torch.channels_last)
@@ -258,30 +244,32 @@ class SitePreprocessor:
             want_low="low" in resolutions,
             want_high="high" in resolutions,
         )
-        pin = self.device.type == "cuda"
-        with torch.inference_mode(), _autocast(self.device, enc_cfg.precision):
-            for batch in iterate_batches(dataset, enc_cfg.batch_size, enc_cfg.num_workers, pin):
-                x = batch.pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                feats, tokens = self.encoder.encode(x, token_grid=self.token_grid)
-                feats = feats.float().cpu().numpy()
-                tokens_np = tokens.float().cpu().numpy() if tokens is not None else None
-                kinds = np.asarray(batch.resolution)
-                for res in resolutions:
-                    rows = np.flatnonzero(kinds == res)
-                    if len(rows) == 0:
-                        continue
-                    idx = batch.index[rows]
-                    if res == "low":
-                        writers["low"].append(
-                            feats[rows],
-                            grid.low_coords[idx],
-                            tokens=tokens_np[rows] if tokens_np is not None else None,
-                        )
-                    else:
-                        writers["high"].append(
-                            feats[rows], grid.high_coords[idx], parent=grid.high_parent[idx], child=grid.high_child[idx]
-                        )
-                bar.update(len(batch.resolution))
+        encoded = encode_grid(
+            dataset,
+            self.encoder,
+            device=self.device,
+            batch_size=enc_cfg.batch_size,
+            num_workers=enc_cfg.num_workers,
+            precision=enc_cfg.precision,
+            token_grid=self.token_grid,
+        )
+        for batch in encoded:
+            for res in resolutions:
+                rows = np.flatnonzero(batch.resolution == res)
+                if len(rows) == 0:
+                    continue
+                idx = batch.index[rows]
+                if res == "low":
+                    writers["low"].append(
+                        batch.features[rows],
+                        grid.low_coords[idx],
+                        tokens=batch.tokens[rows] if batch.tokens is not None else None,
+                    )
+                else:
+                    writers["high"].append(
+                        batch.features[rows], grid.high_coords[idx], parent=grid.high_parent[idx], child=grid.high_child[idx]
+                    )
+            bar.update(len(batch))
 
     def _write_reports(self, out_dir: Path, summary: SiteSummary) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -203,3 +203,25 @@ def test_bad_slides_are_reported_and_the_rest_processed(
     leftovers = [p for p in (site / "features").rglob("*") if p.name.startswith(("notes", "truncated", "nompp", "empty"))]
     assert leftovers == []
     assert "nompp" in capsys.readouterr().err
+
+
+def test_cli_synth_then_low_only_preprocess_of_a_cohort(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cohort"
+    code = main(["synth", "--out", str(out), "--sites", "2", "--slides-per-site", "2", "--seed", "3",
+                 "--set", "slide-size-um=[700.0, 800.0]", "--set", "progress=false"])
+    assert code == 0
+    sites = sorted(p for p in out.iterdir() if p.is_dir())
+    assert [s.name for s in sites] == ["site1", "site2"]
+    args = ["preprocess", "--no-progress", "--resolutions", "low"]
+    for s in sites:
+        args += ["--site", str(s)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for s in sites:
+        ids = [line.split(",")[0] for line in (s / "labels.csv").read_text().splitlines()[1:]]
+        assert len(ids) == 2
+        for slide_id in ids:
+            bag = read_feature_file(feature_path(s, ENC, "low", slide_id), load_tokens=True)
+            assert len(bag) > 0 and bag.tokens is not None
+            assert not feature_path(s, ENC, "high", slide_id).exists()
+        assert f"{s}: 2 done, 0 skipped, 0 failed" in printed

@@ -3,9 +3,9 @@
 Each layer runs a Mamba mixer on the sequence and, with sequence reordering (SR, rate R),
 a second selective scan on the sequence read with stride R (instances 0, R, 2R, ..., 1,
 R+1, ...), whose outputs are averaged before the gate. The selective scan
-h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t h_t + D x_t is computed chunk by chunk:
-inside a chunk in parallel with cumulative sums of log decays (falling back to a
-logcumsumexp form where the decay range could overflow), across chunks sequentially; in training the chunks are checkpointed so memory stays small.
+h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t h_t + D x_t runs as a sequential scan
+over chunks with a hand-written adjoint (backward) scan, so memory stays O(L E) and CPU time
+is a few fused operations per instance.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from common.models.base import MILModel, MILOutput
 from common.models.heads import HeadName, make_head
@@ -29,33 +28,75 @@ from common.models.layers import (
     scatter_rows,
 )
 
-_TINY = 1e-30
-_MAX_LOG_RANGE = 60.0  # exp(60) ~ 1e26: the plain cumulative-sum path cannot overflow below this
-
-
-def _scan_chunk(
-    x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, h0: torch.Tensor
+def _chunk_states(
+    x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, h: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk of the selective scan in parallel; returns (C_t h_t [B, T, E], last state [B, E, S]).
+    """States h_1..h_T [B, T, E, S] of one chunk from h_0 = h, and the decays exp(dt_t A) [B, T, E, S]."""
+    decay = torch.exp(dt.unsqueeze(-1) * a)
+    states = (dt * x).unsqueeze(-1) * b.unsqueeze(2)  # the inputs u_t, overwritten by the states
+    for t in range(states.shape[1]):
+        h = torch.addcmul(states[:, t], decay[:, t], h)
+        states[:, t] = h
+    return states, decay
 
-    h_t = exp(L_t) (h0 + sum_{s<=t} exp(-L_s) u_s) with L_t the cumulative log decay. When the
-    decay inside the chunk spans more than exp(60) the sums run in log space (logcumsumexp,
-    u split by sign) instead, which cannot overflow.
+
+class _SelectiveScan(torch.autograd.Function):
+    """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t, y_t = C_t . h_t: a sequential scan chunk by chunk.
+
+    The time loop only does one fused multiply-add per step on [B, E, S]; everything else is
+    vectorised over the chunk. Only the state at each chunk start is kept for backward, which
+    recomputes a chunk's states and runs the adjoint scan backwards in time.
     """
-    cum_dt = torch.cumsum(dt, dim=1)  # [B, T, E]; A is time-invariant, so L_t = cum_dt_t * A
-    u = (dt * x).unsqueeze(-1) * b.unsqueeze(2)  # [B, T, E, S]
-    if float((cum_dt[:, -1].amax(dim=0).unsqueeze(-1) * -a).max().detach()) <= _MAX_LOG_RANGE:
-        growth = torch.exp(cum_dt.unsqueeze(-1) * -a)  # exp(-L_t) >= 1
-        steps = x.shape[1]
-        tril = torch.ones(steps, steps, dtype=x.dtype, device=x.device).tril()
-        sums = torch.matmul(tril, (growth * u).flatten(2)).view_as(u)  # cumulative sum over t, as one matmul
-        h = (h0.unsqueeze(1) + sums) * torch.exp(cum_dt.unsqueeze(-1) * a)
-    else:
-        log_decay = cum_dt.unsqueeze(-1) * a
-        pos = torch.logcumsumexp(torch.log(u.clamp_min(_TINY)) - log_decay, dim=1)
-        neg = torch.logcumsumexp(torch.log((-u).clamp_min(_TINY)) - log_decay, dim=1)
-        h = torch.exp(log_decay) * h0.unsqueeze(1) + torch.exp(log_decay + pos) - torch.exp(log_decay + neg)
-    return torch.einsum("btes,bts->bte", h, c), h[:, -1]
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        dt: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        c: torch.Tensor,
+        chunk: int,
+    ) -> torch.Tensor:
+        bsz, length, inner = x.shape
+        h = x.new_zeros(bsz, inner, a.shape[1])
+        starts, ys = [], []
+        for start in range(0, length, chunk):
+            part = slice(start, start + chunk)
+            starts.append(h)
+            states, _ = _chunk_states(x[:, part], dt[:, part], a, b[:, part], h)
+            ys.append(torch.einsum("btes,bts->bte", states, c[:, part]))
+            h = states[:, -1].clone()
+        ctx.save_for_backward(x, dt, a, b, c, torch.stack(starts))
+        ctx.chunk = chunk
+        return torch.cat(ys, dim=1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor):  # type: ignore[override]
+        x, dt, a, b, c, starts = ctx.saved_tensors
+        chunk = ctx.chunk
+        grad_x, grad_dt = torch.zeros_like(x), torch.zeros_like(dt)
+        grad_b, grad_c, grad_a = torch.zeros_like(b), torch.zeros_like(c), torch.zeros_like(a)
+        carry = torch.zeros_like(starts[0])  # dL/dh_t arriving from step t+1
+        for index in reversed(range(starts.shape[0])):
+            part = slice(index * chunk, (index + 1) * chunk)
+            xs, dts, bs, cs, gy = x[:, part], dt[:, part], b[:, part], c[:, part], grad_y[:, part]
+            states, decay = _chunk_states(xs, dts, a, bs, starts[index])
+            grad_c[:, part] = torch.einsum("bte,btes->bts", gy, states)
+            grad_h = gy.unsqueeze(-1) * cs.unsqueeze(2)  # direct part, completed below in place
+            for t in reversed(range(grad_h.shape[1])):
+                carry = grad_h[:, t].add_(carry)
+                carry = carry * decay[:, t]
+            previous = torch.cat([starts[index].unsqueeze(1), states[:, :-1]], dim=1)  # h_{t-1}
+            grad_exponent = grad_h * previous * decay  # dL/d(dt_t A)
+            dtx = dts * xs
+            grad_dtx = torch.einsum("btes,bts->bte", grad_h, bs)
+            grad_b[:, part] = torch.einsum("btes,bte->bts", grad_h, dtx)
+            grad_x[:, part] = grad_dtx * dts
+            grad_dt[:, part] = grad_dtx * xs + torch.einsum("btes,es->bte", grad_exponent, a)
+            grad_a += torch.einsum("btes,bte->es", grad_exponent, dts)
+        return grad_x, grad_dt, grad_a, grad_b, grad_c, None
 
 
 def selective_scan(
@@ -65,28 +106,13 @@ def selective_scan(
     b: torch.Tensor,
     c: torch.Tensor,
     d: torch.Tensor,
-    chunk: int = 32,
-    checkpoint_chunks: bool | None = None,
+    chunk: int = 64,
 ) -> torch.Tensor:
     """Selective scan: x, dt [B, L, E]; a [E, S] (negative); b, c [B, L, S]; d [E] -> y [B, L, E].
 
-    checkpoint_chunks None: checkpoint the chunks when gradients are recorded and the full
-    state tensor [B, L, E, S] would exceed 2^24 elements.
+    Memory O(L E + chunk E S) in forward and backward (no [L, E, S] tensor is kept).
     """
-    bsz, length, inner = x.shape
-    if checkpoint_chunks is None:
-        checkpoint_chunks = torch.is_grad_enabled() and bsz * length * inner * a.shape[1] > 2**24
-    h = x.new_zeros(bsz, inner, a.shape[1])
-    ys = []
-    for start in range(0, length, chunk):
-        part = slice(start, start + chunk)
-        args = (x[:, part], dt[:, part], a, b[:, part], c[:, part], h)
-        if checkpoint_chunks:
-            y, h = checkpoint(_scan_chunk, *args, use_reentrant=False)
-        else:
-            y, h = _scan_chunk(*args)
-        ys.append(y)
-    return torch.cat(ys, dim=1) + x * d
+    return _SelectiveScan.apply(x, dt, a, b, c, chunk) + x * d
 
 
 def reference_scan(
@@ -137,7 +163,7 @@ class MambaMixer(nn.Module):
     """Mamba block: in-projection to (x, z), selective SSM on x (plus the SR branch), gate by SiLU(z), out-projection."""
 
     def __init__(
-        self, dim: int, state_dim: int = 16, expand: int = 2, conv_kernel: int = 4, sr_rate: int = 10, chunk: int = 32
+        self, dim: int, state_dim: int = 16, expand: int = 2, conv_kernel: int = 4, sr_rate: int = 10, chunk: int = 64
     ) -> None:
         super().__init__()
         inner, dt_rank = expand * dim, math.ceil(dim / 16)
@@ -175,7 +201,7 @@ class MambaMIL(MILModel):
         expand: int = 2,
         conv_kernel: int = 4,
         sr_rate: int = 10,
-        chunk: int = 32,
+        chunk: int = 64,
         attention_dim: int = 128,
         dropout: float = 0.25,
         head: HeadName = "linear",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -87,6 +87,9 @@ def _forward(model: MILModel, batch: BagBatch) -> tuple[torch.Tensor, torch.Tens
     return out.logits, out.aux_loss
 
 
+BatchLoss = Callable[[torch.Tensor, BagBatch], torch.Tensor]  # (logits [B, C], batch) -> scalar training loss
+
+
 def train_epoch(
     model: MILModel,
     loader: DataLoader,
@@ -95,15 +98,20 @@ def train_epoch(
     device: torch.device,
     grad_accum: int = 1,
     max_grad_norm: float | None = None,
+    batch_loss: BatchLoss | None = None,
 ) -> float:
-    """One pass over the training batches; returns the mean loss per bag (classification + aux)."""
+    """One pass over the training batches; returns the mean loss per bag (classification + aux).
+
+    `batch_loss`, when given, replaces `loss_fn(logits, labels)` in training (e.g. CE + distillation
+    from logits cached per slide, looked up by `batch.indices`).
+    """
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total, bags, steps = 0.0, 0, len(loader)
     for i, batch in enumerate(loader):
         batch = batch.to(device)
         logits, aux = _forward(model, batch)
-        loss = loss_fn(logits, batch.labels)
+        loss = loss_fn(logits, batch.labels) if batch_loss is None else batch_loss(logits, batch)
         if aux is not None:
             loss = loss + aux
         if not torch.isfinite(loss):
@@ -179,8 +187,12 @@ def fit(
     weights: torch.Tensor | None = None,
     progress: bool | None = None,
     description: str = "epochs",
+    batch_loss: BatchLoss | None = None,
 ) -> FitResult:
-    """Train for up to cfg.epochs, evaluating on `val` after each epoch; keeps the best epoch's weights."""
+    """Train for up to cfg.epochs, evaluating on `val` after each epoch; keeps the best epoch's weights.
+
+    `batch_loss` replaces the training cross-entropy (see train_epoch); validation stays cross-entropy.
+    """
     model.to(device)
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = make_scheduler(optimizer, cfg)
@@ -194,7 +206,9 @@ def fit(
     for epoch in bar:
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_epoch(model, train, optimizer, train_loss_fn, device, cfg.grad_accum, cfg.max_grad_norm)
+        train_loss = train_epoch(
+            model, train, optimizer, train_loss_fn, device, cfg.grad_accum, cfg.max_grad_norm, batch_loss
+        )
         if scheduler is not None:
             scheduler.step()
         result = evaluate(model, val, val_loss_fn, device)

@@ -1,0 +1,122 @@
+"""Loading a student bundle for inference and the encoder it was trained on, refusing any mismatch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from client.encoders.base import PatchEncoder
+from client.encoders.registry import build_encoder
+from client.encoding import resolve_device
+from common.config.predict import PredictConfig
+from common.config.preprocess import EncoderConfig, TilingConfig, TissueConfig
+from common.distillation.bundle import BundleMismatchError, StudentBundle
+
+
+class ModelDirError(ValueError):
+    """The model directory is missing, not a bundle, or unusable for the requested mode."""
+
+
+@dataclass(frozen=True)
+class SlideSettings:
+    """How inference tiles and encodes a slide: exactly as the bundle's training data was."""
+
+    tissue: TissueConfig
+    tiling: TilingConfig
+    token_grid: int  # 0 = no tokens
+
+
+def load_bundle(bundle_dir: Path | str) -> StudentBundle:
+    """Read a student bundle; any problem becomes a ModelDirError naming the directory."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise ModelDirError(f"model directory {bundle_dir} does not exist (expected RUN_DIR/student)")
+    try:
+        return StudentBundle.load(bundle_dir, map_location="cpu")
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise ModelDirError(f"model directory {bundle_dir} is not a usable student bundle: {exc}") from exc
+
+
+def slide_settings(bundle: StudentBundle) -> SlideSettings:
+    """Tissue and tiling settings from the bundle's meta, checked against its resolutions."""
+    m = bundle.meta
+    try:
+        tissue = TissueConfig.model_validate(m.tissue or {})
+        tiling = TilingConfig.model_validate(
+            {
+                **(m.tiling or {}),
+                "low_mpp": m.low_mpp,
+                "low_patch_size": m.low_patch_size,
+                "high_mpp": m.high_mpp,
+                "high_patch_size": m.high_patch_size,
+            }
+        )
+    except ValueError as exc:
+        raise ModelDirError(f"the bundle's tissue/tiling settings are invalid: {exc}") from exc
+    if m.child_grid and tiling.ratio != m.child_grid:
+        raise ModelDirError(f"the bundle's tiling nests {tiling.ratio}×{tiling.ratio} children, but its child grid is {m.child_grid}")
+    return SlideSettings(tissue=tissue, tiling=tiling, token_grid=m.token_grid if bundle.uses_tokens else 0)
+
+
+def encoder_config(bundle: StudentBundle, cfg: PredictConfig) -> EncoderConfig:
+    """The encoder settings for this bundle: its encoder by name, the run's batch/worker/device options."""
+    return EncoderConfig(
+        name=bundle.meta.encoder_name,
+        weights=cfg.encoder_weights,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        threads=cfg.threads,
+        device=cfg.device,
+        precision=cfg.precision,
+    )
+
+
+def check_encoder(bundle: StudentBundle, encoder: PatchEncoder) -> None:
+    """Refuse an encoder other than the bundle's (name, weights hash, fingerprint, dim); the message names both."""
+    m = bundle.meta
+    differs = []
+    if encoder.name != m.encoder_name:
+        differs.append("name")
+    if m.encoder_weights_hash and encoder.weights_hash != m.encoder_weights_hash:
+        differs.append("weights hash")
+    if m.encoder_fingerprint and encoder.fingerprint != m.encoder_fingerprint:
+        differs.append("fingerprint (weights or normalisation)")
+    if encoder.dim != m.encoder_dim:
+        differs.append(f"dim {encoder.dim} vs {m.encoder_dim}")
+    if differs:
+        raise BundleMismatchError(
+            f"the model was trained on features of encoder {m.encoder_name} (weights {m.encoder_weights_hash[:12]}, "
+            f"fingerprint {(m.encoder_fingerprint or 'unknown')[:12]}), but the encoder here is {encoder.name} "
+            f"(weights {encoder.weights_hash[:12]}, fingerprint {encoder.fingerprint[:12]}); they differ in: "
+            f"{', '.join(differs)}. Point --weights (predict.encoder-weights) at the weights the bundle was trained "
+            "with, or use a bundle trained on this encoder"
+        )
+    if bundle.uses_tokens and not encoder.has_feature_map:
+        raise BundleMismatchError(
+            f"the student reads low-res tokens but encoder {encoder.name} has no spatial feature map to pool them from"
+        )
+
+
+def load_encoder(bundle: StudentBundle, cfg: PredictConfig) -> PatchEncoder:
+    """Build the bundle's encoder (eval mode, on the configured device) and verify it is the one trained on."""
+    try:
+        encoder = build_encoder(encoder_config(bundle, cfg))
+    except ValueError as exc:
+        raise ModelDirError(f"cannot build the bundle's encoder {bundle.meta.encoder_name!r}: {exc}") from exc
+    check_encoder(bundle, encoder)
+    device = resolve_device(cfg.device)
+    encoder = encoder.to(device).eval()
+    if device.type == "cuda":
+        encoder = encoder.to(memory_format=torch.channels_last)
+    return encoder
+
+
+def check_mode(bundle: StudentBundle, cfg: PredictConfig) -> None:
+    """Refuse options the bundle cannot serve (zoom or high-res mode without a teacher)."""
+    if cfg.resolution == "high" and cfg.zoom_k:
+        raise ModelDirError("--zoom works on top of the low-res pass; it cannot be combined with --resolution high")
+    if (cfg.resolution == "high" or cfg.zoom_k) and bundle.teacher is None:
+        what = "--resolution high" if cfg.resolution == "high" else "--zoom"
+        raise ModelDirError(f"{what} runs the high-res teacher, but this bundle has none (no teacher.pt)")

@@ -1,0 +1,48 @@
+"""Zoom (AHDMIL pre-screening / WISE-FUSE coarse-to-fine): pick the most attended low-res regions to read at high res."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from client.tiling import PairedGrid
+
+
+def region_scores(attention: np.ndarray, low_index: np.ndarray, num_low: int) -> np.ndarray:
+    """Student attention summed per low patch [num_low] (a patch's 4×4 token instances add up)."""
+    return np.bincount(low_index, weights=attention, minlength=num_low)[:num_low]
+
+
+def select_regions(scores: np.ndarray, grid: PairedGrid, k: int) -> np.ndarray:
+    """Indices (ascending) of the k highest-scoring low patches that have kept high children.
+
+    k larger than the number of such patches takes them all; ties go to the lower index.
+    """
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    has_children = np.bincount(grid.high_parent, minlength=len(grid.low_coords))[: len(grid.low_coords)] > 0
+    candidates = np.flatnonzero(has_children)
+    order = candidates[np.argsort(-scores[candidates], kind="stable")]
+    return np.sort(order[:k]).astype(np.int64)
+
+
+def subset_grid(grid: PairedGrid, low_indices: np.ndarray) -> tuple[PairedGrid, np.ndarray]:
+    """The grid restricted to some low patches and their kept children, and each kept child's index in `grid`.
+
+    Low patches are renumbered 0..len-1 in the given (ascending) order; `parent` follows.
+    """
+    low_indices = np.asarray(low_indices, dtype=np.int64)
+    new_index = np.full(len(grid.low_coords), -1, dtype=np.int64)
+    new_index[low_indices] = np.arange(len(low_indices))
+    high_keep = np.flatnonzero(new_index[grid.high_parent] >= 0) if len(grid.high_parent) else np.zeros(0, np.int64)
+    sub = PairedGrid(
+        ratio=grid.ratio,
+        low_coords=grid.low_coords[low_indices],
+        low_size_level0=grid.low_size_level0,
+        low_tissue=grid.low_tissue[low_indices],
+        high_coords=grid.high_coords[high_keep],
+        high_size_level0=grid.high_size_level0,
+        high_parent=new_index[grid.high_parent[high_keep]],
+        high_child=grid.high_child[high_keep],
+        high_tissue=grid.high_tissue[high_keep],
+    )
+    return sub, high_keep

@@ -1,0 +1,133 @@
+"""Config of `fedslide distill`: LRMIL stage 1 (adapter), teacher, D&D clusters/experts, KD student (section [distill])."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+
+from common.config.base import StageConfig
+from common.config.model import ModelConfig, ModelName
+
+
+class DistillModelConfig(ModelConfig):
+    """A MIL model of the distillation pipeline (default gated ABMIL, which trains reliably)."""
+
+    name: ModelName = Field(default="abmil_gated", description="architecture (any zoo model)")
+
+
+class AdapterConfig(StageConfig):
+    """LRMIL stage 1: the low-res -> high-res adapter and how it is trained."""
+
+    hidden_dim: PositiveInt = Field(default=512, description="width of the adapter's residual MLP")
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="dropout inside the adapter MLP")
+    loss: Literal["mse", "cosine", "mse+cosine"] = Field(
+        default="mse+cosine", description="regression loss of predicted vs. high-res child embeddings"
+    )
+    cosine_weight: float = Field(default=1.0, ge=0.0, description="weight of (1 - cosine) in 'mse+cosine'")
+    epochs: PositiveInt = Field(default=30, description="maximum epochs over the training slides' low patches")
+    patience: NonNegativeInt = Field(default=5, description="stop after this many epochs without val improvement (0 = never)")
+    batch_size: PositiveInt = Field(default=256, description="low-res patches (each with its children) per step")
+    lr: PositiveFloat = Field(default=1e-3, description="AdamW learning rate")
+    weight_decay: float = Field(default=1e-4, ge=0.0, description="AdamW weight decay")
+    max_patches_per_slide: PositiveInt | None = Field(
+        default=None, description="use at most this many low patches per slide (seeded sample; memory cap)"
+    )
+
+
+class MILTrainingConfig(StageConfig):
+    """How the teacher, the experts and the students are optimised and selected (shared)."""
+
+    optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="torch optimizer")
+    lr: PositiveFloat = Field(default=2e-4, description="learning rate")
+    weight_decay: float = Field(default=1e-4, ge=0.0, description="weight decay")
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    scheduler: Literal["cosine", "step", "none"] = Field(default="cosine", description="per-epoch LR schedule")
+    step_size: PositiveInt = Field(default=10, description="epochs between LR drops (scheduler = step)")
+    step_gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="LR factor at each drop (scheduler = step)")
+    epochs: PositiveInt = Field(default=50, description="maximum epochs (teacher, experts, students unless set below)")
+    teacher_epochs: PositiveInt | None = Field(default=None, description="teacher's maximum epochs (default: epochs)")
+    expert_epochs: PositiveInt | None = Field(default=None, description="each expert's maximum epochs (default: epochs)")
+    student_epochs: PositiveInt | None = Field(default=None, description="students' maximum epochs (default: epochs)")
+    batch_size: PositiveInt = Field(default=4, description="bags per training batch")
+    eval_batch_size: PositiveInt = Field(default=4, description="bags per evaluation batch")
+    group_by_length: bool = Field(default=True, description="batch bags of similar length together")
+    grad_accum: PositiveInt = Field(default=1, description="batches whose gradients are summed before a step")
+    max_grad_norm: PositiveFloat | None = Field(default=None, description="clip the gradient norm (off when unset)")
+    class_weighting: Literal["none", "balanced"] = Field(default="none", description="cross-entropy class weights")
+    early_stopping_patience: NonNegativeInt = Field(default=10, description="0 = never stop early")
+    early_stopping_metric: Literal["loss", "auc"] = Field(
+        default="loss", description="validation quantity that picks each model's checkpoint"
+    )
+    min_epochs: NonNegativeInt = Field(default=0, description="epochs always run before early stopping may stop")
+    max_instances: PositiveInt | None = Field(
+        default=None, description="sample at most this many instances per bag in training (memory cap)"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MILTrainingConfig":
+        if self.min_epochs > self.epochs:
+            raise ValueError(f"min-epochs ({self.min_epochs}) exceeds epochs ({self.epochs})")
+        return self
+
+
+class ClusterConfig(StageConfig):
+    """D&D 'divide': size-constrained k-means of the training slides."""
+
+    num_clusters: int = Field(default=3, ge=1, description="clusters C = number of experts")
+    features: Literal["embedding", "logits"] = Field(
+        default="embedding", description="cluster teacher slide embeddings (paper) or teacher logits (reference code)"
+    )
+    min_size_ratio: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="smallest cluster >= floor(ratio * n / C) slides"
+    )
+    max_size_ratio: float = Field(default=1.5, ge=1.0, description="largest cluster <= ceil(ratio * n / C) slides")
+    min_size: PositiveInt = Field(default=2, description="absolute floor on every cluster's size")
+    iterations: PositiveInt = Field(default=20, description="constrained Lloyd iterations after the k-means init")
+    n_init: PositiveInt = Field(default=10, description="k-means restarts of the initialisation")
+    suppress_below: NonNegativeInt = Field(
+        default=2, description="cluster statistics with fewer slides are zeroed (what a site may share)"
+    )
+
+
+class ExpertConfig(StageConfig):
+    """D&D experts: one MIL model (the teacher's architecture) per cluster."""
+
+    init: Literal["teacher", "scratch"] = Field(default="teacher", description="start from the teacher's weights or afresh")
+
+
+class KDConfig(StageConfig):
+    """Slide-level distillation into the low-res student."""
+
+    student_input: Literal["tokens", "pooled", "raw"] = Field(
+        default="tokens",
+        description="student instances: 16 adapted tokens per low patch, their mean per patch, or raw low features",
+    )
+    temperature: PositiveFloat = Field(default=2.0, description="softmax temperature T (KL terms scaled by T²)")
+    lambda_base: float = Field(default=1.0, ge=0.0, description="weight of KL(teacher ‖ student); 0 turns it off")
+    lambda_expert: float = Field(default=1.0, ge=0.0, description="weight of the experts' KL; 0 turns it off")
+    expert_kd: Literal["all", "own"] = Field(
+        default="all", description="'all': (λ/C)·Σ_c KL(expert_c ‖ student); 'own': λ·KL(expert of the slide's cluster ‖ student)"
+    )
+
+
+class DistillConfig(StageConfig):
+    """`fedslide distill` (TOML section [distill])."""
+
+    sites: list[Path] = Field(default_factory=list, description="site directories (labels.csv + features/<encoder>/)")
+    out_dir: Path | None = Field(default=None, description="run directory (metrics.json, bundles, cache)")
+    encoder: str | None = Field(default=None, description="features/<encoder> subfolder (default: the only one present)")
+    seed: int = Field(default=0, description="seed of every model init, sample and batch order")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda[:i], mps")
+    deterministic: bool = Field(default=True, description="torch deterministic algorithms (where supported)")
+    threads: PositiveInt | None = Field(default=None, description="torch CPU threads (default: torch's choice)")
+    ece_bins: PositiveInt = Field(default=15, description="equal-width confidence bins of the ECE")
+    progress: bool = Field(default=False, description="show progress bars")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    teacher: DistillModelConfig = Field(default_factory=DistillModelConfig, description="high-res teacher (and experts') MIL model")
+    student: DistillModelConfig = Field(default_factory=DistillModelConfig, description="low-res student (and baseline) MIL model")
+    training: MILTrainingConfig = Field(default_factory=MILTrainingConfig)
+    clusters: ClusterConfig = Field(default_factory=ClusterConfig)
+    experts: ExpertConfig = Field(default_factory=ExpertConfig)
+    kd: KDConfig = Field(default_factory=KDConfig)

@@ -1,0 +1,50 @@
+"""Config of `fedslide predict`: low-res-only slide inference with a distilled student (TOML section [predict]).
+
+Tissue and tiling settings are not here: they come from the model bundle, so inference tiles a
+slide exactly as the student's training data was tiled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, NonNegativeInt, PositiveInt
+
+from common.config.base import StageConfig
+from common.config.preprocess import SlideConfig
+
+
+class PredictConfig(StageConfig):
+    """How slides are read and encoded at inference, and what is written."""
+
+    resolution: Literal["low", "high"] = Field(
+        default="low",
+        description="'low': the student on low-res patches only; 'high': reference mode, every high-res patch "
+        "encoded and the teacher run (to measure the high-res cost)",
+    )
+    zoom_k: NonNegativeInt = Field(
+        default=0,
+        description="after the low-res pass, encode the high-res children of the K most attended low-res "
+        "patches and run the teacher on them (0 = off; low resolution only)",
+    )
+    batch_size: PositiveInt = Field(default=32, description="patches per encoder forward pass")
+    num_workers: int = Field(default=1, ge=0, le=64, description="DataLoader worker processes reading patches")
+    threads: PositiveInt | None = Field(default=None, description="torch CPU threads (default: all cores)")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="encoder device; auto = cuda when present")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="encoder autocast: auto = bf16 on GPU, fp32 on CPU"
+    )
+    encoder_weights: Path | None = Field(
+        default=None,
+        description="local weights file of the bundle's encoder (encoders whose weights do not ship with a package)",
+    )
+    heatmaps: bool = Field(default=True, description="write heatmaps/<slide_id>.png")
+    heatmap_size: int = Field(default=1024, ge=128, le=8192, description="long side of the heatmap's slide image, px")
+    progress: bool = Field(default=True, description="show progress bars")
+    slide: SlideConfig = Field(default_factory=SlideConfig)
+
+    @property
+    def mpp_override(self) -> float | None:
+        """µm per level-0 pixel for slides without resolution metadata (`slide.mpp-override`, `--mpp`)."""
+        return self.slide.mpp_override

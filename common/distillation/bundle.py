@@ -1,0 +1,314 @@
+"""The student bundle: everything low-res inference needs (adapter, student, teacher, provenance).
+
+On disk (`directory/`): `bundle.json` (format + BundleMeta), `adapter.pt`, `student.pt` and
+`teacher.pt`, each a plain dict (`state_dict` + config dict) readable with
+`torch.load(weights_only=True)`. `adapter.pt` / `teacher.pt` are absent when the bundle has none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.config.model import ModelConfig
+from common.distillation.adapter import CrossResAdapter, build_adapter
+from common.distillation.instances import (
+    MissingTokensError,
+    estimate_patch_size_level0,
+    instance_coords,
+    student_instances,
+)
+from common.models.base import MILModel, MILOutput
+from common.models.registry import build_model
+
+BUNDLE_FORMAT = "fedslide.student-bundle/1"
+BUNDLE_FILE = "bundle.json"
+ADAPTER_FILE = "adapter.pt"
+STUDENT_FILE = "student.pt"
+TEACHER_FILE = "teacher.pt"
+_MPP_TOLERANCE = 0.05
+
+
+class BundleMismatchError(ValueError):
+    """Features (or their encoder / resolution) differ from those the bundle was trained on."""
+
+
+@dataclass
+class BundleMeta:
+    """Provenance of a bundle: the encoder, resolutions and tiling its models were trained on (JSON-serialisable)."""
+
+    encoder_name: str
+    encoder_weights_hash: str
+    encoder_dim: int
+    encoder_fingerprint: str | None
+    low_mpp: float
+    low_patch_size: int
+    high_mpp: float
+    high_patch_size: int
+    child_grid: int
+    token_grid: int
+    student_input: str  # "tokens" | "pooled" | "raw"
+    class_names: list[str]
+    tissue: dict[str, Any]
+    tiling: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)  # run facts (model name, temperature, ...)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BundleMeta":
+        """Inverse of to_dict (unknown keys are kept under `extra`)."""
+        known = {f.name for f in fields(cls)}
+        meta = cls(**{k: v for k, v in data.items() if k in known})
+        unknown = {k: v for k, v in data.items() if k not in known}
+        if unknown:
+            meta.extra = {**meta.extra, **unknown}
+        return meta
+
+    @property
+    def encoder_label(self) -> str:
+        """`name (hash 1234abcd…)` for messages."""
+        return _encoder_label(self.encoder_name, self.encoder_weights_hash)
+
+
+def _short(value: Any) -> str:
+    text = str(value or "")
+    return text[:12] if text else "unknown"
+
+
+def _encoder_label(name: Any, weights_hash: Any) -> str:
+    return f"{name or 'unknown encoder'} (weights {_short(weights_hash)})"
+
+
+def _reduce_attention(out: MILOutput, m: int) -> torch.Tensor:
+    """Per-instance attention [M] of one bag: heads / classes averaged; uniform when the model has none."""
+    att = out.attention
+    if att is None:
+        return torch.full((m,), 1.0 / max(m, 1))
+    att = att.detach().float()
+    if att.dim() == 3:
+        att = att.mean(dim=1)
+    att = att.reshape(-1)
+    if att.numel() != m:
+        return torch.full((m,), 1.0 / max(m, 1))
+    return att.cpu()
+
+
+def _save_model(path: Path, model: nn.Module, config: dict[str, Any], kind: str) -> None:
+    payload = {
+        "format": BUNDLE_FORMAT,
+        "kind": kind,
+        "config": config,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _load_payload(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path} is not part of a fedslide student bundle ({BUNDLE_FORMAT})")
+    return payload
+
+
+def _model_config(model: MILModel, config: ModelConfig | dict[str, Any] | None) -> dict[str, Any]:
+    if config is None:
+        config = getattr(model, "model_config", None)
+    if config is None:
+        raise ValueError("a bundle model needs its ModelConfig (pass it, or set model.model_config)")
+    return config.model_dump(mode="json") if isinstance(config, ModelConfig) else dict(config)
+
+
+class StudentBundle:
+    """Adapter + low-res student (+ high-res teacher) with their provenance; ready for inference."""
+
+    def __init__(
+        self,
+        meta: BundleMeta,
+        adapter: CrossResAdapter | None,
+        student: MILModel,
+        teacher: MILModel | None = None,
+        student_config: ModelConfig | dict[str, Any] | None = None,
+        teacher_config: ModelConfig | dict[str, Any] | None = None,
+    ):
+        if meta.student_input != "raw" and adapter is None:
+            raise ValueError(f"student input {meta.student_input!r} needs an adapter")
+        self.meta = meta
+        self.adapter = adapter.eval() if adapter is not None else None
+        self.student = student.eval()
+        self.teacher = teacher.eval() if teacher is not None else None
+        self.student_config = _model_config(student, student_config)
+        self.teacher_config = None if teacher is None else _model_config(teacher, teacher_config)
+
+    # ---- persistence -------------------------------------------------------------------------
+    def save(self, directory: Path | str) -> None:
+        """Write bundle.json, adapter.pt, student.pt and teacher.pt into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.adapter is not None:
+            _save_model(directory / ADAPTER_FILE, self.adapter, self.adapter.spec.to_dict(), "adapter")
+        else:
+            (directory / ADAPTER_FILE).unlink(missing_ok=True)
+        _save_model(directory / STUDENT_FILE, self.student, self.student_config, "student")
+        if self.teacher is not None and self.teacher_config is not None:
+            _save_model(directory / TEACHER_FILE, self.teacher, self.teacher_config, "teacher")
+        else:
+            (directory / TEACHER_FILE).unlink(missing_ok=True)
+        doc = {
+            "format": BUNDLE_FORMAT,
+            "meta": self.meta.to_dict(),
+            "files": {
+                "adapter": ADAPTER_FILE if self.adapter is not None else None,
+                "student": STUDENT_FILE,
+                "teacher": TEACHER_FILE if self.teacher is not None else None,
+            },
+        }
+        tmp = directory / (BUNDLE_FILE + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, directory / BUNDLE_FILE)
+
+    @classmethod
+    def load(cls, directory: Path | str, map_location: str | torch.device = "cpu") -> "StudentBundle":
+        """Read a bundle written by `save` (weights-only unpickling); models are in eval mode."""
+        directory = Path(directory)
+        doc_path = directory / BUNDLE_FILE
+        if not doc_path.is_file():
+            raise FileNotFoundError(f"{directory} is not a student bundle: {BUNDLE_FILE} is missing")
+        doc = json.loads(doc_path.read_text())
+        if doc.get("format") != BUNDLE_FORMAT:
+            raise ValueError(f"{doc_path}: unknown bundle format {doc.get('format')!r} (expected {BUNDLE_FORMAT})")
+        meta = BundleMeta.from_dict(doc["meta"])
+        files = doc.get("files", {})
+        adapter = None
+        if files.get("adapter"):
+            payload = _load_payload(directory / files["adapter"], map_location)
+            adapter = build_adapter(payload["config"])
+            adapter.load_state_dict(payload["state_dict"])
+        student_payload = _load_payload(directory / files.get("student", STUDENT_FILE), map_location)
+        student_cfg = ModelConfig.model_validate(student_payload["config"])
+        student = build_model(student_cfg)
+        student.load_state_dict(student_payload["state_dict"])
+        teacher, teacher_cfg = None, None
+        if files.get("teacher"):
+            teacher_payload = _load_payload(directory / files["teacher"], map_location)
+            teacher_cfg = ModelConfig.model_validate(teacher_payload["config"])
+            teacher = build_model(teacher_cfg)
+            teacher.load_state_dict(teacher_payload["state_dict"])
+        return cls(meta, adapter, student, teacher, student_cfg, teacher_cfg)
+
+    # ---- checks ------------------------------------------------------------------------------
+    def check_features(self, attrs: dict[str, Any]) -> None:
+        """Refuse a feature file whose encoder (or resolution) differs from the bundle's; names both."""
+        m = self.meta
+        theirs = _encoder_label(attrs.get("encoder_name"), attrs.get("encoder_weights_hash"))
+        where = f" ({attrs['slide_id']})" if attrs.get("slide_id") else ""
+        conflicts = []
+        for key, ours in (("encoder_name", m.encoder_name), ("encoder_weights_hash", m.encoder_weights_hash)):
+            value = attrs.get(key)
+            if value not in (None, "") and ours and str(value) != str(ours):
+                conflicts.append(key)
+        fingerprint = attrs.get("encoder_fingerprint")
+        if fingerprint and m.encoder_fingerprint and str(fingerprint) != m.encoder_fingerprint:
+            conflicts.append("encoder_fingerprint")
+        dim = attrs.get("encoder_dim")
+        if dim not in (None, "") and int(dim) != int(m.encoder_dim):
+            conflicts.append(f"encoder_dim {int(dim)} vs {m.encoder_dim}")
+        if conflicts:
+            raise BundleMismatchError(
+                f"features{where} were made by encoder {theirs}, but the bundle was trained on encoder "
+                f"{m.encoder_label} (differs in: {', '.join(conflicts)}); re-encode the slides with "
+                f"{m.encoder_name} or use a bundle trained on {attrs.get('encoder_name') or 'that encoder'}"
+            )
+        resolution = attrs.get("resolution")
+        mpp = attrs.get("target_mpp")
+        if resolution in ("low", "high") and mpp not in (None, ""):
+            expected = m.low_mpp if resolution == "low" else m.high_mpp
+            if expected and not math.isclose(float(mpp), float(expected), rel_tol=_MPP_TOLERANCE):
+                raise BundleMismatchError(
+                    f"{resolution}-res features{where} are at {float(mpp):g} µm/px, but the bundle was trained "
+                    f"on {resolution}-res features at {float(expected):g} µm/px (encoder {m.encoder_label})"
+                )
+
+    # ---- inference ---------------------------------------------------------------------------
+    @property
+    def uses_tokens(self) -> bool:
+        """Whether the student's instances are built from low-res tokens."""
+        return self.meta.student_input == "tokens" or (self.meta.student_input == "pooled" and self.meta.token_grid > 0)
+
+    def student_instances(
+        self, features: torch.Tensor, tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(instances [M, E], low_index [M], slot [M]) the student reads for low features [N, D] / tokens [N, T, D]."""
+        features = torch.as_tensor(features, dtype=torch.float32)
+        if tokens is not None:
+            tokens = torch.as_tensor(tokens).float()
+        if self.uses_tokens and tokens is None:
+            raise BundleMismatchError(
+                f"this bundle's student reads {self.meta.student_input!r} instances built from low-res tokens "
+                f"(token grid {self.meta.token_grid}), but no tokens were given; re-run preprocessing with "
+                f"encoder {self.meta.encoder_name} and encoder.write-tokens = true"
+            )
+        if features.shape[-1] != self.meta.encoder_dim:
+            raise BundleMismatchError(
+                f"features have dim {features.shape[-1]} but the bundle's encoder {self.meta.encoder_label} "
+                f"has dim {self.meta.encoder_dim}"
+            )
+        try:
+            return student_instances(self.adapter, self.meta.student_input, features, tokens, self.uses_tokens)
+        except MissingTokensError as exc:  # pragma: no cover - guarded above
+            raise BundleMismatchError(str(exc)) from None
+
+    @torch.inference_mode()
+    def predict_low(
+        self,
+        features: torch.Tensor,
+        tokens: torch.Tensor | None = None,
+        coords: torch.Tensor | None = None,
+        low_patch_size_level0: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Low-res-only prediction: (probs [C], attention [M], low_index [M], slot [M]).
+
+        `coords` [N, 2] are the low patches' level-0 corners; token instances get their child's
+        corner, using `low_patch_size_level0` (estimated from the coords' grid step when None).
+        """
+        instances, low_index, slot = self.student_instances(features, tokens)
+        inst_coords = None
+        if coords is not None:
+            coords = torch.as_tensor(coords)
+            size = low_patch_size_level0
+            if size is None and self.meta.student_input == "tokens":
+                size = estimate_patch_size_level0(coords) or float(self.meta.low_patch_size)
+            grid = self.meta.token_grid if self.meta.student_input == "tokens" else 0
+            inst_coords = instance_coords(coords, low_index, slot, grid, size or 0.0)[None]
+        out = self.student(instances[None], coords=inst_coords)
+        probs = torch.softmax(out.logits.float(), dim=-1)[0].cpu()
+        return probs, _reduce_attention(out, instances.shape[0]), low_index.cpu(), slot.cpu()
+
+    @torch.inference_mode()
+    def predict_high(
+        self, features: torch.Tensor, coords: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """High-res prediction with the teacher: (probs [C], attention [K])."""
+        if self.teacher is None:
+            raise ValueError("this bundle has no high-res teacher")
+        features = torch.as_tensor(features, dtype=torch.float32)
+        if features.shape[-1] != self.meta.encoder_dim:
+            raise BundleMismatchError(
+                f"high-res features have dim {features.shape[-1]} but the bundle's encoder {self.meta.encoder_label} "
+                f"has dim {self.meta.encoder_dim}"
+            )
+        c = None if coords is None else torch.as_tensor(coords).float()[None]
+        out = self.teacher(features[None], coords=c)
+        probs = torch.softmax(out.logits.float(), dim=-1)[0].cpu()
+        return probs, _reduce_attention(out, features.shape[0])
