@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib import patheffects
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
@@ -22,7 +23,7 @@ ALPHA = 0.55
 TISSUE_COLOUR = "#00e000"
 REGION_COLOUR = "white"
 _MARGIN = 12
-_TITLE = 64
+_TITLE = 84
 _COLORBAR = 18
 _COLORBAR_LABEL = 76
 _MIN_WIDTH = 560
@@ -130,24 +131,35 @@ def render_heatmap(
         ys = (np.arange(tissue.shape[0]) + 0.5) * my / thumb_mpp[1]
         ax.contour(xs, ys, tissue.astype(np.float32), levels=[0.5], colors=[TISSUE_COLOUR], linewidths=1.2)
         handles.append(Line2D([], [], color=TISSUE_COLOUR, lw=1.5, label="tissue outline"))
+    outlined = [patheffects.withStroke(linewidth=3.0, foreground="black")]
     for x, y, side in regions or []:
-        ax.add_patch(
-            Rectangle((x * sx, y * sy), side * sx, side * sy, fill=False, ec=REGION_COLOUR, lw=1.2, ls="--")
-        )
+        box = Rectangle((x * sx, y * sy), side * sx, side * sy, fill=False, ec=REGION_COLOUR, lw=1.4, ls="--")
+        box.set_path_effects(outlined)
+        ax.add_patch(box)
     if regions:
-        handles.append(Patch(facecolor="none", edgecolor="black", ls="--", label=f"zoomed regions ({len(regions)})"))
+        label = f"zoomed regions ({len(regions)})"
+        handle = Patch(facecolor="none", edgecolor=REGION_COLOUR, ls="--", lw=1.4, label=label)
+        handle.set_path_effects(outlined)
+        handles.append(handle)
     ax.set_xlim(0, tw)
     ax.set_ylim(th, 0)
     ax.set_axis_off()
     cax = fig.add_axes(_axes_rect(layout.colorbar_box, layout))
     fig.colorbar(im, cax=cax).set_label(colorbar_label, fontsize=8)
     cax.tick_params(labelsize=7)
-    fig.text(_MARGIN / layout.width, 1.0 - 8 / layout.height, title, ha="left", va="top", fontsize=11, weight="bold")
+    fig.text(_MARGIN / layout.width, 1.0 - 6 / layout.height, title, ha="left", va="top", fontsize=11, weight="bold")
     if subtitle:
-        fig.text(_MARGIN / layout.width, 1.0 - 32 / layout.height, subtitle, ha="left", va="top", fontsize=8)
+        fig.text(_MARGIN / layout.width, 1.0 - 28 / layout.height, subtitle, ha="left", va="top", fontsize=8)
     if handles:
         fig.legend(
-            handles=handles, loc="upper right", bbox_to_anchor=(1.0, 1.0 - 28 / layout.height), fontsize=7, frameon=False
+            handles=handles,
+            loc="upper left",
+            bbox_to_anchor=(_MARGIN / layout.width, 1.0 - 48 / layout.height),
+            ncol=len(handles),
+            fontsize=7,
+            frameon=False,
+            borderaxespad=0.0,
+            borderpad=0.0,
         )
     return fig
 

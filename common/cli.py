@@ -11,16 +11,18 @@ from common.cli_support import EXIT_USAGE, ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from client.predict_cli import add_parser as add_predict
     from client.preprocess_cli import add_parser as add_preprocess
     from client.synth.cli import add_parser as add_synth
     from common.demo import add_parser as add_demo
+    from common.distillation.cli import add_parser as add_distill
     from common.training.cli import add_parser as add_train
 
     parser = argparse.ArgumentParser(prog="fedslide", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fedslide {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_demo, add_synth, add_preprocess, add_train):
+    for add in (add_demo, add_synth, add_preprocess, add_train, add_distill, add_predict):
         add(sub)
     return parser
 

@@ -94,3 +94,10 @@ def test_defaults_file_documents_the_synth_defaults(tmp_path: Path) -> None:
     defaults = Path(__file__).resolve().parents[1] / "configs" / "defaults.toml"
     loaded = load_config(SynthConfig, path=defaults, section="synth", values={"out_dir": str(tmp_path)})
     assert loaded == SynthConfig(out_dir=tmp_path)
+
+
+def test_defaults_file_documents_the_predict_defaults() -> None:
+    from common.config.predict import PredictConfig
+
+    defaults = Path(__file__).resolve().parents[1] / "configs" / "defaults.toml"
+    assert load_config(PredictConfig, path=defaults, section="predict") == PredictConfig()

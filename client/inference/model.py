@@ -10,6 +10,7 @@ import torch
 from client.encoders.base import PatchEncoder
 from client.encoders.registry import build_encoder
 from client.encoding import resolve_device
+from common.config.base import ConfigError
 from common.config.predict import PredictConfig
 from common.config.preprocess import EncoderConfig, TilingConfig, TissueConfig
 from common.distillation.bundle import BundleMismatchError, StudentBundle
@@ -56,7 +57,9 @@ def slide_settings(bundle: StudentBundle) -> SlideSettings:
     except ValueError as exc:
         raise ModelDirError(f"the bundle's tissue/tiling settings are invalid: {exc}") from exc
     if m.child_grid and tiling.ratio != m.child_grid:
-        raise ModelDirError(f"the bundle's tiling nests {tiling.ratio}×{tiling.ratio} children, but its child grid is {m.child_grid}")
+        raise ModelDirError(
+            f"the bundle's tiling nests {tiling.ratio}×{tiling.ratio} children, but its child grid is {m.child_grid}"
+        )
     return SlideSettings(tissue=tissue, tiling=tiling, token_grid=m.token_grid if bundle.uses_tokens else 0)
 
 
@@ -116,7 +119,9 @@ def load_encoder(bundle: StudentBundle, cfg: PredictConfig) -> PatchEncoder:
 def check_mode(bundle: StudentBundle, cfg: PredictConfig) -> None:
     """Refuse options the bundle cannot serve (zoom or high-res mode without a teacher)."""
     if cfg.resolution == "high" and cfg.zoom_k:
-        raise ModelDirError("--zoom works on top of the low-res pass; it cannot be combined with --resolution high")
+        raise ConfigError(
+            "--zoom (predict.zoom-k) works on top of the low-res pass; it cannot be combined with --resolution high"
+        )
     if (cfg.resolution == "high" or cfg.zoom_k) and bundle.teacher is None:
         what = "--resolution high" if cfg.resolution == "high" else "--zoom"
         raise ModelDirError(f"{what} runs the high-res teacher, but this bundle has none (no teacher.pt)")

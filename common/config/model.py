@@ -33,7 +33,7 @@ class ModelConfig(StageConfig):
     )
     num_heads: PositiveInt = Field(default=8, description="self-attention heads (transmil, longmil)")
 
-    dsmil_query_dim: PositiveInt = Field(default=128, description="dsmil: query size of the critical-instance attention")
+    dsmil_query_dim: PositiveInt = Field(default=128, description="dsmil: query size of the instance attention")
     dsmil_passing_v: bool = Field(default=False, description="dsmil: learn a value projection (else identity)")
 
     clam_k_sample: int = Field(default=8, ge=0, description="clam_sb: top/bottom-k instances for the instance loss")
@@ -75,7 +75,7 @@ class ModelConfig(StageConfig):
     mamba_sr_rate: int = Field(
         default=10, ge=1, description="mambamil: sequence-reordering stride (1 = no reordered branch)"
     )
-    mamba_chunk: int = Field(default=32, ge=1, le=1024, description="mambamil: scan chunk length")
+    mamba_chunk: int = Field(default=64, ge=1, le=1024, description="mambamil: scan chunk length (memory/speed trade-off)")
 
     @field_validator("num_heads")
     @classmethod

@@ -29,9 +29,17 @@ class PredictConfig(StageConfig):
         "patches and run the teacher on them (0 = off; low resolution only)",
     )
     batch_size: PositiveInt = Field(default=32, description="patches per encoder forward pass")
-    num_workers: int = Field(default=1, ge=0, le=64, description="DataLoader worker processes reading patches")
+    num_workers: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="DataLoader worker processes reading patches (a pass of at most batch-size patches is read "
+        "in-process)",
+    )
     threads: PositiveInt | None = Field(default=None, description="torch CPU threads (default: all cores)")
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="encoder device; auto = cuda when present")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="encoder device; auto = cuda when present"
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="encoder autocast: auto = bf16 on GPU, fp32 on CPU"
     )

@@ -225,9 +225,14 @@ class StudentBundle:
         if dim not in (None, "") and int(dim) != int(m.encoder_dim):
             conflicts.append(f"encoder_dim {int(dim)} vs {m.encoder_dim}")
         if conflicts:
+            if "encoder_fingerprint" in conflicts:
+                theirs += f" [fingerprint {_short(fingerprint)}]"
+                ours_label = f"{m.encoder_label} [fingerprint {_short(m.encoder_fingerprint)}]"
+            else:
+                ours_label = m.encoder_label
             raise BundleMismatchError(
                 f"features{where} were made by encoder {theirs}, but the bundle was trained on encoder "
-                f"{m.encoder_label} (differs in: {', '.join(conflicts)}); re-encode the slides with "
+                f"{ours_label} (differs in: {', '.join(conflicts)}); re-encode the slides with "
                 f"{m.encoder_name} or use a bundle trained on {attrs.get('encoder_name') or 'that encoder'}"
             )
         resolution = attrs.get("resolution")

@@ -149,7 +149,7 @@ class LocalAttentionLayer(nn.Module):
         per_group = max(1, group // window) * window
         bounds = [0, *range(per_group - shift % window, n, per_group), n]
         outs = []
-        for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             if end <= start:
                 continue
             pos = positions[start:end] if positions is not None else None

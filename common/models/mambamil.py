@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from common.models.base import MILModel, MILOutput
 from common.models.heads import HeadName, make_head
@@ -27,6 +28,7 @@ from common.models.layers import (
     real_first_order,
     scatter_rows,
 )
+
 
 def _chunk_states(
     x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor, h: torch.Tensor
@@ -110,7 +112,7 @@ def selective_scan(
 ) -> torch.Tensor:
     """Selective scan: x, dt [B, L, E]; a [E, S] (negative); b, c [B, L, S]; d [E] -> y [B, L, E].
 
-    Memory O(L E + chunk E S) in forward and backward (no [L, E, S] tensor is kept).
+    Memory O(L E + (L / chunk + chunk) E S) in forward and backward: no [L, E, S] tensor is kept.
     """
     return _SelectiveScan.apply(x, dt, a, b, c, chunk) + x * d
 
@@ -160,7 +162,7 @@ def stride_order(counts: torch.Tensor, length: int, rate: int) -> torch.Tensor:
 
 
 class MambaMixer(nn.Module):
-    """Mamba block: in-projection to (x, z), selective SSM on x (plus the SR branch), gate by SiLU(z), out-projection."""
+    """Mamba block: in-projection to (x, z), selective SSM on x (plus SR branch), SiLU(z) gate, out-projection."""
 
     def __init__(
         self, dim: int, state_dim: int = 16, expand: int = 2, conv_kernel: int = 4, sr_rate: int = 10, chunk: int = 64
@@ -188,7 +190,8 @@ class MambaMIL(MILModel):
     """Instance MLP, pre-norm residual Mamba (SR) layers, LayerNorm, attention pooling, head.
 
     Padded instances are moved behind each bag's real ones (order kept); every scan is
-    causal, so they cannot reach the real ones. attention: [B, N].
+    causal, so they cannot reach the real ones. attention: [B, N]. Long bags are
+    checkpointed layer by layer while gradients are recorded.
     """
 
     def __init__(
@@ -209,6 +212,7 @@ class MambaMIL(MILModel):
     ) -> None:
         super().__init__()
         self.in_dim = in_dim
+        self.checkpoint_above = 2**22  # checkpoint layers of bags with more activations than this
         self.encoder = InstanceEncoder(in_dim, hidden_dim, dropout)
         self.norms = nn.ModuleList(nn.LayerNorm(hidden_dim) for _ in range(layers))
         self.mixers = nn.ModuleList(
@@ -228,7 +232,14 @@ class MambaMIL(MILModel):
         mask_sorted = torch.gather(mask, 1, order)
         counts = mask.sum(dim=1)
         h = self.encoder(gather_rows(features, order))
-        for norm, mixer in zip(self.norms, self.mixers):
-            h = h + mixer(norm(h), counts)
+        for i in range(len(self.mixers)):
+            if torch.is_grad_enabled() and h.numel() > self.checkpoint_above:
+                h = checkpoint(self._layer, i, h, counts, use_reentrant=False)  # keep one layer's activations
+            else:
+                h = self._layer(i, h, counts)
         embedding, attn_sorted = self.pool(self.norm(h), mask_sorted)
         return MILOutput(logits=self.head(embedding), embedding=embedding, attention=scatter_rows(attn_sorted, order))
+
+    def _layer(self, i: int, h: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Residual Mamba layer i."""
+        return h + self.mixers[i](self.norms[i](h), counts)

@@ -95,7 +95,7 @@ def _quadratic_fit(points: list[tuple[int, float]], n: int) -> float:
     xs = [float(x) ** 2 for x, _ in points]
     ys = [y for _, y in points]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    c = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    c = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
     return my - c * mx + c * float(n) ** 2
 
 
@@ -135,7 +135,9 @@ def main() -> None:
             continue
         points_mem.append((n, result["extra_gib"]))
         points_time.append((n, result["seconds"]))
-        print(f"{'full_attention':<16}{n:>8}{result['peak_gib']:>10.2f}{result['extra_gib']:>11.2f}{result['seconds']:>10.1f}")
+        print(
+            f"{'full_attention':<16}{n:>8}{result['peak_gib']:>10.2f}{result['extra_gib']:>11.2f}{result['seconds']:>10.1f}"
+        )
     if len(points_mem) >= 2:
         extra = _quadratic_fit(points_mem, args.n)
         seconds = _quadratic_fit(points_time, args.n)

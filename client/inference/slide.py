@@ -124,7 +124,7 @@ def _encode(
         want_low=resolution == "low",
         want_high=resolution == "high",
     )
-    device = next(iter(encoder.buffers()), torch.empty(0)).device
+    device = _module_device(encoder)
     features = np.zeros((n, encoder.dim), dtype=np.float32)
     tokens = np.zeros((n, token_grid * token_grid, encoder.dim), dtype=np.float32) if token_grid else None
     for batch in encode_grid(
@@ -132,7 +132,7 @@ def _encode(
         encoder,
         device=device,
         batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
+        num_workers=cfg.num_workers if n > cfg.batch_size else 0,  # one batch: a worker costs more than it hides
         precision=cfg.precision,
         token_grid=token_grid,
     ):
@@ -142,12 +142,77 @@ def _encode(
     return features, tokens
 
 
-def _no_tissue(path: Path, tissue: np.ndarray, grid: PairedGrid, settings: SlideSettings, high: bool) -> SlideError:
+def _module_device(module: torch.nn.Module) -> torch.device:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _no_tissue(path: Path, tissue: np.ndarray, settings: SlideSettings, high: bool) -> SlideError:
     t = settings.tiling
     return SlideError(
         f"slide {path.name}: no tissue found (tissue covers {tissue.mean():.1%} of the thumbnail; the bundle's "
-        f"thresholds min-tissue-low={t.min_tissue_low}" + (f", min-tissue-high={t.min_tissue_high}" if high else "") + ")"
+        f"thresholds min-tissue-low={t.min_tissue_low}"
+        + (f", min-tissue-high={t.min_tissue_high}" if high else "")
+        + ")"
     )
+
+
+@dataclass
+class _ModelPass:
+    """The outcome of encoding one resolution and running its model."""
+
+    probs: np.ndarray
+    attention: InstanceMap
+    encode_s: float
+    region_scores: np.ndarray | None = None  # low pass: student attention summed per low patch
+    arrays: LowPass | None = None
+
+
+def _low_pass(
+    reader: SlideReader,
+    grid: PairedGrid,
+    settings: SlideSettings,
+    bundle: StudentBundle,
+    encoder: PatchEncoder,
+    cfg: PredictConfig,
+    keep_arrays: bool,
+) -> _ModelPass:
+    """Encode the low-res grid (with tokens when the student reads them) and run the student."""
+    t0 = time.perf_counter()
+    feats, tokens = _encode(reader, grid, settings, encoder, cfg, "low", settings.token_grid)
+    encode_s = time.perf_counter() - t0
+    probs, att, low_index, slot = bundle.predict_low(
+        torch.from_numpy(feats),
+        torch.from_numpy(tokens) if tokens is not None else None,
+        torch.from_numpy(grid.low_coords),
+        low_patch_size_level0=grid.low_size_level0,
+    )
+    att_np, low_np = att.numpy().astype(np.float64), low_index.numpy()
+    return _ModelPass(
+        probs=probs.numpy().astype(np.float64),
+        attention=_student_attention(grid, bundle, att_np, low_np, slot.numpy()),
+        encode_s=encode_s,
+        region_scores=region_scores(att_np, low_np, len(grid.low_coords)),
+        arrays=LowPass(grid.low_coords.copy(), feats, tokens) if keep_arrays else None,
+    )
+
+
+def _high_pass(
+    reader: SlideReader,
+    grid: PairedGrid,
+    settings: SlideSettings,
+    bundle: StudentBundle,
+    encoder: PatchEncoder,
+    cfg: PredictConfig,
+) -> _ModelPass:
+    """Reference mode: encode every kept high-res patch and run the teacher."""
+    t0 = time.perf_counter()
+    feats, _ = _encode(reader, grid, settings, encoder, cfg, "high", 0)
+    encode_s = time.perf_counter() - t0
+    probs, att = bundle.predict_high(torch.from_numpy(feats), torch.from_numpy(grid.high_coords))
+    attention = InstanceMap(grid.high_coords.astype(np.float64), grid.high_size_level0, att.numpy().astype(np.float64))
+    return _ModelPass(probs=probs.numpy().astype(np.float64), attention=attention, encode_s=encode_s)
 
 
 def predict_slide(
@@ -167,61 +232,46 @@ def predict_slide(
     path = Path(path)
     settings = slide_settings(bundle)
     class_names = list(bundle.meta.class_names)
-    timing = SlideTiming()
+    high = cfg.resolution == "high"
     t0 = time.perf_counter()
     with SlideReader(path, cfg.mpp_override, cfg.slide.mpp_tolerance) as reader:
         t_open = time.perf_counter()
         thumb, thumb_mpp = reader.thumbnail(settings.tissue.thumbnail_mpp)
         tissue = segment_tissue(thumb, float(np.mean(thumb_mpp)), settings.tissue)
         grid = paired_grid(*reader.dimensions, reader.mpp, settings.tiling, tissue, thumb_mpp)
-        high = cfg.resolution == "high"
         if len(grid.low_coords) == 0 or (high and len(grid.high_coords) == 0):
-            raise _no_tissue(path, tissue, grid, settings, high)
+            raise _no_tissue(path, tissue, settings, high)
         t_grid = time.perf_counter()
-        low_pass = None
         if high:
-            feats, _ = _encode(reader, grid, settings, encoder, cfg, "high", 0)
-            t_enc = time.perf_counter()
-            probs_t, att_t = bundle.predict_high(torch.from_numpy(feats), torch.from_numpy(grid.high_coords))
-            attention = InstanceMap(grid.high_coords.astype(np.float64), grid.high_size_level0, att_t.numpy())
-            patches = len(grid.high_coords)
+            result = _high_pass(reader, grid, settings, bundle, encoder, cfg)
         else:
-            feats, tokens = _encode(reader, grid, settings, encoder, cfg, "low", settings.token_grid)
-            t_enc = time.perf_counter()
-            probs_t, att_t, low_index, slot = bundle.predict_low(
-                torch.from_numpy(feats),
-                torch.from_numpy(tokens) if tokens is not None else None,
-                torch.from_numpy(grid.low_coords),
-                low_patch_size_level0=grid.low_size_level0,
-            )
-            attention = _student_attention(grid, bundle, att_t.numpy(), low_index.numpy(), slot.numpy())
-            patches = len(grid.low_coords)
-            if keep_arrays:
-                low_pass = LowPass(grid.low_coords.copy(), feats, tokens)
-        probs = probs_t.numpy().astype(np.float64)
+            result = _low_pass(reader, grid, settings, bundle, encoder, cfg, keep_arrays)
         t_model = time.perf_counter()
-        timing.open_s, timing.thumbnail_tissue_s = t_open - t0, t_grid - t_open
-        timing.read_encode_s, timing.model_s, timing.total_s = t_enc - t_grid, t_model - t_enc, t_model - t0
+        timing = SlideTiming(
+            open_s=t_open - t0,
+            thumbnail_tissue_s=t_grid - t_open,
+            read_encode_s=result.encode_s,
+            model_s=t_model - t_grid - result.encode_s,
+            total_s=t_model - t0,
+        )
         zoom = None
-        if cfg.zoom_k and not high:
-            zoom = _zoom(reader, grid, settings, bundle, encoder, cfg, attention_scores=region_scores(
-                att_t.numpy().astype(np.float64), low_index.numpy(), len(grid.low_coords)
-            ))
+        if cfg.zoom_k and result.region_scores is not None:
+            zoom = _zoom(reader, grid, settings, bundle, encoder, cfg, result.region_scores)
         prediction = SlidePrediction(
             slide_id=reader.slide_id,
             path=str(path),
             resolution=cfg.resolution,
             class_names=class_names,
-            probs=probs,
-            label=_label(probs, class_names),
-            patches=patches,
+            probs=result.probs,
+            label=_label(result.probs, class_names),
+            patches=len(grid.high_coords) if high else len(grid.low_coords),
             patches_low=len(grid.low_coords),
             patches_high_total=len(grid.high_coords),
             slide_mpp=reader.mpp,
             timing=timing,
-            attention=attention,
+            attention=result.attention,
             zoom=zoom,
-            low_pass=low_pass,
+            low_pass=result.arrays,
         )
         if heatmap_path is not None:
             t_h = time.perf_counter()
@@ -277,6 +327,12 @@ def _zoom(
     )
 
 
+def heatmap_mpp(reader: SlideReader, bundle: StudentBundle, cfg: PredictConfig) -> float:
+    """µm/px of the heatmap's thumbnail: long side `heatmap-size` px, never finer than the low resolution."""
+    long_um = max(reader.dimensions) * reader.mpp
+    return max(reader.mpp, bundle.meta.low_mpp, long_um / cfg.heatmap_size)
+
+
 def _write_heatmap(
     path: Path,
     reader: SlideReader,
@@ -287,9 +343,7 @@ def _write_heatmap(
     cfg: PredictConfig,
     bundle: StudentBundle,
 ) -> Path:
-    w, h = reader.dimensions
-    long_um = max(w, h) * reader.mpp
-    thumb, thumb_mpp = reader.thumbnail(max(reader.mpp, long_um / cfg.heatmap_size))
+    thumb, thumb_mpp = reader.thumbnail(heatmap_mpp(reader, bundle, cfg))
     cell_um = pred.attention.size_level0 * reader.mpp
     model = "teacher, high-res patches" if pred.resolution == "high" else f"student ({bundle.meta.student_input})"
     subtitle = f"{model}: attention per {cell_um:.0f}-µm cell, {len(pred.attention.values)} instances"

@@ -1,0 +1,282 @@
+"""Inference over a folder of slides: predictions.csv, heatmaps/, timing.json and failures.csv in one output folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import statistics
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from client.encoders.base import PatchEncoder
+from client.inference.model import check_encoder, check_mode, load_bundle, load_encoder, slide_settings
+from client.inference.slide import SlidePrediction, predict_slide
+from client.slides import SlideError, discover_slides
+from common.config.predict import PredictConfig
+from common.distillation.bundle import StudentBundle
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions.csv"
+TIMING_FILE = "timing.json"
+FAILURES_FILE = "failures.csv"
+HEATMAP_DIR = "heatmaps"
+
+
+@dataclass
+class SlideFailure:
+    """A slide that could not be predicted, and why (the reason names the slide)."""
+
+    slide_id: str
+    path: str
+    reason: str
+
+
+@dataclass
+class PredictionRun:
+    """The outcome of `predict_slides`: one prediction per good slide, one failure per bad one."""
+
+    out_dir: Path
+    resolution: str
+    zoom_k: int
+    encoder: dict[str, Any]
+    device: str = "cpu"
+    predictions: list[SlidePrediction] = field(default_factory=list)
+    failures: list[SlideFailure] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def zoom_totals(self) -> tuple[int, int]:
+        """(high-res patches encoded by zoom, kept high-res patches of the same slides)."""
+        zooms = [p.zoom for p in self.predictions if p.zoom is not None]
+        return sum(z.patches_high for z in zooms), sum(z.patches_high_total for z in zooms)
+
+    def summary_lines(self) -> list[str]:
+        """Human-readable summary (printed by the CLI)."""
+        preds = self.predictions
+        high = self.resolution == "high"
+        what = "teacher on high-res patches (reference mode)" if high else "student on low-res patches"
+        lines = [f"predicted {len(preds)} slide(s), {len(self.failures)} failed, with the {what} -> {self.out_dir}"]
+        if preds:
+            totals = [p.timing.total_s for p in preds]
+            lines.append(
+                f"  end to end (slide file -> probabilities): mean {statistics.fmean(totals):.2f} s/slide, "
+                f"median {statistics.median(totals):.2f} s; read+encode mean "
+                f"{statistics.fmean(p.timing.read_encode_s for p in preds):.2f} s; "
+                f"{statistics.fmean(p.patches for p in preds):.0f} {self.resolution}-res patches/slide"
+            )
+            counts = Counter(p.label for p in preds)
+            lines.append("  predicted labels: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        encoded, total = self.zoom_totals()
+        zooms = [(p, p.zoom) for p in preds if p.zoom is not None]
+        if zooms:
+            saved = 1.0 - encoded / total if total else 1.0
+            agree = sum(z.label == p.label for p, z in zooms)
+            seconds = statistics.fmean(z.seconds for _, z in zooms)
+            lines.append(
+                f"  zoom top-{self.zoom_k}: encoded {encoded} of {total} kept high-res patches "
+                f"({saved:.1%} of the high-res encoding cost saved); zoom label agrees with the student on "
+                f"{agree}/{len(zooms)} slides; zoom adds {seconds:.2f} s/slide"
+            )
+        return lines
+
+
+def _reason(path: Path, exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, SlideError) else f"slide {path.name}: {type(exc).__name__}: {exc}"
+
+
+def _resolve_slides(slides: Path | str | Sequence[Path | str], cfg: PredictConfig) -> list[Path]:
+    if isinstance(slides, (str, Path)):
+        folder = Path(slides)
+        if not folder.is_dir():
+            raise SlideError(f"slide folder {folder} does not exist")
+        found = discover_slides(folder, cfg.slide.extensions)
+        if not found:
+            raise SlideError(f"no slides in {folder} (looked for extensions: {', '.join(cfg.slide.extensions)})")
+        return found
+    return [Path(p) for p in slides]
+
+
+def predict_slides(
+    slides: Path | str | Sequence[Path | str],
+    bundle: StudentBundle | Path | str,
+    out_dir: Path | str,
+    cfg: PredictConfig,
+    encoder: PatchEncoder | None = None,
+) -> PredictionRun:
+    """Predict every slide (a folder, or a list of files) and write the outputs into `out_dir`.
+
+    Bad slides are recorded in failures.csv and skipped. Raises ModelDirError / BundleMismatchError /
+    ConfigError for an unusable model or options, SlideError when there are no slides at all.
+    """
+    start = time.perf_counter()
+    if not isinstance(bundle, StudentBundle):
+        bundle = load_bundle(bundle)
+    check_mode(bundle, cfg)
+    slide_settings(bundle)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if encoder is None:
+        encoder = load_encoder(bundle, cfg)
+    else:
+        check_encoder(bundle, encoder)
+    paths = _resolve_slides(slides, cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = PredictionRun(
+        out_dir=out_dir,
+        resolution=cfg.resolution,
+        zoom_k=cfg.zoom_k,
+        encoder={"name": encoder.name, "weights_hash": encoder.weights_hash, "fingerprint": encoder.fingerprint},
+        device=str(next(iter(encoder.buffers()), torch.empty(0)).device),
+    )
+    seen: dict[str, Path] = {}
+    bar = tqdm(paths, desc="predict", unit="slide", disable=not cfg.progress)
+    for path in bar:
+        bar.set_postfix_str(path.name)
+        if path.stem in seen:
+            reason = f"slide {path.name}: slide id {path.stem!r} is already taken by {seen[path.stem].name}; rename one"
+            run.failures.append(SlideFailure(path.stem, str(path), reason))
+            continue
+        seen[path.stem] = path
+        heatmap = out_dir / HEATMAP_DIR / f"{path.stem}.png" if cfg.heatmaps else None
+        try:
+            run.predictions.append(predict_slide(path, bundle, encoder, cfg, heatmap_path=heatmap))
+        except Exception as exc:  # one bad slide must not stop the others: record it and go on
+            run.failures.append(SlideFailure(path.stem, str(path), _reason(path, exc)))
+            log.error("%s", run.failures[-1].reason)
+            log.debug("traceback of %s", path.name, exc_info=True)
+    bar.close()
+    run.seconds = time.perf_counter() - start
+    write_outputs(run, list(bundle.meta.class_names), cfg)
+    return run
+
+
+def _fmt(value: float, digits: int = 6) -> str:
+    return f"{value:.{digits}f}"
+
+
+def prediction_rows(run: PredictionRun, class_names: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of predictions.csv."""
+    header = ["slide_id", *(f"prob_{c}" for c in class_names), "predicted", "probability", "patches_low"]
+    if run.resolution == "high":
+        header.append("patches_high")
+    header.append("seconds")
+    if run.zoom_k:
+        header += [
+            *(f"zoom_prob_{c}" for c in class_names),
+            "zoom_predicted",
+            "zoom_regions",
+            "zoom_patches_high",
+            "patches_high_total",
+            "zoom_cost_saved",
+            "zoom_seconds",
+        ]
+    rows = []
+    for p in run.predictions:
+        row = [p.slide_id, *(_fmt(v) for v in p.probs), p.label, _fmt(p.probability), str(p.patches_low)]
+        if run.resolution == "high":
+            row.append(str(p.patches))
+        row.append(_fmt(p.timing.total_s, 3))
+        if run.zoom_k and p.zoom is not None:
+            z = p.zoom
+            probs = [_fmt(v) for v in z.probs] if z.probs is not None else [""] * len(class_names)
+            row += [
+                *probs,
+                z.label,
+                str(len(z.regions)),
+                str(z.patches_high),
+                str(z.patches_high_total),
+                _fmt(z.cost_saved, 4),
+                _fmt(z.seconds, 3),
+            ]
+        rows.append(row)
+    return header, rows
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def timing_document(run: PredictionRun, cfg: PredictConfig) -> dict[str, Any]:
+    """Contents of timing.json: per-slide seconds by step and a summary."""
+    slides: dict[str, Any] = {}
+    for p in run.predictions:
+        entry: dict[str, Any] = {
+            "patches": p.patches,
+            "patches_low": p.patches_low,
+            "patches_high_total": p.patches_high_total,
+            **p.timing.to_dict(),
+        }
+        if p.zoom is not None:
+            z = p.zoom
+            entry["zoom"] = {
+                "k": z.k_requested,
+                "regions": len(z.regions),
+                "patches_high": z.patches_high,
+                "patches_high_total": z.patches_high_total,
+                "cost_saved": round(z.cost_saved, 4),
+                "read_encode_s": round(z.read_encode_s, 4),
+                "model_s": round(z.model_s, 4),
+                "seconds": round(z.seconds, 4),
+            }
+            entry["total_with_zoom_s"] = round(p.timing.total_s + z.seconds, 4)
+        slides[p.slide_id] = entry
+    summary: dict[str, Any] = {
+        "slides": len(run.predictions),
+        "failed": len(run.failures),
+        "wall_s": round(run.seconds, 3),
+    }
+    if run.predictions:
+        for key in ("total_s", "read_encode_s", "thumbnail_tissue_s", "model_s"):
+            values = [getattr(p.timing, key) for p in run.predictions]
+            summary[f"{key}_mean"] = round(statistics.fmean(values), 4)
+            summary[f"{key}_median"] = round(statistics.median(values), 4)
+        summary["patches_mean"] = round(statistics.fmean(p.patches for p in run.predictions), 2)
+    encoded, total = run.zoom_totals()
+    if run.zoom_k:
+        summary["zoom"] = {
+            "k": run.zoom_k,
+            "patches_high": encoded,
+            "patches_high_total": total,
+            "cost_saved": round(1.0 - encoded / total, 4) if total else 1.0,
+        }
+    return {
+        "resolution": run.resolution,
+        "definition": "total_s: from opening the slide file to the class probabilities (thumbnail, tissue, "
+        "grid, patch reading + encoding, model); heatmap_s and zoom are not included in total_s",
+        "encoder": run.encoder,
+        "device": run.device,
+        "batch_size": cfg.batch_size,
+        "num_workers": cfg.num_workers,
+        "torch_threads": torch.get_num_threads(),
+        "slides": slides,
+        "summary": summary,
+    }
+
+
+def write_outputs(run: PredictionRun, class_names: list[str], cfg: PredictConfig) -> None:
+    """predictions.csv, timing.json and failures.csv (removed when nothing failed)."""
+    header, rows = prediction_rows(run, class_names)
+    _write_csv(run.out_dir / PREDICTIONS_FILE, header, rows)
+    tmp = run.out_dir / (TIMING_FILE + ".tmp")
+    tmp.write_text(json.dumps(timing_document(run, cfg), indent=2) + "\n")
+    os.replace(tmp, run.out_dir / TIMING_FILE)
+    failures = run.out_dir / FAILURES_FILE
+    if run.failures:
+        _write_csv(failures, ["slide_id", "path", "reason"], [[f.slide_id, f.path, f.reason] for f in run.failures])
+    else:
+        failures.unlink(missing_ok=True)
