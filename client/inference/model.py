@@ -47,7 +47,9 @@ def slide_settings(bundle: StudentBundle) -> SlideSettings:
         tissue = TissueConfig.model_validate(m.tissue or {})
         tiling = TilingConfig.model_validate(
             {
-                **(m.tiling or {}),
+                # bundles written by `fedslide distill` store kebab-case keys (to_toml_dict); the overrides
+                # below are snake_case: normalise so one key is never given twice (an "extra input" error)
+                **{str(k).replace("-", "_"): v for k, v in (m.tiling or {}).items()},
                 "low_mpp": m.low_mpp,
                 "low_patch_size": m.low_patch_size,
                 "high_mpp": m.high_mpp,
