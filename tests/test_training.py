@@ -455,3 +455,37 @@ def test_end_to_end_with_registered_abmil(tmp_path: Path, capsys: pytest.Capture
     assert payload["classes"] == ["benign", "tumor"]
     x = torch.randn(2, 7, DIM)
     assert model(x, mask=torch.ones(2, 7, dtype=torch.bool)).logits.shape == (2, 2)
+
+
+def test_models_whose_aux_loss_uses_labels_get_them_in_training_only() -> None:
+    import torch
+
+    from common.models.base import MILModel, MILOutput
+    from common.training.data import BagBatch
+    from common.training.loop import _forward
+
+    class Recorder(MILModel):
+        accepts_labels = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 2)
+            self.seen: list[object] = []
+
+        def forward(self, features, mask=None, coords=None, labels=None):  # type: ignore[override]
+            self.seen.append(labels)
+            return MILOutput(logits=self.lin(features.mean(1)), embedding=features.mean(1))
+
+    model = Recorder()
+    batch = BagBatch(
+        features=torch.ones(2, 3, 4),
+        mask=torch.ones(2, 3, dtype=torch.bool),
+        coords=None,
+        labels=torch.tensor([0, 1]),
+        indices=torch.tensor([0, 1]),
+    )
+    model.train()
+    _forward(model, batch)
+    model.eval()
+    _forward(model, batch)
+    assert torch.equal(model.seen[0], torch.tensor([0, 1])) and model.seen[1] is None

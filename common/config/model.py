@@ -75,7 +75,9 @@ class ModelConfig(StageConfig):
     mamba_sr_rate: int = Field(
         default=10, ge=1, description="mambamil: sequence-reordering stride (1 = no reordered branch)"
     )
-    mamba_chunk: int = Field(default=64, ge=1, le=1024, description="mambamil: scan chunk length (memory/speed trade-off)")
+    mamba_chunk: int = Field(
+        default=64, ge=1, le=1024, description="mambamil: scan chunk length (memory/speed trade-off)"
+    )
 
     @field_validator("num_heads")
     @classmethod

@@ -83,7 +83,11 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: Literal["none", "b
 
 
 def _forward(model: MILModel, batch: BagBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    out = model(batch.features, mask=batch.mask, coords=batch.coords)
+    """Logits and aux loss; models whose aux loss uses the bag labels (CLAM, ACMIL) get them in training."""
+    if model.training and getattr(model, "accepts_labels", False):
+        out = model(batch.features, mask=batch.mask, coords=batch.coords, labels=batch.labels)
+    else:
+        out = model(batch.features, mask=batch.mask, coords=batch.coords)
     return out.logits, out.aux_loss
 
 
