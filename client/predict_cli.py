@@ -46,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument("--no-heatmaps", dest="heatmaps", action="store_false", default=None, help="skip heatmap images")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
-    add_config_arguments(p)
+    add_config_arguments(p, example="zoom-k=4")
     p.set_defaults(handler=run)
 
 

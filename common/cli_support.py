@@ -15,7 +15,7 @@ EXIT_USAGE = 2  # bad command line or config: nothing was done
 EXIT_PARTIAL = 3  # the job ran but some items (slides, folds, sites) failed: see the failure report
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, example: str = "tiling.low-mpp=2.0") -> None:
     """`--config FILE` and repeatable `--set key=value` (keys relative to the stage's section)."""
     parser.add_argument("--config", type=str, default=None, help="TOML config file (see configs/defaults.toml)")
     parser.add_argument(
@@ -24,7 +24,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one setting, e.g. --set tiling.low-mpp=2.0 (repeatable)",
+        help=f"override one setting, e.g. --set {example} (repeatable)",
     )
 
 

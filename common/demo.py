@@ -24,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sites", type=int, default=None, help="number of sites (default 3)")
     p.add_argument("--slides-per-site", type=int, default=None, help="slides per site")
     p.add_argument("--seed", type=int, default=None)
-    add_config_arguments(p)
+    add_config_arguments(p, example="preprocess.encoder.batch-size=16")
     p.set_defaults(handler=run)
 
 

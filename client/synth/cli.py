@@ -24,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--slides-per-site", type=int, default=None, help="slides per site (default 6)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--workers", type=int, default=None, help="slides rendered in parallel processes (default 1)")
-    add_config_arguments(p)
+    add_config_arguments(p, example="slide-size-um=[1000.0,1500.0]")
     p.set_defaults(handler=run)
 
 

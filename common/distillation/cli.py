@@ -36,7 +36,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--device", help="auto, cpu, cuda[:i], mps")
     parser.add_argument("--epochs", type=int, metavar="E", help="maximum epochs of teacher, experts and students")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_arguments(parser)
+    add_config_arguments(parser, example="kd.temperature=4")
     parser.set_defaults(handler=handle)
 
 

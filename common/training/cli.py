@@ -49,7 +49,7 @@ def add_parser(subparsers: Any) -> None:
         help="warn (listing the ids) instead of failing on labels without features or features without labels",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_arguments(parser)
+    add_config_arguments(parser, example="model.hidden-dim=256")
     parser.set_defaults(handler=handle)
 
 
