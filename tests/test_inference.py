@@ -402,3 +402,18 @@ def test_heatmap_never_finer_than_low_res(slides: Path, bundle_dirs: dict[str, P
     with SlideReader(slides / "a40.svs") as s:
         assert heatmap_mpp(s, bundle, _cfg()) == LOW_MPP  # a 1 mm slide at 1024 px would be ~1 µm/px
         assert heatmap_mpp(s, bundle, _cfg(heatmap_size=128)) == pytest.approx(max(s.dimensions) * s.mpp / 128)
+
+
+def test_bundle_settings_as_distill_writes_them_are_accepted(encoder: PatchEncoder) -> None:
+    """`fedslide distill` stores tissue/tiling with kebab-case keys (to_toml_dict); predict must read them."""
+    from client.inference.model import slide_settings
+
+    bundle = _bundle(
+        encoder,
+        "tokens",
+        tissue=TissueConfig(thumbnail_mpp=4.0).to_toml_dict(),
+        tiling=TilingConfig(min_tissue_high=0.4).to_toml_dict(),
+    )
+    settings = slide_settings(bundle)
+    assert settings.tiling.min_tissue_high == 0.4 and settings.tissue.thumbnail_mpp == 4.0
+    assert settings.tiling.ratio == 4 and settings.token_grid == 4

@@ -139,6 +139,7 @@ def bootstrap_auc(
         out = {"lo": float(np.percentile(v, 2.5)), "hi": float(np.percentile(v, 97.5)), "sd": float(v.std(ddof=1))}
         if threshold is not None:
             out["p_ge"] = float(np.mean(v >= threshold - 1e-12))
+            out["p_gt"] = float(np.mean(v > threshold + 1e-12))
         return out
 
     return {
@@ -146,6 +147,15 @@ def bootstrap_auc(
         "auc": {k: summary(v) for k, v in aucs.items()},
         "diff": {k: summary(v, -AUC_MARGIN if k.endswith("-teacher_high") else 0.0) for k, v in diffs.items()},
     }
+
+
+def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact binomial CI of a proportion k / n."""
+    from scipy.stats import beta
+
+    lo = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return lo, hi
 
 
 def hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:
@@ -217,9 +227,13 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"- high-res (teacher) {fmt(sp['high_s_median'], 2)} s/slide median, {fmt(sp['high_s_mean'], 2)} mean; "
         f"low-res (LRMIL + D&D student) {fmt(sp['low_s_median'], 2)} median, {fmt(sp['low_s_mean'], 2)} mean.",
-        f"- speed ratio high / low: **{fmt(sp['ratio_median'], 1)}×** (medians), {fmt(sp['ratio_mean'], 1)}× (means), "
+        f"- speed ratio high / low, first timed run: **{fmt(sp['ratio_median'], 1)}×** (medians), {fmt(sp['ratio_mean'], 1)}× (means), "
         f"median of per-slide ratios {fmt(sp['ratio_per_slide_median'], 1)}×; encoded patches high / low: "
         f"{fmt(sp['patch_ratio'], 1)}× (the 4 × 4 nesting allows at most 16×).",
+        "- timed runs (high s/slide / low s/slide, medians): "
+        + "; ".join(f"#{r['repeat']} {r['high_s_median']:.2f} / {r['low_s_median']:.2f} = {r['ratio']:.1f}×"
+                    for r in sp["repeats"])
+        + f"; median {fmt(sp['ratio_over_repeats_median'], 1)}×.",
         f"- where the time goes (medians): patch reading + encoding high {fmt(sp['high_read_encode_s_median'], 2)} s "
         f"vs low {fmt(sp['low_read_encode_s_median'], 2)} s ({fmt(sp['read_encode_ratio_median'], 1)}×); thumbnail + "
         f"tissue + grid high {fmt(sp['high_thumbnail_tissue_s_median'], 2)} s vs low "
@@ -240,7 +254,9 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"- {note}")
     lines += [
         "",
-        f"Distill wall time {fmt(doc['timings']['distill_s'], 0)} s; predict runs "
+        f"Distill wall time {fmt(doc['timings']['distill_s'], 0)} s"
+        + (" (reused run: its metrics.json total)" if doc["timings"].get("distill_reused") else "")
+        + "; predict runs "
         + ", ".join(f"{k} {fmt(v, 0)} s" for k, v in doc["timings"]["predict_s"].items())
         + f". Load average (1 min) during the runs: {doc['setup']['loadavg_text']}.",
         "",
@@ -261,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="distill seed and bootstrap seed")
     ap.add_argument("--workers", type=int, default=None, help="predict --workers (default: predict's default)")
     ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the AUC CIs")
+    ap.add_argument("--timing-repeats", type=int, default=3,
+                    help="times the high-res and low-res D&D predict runs are timed (speed ratio: median over them)")
     ap.add_argument("--reuse-run", action="store_true", help="skip distill when OUT/run/metrics.json exists")
     ap.add_argument("--distill-set", action="append", default=[], metavar="KEY=VALUE", help="extra distill --set")
     args = ap.parse_args(argv)
@@ -305,8 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_low": ("baseline_low", []),
         "lrmil_student": ("lrmil_student", []),
     }
-    for key, (bundle, extra) in predict_dirs.items():
-        dest = out / "predict" / key
+    def predict(key: str, bundle: str, extra: list[str], dest: Path, log_name: str) -> bool:
         if dest.exists():
             shutil.rmtree(dest)
         cmd = fedslide("predict", "--slides", str(out / "test_slides"), "--model", str(run_dir / bundle),
@@ -314,12 +331,30 @@ def main(argv: list[str] | None = None) -> int:
                        "--set", f"threads={args.threads}", *extra)
         if args.workers is not None:
             cmd += ["--workers", str(args.workers)]
-        rc, seconds = run_logged(cmd, out / "logs" / f"predict_{key}.log", args.threads)
-        timings["predict_s"][key] = seconds
-        loadavg[f"after_{key}"] = os.getloadavg()[0]
+        rc, seconds = run_logged(cmd, out / "logs" / f"{log_name}.log", args.threads)
+        timings["predict_s"][log_name.removeprefix("predict_")] = seconds
+        loadavg[f"after_{log_name.removeprefix('predict_')}"] = os.getloadavg()[0]
         if rc not in (0, 3):
-            print(f"predict {key} failed (exit {rc}); see {out / 'logs' / f'predict_{key}.log'}", file=sys.stderr)
+            print(f"predict {key} failed (exit {rc}); see {out / 'logs' / f'{log_name}.log'}", file=sys.stderr)
+            return False
+        return True
+
+    for key, (bundle, extra) in predict_dirs.items():
+        if not predict(key, bundle, extra, out / "predict" / key, f"predict_{key}"):
             return 1
+    # timing repeats: the high-res teacher and the low-res D&D student again (alternating order), so the
+    # speed ratio is not one draw of a shared, noisy machine
+    repeat_dirs: list[dict[str, Path]] = [{"lrmil_dd_student": out / "predict" / "lrmil_dd_student",
+                                           "teacher_high": out / "predict" / "teacher_high"}]
+    for rep in range(2, args.timing_repeats + 1):
+        order = ["teacher_high", "lrmil_dd_student"] if rep % 2 == 0 else ["lrmil_dd_student", "teacher_high"]
+        dirs = {}
+        for key in order:
+            bundle, extra = predict_dirs[key]
+            dirs[key] = out / "predict" / f"timing_rep{rep}" / key
+            if not predict(key, bundle, extra, dirs[key], f"predict_{key}_rep{rep}"):
+                return 1
+        repeat_dirs.append(dirs)
 
     # 3. metrics
     ids_all = sorted(labels)
@@ -420,11 +455,24 @@ def main(argv: list[str] | None = None) -> int:
         row["predict"]["auc_se_hanley_mcneil"] = hanley_mcneil_se(row["predict"]["auc"], n_pos, n_neg) \
             if len(classes) == 2 else None
 
+    for row in rows:
+        k = int(round(row["predict"]["acc"] * len(ids)))
+        row["predict"]["acc_correct"] = k
+        row["predict"]["acc_ci95_clopper_pearson"] = list(clopper_pearson(k, len(ids)))
+
     by = {r["key"]: r for r in rows}
     dd, base, teach, zoomr = by["lrmil_dd_student"], by["baseline_low"], by["teacher_high"], by["zoom"]
 
     # speed
     per_slide_ratio = [teach["predict"]["seconds_per_slide"][s] / dd["predict"]["seconds_per_slide"][s] for s in ids]
+    repeats = []
+    for rep, dirs in enumerate(repeat_dirs, start=1):
+        med = {}
+        for key, d in dirs.items():
+            t = json.loads((d / "timing.json").read_text())["slides"]
+            med[key] = statistics.median(t[s]["total_s"] for s in ids if s in t)
+        repeats.append({"repeat": rep, "high_s_median": med["teacher_high"], "low_s_median": med["lrmil_dd_student"],
+                        "ratio": med["teacher_high"] / med["lrmil_dd_student"]})
     speed = {
         "high_s_median": teach["predict"]["seconds_median"],
         "high_s_mean": teach["predict"]["seconds_mean"],
@@ -445,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
         "high_thumbnail_tissue_s_median": teach["predict"]["thumbnail_tissue_s_median"],
         "low_thumbnail_tissue_s_median": dd["predict"]["thumbnail_tissue_s_median"],
         "read_encode_ratio_median": teach["predict"]["read_encode_s_median"] / dd["predict"]["read_encode_s_median"],
+        "repeats": repeats,
+        "ratio_over_repeats_median": statistics.median(r["ratio"] for r in repeats),
+        "ratio_over_repeats_min": min(r["ratio"] for r in repeats),
+        "ratio_over_repeats_max": max(r["ratio"] for r in repeats),
     }
 
     # targets (end to end from the slides; the feature-file check is reported alongside)
@@ -470,10 +522,11 @@ def main(argv: list[str] | None = None) -> int:
         })
     targets.append({
         "target": f"low-res ≥ {SPEED_TARGET:.0f}× faster per slide than high-res (medians, end to end)",
-        "where": "predict", "margin": speed["ratio_median"] - SPEED_TARGET,
-        "measured": f"{speed['ratio_median']:.1f}× ({fmt(speed['high_s_median'], 2)} s vs "
-                    f"{fmt(speed['low_s_median'], 2)} s; means {speed['ratio_mean']:.1f}×)",
-        "met": bool(speed["ratio_median"] >= SPEED_TARGET),
+        "where": "predict", "margin": speed["ratio_over_repeats_median"] - SPEED_TARGET,
+        "measured": f"{speed['ratio_over_repeats_median']:.1f}× (median over {len(repeats)} timed runs, range "
+                    f"{speed['ratio_over_repeats_min']:.1f}–{speed['ratio_over_repeats_max']:.1f}×; first run "
+                    f"{fmt(speed['high_s_median'], 2)} s vs {fmt(speed['low_s_median'], 2)} s)",
+        "met": bool(speed["ratio_over_repeats_median"] >= SPEED_TARGET),
     })
 
     # notes on uncertainty
@@ -486,10 +539,22 @@ def main(argv: list[str] | None = None) -> int:
         f"AUC 95% CIs are stratified percentile bootstraps ({args.bootstrap} resamples, seed {args.seed}); "
         f"Hanley-McNeil SE of the D&D student's AUC: {fmt(dd['predict']['auc_se_hanley_mcneil'])}.",
         f"Paired bootstrap of AUC(D&D) − AUC(baseline): 95% CI [{d_base['lo']:+.3f}, {d_base['hi']:+.3f}], "
-        f"≥ 0 in {d_base['p_ge']:.0%} of resamples.",
+        f"≥ 0 in {d_base['p_ge']:.0%} of resamples, > 0 in {d_base['p_gt']:.0%}.",
         f"Paired bootstrap of AUC(D&D) − AUC(teacher): 95% CI [{d_teach['lo']:+.3f}, {d_teach['hi']:+.3f}], "
         f"≥ −{AUC_MARGIN} in {d_teach['p_ge']:.0%} of resamples.",
     ]
+    perfect = [r["label"] for r in rows if finite(r["predict"]["auc"]) and r["predict"]["auc"] >= 1.0 - 1e-12]
+    if perfect:
+        notes.append(
+            f"AUC 1.000 ({', '.join(perfect)}) is perfect separation of the {len(ids)} test slides; the bootstrap "
+            "and Hanley-McNeil intervals collapse to a point there and understate the uncertainty."
+        )
+    by_correct: dict[int, list[str]] = {}
+    for r in rows:
+        by_correct.setdefault(r["predict"]["acc_correct"], []).append(r["label"])
+    for k, names in sorted(by_correct.items(), reverse=True):
+        lo, hi = clopper_pearson(k, len(ids))
+        notes.append(f"accuracy {k}/{len(ids)} ({', '.join(names)}): exact (Clopper-Pearson) 95% CI [{lo:.3f}, {hi:.3f}].")
     if missing:
         notes.append(f"{len(missing)} test slide(s) failed in at least one predict run and are left out: {missing}")
     if zoom_fallback:
