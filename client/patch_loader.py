@@ -53,6 +53,12 @@ class RegionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.grid.low_coords)
 
+    def num_patches(self) -> int:
+        """Patches this dataset yields (low patches and/or kept high children)."""
+        return (len(self.grid.low_coords) if self.want_low else 0) + (
+            len(self.grid.high_coords) if self.want_high else 0
+        )
+
     def _slide(self) -> SlideReader:
         info = get_worker_info()
         pid = info.id if info is not None else -1

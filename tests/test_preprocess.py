@@ -225,3 +225,20 @@ def test_cli_synth_then_low_only_preprocess_of_a_cohort(tmp_path: Path, capsys: 
             assert len(bag) > 0 and bag.tokens is not None
             assert not feature_path(s, ENC, "high", slide_id).exists()
         assert f"{s}: 2 done, 0 skipped, 0 failed" in printed
+
+
+def test_worker_processes_read_the_same_patches(
+    processed: Path, tmp_path: Path, encoder: PatchEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small passes are read in-process; forcing DataLoader workers must give identical files."""
+    monkeypatch.setattr("client.encoding.WORKERS_FROM_PATCHES", 0)
+    site = tmp_path / "workers"
+    (site / "slides").mkdir(parents=True)
+    shutil.copy(processed / "slides" / "g20.tif", site / "slides")
+    summary = SitePreprocessor(_cfg(encoder={"num_workers": 2, "batch_size": 16}), encoder).run(site)
+    assert summary.slides[0].status == "done"
+    for res in ("low", "high"):
+        ours = read_feature_file(feature_path(site, ENC, res, "g20"))
+        ref = read_feature_file(feature_path(processed, ENC, res, "g20"))
+        np.testing.assert_array_equal(ours.coords, ref.coords)
+        np.testing.assert_allclose(ours.features, ref.features, atol=1e-4)

@@ -132,7 +132,7 @@ def _encode(
         encoder,
         device=device,
         batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers if n > cfg.batch_size else 0,  # one batch: a worker costs more than it hides
+        num_workers=cfg.num_workers,
         precision=cfg.precision,
         token_grid=token_grid,
     ):
