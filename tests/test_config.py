@@ -101,3 +101,12 @@ def test_defaults_file_documents_the_predict_defaults() -> None:
 
     defaults = Path(__file__).resolve().parents[1] / "configs" / "defaults.toml"
     assert load_config(PredictConfig, path=defaults, section="predict") == PredictConfig()
+
+
+def test_defaults_file_documents_the_train_defaults(tmp_path: Path) -> None:
+    from common.config.train import TrainConfig
+
+    defaults = Path(__file__).resolve().parents[1] / "configs" / "defaults.toml"
+    required = {"features_dir": str(tmp_path), "labels": str(tmp_path / "l.csv"), "out_dir": str(tmp_path / "o")}
+    loaded = load_config(TrainConfig, path=defaults, section="train", values=required)
+    assert loaded == TrainConfig.model_validate(required)
