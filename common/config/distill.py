@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from common.config.base import StageConfig
 from common.config.model import ModelConfig, ModelName
+from common.config.optimization import OptimizationConfig
 
 
 class DistillModelConfig(ModelConfig):
@@ -36,40 +37,15 @@ class AdapterConfig(StageConfig):
     )
 
 
-class MILTrainingConfig(StageConfig):
+class MILTrainingConfig(OptimizationConfig):
     """How the teacher, the experts and the students are optimised and selected (shared)."""
 
-    optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="torch optimizer")
-    lr: PositiveFloat = Field(default=2e-4, description="learning rate")
-    weight_decay: float = Field(default=1e-4, ge=0.0, description="weight decay")
-    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum")
-    scheduler: Literal["cosine", "step", "none"] = Field(default="cosine", description="per-epoch LR schedule")
-    step_size: PositiveInt = Field(default=10, description="epochs between LR drops (scheduler = step)")
-    step_gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="LR factor at each drop (scheduler = step)")
     epochs: PositiveInt = Field(default=50, description="maximum epochs (teacher, experts, students unless set below)")
     teacher_epochs: PositiveInt | None = Field(default=None, description="teacher's maximum epochs (default: epochs)")
     expert_epochs: PositiveInt | None = Field(default=None, description="each expert's maximum epochs (default: epochs)")
     student_epochs: PositiveInt | None = Field(default=None, description="students' maximum epochs (default: epochs)")
     batch_size: PositiveInt = Field(default=4, description="bags per training batch")
     eval_batch_size: PositiveInt = Field(default=4, description="bags per evaluation batch")
-    group_by_length: bool = Field(default=True, description="batch bags of similar length together")
-    grad_accum: PositiveInt = Field(default=1, description="batches whose gradients are summed before a step")
-    max_grad_norm: PositiveFloat | None = Field(default=None, description="clip the gradient norm (off when unset)")
-    class_weighting: Literal["none", "balanced"] = Field(default="none", description="cross-entropy class weights")
-    early_stopping_patience: NonNegativeInt = Field(default=10, description="0 = never stop early")
-    early_stopping_metric: Literal["loss", "auc"] = Field(
-        default="loss", description="validation quantity that picks each model's checkpoint"
-    )
-    min_epochs: NonNegativeInt = Field(default=0, description="epochs always run before early stopping may stop")
-    max_instances: PositiveInt | None = Field(
-        default=None, description="sample at most this many instances per bag in training (memory cap)"
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "MILTrainingConfig":
-        if self.min_epochs > self.epochs:
-            raise ValueError(f"min-epochs ({self.min_epochs}) exceeds epochs ({self.epochs})")
-        return self
 
 
 class ClusterConfig(StageConfig):

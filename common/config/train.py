@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt
 
-from common.config.base import StageConfig
 from common.config.model import ModelConfig
+from common.config.optimization import OptimizationConfig
 
 
-class TrainConfig(StageConfig):
+class TrainConfig(OptimizationConfig):
     """Where the data is, which model, how it is optimised and how slides are split (TOML section [train])."""
 
     features_dir: Path = Field(description="directory of <slide_id>.h5 feature files (CLAM/TRIDENT layout)")
@@ -22,31 +22,9 @@ class TrainConfig(StageConfig):
         description="MIL model; in-dim and num-classes are filled from the feature files and labels when unset",
     )
 
-    optimizer: Literal["adamw", "sgd"] = Field(default="adamw", description="torch optimizer")
-    lr: PositiveFloat = Field(default=2e-4, description="learning rate")
-    weight_decay: float = Field(default=1e-4, ge=0.0, description="weight decay (decoupled for AdamW)")
-    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum")
-    scheduler: Literal["cosine", "step", "none"] = Field(default="cosine", description="per-epoch LR schedule")
-    step_size: PositiveInt = Field(default=10, description="epochs between LR drops (scheduler = step)")
-    step_gamma: float = Field(default=0.1, gt=0.0, le=1.0, description="LR factor at each drop (scheduler = step)")
     epochs: PositiveInt = Field(default=50, description="maximum epochs per fold")
     batch_size: PositiveInt = Field(default=8, description="bags per training batch (padded, with a mask)")
     eval_batch_size: PositiveInt | None = Field(default=None, description="bags per evaluation batch (default: batch-size)")
-    group_by_length: bool = Field(
-        default=True, description="batch bags of similar length together (less padding); order stays seeded"
-    )
-    grad_accum: PositiveInt = Field(default=1, description="batches whose gradients are summed before a step")
-    max_grad_norm: PositiveFloat | None = Field(default=None, description="clip the gradient norm (off when unset)")
-    class_weighting: Literal["none", "balanced"] = Field(
-        default="none", description="'balanced': cross-entropy weights n / (C * n_c) from each training split"
-    )
-    early_stopping_patience: NonNegativeInt = Field(
-        default=10, description="stop after this many epochs without validation improvement (0 = never stop early)"
-    )
-    early_stopping_metric: Literal["loss", "auc"] = Field(
-        default="loss", description="validation quantity that picks the best epoch"
-    )
-    min_epochs: NonNegativeInt = Field(default=0, description="epochs always run before early stopping may stop")
 
     splits: Literal["auto", "cv", "given"] = Field(
         default="auto", description="'given': the CSV's split column; 'cv': k-fold; 'auto': given if the CSV has one"
@@ -58,9 +36,6 @@ class TrainConfig(StageConfig):
     )
     seed: int = Field(default=0, description="seed of splits, model init, sampling and batch order")
 
-    max_instances: PositiveInt | None = Field(
-        default=None, description="randomly sample at most this many instances per bag in training (memory cap)"
-    )
     num_workers: NonNegativeInt = Field(default=0, description="DataLoader worker processes")
     preload: bool = Field(default=True, description="keep all bags in memory (else read each from disk per epoch)")
     device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda[:i], mps")
@@ -70,12 +45,6 @@ class TrainConfig(StageConfig):
     )
     save_fold_checkpoints: bool = Field(default=True, description="also keep every fold's best model under checkpoints/")
     ece_bins: PositiveInt = Field(default=15, description="equal-width confidence bins of the ECE")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "TrainConfig":
-        if self.min_epochs > self.epochs:
-            raise ValueError(f"min-epochs ({self.min_epochs}) exceeds epochs ({self.epochs})")
-        return self
 
     @property
     def resolved_eval_batch_size(self) -> int:
