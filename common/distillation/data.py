@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,12 +154,19 @@ def _check_pair(low: FeatureBag, high: FeatureBag, grid: int) -> list[str]:
     return problems
 
 
-def load_sites(sites: list[Path | str], encoder: str | None = None, val_fraction: float = 0.2, seed: int = 0) -> DistillData:
+def load_sites(
+    sites: list[Path | str],
+    encoder: str | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    classes: Sequence[str] | None = None,
+) -> DistillData:
     """Read `<site>/labels.csv` and every slide's low and high feature files; check them all first.
 
     Every problem (missing files, encoder mismatch between files or sites, bad parents) is
     collected into one FeatureDataError. A CSV without val slides gets a validation split carved
-    (by patient) from its training slides.
+    (by patient) from its training slides. `classes` fixes the class order (a federation's global
+    list); by default it is made from the labels.
     """
     site_dirs = [Path(s) for s in sites]
     if not site_dirs:
@@ -168,7 +176,10 @@ def load_sites(sites: list[Path | str], encoder: str | None = None, val_fraction
         names = [f"{i}-{d.name}" for i, d in enumerate(site_dirs)]
     encoder = encoder or detect_encoder(site_dirs)
     tables = [read_labels(d / "labels.csv") for d in site_dirs]
-    classes = _class_names(tables)
+    classes = tuple(classes) if classes is not None else _class_names(tables)
+    unknown = sorted({c for t in tables for c in t.classes} - set(classes))
+    if unknown:
+        raise MissingDataError(f"labels {unknown} are not among the classes {list(classes)}")
     label_map = {c: i for i, c in enumerate(classes)}
     problems: list[str] = []
     missing: list[str] = []

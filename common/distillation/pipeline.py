@@ -102,7 +102,7 @@ def _metrics_row(name: str, source: str, metrics: dict[str, float] | None) -> di
     return row
 
 
-def _bundle_meta(
+def bundle_meta(
     data: DistillData, student_input: str, preprocess: PreprocessConfig, extra: dict[str, Any]
 ) -> BundleMeta:
     low, high = data.low_attrs, data.high_attrs
@@ -321,13 +321,13 @@ def run_distill(
     }
     for name, (model, _, _) in trained.items():
         student_input = "raw" if name == "baseline_low" else mode
-        meta = _bundle_meta(data, student_input, preprocess, {**common_extra, "role": name})
+        meta = bundle_meta(data, student_input, preprocess, {**common_extra, "role": name})
         bundle = StudentBundle(meta, None if student_input == "raw" else adapter, model, teacher, student_cfg, teacher_cfg)
         directory = out_dir / BUNDLE_DIRS[name]
         bundle.save(directory)
         bundles[name] = directory
     if "lrmil_dd_student" not in trained:  # experts off: the main bundle is the LRMIL student
-        meta = _bundle_meta(data, mode, preprocess, {**common_extra, "role": "lrmil_student"})
+        meta = bundle_meta(data, mode, preprocess, {**common_extra, "role": "lrmil_student"})
         StudentBundle(meta, adapter, trained["lrmil_student"][0], teacher, student_cfg, teacher_cfg).save(out_dir / "student")
         bundles["student"] = out_dir / "student"
     lap("bundles")

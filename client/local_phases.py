@@ -1,0 +1,368 @@
+"""What a site computes in each phase of the federation, on its own slides (results are what may leave).
+
+Each function takes the site's run and the arrays the server sent, does the local work with the
+centralised pipeline's pieces (adapter fitting, MIL training, clustering statistics, KD losses) and
+returns only what the egress policy allows: updated weights, cluster sums/counts, proxy logits,
+metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, RecordDict
+from torch import nn
+
+from client.site_run import SiteRun
+from common.config.preprocess import PreprocessConfig
+from common.distillation.bundle import StudentBundle
+from common.distillation.clustering import (
+    ClusteringError,
+    assign_nearest,
+    cluster_statistics,
+    constrained_assignment,
+    kmeans_init,
+    size_bounds,
+    squared_distances,
+)
+from common.distillation.crossres import collect_pairs, evaluate_adapter, train_adapter_epochs
+from common.distillation.losses import CachedKDLoss
+from common.distillation.mil import evaluate_split, slide_outputs, train_epochs
+from common.distillation.pipeline import bundle_meta
+from common.distillation.student import student_bags
+from common.federation.models import (
+    adapter_spec,
+    load_record,
+    new_model,
+    pack_experts,
+    student_config,
+    teacher_config,
+    to_record,
+    unpack_experts,
+)
+from common.distillation.adapter import CrossResAdapter, build_adapter
+from common.models.base import MILModel
+from common.training.cohort import Cohort
+from common.training.data import BagBatch
+from common.training.loop import BatchLoss, class_weights
+
+TEACHER_OUTPUTS = "teacher_outputs.pt"
+KD_CACHE = "kd_cache.pt"
+BUNDLE_DIR = "student_bundle"
+
+Metrics = dict[str, float | int]
+
+
+def _adapter(site: SiteRun, record: ArrayRecord) -> CrossResAdapter:
+    assert site.facts is not None
+    return load_record(build_adapter(adapter_spec(site.cfg, site.facts)), record).eval()  # type: ignore[return-value]
+
+
+def _model(site: SiteRun, kind: str, record: ArrayRecord) -> MILModel:
+    assert site.facts is not None
+    cfg = teacher_config(site.cfg, site.facts) if kind in ("teacher", "experts") else student_config(site.cfg, site.facts)
+    return load_record(new_model(cfg, site.cfg.seed), record)  # type: ignore[return-value]
+
+
+def _mode(site: SiteRun) -> str:
+    mode = site.cfg.kd.student_input
+    return "pooled" if mode == "tokens" and not site.data().has_tokens else mode
+
+
+def _seed(site: SiteRun, phase_offset: int, server_round: int) -> int:
+    return site.cfg.seed + 1000 * phase_offset + server_round
+
+
+# ---- adapter --------------------------------------------------------------------------------------
+def adapter_round(site: SiteRun, record: ArrayRecord, server_round: int) -> tuple[ArrayRecord, Metrics]:
+    """Validate the global adapter on the site's val patches, then train it for local epochs."""
+    data = site.data()
+    use_tokens = data.has_tokens
+    slots = data.token_grid**2 if use_tokens else 1
+    a = site.cfg.adapter
+    train = collect_pairs([data.slides[i] for i in data.split("train")], use_tokens, slots, a.max_patches_per_slide,
+                          site.cfg.seed)
+    val_slides = [data.slides[i] for i in data.split("val")]
+    adapter = _adapter(site, record)
+    metrics: Metrics = {"num-examples": len(train), "val-loss": 0.0, "val-n": 0}
+    if val_slides:
+        val = collect_pairs(val_slides, use_tokens, slots, a.max_patches_per_slide, site.cfg.seed)
+        metrics.update({"val-loss": float(evaluate_adapter(adapter, val, a, site.device)["loss"]), "val-n": len(val)})
+    start = time.perf_counter()
+    losses = train_adapter_epochs(adapter, train, a, site.cfg.rounds.adapter_local_epochs, _seed(site, 1, server_round),
+                                  device=site.device)
+    metrics.update({"train-loss": losses[-1], "epochs": len(losses), "seconds": time.perf_counter() - start})
+    return to_record(adapter.cpu()), metrics
+
+
+# ---- MIL models: teacher, baseline, student -------------------------------------------------------
+def with_proximal(base: BatchLoss, model: nn.Module, mu: float) -> BatchLoss:
+    """`base` + (mu/2)·‖w − w_global‖² (FedProx), w_global = the weights the round started from."""
+    if mu <= 0:
+        return base
+    anchor = [p.detach().clone() for p in model.parameters()]
+
+    def loss(logits: torch.Tensor, batch: BagBatch) -> torch.Tensor:
+        prox = sum(((p - a.to(p.device)) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+        return base(logits, batch) + 0.5 * mu * prox
+
+    return loss
+
+
+def _cross_entropy(site: SiteRun, cohort: Cohort, train: np.ndarray) -> BatchLoss:
+    weights = class_weights(cohort.labels[train], len(cohort.classes), site.cfg.training.class_weighting)
+
+    def loss(logits: torch.Tensor, batch: BagBatch) -> torch.Tensor:
+        w = None if weights is None else weights.to(logits.device)
+        return nn.functional.cross_entropy(logits, batch.labels, weight=w)
+
+    return loss
+
+
+def _val_metrics(site: SiteRun, model: MILModel, cohort: Cohort, val: np.ndarray) -> Metrics:
+    if not val.size:
+        return {"val-loss": 0.0, "val-n": 0}
+    result = evaluate_split(model, cohort, val, site.device, site.cfg.ece_bins, site.cfg.training.eval_batch_size)
+    return {"val-loss": result["loss"], "val-n": int(val.size)}
+
+
+def train_model(
+    site: SiteRun, model: MILModel, cohort: Cohort, server_round: int, seed_offset: int,
+    members: np.ndarray | None = None, val: np.ndarray | None = None, batch_loss: BatchLoss | None = None,
+    proximal_mu: float = 0.0,
+) -> Metrics:
+    """Validate `model` (the global weights) on `val`, then train local epochs on `members`."""
+    train = site.split("train") if members is None else members
+    val = site.split("val") if val is None else val
+    metrics: Metrics = {"num-examples": int(train.size), **_val_metrics(site, model, cohort, val)}
+    if train.size == 0:
+        return metrics | {"train-loss": 0.0, "epochs": 0, "seconds": 0.0}
+    start = time.perf_counter()
+    loss = with_proximal(batch_loss or _cross_entropy(site, cohort, train), model, proximal_mu)
+    losses = train_epochs(model, cohort, train, site.cfg.training, site.device, site.cfg.rounds.local_epochs,
+                          _seed(site, seed_offset, server_round), loss)
+    model.cpu()
+    return metrics | {"train-loss": losses[-1], "epochs": len(losses), "seconds": time.perf_counter() - start}
+
+
+def teacher_round(site: SiteRun, record: ArrayRecord, server_round: int, mu: float = 0.0) -> tuple[ArrayRecord, Metrics]:
+    """One local round of the high-res teacher."""
+    model = _model(site, "teacher", record)
+    metrics = train_model(site, model, site.high_cohort(), server_round, 2, proximal_mu=mu)
+    return to_record(model), metrics
+
+
+def baseline_round(site: SiteRun, record: ArrayRecord, server_round: int, mu: float = 0.0) -> tuple[ArrayRecord, Metrics]:
+    """One local round of the low-res baseline (raw low features, cross-entropy only)."""
+    model = _model(site, "baseline", record)
+    metrics = train_model(site, model, site.low_cohort(), server_round, 4, proximal_mu=mu)
+    return to_record(model), metrics
+
+
+def _kd_cache(site: SiteRun) -> dict[str, Any]:
+    cache = site.load(KD_CACHE)
+    if cache is None:
+        raise RuntimeError(f"{site.run_dir / KD_CACHE} is missing: the kd-cache phase has not run at this site")
+    return cache
+
+
+def student_round(site: SiteRun, record: ArrayRecord, server_round: int, mu: float = 0.0) -> tuple[ArrayRecord, Metrics]:
+    """One local round of the low-res student: CE + KD from the cached teacher/expert logits."""
+    cache = _kd_cache(site)
+    cohort = site.data().cohort(cache["bags"])
+    kd = site.cfg.kd
+    train = site.split("train")
+    weights = class_weights(cohort.labels[train], len(cohort.classes), site.cfg.training.class_weighting)
+    loss = CachedKDLoss(cache["teacher"], cache["experts"], kd.temperature, kd.lambda_base,
+                        kd.lambda_expert if cache["experts"] is not None else 0.0, kd.expert_kd, cache["cluster"], weights)
+    model = _model(site, "student", record)
+    metrics = train_model(site, model, cohort, server_round, 5, batch_loss=loss, proximal_mu=mu)
+    return to_record(model), metrics
+
+
+# ---- clusters and experts -------------------------------------------------------------------------
+def _vectors(site: SiteRun, outputs: dict[str, Any]) -> np.ndarray:
+    return (outputs["logits"] if site.cfg.clusters.features == "logits" else outputs["embedding"]).numpy()
+
+
+def local_assignment(site: SiteRun, vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Cluster of each local training slide: size-constrained at the site's scale, else nearest centroid."""
+    c = site.cfg.clusters
+    try:
+        lo, hi = size_bounds(len(vectors), len(centroids), c.min_size_ratio, c.max_size_ratio, 1)
+        return constrained_assignment(squared_distances(vectors, centroids), lo, hi)
+    except ClusteringError:
+        return assign_nearest(vectors, centroids)
+
+
+def cluster_init(site: SiteRun, teacher: ArrayRecord, fingerprint: str) -> tuple[dict[str, np.ndarray], Metrics]:
+    """Teacher outputs of the site's training slides (kept here) and local k-means sums/counts to seed the centroids."""
+    model = _model(site, "teacher", teacher)
+    cohort = site.high_cohort()
+    train, val = site.split("train"), site.split("val")
+    logits, embedding = slide_outputs(model, cohort, train, site.device)
+    val_logits, val_embedding = slide_outputs(model, cohort, val, site.device)
+    outputs = {"fingerprint": fingerprint, "logits": logits, "embedding": embedding,
+               "val_logits": val_logits, "val_embedding": val_embedding}
+    site.save(TEACHER_OUTPUTS, outputs)
+    vectors = _vectors(site, outputs)
+    k = min(site.cfg.clusters.num_clusters, len(vectors))
+    local = kmeans_init(vectors, k, site.cfg.seed, site.cfg.clusters.n_init)
+    sums, counts = cluster_statistics(vectors, local, min_count=site.cfg.min_count)
+    return {"sums": sums, "counts": counts}, {"n-train": int(train.size), "embedding-dim": int(vectors.shape[1])}
+
+
+def _teacher_outputs(site: SiteRun, fingerprint: str) -> dict[str, Any]:
+    outputs = site.load(TEACHER_OUTPUTS, fingerprint)
+    if outputs is None:
+        raise RuntimeError(f"{site.run_dir / TEACHER_OUTPUTS} is missing or from another teacher: run cluster-init first")
+    return outputs
+
+
+def cluster_stats(site: SiteRun, centroids: np.ndarray, fingerprint: str) -> tuple[dict[str, np.ndarray], Metrics]:
+    """Per-cluster sums and counts of the site's training slides under `centroids` (small counts withheld)."""
+    vectors = _vectors(site, _teacher_outputs(site, fingerprint))
+    assignment = local_assignment(site, vectors, centroids)
+    sums, counts = cluster_statistics(vectors, centroids, min_count=site.cfg.min_count, assignment=assignment)
+    return {"sums": sums, "counts": counts}, {"n-train": int(len(vectors))}
+
+
+def _assignments(site: SiteRun, centroids: np.ndarray, fingerprint: str) -> tuple[np.ndarray, np.ndarray]:
+    outputs = _teacher_outputs(site, fingerprint)
+    key = "logits" if site.cfg.clusters.features == "logits" else "embedding"
+    train = local_assignment(site, outputs[key].numpy(), centroids)
+    val = assign_nearest(outputs[f"val_{key}"].numpy(), centroids) if len(outputs[f"val_{key}"]) else np.zeros(0, int)
+    return train, val
+
+
+def experts_round(
+    site: SiteRun, record: ArrayRecord, centroids: np.ndarray, fingerprint: str, server_round: int, mu: float = 0.0
+) -> tuple[ArrayRecord, Metrics]:
+    """One local round of every expert, each on the site's training slides of its cluster."""
+    cohort = site.high_cohort()
+    train, val = site.split("train"), site.split("val")
+    train_assign, val_assign = _assignments(site, centroids, fingerprint)
+    experts = unpack_experts(record)
+    out: list[ArrayRecord] = []
+    metrics: Metrics = {"num-examples": int(train.size)}
+    for c, expert_record in enumerate(experts):
+        model = _model(site, "experts", expert_record)
+        members, own_val = train[train_assign == c], val[val_assign == c]
+        if members.size < site.cfg.min_count:  # too few slides to share an update about
+            members = members[:0]
+        m = train_model(site, model, cohort, server_round, 10 + c, members=members, val=own_val, proximal_mu=mu)
+        metrics[f"n-expert-{c}"] = int(members.size)
+        metrics[f"val-loss-{c}"], metrics[f"val-n-{c}"] = m["val-loss"], m["val-n"]
+        metrics[f"train-loss-{c}"] = m["train-loss"]
+        out.append(to_record(model) if members.size else expert_record)
+    return pack_experts(out), metrics
+
+
+# ---- student distillation (weights mode) ----------------------------------------------------------
+def kd_cache(
+    site: SiteRun, teacher: ArrayRecord, experts: ArrayRecord | None, adapter: ArrayRecord, centroids: np.ndarray | None,
+    fingerprint: str,
+) -> Metrics:
+    """Cache teacher/expert logits of the training slides and the student's adapted bags (all stays here)."""
+    start = time.perf_counter()
+    data = site.data()
+    n = len(data.slides)
+    k = len(data.classes)
+    train = data.split("train")
+    high = site.high_cohort()
+    t_logits, _ = slide_outputs(_model(site, "teacher", teacher), high, train, site.device)
+    teacher_full = torch.zeros(n, k)
+    teacher_full[torch.from_numpy(train)] = t_logits
+    experts_full, cluster = None, torch.full((n,), -1, dtype=torch.long)
+    if experts is not None and centroids is not None:
+        records = unpack_experts(experts)
+        experts_full = torch.zeros(len(records), n, k)
+        for c, rec in enumerate(records):
+            experts_full[c, torch.from_numpy(train)] = slide_outputs(_model(site, "experts", rec), high, train, site.device)[0]
+        assign, _ = _assignments(site, centroids, fingerprint)
+        cluster[torch.from_numpy(train)] = torch.from_numpy(assign).long()
+    bags = student_bags(_adapter(site, adapter), data, _mode(site))
+    site.save(KD_CACHE, {"teacher": teacher_full, "experts": experts_full, "cluster": cluster, "bags": bags})
+    return {"n-train": int(train.size), "seconds": time.perf_counter() - start}
+
+
+# ---- push-back and evaluation ---------------------------------------------------------------------
+def _timed_eval(model: MILModel, cohort: Cohort, test: np.ndarray, site: SiteRun) -> tuple[dict[str, float], float]:
+    start = time.perf_counter()
+    metrics = evaluate_split(model, cohort, test, site.device, site.cfg.ece_bins, 1)
+    return metrics, (time.perf_counter() - start) / max(int(test.size), 1)
+
+
+def final_evaluation(
+    site: SiteRun, teacher: ArrayRecord, student: ArrayRecord, baseline: ArrayRecord, adapter: ArrayRecord,
+) -> Metrics:
+    """Keep the final adapter + student as a bundle here; test metrics of teacher (high), student and baseline (low)."""
+    data = site.data()
+    test = data.split("test")
+    teacher_model, student_model = _model(site, "teacher", teacher), _model(site, "student", student)
+    baseline_model, adapter_model = _model(site, "baseline", baseline), _adapter(site, adapter)
+    mode = _mode(site)
+    assert site.facts is not None
+    meta = bundle_meta(data, mode, PreprocessConfig(), {"role": "federated_student", "run": site.run_dir.name})
+    StudentBundle(meta, adapter_model, student_model, teacher_model, student_config(site.cfg, site.facts),
+                  teacher_config(site.cfg, site.facts)).save(site.run_dir / BUNDLE_DIR)
+    metrics: Metrics = {"n-test": int(test.size), "num-examples": int(test.size)}
+    if not test.size:
+        return metrics
+    high, low = site.high_cohort(), site.low_cohort()
+    adapted = data.cohort(student_bags(adapter_model, data, mode))
+    results: dict[str, tuple[dict[str, float], float]] = {
+        "teacher_high": _timed_eval(teacher_model, high, test, site),
+        "student_low": _timed_eval(student_model, adapted, test, site),
+        "baseline_low": _timed_eval(baseline_model, low, test, site),
+    }
+    for name, (values, _) in results.items():
+        for key, value in values.items():
+            if value is not None and np.isfinite(value):
+                metrics[f"{name}.{key}"] = float(value)
+    metrics["cost.high.patches_per_slide"] = float(np.mean([len(data.slides[i].high) for i in test]))
+    metrics["cost.low.patches_per_slide"] = float(np.mean([len(data.slides[i].low) for i in test]))
+    metrics["cost.high.seconds_per_slide"] = results["teacher_high"][1]
+    metrics["cost.low.seconds_per_slide"] = results["student_low"][1]
+    return metrics
+
+
+def validate(site: SiteRun, phase: str, content: RecordDict) -> Metrics:
+    """Validation loss of a phase's global model on the site's val slides (per expert for "experts")."""
+    record = content["arrays"]
+    val = site.split("val")
+    metrics: Metrics = {"num-examples": int(site.split("train").size)}
+    if phase == "adapter":
+        data = site.data()
+        slots = data.token_grid**2 if data.has_tokens else 1
+        slides = [data.slides[i] for i in val]
+        metrics.update({"val-loss": 0.0, "val-n": 0})
+        if slides:
+            pairs = collect_pairs(slides, data.has_tokens, slots, site.cfg.adapter.max_patches_per_slide, site.cfg.seed)
+            loss = evaluate_adapter(_adapter(site, record), pairs, site.cfg.adapter, site.device)["loss"]
+            metrics.update({"val-loss": float(loss), "val-n": len(pairs)})
+        return metrics
+    if phase == "experts":
+        centroids = content["centroids"]["centroids"].numpy()
+        fingerprint = str(content["config"]["teacher-fingerprint"])
+        _, val_assign = _assignments(site, centroids, fingerprint)
+        cohort = site.high_cohort()
+        for c, rec in enumerate(unpack_experts(record)):
+            m = _val_metrics(site, _model(site, "experts", rec), cohort, val[val_assign == c])
+            metrics[f"val-loss-{c}"], metrics[f"val-n-{c}"] = m["val-loss"], m["val-n"]
+        return metrics
+    cohorts: dict[str, Callable[[], Cohort]] = {
+        "teacher": site.high_cohort, "baseline": site.low_cohort,
+        "student": lambda: site.data().cohort(_kd_cache(site)["bags"]),
+    }
+    if phase not in cohorts:
+        raise ValueError(f"unknown phase {phase!r} to validate")
+    return metrics | _val_metrics(site, _model(site, phase, record), cohorts[phase](), val)
+
+
+TrainFn = Callable[[SiteRun, ArrayRecord, int, float], tuple[ArrayRecord, Metrics]]
+MODEL_ROUNDS: dict[str, TrainFn] = {"teacher": teacher_round, "baseline": baseline_round, "student": student_round}

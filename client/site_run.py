@@ -1,0 +1,105 @@
+"""One site's side of one federated run: its data (read once per process), run directory and caches.
+
+Everything here stays at the site: `<runs-dir>/<run_id>/` holds cached teacher outputs, KD logits,
+student bags, the final bundle and `egress.jsonl`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.config.federation import FederationConfig
+from common.distillation.data import DistillData, load_sites
+from common.egress import EgressLedger
+from common.federation.protocol import Facts
+from common.training.cohort import Cohort
+from common.training.repro import resolve_device
+
+log = logging.getLogger(__name__)
+
+EGRESS_FILE = "egress.jsonl"
+
+
+class SiteConfigError(ValueError):
+    """The SuperNode's node config does not name a usable site directory."""
+
+
+@dataclass
+class SiteRun:
+    """A site's data and run directory for one federated run."""
+
+    site_dir: Path
+    run_dir: Path
+    cfg: FederationConfig
+    name: str
+    facts: Facts | None = None
+    _data: DistillData | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any], cfg: FederationConfig, run_id: str) -> "SiteRun":
+        """From the SuperNode's `--node-config`: `site-dir` (required), `runs-dir`, `site-name` (optional)."""
+        raw = node_config.get("site-dir")
+        if not raw:
+            raise SiteConfigError("node config has no 'site-dir' (start the SuperNode with --node-config 'site-dir=\"/path\"')")
+        site_dir = Path(str(raw)).expanduser()
+        if not site_dir.is_dir():
+            raise SiteConfigError(f"node config site-dir={str(raw)!r}: no such directory")
+        runs_dir = Path(str(node_config.get("runs-dir") or site_dir / "runs")).expanduser()
+        name = str(node_config.get("site-name") or site_dir.name)
+        return cls(site_dir=site_dir, run_dir=runs_dir / run_id, cfg=cfg, name=name)
+
+    @property
+    def ledger(self) -> EgressLedger:
+        """The site's egress ledger of this run."""
+        return EgressLedger(self.run_dir / EGRESS_FILE)
+
+    @property
+    def device(self) -> torch.device:
+        """Where local training runs."""
+        return resolve_device(self.cfg.device)
+
+    def data(self) -> DistillData:
+        """The site's labelled slides with their low/high feature files (class order from the handshake)."""
+        if self._data is None:
+            classes = None if self.facts is None else self.facts.classes
+            self._data = load_sites([self.site_dir], self.cfg.encoder, seed=self.cfg.seed, classes=classes)
+        return self._data
+
+    def split(self, name: str) -> np.ndarray:
+        """Indices of this site's slides in split `name`."""
+        return self.data().split(name)
+
+    def high_cohort(self) -> Cohort:
+        """High-res bags (teacher, experts)."""
+        data = self.data()
+        return data.cohort(data.high_bags())
+
+    def low_cohort(self) -> Cohort:
+        """Raw low-res bags (baseline)."""
+        data = self.data()
+        return data.cohort(data.low_bags())
+
+    def save(self, name: str, payload: dict[str, Any]) -> Path:
+        """Write a cache file atomically under the run directory."""
+        path = self.run_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(path)
+        return path
+
+    def load(self, name: str, fingerprint: str | None = None) -> dict[str, Any] | None:
+        """A cache file, or None when absent or made with another model (fingerprint mismatch)."""
+        path = self.run_dir / name
+        if not path.is_file():
+            return None
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        if fingerprint is not None and payload.get("fingerprint") != fingerprint:
+            return None
+        return payload

@@ -1,0 +1,127 @@
+"""Config of a federated run (the ServerApp's and ClientApps' shared run config, section [federation]).
+
+In a Flower deployment the same settings come from `pyproject.toml`'s `[tool.flwr.app.config]`
+(flattened, kebab-case keys, `teacher.name`-style for the nested tables) and `flwr run -c`
+overrides; `FederationConfig.from_run_config` reads that form.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from common.config.base import ConfigError, StageConfig, format_validation_error
+from common.config.distill import (
+    AdapterConfig,
+    ClusterConfig,
+    DistillModelConfig,
+    ExpertConfig,
+    KDConfig,
+    MILTrainingConfig,
+)
+
+
+class RoundsConfig(StageConfig):
+    """Federated rounds per phase and local epochs per round."""
+
+    adapter: PositiveInt = Field(default=3, description="FedAvg rounds of the cross-resolution adapter")
+    teacher: PositiveInt = Field(default=8, description="rounds of the high-res teacher")
+    experts: PositiveInt = Field(default=3, description="rounds of the D&D experts (all C experts per message)")
+    baseline: PositiveInt = Field(default=8, description="rounds of the low-res baseline (raw features, CE only)")
+    student: PositiveInt = Field(default=8, description="rounds of the low-res student (weights mode)")
+    cluster_iterations: PositiveInt = Field(default=5, description="federated k-means iterations (one round trip each)")
+    local_epochs: PositiveInt = Field(default=2, description="local epochs per round (teacher, experts, baseline, student)")
+    adapter_local_epochs: PositiveInt = Field(default=2, description="local epochs per adapter round")
+
+
+class FederationConfig(StageConfig):
+    """A federated teacher -> experts -> low-res student run (TOML section [federation])."""
+
+    run_id: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$", description="run name (default: made from the time)")
+    runs_dir: Path | None = Field(default=None, description="coordinating site's output root: <runs-dir>/<run-id>/")
+    resume: bool = Field(default=False, description="continue run-id from its last checkpoint")
+    mode: Literal["weights", "logits"] = Field(
+        default="weights",
+        description="student distillation: local KD + FedAvg of weights, or server-side KD from logits on a proxy cohort",
+    )
+    proxy_dir: Path | None = Field(default=None, description="logits mode: the coordinating site's proxy cohort (a site directory)")
+    strategy: Literal["fedavg", "fedprox"] = Field(default="fedavg", description="teacher/expert/student aggregation")
+    proximal_mu: float = Field(default=0.01, ge=0.0, description="FedProx proximal term weight")
+    min_nodes: PositiveInt = Field(default=2, description="a round needs replies from at least this many sites")
+    expected_nodes: NonNegativeInt = Field(
+        default=0, description="wait (up to 2 min) for this many connected sites before the handshake (0 = min-nodes)"
+    )
+    aggregation: Literal["mean", "median", "trimmed-mean"] = Field(
+        default="mean", description="teacher/baseline/student aggregation: weighted mean (strategy), or robust median / trimmed mean"
+    )
+    trim_fraction: float = Field(default=0.2, gt=0.0, lt=0.5, description="trimmed-mean: fraction cut at each end")
+    max_update_norm: PositiveFloat | None = Field(default=None, description="reject updates with a larger L2 norm (off when unset)")
+    update_norm_factor: PositiveFloat | None = Field(
+        default=10.0, description="reject updates whose norm exceeds this × the round's median (with ≥ 3 sites)"
+    )
+    round_timeout: PositiveFloat = Field(default=900.0, description="seconds to wait for the replies of one round")
+    encoder: str | None = Field(default=None, description="features/<encoder> subfolder every site must use")
+    seed: int = Field(default=0, description="seed of every init, sample and batch order")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda[:i], mps")
+    threads: PositiveInt | None = Field(default=None, description="torch CPU threads per process")
+    ece_bins: PositiveInt = Field(default=15, description="equal-width confidence bins of the ECE")
+    rounds: RoundsConfig = Field(default_factory=RoundsConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    teacher: DistillModelConfig = Field(default_factory=DistillModelConfig, description="teacher (and experts') MIL model")
+    student: DistillModelConfig = Field(default_factory=DistillModelConfig, description="student (and baseline) MIL model")
+    training: MILTrainingConfig = Field(default_factory=MILTrainingConfig)
+    clusters: ClusterConfig = Field(default_factory=ClusterConfig)
+    experts: ExpertConfig = Field(default_factory=ExpertConfig)
+    kd: KDConfig = Field(default_factory=KDConfig)
+    proxy_epochs: PositiveInt = Field(default=30, description="logits mode: server-side student epochs on the proxy cohort")
+    suppress_below: NonNegativeInt | None = Field(
+        default=None, description="cluster statistics of fewer slides are withheld (default: clusters.suppress-below)"
+    )
+
+    @model_validator(mode="after")
+    def _logits_needs_proxy(self) -> "FederationConfig":
+        if self.mode == "logits" and self.proxy_dir is None:
+            raise ValueError("mode = 'logits' needs proxy-dir (the coordinating site's proxy cohort)")
+        return self
+
+    @property
+    def min_count(self) -> int:
+        """Smallest cluster count a site may report."""
+        return self.clusters.suppress_below if self.suppress_below is None else self.suppress_below
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flat kebab-case run config (`teacher.name` keys) for `flwr run`; unset values are left out."""
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, node: dict[str, Any]) -> None:
+            for key, value in node.items():
+                name = f"{prefix}{key}"
+                if isinstance(value, dict):
+                    walk(f"{name}.", value)
+                elif value is not None:
+                    flat[name] = value
+        walk("", self.to_toml_dict())
+        for model in ("teacher", "student"):  # taken from the data unless set on purpose
+            for key in ("in_dim", "num_classes"):
+                if key not in getattr(self, model).model_fields_set:
+                    flat.pop(f"{model}.{key.replace('_', '-')}", None)
+        return flat
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> "FederationConfig":
+        """Build from Flower's flat run config; empty strings mean "unset"; errors name key and value."""
+        data: dict[str, Any] = {}
+        for key, value in run_config.items():
+            if value == "":
+                continue
+            node = data
+            parts = str(key).split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, cls, source="run config")) from None

@@ -1,0 +1,1 @@
+"""Evaluation statistics: bootstrap confidence intervals of slide-level metrics and paired AUC tests."""

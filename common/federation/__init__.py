@@ -1,0 +1,1 @@
+"""Pieces the ServerApp and ClientApp share: message vocabulary, model builders, record packing."""

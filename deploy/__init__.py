@@ -1,0 +1,1 @@
+"""Deployment tooling: TLS/authentication material, container specs."""

@@ -1,0 +1,58 @@
+# fedslide hospital site: a Flower SuperNode with the fedslide ClientApp's dependencies (CPU torch, OpenSlide,
+# h5py) installed.
+#
+# Build from the repository root:  docker build -f deploy/site.Dockerfile -t fedslide/site:0.1.0 .
+#
+# The SuperNode connects OUT to the coordinating site's Fleet endpoint over TLS (verified against
+# /certs/ca.crt) and authenticates with the site's private key; it opens no port to the outside. ClientApps run
+# as subprocesses inside this container (`--isolation subprocess`, Flower's default), so no second container
+# and no extra internal port are needed. Runtime dependency installation stays off (Flower's default for
+# SuperNodes): only what is installed here runs.
+#
+# Mounts (see deploy/README.md):
+#   /data/site        read-only   the site directory: slides/, labels.csv, features/, qc/
+#   /data/site/runs   writable    run outputs, including runs/<run_id>/egress.jsonl (the audit log)
+#   /certs/ca.crt     read-only   the federation's CA certificate
+#   /keys/site.key    read-only   this site's private key (readable by UID 49999)
+#
+# Usage: docker run ... fedslide/site:0.1.0 --superlink fl.coordinator.example.org:9092 \
+#          --root-certificates /certs/ca.crt --auth-supernode-private-key /keys/site.key \
+#          --node-config 'site-dir="/data/site"'
+FROM flwr/supernode:1.41.0-py3.11-ubuntu24.04
+
+LABEL org.opencontainers.image.title="fedslide-site" \
+      org.opencontainers.image.description="Flower SuperNode with the fedslide ClientApp dependencies (CPU)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+# Nothing leaves the site except through the SuperLink connection: Flower telemetry and update checks off.
+ENV FLWR_TELEMETRY_ENABLED=0 \
+    FLWR_DISABLE_UPDATE_CHECK=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+COPY --chmod=0644 deploy/healthcheck.py /opt/fedslide/healthcheck.py
+
+# 49999 is the unprivileged `app` user of Flower's images; it owns the Python environment, so pip needs no root.
+USER 49999
+WORKDIR /app/fedslide
+COPY --chown=49999 pyproject.toml README.md ./
+COPY --chown=49999 common ./common
+COPY --chown=49999 client ./client
+COPY --chown=49999 server ./server
+# CPU-only torch first (the PyPI default pulls CUDA libraries), then the project with openslide-bin and h5py;
+# flwr stays at the image's version.
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+    && pip install --no-cache-dir . "flwr==1.41.0" "torch==${TORCH_VERSION}"
+WORKDIR /app
+
+# Liveness of the SuperNode process (its runtime API on loopback); whether it reached the SuperLink shows in
+# its log and in `flwr supernode list` at the coordinating site.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
+    CMD ["python", "/opt/fedslide/healthcheck.py", "http://127.0.0.1:9094/health"]
+
+ENTRYPOINT ["flower-supernode"]
+CMD ["--root-certificates", "/certs/ca.crt", \
+     "--auth-supernode-private-key", "/keys/site.key", \
+     "--node-config", "site-dir=\"/data/site\""]

@@ -1,0 +1,77 @@
+"""A Grid wrapper that admits only the sites that passed the handshake, meters bytes and records absentees."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import Message, RecordDict
+from flwr.supercore.run import Run
+from flwr.serverapp import Grid
+
+from common.egress import message_bytes
+
+log = logging.getLogger(__name__)
+
+
+class FederationGrid(Grid):
+    """Delegates to Flower's Grid; `get_node_ids` lists only admitted nodes; traffic is counted per phase."""
+
+    def __init__(self, inner: Grid):
+        self.inner = inner
+        self.admitted: set[int] | None = None  # None: every connected node
+        self.phase = "handshake"
+        self.server_round = 0
+        self.bytes: dict[str, dict[str, int]] = defaultdict(lambda: {"down": 0, "up": 0, "messages": 0})
+        self.uploads: list[dict[str, Any]] = []  # per reply: phase, round, node, bytes
+        self.missing: list[dict[str, Any]] = []  # per round with absentees: phase, round, nodes, reasons
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        nodes = list(self.inner.get_node_ids())
+        return nodes if self.admitted is None else [n for n in nodes if n in self.admitted]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Send, wait, count bytes both ways, and note which destinations did not answer usefully."""
+        sent = list(messages)
+        counter = self.bytes[self.phase]
+        for message in sent:
+            counter["down"] += message_bytes(message.content)
+        replies = list(self.inner.send_and_receive(sent, timeout=timeout))
+        answered: set[int] = set()
+        reasons: dict[int, str] = {}
+        for reply in replies:
+            node = int(reply.metadata.src_node_id)
+            if reply.has_error():
+                reasons[node] = str(reply.error.reason)[:300]
+                continue
+            size = message_bytes(reply.content)
+            counter["up"] += size
+            counter["messages"] += 1
+            answered.add(node)
+            self.uploads.append({"phase": self.phase, "round": self.server_round, "node": node, "bytes": size})
+        absent = sorted({int(m.metadata.dst_node_id) for m in sent} - answered)
+        if absent:
+            log.warning("phase %s round %d: no usable reply from node(s) %s %s", self.phase, self.server_round, absent,
+                        {n: reasons[n] for n in absent if n in reasons})
+            self.missing.append({"phase": self.phase, "round": self.server_round, "nodes": absent,
+                                 "reasons": {str(n): reasons.get(n, "timeout") for n in absent}})
+        return replies

@@ -1,0 +1,241 @@
+"""The coordinating site's run outputs: metrics.json, the global models with a hash manifest, plots, report.md."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+from common.metrics import METRIC_NAMES
+from common.training.outputs import write_json
+from server.protocol import RunResult
+
+METRICS_SCHEMA = "fedslide.federation.metrics/1"
+MODEL_ROWS = ("teacher_high", "student_low", "baseline_low")
+OVERALL_METHOD = ("mean over sites weighted by each site's test slides (predictions never leave the sites, "
+                  "so metrics are not computed on pooled predictions)")
+
+
+def save_models(run_dir: Path, models: dict[str, ArrayRecord]) -> dict[str, dict[str, Any]]:
+    """Write each global model as `models/<name>.npz`; return the manifest (sha256, bytes, arrays)."""
+    out = run_dir / "models"
+    out.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, dict[str, Any]] = {}
+    for name, record in models.items():
+        path = out / f"{name}.npz"
+        np.savez(path, **{k: v.numpy() for k, v in record.items()})
+        manifest[name] = {"file": f"models/{name}.npz", "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                          "parameters": int(sum(int(np.prod(v.shape)) for v in record.values())),
+                          "serialized_bytes": int(sum(len(v.data) for v in record.values()))}
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def site_metrics(replies: list[Message], names: dict[int, str]) -> dict[str, dict[str, float]]:
+    """Per site: the flat metric record of its final evaluation."""
+    out = {}
+    for reply in replies:
+        node = int(reply.metadata.src_node_id)
+        record = next(iter(reply.content.metric_records.values()))
+        out[names.get(node, str(node))] = {k: float(v) for k, v in record.items()}  # type: ignore[arg-type]
+    return out
+
+
+def _weighted(per_site: dict[str, dict[str, float]], key: str, weight_key: str) -> float | None:
+    num = den = 0.0
+    for values in per_site.values():
+        if key in values and math.isfinite(values[key]) and values.get(weight_key, 0) > 0:
+            num += values[key] * values[weight_key]
+            den += values[weight_key]
+    return num / den if den else None
+
+
+def model_table(per_site: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """models -> {overall, per_site} with auc, acc, balanced_acc, f1, brier, ece, loss, n."""
+    table: dict[str, dict[str, Any]] = {}
+    for model in MODEL_ROWS:
+        sites = {site: {m: v.get(f"{model}.{m}") for m in (*METRIC_NAMES, "loss", "n")} for site, v in per_site.items()}
+        overall = {m: _weighted(per_site, f"{model}.{m}", "n-test") for m in (*METRIC_NAMES, "loss")}
+        overall["n"] = int(sum(v.get("n-test", 0) for v in per_site.values()))
+        table[model] = {"overall": overall, "per_site": sites}
+    return table
+
+
+def cost(per_site: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Patches and model seconds per slide at high and low resolution (test slides, weighted over sites)."""
+    out: dict[str, Any] = {res: {k: _weighted(per_site, f"cost.{res}.{k}", "n-test")
+                                 for k in ("patches_per_slide", "seconds_per_slide")} for res in ("high", "low")}
+    for key in ("patches_per_slide", "seconds_per_slide"):
+        hi, lo = out["high"][key], out["low"][key]
+        out[f"high_over_low_{key}"] = hi / lo if hi is not None and lo else None
+    out["note"] = "seconds are MIL-model time from feature files at the sites (encoding excluded)"
+    return out
+
+
+def communication(result: RunResult, manifest: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Bytes down/up per phase and the largest upload of a site in one round vs. the model's size."""
+    grid = result.fed.grid
+    largest: dict[str, int] = defaultdict(int)
+    for upload in grid.uploads:
+        largest[upload["phase"]] = max(largest[upload["phase"]], int(upload["bytes"]))
+    phase_model = {"adapter": "adapter", "teacher": "teacher", "experts": "experts", "baseline": "baseline",
+                   "student": "student"}
+    per_phase = {}
+    for phase, counts in grid.bytes.items():
+        entry: dict[str, Any] = dict(counts)
+        entry["max_upload_per_site_round"] = largest.get(phase, 0)
+        model = phase_model.get(phase)
+        if model in manifest:
+            size = manifest[model]["serialized_bytes"]
+            entry["model_bytes"] = size
+            entry["max_upload_over_model"] = largest.get(phase, 0) / size if size else None
+        per_phase[phase] = entry
+    total = {"down": sum(c["down"] for c in grid.bytes.values()), "up": sum(c["up"] for c in grid.bytes.values())}
+    return {"per_phase": per_phase, "total": total}
+
+
+def build_metrics(result: RunResult, manifest: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """The run's metrics.json document."""
+    fed = result.fed
+    names = {n: s.name for n, s in fed.sites.items()}
+    per_site = site_metrics(result.evaluation, names)
+    models = model_table(per_site)
+    rows = [{"model": m, **{k: models[m]["overall"].get(k) for k in (*METRIC_NAMES, "loss", "n")}} for m in MODEL_ROWS]
+    return {
+        "schema": METRICS_SCHEMA,
+        "run_id": fed.run_id,
+        "mode": fed.cfg.mode,
+        "classes": list(fed.facts.classes) if fed.facts else [],
+        "encoder": fed.facts.encoder_name if fed.facts else None,
+        "sites": [{"node": n, "name": s.name, **s.counts} for n, s in sorted(fed.sites.items())],
+        "refused": fed.refused,
+        "rows": rows,
+        "models": models,
+        "overall_method": OVERALL_METHOD,
+        "cost": cost(per_site),
+        "communication": communication(result, manifest),
+        "missing": fed.grid.missing,
+        "rejections": [vars(r) for r in fed.validator.rejections],
+        "learning_curves": fed.curves,
+        "clusters": fed.ckpt.phase_done("clusters"),
+        "timings": {**fed.timings, "total": round(seconds, 3)},
+        "models_manifest": manifest,
+        "config": fed.cfg.to_toml_dict(),
+    }
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else (
+        f"{value:.3f}" if isinstance(value, float) else str(value))
+
+
+def plot_learning_curves(metrics: dict[str, Any], path: Path) -> Path | None:
+    """Validation loss per round of each weights phase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = metrics["learning_curves"]
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.8), squeeze=False)
+    for ax, (phase, history) in zip(axes[0], curves.items()):
+        keys = sorted({k for h in history for k in h if k.startswith("val_loss")})
+        for key in keys:
+            pts = [(h["round"], h[key]) for h in history if key in h]
+            ax.plot([r for r, _ in pts], [v for _, v in pts], marker="o", ms=3, label=key.replace("val_loss", "val") or "val")
+        pts = [(h["round"], h["train_loss"]) for h in history if "train_loss" in h]
+        if pts:
+            ax.plot([r + 1 for r, _ in pts], [v for _, v in pts], ls="--", label="train")
+        ax.set_title(phase)
+        ax.set_xlabel("round")
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_site_bars(metrics: dict[str, Any], path: Path, metric: str = "auc") -> Path:
+    """Per-site test `metric` of teacher (high), student and baseline (low)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = [s["name"] for s in metrics["sites"]]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(sites), 3.0))
+    width = 0.8 / len(MODEL_ROWS)
+    for i, model in enumerate(MODEL_ROWS):
+        values = [metrics["models"][model]["per_site"].get(s, {}).get(metric) for s in sites]
+        ax.bar(np.arange(len(sites)) + i * width, [v if v is not None else 0 for v in values], width, label=model)
+    ax.set_xticks(np.arange(len(sites)) + width * (len(MODEL_ROWS) - 1) / 2, sites)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"test {metric}")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
+    """report.md: the metric table, per-site results, cost, communication, what was refused or missing."""
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    curves = plot_learning_curves(metrics, plots / "learning_curves.png")
+    bars = plot_site_bars(metrics, plots / "site_auc.png")
+    lines = [f"# fedslide federated run `{metrics['run_id']}`", "",
+             f"Mode: {metrics['mode']}; classes: {', '.join(metrics['classes'])}; encoder: {metrics['encoder']}; "
+             f"sites: {', '.join(s['name'] for s in metrics['sites'])}.", "",
+             "## Test metrics (overall = " + metrics["overall_method"] + ")", "",
+             "| model | " + " | ".join(METRIC_NAMES) + " | n |", "|---" * (len(METRIC_NAMES) + 2) + "|"]
+    for row in metrics["rows"]:
+        lines.append(f"| {row['model']} | " + " | ".join(_fmt(row[k]) for k in METRIC_NAMES) + f" | {row['n']} |")
+    lines += ["", "## Per site (test AUC)", "", "| site | " + " | ".join(MODEL_ROWS) + " |", "|---" * (len(MODEL_ROWS) + 1) + "|"]
+    for site in metrics["sites"]:
+        name = site["name"]
+        lines.append(f"| {name} | " + " | ".join(_fmt(metrics["models"][m]["per_site"].get(name, {}).get("auc"))
+                                                for m in MODEL_ROWS) + " |")
+    lines += ["", f"![per-site AUC](plots/{bars.name})", ""]
+    c = metrics["cost"]
+    lines += ["## Cost per test slide", "",
+              f"- patches: high {_fmt(c['high']['patches_per_slide'])}, low {_fmt(c['low']['patches_per_slide'])} "
+              f"({_fmt(c['high_over_low_patches_per_slide'])}× fewer at low resolution)",
+              f"- model seconds: high {_fmt(c['high']['seconds_per_slide'])}, low {_fmt(c['low']['seconds_per_slide'])} "
+              f"({c['note']})", "", "## Communication", "", "| phase | down bytes | up bytes | max upload / site / round | ÷ model size |",
+              "|---|---|---|---|---|"]
+    for phase, entry in metrics["communication"]["per_phase"].items():
+        lines.append(f"| {phase} | {entry['down']:,} | {entry['up']:,} | {entry['max_upload_per_site_round']:,} | "
+                     f"{_fmt(entry.get('max_upload_over_model'))} |")
+    if curves is not None:
+        lines += ["", "## Learning curves", "", f"![learning curves](plots/{curves.name})"]
+    lines += ["", "## Sites refused, absent rounds, rejected updates", ""]
+    lines += [f"- refused: {r}" for r in metrics["refused"]] or ["- no site refused"]
+    lines += [f"- absent: phase {m['phase']} round {m['round']}: nodes {m['nodes']}" for m in metrics["missing"]] or ["- no absences"]
+    lines += [f"- rejected: phase {r['phase']} round {r['round']} node {r['node']}: {r['reason']}" for r in metrics["rejections"]] or [
+        "- no update rejected"]
+    lines += ["", "## Timings (s)", "", ", ".join(f"{k} {v}" for k, v in metrics["timings"].items()), ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_outputs(result: RunResult, seconds: float) -> dict[str, Any]:
+    """Models + manifest, metrics.json, plots and report.md under the run directory."""
+    manifest = save_models(result.run_dir, result.models)
+    metrics = build_metrics(result, manifest, seconds)
+    write_json(result.run_dir / "metrics.json", metrics)
+    write_report(result.run_dir, metrics)
+    (result.run_dir / "config.json").write_text(json.dumps(result.fed.cfg.to_toml_dict(), indent=2))
+    return metrics
+
+

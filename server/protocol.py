@@ -1,0 +1,366 @@
+"""The federation, phase by phase (DESIGN.md phases 0-5), driven through a Flower Grid.
+
+handshake -> adapter (FedAvg) -> teacher (FedAvg/FedProx) -> federated k-means (sums/counts) ->
+experts (all C per message) -> baseline -> student (weights mode: local KD + FedAvg; logits mode:
+server-side KD on the proxy cohort) -> push-back and evaluation at every site. Every phase and
+round is checkpointed; with `resume` a run continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
+from sklearn.cluster import KMeans
+
+from common.config.federation import FederationConfig
+from common.distillation.clustering import update_centroids
+from common.federation import protocol as p
+from common.federation.models import (
+    fingerprint,
+    new_adapter,
+    new_model,
+    pack_experts,
+    student_config,
+    teacher_config,
+    to_record,
+)
+from server.checkpoint import Checkpoint
+from server.grid import FederationGrid
+from server.strategies import BestRounds, ExpertsFedAvg, FederationError, Group, PhaseStrategy, UpdateValidator
+
+log = logging.getLogger(__name__)
+
+ENCODER_KEYS = ("encoder-name", "encoder-hash", "encoder-dim", "token-grid", "child-grid")
+
+
+@dataclass
+class SiteInfo:
+    """A site as the server knows it: node id, name and counts from the handshake."""
+
+    node: int
+    name: str
+    counts: dict[str, int]
+    encoder: dict[str, Any]
+    classes: list[str]
+
+
+@dataclass
+class Federation:
+    """State of one run at the server."""
+
+    cfg: FederationConfig
+    grid: FederationGrid
+    run_dir: Path
+    ckpt: Checkpoint
+    validator: UpdateValidator
+    facts: p.Facts | None = None
+    sites: dict[int, SiteInfo] = field(default_factory=dict)
+    refused: list[dict[str, Any]] = field(default_factory=list)
+    curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        return self.run_dir.name
+
+    def base_config(self, phase: str, **extra: Any) -> dict[str, Any]:
+        """Config entries of every message of a phase."""
+        assert self.facts is not None or phase == "handshake"
+        base: dict[str, Any] = {"run-id": self.run_id, "phase": phase}
+        if self.facts is not None:
+            base.update(self.facts.to_config())
+        return {**base, **extra}
+
+    def query(self, message_type: str, phase: str, records: dict[str, ArrayRecord], **config: Any) -> list[Message]:
+        """Send one message per admitted site; the usable replies (at least min-nodes, else FederationError)."""
+        self.grid.phase = phase
+        content = RecordDict({p.CONFIG: ConfigRecord(self.base_config(phase, **config)), **records})
+        nodes = sorted(self.grid.get_node_ids())
+        messages = [Message(content=content, dst_node_id=n, message_type=message_type) for n in nodes]
+        replies = [r for r in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout) if not r.has_error()]
+        if len(replies) < min(self.cfg.min_nodes, max(len(nodes), 1)) or not replies:
+            raise FederationError(f"phase {phase}: {len(replies)} usable repl(ies) from {len(nodes)} site(s), "
+                                  f"fewer than min-nodes = {self.cfg.min_nodes}; see the absent nodes in the log")
+        return replies
+
+
+# ---- phase 0 ----------------------------------------------------------------------------------------
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
+    """Node ids once `wanted` are connected (or whatever is connected when `timeout` runs out)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= wanted or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1.0)
+
+
+def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
+    """Ask every connected site for counts and encoder identity; admit those that agree with the majority."""
+    saved = fed.ckpt.state.get("handshake")
+    if saved:
+        fed.facts = p.Facts.from_dict(saved["facts"])
+        fed.sites = {int(n): SiteInfo(**s) for n, s in saved["sites"].items()}
+        fed.refused = saved["refused"]
+        fed.grid.admitted = set(fed.sites)
+        return
+    nodes = wait_for_nodes(fed.grid, max(fed.cfg.min_nodes, fed.cfg.expected_nodes), wait_timeout)
+    fed.grid.phase = "handshake"
+    content = RecordDict({p.CONFIG: ConfigRecord({"run-id": fed.run_id, "phase": "handshake"})})
+    messages = [Message(content=content, dst_node_id=n, message_type=p.HANDSHAKE) for n in nodes]
+    replies = fed.grid.send_and_receive(messages, timeout=fed.cfg.round_timeout)
+    candidates: dict[int, SiteInfo] = {}
+    for reply in replies:
+        node = int(reply.metadata.src_node_id)
+        if reply.has_error():
+            fed.refused.append({"node": node, "reason": f"handshake failed at the site: {reply.error.reason}"})
+            continue
+        site, counts = reply.content[p.SITE], reply.content[p.METRICS]
+        encoder = {k: site.get(k) for k in ("encoder-name", "encoder-hash")}
+        encoder.update({k: int(counts[k]) for k in ("encoder-dim", "token-grid", "child-grid")})
+        candidates[node] = SiteInfo(node, str(site["site-name"]), {k: int(v) for k, v in counts.items()}, encoder,
+                                    [str(c) for c in site["classes"]])
+    if not candidates:
+        raise FederationError(f"handshake: no site answered ({len(nodes)} connected); refused: {fed.refused}")
+    identities = Counter(tuple(str(s.encoder[k]) for k in ENCODER_KEYS) for s in candidates.values())
+    reference = _reference_encoder(fed.cfg, candidates, identities)
+    for node, info in sorted(candidates.items()):
+        ident = tuple(str(info.encoder[k]) for k in ENCODER_KEYS)
+        if ident != reference:
+            diff = {k: (info.encoder[k], ref) for k, ref in zip(ENCODER_KEYS, reference) if str(info.encoder[k]) != ref}
+            fed.refused.append({"node": node, "site": info.name,
+                                "reason": "encoder differs from the federation's: " + ", ".join(
+                                    f"{k} {got!r} (federation: {want!r})" for k, (got, want) in diff.items())})
+            log.warning("handshake: refused site %s (node %d): %s", info.name, node, fed.refused[-1]["reason"])
+            continue
+        fed.sites[node] = info
+    if len(fed.sites) < fed.cfg.min_nodes:
+        raise FederationError(f"handshake: {len(fed.sites)} site(s) admitted, min-nodes = {fed.cfg.min_nodes}; "
+                              f"refused: {fed.refused}")
+    classes = sorted({c for s in fed.sites.values() for c in s.classes})
+    if len(classes) < 2:
+        raise FederationError(f"handshake: the sites' labels have {len(classes)} class(es) {classes}; need at least 2")
+    first = next(iter(fed.sites.values()))
+    fed.facts = p.Facts(tuple(classes), int(first.encoder["encoder-dim"]), int(first.encoder["token-grid"]),
+                        int(first.encoder["child-grid"]), str(first.encoder["encoder-name"]))
+    fed.grid.admitted = set(fed.sites)
+    fed.ckpt.commit(handshake={"facts": fed.facts.to_dict(), "refused": fed.refused,
+                               "sites": {str(n): vars(s) for n, s in fed.sites.items()}})
+    log.info("handshake: admitted %s; refused %d", ", ".join(s.name for s in fed.sites.values()), len(fed.refused))
+
+
+def _reference_encoder(cfg: FederationConfig, candidates: dict[int, SiteInfo], identities: Counter) -> tuple[str, ...]:
+    if cfg.encoder:  # the run names the encoder folder; sites whose files say another encoder name are refused
+        named = [i for i in identities if i[0] == cfg.encoder]
+        if named:
+            return max(named, key=lambda i: identities[i])
+    return identities.most_common(1)[0][0]
+
+
+# ---- weights phases ---------------------------------------------------------------------------------
+def _inner_strategy(cfg: FederationConfig, phase: str, min_nodes: int) -> Strategy:
+    common = {"fraction_evaluate": 0.0, "min_train_nodes": min_nodes, "min_available_nodes": min_nodes}
+    if phase == "experts":
+        return ExpertsFedAvg(**common)
+    if phase == "adapter":
+        return FedAvg(**common)
+    if cfg.aggregation == "median":
+        return FedMedian(**common)
+    if cfg.aggregation == "trimmed-mean":
+        return FedTrimmedAvg(beta=cfg.trim_fraction, **common)
+    if cfg.strategy == "fedprox":
+        return FedProx(proximal_mu=cfg.proximal_mu, **common)
+    return FedAvg(**common)
+
+
+def weights_phase(
+    fed: Federation, phase: str, make_initial: Callable[[], ArrayRecord], rounds: int,
+    extra: dict[str, ArrayRecord] | None = None, groups: dict[str, Group] | None = None, **config: Any,
+) -> ArrayRecord:
+    """Federated rounds of one model (or packed experts); returns the best-validated global arrays."""
+    done = fed.ckpt.phase_done(phase)
+    if done is not None:
+        final = fed.ckpt.load_arrays(f"{phase}.final")
+        if final is not None:
+            fed.curves[phase] = done.get("history", [])
+            return final
+    start = time.perf_counter()
+    tracker = BestRounds(groups or {"": Group()})
+    initial, start_round = make_initial(), 0
+    current = fed.ckpt.state.get("current")
+    if current and current.get("phase") == phase:
+        saved = fed.ckpt.load_arrays(f"{phase}.current")
+        if saved is not None:
+            initial, start_round = saved, int(current["round"])
+            tracker.restore(current.get("tracker", {}), fed.ckpt.load_arrays(f"{phase}.best"))
+            log.info("phase %s: resuming after round %d", phase, start_round)
+    fed.grid.phase = phase
+    min_nodes = min(fed.cfg.min_nodes, len(fed.sites))
+    strategy = PhaseStrategy(_inner_strategy(fed.cfg, phase, min_nodes), phase, tracker, fed.validator, min_nodes,
+                             extra, round_offset=start_round)
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        if server_round == 0:
+            return None
+        fed.ckpt.save_arrays(f"{phase}.current", arrays)
+        fed.ckpt.save_arrays(f"{phase}.best", tracker.best_arrays(arrays))
+        fed.ckpt.commit(current={"phase": phase, "round": start_round + server_round, "tracker": tracker.state()})
+        return None
+
+    final = initial
+    remaining = rounds - start_round
+    if remaining > 0:
+        result = strategy.start(fed.grid, initial, num_rounds=remaining, timeout=fed.cfg.round_timeout,
+                                train_config=ConfigRecord(fed.base_config(phase, **{"round-offset": start_round}, **config)),
+                                evaluate_fn=checkpoint)
+        final = result.arrays if result.arrays is not None else initial
+    # validate the last global model too (the train replies validated each round's incoming model)
+    fed.grid.server_round = rounds
+    replies = fed.query(p.EVALUATE, phase, {p.ARRAYS: final, **(extra or {})}, **config)
+    tracker.observe(rounds, final, [r.content for r in replies])
+    best = tracker.best_arrays(final)
+    fed.ckpt.save_arrays(f"{phase}.final", best)
+    fed.curves[phase] = tracker.history
+    fed.timings[phase] = round(time.perf_counter() - start, 3)
+    fed.ckpt.finish_phase(phase, {"best": tracker.best, "history": tracker.history, "rounds": rounds,
+                                  "seconds": fed.timings[phase]})
+    log.info("phase %s: done, best %s", phase, tracker.best)
+    return best
+
+
+# ---- phase 3: federated k-means ---------------------------------------------------------------------
+def _stats(replies: list[Message]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(r.content[p.STATS]["sums"].numpy(), r.content[p.STATS]["counts"].numpy()) for r in replies]
+
+
+def federated_kmeans(fed: Federation, teacher: ArrayRecord) -> tuple[np.ndarray, list[int]]:
+    """Centroids from per-site cluster sums/counts only: local k-means seeds, then Lloyd iterations."""
+    done = fed.ckpt.phase_done("clusters")
+    saved = fed.ckpt.load_arrays("clusters.centroids")
+    if done is not None and saved is not None:
+        return saved["centroids"].numpy(), list(done["sizes"])
+    start = time.perf_counter()
+    c = fed.cfg.clusters.num_clusters
+    tfp = fingerprint(teacher)
+    replies = fed.query(p.CLUSTER_INIT, "cluster-init", {p.TEACHER: teacher}, **{"teacher-fingerprint": tfp})
+    rows, weights = [], []
+    for sums, counts in _stats(replies):
+        keep = counts > 0
+        rows.append(sums[keep] / counts[keep, None])
+        weights.append(counts[keep])
+    seeds, seed_weights = np.concatenate(rows), np.concatenate(weights).astype(float)
+    if len(seeds) < c:
+        raise FederationError(f"federated k-means: only {len(seeds)} site cluster(s) above the suppression threshold "
+                              f"({fed.cfg.min_count}) for {c} clusters; lower clusters.num-clusters")
+    centroids = KMeans(n_clusters=c, n_init=fed.cfg.clusters.n_init, random_state=fed.cfg.seed).fit(
+        seeds, sample_weight=seed_weights).cluster_centers_
+    history = []
+    sizes = [0] * c
+    for iteration in range(fed.cfg.rounds.cluster_iterations):
+        fed.grid.server_round = iteration + 1
+        replies = fed.query(p.CLUSTER_STATS, "cluster-stats", {p.CENTROIDS: _centroid_record(centroids)},
+                            **{"teacher-fingerprint": tfp})
+        stats = _stats(replies)
+        new = update_centroids(stats, previous=centroids)
+        shift = float(np.abs(new - centroids).max())
+        sizes = np.sum([n for _, n in stats], axis=0).astype(int).tolist()
+        history.append({"iteration": iteration + 1, "shift": shift, "sizes": sizes})
+        centroids = new
+        if shift < 1e-6:
+            break
+    fed.ckpt.save_arrays("clusters.centroids", _centroid_record(centroids))
+    fed.timings["clusters"] = round(time.perf_counter() - start, 3)
+    fed.ckpt.finish_phase("clusters", {"sizes": sizes, "history": history, "seconds": fed.timings["clusters"]})
+    return centroids, sizes
+
+
+def _centroid_record(centroids: np.ndarray) -> ArrayRecord:
+    return ArrayRecord({"centroids": Array(np.asarray(centroids, dtype=np.float64))})
+
+
+# ---- the whole run ----------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    """What the run produced at the server."""
+
+    run_dir: Path
+    models: dict[str, ArrayRecord]
+    evaluation: list[Message]
+    fed: Federation
+
+
+def run_federation(grid: Grid, cfg: FederationConfig, run_dir: Path) -> RunResult:
+    """Run (or resume) every phase; returns the final models and the sites' evaluation replies."""
+    ckpt = Checkpoint(run_dir)
+    if ckpt.exists and not cfg.resume:
+        raise FederationError(f"{run_dir} already holds a run; pass resume = true (--resume {run_dir.name}) "
+                              "to continue it, or choose another run id")
+    fed = Federation(cfg, FederationGrid(grid), run_dir, ckpt,
+                     UpdateValidator(cfg.max_update_norm, cfg.update_norm_factor))
+    fed.validator.rejections.extend(_rejections(ckpt))
+    handshake(fed)
+    facts = fed.facts
+    assert facts is not None
+    seed = cfg.seed
+    adapter = weights_phase(fed, "adapter", lambda: to_record(new_adapter(cfg, facts, seed + 1)), cfg.rounds.adapter)
+    _save_rejections(fed)
+    t_cfg, s_cfg = teacher_config(cfg, facts), student_config(cfg, facts)
+    teacher = weights_phase(fed, "teacher", lambda: to_record(new_model(t_cfg, seed + 2)), cfg.rounds.teacher)
+    _save_rejections(fed)
+    tfp = fingerprint(teacher)
+    experts = centroids = None
+    if cfg.kd.lambda_expert > 0:
+        centroids, _ = federated_kmeans(fed, teacher)
+        c = cfg.clusters.num_clusters
+
+        def initial_experts() -> ArrayRecord:
+            start = teacher if cfg.experts.init == "teacher" else to_record(new_model(t_cfg, seed + 3))
+            return pack_experts([start] * c)
+
+        groups = {str(i): Group(f"expert-{i}.", f"val-loss-{i}", f"val-n-{i}") for i in range(c)}
+        experts = weights_phase(fed, "experts", initial_experts, cfg.rounds.experts,
+                                extra={p.CENTROIDS: _centroid_record(centroids)}, groups=groups,
+                                **{"teacher-fingerprint": tfp, "proximal-mu": cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0})
+        _save_rejections(fed)
+    baseline = weights_phase(fed, "baseline", lambda: to_record(new_model(s_cfg, seed + 100)), cfg.rounds.baseline)
+    _save_rejections(fed)
+    if cfg.mode == "logits":
+        from server.logits_mode import distil_from_logits
+
+        student = distil_from_logits(fed, teacher, experts, adapter, centroids, tfp)
+    else:
+        if fed.ckpt.phase_done("kd-cache") is None or fed.ckpt.load_arrays("student.final") is None:
+            records = {p.TEACHER: teacher, p.ADAPTER: adapter}
+            if experts is not None and centroids is not None:
+                records.update({p.EXPERTS: experts, p.CENTROIDS: _centroid_record(centroids)})
+            fed.query(p.KD_CACHE, "kd-cache", records, **{"teacher-fingerprint": tfp})
+            fed.ckpt.finish_phase("kd-cache", {})
+        student = weights_phase(fed, "student", lambda: to_record(new_model(s_cfg, seed + 100)), cfg.rounds.student)
+        _save_rejections(fed)
+    models = {"adapter": adapter, "teacher": teacher, "baseline": baseline, "student": student}
+    if experts is not None:
+        models["experts"] = experts
+    fed.grid.server_round = 0
+    evaluation = fed.query(p.EVALUATE, p.FINAL, {p.TEACHER: teacher, p.STUDENT: student, p.BASELINE: baseline,
+                                                  p.ADAPTER: adapter})
+    return RunResult(run_dir, models, evaluation, fed)
+
+
+def _rejections(ckpt: Checkpoint) -> list[Any]:
+    from server.strategies import Rejection
+
+    return [Rejection(**r) for r in ckpt.state.get("rejections", [])]
+
+
+def _save_rejections(fed: Federation) -> None:
+    fed.ckpt.commit(rejections=[vars(r) for r in fed.validator.rejections])
