@@ -49,6 +49,7 @@ from common.models.base import MILModel
 from common.training.cohort import Cohort
 from common.training.data import BagBatch
 from common.training.loop import BatchLoss, class_weights
+from common.training.repro import seed_everything
 
 TEACHER_OUTPUTS = "teacher_outputs.pt"
 KD_CACHE = "kd_cache.pt"
@@ -93,6 +94,7 @@ def adapter_round(site: SiteRun, record: ArrayRecord, server_round: int) -> tupl
         val = collect_pairs(val_slides, use_tokens, slots, a.max_patches_per_slide, site.cfg.seed)
         metrics.update({"val-loss": float(evaluate_adapter(adapter, val, a, site.device)["loss"]), "val-n": len(val)})
     start = time.perf_counter()
+    seed_everything(_seed(site, 1, server_round))  # dropout draws from the global generator
     losses = train_adapter_epochs(adapter, train, a, site.cfg.rounds.adapter_local_epochs, _seed(site, 1, server_round),
                                   device=site.device)
     metrics.update({"train-loss": losses[-1], "epochs": len(losses), "seconds": time.perf_counter() - start})

@@ -16,13 +16,16 @@ def build_parser() -> argparse.ArgumentParser:
     from client.synth.cli import add_parser as add_synth
     from common.demo import add_parser as add_demo
     from common.distillation.cli import add_parser as add_distill
+    from common.federate import add_parser as add_federate
     from common.training.cli import add_parser as add_train
+    from deploy.certs import add_parser as add_certs
+    from deploy.compose import add_parser as add_deploy
 
     parser = argparse.ArgumentParser(prog="fedslide", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fedslide {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_demo, add_synth, add_preprocess, add_train, add_distill, add_predict):
+    for add in (add_demo, add_synth, add_preprocess, add_train, add_distill, add_predict, add_certs, add_federate, add_deploy):
         add(sub)
     return parser
 

@@ -25,8 +25,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-EXIT_OK = 0
-EXIT_REFUSED = 1
+from common.cli_support import EXIT_OK, EXIT_USAGE
+
+EXIT_REFUSED = EXIT_USAGE  # refused input: nothing was done
 SITE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DNS_NAME = re.compile(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62})?)*")
 RESERVED_SITE_NAMES = frozenset({"ca", "server"})  # their .key files would collide with the TLS keys

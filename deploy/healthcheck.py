@@ -20,7 +20,7 @@ from collections.abc import Sequence
 def check_http(url: str, ca_file: str | None = None, timeout: float = 5.0) -> None:
     """GET `url`; raise unless it answers 2xx. HTTPS is verified against `ca_file` (hostname included)."""
     context = ssl.create_default_context(cafile=ca_file) if url.startswith("https://") else None
-    with urllib.request.urlopen(url, timeout=timeout, context=context) as response:  # noqa: S310 (fixed schemes)
+    with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
         if not 200 <= response.status < 300:
             raise RuntimeError(f"{url} answered HTTP {response.status}")
 
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"unsupported target {args.target!r}: use http://, https:// or grpc://", file=sys.stderr)
             return 2
-    except Exception as exc:  # refused, TLS error, HTTP error, grpc.RpcError...: any failure means unhealthy
+    except Exception as exc:  # noqa: BLE001 -- refused, TLS, HTTP or gRPC error: any failure means unhealthy
         print(f"unhealthy: {args.target}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0

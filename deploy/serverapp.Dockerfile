@@ -8,7 +8,7 @@
 # (`--disable-runtime-dependency-installation`), so everything the ServerApp imports is installed here.
 #
 # Mounts: /certs/ca.crt and /secrets/superexec.secret read-only; /data/runs writable (ServerApp outputs:
-# point the run's output directory there).
+# start runs with the run config runs-dir="/data/runs", e.g. flwr run . fedslide -c 'runs-dir="/data/runs"').
 FROM flwr/superexec:1.41.0-py3.11-ubuntu24.04
 
 LABEL org.opencontainers.image.title="fedslide-serverapp" \
@@ -26,6 +26,8 @@ COPY --chmod=0644 deploy/healthcheck.py /opt/fedslide/healthcheck.py
 
 # 49999 is the unprivileged `app` user of Flower's images; it owns the Python environment, so pip needs no root.
 USER 49999
+# Created by that user (a WORKDIR-created folder could belong to root): pip builds the project in place.
+RUN mkdir /app/fedslide
 WORKDIR /app/fedslide
 COPY --chown=49999 pyproject.toml README.md ./
 COPY --chown=49999 common ./common

@@ -17,7 +17,7 @@
 #
 # Usage: docker run ... fedslide/site:0.1.0 --superlink fl.coordinator.example.org:9092 \
 #          --root-certificates /certs/ca.crt --auth-supernode-private-key /keys/site.key \
-#          --node-config 'site-dir="/data/site"'
+#          --node-config 'site-dir="/data/site" site-name="site1"'
 FROM flwr/supernode:1.41.0-py3.11-ubuntu24.04
 
 LABEL org.opencontainers.image.title="fedslide-site" \
@@ -36,6 +36,8 @@ COPY --chmod=0644 deploy/healthcheck.py /opt/fedslide/healthcheck.py
 
 # 49999 is the unprivileged `app` user of Flower's images; it owns the Python environment, so pip needs no root.
 USER 49999
+# Created by that user (a WORKDIR-created folder could belong to root): pip builds the project in place.
+RUN mkdir /app/fedslide
 WORKDIR /app/fedslide
 COPY --chown=49999 pyproject.toml README.md ./
 COPY --chown=49999 common ./common

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from common.cli_support import EXIT_USAGE
 from deploy import certs
 
 UTC = dt.timezone.utc
@@ -220,12 +221,12 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert {p.name for p in out.iterdir()} == {"ca.crt", "ca.key", "server.pem", "server.key", *sites}
 
     args = _cli(["certs", "--out", str(out), "--sites", "hospital-a"])
-    assert args.handler(args) == 1
+    assert args.handler(args) == EXIT_USAGE
     err = capsys.readouterr().err.strip()
     assert "hospital-a" in err and "use --force" in err and "\n" not in err
 
     args = _cli(["certs", "--out", str(tmp_path / "other"), "--sites", "bad/name"])
-    assert args.handler(args) == 1
+    assert args.handler(args) == EXIT_USAGE
     assert "'bad/name'" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 

@@ -1,0 +1,202 @@
+"""`fedslide federate`: a whole consortium on this host, the way a real one runs.
+
+Checks every site before anything starts, makes TLS and SuperNode-authentication material, starts
+`flower-superlink` (TLS, node auth) and one `flower-supernode` per site (own port, own key), submits
+the app with `flwr run`, waits for it while watching every process, and stops everything it started.
+A failure exits non-zero with the failing process's log tail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import tomllib
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.cli_support import EXIT_ERROR, EXIT_OK, ConfigError, add_config_arguments, config_from_args
+from common.config.federation import FederationConfig
+from common.processes import ProcessFailed, free_port
+
+log = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: this project's pyproject.toml
+FINISHED = "finished"
+
+
+class FederationFailed(RuntimeError):
+    """The federated run failed; the message names where and shows the relevant log tail."""
+
+
+@dataclass
+class LaunchOptions:
+    """How the consortium is started on this host."""
+
+    work_dir: Path
+    insecure: bool = False
+    node_auth: bool = True
+    timeout: float = 3600.0
+    poll: float = 3.0
+    threads_per_site: int | None = None
+
+
+def preflight(sites: list[Path], cfg: FederationConfig) -> None:
+    """Refuse bad site directories before any process starts: each site's labels and feature files are read."""
+    from common.distillation.data import load_sites
+
+    if len(sites) < cfg.min_nodes:
+        raise ConfigError(f"{len(sites)} site(s) given, fewer than min-nodes = {cfg.min_nodes}")
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"site directory names must differ (they name the sites): {names}")
+    problems = []
+    for site in sites:
+        if not site.is_dir():
+            problems.append(f"{site}: no such site directory")
+            continue
+        try:
+            data = load_sites([site], cfg.encoder, seed=cfg.seed)
+        except Exception as exc:  # every load problem is reported, then nothing starts
+            problems.append(f"{site}: {exc}")
+            continue
+        if len(set(data.labels.tolist())) < 2:
+            problems.append(f"{site}/labels.csv: a single class ({data.classes[int(data.labels[0])]!r}); "
+                            "each site needs slides of at least two classes")
+    if cfg.mode == "logits" and cfg.proxy_dir is not None and not Path(cfg.proxy_dir).is_dir():
+        problems.append(f"proxy-dir {cfg.proxy_dir}: no such directory")
+    if problems:
+        raise ConfigError("refusing to start the federation:\n  " + "\n  ".join(problems))
+
+
+def _write_run_config(path: Path, cfg: FederationConfig) -> None:
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    lines = [f'"{k}" = {value(v)}' for k, v in cfg.to_run_config().items()]
+    text = "\n".join(lines) + "\n"
+    tomllib.loads(text)  # what flwr will read
+    path.write_text(text)
+
+
+def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions) -> Path:
+    """Start SuperLink + SuperNodes, run the app, stop everything; the run directory at the coordinating site."""
+    from client.supernode import SuperNode
+    from deploy.certs import load_ca, make_all
+    from server.superlink import FlowerCli, SuperLink, TLSFiles
+
+    preflight(sites, cfg)
+    work = opts.work_dir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.model_copy(update={"runs_dir": (cfg.runs_dir or work / "runs").resolve(),
+                                 "expected_nodes": cfg.expected_nodes or len(sites),
+                                 "threads": cfg.threads or opts.threads_per_site,
+                                 "run_id": cfg.run_id or time.strftime("run-%Y%m%d-%H%M%S")})
+    run_dir = Path(cfg.runs_dir) / cfg.run_id  # type: ignore[arg-type]
+    certs = work / "certs"
+    tls = None
+    keys: dict[str, Path | None] = {s.name: None for s in sites}
+    if opts.insecure:
+        log.warning("INSECURE: TLS and SuperNode authentication are off; anyone on the network can read the traffic")
+    else:
+        material = make_all(certs, [s.name for s in sites], ["localhost"], ["127.0.0.1"]) if not _has_material(
+            certs, sites) else None
+        ca = material.ca if material else load_ca(certs)
+        tls = TLSFiles(ca=ca.cert, cert=certs / "server.pem", key=certs / "server.key")
+        if opts.node_auth:
+            keys = {s.name: certs / f"{s.name}.key" for s in sites}
+    port = free_port()
+    link = SuperLink(work / "superlink", tls, port=port, node_auth=not opts.insecure and opts.node_auth)
+    cli = FlowerCli(work / "flwr-home", link.address, tls.ca if tls else None)
+    config_file = work / f"run-config-{cfg.run_id}.toml"
+    _write_run_config(config_file, cfg)
+    with ExitStack() as stack:
+        log.info("starting SuperLink on %s (%s)", link.address, "TLS + node auth" if tls else "insecure")
+        link.start()
+        stack.callback(link.stop)
+        if tls is not None and opts.node_auth:
+            for site in sites:
+                cli.register(certs / f"{site.name}.pub")
+        nodes = []
+        for site in sites:
+            node = SuperNode(site.name, site, link.address, free_port(), work / "supernodes",
+                             tls.ca if tls else None, keys[site.name])
+            node.start()
+            stack.callback(node.stop)
+            nodes.append(node)
+        run_id = cli.submit(APP_DIR, config_file)
+        log.info("submitted run %s (Flower run %d); outputs in %s", cfg.run_id, run_id, run_dir)
+        stack.callback(lambda: cli.stop_run(run_id))
+        _wait(cli, run_id, link, nodes, opts, run_dir)
+    if not (run_dir / "metrics.json").is_file():
+        raise FederationFailed(f"the run finished without {run_dir / 'metrics.json'}; ServerApp log:\n{cli.logs(run_id)[-3000:]}")
+    return run_dir
+
+
+def _has_material(certs: Path, sites: list[Path]) -> bool:
+    needed = ["ca.crt", "ca.key", "server.pem", "server.key"] + [f"{s.name}.{e}" for s in sites for e in ("key", "pub")]
+    return all((certs / n).is_file() for n in needed)
+
+
+def _wait(cli: Any, run_id: int, link: Any, nodes: list[Any], opts: LaunchOptions, run_dir: Path) -> None:
+    deadline = time.monotonic() + opts.timeout
+    last = ""
+    while time.monotonic() < deadline:
+        status = cli.status(run_id)
+        state = str(status.get("status", ""))
+        if state != last:
+            log.info("run status: %s", state)
+            last = state
+        if state.startswith(FINISHED):
+            details = str(status.get("status-details", ""))
+            if "completed" not in state and "completed" not in details:
+                raise FederationFailed(f"run {run_dir.name} ended as {state} {details}; ServerApp log tail:\n"
+                                       + "\n".join(cli.logs(run_id).splitlines()[-40:]))
+            return
+        if link.process is not None and not link.process.alive:
+            raise FederationFailed(str(link.process.failure("died during the run")))
+        time.sleep(opts.poll)
+    raise FederationFailed(f"run {run_dir.name} not finished after {opts.timeout:.0f} s; ServerApp log tail:\n"
+                           + "\n".join(cli.logs(run_id).splitlines()[-40:]))
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "federate",
+        help="run the federation on this host: SuperLink + one SuperNode per site (TLS, node auth), `flwr run`",
+        description="Start a SuperLink and one SuperNode per site directory on this host (TLS and SuperNode "
+        "authentication on), run the federated teacher -> experts -> low-res student protocol, stop every process. "
+        "Settings: the [federation] section of --config, --set key=value.",
+    )
+    p.add_argument("--sites", type=Path, nargs="+", required=True, help="site directories (labels.csv + features/)")
+    p.add_argument("--work", type=Path, default=Path("federation"), help="certificates, logs and runs (default ./federation)")
+    p.add_argument("--run-id", default=None, help="run name (default: from the time)")
+    p.add_argument("--resume", metavar="RUN_ID", default=None, help="continue RUN_ID from its last checkpoint")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (prints a warning)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is declared failed")
+    add_config_arguments(p, example="rounds.teacher=10")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    values: dict[str, Any] = {}
+    if args.resume:
+        values.update({"run_id": args.resume, "resume": True})
+    elif args.run_id:
+        values["run_id"] = args.run_id
+    cfg = config_from_args(FederationConfig, args, "federation", values)
+    try:
+        run_dir = run_consortium(list(args.sites), cfg, LaunchOptions(args.work, args.insecure, timeout=args.timeout))
+    except (FederationFailed, ProcessFailed) as exc:
+        print(f"fedslide federate: FAILED\n{exc}")
+        return EXIT_ERROR
+    print(f"federated run finished: {run_dir}\n  metrics: {run_dir / 'metrics.json'}\n  report: {run_dir / 'report.md'}")
+    return EXIT_OK
+
+

@@ -1,0 +1,88 @@
+"""Child processes the product starts (SuperLink, SuperNodes): logged to a file, stopped for sure."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+class ProcessFailed(RuntimeError):
+    """A child process exited early or never became ready; the message carries its log tail."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int) -> bool:
+    """Something accepts TCP connections on host:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last lines of a log file (empty when absent)."""
+    if not path.is_file():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class ManagedProcess:
+    """A child process in its own process group, output to `log`; `stop()` ends it (TERM, then KILL)."""
+
+    def __init__(self, name: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
+        self.name = name
+        self.argv = list(argv)
+        self.log = Path(log)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.log.open("ab")
+        try:
+            self.proc = subprocess.Popen(self.argv, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                         start_new_session=True)
+        finally:
+            handle.close()
+
+    @property
+    def alive(self) -> bool:
+        """Still running."""
+        return self.proc.poll() is None
+
+    def failure(self, what: str) -> ProcessFailed:
+        """An error naming this process, its exit status and its log tail."""
+        status = "running" if self.alive else f"exit status {self.proc.returncode}"
+        return ProcessFailed(f"{self.name} {what} ({status}); last lines of {self.log}:\n{tail(self.log)}")
+
+    def wait_ready(self, ready: Callable[[], bool], timeout: float = 60.0) -> None:
+        """Poll `ready` until true; raise with the log tail if the process dies or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise self.failure("exited during start-up")
+            if ready():
+                return
+            time.sleep(0.5)
+        raise self.failure(f"not ready after {timeout:.0f} s")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the process group, then SIGKILL whatever is left."""
+        if self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue

@@ -1,0 +1,300 @@
+"""The federation protocol with the real ServerApp/ClientApp code, run in-process (server.local_grid.LocalGrid).
+
+Three tiny sites of paired feature files; every message is deep-copied as the wire would. Covers the
+whole run and its outputs, the egress policy and ledger (nothing but weights, cluster statistics and
+metrics leaves a site), resume after a server crash, a site that drops out mid-round, a site with
+another encoder refused at the handshake, and invalid updates rejected before aggregation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.config import flatten_dict
+
+from client.client_app import app as client_app
+from common.config.base import ConfigError
+from common.config.federation import FederationConfig
+from common.egress import Allowed, ArraySpec, EgressViolation, check_reply, weights_reply
+from common.federate import preflight
+from server.local_grid import FIRST_NODE, LocalGrid
+from server.server_app import run
+from tests.feature_sites import make_site
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"hidden_dim": 16, "attention_dim": 8, "dropout": 0.0}
+
+
+def tiny_config(root: Path, run_id: str, **extra: Any) -> FederationConfig:
+    rounds = {"adapter": 2, "teacher": 3, "experts": 2, "baseline": 2, "student": 3, "cluster_iterations": 3,
+              "local_epochs": 1, "adapter_local_epochs": 1}
+    rounds.update(extra.pop("rounds", {}))
+    return FederationConfig(run_id=run_id, runs_dir=root / "runs", seed=0, rounds=rounds, teacher=TINY_MODEL,
+                            student=TINY_MODEL, adapter={"hidden_dim": 16}, clusters={"num_clusters": 2},
+                            training={"lr": 1e-2}, **extra)
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("fed-sites")
+    return [make_site(root, f"site{i}", {"train": 8, "val": 4, "test": 4}, seed=i) for i in range(1, 4)]
+
+
+def federate(sites: list[Path], cfg: FederationConfig, hook: Any = None) -> tuple[Any, LocalGrid]:
+    grid = LocalGrid(client_app, [{"site-dir": str(s)} for s in sites], cfg.to_run_config())
+    grid.reply_hook = hook
+    return run(grid, FederationConfig.from_run_config(cfg.to_run_config())), grid
+
+
+@pytest.fixture(scope="module")
+def full_run(sites: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, LocalGrid]:
+    return federate(sites, tiny_config(tmp_path_factory.mktemp("fed-run"), "full"))
+
+
+def test_full_run_writes_metrics_models_and_site_bundles(full_run: tuple[Any, LocalGrid], sites: list[Path]) -> None:
+    result, _ = full_run
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["schema"] == "fedslide.federation.metrics/1"
+    assert [s["name"] for s in metrics["sites"]] == ["site1", "site2", "site3"]
+    for model in ("teacher_high", "student_low", "baseline_low"):
+        overall = metrics["models"][model]["overall"]
+        assert overall["n"] == 12 and 0.0 <= overall["auc"] <= 1.0
+        assert set(metrics["models"][model]["per_site"]) == {"site1", "site2", "site3"}
+    # the toy task is easy at high resolution: a teacher that learned nothing would sit near 0.5
+    assert metrics["models"]["teacher_high"]["overall"]["auc"] >= 0.9
+    comm = metrics["communication"]["per_phase"]
+    for phase in ("handshake", "adapter", "teacher", "cluster-init", "cluster-stats", "experts", "baseline",
+                  "kd-cache", "student", "final"):
+        assert comm[phase]["up"] > 0 and comm[phase]["down"] > 0, phase
+    assert [h["round"] for h in metrics["learning_curves"]["teacher"]] == [0, 1, 2, 3]
+    manifest = json.loads((result.run_dir / "models" / "manifest.json").read_text())
+    assert set(manifest) == {"adapter", "teacher", "experts", "baseline", "student"}
+    assert (result.run_dir / "report.md").read_text().count("\n| student_low |") == 1
+    assert (result.run_dir / "plots" / "learning_curves.png").stat().st_size > 1000
+    for site in sites:  # pushed back: every site keeps adapter + student as a bundle it can predict with
+        bundle = site / "runs" / "full" / "student_bundle"
+        assert (bundle / "bundle.json").is_file() and (bundle / "adapter.pt").is_file()
+
+
+def test_nothing_but_weights_statistics_and_metrics_left_any_site(
+    full_run: tuple[Any, LocalGrid], sites: list[Path]
+) -> None:
+    result, grid = full_run
+    slide_ids = {line.split(",")[0] for s in sites for line in (s / "labels.csv").read_text().splitlines()[1:]}
+    model_names = {name: set(np.load(result.run_dir / "models" / f"{name}.npz").files)
+                   for name in ("adapter", "teacher", "experts", "baseline", "student")}
+    allowed_arrays = set().union(*model_names.values()) | {"sums", "counts"}
+    assert grid.received, "no replies recorded"
+    for reply in grid.received:
+        text = json.dumps({name: dict(rec) for name, rec in reply.content.items()
+                           if isinstance(rec, (ConfigRecord, MetricRecord))}, default=str)
+        assert not any(sid in text for sid in slide_ids)
+        for name, record in reply.content.array_records.items():
+            assert set(record) <= allowed_arrays, name
+            assert not {"features", "coords", "tokens", "parent"} & set(record)
+    phases_seen = set()
+    for site in sites:
+        ledger = [json.loads(line) for line in (site / "runs" / "full" / "egress.jsonl").read_text().splitlines()]
+        phases_seen |= {e["phase"] for e in ledger}
+        raw = (site / "runs" / "full" / "egress.jsonl").read_text()
+        assert not any(sid in raw for sid in slide_ids)
+        for entry in ledger:
+            assert {a["name"] for a in entry["arrays"]} <= allowed_arrays
+            assert entry["bytes"] > 0
+    assert phases_seen == {"handshake", "adapter", "teacher", "cluster-init", "cluster-stats", "experts",
+                           "baseline", "kd-cache", "student", "evaluate"}
+
+
+def test_egress_policy_refuses_anything_else() -> None:
+    model = ArrayRecord({"w": Array(np.zeros((4, 3), np.float32))})
+    allowed = weights_reply("teacher", model)
+    check_reply(RecordDict({"arrays": model, "metrics": MetricRecord({"num-examples": 3, "val-loss": 0.5})}), allowed)
+    leaks = [
+        RecordDict({"arrays": ArrayRecord({"w": model["w"], "features": Array(np.zeros((7, 3), np.float32))})}),
+        RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros((5, 3), np.float32))})}),  # not the model's shape
+        RecordDict({"coords": ArrayRecord({"xy": Array(np.zeros((7, 2), np.int64))})}),
+        RecordDict({"metrics": MetricRecord({"TCGA-AB-1234": 1.0})}),  # a slide id as a metric name
+        RecordDict({"site": ConfigRecord({"slide-ids": ["a", "b"]})}),
+    ]
+    for content in leaks:
+        with pytest.raises(EgressViolation):
+            check_reply(content, allowed)
+    stats = Allowed("cluster-stats", "stats", {"sums": ArraySpec((2, 3), "float64"), "counts": ArraySpec((2,), "int64")})
+    with pytest.raises(EgressViolation, match="allowed only"):
+        check_reply(RecordDict({"stats": ArrayRecord({"sums": Array(np.zeros((9, 3))), "counts": Array(np.zeros(2, np.int64))})}), stats)
+
+
+def test_site_with_another_encoder_is_refused_at_handshake(sites: list[Path], tmp_path: Path) -> None:
+    other = make_site(tmp_path, "site4", {"train": 6, "val": 2, "test": 2}, seed=9, weights_hash="ffff0000")
+    result, _ = federate([*sites, other], tiny_config(tmp_path, "enc", kd={"lambda_expert": 0.0},
+                                                      rounds={"teacher": 1, "student": 1, "baseline": 1, "adapter": 1}))
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert [s["name"] for s in metrics["sites"]] == ["site1", "site2", "site3"]
+    assert len(metrics["refused"]) == 1 and metrics["refused"][0]["site"] == "site4"
+    assert "encoder-hash 'ffff0000'" in metrics["refused"][0]["reason"]
+    assert not (other / "runs" / "enc" / "kd_cache.pt").exists()  # it took no further part
+
+
+def _final_models(run_dir: Path) -> dict[str, dict[str, np.ndarray]]:
+    out = {}
+    for name in ("adapter", "teacher", "baseline", "student"):
+        with np.load(run_dir / "models" / f"{name}.npz") as data:
+            out[name] = {k: data[k] for k in data.files}
+    return out
+
+
+def _assert_same_models(a: Path, b: Path, atol: float) -> None:
+    """Equal parameters, except the bias of attention scores: a softmax ignores it, so its gradient is
+    zero up to rounding noise, which Adam's normalised step turns into lr-sized jitter."""
+    ma, mb = _final_models(a), _final_models(b)
+    for name in ma:
+        for key in ma[name]:
+            if key.endswith("score.bias"):
+                continue
+            np.testing.assert_allclose(ma[name][key], mb[name][key], atol=atol, err_msg=f"{name}.{key}")
+
+
+def test_invalid_updates_are_rejected_and_change_nothing(sites: list[Path], tmp_path: Path) -> None:
+    no_experts = {"kd": {"lambda_expert": 0.0}}
+    clean, _ = federate(sites, tiny_config(tmp_path / "clean", "robust", **no_experts))
+    # three more sites (copies of the honest ones' data) whose weight updates are NaN, x1000, or wrongly shaped
+    copies = []
+    for i, site in enumerate(sites, start=1):
+        copies.append(tmp_path / "bad" / f"bad{i}")
+        shutil.copytree(site, copies[-1], ignore=shutil.ignore_patterns("runs"))
+    bad_nodes = {FIRST_NODE + 3: "nan", FIRST_NODE + 4: "scaled", FIRST_NODE + 5: "shape"}
+
+    def corrupt(node: int, reply: Message) -> Message:
+        if node not in bad_nodes or reply.has_error() or "arrays" not in reply.content.array_records \
+                or reply.metadata.message_type != "train":
+            return reply
+        arrays = dict(reply.content["arrays"].items())
+        key = sorted(arrays)[0]
+        value = arrays[key].numpy()
+        kind = bad_nodes[node]
+        if kind == "nan":
+            value = np.full_like(value, np.nan)
+            arrays[key] = Array(value)
+        elif kind == "scaled":
+            arrays = {k: Array(v.numpy() * 1000.0) for k, v in arrays.items()}
+        else:
+            arrays[key] = Array(np.zeros((*value.shape[:-1], value.shape[-1] + 1), value.dtype))
+        reply.content["arrays"] = ArrayRecord(arrays)
+        return reply
+
+    attacked, _ = federate([*sites, *copies], tiny_config(tmp_path / "attacked", "robust", **no_experts), corrupt)
+    metrics = json.loads((attacked.run_dir / "metrics.json").read_text())
+    reasons = {r["node"]: r["reason"] for r in metrics["rejections"]}
+    assert set(reasons) == set(bad_nodes)
+    assert "NaN" in reasons[FIRST_NODE + 3] and "median" in reasons[FIRST_NODE + 4]
+    assert "expected float32" in reasons[FIRST_NODE + 5]
+    rounds = tiny_config(tmp_path, "x").rounds
+    assert len(metrics["rejections"]) == 3 * (rounds.adapter + rounds.teacher + rounds.baseline + rounds.student)
+    _assert_same_models(clean.run_dir, attacked.run_dir, atol=1e-5)
+    before = json.loads((clean.run_dir / "metrics.json").read_text())["models"]
+    for model in ("teacher_high", "student_low", "baseline_low"):
+        for site in ("site1", "site2", "site3"):
+            assert metrics["models"][model]["per_site"][site]["loss"] == pytest.approx(
+                before[model]["per_site"][site]["loss"], abs=1e-4)
+
+
+class Crash(RuntimeError):
+    """Stands in for the server process being killed."""
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_result(sites: list[Path], tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path / "ref", "resume")
+    reference, _ = federate(sites, cfg)
+    seen = {"train": 0}
+
+    def crash(node: int, reply: Message) -> Message:
+        seen["train"] += reply.metadata.message_type == "train"
+        if seen["train"] == 3 * 3 + 1:  # adapter rounds 1-2 and teacher round 1 done; die in teacher round 2
+            raise Crash("server killed")
+        return reply
+
+    crashed = tiny_config(tmp_path / "crash", "resume")
+    with pytest.raises(Crash):
+        federate(sites, crashed, crash)
+    state = json.loads((tmp_path / "crash" / "runs" / "resume" / "checkpoint" / "state.json").read_text())
+    assert state["current"]["phase"] == "teacher" and state["current"]["round"] == 1
+    with pytest.raises(Exception, match="already holds a run"):
+        federate(sites, crashed)
+    resumed, _ = federate(sites, crashed.model_copy(update={"resume": True}))
+    _assert_same_models(reference.run_dir, resumed.run_dir, atol=1e-6)
+
+
+def test_a_site_missing_a_round_is_recorded_and_used_again(sites: list[Path], tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def drop(node: int, reply: Message) -> Message | None:
+        if reply.metadata.message_type == "train" and node == FIRST_NODE + 2:
+            calls["n"] += 1
+            if calls["n"] == 3:  # its 3rd training reply (teacher round 1) never arrives
+                return None
+        return reply
+
+    result, _ = federate(sites, tiny_config(tmp_path, "drop", kd={"lambda_expert": 0.0}), drop)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["missing"] == [{"phase": "teacher", "round": 1, "nodes": [FIRST_NODE + 2],
+                                   "reasons": {str(FIRST_NODE + 2): "timeout"}}]
+    uploads = result.fed.grid.uploads
+    assert any(u["phase"] == "teacher" and u["round"] == 2 and u["node"] == FIRST_NODE + 2 for u in uploads)
+
+
+def test_too_few_sites_left_fails_loudly(sites: list[Path], tmp_path: Path) -> None:
+    def silence(node: int, reply: Message) -> Message | None:
+        return None if node != FIRST_NODE and reply.metadata.message_type == "train" else reply
+
+    with pytest.raises(Exception, match="fewer than min-nodes = 2"):
+        federate(sites, tiny_config(tmp_path, "few"), silence)
+
+
+def test_run_config_in_pyproject_is_the_federation_config() -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    app = pyproject["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
+    flat = flatten_dict(app["config"])
+    assert FederationConfig.from_run_config(flat) == FederationConfig()
+    every_key = FederationConfig().to_run_config()
+    assert set(every_key) <= set(flat), sorted(set(every_key) - set(flat))
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"rounds.teacherr": 3}, "unknown key 'rounds.teacherr'"),
+    ({"rounds.teacher": "many"}, "invalid value for 'rounds.teacher': 'many'"),
+    ({"min-nodes": 0}, "invalid value for 'min-nodes': 0"),
+    ({"mode": "logits"}, "proxy-dir"),
+])
+def test_bad_run_config_is_refused_with_key_and_value(config: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        FederationConfig.from_run_config(config)
+
+
+def test_preflight_refuses_bad_sites_before_anything_starts(sites: list[Path], tmp_path: Path) -> None:
+    cfg = FederationConfig()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    single = tmp_path / "single"
+    shutil.copytree(sites[0], single, ignore=shutil.ignore_patterns("runs"))
+    rows = (single / "labels.csv").read_text().splitlines()
+    (single / "labels.csv").write_text("\n".join([rows[0]] + [r for r in rows[1:] if ",neg," in r]) + "\n")
+    unknown = tmp_path / "unknown"
+    shutil.copytree(sites[1], unknown, ignore=shutil.ignore_patterns("runs"))
+    with (unknown / "labels.csv").open("a") as handle:
+        handle.write("NOT-A-SLIDE,pos,train,p9\n")
+    with pytest.raises(ConfigError) as err:
+        preflight([sites[2], empty, single, unknown, tmp_path / "missing"], cfg)
+    text = str(err.value)
+    assert f"{empty}: " in text and "labels.csv" in text
+    assert "only one class ('neg')" in text
+    assert "NOT-A-SLIDE" in text
+    assert f"{tmp_path / 'missing'}: no such site directory" in text
+    assert str(sites[2]) + ":" not in text  # the good site is not blamed
