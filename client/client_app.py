@@ -175,3 +175,23 @@ def kd_cache(message: Message, context: Context, site: SiteRun) -> Message:
                               str(c[p.CONFIG].get("teacher-fingerprint", "")))
     metrics["num-examples"] = metrics["n-train"]
     return _send(message, site, "kd-cache", RecordDict({p.METRICS: MetricRecord(metrics)}), Allowed("kd-cache"))
+
+
+@app.query("logits")
+@guarded
+def logits(message: Message, context: Context, site: SiteRun) -> Message:
+    """Logits mode: teacher/expert logits on the proxy cohort the server sent (nothing about the site's slides)."""
+    c = message.content
+    centroids = c[p.CENTROIDS]["centroids"].numpy() if p.CENTROIDS in c else None
+    out, metrics = phases.proxy_logits(site, c[p.TEACHER], c.get(p.EXPERTS), centroids, c[p.PROXY],
+                                       str(c[p.CONFIG].get("teacher-fingerprint", "")))
+    record = ArrayRecord({k: Array(v) for k, v in out.items()})
+    content = RecordDict({p.LOGITS_RECORD: record, p.METRICS: MetricRecord(metrics)})
+    assert site.facts is not None
+    n, k = int(c[p.PROXY]["offsets"].numpy().size) - 1, len(site.facts.classes)  # what the server asked about
+    allowed = {"teacher": ArraySpec((n, k), "float32")}
+    if p.EXPERTS in c:
+        experts = len({name.split(".", 1)[0] for name in c[p.EXPERTS]})
+        allowed["experts"] = ArraySpec((experts, n, k), "float32")
+        allowed["expert-weights"] = ArraySpec((experts,), "float32")
+    return _send(message, site, "logits", content, Allowed("logits", p.LOGITS_RECORD, allowed))

@@ -42,6 +42,7 @@ from common.federation.models import (
     student_config,
     teacher_config,
     to_record,
+    unpack_bags,
     unpack_experts,
 )
 from common.distillation.adapter import CrossResAdapter, build_adapter
@@ -89,7 +90,7 @@ def adapter_round(site: SiteRun, record: ArrayRecord, server_round: int) -> tupl
                           site.cfg.seed)
     val_slides = [data.slides[i] for i in data.split("val")]
     adapter = _adapter(site, record)
-    metrics: Metrics = {"num-examples": len(train), "val-loss": 0.0, "val-n": 0}
+    metrics: Metrics = {"num-examples": len(train), "unit-weight": 1, "val-loss": 0.0, "val-n": 0}
     if val_slides:
         val = collect_pairs(val_slides, use_tokens, slots, a.max_patches_per_slide, site.cfg.seed)
         metrics.update({"val-loss": float(evaluate_adapter(adapter, val, a, site.device)["loss"]), "val-n": len(val)})
@@ -140,7 +141,7 @@ def train_model(
     """Validate `model` (the global weights) on `val`, then train local epochs on `members`."""
     train = site.split("train") if members is None else members
     val = site.split("val") if val is None else val
-    metrics: Metrics = {"num-examples": int(train.size), **_val_metrics(site, model, cohort, val)}
+    metrics: Metrics = {"num-examples": int(train.size), "unit-weight": 1, **_val_metrics(site, model, cohort, val)}
     if train.size == 0:
         return metrics | {"train-loss": 0.0, "epochs": 0, "seconds": 0.0}
     start = time.perf_counter()
@@ -201,6 +202,15 @@ def local_assignment(site: SiteRun, vectors: np.ndarray, centroids: np.ndarray) 
         return assign_nearest(vectors, centroids)
 
 
+def _noised(site: SiteRun, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Cluster sums with the configured Gaussian noise (withheld clusters stay zero)."""
+    std = site.cfg.cluster_noise_std
+    if std <= 0:
+        return sums
+    noise = np.random.default_rng().normal(0.0, std, size=sums.shape)
+    return np.where(counts[:, None] > 0, sums + noise, 0.0)
+
+
 def cluster_init(site: SiteRun, teacher: ArrayRecord, fingerprint: str) -> tuple[dict[str, np.ndarray], Metrics]:
     """Teacher outputs of the site's training slides (kept here) and local k-means sums/counts to seed the centroids."""
     model = _model(site, "teacher", teacher)
@@ -215,7 +225,7 @@ def cluster_init(site: SiteRun, teacher: ArrayRecord, fingerprint: str) -> tuple
     k = min(site.cfg.clusters.num_clusters, len(vectors))
     local = kmeans_init(vectors, k, site.cfg.seed, site.cfg.clusters.n_init)
     sums, counts = cluster_statistics(vectors, local, min_count=site.cfg.min_count)
-    return {"sums": sums, "counts": counts}, {"n-train": int(train.size), "embedding-dim": int(vectors.shape[1])}
+    return {"sums": _noised(site, sums, counts), "counts": counts}, {"n-train": int(train.size), "embedding-dim": int(vectors.shape[1])}
 
 
 def _teacher_outputs(site: SiteRun, fingerprint: str) -> dict[str, Any]:
@@ -230,7 +240,7 @@ def cluster_stats(site: SiteRun, centroids: np.ndarray, fingerprint: str) -> tup
     vectors = _vectors(site, _teacher_outputs(site, fingerprint))
     assignment = local_assignment(site, vectors, centroids)
     sums, counts = cluster_statistics(vectors, centroids, min_count=site.cfg.min_count, assignment=assignment)
-    return {"sums": sums, "counts": counts}, {"n-train": int(len(vectors))}
+    return {"sums": _noised(site, sums, counts), "counts": counts}, {"n-train": int(len(vectors))}
 
 
 def _assignments(site: SiteRun, centroids: np.ndarray, fingerprint: str) -> tuple[np.ndarray, np.ndarray]:
@@ -250,7 +260,7 @@ def experts_round(
     train_assign, val_assign = _assignments(site, centroids, fingerprint)
     experts = unpack_experts(record)
     out: list[ArrayRecord] = []
-    metrics: Metrics = {"num-examples": int(train.size)}
+    metrics: Metrics = {"num-examples": int(train.size), "unit-weight": 1}
     for c, expert_record in enumerate(experts):
         model = _model(site, "experts", expert_record)
         members, own_val = train[train_assign == c], val[val_assign == c]
@@ -368,3 +378,44 @@ def validate(site: SiteRun, phase: str, content: RecordDict) -> Metrics:
 
 TrainFn = Callable[[SiteRun, ArrayRecord, int, float], tuple[ArrayRecord, Metrics]]
 MODEL_ROUNDS: dict[str, TrainFn] = {"teacher": teacher_round, "baseline": baseline_round, "student": student_round}
+
+
+# ---- student distillation (logits mode) -----------------------------------------------------------
+def bags_cohort(bags: list[np.ndarray], classes: tuple[str, ...]) -> Cohort:
+    """A label-free cohort over anonymous bags (the proxy cohort as a site sees it)."""
+    from pathlib import Path
+
+    from common.training.cohort import Slide
+
+    slides = [Slide(f"proxy-{i}", 0, f"proxy-{i}", "test", Path("."), len(b)) for i, b in enumerate(bags)]
+    return Cohort(slides, classes, int(bags[0].shape[1]), False, {}, {s.slide_id: (b, None) for s, b in zip(slides, bags)})
+
+
+def proxy_logits(
+    site: SiteRun, teacher: ArrayRecord, experts: ArrayRecord | None, centroids: np.ndarray | None, proxy: ArrayRecord,
+    fingerprint: str,
+) -> tuple[dict[str, np.ndarray], Metrics]:
+    """Fine-tune the global teacher (and each expert on its cluster) on the site's slides; their logits on the proxy."""
+    start = time.perf_counter()
+    assert site.facts is not None
+    proxy_cohort = bags_cohort(unpack_bags(proxy), site.facts.classes)
+    everyone = np.arange(len(proxy_cohort.slides))
+    high = site.high_cohort()
+    train, val = site.split("train"), site.split("val")
+    model = _model(site, "teacher", teacher)
+    train_model(site, model, high, 0, 20, members=train, val=val[:0])
+    out = {"teacher": slide_outputs(model, proxy_cohort, everyone, site.device)[0].numpy().astype(np.float32)}
+    if experts is not None and centroids is not None:
+        assign, _ = _assignments(site, centroids, fingerprint)
+        logits, weights = [], []
+        for c, record in enumerate(unpack_experts(experts)):
+            members = train[assign == c]
+            if members.size < site.cfg.min_count:
+                members = members[:0]
+            expert = _model(site, "experts", record)
+            train_model(site, expert, high, 0, 30 + c, members=members, val=val[:0])
+            logits.append(slide_outputs(expert, proxy_cohort, everyone, site.device)[0].numpy())
+            weights.append(float(members.size))
+        out["experts"] = np.stack(logits).astype(np.float32)
+        out["expert-weights"] = np.asarray(weights, dtype=np.float32)
+    return out, {"n-train": int(train.size), "proxy-n": int(everyone.size), "seconds": time.perf_counter() - start}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.processes import ManagedProcess, port_open
-from server.superlink import flower_tool
+from server.superlink import flower_env, flower_tool
 
 
 class SuperNode:
@@ -36,7 +36,7 @@ class SuperNode:
     def start(self, timeout: float = 60.0) -> "SuperNode":
         """Start and wait until its local port is up."""
         self.process = ManagedProcess(f"SuperNode {self.name}", self.argv(), self.workdir / f"supernode-{self.name}.log",
-                                      env=self.env)
+                                      env=flower_env(self.env))
         self.process.wait_ready(lambda: port_open("127.0.0.1", self.port), timeout)
         return self
 

@@ -1,8 +1,9 @@
-"""`fedslide demo`: the product's main job on an embedded default cohort.
+"""`fedslide demo`: the product's main job, on a synthetic cohort, with a real Flower deployment on this host.
 
-Generates a synthetic 3-site cohort, preprocesses every site, runs the centralized high→low
-distillation (teacher, D&D experts, low-res student) and predicts the test slides of every site
-from low-res patches only. The Flower federation will replace the centralized step.
+Generates a synthetic 3-site cohort, preprocesses every site, starts a SuperLink and one SuperNode
+per site as separate processes (TLS and SuperNode authentication on), runs the federated
+teacher -> experts -> low-res student protocol, stops every process, and predicts each site's test
+slides from low-res patches only with the student bundle pushed back to that site.
 """
 
 from __future__ import annotations
@@ -12,59 +13,64 @@ import csv
 import time
 from pathlib import Path
 
-from common.cli_support import EXIT_OK, EXIT_PARTIAL, ConfigError, add_config_arguments, config_from_args
+from common.cli_support import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, ConfigError, add_config_arguments, config_from_args
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+SECTIONS = ("synth", "preprocess", "federation", "predict")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="synthetic 3-site cohort -> preprocessing -> distillation -> low-res prediction (the main command)",
-        description="Generate a synthetic multi-site cohort, preprocess every site, distil a low-res student "
-        "(centralized) and predict every site's test slides from low-res patches. Settings: [synth], [preprocess], "
-        "[distill] and [predict] sections of --config; --set takes section-qualified keys "
-        "(e.g. preprocess.encoder.batch-size=16, distill.kd.temperature=4).",
+        help="synthetic 3-site cohort -> preprocessing -> Flower federation (TLS) -> low-res prediction (the main command)",
+        description="Generate a synthetic multi-site cohort, preprocess every site, run the federation with a real "
+        "SuperLink and one SuperNode per site on this host, and predict every site's test slides from low-res "
+        "patches. Settings: [synth], [preprocess], [federation] and [predict] of --config (default configs/demo.toml); "
+        "--set takes section-qualified keys (e.g. federation.rounds.teacher=8, preprocess.encoder.batch-size=16).",
     )
     p.add_argument("--out", type=Path, default=Path("demo"), help="output directory (default ./demo)")
     p.add_argument("--sites", type=int, default=None, help="number of sites (default 3)")
     p.add_argument("--slides-per-site", type=int, default=None, help="slides per site")
     p.add_argument("--seed", type=int, default=None)
-    add_config_arguments(p, example="preprocess.encoder.batch-size=16")
-    p.set_defaults(handler=run)
+    p.add_argument("--resume", metavar="RUN_ID", default=None, help="continue the federated run RUN_ID from its checkpoint")
+    p.add_argument("--insecure", action="store_true", help="no TLS / node authentication (prints a warning)")
+    add_config_arguments(p, example="federation.rounds.teacher=8")
+    p.set_defaults(handler=run, config=None)
 
 
 def run(args: argparse.Namespace) -> int:
     from client.inference.run import predict_slides
     from client.preprocess import SitePreprocessor
     from client.synth.cohort import generate_cohort
-    from common.config.distill import DistillConfig
+    from common.config.federation import FederationConfig
     from common.config.predict import PredictConfig
     from common.config.preprocess import PreprocessConfig
     from common.config.synth import SynthConfig
-    from common.distillation.cli import format_rows
-    from common.distillation.pipeline import run_distill
+    from common.federate import FederationFailed, LaunchOptions, run_consortium
+    from common.processes import ProcessFailed
 
     start = time.perf_counter()
-    per_section: dict[str, list[str]] = {"synth": [], "preprocess": [], "distill": [], "predict": []}
+    config = args.config or str(DEMO_CONFIG)
+    per_section: dict[str, list[str]] = {s: [] for s in SECTIONS}
     for text in args.overrides:
         section, _, rest = text.partition(".")
         if section not in per_section or not rest:
-            raise ConfigError(f"demo override {text!r} must start with one of: synth., preprocess., distill., predict.")
+            raise ConfigError(f"demo override {text!r} must start with one of: {', '.join(s + '.' for s in SECTIONS)}")
         per_section[section].append(rest)
 
     def section_cfg(model: type, section: str, values: dict | None = None):  # noqa: ANN202
-        return config_from_args(
-            model, argparse.Namespace(config=args.config, overrides=per_section[section]), section, values
-        )
+        return config_from_args(model, argparse.Namespace(config=config, overrides=per_section[section]), section, values)
 
-    synth_cfg = section_cfg(
-        SynthConfig,
-        "synth",
-        {"out_dir": str(args.out / "cohort"), "sites": args.sites, "slides_per_site": args.slides_per_site, "seed": args.seed},
-    )
+    out = args.out.resolve()
+    synth_cfg = section_cfg(SynthConfig, "synth", {"out_dir": str(out / "cohort"), "sites": args.sites,
+                                                   "slides_per_site": args.slides_per_site, "seed": args.seed})
     pre_cfg = section_cfg(PreprocessConfig, "preprocess")
-    run_dir = args.out / "run"
-    distill_cfg = section_cfg(DistillConfig, "distill", {"out_dir": str(run_dir)})
+    values = {"runs_dir": str(out / "runs")}
+    if args.resume:
+        values.update({"run_id": args.resume, "resume": True})
+    fed_cfg = section_cfg(FederationConfig, "federation", values)
     predict_cfg = section_cfg(PredictConfig, "predict")
+
     print(f"[1/4] generating {synth_cfg.sites} sites x {synth_cfg.slides_per_site} slides in {synth_cfg.out_dir}")
     sites = generate_cohort(synth_cfg)
     print(f"[2/4] preprocessing {len(sites)} sites with {pre_cfg.encoder.name}")
@@ -72,28 +78,40 @@ def run(args: argparse.Namespace) -> int:
     preprocessor = SitePreprocessor(pre_cfg)
     for site in sites:
         summary = preprocessor.run(site)
-        print(
-            f"  {site.name}: {summary.count('done')} done, {summary.count('skipped')} skipped, "
-            f"{summary.count('failed')} failed; patches low {summary.patches('low')}, high {summary.patches('high')}; "
-            f"{summary.seconds:.1f} s"
-        )
+        print(f"  {site.name}: {summary.count('done')} done, {summary.count('skipped')} skipped, "
+              f"{summary.count('failed')} failed; patches low {summary.patches('low')}, high {summary.patches('high')}; "
+              f"{summary.seconds:.1f} s")
         if summary.failed:
             code = EXIT_PARTIAL
-    print("[3/4] distilling: LRMIL adapter -> high-res teacher -> D&D experts -> low-res student (centralized)")
-    distill_cfg = distill_cfg.model_copy(update={"sites": list(sites)})
-    report = run_distill(distill_cfg, pre_cfg)
-    print(format_rows(report.metrics["rows"]))
-    test_slides = [path for site in sites for path in _test_slides(site)]
-    print(f"[4/4] predicting {len(test_slides)} held-out test slides from low-res patches only")
-    prediction = predict_slides(test_slides, run_dir / "student", args.out / "predictions", predict_cfg)
-    for line in prediction.summary_lines():
-        print(f"  {line}")
-    if prediction.failures:
-        code = EXIT_PARTIAL
-    print(f"demo finished in {time.perf_counter() - start:.0f} s; results under {args.out.resolve()}")
-    print("  features: cohort/<site>/features/<encoder>/{high,low}/*.h5   QC images: cohort/<site>/qc/*.png")
-    print("  models and metrics: run/metrics.json, run/student/   predictions and heatmaps: predictions/")
+    print(f"[3/4] federation: SuperLink + {len(sites)} SuperNodes on this host "
+          f"({'INSECURE' if args.insecure else 'TLS + SuperNode authentication'}), `flwr run`")
+    try:
+        run_dir = run_consortium(sites, fed_cfg, LaunchOptions(out / "federation", insecure=args.insecure))
+    except (FederationFailed, ProcessFailed) as exc:
+        print(f"fedslide demo: the federation FAILED\n{exc}")
+        return EXIT_ERROR
+    _print_rows(run_dir)
+    print("[4/4] predicting every site's held-out test slides from low-res patches, with the bundle pushed back to it")
+    for site in sites:
+        bundle = site / "runs" / run_dir.name / "student_bundle"
+        prediction = predict_slides(_test_slides(site), bundle, run_dir / "predictions" / site.name, predict_cfg)
+        for line in prediction.summary_lines():
+            print(f"  {site.name}: {line}")
+        if prediction.failures:
+            code = EXIT_PARTIAL
+    print(f"demo finished in {time.perf_counter() - start:.0f} s; results under {out}")
+    print(f"  run: {run_dir} (metrics.json, report.md, plots/, logs/, models/, predictions/)")
+    print(f"  each site: {out / 'cohort' / '<site>' / 'runs' / run_dir.name} (egress.jsonl: everything that left it)")
     return code
+
+
+def _print_rows(run_dir: Path) -> None:
+    import json
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for row in metrics["rows"]:
+        values = ", ".join(f"{k} {row[k]:.3f}" for k in ("auc", "acc", "brier") if isinstance(row.get(k), float))
+        print(f"  {row['model']:<13} test ({row['n']} slides): {values}")
 
 
 def _test_slides(site: Path) -> list[Path]:
@@ -101,3 +119,5 @@ def _test_slides(site: Path) -> list[Path]:
     with (site / "labels.csv").open(newline="") as fh:
         ids = {row["slide_id"] for row in csv.DictReader(fh) if row.get("split") == "test"}
     return sorted(p for p in (site / "slides").iterdir() if p.stem in ids)
+
+

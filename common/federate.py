@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 import tomllib
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,17 @@ class FederationFailed(RuntimeError):
 
 
 @dataclass
+class Consortium:
+    """The processes of a running federation on this host (what `LaunchOptions.on_submitted` receives)."""
+
+    link: Any  # server.superlink.SuperLink
+    nodes: list[Any]  # client.supernode.SuperNode per site
+    cli: Any  # server.superlink.FlowerCli
+    run_id: int  # Flower's run id
+    run_dir: Path
+
+
+@dataclass
 class LaunchOptions:
     """How the consortium is started on this host."""
 
@@ -41,6 +54,7 @@ class LaunchOptions:
     timeout: float = 3600.0
     poll: float = 3.0
     threads_per_site: int | None = None
+    on_submitted: Callable[[Consortium], None] | None = None  # e.g. a test that kills a process mid-run
 
 
 def preflight(sites: list[Path], cfg: FederationConfig) -> None:
@@ -133,10 +147,28 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
         run_id = cli.submit(APP_DIR, config_file)
         log.info("submitted run %s (Flower run %d); outputs in %s", cfg.run_id, run_id, run_dir)
         stack.callback(lambda: cli.stop_run(run_id))
-        _wait(cli, run_id, link, nodes, opts, run_dir)
+        if opts.on_submitted is not None:
+            opts.on_submitted(Consortium(link, nodes, cli, run_id, run_dir))
+        try:
+            _wait(cli, run_id, link, nodes, opts, run_dir)
+        finally:
+            _collect_logs(work, run_dir, cli, run_id)
     if not (run_dir / "metrics.json").is_file():
         raise FederationFailed(f"the run finished without {run_dir / 'metrics.json'}; ServerApp log:\n{cli.logs(run_id)[-3000:]}")
     return run_dir
+
+
+def _collect_logs(work: Path, run_dir: Path, cli: Any, run_id: int) -> None:
+    """The ServerApp's log and every process log of this host, under `<run_dir>/logs/`."""
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    try:
+        (logs / "serverapp.log").write_text(cli.logs(run_id))
+    except Exception as exc:  # the SuperLink may be gone; its own log is copied below
+        (logs / "serverapp.log").write_text(f"could not fetch the ServerApp log: {exc}\n")
+    for path in [work / "superlink" / "superlink.log", *sorted((work / "supernodes").glob("*.log"))]:
+        if path.is_file():
+            shutil.copyfile(path, logs / path.name)
 
 
 def _has_material(certs: Path, sites: list[Path]) -> bool:

@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, Message
 
 from common.metrics import METRIC_NAMES
 from common.training.outputs import write_json
+from server.privacy import privacy_report
 from server.protocol import RunResult
 
 METRICS_SCHEMA = "fedslide.federation.metrics/1"
@@ -124,6 +125,7 @@ def build_metrics(result: RunResult, manifest: dict[str, dict[str, Any]], second
         "rejections": [vars(r) for r in fed.validator.rejections],
         "learning_curves": fed.curves,
         "clusters": fed.ckpt.phase_done("clusters"),
+        "privacy": privacy_report(fed.cfg, fed.accountant),
         "timings": {**fed.timings, "total": round(seconds, 3)},
         "models_manifest": manifest,
         "config": fed.cfg.to_toml_dict(),
@@ -218,6 +220,16 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
                      f"{_fmt(entry.get('max_upload_over_model'))} |")
     if curves is not None:
         lines += ["", "## Learning curves", "", f"![learning curves](plots/{curves.name})"]
+    privacy = metrics["privacy"]
+    lines += ["", "## Privacy", ""]
+    if privacy["enabled"]:
+        lines += [f"- differential privacy: ε = {privacy['epsilon']:.3g} at δ = {privacy['delta']:g} after "
+                  f"{privacy['releases']} noised releases (noise multiplier {privacy['noise_multiplier']}, clipping norm "
+                  f"{privacy['clipping_norm']}; {privacy['accounting']})", f"- {privacy['trust_model']}"]
+    else:
+        lines.append("- differential privacy: off (dp-noise-multiplier = 0)")
+    lines.append(f"- cluster sums noise std: {privacy['cluster_noise_std']}; small clusters withheld below "
+                 f"{metrics['config'].get('suppress-below') or metrics['config']['clusters']['suppress-below']} slides")
     lines += ["", "## Sites refused, absent rounds, rejected updates", ""]
     lines += [f"- refused: {r}" for r in metrics["refused"]] or ["- no site refused"]
     lines += [f"- absent: phase {m['phase']} round {m['round']}: nodes {m['nodes']}" for m in metrics["missing"]] or ["- no absences"]

@@ -36,6 +36,7 @@ from common.federation.models import (
 )
 from server.checkpoint import Checkpoint
 from server.grid import FederationGrid
+from server.privacy import dp_strategy, make_accountant
 from server.strategies import BestRounds, ExpertsFedAvg, FederationError, Group, PhaseStrategy, UpdateValidator
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Federation:
     sites: dict[int, SiteInfo] = field(default_factory=dict)
     refused: list[dict[str, Any]] = field(default_factory=list)
     curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    accountant: Any = None  # server.privacy's RDP accountant when DP is on
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -168,7 +170,10 @@ def _reference_encoder(cfg: FederationConfig, candidates: dict[int, SiteInfo], i
 
 
 # ---- weights phases ---------------------------------------------------------------------------------
-def _inner_strategy(cfg: FederationConfig, phase: str, min_nodes: int) -> Strategy:
+def _inner_strategy(fed: Federation, phase: str, min_nodes: int) -> Strategy:
+    cfg = fed.cfg
+    if fed.accountant is not None:  # every weights release is noised and accounted (equal site weights)
+        return dp_strategy(cfg, len(fed.sites), min_nodes, fed.accountant)
     common = {"fraction_evaluate": 0.0, "min_train_nodes": min_nodes, "min_available_nodes": min_nodes}
     if phase == "experts":
         return ExpertsFedAvg(**common)
@@ -206,7 +211,7 @@ def weights_phase(
             log.info("phase %s: resuming after round %d", phase, start_round)
     fed.grid.phase = phase
     min_nodes = min(fed.cfg.min_nodes, len(fed.sites))
-    strategy = PhaseStrategy(_inner_strategy(fed.cfg, phase, min_nodes), phase, tracker, fed.validator, min_nodes,
+    strategy = PhaseStrategy(_inner_strategy(fed, phase, min_nodes), phase, tracker, fed.validator, min_nodes,
                              extra, round_offset=start_round)
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
@@ -214,7 +219,8 @@ def weights_phase(
             return None
         fed.ckpt.save_arrays(f"{phase}.current", arrays)
         fed.ckpt.save_arrays(f"{phase}.best", tracker.best_arrays(arrays))
-        fed.ckpt.commit(current={"phase": phase, "round": start_round + server_round, "tracker": tracker.state()})
+        fed.ckpt.commit(current={"phase": phase, "round": start_round + server_round, "tracker": tracker.state()},
+                        accountant=fed.accountant.state_dict() if fed.accountant is not None else None)
         return None
 
     final = initial
@@ -309,6 +315,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, run_dir: Path) -> RunResul
                      UpdateValidator(cfg.max_update_norm, cfg.update_norm_factor))
     fed.validator.rejections.extend(_rejections(ckpt))
     handshake(fed)
+    fed.accountant = make_accountant(cfg, len(fed.sites), ckpt.state.get("accountant"))
     facts = fed.facts
     assert facts is not None
     seed = cfg.seed

@@ -23,6 +23,17 @@ def flower_tool(name: str) -> str:
     return found
 
 
+def flower_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of a Flower process: the directory of this Python's Flower tools first on PATH.
+
+    SuperLink and SuperNode start `flower-superexec`, `flwr-serverapp` and `flwr-clientapp` by name, so
+    without this a venv that is not activated fails (or another installation's tools run).
+    """
+    out = dict(os.environ if env is None else env)
+    out["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), out.get("PATH", "")])
+    return out
+
+
 @dataclass(frozen=True)
 class TLSFiles:
     """CA certificate, and (server side) the certificate and key to present."""
@@ -67,7 +78,8 @@ class SuperLink:
         """Start and wait until the port accepts connections."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "state.db").unlink(missing_ok=True)  # a fresh link: stale nodes would look online
-        self.process = ManagedProcess("SuperLink", self.argv(), self.workdir / "superlink.log", env=self.env)
+        self.process = ManagedProcess("SuperLink", self.argv(), self.workdir / "superlink.log",
+                                      env=flower_env(self.env))
         self.process.wait_ready(lambda: port_open(self.host, self.port), timeout)
         return self
 

@@ -298,3 +298,37 @@ def test_preflight_refuses_bad_sites_before_anything_starts(sites: list[Path], t
     assert "NOT-A-SLIDE" in text
     assert f"{tmp_path / 'missing'}: no such site directory" in text
     assert str(sites[2]) + ":" not in text  # the good site is not blamed
+
+
+def test_logits_mode_sends_only_logits_on_the_proxy_cohort(sites: list[Path], tmp_path: Path) -> None:
+    proxy = make_site(tmp_path, "proxy", {"train": 10, "val": 4, "test": 2}, seed=7)
+    cfg = tiny_config(tmp_path, "logits", mode="logits", proxy_dir=proxy, proxy_epochs=5)
+    result, grid = federate(sites, cfg)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["mode"] == "logits" and metrics["models"]["student_low"]["overall"]["n"] == 12
+    logit_replies = [r for r in grid.received if "logits" in r.content.array_records]
+    assert len(logit_replies) == 3
+    for reply in logit_replies:
+        record = reply.content["logits"]
+        assert set(record) == {"teacher", "experts", "expert-weights"}
+        assert tuple(record["teacher"].shape) == (16, 2) and tuple(record["experts"].shape) == (2, 16, 2)
+    assert not any(r.metadata.message_type == "train" and "student" in json.dumps(str(r.content)) for r in grid.received)
+    assert "student" not in metrics["communication"]["per_phase"]  # no weights round for the student
+    up = metrics["communication"]["per_phase"]["logits"]["max_upload_per_site_round"]
+    assert up < 16 * 2 * 4 * 3 + 1500  # logits (teacher + 2 experts) plus names and metrics, not a model
+    assert metrics["learning_curves"]["student"]
+
+
+def test_differential_privacy_noises_every_release_and_reports_epsilon(sites: list[Path], tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, "dp", dp_noise_multiplier=1.0, dp_clipping_norm=0.5, dp_delta=1e-5,
+                      cluster_noise_std=0.01)
+    result, _ = federate(sites, cfg)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    privacy = metrics["privacy"]
+    r = cfg.rounds
+    assert privacy["enabled"] and privacy["releases"] == r.adapter + r.teacher + r.experts + r.baseline + r.student
+    # Gaussian mechanism with σ = 1 composed 12 times: ε(δ = 1e-5) is large but finite (a smaller σ would give more)
+    assert 5.0 < privacy["epsilon"] < 100.0 and privacy["delta"] == 1e-5
+    assert "ε =" in (result.run_dir / "report.md").read_text()
+    quieter, _ = federate(sites, tiny_config(tmp_path / "q", "dp", dp_noise_multiplier=4.0, dp_clipping_norm=0.5))
+    assert json.loads((quieter.run_dir / "metrics.json").read_text())["privacy"]["epsilon"] < privacy["epsilon"]

@@ -75,6 +75,15 @@ class FederationConfig(StageConfig):
     clusters: ClusterConfig = Field(default_factory=ClusterConfig)
     experts: ExpertConfig = Field(default_factory=ExpertConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
+    dp_noise_multiplier: float = Field(
+        default=0.0, ge=0.0, description="central DP of every weights phase: Gaussian noise σ / clipping norm (0 = off)"
+    )
+    dp_clipping_norm: PositiveFloat = Field(default=1.0, description="DP: each site's update is clipped to this L2 norm")
+    dp_delta: float = Field(default=1e-5, gt=0.0, lt=1.0, description="DP: δ at which ε is reported")
+    dp_max_epsilon: PositiveFloat | None = Field(default=None, description="DP: stop before a release would exceed this ε")
+    cluster_noise_std: float = Field(
+        default=0.0, ge=0.0, description="Gaussian noise a site adds to its cluster sums before sending (0 = none)"
+    )
     proxy_epochs: PositiveInt = Field(default=30, description="logits mode: server-side student epochs on the proxy cohort")
     suppress_below: NonNegativeInt | None = Field(
         default=None, description="cluster statistics of fewer slides are withheld (default: clusters.suppress-below)"

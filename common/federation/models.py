@@ -79,3 +79,16 @@ def fingerprint(record: ArrayRecord) -> str:
         digest.update(key.encode())
         digest.update(record[key].numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def pack_bags(bags: list[np.ndarray]) -> ArrayRecord:
+    """Anonymous feature bags in one record: `features` [ΣN, D] float16 and `offsets` [P + 1] (no ids, no coords)."""
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in bags])]).astype(np.int64)
+    features = np.concatenate(bags).astype(np.float16) if bags else np.zeros((0, 0), np.float16)
+    return ArrayRecord({"features": Array(features), "offsets": Array(offsets)})
+
+
+def unpack_bags(record: ArrayRecord) -> list[np.ndarray]:
+    """Inverse of pack_bags (float32 bags)."""
+    features, offsets = record["features"].numpy(), record["offsets"].numpy()
+    return [features[a:b].astype(np.float32) for a, b in zip(offsets[:-1], offsets[1:])]

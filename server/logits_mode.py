@@ -1,0 +1,78 @@
+"""Logits mode of the student phase: sites send only teacher/expert logits on the coordinating site's proxy
+cohort; the server averages them and distils the low-res student on the proxy cohort itself."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message
+
+from common.distillation.adapter import build_adapter
+from common.distillation.data import load_sites
+from common.distillation.losses import CachedKDLoss
+from common.distillation.mil import train_selected, with_epochs
+from common.distillation.student import student_bags
+from common.federation import protocol as p
+from common.federation.models import adapter_spec, load_record, new_model, pack_bags, student_config, to_record
+from common.training.loop import class_weights
+from common.training.repro import resolve_device
+from server.strategies import FederationError
+
+
+def _weighted(replies: list[Message], key: str, weights: list[np.ndarray]) -> np.ndarray:
+    stack = np.stack([r.content[p.LOGITS_RECORD][key].numpy() for r in replies]).astype(np.float64)
+    w = np.stack(weights).astype(np.float64)  # [sites] or [sites, C]
+    while w.ndim < stack.ndim:
+        w = w[..., None]
+    total = w.sum(axis=0)
+    mean = (stack * w).sum(axis=0) / np.where(total > 0, total, 1.0)
+    return np.where(total > 0, mean, stack.mean(axis=0))  # nobody trained it: plain mean of the global model's logits
+
+
+def distil_from_logits(fed, teacher: ArrayRecord, experts: ArrayRecord | None, adapter: ArrayRecord,
+                       centroids: np.ndarray | None, tfp: str) -> ArrayRecord:  # noqa: ANN001
+    """Collect the sites' logits on the proxy cohort, average them, train the student at the server."""
+    done = fed.ckpt.phase_done("student")
+    saved = fed.ckpt.load_arrays("student.final")
+    if done is not None and saved is not None:
+        fed.curves["student"] = done.get("history", [])
+        return saved
+    cfg, facts = fed.cfg, fed.facts
+    start = time.perf_counter()
+    data = load_sites([cfg.proxy_dir], cfg.encoder, seed=cfg.seed, classes=facts.classes)
+    if data.feature_dim != facts.feature_dim or data.token_grid != facts.token_grid:
+        raise FederationError(f"proxy cohort {cfg.proxy_dir}: features of dim {data.feature_dim} / token grid "
+                              f"{data.token_grid}, the sites' are {facts.feature_dim} / {facts.token_grid}")
+    records = {p.TEACHER: teacher, p.PROXY: pack_bags([s.high.features for s in data.slides])}
+    if experts is not None and centroids is not None:
+        records[p.EXPERTS] = experts
+        records[p.CENTROIDS] = ArrayRecord({"centroids": Array(np.asarray(centroids, dtype=np.float64))})
+    fed.grid.server_round = 0
+    replies = fed.query(p.LOGITS, "logits", records, **{"teacher-fingerprint": tfp})
+    n_train = [np.asarray(float(r.content[p.METRICS]["n-train"])) for r in replies]
+    teacher_logits = torch.from_numpy(_weighted(replies, "teacher", n_train)).float()
+    expert_logits = None
+    if p.EXPERTS in records and all("experts" in r.content[p.LOGITS_RECORD] for r in replies):
+        weights = [r.content[p.LOGITS_RECORD]["expert-weights"].numpy() for r in replies]
+        expert_logits = torch.from_numpy(_weighted(replies, "experts", weights)).float()
+    adapter_model = load_record(build_adapter(adapter_spec(cfg, facts)), adapter).eval()
+    mode = "pooled" if cfg.kd.student_input == "tokens" and not data.has_tokens else cfg.kd.student_input
+    cohort = data.cohort(student_bags(adapter_model, data, mode))
+    train, val = data.split("train"), data.split("val")
+    kd = cfg.kd
+    weights = class_weights(data.labels[train], len(facts.classes), cfg.training.class_weighting)
+    loss = CachedKDLoss(teacher_logits, expert_logits, kd.temperature, kd.lambda_base,
+                        kd.lambda_expert if expert_logits is not None else 0.0, "all", None, weights)
+    model = new_model(student_config(cfg, facts), cfg.seed + 100)
+    fit = train_selected(model, cohort, train, val, with_epochs(cfg.training, cfg.proxy_epochs),
+                         resolve_device(cfg.device), cfg.seed + 100, loss, description="student (proxy)")
+    student = to_record(model.cpu())
+    history = [{"round": h.epoch, "train_loss": h.train_loss, "val_loss": h.val_loss} for h in fit.history]
+    fed.ckpt.save_arrays("student.final", student)
+    fed.curves["student"] = history
+    fed.timings["student"] = round(time.perf_counter() - start, 3)
+    fed.ckpt.finish_phase("student", {"history": history, "best": {"": {"round": fit.best_epoch, "loss": fit.best_score}},
+                                      "proxy_slides": len(data.slides), "seconds": fed.timings["student"]})
+    return student

@@ -1,0 +1,456 @@
+"""The federation with REAL Flower processes on loopback: `flower-superlink` + one `flower-supernode` per site.
+
+What `tests/test_federation.py` checks in-process, checked here over the wire, with TLS (certificates made by
+`deploy.certs`) and SuperNode authentication (registered per-site keys), on free ports in temp directories:
+
+- a whole run through `run_consortium`: outputs, a site with another encoder refused at the handshake, every
+  site's egress ledger free of slide ids, the process logs collected, and no process left behind;
+- identity: a SuperNode that does not trust the SuperLink's certificate (other CA), one whose key is not
+  registered, and a SuperLink whose certificate has expired, all stay offline, while the registered one with
+  the right CA comes online;
+- a SuperNode killed mid-round: the round completes without it, the absence is recorded in metrics.json, and
+  the restarted node (same key, same node id) takes part again;
+- the SuperLink killed mid-phase: `run_consortium` fails, and `resume` finishes the run without redoing
+  completed phases.
+
+Each Flower round trip costs ~15 s here (a fresh `flwr-clientapp` process per message), and a killed SuperNode
+is noticed only after its heartbeat timeout (~60 s): the module takes several minutes. Every process a test
+starts (and every process those start) is stopped in a finalizer, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from client.supernode import SuperNode
+from common.config.federation import FederationConfig
+from common.federate import Consortium, FederationFailed, LaunchOptions, run_consortium
+from common.processes import ManagedProcess, ProcessFailed, free_port
+from deploy.certs import make_all, make_ca, make_server_cert
+from server.superlink import FlowerCli, FlowerCliError, SuperLink, TLSFiles
+from tests.feature_sites import make_site
+
+TINY_MODEL = {"hidden_dim": 16, "attention_dim": 8, "dropout": 0.0}
+ONE_ROUND = {"adapter": 1, "teacher": 1, "experts": 1, "baseline": 1, "student": 1, "cluster_iterations": 1,
+             "local_epochs": 1, "adapter_local_epochs": 1}
+ALL_PHASES = {"handshake", "adapter", "teacher", "cluster-init", "cluster-stats", "experts", "baseline", "kd-cache",
+              "student", "evaluate"}
+OTHER_HASH = "ffff0000"
+RUN_TIMEOUT = 900.0  # a hung run fails the test instead of hanging it
+
+
+def tiny_config(run_id: str, rounds: dict[str, int] | None = None, **extra: Any) -> FederationConfig:
+    return FederationConfig(run_id=run_id, seed=0, threads=1, rounds={**ONE_ROUND, **(rounds or {})},
+                            teacher=TINY_MODEL, student=TINY_MODEL, adapter={"hidden_dim": 16},
+                            clusters={"num_clusters": 2}, training={"lr": 1e-2}, **extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# processes: every one a test starts, and everything those start, is stopped at teardown
+# ---------------------------------------------------------------------------------------------
+class ProcessTracker:
+    """Remembers every process the test started and (polling in a thread) all their descendants.
+
+    Descendants are recorded by (pid, create time), so a later process reusing a pid is never confused with
+    ours; `alive()` lists the recorded ones still running, `stop_all()` ends the test's processes and kills
+    whatever descendant survives them.
+    """
+
+    def __init__(self) -> None:
+        self.stoppables: list[Any] = []  # SuperLink / SuperNode objects (their stop() is idempotent)
+        self.roots: list[ManagedProcess] = []
+        self.seen: dict[tuple[int, float], psutil.Process] = {}
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="process-tracker", daemon=True)
+        self._thread.start()
+
+    def add(self, thing: Any) -> Any:
+        """Track a SuperLink/SuperNode (its process once started) or a ManagedProcess; returns it."""
+        with self._lock:
+            if isinstance(thing, ManagedProcess):
+                self.roots.append(thing)
+            else:
+                self.stoppables.append(thing)
+        self.snapshot()
+        return thing
+
+    def add_consortium(self, consortium: Consortium) -> None:
+        for thing in (consortium.link, *consortium.nodes):
+            self.add(thing)
+
+    def _processes(self) -> list[ManagedProcess]:
+        with self._lock:
+            managed = list(self.roots) + [s.process for s in self.stoppables if getattr(s, "process", None)]
+        return managed
+
+    def snapshot(self) -> None:
+        for managed in self._processes():
+            try:
+                root = psutil.Process(managed.proc.pid)
+                family = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for proc in family:
+                try:
+                    self.seen.setdefault((proc.pid, proc.create_time()), proc)
+                except psutil.Error:
+                    continue
+
+    def _poll(self) -> None:
+        while not self._done.wait(0.5):
+            self.snapshot()
+
+    def alive(self) -> list[str]:
+        """The recorded processes still running (zombies count as gone)."""
+        out = []
+        for proc in list(self.seen.values()):
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    out.append(f"{proc.pid} {' '.join(proc.cmdline())[:160]}")
+            except psutil.Error:
+                continue
+        return out
+
+    def stop_all(self) -> None:
+        self.snapshot()
+        self._done.set()
+        self._thread.join(5)
+        for thing in reversed(self.stoppables):
+            try:
+                thing.stop()
+            except Exception:  # noqa: BLE001 - keep stopping the rest
+                pass
+        for managed in self.roots:
+            managed.stop()
+        for proc in list(self.seen.values()):
+            try:
+                if proc.is_running():
+                    proc.kill()
+            except psutil.Error:
+                continue
+
+
+@pytest.fixture
+def tracker() -> Iterator[ProcessTracker]:
+    tracked = ProcessTracker()
+    try:
+        yield tracked
+    finally:
+        tracked.stop_all()
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three sites with the federation's encoder, and a fourth whose files name other encoder weights."""
+    root = tmp_path_factory.mktemp("proc-sites")
+    good = [make_site(root, f"site{i}", {"train": 8, "val": 4, "test": 4}, seed=i) for i in range(1, 4)]
+    other = make_site(root, "site4", {"train": 6, "val": 2, "test": 2}, seed=9, weights_hash=OTHER_HASH)
+    return [*good, other]
+
+
+def slide_ids(sites: list[Path]) -> set[str]:
+    return {line.split(",")[0] for s in sites for line in (s / "labels.csv").read_text().splitlines()[1:]}
+
+
+def ledger(site: Path, run_id: str) -> list[dict[str, Any]]:
+    path = site / "runs" / run_id / "egress.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    """The server checkpoint's state.json ({} while absent or being replaced)."""
+    try:
+        return json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def in_thread(target: Callable[[], None]) -> tuple[threading.Thread, list[BaseException]]:
+    """Run `target` in a daemon thread; its exception (if any) lands in the returned list."""
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            target()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, poll: float = 1.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(poll)
+    return condition()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. a whole run
+# ---------------------------------------------------------------------------------------------
+def test_full_run_with_tls_and_a_refused_encoder(sites: list[Path], tmp_path: Path, tracker: ProcessTracker) -> None:
+    seen: list[Consortium] = []
+
+    def submitted(consortium: Consortium) -> None:
+        seen.append(consortium)
+        tracker.add_consortium(consortium)
+
+    cfg = tiny_config("tls")
+    run_dir = run_consortium(sites, cfg, LaunchOptions(tmp_path / "work", timeout=RUN_TIMEOUT, poll=2.0,
+                                                       on_submitted=submitted))
+    tracker.snapshot()
+
+    # nothing left running: the SuperLink, the SuperNodes and everything they started
+    assert len(seen) == 1
+    consortium = seen[0]
+    assert consortium.run_dir == run_dir and consortium.run_id > 0
+    assert consortium.link.address.startswith("127.0.0.1:") and consortium.link.tls is not None
+    for managed in [consortium.link.process, *(n.process for n in consortium.nodes)]:
+        assert managed is not None and not managed.alive, managed.name
+    assert len(tracker.seen) > 1 + len(sites)  # the children (SuperExec, ServerApp, ClientApps) were seen too
+    assert tracker.alive() == []
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [s["name"] for s in metrics["sites"]] == ["site1", "site2", "site3"]
+    assert len(metrics["refused"]) == 1 and metrics["refused"][0]["site"] == "site4"
+    assert f"encoder-hash {OTHER_HASH!r}" in metrics["refused"][0]["reason"]
+    assert metrics["missing"] == []
+    assert metrics["models"]["student_low"]["overall"]["n"] == 12
+
+    secret = slide_ids(sites)
+    for site in sites[:3]:
+        entries = ledger(site, "tls")
+        assert {e["phase"] for e in entries} == ALL_PHASES, site.name
+        raw = (site / "runs" / "tls" / "egress.jsonl").read_text()
+        assert not [sid for sid in secret if sid in raw], site.name
+        bundle = site / "runs" / "tls" / "student_bundle"
+        assert (bundle / "bundle.json").is_file(), site.name
+    refused = ledger(sites[3], "tls")
+    assert {e["phase"] for e in refused} == {"handshake"}  # it took no further part
+    assert not [sid for sid in secret if sid in (sites[3] / "runs" / "tls" / "egress.jsonl").read_text()]
+
+    logs = run_dir / "logs"
+    assert "superlink.log" in {p.name for p in logs.iterdir()}
+    assert {f"supernode-{s.name}.log" for s in sites} <= {p.name for p in logs.iterdir()}
+    serverapp = (logs / "serverapp.log").read_text()
+    assert "handshake: admitted site1, site2, site3" in serverapp, serverapp[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. identity: certificates and registered keys
+# ---------------------------------------------------------------------------------------------
+def node_statuses(cli: FlowerCli) -> dict[str, str]:
+    """node id -> status (registered / online / offline ...) as `flwr supernode ls` reports it."""
+    return {str(n["node-id"]): str(n["status"])
+            for n in cli.call("supernode", "ls", cli.connection, "--format", "json", timeout=60)["nodes"]}
+
+
+def online_in_db(database: Path) -> list[int]:
+    """Node ids the SuperLink's own database marks online (read-only; works when no client can connect)."""
+    if not database.is_file():
+        return []
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10) as db:
+        return [int(r[0]) & 0xFFFFFFFFFFFFFFFF for r in db.execute("SELECT node_id FROM node WHERE status = 'online'")]
+
+
+def log_text(node: SuperNode) -> str:
+    assert node.process is not None
+    return node.process.log.read_text(errors="replace") if node.process.log.is_file() else ""
+
+
+def start_node(tracker: ProcessTracker, node: SuperNode) -> SuperNode:
+    """Start a SuperNode under the tracker (it is stopped at teardown whatever happens)."""
+    tracker.add(node)
+    node.start(timeout=30)
+    tracker.add(node)  # now with its process
+    return node
+
+
+def test_identity_is_enforced(sites: list[Path], tmp_path: Path, tracker: ProcessTracker) -> None:
+    started = time.monotonic()
+    certs = tmp_path / "certs"
+    material = make_all(certs, ["siteA", "siteB"], ["localhost"], ["127.0.0.1"])
+    stranger = make_ca(tmp_path / "other-ca")  # a CA the SuperLink's certificate was not issued by
+    tls = TLSFiles(ca=material.ca.cert, cert=material.server.cert, key=material.server.key)
+    link = tracker.add(SuperLink(tmp_path / "link", tls, port=free_port(), node_auth=True))
+    link.start(timeout=30)
+    tracker.add(link)
+    cli = FlowerCli(tmp_path / "flwr-home", link.address, material.ca.cert)
+    node_a = cli.register(material.sites["siteA"].cert)  # site B's key is never registered
+    assert node_statuses(cli) == {node_a: "registered"}
+
+    def supernode(name: str, ca: Path, key: Path) -> SuperNode:
+        return SuperNode(name, sites[0], link.address, free_port(), tmp_path / "nodes", ca, key)
+
+    # (a) site A's registered key, but it trusts another CA; (b) the right CA, but site B's unregistered key
+    wrong_ca = start_node(tracker, supernode("wrong-ca", stranger.cert, material.sites["siteA"].key))
+    unregistered = start_node(tracker, supernode("unregistered", material.ca.cert, material.sites["siteB"].key))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        statuses = node_statuses(cli)
+        assert "online" not in statuses.values(), statuses
+        time.sleep(2)
+    assert node_statuses(cli) == {node_a: "registered"}  # site B never became a node either
+    text_a = log_text(wrong_ca)
+    assert any(word in text_a.lower() for word in ("certificate", "ssl", "handshake failed")), text_a[-3000:]
+    text_b = log_text(unregistered)
+    assert any(word in text_b.lower() for word in ("permission", "denied", "not registered", "unauthenticated",
+                                                   "failed to authenticate", "no supernode found")), text_b[-3000:]
+    wrong_ca.stop()
+    unregistered.stop()
+
+    # (c) the registered key with the right CA comes online: the checks above could have seen it
+    good = start_node(tracker, supernode("siteA", material.ca.cert, material.sites["siteA"].key))
+    assert wait_until(lambda: node_statuses(cli).get(node_a) == "online", 30, poll=2), \
+        f"{node_statuses(cli)}\n{log_text(good)[-3000:]}"
+    assert online_in_db(link.workdir / "state.db") == [int(node_a)]  # the observation used for (d) sees it too
+    good.stop()
+    link.stop()
+
+    # (d) a SuperLink presenting an expired certificate (same CA): nobody connects to it. Without node auth,
+    # so that the certificate is the only obstacle a SuperNode meets.
+    expired_dir = tmp_path / "expired"
+    now = dt.datetime.now(dt.timezone.utc)
+    expired = make_server_cert(expired_dir, material.ca, ["localhost"], ["127.0.0.1"],
+                               not_valid_before=now - dt.timedelta(days=30), not_valid_after=now - dt.timedelta(days=1))
+    old_link = tracker.add(SuperLink(tmp_path / "old-link", TLSFiles(material.ca.cert, expired.cert, expired.key),
+                                     port=free_port(), node_auth=False))
+    old_link.start(timeout=30)
+    tracker.add(old_link)
+    late = start_node(tracker, SuperNode("late", sites[0], old_link.address, free_port(), tmp_path / "nodes",
+                                         material.ca.cert, material.sites["siteA"].key))
+    old_cli = FlowerCli(tmp_path / "flwr-home-old", old_link.address, material.ca.cert)
+    with pytest.raises(FlowerCliError):  # the CLI refuses the expired certificate as well
+        old_cli.call("supernode", "ls", old_cli.connection, "--format", "json", timeout=60)
+    assert not wait_until(lambda: bool(online_in_db(old_link.workdir / "state.db")), 15, poll=1)
+    assert "activated" not in old_link.process.log.read_text(errors="replace").lower()
+    text = log_text(late)
+    assert any(word in text.lower() for word in ("expired", "certificate", "ssl", "handshake failed")), text[-3000:]
+    elapsed = time.monotonic() - started
+    assert elapsed < 150, f"the identity checks took {elapsed:.0f} s"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. a SuperNode killed mid-round
+# ---------------------------------------------------------------------------------------------
+def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(
+    sites: list[Path], tmp_path: Path, tracker: ProcessTracker
+) -> None:
+    good = sites[:3]
+    cfg = tiny_config("kill", rounds={"teacher": 3}, min_nodes=2, kd={"lambda_expert": 0.0}, round_timeout=300.0)
+    events: dict[str, Any] = {}
+
+    def kill_and_restart(consortium: Consortium) -> None:
+        victim = consortium.nodes[-1]
+        # the adapter phase is done: the teacher's round 1 is being sent out now
+        assert wait_until(lambda: "adapter" in read_state(consortium.run_dir).get("phases", {}), 600, poll=0.5), \
+            "the adapter phase never finished"
+        victim.stop()
+        events["killed"] = victim.name
+        # once the SuperLink has noticed (heartbeat timeout), bring the site back with the same key
+        assert wait_until(lambda: "offline" in node_statuses(consortium.cli).values(), 180, poll=5), \
+            node_statuses(consortium.cli)
+        events["offline"] = [n for n, s in node_statuses(consortium.cli).items() if s == "offline"]
+        again = SuperNode(victim.name, victim.site_dir, victim.superlink, free_port(), victim.workdir, victim.ca,
+                          victim.auth_key)
+        events["restarted"] = again
+        start_node(tracker, again)
+
+    threads: list[tuple[threading.Thread, list[BaseException]]] = []
+
+    def submitted(consortium: Consortium) -> None:
+        tracker.add_consortium(consortium)
+        threads.append(in_thread(lambda: kill_and_restart(consortium)))
+
+    run_dir = run_consortium(good, cfg, LaunchOptions(tmp_path / "work", timeout=RUN_TIMEOUT, poll=2.0,
+                                                      on_submitted=submitted))
+    thread, errors = threads[0]
+    thread.join(5)
+    assert not errors, errors
+    assert events.get("killed") == "site3" and "restarted" in events
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    node_of = {s["name"]: s["node"] for s in metrics["sites"]}
+    assert set(node_of) == {"site1", "site2", "site3"}
+    victim = node_of["site3"]
+    assert [str(victim)] == events["offline"]  # the node the SuperLink saw go offline is site3's
+    absent = [m for m in metrics["missing"] if victim in m["nodes"]]
+    assert absent, metrics["missing"]
+    assert all(m["nodes"] == [victim] for m in metrics["missing"]), metrics["missing"]  # no one else was missing
+    first = absent[0]
+    assert first["phase"] in ("adapter", "teacher"), first
+    # the restarted site (same registered key, hence the same node id) took part again afterwards
+    entries = ledger(good[2], "kill")
+    later = {e["phase"] for e in entries} & {"baseline", "kd-cache", "student", "evaluate"}
+    assert later == {"baseline", "kd-cache", "student", "evaluate"}, Counter(e["phase"] for e in entries)
+    assert metrics["models"]["student_low"]["per_site"]["site3"]["n"] == 4
+    events["restarted"].stop()  # started by the test, not by run_consortium
+    assert tracker.alive() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. the SuperLink killed mid-phase, then resumed
+# ---------------------------------------------------------------------------------------------
+def test_resume_after_the_server_is_killed(sites: list[Path], tmp_path: Path, tracker: ProcessTracker) -> None:
+    good = sites[:3]
+    cfg = tiny_config("resume", rounds={"teacher": 3}, kd={"lambda_expert": 0.0}, round_timeout=300.0)
+    work = tmp_path / "work"
+    killed: dict[str, Any] = {}
+    threads: list[tuple[threading.Thread, list[BaseException]]] = []
+
+    def kill_link(consortium: Consortium) -> None:
+        def current() -> dict[str, Any]:
+            return read_state(consortium.run_dir).get("current") or {}
+
+        assert wait_until(lambda: current().get("phase") == "teacher" and int(current().get("round", 0)) >= 1,
+                          600, poll=0.5), read_state(consortium.run_dir)
+        killed["state"] = read_state(consortium.run_dir)
+        os.killpg(consortium.link.process.proc.pid, signal.SIGKILL)  # the server host dies: no clean shutdown
+        killed["done"] = True
+
+    def submitted(consortium: Consortium) -> None:
+        tracker.add_consortium(consortium)
+        threads.append(in_thread(lambda: kill_link(consortium)))
+
+    with pytest.raises((FederationFailed, ProcessFailed)):
+        run_consortium(good, cfg, LaunchOptions(work, timeout=RUN_TIMEOUT, poll=2.0, on_submitted=submitted))
+    threads[0][0].join(5)
+    assert not threads[0][1], threads[0][1]
+    assert killed.get("done")
+    run_dir = work / "runs" / "resume"
+    state = read_state(run_dir)
+    assert "teacher" not in state.get("phases", {}) and "adapter" in state["phases"]
+    assert not (run_dir / "metrics.json").exists()
+    assert tracker.alive() == []  # run_consortium stopped the SuperNodes (and the SuperLink's orphans)
+
+    resumed = run_consortium(good, cfg.model_copy(update={"resume": True}),
+                             LaunchOptions(work, timeout=RUN_TIMEOUT, poll=2.0, on_submitted=tracker.add_consortium))
+    assert resumed == run_dir
+    state = read_state(run_dir)
+    assert {"adapter", "teacher", "baseline", "kd-cache", "student"} <= set(state["phases"]), state.get("phases")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [s["name"] for s in metrics["sites"]] == ["site1", "site2", "site3"]
+    assert [h["round"] for h in metrics["learning_curves"]["teacher"]][-1] == 3
+    for site in good:
+        phases = Counter(e["phase"] for e in ledger(site, "resume"))
+        assert phases["adapter"] == cfg.rounds.adapter + 1, (site.name, phases)  # rounds + one validation
+        assert phases["handshake"] == 1, (site.name, phases)  # the resumed run reused the admitted sites
+        assert phases["evaluate"] == 1 and phases["student"] == cfg.rounds.student + 1, (site.name, phases)
