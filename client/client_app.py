@@ -137,7 +137,8 @@ def evaluate(message: Message, context: Context, site: SiteRun) -> Message:
     phase = str(config["phase"])
     if phase == p.FINAL:
         c = message.content
-        metrics = phases.final_evaluation(site, c[p.TEACHER], c[p.STUDENT], c[p.BASELINE], c[p.ADAPTER])
+        metrics = phases.final_evaluation(site, c[p.TEACHER], c[p.STUDENT], c[p.BASELINE], c[p.ADAPTER],
+                                          str(config.get("eval-split", "test")))
         return _send(message, site, "evaluate", RecordDict({p.METRICS: MetricRecord(metrics)}), Allowed("evaluate"))
     metrics = phases.validate(site, phase, message.content)
     return _send(message, site, phase, RecordDict({p.METRICS: MetricRecord(metrics)}), Allowed(phase))

@@ -31,7 +31,7 @@ from common.distillation.clustering import (
 )
 from common.distillation.crossres import collect_pairs, evaluate_adapter, train_adapter_epochs
 from common.distillation.losses import CachedKDLoss
-from common.distillation.mil import evaluate_split, slide_outputs, train_epochs
+from common.distillation.mil import evaluate_split, metrics_from_logits, slide_outputs, train_epochs
 from common.distillation.pipeline import bundle_meta
 from common.distillation.student import student_bags
 from common.federation.models import (
@@ -303,18 +303,42 @@ def kd_cache(
 
 
 # ---- push-back and evaluation ---------------------------------------------------------------------
-def _timed_eval(model: MILModel, cohort: Cohort, test: np.ndarray, site: SiteRun) -> tuple[dict[str, float], float]:
+PREDICTIONS = "predictions.csv"
+
+
+def _timed_logits(model: MILModel, cohort: Cohort, idx: np.ndarray, site: SiteRun) -> tuple[torch.Tensor, float]:
     start = time.perf_counter()
-    metrics = evaluate_split(model, cohort, test, site.device, site.cfg.ece_bins, 1)
-    return metrics, (time.perf_counter() - start) / max(int(test.size), 1)
+    logits, _ = slide_outputs(model, cohort, idx, site.device)
+    return logits, (time.perf_counter() - start) / max(int(idx.size), 1)
+
+
+def _write_predictions(site: SiteRun, idx: np.ndarray, logits: dict[str, torch.Tensor]) -> None:
+    """Per-slide probabilities of every model, kept at the site (`<run>/predictions.csv`)."""
+    import csv
+
+    data = site.data()
+    probs = {name: torch.softmax(v.double(), dim=1).numpy() for name, v in logits.items()}
+    site.run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = site.run_dir / (PREDICTIONS + ".tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["slide_id", "patient_id", "split", "label"]
+                        + [f"{name}_p{k}" for name in probs for k in range(len(data.classes))])
+        for row, i in enumerate(idx):
+            s = data.slides[int(i)]
+            writer.writerow([s.slide_id, s.patient_id.split("/", 1)[-1], s.split, data.classes[s.label]]
+                            + [f"{p:.6f}" for name in probs for p in probs[name][row]])
+    tmp.replace(site.run_dir / PREDICTIONS)
 
 
 def final_evaluation(
     site: SiteRun, teacher: ArrayRecord, student: ArrayRecord, baseline: ArrayRecord, adapter: ArrayRecord,
+    split: str = "test",
 ) -> Metrics:
-    """Keep the final adapter + student as a bundle here; test metrics of teacher (high), student and baseline (low)."""
+    """Keep the final adapter + student as a bundle and per-slide predictions here; metrics of teacher (high),
+    student and baseline (low) on the site's `split` slides ("all": every labelled slide, an evaluation-only site)."""
     data = site.data()
-    test = data.split("test")
+    idx = np.arange(len(data.slides)) if split == "all" else data.split(split)
     teacher_model, student_model = _model(site, "teacher", teacher), _model(site, "student", student)
     baseline_model, adapter_model = _model(site, "baseline", baseline), _adapter(site, adapter)
     mode = _mode(site)
@@ -322,24 +346,25 @@ def final_evaluation(
     meta = bundle_meta(data, mode, PreprocessConfig(), {"role": "federated_student", "run": site.run_dir.name})
     StudentBundle(meta, adapter_model, student_model, teacher_model, student_config(site.cfg, site.facts),
                   teacher_config(site.cfg, site.facts)).save(site.run_dir / BUNDLE_DIR)
-    metrics: Metrics = {"n-test": int(test.size), "num-examples": int(test.size)}
-    if not test.size:
+    metrics: Metrics = {"n-test": int(idx.size), "num-examples": int(idx.size)}
+    if not idx.size:
         return metrics
-    high, low = site.high_cohort(), site.low_cohort()
     adapted = data.cohort(student_bags(adapter_model, data, mode))
-    results: dict[str, tuple[dict[str, float], float]] = {
-        "teacher_high": _timed_eval(teacher_model, high, test, site),
-        "student_low": _timed_eval(student_model, adapted, test, site),
-        "baseline_low": _timed_eval(baseline_model, low, test, site),
+    timed = {
+        "teacher_high": _timed_logits(teacher_model, site.high_cohort(), idx, site),
+        "student_low": _timed_logits(student_model, adapted, idx, site),
+        "baseline_low": _timed_logits(baseline_model, site.low_cohort(), idx, site),
     }
-    for name, (values, _) in results.items():
-        for key, value in values.items():
+    _write_predictions(site, idx, {name: logits for name, (logits, _) in timed.items()})
+    labels = data.labels[idx]
+    for name, (logits, _) in timed.items():
+        for key, value in metrics_from_logits(logits, labels, site.cfg.ece_bins).items():
             if value is not None and np.isfinite(value):
                 metrics[f"{name}.{key}"] = float(value)
-    metrics["cost.high.patches_per_slide"] = float(np.mean([len(data.slides[i].high) for i in test]))
-    metrics["cost.low.patches_per_slide"] = float(np.mean([len(data.slides[i].low) for i in test]))
-    metrics["cost.high.seconds_per_slide"] = results["teacher_high"][1]
-    metrics["cost.low.seconds_per_slide"] = results["student_low"][1]
+    metrics["cost.high.patches_per_slide"] = float(np.mean([len(data.slides[i].high) for i in idx]))
+    metrics["cost.low.patches_per_slide"] = float(np.mean([len(data.slides[i].low) for i in idx]))
+    metrics["cost.high.seconds_per_slide"] = timed["teacher_high"][1]
+    metrics["cost.low.seconds_per_slide"] = timed["student_low"][1]
     return metrics
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import signal
+import threading
 import time
 import tomllib
 from collections.abc import Callable
@@ -52,7 +54,7 @@ class LaunchOptions:
     insecure: bool = False
     node_auth: bool = True
     timeout: float = 3600.0
-    poll: float = 3.0
+    poll: float = 10.0  # seconds between `flwr ls` calls (each is a Python process)
     threads_per_site: int | None = None
     on_submitted: Callable[[Consortium], None] | None = None  # e.g. a test that kills a process mid-run
 
@@ -103,7 +105,7 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
     """Start SuperLink + SuperNodes, run the app, stop everything; the run directory at the coordinating site."""
     from client.supernode import SuperNode
     from deploy.certs import load_ca, make_all
-    from server.superlink import FlowerCli, SuperLink, TLSFiles
+    from server.superlink import FlowerCli, FlowerCliError, SuperLink, TLSFiles
 
     preflight(sites, cfg)
     work = opts.work_dir.resolve()
@@ -126,17 +128,24 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
         if opts.node_auth:
             keys = {s.name: certs / f"{s.name}.key" for s in sites}
     port = free_port()
-    link = SuperLink(work / "superlink", tls, port=port, node_auth=not opts.insecure and opts.node_auth)
+    # a resumed run keeps the SuperLink's database: its checkpoint names the sites by their node ids
+    link = SuperLink(work / "superlink", tls, port=port, node_auth=not opts.insecure and opts.node_auth,
+                     fresh=not cfg.resume)
     cli = FlowerCli(work / "flwr-home", link.address, tls.ca if tls else None)
     config_file = work / f"run-config-{cfg.run_id}.toml"
     _write_run_config(config_file, cfg)
     with ExitStack() as stack:
+        _stop_on_sigterm(stack)
         log.info("starting SuperLink on %s (%s)", link.address, "TLS + node auth" if tls else "insecure")
         link.start()
         stack.callback(link.stop)
         if tls is not None and opts.node_auth:
             for site in sites:
-                cli.register(certs / f"{site.name}.pub")
+                try:
+                    cli.register(certs / f"{site.name}.pub")
+                except FlowerCliError as exc:  # resumed: registered in the kept database already
+                    if not (cfg.resume and "already in use" in str(exc)):
+                        raise
         nodes = []
         for site in sites:
             node = SuperNode(site.name, site, link.address, free_port(), work / "supernodes",
@@ -158,6 +167,18 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
     return run_dir
 
 
+def _stop_on_sigterm(stack: ExitStack) -> None:
+    """SIGTERM (a `timeout`, a scheduler) unwinds like Ctrl-C, so every process started is stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    stack.callback(signal.signal, signal.SIGTERM, previous)
+
+
 def _collect_logs(work: Path, run_dir: Path, cli: Any, run_id: int) -> None:
     """The ServerApp's log and every process log of this host, under `<run_dir>/logs/`."""
     logs = run_dir / "logs"
@@ -177,10 +198,17 @@ def _has_material(certs: Path, sites: list[Path]) -> bool:
 
 
 def _wait(cli: Any, run_id: int, link: Any, nodes: list[Any], opts: LaunchOptions, run_dir: Path) -> None:
+    from server.superlink import FlowerCliError
+
     deadline = time.monotonic() + opts.timeout
     last = ""
     while time.monotonic() < deadline:
-        status = cli.status(run_id)
+        try:
+            status = cli.status(run_id)
+        except FlowerCliError as exc:  # a dead SuperLink shows first as a CLI failure: report the process
+            if link.process is not None and not link.process.alive:
+                raise FederationFailed(str(link.process.failure("died during the run"))) from exc
+            raise FederationFailed(f"cannot read the status of run {run_dir.name}: {exc}") from exc
         state = str(status.get("status", ""))
         if state != last:
             log.info("run status: %s", state)

@@ -57,14 +57,18 @@ def _weighted(per_site: dict[str, dict[str, float]], key: str, weight_key: str) 
     return num / den if den else None
 
 
-def model_table(per_site: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
-    """models -> {overall, per_site} with auc, acc, balanced_acc, f1, brier, ece, loss, n."""
+def model_table(per_site: dict[str, dict[str, float]], held_out: set[str] | frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    """models -> {overall (training sites' test splits), held_out (evaluation-only sites' slides), per_site}."""
     table: dict[str, dict[str, Any]] = {}
+    parts = {"overall": {k: v for k, v in per_site.items() if k not in held_out},
+             "held_out": {k: v for k, v in per_site.items() if k in held_out}}
     for model in MODEL_ROWS:
         sites = {site: {m: v.get(f"{model}.{m}") for m in (*METRIC_NAMES, "loss", "n")} for site, v in per_site.items()}
-        overall = {m: _weighted(per_site, f"{model}.{m}", "n-test") for m in (*METRIC_NAMES, "loss")}
-        overall["n"] = int(sum(v.get("n-test", 0) for v in per_site.values()))
-        table[model] = {"overall": overall, "per_site": sites}
+        table[model] = {"per_site": sites}
+        for part, values in parts.items():
+            summary: dict[str, Any] = {m: _weighted(values, f"{model}.{m}", "n-test") for m in (*METRIC_NAMES, "loss")}
+            summary["n"] = int(sum(v.get("n-test", 0) for v in values.values()))
+            table[model][part] = summary
     return table
 
 
@@ -104,9 +108,11 @@ def communication(result: RunResult, manifest: dict[str, dict[str, Any]]) -> dic
 def build_metrics(result: RunResult, manifest: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
     """The run's metrics.json document."""
     fed = result.fed
-    names = {n: s.name for n, s in fed.sites.items()}
+    names = {n: s.name for n, s in [*fed.sites.items(), *fed.eval_sites.items()]}
     per_site = site_metrics(result.evaluation, names)
-    models = model_table(per_site)
+    models = model_table(per_site, {s.name for s in fed.eval_sites.values()})
+    train_sites = {s.name for s in fed.sites.values()}
+    per_site = {k: v for k, v in per_site.items() if k in train_sites}  # cost: the training sites' test slides
     rows = [{"model": m, **{k: models[m]["overall"].get(k) for k in (*METRIC_NAMES, "loss", "n")}} for m in MODEL_ROWS]
     return {
         "schema": METRICS_SCHEMA,
@@ -114,7 +120,8 @@ def build_metrics(result: RunResult, manifest: dict[str, dict[str, Any]], second
         "mode": fed.cfg.mode,
         "classes": list(fed.facts.classes) if fed.facts else [],
         "encoder": fed.facts.encoder_name if fed.facts else None,
-        "sites": [{"node": n, "name": s.name, **s.counts} for n, s in sorted(fed.sites.items())],
+        "sites": [{"node": n, "name": s.name, "role": "train", **s.counts} for n, s in sorted(fed.sites.items())]
+        + [{"node": n, "name": s.name, "role": "eval-only", **s.counts} for n, s in sorted(fed.eval_sites.items())],
         "refused": fed.refused,
         "rows": rows,
         "models": models,

@@ -65,7 +65,8 @@ class Federation:
     ckpt: Checkpoint
     validator: UpdateValidator
     facts: p.Facts | None = None
-    sites: dict[int, SiteInfo] = field(default_factory=dict)
+    sites: dict[int, SiteInfo] = field(default_factory=dict)  # training sites
+    eval_sites: dict[int, SiteInfo] = field(default_factory=dict)  # evaluation-only (held-out) sites
     refused: list[dict[str, Any]] = field(default_factory=list)
     curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     accountant: Any = None  # server.privacy's RDP accountant when DP is on
@@ -78,7 +79,7 @@ class Federation:
     def base_config(self, phase: str, **extra: Any) -> dict[str, Any]:
         """Config entries of every message of a phase."""
         assert self.facts is not None or phase == "handshake"
-        base: dict[str, Any] = {"run-id": self.run_id, "phase": phase}
+        base: dict[str, Any] = {"run-id": self.run_id, "phase": phase, "server-round": self.grid.server_round}
         if self.facts is not None:
             base.update(self.facts.to_config())
         return {**base, **extra}
@@ -113,6 +114,7 @@ def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
     if saved:
         fed.facts = p.Facts.from_dict(saved["facts"])
         fed.sites = {int(n): SiteInfo(**s) for n, s in saved["sites"].items()}
+        fed.eval_sites = {int(n): SiteInfo(**s) for n, s in saved.get("eval_sites", {}).items()}
         fed.refused = saved["refused"]
         fed.grid.admitted = set(fed.sites)
         return
@@ -145,11 +147,11 @@ def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
                                     f"{k} {got!r} (federation: {want!r})" for k, (got, want) in diff.items())})
             log.warning("handshake: refused site %s (node %d): %s", info.name, node, fed.refused[-1]["reason"])
             continue
-        fed.sites[node] = info
+        (fed.eval_sites if info.name in fed.cfg.eval_only_sites else fed.sites)[node] = info
     if len(fed.sites) < fed.cfg.min_nodes:
         raise FederationError(f"handshake: {len(fed.sites)} site(s) admitted, min-nodes = {fed.cfg.min_nodes}; "
                               f"refused: {fed.refused}")
-    classes = sorted({c for s in fed.sites.values() for c in s.classes})
+    classes = sorted({c for s in [*fed.sites.values(), *fed.eval_sites.values()] for c in s.classes})
     if len(classes) < 2:
         raise FederationError(f"handshake: the sites' labels have {len(classes)} class(es) {classes}; need at least 2")
     first = next(iter(fed.sites.values()))
@@ -157,7 +159,8 @@ def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
                         int(first.encoder["child-grid"]), str(first.encoder["encoder-name"]))
     fed.grid.admitted = set(fed.sites)
     fed.ckpt.commit(handshake={"facts": fed.facts.to_dict(), "refused": fed.refused,
-                               "sites": {str(n): vars(s) for n, s in fed.sites.items()}})
+                               "sites": {str(n): vars(s) for n, s in fed.sites.items()},
+                               "eval_sites": {str(n): vars(s) for n, s in fed.eval_sites.items()}})
     log.info("handshake: admitted %s; refused %d", ", ".join(s.name for s in fed.sites.values()), len(fed.refused))
 
 
@@ -357,10 +360,28 @@ def run_federation(grid: Grid, cfg: FederationConfig, run_dir: Path) -> RunResul
     models = {"adapter": adapter, "teacher": teacher, "baseline": baseline, "student": student}
     if experts is not None:
         models["experts"] = experts
-    fed.grid.server_round = 0
-    evaluation = fed.query(p.EVALUATE, p.FINAL, {p.TEACHER: teacher, p.STUDENT: student, p.BASELINE: baseline,
-                                                  p.ADAPTER: adapter})
+    evaluation = final_evaluation(fed, {p.TEACHER: teacher, p.STUDENT: student, p.BASELINE: baseline, p.ADAPTER: adapter})
     return RunResult(run_dir, models, evaluation, fed)
+
+
+def final_evaluation(fed: Federation, records: dict[str, ArrayRecord]) -> list[Message]:
+    """Push the final models to every training and evaluation-only site; their metrics (test split, or all
+    slides of an evaluation-only site)."""
+    fed.grid.server_round = 0
+    fed.grid.admitted = set(fed.sites) | set(fed.eval_sites)
+    fed.grid.phase = p.FINAL
+    messages = []
+    connected = set(fed.grid.get_node_ids())
+    for node in sorted(connected):
+        split = "all" if node in fed.eval_sites else "test"
+        config = ConfigRecord(fed.base_config(p.FINAL, **{"eval-split": split}))
+        messages.append(Message(content=RecordDict({p.CONFIG: config, **records}), dst_node_id=node,
+                                message_type=p.EVALUATE))
+    replies = [r for r in fed.grid.send_and_receive(messages, timeout=fed.cfg.round_timeout) if not r.has_error()]
+    fed.grid.admitted = set(fed.sites)
+    if not replies:
+        raise FederationError("final evaluation: no site replied")
+    return replies
 
 
 def _rejections(ckpt: Checkpoint) -> list[Any]:

@@ -47,14 +47,15 @@ class SuperLink:
     """`flower-superlink` on host:port (one port carries Fleet, Control and Runtime APIs in flwr ≥ 1.41).
 
     TLS unless `tls` is None (insecure, for explicit opt-in only); SuperNode authentication on by
-    default; runtime dependency installation off (dependencies are installed at every host).
+    default; runtime dependency installation off (dependencies are installed at every host). `fresh=False`
+    keeps the database of an earlier start (registered keys, hence node ids: what a resumed run needs).
     """
 
     def __init__(self, workdir: Path, tls: TLSFiles | None, host: str = "127.0.0.1", port: int = 9092,
-                 node_auth: bool = True, env: dict[str, str] | None = None):
+                 node_auth: bool = True, env: dict[str, str] | None = None, fresh: bool = True):
         self.workdir = Path(workdir)
         self.host, self.port, self.tls, self.node_auth = host, port, tls, node_auth
-        self.env = env
+        self.env, self.fresh = env, fresh
         self.process: ManagedProcess | None = None
 
     @property
@@ -77,7 +78,8 @@ class SuperLink:
     def start(self, timeout: float = 60.0) -> "SuperLink":
         """Start and wait until the port accepts connections."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "state.db").unlink(missing_ok=True)  # a fresh link: stale nodes would look online
+        if self.fresh:
+            (self.workdir / "state.db").unlink(missing_ok=True)  # a fresh link: stale nodes would look online
         self.process = ManagedProcess("SuperLink", self.argv(), self.workdir / "superlink.log",
                                       env=flower_env(self.env))
         self.process.wait_ready(lambda: port_open(self.host, self.port), timeout)

@@ -332,3 +332,27 @@ def test_differential_privacy_noises_every_release_and_reports_epsilon(sites: li
     assert "ε =" in (result.run_dir / "report.md").read_text()
     quieter, _ = federate(sites, tiny_config(tmp_path / "q", "dp", dp_noise_multiplier=4.0, dp_clipping_norm=0.5))
     assert json.loads((quieter.run_dir / "metrics.json").read_text())["privacy"]["epsilon"] < privacy["epsilon"]
+
+
+def test_defaults_toml_federation_section_matches_the_model() -> None:
+    from common.config.base import load_config
+
+    assert load_config(FederationConfig, REPO / "configs" / "defaults.toml", "federation") == FederationConfig()
+    demo = load_config(FederationConfig, REPO / "configs" / "demo.toml", "federation")
+    assert demo.rounds.teacher == 5 and demo.clusters.num_clusters == 2  # the demo's own sizes load cleanly
+
+
+def test_an_evaluation_only_site_trains_nothing_and_reports_on_all_its_slides(sites: list[Path], tmp_path: Path) -> None:
+    held_out = make_site(tmp_path, "site4", {"train": 4, "val": 2, "test": 2}, seed=11)
+    cfg = tiny_config(tmp_path, "loso", eval_only_sites=["site4"], kd={"lambda_expert": 0.0},
+                      rounds={"adapter": 1, "teacher": 2, "baseline": 1, "student": 1})
+    assert cfg.to_run_config()["eval-only-sites"] == "site4"
+    result, _ = federate([*sites, held_out], cfg)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert [(s["name"], s["role"]) for s in metrics["sites"]][-1] == ("site4", "eval-only")
+    assert metrics["models"]["student_low"]["held_out"]["n"] == 8  # every labelled slide of the held-out site
+    assert metrics["models"]["student_low"]["overall"]["n"] == 12  # the training sites' test slides only
+    ledger = [json.loads(line)["phase"] for line in (held_out / "runs" / "loso" / "egress.jsonl").read_text().splitlines()]
+    assert ledger == ["handshake", "evaluate"]
+    predictions = (held_out / "runs" / "loso" / "predictions.csv").read_text().splitlines()
+    assert len(predictions) == 9 and predictions[0].startswith("slide_id,patient_id,split,label,teacher_high_p0")

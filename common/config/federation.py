@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
 from common.config.base import ConfigError, StageConfig, format_validation_error
 from common.config.distill import (
@@ -63,6 +63,10 @@ class FederationConfig(StageConfig):
     )
     round_timeout: PositiveFloat = Field(default=900.0, description="seconds to wait for the replies of one round")
     encoder: str | None = Field(default=None, description="features/<encoder> subfolder every site must use")
+    eval_only_sites: list[str] = Field(
+        default_factory=list,
+        description="sites (by name) that train nothing: they receive the final models and report metrics on all their slides",
+    )
     seed: int = Field(default=0, description="seed of every init, sample and batch order")
     device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda[:i], mps")
     threads: PositiveInt | None = Field(default=None, description="torch CPU threads per process")
@@ -89,6 +93,11 @@ class FederationConfig(StageConfig):
         default=None, description="cluster statistics of fewer slides are withheld (default: clusters.suppress-below)"
     )
 
+    @field_validator("eval_only_sites", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _logits_needs_proxy(self) -> "FederationConfig":
         if self.mode == "logits" and self.proxy_dir is None:
@@ -109,6 +118,8 @@ class FederationConfig(StageConfig):
                 name = f"{prefix}{key}"
                 if isinstance(value, dict):
                     walk(f"{name}.", value)
+                elif isinstance(value, list):  # Flower's run config holds scalars: lists travel comma-separated
+                    flat[name] = ",".join(str(v) for v in value)
                 elif value is not None:
                     flat[name] = value
         walk("", self.to_toml_dict())

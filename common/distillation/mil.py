@@ -94,7 +94,11 @@ def evaluate_split(
 ) -> dict[str, float]:
     """Metrics (auc, acc, balanced_acc, f1, brier, ece) and mean CE loss on slides `indices`, plus n."""
     logits, _ = slide_outputs(model, cohort, indices, device, batch_size)
-    labels = cohort.labels[np.asarray(indices, dtype=np.int64)]
+    return metrics_from_logits(logits, cohort.labels[np.asarray(indices, dtype=np.int64)], ece_bins)
+
+
+def metrics_from_logits(logits: torch.Tensor, labels: np.ndarray, ece_bins: int) -> dict[str, float]:
+    """Metrics (auc, acc, balanced_acc, f1, brier, ece), mean CE loss and n of slide logits [n, K]."""
     probs = torch.softmax(logits.double(), dim=1).numpy()
     metrics = classification_metrics(labels, probs, ece_bins)
     loss = float(nn.functional.cross_entropy(logits, torch.from_numpy(labels))) if len(labels) else float("nan")

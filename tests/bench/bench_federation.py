@@ -1,0 +1,161 @@
+"""Federation evidence (issue 5): bytes per round, federation overhead vs. the centralized pipeline, student AUC.
+
+    python tests/bench/bench_federation.py --sites C/site1 C/site2 C/site3 --out OUT \
+        [--proxy P/site] [--deploy loopback|inprocess] [--skip-centralized] [--set KEY=VALUE ...]
+
+Run on demand (not collected by pytest). Steps:
+1. Federated run, weights mode: `--deploy loopback` starts a real SuperLink + one SuperNode per site with TLS and
+   node authentication (common.federate.run_consortium) and times the whole thing; `inprocess` runs the same
+   ServerApp/ClientApp code through server.local_grid (no processes; for bytes and AUC only).
+2. Centralized `fedslide distill` on the same sites and split with the same epochs: teacher epochs =
+   rounds.teacher x local-epochs, and so on; early stopping off (the federation runs every round).
+3. Both students evaluated on the pooled test slides (feature files): AUC of the federated student
+   (its adapter + weights from OUT/fed/runs/<id>/models) vs. the centralized LRMIL + D&D student.
+4. Bytes: the largest upload of one site in one round of each weights phase / the model's serialized size
+   (target <= 1.05); with --proxy, a logits-mode run (in-process) shows the logits upload.
+5. OUT/federation_table.json + .md with the targets: bytes <= 1.05 x model; federated time <= 1.5 x centralized;
+   |AUC(federated student) - AUC(centralized student)| <= 0.03.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+BYTES_TARGET = 1.05
+TIME_TARGET = 1.5
+AUC_TARGET = 0.03
+
+
+def federation_config(args: argparse.Namespace, run_id: str, **extra: Any):  # noqa: ANN201
+    from common.config.base import load_config
+    from common.config.federation import FederationConfig
+
+    cfg = load_config(FederationConfig, overrides=args.set, values={"run_id": run_id, "runs_dir": str(args.out / "fed" / "runs"),
+                                                                    "threads": args.threads})
+    return cfg.model_copy(update=extra)
+
+
+def run_federated(args: argparse.Namespace, cfg: Any) -> tuple[Path, float]:
+    from client.client_app import app as client_app
+    from common.federate import LaunchOptions, run_consortium
+    from server.local_grid import LocalGrid
+    from server.server_app import run
+
+    start = time.perf_counter()
+    if args.deploy == "loopback":
+        run_dir = run_consortium(args.sites, cfg, LaunchOptions(args.out / "fed", timeout=7200))
+    else:
+        grid = LocalGrid(client_app, [{"site-dir": str(s)} for s in args.sites], cfg.to_run_config())
+        run_dir = run(grid, cfg).run_dir
+    return run_dir, time.perf_counter() - start
+
+
+def run_centralized(args: argparse.Namespace, fed_cfg: Any) -> tuple[Path, float]:
+    from common.config.distill import DistillConfig
+    from common.distillation.pipeline import run_distill
+
+    r = fed_cfg.rounds
+    training = fed_cfg.training.model_copy(update={
+        "teacher_epochs": r.teacher * r.local_epochs, "expert_epochs": r.experts * r.local_epochs,
+        "student_epochs": r.student * r.local_epochs, "early_stopping_patience": 0,
+        "epochs": max(r.teacher, r.student, r.experts) * r.local_epochs,
+    })
+    adapter = fed_cfg.adapter.model_copy(update={"epochs": r.adapter * r.adapter_local_epochs, "patience": 0})
+    cfg = DistillConfig(sites=args.sites, out_dir=args.out / "central", seed=fed_cfg.seed, threads=2,
+                        adapter=adapter, teacher=fed_cfg.teacher, student=fed_cfg.student, training=training,
+                        clusters=fed_cfg.clusters, experts=fed_cfg.experts, kd=fed_cfg.kd)
+    start = time.perf_counter()
+    run_distill(cfg)
+    return args.out / "central", time.perf_counter() - start
+
+
+def federated_student_auc(args: argparse.Namespace, run_dir: Path, cfg: Any) -> dict[str, float]:
+    """The federated student (and teacher) on the pooled test slides, from the saved global models."""
+    from common.distillation.adapter import build_adapter
+    from common.distillation.data import load_sites
+    from common.distillation.mil import evaluate_split
+    from common.distillation.student import student_bags
+    from common.federation.models import adapter_spec, new_model, student_config, teacher_config
+    from common.federation.protocol import Facts
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    data = load_sites(args.sites, cfg.encoder, seed=cfg.seed, classes=metrics["classes"])
+    facts = Facts(tuple(metrics["classes"]), data.feature_dim, data.token_grid, data.child_grid, data.encoder)
+
+    def load(module: torch.nn.Module, name: str) -> torch.nn.Module:
+        with np.load(run_dir / "models" / f"{name}.npz") as npz:
+            module.load_state_dict({k: torch.from_numpy(npz[k]) for k in npz.files})
+        return module.eval()
+
+    adapter = load(build_adapter(adapter_spec(cfg, facts)), "adapter")
+    mode = "pooled" if cfg.kd.student_input == "tokens" and not data.has_tokens else cfg.kd.student_input
+    test = data.split("test")
+    student = load(new_model(student_config(cfg, facts), 0), "student")
+    teacher = load(new_model(teacher_config(cfg, facts), 0), "teacher")
+    s = evaluate_split(student, data.cohort(student_bags(adapter, data, mode)), test, torch.device("cpu"), 15)
+    t = evaluate_split(teacher, data.cohort(data.high_bags()), test, torch.device("cpu"), 15)
+    return {"student_auc": s["auc"], "teacher_auc": t["auc"], "n": int(test.size)}
+
+
+def bytes_rows(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {phase: {k: entry.get(k) for k in ("max_upload_per_site_round", "model_bytes", "max_upload_over_model", "up", "down")}
+            for phase, entry in metrics["communication"]["per_phase"].items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sites", type=Path, nargs="+", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--proxy", type=Path, default=None, help="a site directory used as the proxy cohort (logits mode)")
+    ap.add_argument("--deploy", choices=["loopback", "inprocess"], default="loopback")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per site process")
+    ap.add_argument("--skip-centralized", action="store_true")
+    ap.add_argument("--set", action="append", default=[], help="federation config override (key=value)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%H%M%S")
+    cfg = federation_config(args, f"bench-{stamp}")
+    table: dict[str, Any] = {"deploy": args.deploy, "sites": [str(s) for s in args.sites], "config": cfg.to_toml_dict()}
+    run_dir, fed_seconds = run_federated(args, cfg)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    table["federated"] = {"run_dir": str(run_dir), "seconds": fed_seconds, "server_timings": metrics["timings"],
+                          "bytes": bytes_rows(metrics), "per_site_weighted": {r["model"]: r["auc"] for r in metrics["rows"]},
+                          "pooled": federated_student_auc(args, run_dir, cfg)}
+    ratios = [e["max_upload_over_model"] for e in table["federated"]["bytes"].values() if e.get("max_upload_over_model")]
+    table["targets"] = {"bytes_over_model_max": max(ratios), "bytes_met": max(ratios) <= BYTES_TARGET}
+    if not args.skip_centralized:
+        central_dir, central_seconds = run_centralized(args, cfg)
+        central = json.loads((central_dir / "metrics.json").read_text())
+        rows = {r["model"]: r for r in central["rows"]}
+        table["centralized"] = {"seconds": central_seconds, "timings": central["timings"],
+                                "student_auc": rows["lrmil_dd_student"]["auc"], "teacher_auc": rows["teacher_high"]["auc"]}
+        diff = table["federated"]["pooled"]["student_auc"] - rows["lrmil_dd_student"]["auc"]
+        table["targets"].update({
+            "time_ratio": fed_seconds / central_seconds, "time_met": fed_seconds / central_seconds <= TIME_TARGET,
+            "auc_diff": diff, "auc_met": abs(diff) <= AUC_TARGET,
+        })
+    if args.proxy is not None:
+        saved = args.deploy
+        args.deploy = "inprocess"
+        logits_cfg = federation_config(args, f"bench-logits-{stamp}", mode="logits", proxy_dir=args.proxy)
+        logits_dir, logits_seconds = run_federated(args, logits_cfg)
+        args.deploy = saved
+        lm = json.loads((logits_dir / "metrics.json").read_text())
+        table["logits_mode"] = {"seconds_inprocess": logits_seconds, "bytes": bytes_rows(lm),
+                                "rows": {r["model"]: r["auc"] for r in lm["rows"]},
+                                "student_model_bytes": lm["models_manifest"]["student"]["serialized_bytes"]}
+    (args.out / "federation_table.json").write_text(json.dumps(table, indent=2, default=str))
+    print(json.dumps(table["targets"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
