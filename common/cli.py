@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     from client.synth.cli import add_parser as add_synth
     from common.demo import add_parser as add_demo
     from common.distillation.cli import add_parser as add_distill
+    from common.evaluation.cli import add_parsers as add_evaluation
     from common.federate import add_parser as add_federate
     from common.training.cli import add_parser as add_train
     from deploy.certs import add_parser as add_certs
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_demo, add_synth, add_preprocess, add_train, add_distill, add_predict, add_certs, add_federate, add_deploy):
         add(sub)
+    add_evaluation(sub)
     return parser
 
 

@@ -87,7 +87,8 @@ def preflight(sites: list[Path], cfg: FederationConfig) -> None:
         raise ConfigError("refusing to start the federation:\n  " + "\n  ".join(problems))
 
 
-def _write_run_config(path: Path, cfg: FederationConfig) -> None:
+def write_run_config(path: Path, cfg: FederationConfig) -> None:
+    """The run config as the flat TOML file `flwr run --run-config FILE` reads."""
     def value(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -133,7 +134,7 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
                      fresh=not cfg.resume)
     cli = FlowerCli(work / "flwr-home", link.address, tls.ca if tls else None)
     config_file = work / f"run-config-{cfg.run_id}.toml"
-    _write_run_config(config_file, cfg)
+    write_run_config(config_file, cfg)
     with ExitStack() as stack:
         _stop_on_sigterm(stack)
         log.info("starting SuperLink on %s (%s)", link.address, "TLS + node auth" if tls else "insecure")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ import torch
 
 from common.config.base import load_config
 from common.config.distill import AdapterConfig, DistillConfig, MILTrainingConfig
-from common.config.model import ModelConfig
 from common.distillation.adapter import AdapterSpec, build_adapter
 from common.distillation.bundle import BundleMeta, BundleMismatchError, StudentBundle
 from common.distillation.cache import LogitCache, model_fingerprint
@@ -38,12 +36,12 @@ from common.distillation.data import load_sites
 from common.distillation.experts import train_experts
 from common.distillation.losses import CachedKDLoss, distillation_loss, regression_loss
 from common.distillation.mil import slide_outputs
-from common.features import feature_path, read_feature_file
+from common.features import read_feature_file
 from common.metrics import classification_metrics
 from common.models.registry import build_model
 from common.training.cohort import Cohort, Slide
 from common.training.errors import FeatureDataError
-from tests.feature_sites import D, ENCODER, GRID, HASH, SLOTS, make_site, tiny, write_slide
+from tests.feature_sites import D, ENCODER, GRID, HASH, SLOTS, make_site, tiny
 
 
 def _np_softmax(x: np.ndarray) -> np.ndarray:

@@ -362,3 +362,22 @@ def test_ece_two_bins_by_hand() -> None:
     # bin (0, 0.5]: confidences 0.4, 0.4, accuracy 1/2 -> |0.5 - 0.4| * 2/4
     # bin (0.5, 1]: confidences 0.9, 0.8, accuracy 1/2 -> |0.5 - 0.85| * 2/4
     assert expected_calibration_error(y, probs, n_bins=2) == pytest.approx(0.05 + 0.175, abs=1e-12)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_vectorised_resample_metrics_match_common_metrics(k: int) -> None:
+    from common.evaluation.stats import _metric_values, _weighted_other_metrics
+
+    rng = np.random.default_rng(k)
+    n = 40
+    y = rng.integers(0, k, n)
+    y[:k] = np.arange(k)
+    p = rng.dirichlet(np.ones(k), n)
+    counts = rng.multinomial(n, np.ones(n) / n, size=25)
+    names = ["acc", "balanced_acc", "f1", "brier", "ece"]
+    fast = _weighted_other_metrics(y, p, counts, names, 10)
+    for r, row in enumerate(counts):
+        take = np.repeat(np.arange(n), row)
+        slow = _metric_values(y[take], p[take], names, 10)
+        for m in names:
+            assert fast[m][r] == pytest.approx(slow[m], abs=1e-9), (m, r)

@@ -338,6 +338,9 @@ def test_defaults_toml_federation_section_matches_the_model() -> None:
     from common.config.base import load_config
 
     assert load_config(FederationConfig, REPO / "configs" / "defaults.toml", "federation") == FederationConfig()
+    from common.config.evaluate import EvaluateConfig
+
+    assert load_config(EvaluateConfig, REPO / "configs" / "defaults.toml", "evaluate") == EvaluateConfig()
     demo = load_config(FederationConfig, REPO / "configs" / "demo.toml", "federation")
     assert demo.rounds.teacher == 5 and demo.clusters.num_clusters == 2  # the demo's own sizes load cleanly
 

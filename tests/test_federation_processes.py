@@ -419,6 +419,7 @@ def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(
     assert all(m["nodes"] == [victim] for m in metrics["missing"]), metrics["missing"]  # no one else was missing
     first = absent[0]
     assert first["phase"] in ("adapter", "teacher"), first
+    assert [h["round"] for h in metrics["learning_curves"]["teacher"]] == [0, 1, 2, 3]  # every round completed
     # the restarted site (same registered key, hence the same node id) took part again afterwards
     entries = ledger(good[2], "kill")
     later = {e["phase"] for e in entries} & {"baseline", "kd-cache", "student", "evaluate"}
@@ -472,7 +473,11 @@ def test_resume_after_the_server_is_killed(sites: list[Path], tmp_path: Path, tr
     assert sorted(s["name"] for s in metrics["sites"]) == ["site1", "site2", "site3"]
     assert [h["round"] for h in metrics["learning_curves"]["teacher"]][-1] == 3
     for site in good:
-        phases = Counter(e["phase"] for e in ledger(site, "resume"))
+        entries = ledger(site, "resume")
+        phases = Counter(e["phase"] for e in entries)
         assert phases["adapter"] == cfg.rounds.adapter + 1, (site.name, phases)  # rounds + one validation
+        # the teacher's round 1 was checkpointed before the kill: the resumed run went on from there
+        teacher_rounds = Counter(e["round"] for e in entries if e["phase"] == "teacher")
+        assert teacher_rounds[1] == 1 and teacher_rounds[3] == 2, (site.name, teacher_rounds)  # round 3 + validation
         assert phases["handshake"] == 1, (site.name, phases)  # the resumed run reused the admitted sites
         assert phases["evaluate"] == 1 and phases["student"] == cfg.rounds.student + 1, (site.name, phases)

@@ -45,7 +45,7 @@ import pytest
 
 from client.supernode import SuperNode
 from common.config.federation import FederationConfig
-from common.federate import APP_DIR, _write_run_config
+from common.federate import APP_DIR, write_run_config
 from common.processes import ManagedProcess, port_open, tail
 from deploy.certs import Material, make_all, make_site_keys
 from server.superlink import FlowerCli, FlowerCliError, SuperLink, TLSFiles
@@ -278,7 +278,7 @@ def test_run_submitted_at_the_coordinating_site_completes(deployment: Deployment
                            clusters={"num_clusters": 2}, training={"lr": 1e-2}, kd={"lambda_expert": 0.0},
                            expected_nodes=len(HOSPITALS), round_timeout=240.0)
     config_file = dep.work / "srv" / f"run-config-{RUN_ID}.toml"
-    _write_run_config(config_file, cfg)
+    write_run_config(config_file, cfg)
     before = dep.run_ids()
     run_id = dep.at_srv(dep.cli.submit, APP_DIR, config_file)
     assert run_id not in before
@@ -330,7 +330,7 @@ def test_run_submitted_from_a_hospital_is_refused(deployment: Deployment, tmp_pa
     # everything a hospital has: the federation's CA, and the one address it can reach
     rogue = FlowerCli(tmp_path / "h1-flwr-home", fleet, dep.material.ca.cert)
     config_file = tmp_path / "run-config.toml"
-    _write_run_config(config_file, FederationConfig(run_id="rogue", runs_dir=tmp_path / "runs", teacher=TINY_MODEL,
+    write_run_config(config_file, FederationConfig(run_id="rogue", runs_dir=tmp_path / "runs", teacher=TINY_MODEL,
                                                     student=TINY_MODEL))
 
     with pytest.raises(FlowerCliError) as refused:

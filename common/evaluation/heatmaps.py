@@ -82,7 +82,7 @@ def thumbnail(site_dir: Path, slide: SlidePair, long_side: int, min_mpp: float) 
     slide_mpp = attr_mpp or 1.0
     dims0 = _extent0(slide)
     scale = max(dims0) / long_side  # level-0 px per canvas px
-    w, h = max(1, int(round(dims0[0] / scale))), max(1, int(round(dims0[1] / scale)))
+    w, h = max(1, round(dims0[0] / scale)), max(1, round(dims0[1] / scale))
     canvas = np.full((h, w, 3), 242, dtype=np.uint8)
     return Thumbnail(canvas, (dims0[0] * slide_mpp / w, dims0[1] * slide_mpp / h), slide_mpp, dims0, False)
 
@@ -140,7 +140,8 @@ def _add_outline(fig: Figure, thumb: Thumbnail, mask: tuple[np.ndarray, float] |
         handles.append(Line2D([], [], color="none", label="ground-truth mask: no tumor"))
     else:
         handles.append(Line2D([], [], color="none", label="no ground-truth mask"))
-    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.02, 1.0 - 48 / (fig.get_figheight() * fig.dpi)),
+    width, height = fig.get_figwidth() * fig.dpi, fig.get_figheight() * fig.dpi
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(12 / width, 1.0 - 48 / height),
                ncol=len(handles), fontsize=7, frameon=False, borderaxespad=0.0, borderpad=0.0)
 
 
@@ -157,11 +158,11 @@ def render_slide_heatmap(
     m = max(len(attention.values), 1)
     values = InstanceMap(attention.coords, attention.size_level0, attention.values * m)
     cell_um = attention.size_level0 * thumb.slide_mpp
-    background = "" if thumb.real else "; no slide file at the site: plain canvas"
+    background = "" if thumb.real else "; no slide file: plain canvas"
     fig = render_heatmap(
         thumb.image, thumb.mpp, thumb.slide_mpp, thumb.dims0, values,
         title=f"{slide.site} · {slide.slide_id}: true {true_label}, predicted {classes[k]} (p = {probs[k]:.2f})",
-        subtitle=f"{source}: student attention per {cell_um:.0f}-µm cell, {len(attention.values)} instances{background}",
+        subtitle=f"{source}: attention per {cell_um:.0f}-µm cell, {len(attention.values)} instances{background}",
     )
     _add_outline(fig, thumb, mask, f"attention cell ({cell_um:.0f} µm)")
     write_heatmap(out_path, fig)

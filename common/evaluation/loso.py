@@ -45,7 +45,6 @@ from common.distillation.data import DistillData, SlidePair, load_sites
 from common.evaluation.predictions import (
     STUDY_PREDICTIONS,
     PredictionTable,
-    PredRow,
     ScoreCost,
     read_site_predictions,
     rows_from_scores,
@@ -335,17 +334,19 @@ def export_heatmaps(study: Study) -> list[dict[str, Any]]:
         if hm.source in ("site", "both") and "federated" in study.cfg.regimes:
             run_dir = site_dir / "runs" / fold_run_id(study, name)
             jobs.append((name, site_dir, examples, run_dir / "student_bundle", run_dir / "heatmaps", "site",
-                         "federated.student_low", f"exported by {name} (federated student, LOSO fold without {name})"))
+                         "federated.student_low", f"exported by {name} (federated student, LOSO fold without {name})",
+                         "federated student (site export)"))
         if hm.source in ("centralized", "both") and "centralized" in study.cfg.regimes:
             bundle = study.out_dir / "centralized" / f"loso-{slug(name)}" / "student"
             jobs.append((name, site_dir, examples, bundle, study.out_dir / "heatmaps" / "centralized" / slug(name),
-                         "centralized", "centralized.student_low", f"centralized reference without {name}"))
-    for name, site_dir, examples, bundle_dir, out, source, model, caption in tqdm(
+                         "centralized", "centralized.student_low", f"centralized reference without {name}",
+                         "centralized reference"))
+    for name, site_dir, examples, bundle_dir, out, source, model, caption, short in tqdm(
             jobs, desc="heatmaps", unit="site", disable=not study.cfg.progress):
         bundle = StudentBundle.load(bundle_dir)
         for slide in examples:
             path = out / f"{slide.slide_id}.png"
-            info = render_slide_heatmap(bundle, slide, site_dir, path, source=caption, true_label=classes[slide.label],
+            info = render_slide_heatmap(bundle, slide, site_dir, path, source=short, true_label=classes[slide.label],
                                         long_side=hm.size)
             shown = str(path.relative_to(study.out_dir)) if path.is_relative_to(study.out_dir) else str(path.resolve())
             entries.append({"site": name, "slide_id": slide.slide_id, "label": classes[slide.label],

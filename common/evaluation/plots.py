@@ -74,12 +74,23 @@ def _roc(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return fpr, tpr
 
 
+def _shared_legend(fig: Figure, models: Sequence[str], extra: Sequence[tuple[str, str, str]] = ()) -> None:
+    """One legend for the whole figure, below the panels: a line per model (+ extra (label, colour, style))."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colour(m), lw=2, label=label(m)) for m in models]
+    handles += [Line2D([], [], color=c, lw=1, ls=ls, label=name) for name, c, ls in extra]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
+
+
 def roc_figure(table: PredictionTable, setting: str, models: Sequence[str], sites: Sequence[str],
                metrics: dict[str, Any]) -> bytes:
-    """ROC curves of `models` at every site and pooled, in one setting (AUC in the legend)."""
+    """ROC curves of `models` at every site and pooled, in one setting (each panel lists the AUCs)."""
     panels = [*sites, "overall"]
     fig, axes = _grid(len(panels))
     for ax, site in zip(axes, panels):
+        aucs = []
         for model in models:
             rows = table.select(setting, model, None if site == "overall" else site)
             if not rows:
@@ -91,7 +102,11 @@ def roc_figure(table: PredictionTable, setting: str, models: Sequence[str], site
             entry = metrics.get(model, {}).get(setting, {})
             entry = entry.get("overall") if site == "overall" else entry.get("per_site", {}).get(site)
             auc = entry["auc"]["estimate"] if entry and entry["auc"]["estimate"] is not None else float("nan")
-            ax.plot(curve[0], curve[1], color=colour(model), lw=1.5, label=f"{label(model)}: {auc:.2f}")
+            ax.plot(curve[0], curve[1], color=colour(model), lw=1.5)
+            aucs.append((model, auc))
+        for i, (model, auc) in enumerate(reversed(aucs)):
+            ax.text(0.97, 0.04 + 0.075 * i, f"AUC {auc:.3f}", transform=ax.transAxes, ha="right", va="bottom",
+                    fontsize=7, color=colour(model), weight="bold")
         ax.plot([0, 1], [0, 1], ls=":", color="#999999", lw=1)
         ax.set_title("pooled over sites" if site == "overall" else site, fontsize=10)
         ax.set_xlabel("1 - specificity", fontsize=8)
@@ -100,10 +115,9 @@ def roc_figure(table: PredictionTable, setting: str, models: Sequence[str], site
         ax.set_ylim(-0.01, 1.01)
         ax.set_aspect("equal")
         ax.tick_params(labelsize=7)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6, loc="lower right", title="AUC", title_fontsize=6)
     fig.suptitle(f"ROC, {SETTING_TITLES.get(setting, setting)}", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.17 if len(panels) <= 4 else 0.08, 1, 1))
+    _shared_legend(fig, models)
     return to_png(fig)
 
 
@@ -129,6 +143,7 @@ def calibration_figure(table: PredictionTable, models: Sequence[str], metrics: d
     binary = len(table.classes) == 2
     fig, axes = _grid(2, 4.2, 4.0)
     for ax, setting in zip(axes, ("in_distribution", "out_of_site")):
+        eces: list[tuple[str, float]] = []
         for model in models:
             rows = table.select(setting, model)
             if not rows:
@@ -136,18 +151,22 @@ def calibration_figure(table: PredictionTable, models: Sequence[str], metrics: d
             x, y, n = _reliability(np.array([r.label for r in rows]), np.stack([r.probs for r in rows]))
             entry = metrics.get(model, {}).get(setting, {}).get("overall") or {}
             ece = (entry.get("ece") or {}).get("estimate")
-            name = f"{label(model)}" + (f" (ECE {ece:.2f})" if ece is not None else "")
-            ax.plot(x, y, color=colour(model), lw=1.2, label=name)
+            ax.plot(x, y, color=colour(model), lw=1.2)
             ax.scatter(x, y, s=12 + 60 * n / max(n.max(), 1), color=colour(model), alpha=0.7)
-        ax.plot([0, 1], [0, 1], ls=":", color="#999999", lw=1, label="perfect calibration")
+            if ece is not None:
+                eces.append((model, ece))
+        for i, (model, ece) in enumerate(reversed(eces)):
+            ax.text(0.97, 0.04 + 0.07 * i, f"ECE {ece:.3f}", transform=ax.transAxes, ha="right", va="bottom",
+                    fontsize=7, color=colour(model), weight="bold")
+        ax.plot([0, 1], [0, 1], ls=":", color="#999999", lw=1)
         ax.set_xlabel(f"predicted P({table.classes[1]})" if binary else "confidence (max probability)", fontsize=8)
         ax.set_ylabel(f"observed fraction {table.classes[1]}" if binary else "accuracy", fontsize=8)
         ax.set_title(SETTING_TITLES[setting], fontsize=10)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6, loc="upper left")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    _shared_legend(fig, models, [("perfect calibration", "#999999", ":")])
     return to_png(fig)
 
 
@@ -172,15 +191,14 @@ def site_bars_figure(metrics: dict[str, Any], models: Sequence[str], sites: Sequ
             err = np.array([[max(v[0] - v[1], 0) if math.isfinite(v[1]) else 0 for v in values],
                             [max(v[2] - v[0], 0) if math.isfinite(v[2]) else 0 for v in values]])
             xs = np.arange(len(panels)) + (i - (len(models) - 1) / 2) * width
-            ax.bar(xs, np.nan_to_num(est), width, color=colour(model), label=label(model), yerr=err, capsize=2,
-                   error_kw={"lw": 0.8})
+            ax.bar(xs, np.nan_to_num(est), width, color=colour(model), yerr=err, capsize=2, error_kw={"lw": 0.8})
         ax.set_xticks(np.arange(len(panels)), [*sites, "pooled"], fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(metric, fontsize=8)
         ax.set_title(SETTING_TITLES[setting], fontsize=10)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6, loc="lower left", ncol=2)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    _shared_legend(fig, models)
     return to_png(fig)
 
 

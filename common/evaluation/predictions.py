@@ -159,16 +159,18 @@ def score_bundles(
         student.check_features(slide.low.attrs)
         low = torch.from_numpy(np.asarray(slide.low.features, dtype=np.float32))
         tokens = None if slide.low.tokens is None else torch.from_numpy(np.asarray(slide.low.tokens, dtype=np.float32))
+        low_coords = None if slide.low.coords is None else torch.from_numpy(slide.low.coords)
+        high_coords = None if slide.high.coords is None else torch.from_numpy(slide.high.coords)
         t0 = time.perf_counter()
-        probs, *_ = student.predict_low(low, tokens)
+        probs, *_ = student.predict_low(low, tokens, low_coords, low_patch_size_level0=slide.low_size_level0 or None)
         t1 = time.perf_counter()
         out["student_low"].append(probs.numpy())
         if student.teacher is not None:
-            high, _ = student.predict_high(torch.from_numpy(np.asarray(slide.high.features, dtype=np.float32)))
+            high, _ = student.predict_high(torch.from_numpy(np.asarray(slide.high.features, dtype=np.float32)), high_coords)
             out["teacher_high"].append(high.numpy())
         t2 = time.perf_counter()
         if baseline is not None:
-            out["baseline_low"].append(baseline.predict_low(low, None)[0].numpy())
+            out["baseline_low"].append(baseline.predict_low(low, None, low_coords)[0].numpy())
         cost.add(ScoreCost(1, len(slide.high), len(slide.low), t2 - t1, t1 - t0))
     names = {"teacher_high": student.meta.class_names, "student_low": student.meta.class_names,
              "baseline_low": baseline.meta.class_names if baseline is not None else []}

@@ -33,8 +33,8 @@ CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
 color:#222;line-height:1.45}
 h1{border-bottom:2px solid #444}h2{border-bottom:1px solid #ccc;margin-top:2em}
-table{border-collapse:collapse;margin:0.8em 0;font-size:0.85em}th,td{border:1px solid #ccc;padding:3px 7px;
-text-align:right}th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
+table{border-collapse:collapse;margin:0.8em 0;font-size:0.85em;display:block;overflow-x:auto}th,td{border:1px solid #ccc;padding:3px 7px;
+text-align:right;white-space:nowrap}th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:0.85em;color:#555}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:12px}
 .grid figure{margin:0}.missing{padding:2em;background:#fafafa;border:1px dashed #bbb;color:#777}
@@ -202,21 +202,25 @@ def cohort_section(doc: Doc, metrics: dict[str, Any]) -> None:
                "scanner", "tumor masks", "slides scored when held out"], rows)
 
 
+def _mean_auc(metrics: dict[str, Any], model: str, setting: str) -> float | None:
+    return metrics["models"][model][setting]["mean_over_sites"].get("auc")
+
+
 def _gap_sentence(metrics: dict[str, Any]) -> str:
     models = metrics["models"]
     parts = []
     for model in ("local.student_low", "federated.student_low", "centralized.student_low", "federated.teacher_high"):
         if model not in models:
             continue
-        ins = (models[model]["in_distribution"]["overall"] or {}).get("auc", {}).get("estimate")
-        out = (models[model]["out_of_site"]["overall"] or {}).get("auc", {}).get("estimate")
+        ins, out = _mean_auc(metrics, model, "in_distribution"), _mean_auc(metrics, model, "out_of_site")
         if ins is not None and out is not None:
             parts.append(f"{plots.label(model)}: AUC {ins:.3f} in-distribution vs {out:.3f} out-of-site "
                          f"(gap {ins - out:+.3f})")
-    text = "; ".join(parts) + "." if parts else "No gap could be computed (a setting has no scored slides)."
+    text = ("Mean of the per-site AUCs — " + "; ".join(parts) + "." if parts
+            else "No gap could be computed (a setting has no scored slides).")
     if "local.student_low" in models and "federated.student_low" in models:
-        loc = (models["local.student_low"]["out_of_site"]["overall"] or {}).get("auc", {}).get("estimate")
-        fed = (models["federated.student_low"]["out_of_site"]["overall"] or {}).get("auc", {}).get("estimate")
+        loc = _mean_auc(metrics, "local.student_low", "out_of_site")
+        fed = _mean_auc(metrics, "federated.student_low", "out_of_site")
         if loc is not None and fed is not None:
             verdict = "higher" if fed > loc else "not higher"
             text += (f" At sites they never saw, the federated student's AUC ({fed:.3f}) is {verdict} than the "
@@ -256,8 +260,12 @@ def gap_table(doc: Doc, metrics: dict[str, Any], models: Sequence[str]) -> None:
         ins = (sec["in_distribution"]["overall"] or {}).get("auc")
         out = (sec["out_of_site"]["overall"] or {}).get("auc")
         rows.append([plots.label(m), fmt_ci(ins), fmt_ci(out), fmt(sec["gap"]["overall"]["auc"]),
-                     *(fmt(sec["gap"]["per_site"][s]["auc"]) for s in sites)])
-    doc.table(["model", "AUC in-distribution", "AUC out-of-site", "gap (pooled)", *(f"gap at {s}" for s in sites)], rows)
+                     fmt(sec["gap"]["mean_over_sites"]["auc"]), *(fmt(sec["gap"]["per_site"][s]["auc"]) for s in sites)])
+    doc.table(["model", "AUC in-distribution (pooled)", "AUC out-of-site (pooled)", "gap (pooled)",
+               "gap (mean over sites)", *(f"gap at {s}" for s in sites)], rows)
+    doc.p("Pooled: all scored slides together; a slide scored by several fold models (in-distribution slides of the "
+          "LOSO runs, held-out slides of site-local models) counts once per model, so pooled AUCs also reflect how "
+          "differently those models are calibrated. The mean over sites avoids that cross-model pooling.", note=True)
 
 
 def paired_section(doc: Doc, metrics: dict[str, Any]) -> None:

@@ -258,19 +258,13 @@ def bootstrap_metrics(
     estimate = _metric_values(y, p, names, ece_bins)
     others = [m for m in names if m != "auc"]
     boot: dict[str, list[np.ndarray]] = {m: [] for m in names}
-    index = np.arange(y.shape[0])
     for counts in _chunks(y, codes, int(n_boot), rng):
         if "auc" in names:
             boot["auc"].append(_weighted_auc(y, p, counts))
         if others:
-            rows = []
-            for row in counts:
-                take = np.repeat(index, row)
-                values = _metric_values(y[take], p[take], others, ece_bins)
-                rows.append([values[m] for m in others])
-            table = np.asarray(rows, dtype=np.float64)
-            for j, m in enumerate(others):
-                boot[m].append(table[:, j])
+            values = _weighted_other_metrics(y, p, counts, others, ece_bins)
+            for m in others:
+                boot[m].append(values[m])
 
     out: dict[str, Interval] = {}
     for m in names:
@@ -427,4 +421,43 @@ def compare_models(
             out[name] = delong_test(y, probs, ref, alpha=alpha)
         else:
             out[name] = paired_bootstrap_auc(y, probs, ref, groups=groups, n_boot=n_boot, seed=seed, alpha=alpha)
+    return out
+
+
+def _weighted_other_metrics(
+    y: np.ndarray, p: np.ndarray, weights: np.ndarray, names: Sequence[str], ece_bins: int
+) -> dict[str, np.ndarray]:
+    """acc, balanced_acc, f1, brier, ece of every resample at once: resample r counts slide i weights[r, i] times.
+
+    Vectorised equivalents of common.metrics (same definitions; a test checks they agree).
+    """
+    w = weights.astype(np.float64)
+    total = w.sum(1)
+    k = p.shape[1]
+    pred = p.argmax(1)
+    correct = (pred == y).astype(np.float64)
+    out: dict[str, np.ndarray] = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if "acc" in names:
+            out["acc"] = (w @ correct) / total
+        if "balanced_acc" in names or "f1" in names:
+            tp = np.stack([w @ ((y == c) & (pred == c)) for c in range(k)], 1)
+            support = np.stack([w @ (y == c) for c in range(k)], 1)
+            predicted = np.stack([w @ (pred == c) for c in range(k)], 1)
+            if "balanced_acc" in names:
+                present = support > 0
+                recall = np.where(present, tp / np.where(present, support, 1), 0.0)
+                out["balanced_acc"] = recall.sum(1) / present.sum(1)
+            if "f1" in names:
+                denom = support + predicted
+                f1 = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
+                out["f1"] = f1[:, 1] if k == 2 else f1.mean(1)
+        if "brier" in names:
+            err = (p[:, 1] - (y == 1)) ** 2 if k == 2 else ((p - np.eye(k)[y]) ** 2).sum(1)
+            out["brier"] = (w @ err) / total
+        if "ece" in names:
+            conf = p.max(1)
+            bins = np.clip(np.ceil(conf * ece_bins).astype(int) - 1, 0, ece_bins - 1)
+            gaps = [np.abs(w[:, bins == b] @ correct[bins == b] - w[:, bins == b] @ conf[bins == b]) for b in np.unique(bins)]
+            out["ece"] = np.sum(gaps, axis=0) / total
     return out

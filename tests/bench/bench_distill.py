@@ -358,7 +358,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. metrics
     ids_all = sorted(labels)
-    y_all = np.array([classes.index(labels[s]) for s in ids_all])
     rows: list[dict[str, Any]] = []
     probs_for_boot: dict[str, np.ndarray] = {}
     timing_docs: dict[str, dict[str, Any]] = {}
