@@ -147,6 +147,8 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
                 except FlowerCliError as exc:  # resumed: registered in the kept database already
                     if not (cfg.resume and "already in use" in str(exc)):
                         raise
+        if cfg.resume:
+            _wait_until_no_node_online(cli)
         nodes = []
         for site in sites:
             node = SuperNode(site.name, site, link.address, free_port(), work / "supernodes",
@@ -178,6 +180,24 @@ def _stop_on_sigterm(stack: ExitStack) -> None:
 
     previous = signal.signal(signal.SIGTERM, terminate)
     stack.callback(signal.signal, signal.SIGTERM, previous)
+
+
+STALE_NODE_WAIT = 120.0  # > 2 x Flower's 30 s heartbeat interval
+
+
+def _wait_until_no_node_online(cli: Any, timeout: float = STALE_NODE_WAIT) -> None:
+    """A kept SuperLink database still shows the SuperNodes of a crashed session online until their heartbeat
+    expires, and Flower refuses to activate a node it thinks is online (the SuperNode exits, code 305)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        online = [n["node-id"] for n in cli.call("supernode", "ls", cli.connection, "--format", "json")["nodes"]
+                  if n.get("status") == "online"]
+        if not online:
+            return
+        if time.monotonic() > deadline:
+            raise FederationFailed(f"node(s) {online} of the earlier session still online after {timeout:.0f} s")
+        log.info("waiting for %d node(s) of the earlier session to time out", len(online))
+        time.sleep(5.0)
 
 
 def _collect_logs(work: Path, run_dir: Path, cli: Any, run_id: int) -> None:

@@ -359,3 +359,15 @@ def test_an_evaluation_only_site_trains_nothing_and_reports_on_all_its_slides(si
     assert ledger == ["handshake", "evaluate"]
     predictions = (held_out / "runs" / "loso" / "predictions.csv").read_text().splitlines()
     assert len(predictions) == 9 and predictions[0].startswith("slide_id,patient_id,split,label,teacher_high_p0")
+
+
+@pytest.mark.parametrize("aggregation", ["median", "trimmed-mean"])
+def test_robust_aggregation_is_selectable(sites: list[Path], tmp_path: Path, aggregation: str) -> None:
+    cfg = tiny_config(tmp_path, aggregation, aggregation=aggregation, kd={"lambda_expert": 0.0},
+                      rounds={"adapter": 1, "teacher": 2, "baseline": 1, "student": 1})
+    result, _ = federate(sites, cfg)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["config"]["aggregation"] == aggregation
+    assert metrics["models"]["teacher_high"]["overall"]["auc"] >= 0.9  # the robust aggregate learned the task
+    curve = [h["val_loss"] for h in metrics["learning_curves"]["teacher"]]
+    assert len(curve) == 3 and curve[-1] < curve[0]

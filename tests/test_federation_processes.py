@@ -227,7 +227,7 @@ def test_full_run_with_tls_and_a_refused_encoder(sites: list[Path], tmp_path: Pa
         tracker.add_consortium(consortium)
 
     cfg = tiny_config("tls")
-    run_dir = run_consortium(sites, cfg, LaunchOptions(tmp_path / "work", timeout=RUN_TIMEOUT, poll=2.0,
+    run_dir = run_consortium(sites, cfg, LaunchOptions(tmp_path / "work", timeout=RUN_TIMEOUT, poll=5.0,
                                                        on_submitted=submitted))
     tracker.snapshot()
 
@@ -402,7 +402,7 @@ def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(
         tracker.add_consortium(consortium)
         threads.append(in_thread(lambda: kill_and_restart(consortium)))
 
-    run_dir = run_consortium(good, cfg, LaunchOptions(tmp_path / "work", timeout=RUN_TIMEOUT, poll=2.0,
+    run_dir = run_consortium(good, cfg, LaunchOptions(tmp_path / "work", timeout=RUN_TIMEOUT, poll=5.0,
                                                       on_submitted=submitted))
     thread, errors = threads[0]
     thread.join(5)
@@ -454,7 +454,7 @@ def test_resume_after_the_server_is_killed(sites: list[Path], tmp_path: Path, tr
         threads.append(in_thread(lambda: kill_link(consortium)))
 
     with pytest.raises((FederationFailed, ProcessFailed)):
-        run_consortium(good, cfg, LaunchOptions(work, timeout=RUN_TIMEOUT, poll=2.0, on_submitted=submitted))
+        run_consortium(good, cfg, LaunchOptions(work, timeout=RUN_TIMEOUT, poll=5.0, on_submitted=submitted))
     threads[0][0].join(5)
     assert not threads[0][1], threads[0][1]
     assert killed.get("done")
@@ -465,7 +465,7 @@ def test_resume_after_the_server_is_killed(sites: list[Path], tmp_path: Path, tr
     assert wait_until(lambda: not tracker.alive(), 10, poll=0.5), tracker.alive()  # nothing of the first try left
 
     resumed = run_consortium(good, cfg.model_copy(update={"resume": True}),
-                             LaunchOptions(work, timeout=RUN_TIMEOUT, poll=2.0, on_submitted=tracker.add_consortium))
+                             LaunchOptions(work, timeout=RUN_TIMEOUT, poll=5.0, on_submitted=tracker.add_consortium))
     assert resumed == run_dir
     state = read_state(run_dir)
     assert {"adapter", "teacher", "baseline", "kd-cache", "student"} <= set(state["phases"]), state.get("phases")
