@@ -112,7 +112,7 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
     work = opts.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     cfg = cfg.model_copy(update={"runs_dir": (cfg.runs_dir or work / "runs").resolve(),
-                                 "expected_nodes": cfg.expected_nodes or len(sites),
+                                 "expected_nodes": len(sites),  # the launcher knows how many it starts
                                  "threads": cfg.threads or opts.threads_per_site,
                                  "run_id": cfg.run_id or time.strftime("run-%Y%m%d-%H%M%S")})
     run_dir = Path(cfg.runs_dir) / cfg.run_id  # type: ignore[arg-type]

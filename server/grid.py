@@ -76,8 +76,10 @@ class FederationGrid(Grid):
         replies = self._exchange(sent, timeout)
         answered: set[int] = set()
         reasons: dict[int, str] = {}
+        destination = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent}
         for reply in replies:
-            node = int(reply.metadata.src_node_id)
+            # an error about a node (e.g. a missed heartbeat) comes from the SuperLink: file it under the node asked
+            node = destination.get(reply.metadata.reply_to_message_id, int(reply.metadata.src_node_id))
             if reply.has_error():
                 reasons[node] = str(reply.error.reason)[:300]
                 continue
