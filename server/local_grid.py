@@ -25,7 +25,9 @@ Hook = Callable[[int, Message], Message | None]  # (node_id, reply) -> reply to 
 
 
 class LocalGrid(Grid):
-    """Nodes FIRST_NODE..,  each a ClientApp with its own node config; replies are computed synchronously."""
+    """Nodes FIRST_NODE.., each a ClientApp with its own node config; replies are computed synchronously."""
+
+    synchronous = True  # a reply not there right after the push never comes (a dropped one)
 
     def __init__(self, app: ClientApp, node_configs: list[dict[str, Any]], run_config: dict[str, Any], run_id: int = 1):
         self.app = app
