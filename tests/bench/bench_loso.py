@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -75,8 +74,13 @@ def make_cohort(args: argparse.Namespace) -> list[Path]:
 
 
 def make_tiny(args: argparse.Namespace) -> list[Path]:
-    sys.path.insert(0, str(REPO))
-    from tests.feature_sites import make_site
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("feature_sites", REPO / "tests" / "feature_sites.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # the test suite's tiny-site writer, loaded by path (no sys.path edit)
+    make_site = module.make_site
 
     return [make_site(args.out / "tiny_sites", f"site{i}", {"train": 6, "val": 2, "test": 4}, seed=30 + i)
             for i in range(1, 4)]
