@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import psutil
+
 
 class ProcessFailed(RuntimeError):
     """A child process exited early or never became ready; the message carries its log tail."""
@@ -37,7 +39,12 @@ def tail(path: Path, lines: int = 30) -> str:
 
 
 class ManagedProcess:
-    """A child process in its own process group, output to `log`; `stop()` ends it (TERM, then KILL)."""
+    """A child process in its own process group, output to `log`; `stop()` ends it (TERM, then KILL).
+
+    Descendants seen while it runs are remembered, so `stop()` also ends those that left its process group
+    (Flower's SuperLink detaches its SuperExec, whose ServerApp retries a dead SuperLink for ever) or that
+    outlived it (orphans of a crashed parent).
+    """
 
     def __init__(self, name: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
         self.name = name
@@ -50,11 +57,26 @@ class ManagedProcess:
                                          start_new_session=True)
         finally:
             handle.close()
+        self._family: dict[tuple[int, float], psutil.Process] = {}
 
     @property
     def alive(self) -> bool:
-        """Still running."""
-        return self.proc.poll() is None
+        """Still running (and its descendants noted for `stop()`)."""
+        running = self.proc.poll() is None
+        if running:
+            self._remember_family()
+        return running
+
+    def _remember_family(self) -> None:
+        try:
+            family = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return
+        for child in family:
+            try:
+                self._family.setdefault((child.pid, child.create_time()), child)
+            except psutil.Error:
+                continue
 
     def failure(self, what: str) -> ProcessFailed:
         """An error naming this process, its exit status and its log tail."""
@@ -73,9 +95,12 @@ class ManagedProcess:
         raise self.failure(f"not ready after {timeout:.0f} s")
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the process group, then SIGKILL whatever is left."""
-        if self.proc.poll() is not None:
-            return
+        """SIGTERM the process group, then SIGKILL whatever is left; then the same for remembered descendants."""
+        if self.alive:
+            self._stop_group(timeout)
+        self._stop_family(timeout)
+
+    def _stop_group(self, timeout: float) -> None:
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(self.proc.pid, sig)
@@ -86,3 +111,18 @@ class ManagedProcess:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+    def _stop_family(self, timeout: float) -> None:
+        left = [p for p in self._family.values() if p.is_running()]  # is_running() also checks the create time
+        for proc in left:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                continue
+        _, stubborn = psutil.wait_procs(left, timeout=timeout)
+        for proc in stubborn:
+            try:
+                proc.kill()
+            except psutil.Error:
+                continue
+        psutil.wait_procs(stubborn, timeout=5.0)
