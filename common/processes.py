@@ -38,6 +38,14 @@ def tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def _running(proc: psutil.Process) -> bool:
+    """Still running and not a zombie (is_running() also checks the create time: a reused pid is not ours)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 class ManagedProcess:
     """A child process in its own process group, output to `log`; `stop()` ends it (TERM, then KILL).
 
@@ -113,7 +121,7 @@ class ManagedProcess:
                 continue
 
     def _stop_family(self, timeout: float) -> None:
-        left = [p for p in self._family.values() if p.is_running()]  # is_running() also checks the create time
+        left = [p for p in self._family.values() if _running(p)]
         for proc in left:
             try:
                 proc.terminate()

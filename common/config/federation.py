@@ -22,6 +22,8 @@ from common.config.distill import (
     MILTrainingConfig,
 )
 
+FEDERATED_LR = 1e-3  # the federation's default learning rate (see FederationConfig.training)
+
 
 class RoundsConfig(StageConfig):
     """Federated rounds per phase and local epochs per round."""
@@ -75,7 +77,11 @@ class FederationConfig(StageConfig):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     teacher: DistillModelConfig = Field(default_factory=DistillModelConfig, description="teacher (and experts') MIL model")
     student: DistillModelConfig = Field(default_factory=DistillModelConfig, description="student (and baseline) MIL model")
-    training: MILTrainingConfig = Field(default_factory=MILTrainingConfig)
+    training: MILTrainingConfig = Field(
+        default_factory=lambda: MILTrainingConfig(lr=FEDERATED_LR),
+        description="local training of every MIL model; lr is higher than the centralized default because a "
+        "federated model gets few synchronised steps per epoch",
+    )
     clusters: ClusterConfig = Field(default_factory=ClusterConfig)
     experts: ExpertConfig = Field(default_factory=ExpertConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
