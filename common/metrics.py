@@ -22,13 +22,6 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    brier_score_loss,
-    f1_score,
-    roc_auc_score,
-)
 
 METRIC_NAMES = ("auc", "acc", "balanced_acc", "f1", "brier", "ece")
 HIGHER_IS_BETTER = {"auc": True, "acc": True, "balanced_acc": True, "f1": True, "brier": False, "ece": False}
@@ -47,6 +40,8 @@ def _check(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> tuple[np.nd
 
 def roc_auc(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> float:
     """ROC AUC (binary) or macro one-vs-rest AUC (multi-class); NaN with fewer than two classes present."""
+    from sklearn.metrics import roc_auc_score  # lazy (scikit-learn costs ~1 s per ClientApp process otherwise)
+
     y, p = _check(y_true, probs)
     present = np.unique(y)
     if present.size < 2:
@@ -61,6 +56,8 @@ def roc_auc(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> float:
 
 def f1(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> float:
     """F1 of class 1 (binary) or macro F1 over all classes (multi-class)."""
+    from sklearn.metrics import f1_score
+
     y, p = _check(y_true, probs)
     pred = p.argmax(axis=1)
     if p.shape[1] == 2:
@@ -70,6 +67,8 @@ def f1(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> float:
 
 def brier(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> float:
     """Brier score: binary on the class-1 probability, multi-class over the one-hot label (see module doc)."""
+    from sklearn.metrics import brier_score_loss
+
     y, p = _check(y_true, probs)
     if p.shape[1] == 2:
         return float(brier_score_loss(y, p[:, 1], pos_label=1))
@@ -97,6 +96,8 @@ def classification_metrics(
     y_true: Sequence[int] | np.ndarray, probs: np.ndarray, n_bins: int = DEFAULT_ECE_BINS
 ) -> dict[str, float]:
     """All metrics of METRIC_NAMES for one set of slides (NaN where undefined)."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
     y, p = _check(y_true, probs)
     if y.size == 0:
         return {name: math.nan for name in METRIC_NAMES}

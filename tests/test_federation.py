@@ -371,3 +371,15 @@ def test_robust_aggregation_is_selectable(sites: list[Path], tmp_path: Path, agg
     assert metrics["models"]["teacher_high"]["overall"]["auc"] >= 0.9  # the robust aggregate learned the task
     curve = [h["val_loss"] for h in metrics["learning_curves"]["teacher"]]
     assert len(curve) == 3 and curve[-1] < curve[0]
+
+
+def test_a_client_app_process_does_not_import_scikit_learn_or_scipy() -> None:
+    """Flower starts a fresh ClientApp process per message: scikit-learn + SciPy would add ~1 s to each
+    (they load lazily, in the phases that use them)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, client.client_app; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy', 'skimage', 'joblib'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

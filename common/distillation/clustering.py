@@ -14,10 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import kron
-from scipy.sparse import eye as sparse_eye
-from sklearn.cluster import KMeans
 
 
 class ClusteringError(ValueError):
@@ -53,6 +49,10 @@ def size_bounds(n: int, num_clusters: int, min_ratio: float, max_ratio: float, m
 
 def constrained_assignment(cost: np.ndarray, min_size: int, max_size: int) -> np.ndarray:
     """Minimum-cost assignment of n rows to C clusters with every cluster size in [min_size, max_size]."""
+    from scipy.optimize import Bounds, LinearConstraint, milp  # lazy: see common.metrics
+    from scipy.sparse import eye as sparse_eye
+    from scipy.sparse import kron
+
     n, c = cost.shape
     if min_size * c > n or max_size * c < n:
         raise ClusteringError(f"no assignment of {n} slides to {c} clusters of sizes {min_size}..{max_size}")
@@ -108,6 +108,8 @@ def update_centroids(
 
 def kmeans_init(x: np.ndarray, num_clusters: int, seed: int = 0, n_init: int = 10) -> np.ndarray:
     """Initial centroids [C, E] from scikit-learn's KMeans (k-means++, `n_init` restarts)."""
+    from sklearn.cluster import KMeans  # lazy: see common.metrics
+
     km = KMeans(n_clusters=num_clusters, n_init=n_init, random_state=seed).fit(np.asarray(x, dtype=np.float64))
     return km.cluster_centers_
 

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
-from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -78,6 +77,8 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: Literal["none", "b
     """Cross-entropy class weights n / (C * n_c) from the training labels ('balanced'), else None."""
     if mode == "none":
         return None
+    from sklearn.utils.class_weight import compute_class_weight  # lazy: see common.metrics
+
     weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=labels)
     return torch.tensor(weights, dtype=torch.float32)
 

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from common.training.errors import SplitError
 
@@ -41,6 +40,8 @@ def _stratified_group_folds(
     labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """StratifiedGroupKFold splits, refusing fewer patients than folds."""
+    from sklearn.model_selection import StratifiedGroupKFold  # lazy: a ClientApp process per message need not import it
+
     n_groups = len(set(groups.tolist()))
     if n_groups < n_splits:
         raise SplitError(f"{n_groups} patient(s) cannot be split into {n_splits} patient-disjoint folds")
