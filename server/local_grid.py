@@ -25,18 +25,19 @@ Hook = Callable[[int, Message], Message | None]  # (node_id, reply) -> reply to 
 
 
 class LocalGrid(Grid):
-    """Nodes FIRST_NODE.., each a ClientApp with its own node config; replies are computed synchronously."""
+    """Nodes first_node.. (default FIRST_NODE), each a ClientApp with its own node config; replies are computed synchronously."""
 
     synchronous = True  # a reply not there right after the push never comes (a dropped one)
 
-    def __init__(self, app: ClientApp, node_configs: list[dict[str, Any]], run_config: dict[str, Any], run_id: int = 1):
+    def __init__(self, app: ClientApp, node_configs: list[dict[str, Any]], run_config: dict[str, Any], run_id: int = 1,
+                 first_node: int = FIRST_NODE):
         self.app = app
         self.run_config = dict(run_config)
         self._run = Run.create_empty(run_id)
         # Flower stamps messages with the process's run and node (a ServerApp process has both)
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 1
         self.contexts = {
-            FIRST_NODE + i: Context(run_id=run_id, node_id=FIRST_NODE + i, node_config=dict(cfg), state=RecordDict(), run_config=self.run_config)
+            first_node + i: Context(run_id=run_id, node_id=first_node + i, node_config=dict(cfg), state=RecordDict(), run_config=self.run_config)
             for i, cfg in enumerate(node_configs)
         }
         self.offline: set[int] = set()

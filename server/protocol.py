@@ -116,24 +116,19 @@ def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
         fed.sites = {int(n): SiteInfo(**s) for n, s in saved["sites"].items()}
         fed.eval_sites = {int(n): SiteInfo(**s) for n, s in saved.get("eval_sites", {}).items()}
         fed.refused = saved["refused"]
+        known = {**fed.sites, **fed.eval_sites}
+        connected = wait_for_nodes(fed.grid, len(known), wait_timeout)
+        if not set(known) <= set(connected):
+            _readmit_by_name(fed, [n for n in connected if n not in known])
         fed.grid.admitted = set(fed.sites)
         return
     nodes = wait_for_nodes(fed.grid, max(fed.cfg.min_nodes, fed.cfg.expected_nodes), wait_timeout)
-    fed.grid.phase = "handshake"
-    content = RecordDict({p.CONFIG: ConfigRecord({"run-id": fed.run_id, "phase": "handshake"})})
-    messages = [Message(content=content, dst_node_id=n, message_type=p.HANDSHAKE) for n in nodes]
-    replies = fed.grid.send_and_receive(messages, timeout=fed.cfg.round_timeout)
     candidates: dict[int, SiteInfo] = {}
-    for reply in replies:
-        node = int(reply.metadata.src_node_id)
+    for node, reply in _ask_sites(fed, nodes).items():
         if reply.has_error():
             fed.refused.append({"node": node, "reason": f"handshake failed at the site: {reply.error.reason}"})
             continue
-        site, counts = reply.content[p.SITE], reply.content[p.METRICS]
-        encoder = {k: site.get(k) for k in ("encoder-name", "encoder-hash")}
-        encoder.update({k: int(counts[k]) for k in ("encoder-dim", "token-grid", "child-grid")})
-        candidates[node] = SiteInfo(node, str(site["site-name"]), {k: int(v) for k, v in counts.items()}, encoder,
-                                    [str(c) for c in site["classes"]])
+        candidates[node] = _site_info(node, reply)
     if not candidates:
         raise FederationError(f"handshake: no site answered ({len(nodes)} connected); refused: {fed.refused}")
     identities = Counter(tuple(str(s.encoder[k]) for k in ENCODER_KEYS) for s in candidates.values())
@@ -158,10 +153,59 @@ def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
     fed.facts = p.Facts(tuple(classes), int(first.encoder["encoder-dim"]), int(first.encoder["token-grid"]),
                         int(first.encoder["child-grid"]), str(first.encoder["encoder-name"]))
     fed.grid.admitted = set(fed.sites)
+    _commit_handshake(fed)
+    log.info("handshake: admitted %s; refused %d", ", ".join(s.name for s in fed.sites.values()), len(fed.refused))
+
+
+def _ask_sites(fed: Federation, nodes: list[int]) -> dict[int, Message]:
+    """The handshake query to `nodes`; their replies by node."""
+    fed.grid.phase = "handshake"
+    content = RecordDict({p.CONFIG: ConfigRecord({"run-id": fed.run_id, "phase": "handshake"})})
+    messages = [Message(content=content, dst_node_id=n, message_type=p.HANDSHAKE) for n in nodes]
+    replies = fed.grid.send_and_receive(messages, timeout=fed.cfg.round_timeout)
+    return {int(r.metadata.src_node_id): r for r in replies}
+
+
+def _site_info(node: int, reply: Message) -> SiteInfo:
+    site, counts = reply.content[p.SITE], reply.content[p.METRICS]
+    encoder = {k: site.get(k) for k in ("encoder-name", "encoder-hash")}
+    encoder.update({k: int(counts[k]) for k in ("encoder-dim", "token-grid", "child-grid")})
+    return SiteInfo(node, str(site["site-name"]), {k: int(v) for k, v in counts.items()}, encoder,
+                    [str(c) for c in site["classes"]])
+
+
+def _commit_handshake(fed: Federation) -> None:
+    assert fed.facts is not None
     fed.ckpt.commit(handshake={"facts": fed.facts.to_dict(), "refused": fed.refused,
                                "sites": {str(n): vars(s) for n, s in fed.sites.items()},
                                "eval_sites": {str(n): vars(s) for n, s in fed.eval_sites.items()}})
-    log.info("handshake: admitted %s; refused %d", ", ".join(s.name for s in fed.sites.values()), len(fed.refused))
+
+
+def _readmit_by_name(fed: Federation, unknown: list[int]) -> None:
+    """On resume, sites whose SuperNodes came back under new node ids (restarted without authentication, or a
+    lost SuperLink database): ask the unknown nodes who they are and move each admitted site to its new id
+    when its name and encoder identity match the checkpoint. Sites not found keep their old id (missing)."""
+    by_name = {info.name: node for node, info in {**fed.sites, **fed.eval_sites}.items()}
+    moved = []
+    for node, reply in _ask_sites(fed, unknown).items():
+        if reply.has_error():
+            log.warning("resume: node %d did not answer the handshake: %s", node, reply.error.reason)
+            continue
+        info = _site_info(node, reply)
+        old = by_name.get(info.name)
+        if old is None:
+            log.warning("resume: node %d (site %s) was not part of this run; not admitted", node, info.name)
+            continue
+        table = fed.sites if old in fed.sites else fed.eval_sites
+        if any(str(info.encoder[k]) != str(table[old].encoder[k]) for k in ENCODER_KEYS):
+            log.warning("resume: site %s (node %d) now reports another encoder; not admitted", info.name, node)
+            continue
+        del table[old]
+        table[node] = info
+        moved.append(f"{info.name}: node {old} -> {node}")
+    if moved:
+        log.info("resume: sites matched by name under new node ids: %s", "; ".join(moved))
+        _commit_handshake(fed)
 
 
 def _reference_encoder(cfg: FederationConfig, candidates: dict[int, SiteInfo], identities: Counter) -> tuple[str, ...]:

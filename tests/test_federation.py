@@ -47,8 +47,8 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return [make_site(root, f"site{i}", {"train": 8, "val": 4, "test": 4}, seed=i) for i in range(1, 4)]
 
 
-def federate(sites: list[Path], cfg: FederationConfig, hook: Any = None) -> tuple[Any, LocalGrid]:
-    grid = LocalGrid(client_app, [{"site-dir": str(s)} for s in sites], cfg.to_run_config())
+def federate(sites: list[Path], cfg: FederationConfig, hook: Any = None, first_node: int = FIRST_NODE) -> tuple[Any, LocalGrid]:
+    grid = LocalGrid(client_app, [{"site-dir": str(s)} for s in sites], cfg.to_run_config(), first_node=first_node)
     grid.reply_hook = hook
     return run(grid, FederationConfig.from_run_config(cfg.to_run_config())), grid
 
@@ -229,6 +229,27 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(sites: list[Path], 
         federate(sites, crashed)
     resumed, _ = federate(sites, crashed.model_copy(update={"resume": True}))
     _assert_same_models(reference.run_dir, resumed.run_dir, atol=1e-6)
+
+
+def test_resume_finds_sites_that_came_back_under_new_node_ids(sites: list[Path], tmp_path: Path) -> None:
+    """SuperNodes restarted without authentication get new node ids: the resumed run matches them by site name."""
+    reference, _ = federate(sites, tiny_config(tmp_path / "ref", "renamed"))
+    seen = {"train": 0}
+
+    def crash(node: int, reply: Message) -> Message:
+        seen["train"] += reply.metadata.message_type == "train"
+        if seen["train"] == 3 * 3 + 1:
+            raise Crash("server killed")
+        return reply
+
+    crashed = tiny_config(tmp_path / "crash", "renamed")
+    with pytest.raises(Crash):
+        federate(sites, crashed, crash)
+    resumed, grid = federate(sites[::-1], crashed.model_copy(update={"resume": True}), first_node=501)
+    _assert_same_models(reference.run_dir, resumed.run_dir, atol=1e-5)  # sites averaged in another order
+    state = json.loads((tmp_path / "crash" / "runs" / "renamed" / "checkpoint" / "state.json").read_text())
+    assert {int(n): s["name"] for n, s in state["handshake"]["sites"].items()} == {501: "site3", 502: "site2", 503: "site1"}
+    assert {m.metadata.src_node_id for m in grid.received} == {501, 502, 503}
 
 
 def test_a_site_missing_a_round_is_recorded_and_used_again(sites: list[Path], tmp_path: Path) -> None:
