@@ -209,20 +209,25 @@ class Crash(RuntimeError):
     """Stands in for the server process being killed."""
 
 
-def test_resume_after_a_crash_gives_the_uninterrupted_result(sites: list[Path], tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path / "ref", "resume")
-    reference, _ = federate(sites, cfg)
+def crash_in_teacher_round_2() -> Any:
+    """A reply hook that kills the server after adapter rounds 1-2 and teacher round 1 (3 sites)."""
     seen = {"train": 0}
 
     def crash(node: int, reply: Message) -> Message:
         seen["train"] += reply.metadata.message_type == "train"
-        if seen["train"] == 3 * 3 + 1:  # adapter rounds 1-2 and teacher round 1 done; die in teacher round 2
+        if seen["train"] == 3 * 3 + 1:
             raise Crash("server killed")
         return reply
 
+    return crash
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_result(sites: list[Path], tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path / "ref", "resume")
+    reference, _ = federate(sites, cfg)
     crashed = tiny_config(tmp_path / "crash", "resume")
     with pytest.raises(Crash):
-        federate(sites, crashed, crash)
+        federate(sites, crashed, crash_in_teacher_round_2())
     state = json.loads((tmp_path / "crash" / "runs" / "resume" / "checkpoint" / "state.json").read_text())
     assert state["current"]["phase"] == "teacher" and state["current"]["round"] == 1
     with pytest.raises(Exception, match="already holds a run"):
@@ -234,17 +239,9 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(sites: list[Path], 
 def test_resume_finds_sites_that_came_back_under_new_node_ids(sites: list[Path], tmp_path: Path) -> None:
     """SuperNodes restarted without authentication get new node ids: the resumed run matches them by site name."""
     reference, _ = federate(sites, tiny_config(tmp_path / "ref", "renamed"))
-    seen = {"train": 0}
-
-    def crash(node: int, reply: Message) -> Message:
-        seen["train"] += reply.metadata.message_type == "train"
-        if seen["train"] == 3 * 3 + 1:
-            raise Crash("server killed")
-        return reply
-
     crashed = tiny_config(tmp_path / "crash", "renamed")
     with pytest.raises(Crash):
-        federate(sites, crashed, crash)
+        federate(sites, crashed, crash_in_teacher_round_2())
     resumed, grid = federate(sites[::-1], crashed.model_copy(update={"resume": True}), first_node=501)
     _assert_same_models(reference.run_dir, resumed.run_dir, atol=1e-5)  # sites averaged in another order
     state = json.loads((tmp_path / "crash" / "runs" / "renamed" / "checkpoint" / "state.json").read_text())
