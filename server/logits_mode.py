@@ -13,9 +13,17 @@ from common.distillation.adapter import build_adapter
 from common.distillation.data import load_sites
 from common.distillation.losses import CachedKDLoss
 from common.distillation.mil import train_selected, with_epochs
-from common.distillation.student import student_bags
+from common.distillation.student import starts_from_teacher, student_bags
 from common.federation import protocol as p
-from common.federation.models import adapter_spec, load_record, new_model, pack_bags, student_config, to_record
+from common.federation.models import (
+    adapter_spec,
+    load_record,
+    new_model,
+    pack_bags,
+    student_config,
+    teacher_config,
+    to_record,
+)
 from common.training.loop import class_weights
 from common.training.repro import resolve_device
 from server.strategies import FederationError
@@ -65,7 +73,10 @@ def distil_from_logits(fed, teacher: ArrayRecord, experts: ArrayRecord | None, a
     weights = class_weights(data.labels[train], len(facts.classes), cfg.training.class_weighting)
     loss = CachedKDLoss(teacher_logits, expert_logits, kd.temperature, kd.lambda_base,
                         kd.lambda_expert if expert_logits is not None else 0.0, "all", None, weights)
-    model = new_model(student_config(cfg, facts), cfg.seed + 100)
+    s_cfg, t_cfg = student_config(cfg, facts), teacher_config(cfg, facts)
+    model = new_model(s_cfg, cfg.seed + 100)
+    if starts_from_teacher(kd.student_init, mode, s_cfg, t_cfg):
+        load_record(model, teacher)
     fit = train_selected(model, cohort, train, val, with_epochs(cfg.training, cfg.proxy_epochs),
                          resolve_device(cfg.device), cfg.seed + 100, loss, description="student (proxy)")
     student = to_record(model.cpu())

@@ -24,6 +24,7 @@ from sklearn.cluster import KMeans
 
 from common.config.federation import FederationConfig
 from common.distillation.clustering import update_centroids
+from common.distillation.student import starts_from_teacher
 from common.federation import protocol as p
 from common.federation.models import (
     fingerprint,
@@ -366,9 +367,10 @@ def run_federation(grid: Grid, cfg: FederationConfig, run_dir: Path) -> RunResul
     facts = fed.facts
     assert facts is not None
     seed = cfg.seed
+    t_cfg, s_cfg = teacher_config(cfg, facts), student_config(cfg, facts)
+    from_teacher = starts_from_teacher(cfg.kd.student_init, cfg.kd.student_input, s_cfg, t_cfg)  # fails before training
     adapter = weights_phase(fed, "adapter", lambda: to_record(new_adapter(cfg, facts, seed + 1)), cfg.rounds.adapter)
     _save_rejections(fed)
-    t_cfg, s_cfg = teacher_config(cfg, facts), student_config(cfg, facts)
     teacher = weights_phase(fed, "teacher", lambda: to_record(new_model(t_cfg, seed + 2)), cfg.rounds.teacher)
     _save_rejections(fed)
     tfp = fingerprint(teacher)
@@ -399,7 +401,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, run_dir: Path) -> RunResul
                 records.update({p.EXPERTS: experts, p.CENTROIDS: _centroid_record(centroids)})
             fed.query(p.KD_CACHE, "kd-cache", records, **{"teacher-fingerprint": tfp})
             fed.ckpt.finish_phase("kd-cache", {})
-        student = weights_phase(fed, "student", lambda: to_record(new_model(s_cfg, seed + 100)), cfg.rounds.student)
+        student = weights_phase(fed, "student", lambda: teacher if from_teacher else to_record(new_model(s_cfg, seed + 100)),
+                                cfg.rounds.student)
         _save_rejections(fed)
     models = {"adapter": adapter, "teacher": teacher, "baseline": baseline, "student": student}
     if experts is not None:

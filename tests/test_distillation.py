@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.config.base import load_config
+from common.config.base import ConfigError, load_config
 from common.config.distill import AdapterConfig, DistillConfig, MILTrainingConfig
+from common.config.model import ModelConfig
 from common.distillation.adapter import AdapterSpec, build_adapter
 from common.distillation.bundle import BundleMeta, BundleMismatchError, StudentBundle
 from common.distillation.cache import LogitCache, model_fingerprint
@@ -36,6 +37,7 @@ from common.distillation.data import load_sites
 from common.distillation.experts import train_experts
 from common.distillation.losses import CachedKDLoss, distillation_loss, regression_loss
 from common.distillation.mil import slide_outputs
+from common.distillation.student import starts_from_teacher
 from common.features import read_feature_file
 from common.metrics import classification_metrics
 from common.models.registry import build_model
@@ -439,6 +441,37 @@ def test_distill_without_tokens_uses_pooled_adapter(tmp_path: Path) -> None:
     assert bundle.meta.token_grid == 0 and bundle.meta.student_input == "pooled"
     inst, _, _ = bundle.student_instances(torch.randn(3, D), None)
     assert inst.shape == (3, D)
+
+
+def test_student_init_follows_the_teacher_only_where_it_can() -> None:
+    same = ModelConfig(name="abmil_gated", in_dim=D, num_classes=2, hidden_dim=16, dropout=0.5)
+    teacher = ModelConfig(name="abmil_gated", in_dim=D, num_classes=2, hidden_dim=16, dropout=0.0)  # dropout: no weights
+    wider = ModelConfig(name="abmil_gated", in_dim=D, num_classes=2, hidden_dim=32)
+    assert starts_from_teacher("auto", "tokens", same, teacher) and starts_from_teacher("teacher", "raw", same, teacher)
+    assert not starts_from_teacher("auto", "raw", same, teacher)  # raw low features are not in the teacher's space
+    assert not starts_from_teacher("scratch", "tokens", same, teacher)
+    assert not starts_from_teacher("auto", "tokens", wider, teacher)
+    state = torch.random.get_rng_state()
+    with pytest.raises(ConfigError, match=r"kd.student-init = 'teacher'.*hidden-dim 32.*hidden-dim 16"):
+        starts_from_teacher("teacher", "tokens", wider, teacher)
+    assert torch.equal(torch.random.get_rng_state(), state)  # building the models to compare them drew nothing
+
+
+@pytest.mark.parametrize("init", ["auto", "scratch"])
+def test_kd_students_start_from_the_teacher(tmp_path: Path, init: str) -> None:
+    sites = [make_site(tmp_path, "site0", {"train": 6, "val": 2, "test": 2}, seed=5)]
+    out = tmp_path / "run"
+    # a vanishing learning rate: whatever the students start from is what they end with
+    assert _run_cli(sites, out, [f"kd.student-init={init}", "kd.lambda-expert=0", "training.lr=1e-12"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["kd"]["student_init"] == ("teacher" if init == "auto" else "scratch")
+    for directory in ("lrmil_student", "baseline_low"):
+        bundle = StudentBundle.load(out / directory)
+        student, teacher = bundle.student.state_dict(), bundle.teacher.state_dict()
+        gap = max(float((student[k] - teacher[k]).abs().max()) for k in teacher)
+        if init == "auto" and directory == "lrmil_student":
+            assert gap < 1e-6
+        else:  # scratch, and the labels-only baseline always
+            assert gap > 1e-2
 
 
 def test_config_defaults_and_errors() -> None:

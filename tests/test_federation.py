@@ -36,9 +36,10 @@ def tiny_config(root: Path, run_id: str, **extra: Any) -> FederationConfig:
     rounds = {"adapter": 2, "teacher": 3, "experts": 2, "baseline": 2, "student": 3, "cluster_iterations": 3,
               "local_epochs": 1, "adapter_local_epochs": 1}
     rounds.update(extra.pop("rounds", {}))
+    training = {"lr": 1e-2, **extra.pop("training", {})}
     return FederationConfig(run_id=run_id, runs_dir=root / "runs", seed=0, rounds=rounds, teacher=TINY_MODEL,
                             student=TINY_MODEL, adapter={"hidden_dim": 16}, clusters={"num_clusters": 2},
-                            training={"lr": 1e-2}, **extra)
+                            training=training, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -389,6 +390,22 @@ def test_robust_aggregation_is_selectable(sites: list[Path], tmp_path: Path, agg
     assert metrics["models"]["teacher_high"]["overall"]["auc"] >= 0.9  # the robust aggregate learned the task
     curve = [h["val_loss"] for h in metrics["learning_curves"]["teacher"]]
     assert len(curve) == 3 and curve[-1] < curve[0]
+
+
+@pytest.mark.parametrize("init", ["auto", "scratch"])
+def test_the_student_starts_from_the_federated_teacher(sites: list[Path], tmp_path: Path, init: str) -> None:
+    # a vanishing learning rate: the final student is what its phase started from
+    cfg = tiny_config(tmp_path, init, kd={"lambda_expert": 0.0, "student_init": init}, training={"lr": 1e-12},
+                      rounds={"adapter": 1, "teacher": 1, "baseline": 1, "student": 1})
+    result, _ = federate(sites, cfg)
+    models = {name: np.load(result.run_dir / "models" / f"{name}.npz") for name in ("teacher", "student", "baseline")}
+    for name in ("student", "baseline"):
+        assert models[name].files == models["teacher"].files
+        gap = max(float(np.abs(models[name][k] - models["teacher"][k]).max()) for k in models["teacher"].files)
+        if init == "auto" and name == "student":
+            assert gap < 1e-6
+        else:  # scratch, and the labels-only baseline always
+            assert gap > 1e-2
 
 
 def test_a_client_app_process_does_not_import_scikit_learn_or_scipy() -> None:

@@ -86,6 +86,12 @@ class KDConfig(StageConfig):
     expert_kd: Literal["all", "own"] = Field(
         default="all", description="'all': (λ/C)·Σ_c KL(expert_c ‖ student); 'own': λ·KL(expert of the slide's cluster ‖ student)"
     )
+    student_init: Literal["auto", "teacher", "scratch"] = Field(
+        default="auto",
+        description="KD students start from the teacher's weights ('teacher': adapted tokens live in the teacher's "
+        "input space; needs the same architecture), afresh ('scratch'), or 'auto': the teacher's when the "
+        "architectures match",
+    )
 
 
 class DistillConfig(StageConfig):

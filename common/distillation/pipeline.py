@@ -39,7 +39,7 @@ from common.distillation.data import DistillData, load_sites
 from common.distillation.experts import Expert, train_experts
 from common.distillation.losses import CachedKDLoss
 from common.distillation.mil import evaluate_split, slide_outputs, train_selected, with_epochs
-from common.distillation.student import student_bags
+from common.distillation.student import starts_from_teacher, student_bags
 from common.metrics import METRIC_NAMES
 from common.models.base import MILModel
 from common.models.registry import build_model
@@ -188,6 +188,9 @@ def run_distill(
              len(data.slides), len(train), len(val), len(test), len(data.sites), data.encoder, mode)
 
     tr = cfg.training
+    teacher_cfg = resolve_model_config(cfg.teacher, data.feature_dim, num_classes)
+    student_cfg = resolve_model_config(cfg.student, data.feature_dim, num_classes)
+    from_teacher = starts_from_teacher(cfg.kd.student_init, mode, student_cfg, teacher_cfg)  # fails before training
     with deterministic_torch(cfg.deterministic, cuda=device.type == "cuda"):
         # 1. cross-resolution adapter
         adapter: CrossResAdapter | None = None
@@ -204,7 +207,6 @@ def run_distill(
 
         # 2. teacher
         high = data.cohort(data.high_bags())
-        teacher_cfg = resolve_model_config(cfg.teacher, data.feature_dim, num_classes)
         seed_everything(_seed(cfg.seed, 2))
         teacher = build_model(teacher_cfg)
         teacher_fit = train_selected(teacher, high, train, val, with_epochs(tr, tr.teacher_epochs), device,
@@ -266,7 +268,6 @@ def run_distill(
             cluster_full[torch.from_numpy(train)] = torch.from_numpy(clusters.assignment).long()
         low_raw = data.cohort(data.low_bags())
         student_cohort = low_raw if mode == "raw" else data.cohort(student_bags(adapter, data, mode))
-        student_cfg = resolve_model_config(cfg.student, data.feature_dim, num_classes)
         student_tr = with_epochs(tr, tr.student_epochs)
         student_seed = _seed(cfg.seed, 100)  # the same init for all three students: a fair comparison
         kd = cfg.kd
@@ -276,6 +277,8 @@ def run_distill(
         def student(name: str, cohort: Cohort, loss: CachedKDLoss | None) -> tuple[MILModel, Any]:
             seed_everything(student_seed)
             model = build_model(student_cfg)
+            if loss is not None and from_teacher:  # KD students; the labels-only baseline stays from scratch
+                model.load_state_dict(teacher.state_dict())
             result = train_selected(model, cohort, train, val, student_tr, device, student_seed, loss, show, name)
             lap(name)
             return model.eval(), result
@@ -352,7 +355,8 @@ def run_distill(
             for e in experts
         ],
         "kd": {"student_input": mode, "temperature": kd.temperature, "lambda_base": kd.lambda_base,
-               "lambda_expert": kd.lambda_expert, "expert_kd": kd.expert_kd},
+               "lambda_expert": kd.lambda_expert, "expert_kd": kd.expert_kd,
+               "student_init": "teacher" if from_teacher else "scratch"},
         "cache": {"path": str(Path("cache") / CACHE_FILE), "hits": cache.hits, "misses": cache.misses},
         "classes": list(data.classes),
         "encoder": {k: data.low_attrs.get(k) for k in ("encoder_name", "encoder_weights_hash", "encoder_dim",

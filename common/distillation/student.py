@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from common.config.base import ConfigError
+from common.config.model import ModelConfig
 from common.distillation.adapter import CrossResAdapter
 from common.distillation.data import DistillData
 from common.distillation.instances import instance_coords, student_instances
+from common.models.registry import build_model
 
 
 @torch.no_grad()
@@ -40,3 +43,20 @@ def student_bags(
             ).numpy()
         bags[slide.key] = (instances.numpy(), coords)
     return bags
+
+
+def starts_from_teacher(init: str, student_input: str, student: ModelConfig, teacher: ModelConfig) -> bool:
+    """Whether KD students start from the teacher's weights (kd.student-init): 'auto' when both models have the
+    same parameters and the student reads adapted features; 'teacher' with other parameters is a ConfigError."""
+    if init == "scratch":
+        return False
+    with torch.random.fork_rng(devices=[]):  # building the models must not move the seeded generators
+        shapes = [{k: tuple(v.shape) for k, v in build_model(c).state_dict().items()} for c in (student, teacher)]
+    same = shapes[0] == shapes[1]
+    if init == "teacher" and not same:
+        raise ConfigError(
+            f"kd.student-init = 'teacher' needs a student with the teacher's parameters; student {student.name} "
+            f"(in-dim {student.in_dim}, hidden-dim {student.hidden_dim}) vs teacher {teacher.name} (in-dim "
+            f"{teacher.in_dim}, hidden-dim {teacher.hidden_dim}): set kd.student-init = 'scratch' or 'auto'"
+        )
+    return same and (init == "teacher" or student_input != "raw")
