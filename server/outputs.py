@@ -83,6 +83,21 @@ def cost(per_site: dict[str, dict[str, float]]) -> dict[str, Any]:
     return out
 
 
+def auc_resolution(sites: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per site: the scored slides per class (test split; all slides of an evaluation-only site) and, for two
+    classes, the positive-negative pairs and the AUC step one pair makes (from the handshake's counts)."""
+    out: dict[str, dict[str, Any]] = {}
+    for site in sites:
+        splits = ("train", "val", "test") if site["role"] == "eval-only" else ("test",)
+        per_class, k = [], 0
+        while f"n-test-class-{k}" in site:
+            per_class.append(int(sum(site.get(f"n-{split}-class-{k}", 0) for split in splits)))
+            k += 1
+        pairs = per_class[0] * per_class[1] if len(per_class) == 2 else None
+        out[site["name"]] = {"slides_per_class": per_class, "pairs": pairs, "auc_step": 1.0 / pairs if pairs else None}
+    return out
+
+
 def communication(result: RunResult, manifest: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Bytes down/up per phase and the largest upload of a site in one round vs. the model's size."""
     grid = result.fed.grid
@@ -114,16 +129,18 @@ def build_metrics(result: RunResult, manifest: dict[str, dict[str, Any]], second
     train_sites = {s.name for s in fed.sites.values()}
     per_site = {k: v for k, v in per_site.items() if k in train_sites}  # cost: the training sites' test slides
     rows = [{"model": m, **{k: models[m]["overall"].get(k) for k in (*METRIC_NAMES, "loss", "n")}} for m in MODEL_ROWS]
+    sites = [{"node": n, "name": s.name, "role": "train", **s.counts} for n, s in sorted(fed.sites.items())] + [
+        {"node": n, "name": s.name, "role": "eval-only", **s.counts} for n, s in sorted(fed.eval_sites.items())]
     return {
         "schema": METRICS_SCHEMA,
         "run_id": fed.run_id,
         "mode": fed.cfg.mode,
         "classes": list(fed.facts.classes) if fed.facts else [],
         "encoder": fed.facts.encoder_name if fed.facts else None,
-        "sites": [{"node": n, "name": s.name, "role": "train", **s.counts} for n, s in sorted(fed.sites.items())]
-        + [{"node": n, "name": s.name, "role": "eval-only", **s.counts} for n, s in sorted(fed.eval_sites.items())],
+        "sites": sites,
         "refused": fed.refused,
         "rows": rows,
+        "auc_resolution": auc_resolution(sites),
         "models": models,
         "overall_method": OVERALL_METHOD,
         "cost": cost(per_site),
@@ -209,6 +226,12 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
              "| model | " + " | ".join(METRIC_NAMES) + " | n |", "|---" * (len(METRIC_NAMES) + 2) + "|"]
     for row in metrics["rows"]:
         lines.append(f"| {row['model']} | " + " | ".join(_fmt(row[k]) for k in METRIC_NAMES) + f" | {row['n']} |")
+    steps = {name: r for name, r in metrics.get("auc_resolution", {}).items() if r["pairs"]}
+    if steps:
+        lines += ["", "How fine these AUCs are: " + "; ".join(
+            f"{name} {' × '.join(map(str, r['slides_per_class']))} slides per class, {r['pairs']} pair(s): "
+            f"its AUC moves in steps of {r['auc_step']:.3f}" for name, r in steps.items())
+            + ". A difference smaller than a site's step is one pair of slides (one per class) there, not evidence."]
     lines += ["", "## Per site (test AUC)", "", "| site | " + " | ".join(MODEL_ROWS) + " |", "|---" * (len(MODEL_ROWS) + 1) + "|"]
     for site in metrics["sites"]:
         name = site["name"]

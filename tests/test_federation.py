@@ -77,7 +77,14 @@ def test_full_run_writes_metrics_models_and_site_bundles(full_run: tuple[Any, Lo
     assert [h["round"] for h in metrics["learning_curves"]["teacher"]] == [0, 1, 2, 3]
     manifest = json.loads((result.run_dir / "models" / "manifest.json").read_text())
     assert set(manifest) == {"adapter", "teacher", "experts", "baseline", "student"}
-    assert (result.run_dir / "report.md").read_text().count("\n| student_low |") == 1
+    report = (result.run_dir / "report.md").read_text()
+    assert report.count("\n| student_low |") == 1
+    for site in sites:  # how fine the AUCs can be, from the sites' own test labels
+        labels = [line.split(",") for line in (site / "labels.csv").read_text().splitlines()[1:]]
+        per_class = [sum(1 for row in labels if row[2] == "test" and row[1] == c) for c in metrics["classes"]]
+        resolution = metrics["auc_resolution"][site.name]
+        assert resolution["slides_per_class"] == per_class and resolution["pairs"] == per_class[0] * per_class[1]
+        assert f"{site.name} {per_class[0]} × {per_class[1]} slides per class" in report
     assert (result.run_dir / "plots" / "learning_curves.png").stat().st_size > 1000
     for site in sites:  # pushed back: every site keeps adapter + student as a bundle it can predict with
         bundle = site / "runs" / "full" / "student_bundle"
