@@ -1,8 +1,9 @@
 """Training-epoch throughput (bags/s) of padded multi-bag batches vs one bag at a time.
 
-Run: `python tests/bench/bench_batching.py [--bags 200] [--batch 8] [--dim 1024] [--threads 2] [--device cpu]`.
-Same synthetic bags (N uniform in [min, max] instances, D dims), same ABMIL model, same
-optimizer; only the batching differs. Prints, per mode, the median and best bags/s over
+Run: `python tests/bench/bench_batching.py [--bags 200] [--batch 8] [--dim 1024] [--threads 2] [--device cpu]`,
+or on real feature files: `... --sites C/site1 C/site2 C/site3 --resolution high|low` (every slide of the
+sites, its high- or low-res bag). Same bags (synthetic: N uniform in [min, max] instances, D dims), same
+ABMIL model, same optimizer; only the batching differs. Prints, per mode, the median and best bags/s over
 interleaved trials and the speed-up of the medians over batch 1.
 """
 
@@ -91,11 +92,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (per-batch .item() syncs the timing)")
+    parser.add_argument("--sites", type=Path, nargs="+", default=None, help="real site directories instead of synthetic bags")
+    parser.add_argument("--resolution", choices=["high", "low"], default="high", help="with --sites: which bags")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cohort = synthetic_cohort(args.bags, args.dim, args.min_n, args.max_n, args.seed)
-    print(f"{args.bags} bags of {args.min_n}-{args.max_n} instances, D={args.dim}, ABMIL, "
-          f"{args.threads} torch thread(s), {args.device}, torch {torch.__version__}")
+    if args.sites:
+        from common.distillation.data import load_sites
+
+        data = load_sites(list(args.sites), seed=args.seed)
+        cohort = data.cohort(data.high_bags() if args.resolution == "high" else data.low_bags())
+        sizes = [s.num_instances for s in cohort.slides]
+        print(f"{len(sizes)} {args.resolution}-res bags of {min(sizes)}-{max(sizes)} instances (mean {np.mean(sizes):.1f}) "
+              f"from {len(args.sites)} site(s), D={cohort.feature_dim}, ABMIL, {args.threads} torch thread(s), "
+              f"{args.device}, torch {torch.__version__}")
+    else:
+        cohort = synthetic_cohort(args.bags, args.dim, args.min_n, args.max_n, args.seed)
+        print(f"{args.bags} bags of {args.min_n}-{args.max_n} instances, D={args.dim}, ABMIL, "
+              f"{args.threads} torch thread(s), {args.device}, torch {torch.__version__}")
     modes = [
         Mode("train, batch 1", True, 1, False),
         Mode(f"train, batch {args.batch}, random batches", True, args.batch, False),
