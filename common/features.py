@@ -214,9 +214,10 @@ def read_feature_file(path: Path | str, load_tokens: bool = False) -> FeatureBag
             if coords is not None and coords.shape != (features.shape[0], 2):
                 raise FeatureFileError(f"{path}: 'coords' must be [{features.shape[0]}, 2], got {coords.shape}")
             attrs = {k: _attr_value(v) for k, v in f.attrs.items()}
-            if "coords" in f:
-                for k, v in f["coords"].attrs.items():
-                    attrs.setdefault(k, _attr_value(v))
+            if "coords" in f:  # CLAM/TRIDENT keep their attributes on `coords`; read only what the file lacks
+                coord_attrs = f["coords"].attrs
+                for k in [k for k in coord_attrs if k not in attrs]:
+                    attrs[k] = _attr_value(coord_attrs[k])
             parent = np.asarray(f["parent"][()], dtype=np.int64) if "parent" in f else None
             child = np.asarray(f["child"][()], dtype=np.int64) if "child" in f else None
             tokens = np.asarray(f["tokens"][()], dtype=np.float32) if load_tokens and "tokens" in f else None
