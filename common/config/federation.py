@@ -35,7 +35,8 @@ class RoundsConfig(StageConfig):
     student: PositiveInt = Field(default=8, description="rounds of the low-res student (weights mode)")
     cluster_iterations: PositiveInt = Field(default=5, description="federated k-means iterations (one round trip each)")
     local_epochs: PositiveInt = Field(default=2, description="local epochs per round (teacher, experts, baseline, student)")
-    adapter_local_epochs: PositiveInt = Field(default=2, description="local epochs per adapter round")
+    adapter_local_epochs: PositiveInt = Field(
+        default=10, description="local epochs per adapter round (3 rounds x 10 = the centralized adapter's 30 epochs)")
 
 
 class FederationConfig(StageConfig):
