@@ -38,6 +38,7 @@ MODELS = ("local.student_low", "local.teacher_high", "federated.teacher_high", "
 EVIDENCE = [
     "federation.rounds.adapter=3", "federation.rounds.teacher=6", "federation.rounds.experts=3",
     "federation.rounds.baseline=6", "federation.rounds.student=6", "federation.rounds.local-epochs=2",
+    "federation.rounds.adapter-local-epochs=2",  # 3 x 2 = distill.adapter.epochs: both arms train the adapter alike
     "federation.clusters.num-clusters=2", "distill.clusters.num-clusters=2", "distill.training.epochs=12",
     "distill.adapter.epochs=6", "bootstrap=1000", "heatmaps.per-class=1",
 ]
