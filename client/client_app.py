@@ -109,7 +109,7 @@ def handshake(message: Message, context: Context, site: SiteRun) -> Message:
 @app.train()
 @guarded
 def train(message: Message, context: Context, site: SiteRun) -> Message:
-    """One local round of the phase named in the config (adapter, teacher, experts, baseline, student)."""
+    """One local round of the phase named in the config (adapter, teacher with the baseline, experts, student)."""
     config = message.content[p.CONFIG]
     phase = str(config["phase"])
     server_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))

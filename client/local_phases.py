@@ -39,11 +39,13 @@ from common.federation.models import (
     load_record,
     new_model,
     pack_experts,
+    pack_models,
     student_config,
     teacher_config,
     to_record,
     unpack_bags,
     unpack_experts,
+    unpack_models,
 )
 from common.distillation.adapter import CrossResAdapter, build_adapter
 from common.models.base import MILModel
@@ -153,18 +155,33 @@ def train_model(
     return metrics | {"train-loss": losses[-1], "epochs": len(losses), "seconds": time.perf_counter() - start}
 
 
+def _teacher_phase_models(site: SiteRun) -> dict[str, tuple[Callable[[], Cohort], int, int]]:
+    """The models trained in the teacher phase's messages: name -> (cohort, seed offset, rounds)."""
+    rounds = site.cfg.rounds
+    return {"teacher": (site.high_cohort, 2, rounds.teacher), "baseline": (site.low_cohort, 4, rounds.baseline)}
+
+
 def teacher_round(site: SiteRun, record: ArrayRecord, server_round: int, mu: float = 0.0) -> tuple[ArrayRecord, Metrics]:
-    """One local round of the high-res teacher."""
-    model = _model(site, "teacher", record)
-    metrics = train_model(site, model, site.high_cohort(), server_round, 2, proximal_mu=mu)
-    return to_record(model), metrics
-
-
-def baseline_round(site: SiteRun, record: ArrayRecord, server_round: int, mu: float = 0.0) -> tuple[ArrayRecord, Metrics]:
-    """One local round of the low-res baseline (raw low features, cross-entropy only)."""
-    model = _model(site, "baseline", record)
-    metrics = train_model(site, model, site.low_cohort(), server_round, 4, proximal_mu=mu)
-    return to_record(model), metrics
+    """One local round of the high-res teacher and, in the same message, of the low-res baseline (raw low features,
+    cross-entropy only); a model past its own number of rounds is validated and sent back as it came."""
+    received = unpack_models(record)
+    out: dict[str, ArrayRecord] = {}
+    metrics: Metrics = {"num-examples": int(site.split("train").size), "unit-weight": 1, "epochs": 0, "seconds": 0.0}
+    for name, (cohort, seed_offset, rounds) in _teacher_phase_models(site).items():
+        model = _model(site, name, received[name])
+        if server_round <= rounds:
+            m = train_model(site, model, cohort(), server_round, seed_offset, proximal_mu=mu)
+            out[name] = to_record(model)
+            metrics["epochs"] += m["epochs"]
+            metrics["seconds"] += m["seconds"]
+            metrics[f"train-loss-{name}"] = m["train-loss"]
+        else:
+            m = _val_metrics(site, model, cohort(), site.split("val"))
+            out[name] = received[name]
+        metrics[f"val-loss-{name}"], metrics[f"val-n-{name}"] = m["val-loss"], m["val-n"]
+    if "train-loss-teacher" in metrics:
+        metrics["train-loss"] = metrics["train-loss-teacher"]
+    return pack_models(out), metrics
 
 
 def _kd_cache(site: SiteRun) -> dict[str, Any]:
@@ -393,17 +410,19 @@ def validate(site: SiteRun, phase: str, content: RecordDict) -> Metrics:
             m = _val_metrics(site, _model(site, "experts", rec), cohort, val[val_assign == c])
             metrics[f"val-loss-{c}"], metrics[f"val-n-{c}"] = m["val-loss"], m["val-n"]
         return metrics
-    cohorts: dict[str, Callable[[], Cohort]] = {
-        "teacher": site.high_cohort, "baseline": site.low_cohort,
-        "student": lambda: site.data().cohort(_kd_cache(site)["bags"]),
-    }
-    if phase not in cohorts:
+    if phase == "teacher":
+        members = unpack_models(record)
+        for name, (cohort, _, _) in _teacher_phase_models(site).items():
+            m = _val_metrics(site, _model(site, name, members[name]), cohort(), val)
+            metrics[f"val-loss-{name}"], metrics[f"val-n-{name}"] = m["val-loss"], m["val-n"]
+        return metrics
+    if phase != "student":
         raise ValueError(f"unknown phase {phase!r} to validate")
-    return metrics | _val_metrics(site, _model(site, phase, record), cohorts[phase](), val)
+    return metrics | _val_metrics(site, _model(site, phase, record), site.data().cohort(_kd_cache(site)["bags"]), val)
 
 
 TrainFn = Callable[[SiteRun, ArrayRecord, int, float], tuple[ArrayRecord, Metrics]]
-MODEL_ROUNDS: dict[str, TrainFn] = {"teacher": teacher_round, "baseline": baseline_round, "student": student_round}
+MODEL_ROUNDS: dict[str, TrainFn] = {"teacher": teacher_round, "student": student_round}
 
 
 # ---- student distillation (logits mode) -----------------------------------------------------------

@@ -19,13 +19,13 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
-WEIGHT_PHASES = ("adapter", "teacher", "experts", "baseline", "student")
+WEIGHT_PHASES = ("adapter", "teacher", "experts", "student")  # the teacher phase carries the baseline too
 QUERY_PHASES = ("handshake", "cluster-init", "cluster-stats", "kd-cache", "logits", "evaluate")
 PHASES = WEIGHT_PHASES + QUERY_PHASES
 
 # metric names a site may report (full-match regexes); anything else is refused
 _TRAINING_METRICS = (r"num-examples", r"unit-weight", r"train-loss", r"val-loss", r"val-n", r"epochs", r"seconds",
-                     r"n-expert-\d+", r"val-loss-\d+", r"val-n-\d+", r"train-loss-\d+")
+                     r"n-expert-\d+", r"(val-loss|val-n|train-loss)-(\d+|teacher|baseline)")
 _EVAL_METRICS = (r"(teacher_high|student_low|baseline_low|lrmil_low)\.(auc|acc|balanced_acc|f1|brier|ece|loss|n)",
                  r"cost\.(high|low)\.(patches_per_slide|seconds_per_slide)", r"n-test", r"num-examples")
 METRIC_NAMES: dict[str, tuple[str, ...]] = {

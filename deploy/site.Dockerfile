@@ -28,8 +28,10 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 # Nothing leaves the site except through the SuperLink connection: Flower telemetry and update checks off.
+# The SuperExec looks for the next ClientApp task every 0.2 s instead of Flower's 1 s (paid on every message).
 ENV FLWR_TELEMETRY_ENABLED=0 \
     FLWR_DISABLE_UPDATE_CHECK=1 \
+    FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.2 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 COPY --chmod=0644 deploy/healthcheck.py /opt/fedslide/healthcheck.py

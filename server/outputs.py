@@ -99,20 +99,20 @@ def auc_resolution(sites: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def communication(result: RunResult, manifest: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Bytes down/up per phase and the largest upload of a site in one round vs. the model's size."""
+    """Bytes down/up per phase and the largest upload of a site in one round vs. the size of the models it carries."""
     grid = result.fed.grid
     largest: dict[str, int] = defaultdict(int)
     for upload in grid.uploads:
         largest[upload["phase"]] = max(largest[upload["phase"]], int(upload["bytes"]))
-    phase_model = {"adapter": "adapter", "teacher": "teacher", "experts": "experts", "baseline": "baseline",
-                   "student": "student"}
+    phase_models = {"adapter": ("adapter",), "teacher": ("teacher", "baseline"), "experts": ("experts",),
+                    "student": ("student",)}  # the models a phase's messages carry
     per_phase = {}
     for phase, counts in grid.bytes.items():
         entry: dict[str, Any] = dict(counts)
         entry["max_upload_per_site_round"] = largest.get(phase, 0)
-        model = phase_model.get(phase)
-        if model in manifest:
-            size = manifest[model]["serialized_bytes"]
+        models = phase_models.get(phase, ())
+        if models and all(m in manifest for m in models):
+            size = sum(manifest[m]["serialized_bytes"] for m in models)
             entry["model_bytes"] = size
             entry["max_upload_over_model"] = largest.get(phase, 0) / size if size else None
         per_phase[phase] = entry
@@ -162,7 +162,7 @@ def _fmt(value: Any) -> str:
 
 
 def plot_learning_curves(metrics: dict[str, Any], path: Path) -> Path | None:
-    """Validation loss per round of each weights phase."""
+    """Validation loss per round of each weights phase (the teacher phase: teacher and baseline)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,7 +179,7 @@ def plot_learning_curves(metrics: dict[str, Any], path: Path) -> Path | None:
             ax.plot([r for r, _ in pts], [v for _, v in pts], marker="o", ms=3, label=key.replace("val_loss", "val") or "val")
         pts = [(h["round"], h["train_loss"]) for h in history if "train_loss" in h]
         if pts:
-            ax.plot([r + 1 for r, _ in pts], [v for _, v in pts], ls="--", label="train")
+            ax.plot([r + 1 for r, _ in pts], [v for _, v in pts], ls="--", label="train" if "val_loss" in keys else f"train_{phase}")
         ax.set_title(phase)
         ax.set_xlabel("round")
         ax.legend(fontsize=6)

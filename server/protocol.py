@@ -1,8 +1,8 @@
 """The federation, phase by phase (DESIGN.md phases 0-5), driven through a Flower Grid.
 
-handshake -> adapter (FedAvg) -> teacher (FedAvg/FedProx) -> federated k-means (sums/counts) ->
-experts (all C per message) -> baseline -> student (weights mode: local KD + FedAvg; logits mode:
-server-side KD on the proxy cohort) -> push-back and evaluation at every site. Every phase and
+handshake -> adapter (FedAvg) -> teacher and low-res baseline (FedAvg/FedProx, both in every message) ->
+federated k-means (sums/counts) -> experts (all C per message) -> student (weights mode: local KD + FedAvg;
+logits mode: server-side KD on the proxy cohort) -> push-back and evaluation at every site. Every phase and
 round is checkpointed; with `resume` a run continues from its checkpoint.
 """
 
@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, S
 from sklearn.cluster import KMeans
 
 from common.config.federation import FederationConfig
+from common.config.model import ModelConfig
 from common.distillation.clustering import update_centroids
 from common.distillation.student import starts_from_teacher
 from common.federation import protocol as p
@@ -31,9 +32,11 @@ from common.federation.models import (
     new_adapter,
     new_model,
     pack_experts,
+    pack_models,
     student_config,
     teacher_config,
     to_record,
+    unpack_models,
 )
 from server.checkpoint import Checkpoint
 from server.grid import FederationGrid
@@ -292,6 +295,21 @@ def weights_phase(
     return best
 
 
+def teacher_and_baseline(fed: Federation, t_cfg: ModelConfig, s_cfg: ModelConfig) -> tuple[ArrayRecord, ArrayRecord]:
+    """The high-res teacher and the low-res baseline, trained in the same messages (one round trip per round for
+    both; each model kept at its own best round, and trained for its own number of rounds)."""
+    seed, rounds = fed.cfg.seed, fed.cfg.rounds
+
+    def initial() -> ArrayRecord:
+        return pack_models({"teacher": to_record(new_model(t_cfg, seed + 2)),
+                            "baseline": to_record(new_model(s_cfg, seed + 100))})
+
+    groups = {name: Group(f"{name}.", f"val-loss-{name}", f"val-n-{name}") for name in ("teacher", "baseline")}
+    models = unpack_models(weights_phase(fed, "teacher", initial, max(rounds.teacher, rounds.baseline), groups=groups))
+    _save_rejections(fed)
+    return models["teacher"], models["baseline"]
+
+
 # ---- phase 3: federated k-means ---------------------------------------------------------------------
 def _stats(replies: list[Message]) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(r.content[p.STATS]["sums"].numpy(), r.content[p.STATS]["counts"].numpy()) for r in replies]
@@ -371,8 +389,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, run_dir: Path) -> RunResul
     from_teacher = starts_from_teacher(cfg.kd.student_init, cfg.kd.student_input, s_cfg, t_cfg)  # fails before training
     adapter = weights_phase(fed, "adapter", lambda: to_record(new_adapter(cfg, facts, seed + 1)), cfg.rounds.adapter)
     _save_rejections(fed)
-    teacher = weights_phase(fed, "teacher", lambda: to_record(new_model(t_cfg, seed + 2)), cfg.rounds.teacher)
-    _save_rejections(fed)
+    teacher, baseline = teacher_and_baseline(fed, t_cfg, s_cfg)
     tfp = fingerprint(teacher)
     experts = centroids = None
     if cfg.kd.lambda_expert > 0:
@@ -388,8 +405,6 @@ def run_federation(grid: Grid, cfg: FederationConfig, run_dir: Path) -> RunResul
                                 extra={p.CENTROIDS: _centroid_record(centroids)}, groups=groups,
                                 **{"teacher-fingerprint": tfp, "proximal-mu": cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0})
         _save_rejections(fed)
-    baseline = weights_phase(fed, "baseline", lambda: to_record(new_model(s_cfg, seed + 100)), cfg.rounds.baseline)
-    _save_rejections(fed)
     if cfg.mode == "logits":
         from server.logits_mode import distil_from_logits
 

@@ -13,6 +13,9 @@ from typing import Any
 
 from common.processes import ManagedProcess, port_open
 
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL_S = 0.2
+
 
 def flower_tool(name: str) -> str:
     """Path of a Flower executable: next to this Python first (the venv), else on PATH."""
@@ -27,10 +30,13 @@ def flower_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """Environment of a Flower process: the directory of this Python's Flower tools first on PATH.
 
     SuperLink and SuperNode start `flower-superexec`, `flwr-serverapp` and `flwr-clientapp` by name, so
-    without this a venv that is not activated fails (or another installation's tools run).
+    without this a venv that is not activated fails (or another installation's tools run). Their SuperExec
+    looks for a new task every `SUPEREXEC_POLL_S` (Flower's default: 1 s, paid on every message), unless the
+    environment already sets FLWR_SUPEREXEC_TASK_POLL_INTERVAL.
     """
     out = dict(os.environ if env is None else env)
     out["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), out.get("PATH", "")])
+    out.setdefault(SUPEREXEC_POLL_ENV, str(SUPEREXEC_POLL_S))
     return out
 
 

@@ -57,7 +57,7 @@ def test_demo_runs_the_whole_chain_and_resumes(tmp_path: Path, capsys: pytest.Ca
     printed = capsys.readouterr().out
     assert "site1: 0 done, 6 skipped, 0 failed" in printed and "site3: 0 done, 6 skipped, 0 failed" in printed
     state = json.loads((run / "checkpoint" / "state.json").read_text())
-    assert set(state["phases"]) >= {"adapter", "teacher", "clusters", "experts", "baseline", "kd-cache", "student"}
+    assert set(state["phases"]) >= {"adapter", "teacher", "clusters", "experts", "kd-cache", "student"}
 
 
 def test_demo_refuses_an_override_without_a_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

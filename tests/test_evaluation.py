@@ -29,6 +29,7 @@ from common.config.evaluate import EvaluateConfig
 from common.evaluation.cli import add_parsers
 from common.evaluation.compare import compare, flatten
 from common.evaluation.loso import run_study
+from common.evaluation.plots import model_curves
 from common.evaluation.predictions import PredictionTable
 from common.evaluation.report import write_report
 from common.evaluation.schema import JSON_SCHEMA, METRICS_SCHEMA
@@ -89,6 +90,17 @@ def study(sites: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[
     result = run_study(tiny_study(sites, out))
     assert result.report is not None
     return result.metrics, out
+
+
+def test_learning_curves_give_each_federated_model_its_own_panel() -> None:
+    curves = {
+        "teacher": [{"round": 0, "val_loss_teacher": 1.0, "val_loss_baseline": 2.0},
+                    {"round": 1, "val_loss_teacher": 0.5, "val_loss_baseline": 1.5, "train_loss": 0.9}],
+        "experts": [{"round": 0, "val_loss_0": 1.0, "val_loss_1": 3.0}, {"round": 1, "val_loss_1": 2.0}],
+        "student": [{"round": 0, "val_loss": 0.7}],
+    }
+    assert model_curves(curves) == {"teacher": [(0, 1.0), (1, 0.5)], "baseline": [(0, 2.0), (1, 1.5)],
+                                     "experts": [(0, 2.0), (1, 2.0)], "student": [(0, 0.7)]}
 
 
 def test_metrics_json_follows_its_schema(study: tuple[dict[str, Any], Path]) -> None:

@@ -40,13 +40,13 @@ from common.config.federation import FederationConfig
 from common.federate import Consortium, FederationFailed, LaunchOptions, run_consortium
 from common.processes import ManagedProcess, ProcessFailed, free_port
 from deploy.certs import make_all, make_ca, make_server_cert
-from server.superlink import FlowerCli, FlowerCliError, SuperLink, TLSFiles
+from server.superlink import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S, FlowerCli, FlowerCliError, SuperLink, TLSFiles
 from tests.feature_sites import make_site
 
 TINY_MODEL = {"hidden_dim": 16, "attention_dim": 8, "dropout": 0.0}
 ONE_ROUND = {"adapter": 1, "teacher": 1, "experts": 1, "baseline": 1, "student": 1, "cluster_iterations": 1,
              "local_epochs": 1, "adapter_local_epochs": 1}
-ALL_PHASES = {"handshake", "adapter", "teacher", "cluster-init", "cluster-stats", "experts", "baseline", "kd-cache",
+ALL_PHASES = {"handshake", "adapter", "teacher", "cluster-init", "cluster-stats", "experts", "kd-cache",
               "student", "evaluate"}
 OTHER_HASH = "ffff0000"
 RUN_TIMEOUT = 900.0  # a hung run fails the test instead of hanging it
@@ -221,10 +221,20 @@ def wait_until(condition: Callable[[], bool], timeout: float, poll: float = 1.0)
 # ---------------------------------------------------------------------------------------------
 def test_full_run_with_tls_and_a_refused_encoder(sites: list[Path], tmp_path: Path, tracker: ProcessTracker) -> None:
     seen: list[Consortium] = []
+    polls: list[str] = []
+
+    def superexec_polls(node: SuperNode) -> list[str]:
+        assert node.process is not None
+        children = psutil.Process(node.process.proc.pid).children(recursive=True)
+        return [c.environ().get(SUPEREXEC_POLL_ENV, "") for c in children if "superexec" in " ".join(c.cmdline())]
 
     def submitted(consortium: Consortium) -> None:
         seen.append(consortium)
         tracker.add_consortium(consortium)
+        # each SuperNode's SuperExec (Flower starts it, and it launches the ClientApps) polls at our interval
+        for node in consortium.nodes:
+            assert wait_until(lambda: superexec_polls(node), 30, poll=0.5), node.name
+            polls.extend(superexec_polls(node))
 
     cfg = tiny_config("tls")
     run_dir = run_consortium(sites, cfg, LaunchOptions(tmp_path / "work", timeout=RUN_TIMEOUT, poll=5.0,
@@ -234,6 +244,7 @@ def test_full_run_with_tls_and_a_refused_encoder(sites: list[Path], tmp_path: Pa
     # nothing left running: the SuperLink, the SuperNodes and everything they started
     assert len(seen) == 1
     consortium = seen[0]
+    assert polls == [str(SUPEREXEC_POLL_S)] * len(consortium.nodes), polls
     assert consortium.run_dir == run_dir and consortium.run_id > 0
     assert consortium.link.address.startswith("127.0.0.1:") and consortium.link.tls is not None
     for managed in [consortium.link.process, *(n.process for n in consortium.nodes)]:
@@ -422,8 +433,8 @@ def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(
     assert [h["round"] for h in metrics["learning_curves"]["teacher"]] == [0, 1, 2, 3]  # every round completed
     # the restarted site (same registered key, hence the same node id) took part again afterwards
     entries = ledger(good[2], "kill")
-    later = {e["phase"] for e in entries} & {"baseline", "kd-cache", "student", "evaluate"}
-    assert later == {"baseline", "kd-cache", "student", "evaluate"}, Counter(e["phase"] for e in entries)
+    later = {e["phase"] for e in entries} & {"kd-cache", "student", "evaluate"}
+    assert later == {"kd-cache", "student", "evaluate"}, Counter(e["phase"] for e in entries)
     assert metrics["models"]["student_low"]["per_site"]["site3"]["n"] == 4
     events["restarted"].stop()  # started by the test, not by run_consortium
     assert wait_until(lambda: not tracker.alive(), 10, poll=0.5), tracker.alive()
@@ -468,7 +479,7 @@ def test_resume_after_the_server_is_killed(sites: list[Path], tmp_path: Path, tr
                              LaunchOptions(work, timeout=RUN_TIMEOUT, poll=5.0, on_submitted=tracker.add_consortium))
     assert resumed == run_dir
     state = read_state(run_dir)
-    assert {"adapter", "teacher", "baseline", "kd-cache", "student"} <= set(state["phases"]), state.get("phases")
+    assert {"adapter", "teacher", "kd-cache", "student"} <= set(state["phases"]), state.get("phases")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert sorted(s["name"] for s in metrics["sites"]) == ["site1", "site2", "site3"]
     assert [h["round"] for h in metrics["learning_curves"]["teacher"]][-1] == 3

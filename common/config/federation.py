@@ -31,7 +31,7 @@ class RoundsConfig(StageConfig):
     adapter: PositiveInt = Field(default=3, description="FedAvg rounds of the cross-resolution adapter")
     teacher: PositiveInt = Field(default=8, description="rounds of the high-res teacher")
     experts: PositiveInt = Field(default=3, description="rounds of the D&D experts (all C experts per message)")
-    baseline: PositiveInt = Field(default=8, description="rounds of the low-res baseline (raw features, CE only)")
+    baseline: PositiveInt = Field(default=8, description="rounds of the low-res baseline (raw features, CE only); it trains in the teacher phase's messages")
     student: PositiveInt = Field(default=8, description="rounds of the low-res student (weights mode)")
     cluster_iterations: PositiveInt = Field(default=5, description="federated k-means iterations (one round trip each)")
     local_epochs: PositiveInt = Field(default=2, description="local epochs per round (teacher, experts, baseline, student)")

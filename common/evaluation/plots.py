@@ -250,29 +250,41 @@ def transfer_figure(transfer: dict[str, Any], title: str) -> bytes:
     return to_png(fig)
 
 
-def learning_curves_figure(federation: dict[str, Any]) -> bytes | None:
-    """Validation loss per round of every weights phase, one line per federation (fold)."""
-    phases: list[str] = []
-    for fold in federation.values():
-        phases.extend(p for p in fold.get("learning_curves", {}) if p not in phases)
-    if not phases:
-        return None
-    fig, axes = _grid(len(phases), 3.0, 2.6)
-    for ax, phase in zip(axes, phases):
-        for held, fold in federation.items():
-            history = fold.get("learning_curves", {}).get(phase, [])
-            keys = sorted({k for h in history for k in h if k.startswith("val_loss")})
-            if not keys:
-                continue
-            name = f"without {held}" if "val_loss" in keys else f"without {held} (mean of {len(keys)} experts)"
+def model_curves(curves: dict[str, list[dict[str, Any]]]) -> dict[str, list[tuple[int, float]]]:
+    """Validation loss per round of each model a federation trained: `val_loss` names its phase's model,
+    `val_loss_<name>` a model that shares the phase's messages (the baseline in the teacher phase), and
+    `val_loss_<c>` the experts, averaged."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for phase, history in curves.items():
+        panels: dict[str, list[str]] = {}
+        for key in sorted({k for h in history for k in h if k.startswith("val_loss")}):
+            name = key.removeprefix("val_loss").lstrip("_")
+            panels.setdefault(name if name and not name.isdigit() else phase, []).append(key)
+        for panel, keys in panels.items():
             pts = []
             for h in history:
-                values = [h[k] for k in (["val_loss"] if "val_loss" in keys else keys) if h.get(k) is not None]
+                values = [h[k] for k in keys if h.get(k) is not None]
                 if values:
-                    pts.append((h["round"], float(np.mean(values))))
+                    pts.append((int(h["round"]), float(np.mean(values))))
+            out[panel] = pts
+    return out
+
+
+def learning_curves_figure(federation: dict[str, Any]) -> bytes | None:
+    """Validation loss per round of every federated model (experts averaged), one line per federation (fold)."""
+    folds = {held: model_curves(fold.get("learning_curves", {})) for held, fold in federation.items()}
+    panels: list[str] = []
+    for curves in folds.values():
+        panels.extend(p for p in curves if p not in panels)
+    if not panels:
+        return None
+    fig, axes = _grid(len(panels), 3.0, 2.6)
+    for ax, panel in zip(axes, panels):
+        for held, curves in folds.items():
+            pts = curves.get(panel, [])
             if pts:
-                ax.plot([r for r, _ in pts], [v for _, v in pts], marker="o", ms=3, lw=1.2, label=name)
-        ax.set_title(phase, fontsize=10)
+                ax.plot([r for r, _ in pts], [v for _, v in pts], marker="o", ms=3, lw=1.2, label=f"without {held}")
+        ax.set_title(panel if panel != "experts" else "experts (mean)", fontsize=10)
         ax.set_xlabel("round", fontsize=8)
         ax.set_ylabel("validation loss", fontsize=8)
         ax.tick_params(labelsize=7)

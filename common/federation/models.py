@@ -58,18 +58,29 @@ def load_record(module: torch.nn.Module, record: ArrayRecord) -> torch.nn.Module
     return module
 
 
+def pack_models(records: dict[str, ArrayRecord]) -> ArrayRecord:
+    """Several models in one record (one message, one aggregation): `<name>.<param>`."""
+    return ArrayRecord({f"{name}.{k}": v for name, record in records.items() for k, v in record.items()})
+
+
+def unpack_models(record: ArrayRecord) -> dict[str, ArrayRecord]:
+    """Inverse of pack_models."""
+    parts: dict[str, dict[str, Array]] = {}
+    for key, value in record.items():
+        name, _, param = key.partition(".")
+        parts.setdefault(name, {})[param] = value
+    return {name: ArrayRecord(arrays) for name, arrays in parts.items()}
+
+
 def pack_experts(records: list[ArrayRecord]) -> ArrayRecord:
     """C expert models in one record: `expert-<c>.<param>`."""
-    return ArrayRecord({f"expert-{c}.{k}": v for c, record in enumerate(records) for k, v in record.items()})
+    return pack_models({f"expert-{c}": record for c, record in enumerate(records)})
 
 
 def unpack_experts(record: ArrayRecord) -> list[ArrayRecord]:
     """Inverse of pack_experts."""
-    parts: dict[int, dict[str, Array]] = {}
-    for key, value in record.items():
-        head, _, name = key.partition(".")
-        parts.setdefault(int(head.removeprefix("expert-")), {})[name] = value
-    return [ArrayRecord(parts[c]) for c in sorted(parts)]
+    parts = unpack_models(record)
+    return [parts[name] for name in sorted(parts, key=lambda n: int(n.removeprefix("expert-")))]
 
 
 def fingerprint(record: ArrayRecord) -> str:
