@@ -306,6 +306,11 @@ def teacher_and_baseline(fed: Federation, t_cfg: ModelConfig, s_cfg: ModelConfig
 
     groups = {name: Group(f"{name}.", f"val-loss-{name}", f"val-n-{name}") for name in ("teacher", "baseline")}
     models = unpack_models(weights_phase(fed, "teacher", initial, max(rounds.teacher, rounds.baseline), groups=groups))
+    if set(models) != set(groups):
+        raise FederationError(
+            f"{fed.run_dir / 'checkpoint'}: the teacher phase's arrays are grouped as {sorted(models)[:4]}, expected "
+            f"{sorted(groups)}; this run was checkpointed by an earlier fedslide (teacher and baseline in separate "
+            "phases) and cannot be resumed: start it again under a new run id")
     _save_rejections(fed)
     return models["teacher"], models["baseline"]
 

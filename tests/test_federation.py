@@ -24,8 +24,10 @@ from common.config.base import ConfigError
 from common.config.federation import FederationConfig
 from common.egress import Allowed, ArraySpec, EgressViolation, check_reply, weights_reply
 from common.federate import preflight
+from server.checkpoint import Checkpoint
 from server.local_grid import FIRST_NODE, LocalGrid
 from server.server_app import run
+from server.strategies import FederationError
 from tests.feature_sites import make_site
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,6 +254,21 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(sites: list[Path], 
         federate(sites, crashed)
     resumed, _ = federate(sites, crashed.model_copy(update={"resume": True}))
     _assert_same_models(reference.run_dir, resumed.run_dir, atol=1e-6)
+
+
+def test_resume_refuses_a_checkpoint_with_a_separate_baseline_phase(sites: list[Path], tmp_path: Path) -> None:
+    """Runs checkpointed before the teacher phase carried the baseline saved an unpacked teacher: refused, clearly."""
+    crashed = tiny_config(tmp_path, "old")
+    with pytest.raises(Crash):
+        federate(sites, crashed, crash_in_teacher_round_2())
+    ckpt = Checkpoint(tmp_path / "runs" / "old")
+    packed = ckpt.load_arrays("teacher.current")
+    assert packed is not None
+    ckpt.save_arrays("teacher.final", ArrayRecord({k.removeprefix("teacher."): v for k, v in packed.items()
+                                                   if k.startswith("teacher.")}))
+    ckpt.finish_phase("teacher", {"history": []})
+    with pytest.raises(FederationError, match=r"checkpointed by an earlier fedslide .* new run id"):
+        federate(sites, crashed.model_copy(update={"resume": True}))
 
 
 def test_resume_finds_sites_that_came_back_under_new_node_ids(sites: list[Path], tmp_path: Path) -> None:
