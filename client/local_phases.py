@@ -139,9 +139,10 @@ def _val_metrics(site: SiteRun, model: MILModel, cohort: Cohort, val: np.ndarray
 def train_model(
     site: SiteRun, model: MILModel, cohort: Cohort, server_round: int, seed_offset: int,
     members: np.ndarray | None = None, val: np.ndarray | None = None, batch_loss: BatchLoss | None = None,
-    proximal_mu: float = 0.0,
+    proximal_mu: float = 0.0, rounds: int | None = None,
 ) -> Metrics:
-    """Validate `model` (the global weights) on `val`, then train local epochs on `members`."""
+    """Validate `model` (the global weights) on `val`, then train local epochs on `members`; with `rounds` (the
+    phase's number of rounds) the local epochs follow training.scheduler's LR curve over all of them."""
     train = site.split("train") if members is None else members
     val = site.split("val") if val is None else val
     metrics: Metrics = {"num-examples": int(train.size), "unit-weight": 1, **_val_metrics(site, model, cohort, val)}
@@ -149,8 +150,10 @@ def train_model(
         return metrics | {"train-loss": 0.0, "epochs": 0, "seconds": 0.0}
     start = time.perf_counter()
     loss = with_proximal(batch_loss or _cross_entropy(site, cohort, train), model, proximal_mu)
-    losses = train_epochs(model, cohort, train, site.cfg.training, site.device, site.cfg.rounds.local_epochs,
-                          _seed(site, seed_offset, server_round), loss)
+    epochs = site.cfg.rounds.local_epochs
+    schedule = None if rounds is None else ((server_round - 1) * epochs, rounds * epochs)
+    losses = train_epochs(model, cohort, train, site.cfg.training, site.device, epochs,
+                          _seed(site, seed_offset, server_round), loss, schedule)
     model.cpu()
     return metrics | {"train-loss": losses[-1], "epochs": len(losses), "seconds": time.perf_counter() - start}
 
@@ -170,7 +173,7 @@ def teacher_round(site: SiteRun, record: ArrayRecord, server_round: int, mu: flo
     for name, (cohort, seed_offset, rounds) in _teacher_phase_models(site).items():
         model = _model(site, name, received[name])
         if server_round <= rounds:
-            m = train_model(site, model, cohort(), server_round, seed_offset, proximal_mu=mu)
+            m = train_model(site, model, cohort(), server_round, seed_offset, proximal_mu=mu, rounds=rounds)
             out[name] = to_record(model)
             metrics["epochs"] += m["epochs"]
             metrics["seconds"] += m["seconds"]
@@ -201,7 +204,8 @@ def student_round(site: SiteRun, record: ArrayRecord, server_round: int, mu: flo
     loss = CachedKDLoss(cache["teacher"], cache["experts"], kd.temperature, kd.lambda_base,
                         kd.lambda_expert if cache["experts"] is not None else 0.0, kd.expert_kd, cache["cluster"], weights)
     model = _model(site, "student", record)
-    metrics = train_model(site, model, cohort, server_round, 5, batch_loss=loss, proximal_mu=mu)
+    metrics = train_model(site, model, cohort, server_round, 5, batch_loss=loss, proximal_mu=mu,
+                          rounds=site.cfg.rounds.student)
     return to_record(model), metrics
 
 
@@ -284,7 +288,8 @@ def experts_round(
         members, own_val = train[train_assign == c], val[val_assign == c]
         if members.size < site.cfg.min_count:  # too few slides to share an update about
             members = members[:0]
-        m = train_model(site, model, cohort, server_round, 10 + c, members=members, val=own_val, proximal_mu=mu)
+        m = train_model(site, model, cohort, server_round, 10 + c, members=members, val=own_val, proximal_mu=mu,
+                        rounds=site.cfg.rounds.experts)
         metrics[f"n-expert-{c}"] = int(members.size)
         metrics[f"val-loss-{c}"], metrics[f"val-n-{c}"] = m["val-loss"], m["val-n"]
         metrics[f"train-loss-{c}"] = m["train-loss"]

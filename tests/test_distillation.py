@@ -259,6 +259,49 @@ def test_experts_train_only_on_their_cluster(monkeypatch: pytest.MonkeyPatch) ->
 
 
 # ---------------------------------------------------------------------------------------------
+# federated local rounds
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheduler", ["cosine", "step"])
+def test_federated_rounds_continue_the_centralized_lr_schedule(scheduler: str) -> None:
+    from common.training.loop import make_optimizer, make_scheduler
+
+    cfg = MILTrainingConfig(epochs=6, lr=1e-2, scheduler=scheduler, step_size=2, step_gamma=0.5)
+    param = [torch.nn.Parameter(torch.zeros(1))]
+    reference_opt = torch.optim.AdamW(param, lr=cfg.lr)
+    reference = (torch.optim.lr_scheduler.CosineAnnealingLR(reference_opt, T_max=6) if scheduler == "cosine"
+                 else torch.optim.lr_scheduler.StepLR(reference_opt, step_size=2, gamma=0.5))
+    expected = []
+    for _ in range(6):
+        expected.append(reference_opt.param_groups[0]["lr"])
+        reference_opt.step()
+        reference.step()
+    federated = []
+    for round_index in range(3):  # 3 rounds x 2 local epochs, a fresh optimizer each round
+        optimizer = make_optimizer(param, cfg)
+        schedule = make_scheduler(optimizer, cfg, first_epoch=2 * round_index, total_epochs=6)
+        for _ in range(2):
+            federated.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+    assert federated == pytest.approx(expected, rel=1e-12)
+    assert len(set(federated)) > 2  # the schedule moved
+
+
+def test_local_epochs_at_the_end_of_the_schedule_leave_the_model_as_it_was() -> None:
+    from common.distillation.mil import train_epochs
+
+    cohort = _toy_cohort(8)
+    cfg = MILTrainingConfig(lr=1e-2, batch_size=2, scheduler="cosine")
+    moved = []
+    for schedule in (None, (4, 4)):  # constant LR; the cosine curve's end (LR 0)
+        model = build_model(tiny())
+        before = [p.detach().clone() for p in model.parameters()]
+        train_epochs(model, cohort, np.arange(8), cfg, torch.device("cpu"), 1, seed=0, schedule=schedule)
+        moved.append(any(not torch.equal(a, b) for a, b in zip(before, model.parameters())))
+    assert moved == [True, False]
+
+
+# ---------------------------------------------------------------------------------------------
 # logit cache
 # ---------------------------------------------------------------------------------------------
 def test_logits_are_cached_and_invalidated_when_the_teacher_changes(tmp_path: Path) -> None:

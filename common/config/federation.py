@@ -81,7 +81,8 @@ class FederationConfig(StageConfig):
     training: MILTrainingConfig = Field(
         default_factory=lambda: MILTrainingConfig(lr=FEDERATED_LR),
         description="local training of every MIL model; lr is higher than the centralized default because a "
-        "federated model gets few synchronised steps per epoch",
+        "federated model gets few synchronised steps per epoch; the scheduler's curve spans each phase's rounds x "
+        "local epochs (round r's local epochs continue it), as the centralized run's spans its epochs",
     )
     clusters: ClusterConfig = Field(default_factory=ClusterConfig)
     experts: ExpertConfig = Field(default_factory=ExpertConfig)

@@ -13,7 +13,7 @@ from common.metrics import classification_metrics
 from common.models.base import MILModel
 from common.training.cohort import Cohort
 from common.training.data import BagDataset, collate_bags, eval_loader, train_loader
-from common.training.loop import BatchLoss, FitResult, class_weights, fit, make_optimizer, train_epoch
+from common.training.loop import BatchLoss, FitResult, class_weights, fit, make_optimizer, make_scheduler, train_epoch
 from common.training.repro import seed_everything
 
 
@@ -55,18 +55,26 @@ def train_epochs(
     epochs: int,
     seed: int,
     batch_loss: BatchLoss | None = None,
+    schedule: tuple[int, int] | None = None,
 ) -> list[float]:
-    """Train `epochs` epochs from the model's current weights, no selection (a federated local round)."""
+    """Train `epochs` epochs from the model's current weights, no selection (a federated local round).
+
+    `schedule` = (first epoch, total epochs) places these epochs on cfg.scheduler's LR curve over the whole
+    federated training, as the centralized run's epochs are; None keeps the LR constant.
+    """
     seed_everything(seed)
     model.to(device)
     weights = class_weights(cohort.labels[np.asarray(train)], len(cohort.classes), cfg.class_weighting)
     loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
     optimizer = make_optimizer(model.parameters(), cfg)  # type: ignore[arg-type]
+    scheduler = None if schedule is None else make_scheduler(optimizer, cfg, *schedule)  # type: ignore[arg-type]
     loader = train_loader(BagDataset(cohort, train, cfg.max_instances), cfg.batch_size, seed, 0, cfg.group_by_length)
-    return [
-        train_epoch(model, loader, optimizer, loss_fn, device, cfg.grad_accum, cfg.max_grad_norm, batch_loss)
-        for _ in range(epochs)
-    ]
+    losses = []
+    for _ in range(epochs):
+        losses.append(train_epoch(model, loader, optimizer, loss_fn, device, cfg.grad_accum, cfg.max_grad_norm, batch_loss))
+        if scheduler is not None:
+            scheduler.step()
+    return losses
 
 
 @torch.no_grad()

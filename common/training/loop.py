@@ -64,13 +64,24 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.op
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """Per-epoch LR schedule: cosine to 0 over `epochs`, step decay, or none."""
+def lr_factor(cfg: TrainConfig, epoch: int, total_epochs: int) -> float:
+    """The schedule's LR multiplier at 0-based `epoch` of `total_epochs`: cosine to 0, step decay, or 1."""
     if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+        return 0.5 * (1.0 + math.cos(math.pi * min(epoch, total_epochs) / total_epochs))
     if cfg.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.step_gamma)
-    return None
+        return cfg.step_gamma ** (epoch // cfg.step_size)
+    return 1.0
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, first_epoch: int = 0, total_epochs: int | None = None
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Per-epoch LR schedule over `total_epochs` (default cfg.epochs), starting at epoch `first_epoch`: a
+    federated round's local epochs continue the schedule its earlier rounds began."""
+    if cfg.scheduler == "none":
+        return None
+    total = total_epochs or cfg.epochs
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg, first_epoch + e, total))
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: Literal["none", "balanced"]) -> torch.Tensor | None:
