@@ -10,7 +10,9 @@ Run on demand (not collected by pytest). Steps:
 2. Centralized `fedslide distill` on the same sites and split with the same epochs: teacher epochs =
    rounds.teacher x local-epochs, and so on; early stopping off (the federation runs every round).
 3. Both students evaluated on the pooled test slides (feature files): AUC of the federated student
-   (its adapter + weights from OUT/fed/runs/<id>/models) vs. the centralized LRMIL + D&D student.
+   (its adapter + weights from OUT/fed/runs/<id>/models) vs. the centralized LRMIL + D&D student; and, as a
+   diagnostic, each pipeline's teacher applied to its own adapter's low-res bags (`teacher_on_adapted_auc`:
+   the model a KD student starts from).
 4. Bytes: the largest upload of one site in one round of each weights phase / the model's serialized size
    (target <= 1.05); with --proxy, a logits-mode run (in-process) shows the logits upload.
 5. OUT/federation_table.json + .md with the targets: bytes <= 1.05 x model; federated time <= 1.5 x centralized;
@@ -100,9 +102,24 @@ def federated_student_auc(args: argparse.Namespace, run_dir: Path, cfg: Any) -> 
     test = data.split("test")
     student = load(new_model(student_config(cfg, facts), 0), "student")
     teacher = load(new_model(teacher_config(cfg, facts), 0), "teacher")
-    s = evaluate_split(student, data.cohort(student_bags(adapter, data, mode)), test, torch.device("cpu"), 15)
+    adapted = data.cohort(student_bags(adapter, data, mode))
+    s = evaluate_split(student, adapted, test, torch.device("cpu"), 15)
     t = evaluate_split(teacher, data.cohort(data.high_bags()), test, torch.device("cpu"), 15)
-    return {"student_auc": s["auc"], "teacher_auc": t["auc"], "n": int(test.size)}
+    t_low = evaluate_split(teacher, adapted, test, torch.device("cpu"), 15)
+    return {"student_auc": s["auc"], "teacher_auc": t["auc"], "teacher_on_adapted_auc": t_low["auc"], "n": int(test.size)}
+
+
+def centralized_teacher_on_adapted_auc(args: argparse.Namespace, central_dir: Path, cfg: Any) -> float:
+    """The centralized teacher applied to its adapter's low-res bags (what the KD student starts from)."""
+    from common.distillation.bundle import StudentBundle
+    from common.distillation.data import load_sites
+    from common.distillation.mil import evaluate_split
+    from common.distillation.student import student_bags
+
+    bundle = StudentBundle.load(central_dir / "student")
+    data = load_sites(args.sites, cfg.encoder, seed=cfg.seed)
+    adapted = data.cohort(student_bags(bundle.adapter, data, bundle.meta.student_input))
+    return evaluate_split(bundle.teacher, adapted, data.split("test"), torch.device("cpu"), 15)["auc"]
 
 
 def bytes_rows(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +154,8 @@ def main() -> None:
         central = json.loads((central_dir / "metrics.json").read_text())
         rows = {r["model"]: r for r in central["rows"]}
         table["centralized"] = {"seconds": central_seconds, "timings": central["timings"],
-                                "student_auc": rows["lrmil_dd_student"]["auc"], "teacher_auc": rows["teacher_high"]["auc"]}
+                                "student_auc": rows["lrmil_dd_student"]["auc"], "teacher_auc": rows["teacher_high"]["auc"],
+                                "teacher_on_adapted_auc": centralized_teacher_on_adapted_auc(args, central_dir, cfg)}
         diff = table["federated"]["pooled"]["student_auc"] - rows["lrmil_dd_student"]["auc"]
         table["targets"].update({
             "time_ratio": fed_seconds / central_seconds, "time_met": fed_seconds / central_seconds <= TIME_TARGET,
