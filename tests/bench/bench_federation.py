@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%H%M%S")
+    stamp = f"{time.strftime('%H%M%S')}-{os.getpid()}"  # a site keeps its files under the run id: benches run side by side must not share one
     cfg = federation_config(args, f"bench-{stamp}")
     table: dict[str, Any] = {"deploy": args.deploy, "sites": [str(s) for s in args.sites], "config": cfg.to_toml_dict()}
     run_dir, fed_seconds = run_federated(args, cfg)
