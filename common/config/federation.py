@@ -79,10 +79,10 @@ class FederationConfig(StageConfig):
     teacher: DistillModelConfig = Field(default_factory=DistillModelConfig, description="teacher (and experts') MIL model")
     student: DistillModelConfig = Field(default_factory=DistillModelConfig, description="student (and baseline) MIL model")
     training: MILTrainingConfig = Field(
-        default_factory=lambda: MILTrainingConfig(lr=FEDERATED_LR),
-        description="local training of every MIL model; lr is higher than the centralized default because a "
-        "federated model gets few synchronised steps per epoch; the scheduler's curve spans each phase's rounds x "
-        "local epochs (round r's local epochs continue it), as the centralized run's spans its epochs",
+        default_factory=lambda: MILTrainingConfig(lr=FEDERATED_LR, scheduler="none"),
+        description="local training of every MIL model; lr is higher and constant (scheduler 'none') unlike the "
+        "centralized default, because a federated model gets few synchronised steps per epoch; a scheduler's curve "
+        "spans each phase's rounds x local epochs (round r's local epochs continue it)",
     )
     clusters: ClusterConfig = Field(default_factory=ClusterConfig)
     experts: ExpertConfig = Field(default_factory=ExpertConfig)

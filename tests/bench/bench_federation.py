@@ -8,7 +8,8 @@ Run on demand (not collected by pytest). Steps:
    node authentication (common.federate.run_consortium) and times the whole thing; `inprocess` runs the same
    ServerApp/ClientApp code through server.local_grid (no processes; for bytes and AUC only).
 2. Centralized `fedslide distill` on the same sites and split with the same epochs: teacher epochs =
-   rounds.teacher x local-epochs, and so on; early stopping off (the federation runs every round).
+   rounds.teacher x local-epochs, and so on; early stopping off (the federation runs every round); the
+   federation's lr and batch size, the centralized pipeline's own LR schedule (cosine).
 3. Both students evaluated on the pooled test slides (feature files): AUC of the federated student
    (its adapter + weights from OUT/fed/runs/<id>/models) vs. the centralized LRMIL + D&D student; and, as a
    diagnostic, each pipeline's teacher applied to its own adapter's low-res bags (`teacher_on_adapted_auc`:
@@ -65,11 +66,14 @@ def run_centralized(args: argparse.Namespace, fed_cfg: Any) -> tuple[Path, float
     from common.config.distill import DistillConfig
     from common.distillation.pipeline import run_distill
 
+    from common.config.distill import MILTrainingConfig
+
     r = fed_cfg.rounds
     training = fed_cfg.training.model_copy(update={
         "teacher_epochs": r.teacher * r.local_epochs, "expert_epochs": r.experts * r.local_epochs,
         "student_epochs": r.student * r.local_epochs, "early_stopping_patience": 0,
         "epochs": max(r.teacher, r.student, r.experts) * r.local_epochs,
+        "scheduler": MILTrainingConfig().scheduler,  # the centralized pipeline's own LR schedule (cosine)
     })
     adapter = fed_cfg.adapter.model_copy(update={"epochs": r.adapter * r.adapter_local_epochs, "patience": 0})
     cfg = DistillConfig(sites=args.sites, out_dir=args.out / "central", seed=fed_cfg.seed, threads=2,
