@@ -63,10 +63,8 @@ def run_federated(args: argparse.Namespace, cfg: Any) -> tuple[Path, float]:
 
 
 def run_centralized(args: argparse.Namespace, fed_cfg: Any) -> tuple[Path, float]:
-    from common.config.distill import DistillConfig
+    from common.config.distill import DistillConfig, MILTrainingConfig
     from common.distillation.pipeline import run_distill
-
-    from common.config.distill import MILTrainingConfig
 
     r = fed_cfg.rounds
     training = fed_cfg.training.model_copy(update={
@@ -144,7 +142,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = f"{time.strftime('%H%M%S')}-{os.getpid()}"  # a site keeps its files under the run id: benches run side by side must not share one
+    stamp = f"{time.strftime('%H%M%S')}-{os.getpid()}"  # sites keep files per run id: benches side by side need their own
     cfg = federation_config(args, f"bench-{stamp}")
     table: dict[str, Any] = {"deploy": args.deploy, "sites": [str(s) for s in args.sites], "config": cfg.to_toml_dict()}
     run_dir, fed_seconds = run_federated(args, cfg)
