@@ -110,3 +110,17 @@ def test_defaults_file_documents_the_train_defaults(tmp_path: Path) -> None:
     required = {"features_dir": str(tmp_path), "labels": str(tmp_path / "l.csv"), "out_dir": str(tmp_path / "o")}
     loaded = load_config(TrainConfig, path=defaults, section="train", values=required)
     assert loaded == TrainConfig.model_validate(required)
+
+
+def test_federation_training_override_keeps_the_federated_defaults() -> None:
+    """Overriding one training key must not reset the others to the centralized defaults (lr, scheduler)."""
+    from common.config.distill import MILTrainingConfig
+    from common.config.federation import FederationConfig
+
+    default = FederationConfig().training
+    assert (default.lr, default.scheduler) != (MILTrainingConfig().lr, MILTrainingConfig().scheduler)
+    cfg = load_config(FederationConfig, overrides=["training.batch-size=2"])
+    assert cfg.training.batch_size == 2
+    assert (cfg.training.lr, cfg.training.scheduler) == (default.lr, default.scheduler)
+    flat = FederationConfig.from_run_config({"training.scheduler": "cosine"})
+    assert (flat.training.lr, flat.training.scheduler) == (default.lr, "cosine")

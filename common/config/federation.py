@@ -22,7 +22,22 @@ from common.config.distill import (
     MILTrainingConfig,
 )
 
-FEDERATED_LR = 1e-3  # the federation's default learning rate (see FederationConfig.training)
+FEDERATED_LR = 1e-3  # the federation's default learning rate (see FederatedTrainingConfig)
+
+
+class FederatedTrainingConfig(MILTrainingConfig):
+    """Local training of every federated MIL model; defaults differ from the centralized ones (see `lr`)."""
+
+    lr: PositiveFloat = Field(
+        default=FEDERATED_LR,
+        description="AdamW/SGD learning rate; higher than the centralized default because a federated model gets "
+        "few synchronised steps per epoch",
+    )
+    scheduler: Literal["cosine", "step", "none"] = Field(
+        default="none",
+        description="per-epoch LR schedule; a curve spans each phase's rounds x local epochs (round r's local "
+        "epochs continue it)",
+    )
 
 
 class RoundsConfig(StageConfig):
@@ -78,12 +93,8 @@ class FederationConfig(StageConfig):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     teacher: DistillModelConfig = Field(default_factory=DistillModelConfig, description="teacher (and experts') MIL model")
     student: DistillModelConfig = Field(default_factory=DistillModelConfig, description="student (and baseline) MIL model")
-    training: MILTrainingConfig = Field(
-        default_factory=lambda: MILTrainingConfig(lr=FEDERATED_LR, scheduler="none"),
-        description="local training of every MIL model; lr is higher and constant (scheduler 'none') unlike the "
-        "centralized default, because a federated model gets few synchronised steps per epoch; a scheduler's curve "
-        "spans each phase's rounds x local epochs (round r's local epochs continue it)",
-    )
+    training: FederatedTrainingConfig = Field(
+        default_factory=FederatedTrainingConfig, description="local training of every MIL model")
     clusters: ClusterConfig = Field(default_factory=ClusterConfig)
     experts: ExpertConfig = Field(default_factory=ExpertConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
