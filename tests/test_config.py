@@ -112,15 +112,17 @@ def test_defaults_file_documents_the_train_defaults(tmp_path: Path) -> None:
     assert loaded == TrainConfig.model_validate(required)
 
 
-def test_federation_training_override_keeps_the_federated_defaults() -> None:
-    """Overriding one training key must not reset the others to the centralized defaults (lr, scheduler)."""
-    from common.config.distill import MILTrainingConfig
+def test_federation_override_keeps_the_federated_defaults() -> None:
+    """Overriding one training/adapter key must not reset the others to the centralized defaults."""
+    from common.config.distill import AdapterConfig, MILTrainingConfig
     from common.config.federation import FederationConfig
 
-    default = FederationConfig().training
-    assert (default.lr, default.scheduler) != (MILTrainingConfig().lr, MILTrainingConfig().scheduler)
-    cfg = load_config(FederationConfig, overrides=["training.batch-size=2"])
-    assert cfg.training.batch_size == 2
-    assert (cfg.training.lr, cfg.training.scheduler) == (default.lr, default.scheduler)
-    flat = FederationConfig.from_run_config({"training.scheduler": "cosine"})
-    assert (flat.training.lr, flat.training.scheduler) == (default.lr, "cosine")
+    default = FederationConfig()
+    assert default.training.scheduler != MILTrainingConfig().scheduler
+    assert default.adapter.batch_size != AdapterConfig().batch_size
+    cfg = load_config(FederationConfig, overrides=["training.batch-size=2", "adapter.lr=0.01"])
+    assert (cfg.training.batch_size, cfg.adapter.lr) == (2, 0.01)
+    assert (cfg.training.lr, cfg.training.scheduler) == (default.training.lr, default.training.scheduler)
+    assert cfg.adapter.batch_size == default.adapter.batch_size
+    flat = FederationConfig.from_run_config({"training.lr": 0.01, "adapter.lr": 0.01})
+    assert (flat.training.scheduler, flat.adapter.batch_size) == ("none", default.adapter.batch_size)

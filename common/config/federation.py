@@ -22,21 +22,23 @@ from common.config.distill import (
     MILTrainingConfig,
 )
 
-FEDERATED_LR = 1e-3  # the federation's default learning rate (see FederatedTrainingConfig)
-
-
 class FederatedTrainingConfig(MILTrainingConfig):
-    """Local training of every federated MIL model; defaults differ from the centralized ones (see `lr`)."""
+    """Local training of every federated MIL model (the centralized defaults but a constant lr)."""
 
-    lr: PositiveFloat = Field(
-        default=FEDERATED_LR,
-        description="AdamW/SGD learning rate; higher than the centralized default because a federated model gets "
-        "few synchronised steps per epoch",
-    )
     scheduler: Literal["cosine", "step", "none"] = Field(
         default="none",
         description="per-epoch LR schedule; a curve spans each phase's rounds x local epochs (round r's local "
-        "epochs continue it)",
+        "epochs continue it); constant by default",
+    )
+
+
+class FederatedAdapterConfig(AdapterConfig):
+    """The cross-resolution adapter as each site trains it."""
+
+    batch_size: PositiveInt = Field(
+        default=64,
+        description="patch pairs per local step; smaller than the centralized 256 because a site holds a fraction "
+        "of the pairs, so that its local epochs take about as many steps as a centralized epoch",
     )
 
 
@@ -90,7 +92,7 @@ class FederationConfig(StageConfig):
     threads: PositiveInt | None = Field(default=None, description="torch CPU threads per process")
     ece_bins: PositiveInt = Field(default=15, description="equal-width confidence bins of the ECE")
     rounds: RoundsConfig = Field(default_factory=RoundsConfig)
-    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    adapter: FederatedAdapterConfig = Field(default_factory=FederatedAdapterConfig)
     teacher: DistillModelConfig = Field(default_factory=DistillModelConfig, description="teacher (and experts') MIL model")
     student: DistillModelConfig = Field(default_factory=DistillModelConfig, description="student (and baseline) MIL model")
     training: FederatedTrainingConfig = Field(
