@@ -63,7 +63,7 @@ def run_federated(args: argparse.Namespace, cfg: Any) -> tuple[Path, float]:
 
 
 def run_centralized(args: argparse.Namespace, fed_cfg: Any) -> tuple[Path, float]:
-    from common.config.distill import DistillConfig, MILTrainingConfig
+    from common.config.distill import AdapterConfig, DistillConfig, MILTrainingConfig
     from common.distillation.pipeline import run_distill
 
     r = fed_cfg.rounds
@@ -73,7 +73,8 @@ def run_centralized(args: argparse.Namespace, fed_cfg: Any) -> tuple[Path, float
         "epochs": max(r.teacher, r.student, r.experts) * r.local_epochs,
         "scheduler": MILTrainingConfig().scheduler,  # the centralized pipeline's own LR schedule (cosine)
     })
-    adapter = fed_cfg.adapter.model_copy(update={"epochs": r.adapter * r.adapter_local_epochs, "patience": 0})
+    adapter = fed_cfg.adapter.model_copy(update={"epochs": r.adapter * r.adapter_local_epochs, "patience": 0,
+                                                 "batch_size": AdapterConfig().batch_size})  # the centralized batch
     cfg = DistillConfig(sites=args.sites, out_dir=args.out / "central", seed=fed_cfg.seed, threads=2,
                         adapter=adapter, teacher=fed_cfg.teacher, student=fed_cfg.student, training=training,
                         clusters=fed_cfg.clusters, experts=fed_cfg.experts, kd=fed_cfg.kd)
