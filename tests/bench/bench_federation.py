@@ -9,7 +9,8 @@ Run on demand (not collected by pytest). Steps:
    ServerApp/ClientApp code through server.local_grid (no processes; for bytes and AUC only).
 2. Centralized `fedslide distill` on the same sites and split with the same epochs: teacher epochs =
    rounds.teacher x local-epochs, and so on; early stopping off (the federation runs every round); the
-   federation's lr and batch size, the centralized pipeline's own LR schedule (cosine).
+   federation's lr and bag batch size, the centralized pipeline's own LR schedule (cosine) and adapter batch
+   (256 patch pairs; a federated site uses 64).
 3. Both students evaluated on the pooled test slides (feature files): AUC of the federated student
    (its adapter + weights from OUT/fed/runs/<id>/models) vs. the centralized LRMIL + D&D student; and, as a
    diagnostic, each pipeline's teacher applied to its own adapter's low-res bags (`teacher_on_adapted_auc`:
