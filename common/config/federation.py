@@ -22,6 +22,7 @@ from common.config.distill import (
     MILTrainingConfig,
 )
 
+
 class FederatedTrainingConfig(MILTrainingConfig):
     """Local training of every federated MIL model (the centralized defaults but a constant lr)."""
 
