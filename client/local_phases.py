@@ -9,6 +9,7 @@ metrics.
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -78,7 +79,10 @@ def _mode(site: SiteRun) -> str:
 
 
 def _seed(site: SiteRun, phase_offset: int, server_round: int) -> int:
-    return site.cfg.seed + 1000 * phase_offset + server_round
+    """The seed of one local round: per run seed, site, phase and round, so that sites draw their own shuffles and
+    dropout masks."""
+    key = [site.cfg.seed, zlib.crc32(site.name.encode()), phase_offset, server_round]
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
 # ---- adapter --------------------------------------------------------------------------------------

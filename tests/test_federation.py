@@ -28,7 +28,7 @@ from server.checkpoint import Checkpoint
 from server.local_grid import FIRST_NODE, LocalGrid
 from server.server_app import run
 from server.strategies import FederationError
-from tests.feature_sites import make_site
+from tests.feature_sites import D, make_site
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"hidden_dim": 16, "attention_dim": 8, "dropout": 0.0}
@@ -440,6 +440,31 @@ def test_the_student_starts_from_the_federated_teacher(sites: list[Path], tmp_pa
             assert gap < 1e-6
         else:  # scratch, and the labels-only baseline always
             assert gap > 1e-2
+
+
+def test_each_site_draws_its_own_shuffles_and_dropout_masks(sites: list[Path], tmp_path: Path) -> None:
+    """The same weights trained on the same slides under two site names: a site's round is reproducible, and another
+    site's round does not replay its random draws (bag order, dropout masks)."""
+    import torch
+
+    from client.local_phases import train_model
+    from client.site_run import SiteRun
+    from common.federation.models import new_model, teacher_config
+    from common.federation.protocol import Facts
+
+    cfg = tiny_config(tmp_path, "seeds", training={"batch_size": 1})
+    cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"dropout": 0.5})})
+    facts = Facts(("neg", "pos"), D, 1, 1, "toy")
+
+    def trained(name: str) -> torch.Tensor:
+        site = SiteRun(site_dir=sites[0], run_dir=tmp_path / name, cfg=cfg, name=name, facts=facts)
+        model = new_model(teacher_config(cfg, facts), cfg.seed)
+        train_model(site, model, site.high_cohort(), server_round=1, seed_offset=2)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    first, again, other = trained("site1"), trained("site1"), trained("site2")
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, other)
 
 
 def test_a_client_app_process_does_not_import_scikit_learn_or_scipy() -> None:
