@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Strategy
 from sklearn.cluster import KMeans
 
 from common.config.federation import FederationConfig
@@ -230,6 +230,8 @@ def _inner_strategy(fed: Federation, phase: str, min_nodes: int) -> Strategy:
         return ExpertsFedAvg(**common)
     if phase == "adapter":
         return FedAvg(**common)
+    if phase == "student" and cfg.student_server_momentum > 0 and cfg.aggregation == "mean":
+        return FedAvgM(server_momentum=cfg.student_server_momentum, **common)  # FedProx's mu travels in the config
     if cfg.aggregation == "median":
         return FedMedian(**common)
     if cfg.aggregation == "trimmed-mean":
@@ -252,6 +254,8 @@ def weights_phase(
             return final
     start = time.perf_counter()
     tracker = BestRounds(groups or {"": Group()})
+    min_nodes = min(fed.cfg.min_nodes, len(fed.sites))
+    inner = _inner_strategy(fed, phase, min_nodes)
     initial, start_round = make_initial(), 0
     current = fed.ckpt.state.get("current")
     if current and current.get("phase") == phase:
@@ -259,16 +263,19 @@ def weights_phase(
         if saved is not None:
             initial, start_round = saved, int(current["round"])
             tracker.restore(current.get("tracker", {}), fed.ckpt.load_arrays(f"{phase}.best"))
+            momentum = fed.ckpt.load_arrays(f"{phase}.momentum")
+            if isinstance(inner, FedAvgM) and momentum is not None:
+                inner.momentum_vector = momentum.to_numpy_ndarrays()
             log.info("phase %s: resuming after round %d", phase, start_round)
     fed.grid.phase = phase
-    min_nodes = min(fed.cfg.min_nodes, len(fed.sites))
-    strategy = PhaseStrategy(_inner_strategy(fed, phase, min_nodes), phase, tracker, fed.validator, min_nodes,
-                             extra, round_offset=start_round)
+    strategy = PhaseStrategy(inner, phase, tracker, fed.validator, min_nodes, extra, round_offset=start_round)
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
         if server_round == 0:
             return None
         fed.ckpt.save_arrays(f"{phase}.current", arrays)
+        if isinstance(inner, FedAvgM) and inner.momentum_vector is not None:  # the server optimizer's state
+            fed.ckpt.save_arrays(f"{phase}.momentum", ArrayRecord(dict(zip(arrays.keys(), map(Array, inner.momentum_vector)))))
         fed.ckpt.save_arrays(f"{phase}.best", tracker.best_arrays(arrays))
         fed.ckpt.commit(current={"phase": phase, "round": start_round + server_round, "tracker": tracker.state()},
                         accountant=fed.accountant.state_dict() if fed.accountant is not None else None)
@@ -420,9 +427,10 @@ def run_federation(grid: Grid, cfg: FederationConfig, run_dir: Path) -> RunResul
             if experts is not None and centroids is not None:
                 records.update({p.EXPERTS: experts, p.CENTROIDS: _centroid_record(centroids)})
             fed.query(p.KD_CACHE, "kd-cache", records, **{"teacher-fingerprint": tfp})
-            fed.ckpt.finish_phase("kd-cache", {})
+            if fed.ckpt.phase_done("kd-cache") is None:  # a resumed student phase keeps its current round
+                fed.ckpt.finish_phase("kd-cache", {})
         student = weights_phase(fed, "student", lambda: teacher if from_teacher else to_record(new_model(s_cfg, seed + 100)),
-                                cfg.rounds.student)
+                                cfg.rounds.student, **{"proximal-mu": cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0})
         _save_rejections(fed)
     models = {"adapter": adapter, "teacher": teacher, "baseline": baseline, "student": student}
     if experts is not None:

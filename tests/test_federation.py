@@ -229,17 +229,22 @@ class Crash(RuntimeError):
     """Stands in for the server process being killed."""
 
 
-def crash_in_teacher_round_2() -> Any:
-    """A reply hook that kills the server after adapter rounds 1-2 and teacher round 1 (3 sites)."""
+def crash_at_train_reply(n: int) -> Any:
+    """A reply hook that kills the server at the n-th train reply (1-based)."""
     seen = {"train": 0}
 
     def crash(node: int, reply: Message) -> Message:
         seen["train"] += reply.metadata.message_type == "train"
-        if seen["train"] == 3 * 3 + 1:
+        if seen["train"] == n:
             raise Crash("server killed")
         return reply
 
     return crash
+
+
+def crash_in_teacher_round_2() -> Any:
+    """A reply hook that kills the server after adapter rounds 1-2 and teacher round 1 (3 sites)."""
+    return crash_at_train_reply(3 * 3 + 1)
 
 
 def test_resume_after_a_crash_gives_the_uninterrupted_result(sites: list[Path], tmp_path: Path) -> None:
@@ -254,6 +259,35 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(sites: list[Path], 
         federate(sites, crashed)
     resumed, _ = federate(sites, crashed.model_copy(update={"resume": True}))
     _assert_same_models(reference.run_dir, resumed.run_dir, atol=1e-6)
+
+
+def test_student_server_momentum_moves_the_student_and_survives_a_resume(sites: list[Path], tmp_path: Path) -> None:
+    """FedAvgM's momentum in the student phase changes the student; a crash in student round 2 resumes with the
+    momentum of round 1, so the result equals the uninterrupted run's."""
+    reference, _ = federate(sites, tiny_config(tmp_path / "ref", "momentum"))
+    plain, _ = federate(sites, tiny_config(tmp_path / "plain", "momentum", student_server_momentum=0.0))
+    with np.load(reference.run_dir / "models" / "student.npz") as a, np.load(plain.run_dir / "models" / "student.npz") as b:
+        assert max(float(np.abs(a[k] - b[k]).max()) for k in a.files) > 1e-3
+    crashed = tiny_config(tmp_path / "crash", "momentum")
+    r = crashed.rounds
+    before_student = 3 * (r.adapter + max(r.teacher, r.baseline) + r.experts + 1)  # the crash: student round 2
+    with pytest.raises(Crash):
+        federate(sites, crashed, crash_at_train_reply(before_student + 1))
+    ckpt = Checkpoint(tmp_path / "crash" / "runs" / "momentum")
+    assert ckpt.state["current"]["phase"] == "student" and ckpt.state["current"]["round"] == 1
+    assert ckpt.load_arrays("student.momentum") is not None
+    trained = {"replies": 0}
+
+    def count(node: int, reply: Message) -> Message:
+        trained["replies"] += reply.metadata.message_type == "train"
+        return reply
+
+    resumed, _ = federate(sites, crashed.model_copy(update={"resume": True}), count)
+    assert trained["replies"] == 3 * (r.student - 1)  # student rounds 2.. only, not the phase again
+    _assert_same_models(reference.run_dir, resumed.run_dir, atol=1e-6)
+    last = [Checkpoint(run.run_dir).load_arrays("student.current") for run in (reference, resumed)]  # not only the best
+    for key, array in last[0].items():
+        np.testing.assert_allclose(last[1][key].numpy(), array.numpy(), atol=1e-6, err_msg=key)
 
 
 def test_resume_refuses_a_checkpoint_with_a_separate_baseline_phase(sites: list[Path], tmp_path: Path) -> None:

@@ -70,6 +70,11 @@ class FederationConfig(StageConfig):
     proxy_dir: Path | None = Field(default=None, description="logits mode: the coordinating site's proxy cohort (a site directory)")
     strategy: Literal["fedavg", "fedprox"] = Field(default="fedavg", description="teacher/expert/student aggregation")
     proximal_mu: float = Field(default=0.01, ge=0.0, description="FedProx proximal term weight")
+    student_server_momentum: float = Field(
+        default=0.5, ge=0.0, lt=1.0,
+        description="student phase (weights mode): Flower FedAvgM server momentum on the averaged update, 0 = plain "
+        "FedAvg; not with robust aggregation or DP, which keep their own update",
+    )
     min_nodes: PositiveInt = Field(default=2, description="a round needs replies from at least this many sites")
     expected_nodes: NonNegativeInt = Field(
         default=0, description="wait (up to 2 min) for this many connected sites before the handshake (0 = min-nodes)"
