@@ -287,6 +287,8 @@ def test_student_server_momentum_moves_the_student_and_survives_a_resume(sites: 
     _assert_same_models(reference.run_dir, resumed.run_dir, atol=1e-6)
     last = [Checkpoint(run.run_dir).load_arrays("student.current") for run in (reference, resumed)]  # not only the best
     for key, array in last[0].items():
+        if key.endswith("score.bias"):  # see _assert_same_models
+            continue
         np.testing.assert_allclose(last[1][key].numpy(), array.numpy(), atol=1e-6, err_msg=key)
 
 

@@ -158,6 +158,8 @@ def test_gradients_reach_every_parameter(name: str, head: str) -> None:
     for pname, p in model.named_parameters():
         assert p.grad is not None, f"{name}: no gradient for {pname}"
         assert torch.isfinite(p.grad).all(), f"{name}: non-finite gradient for {pname}"
+        if pname.endswith("score.bias"):  # an attention score's bias shifts every instance alike: the softmax
+            continue  # ignores it, so its gradient is 0 up to rounding (exactly 0 on some CPUs)
         assert p.grad.abs().sum() > 0, f"{name}: zero gradient for {pname}"
 
 

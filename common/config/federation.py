@@ -71,7 +71,7 @@ class FederationConfig(StageConfig):
     strategy: Literal["fedavg", "fedprox"] = Field(default="fedavg", description="teacher/expert/student aggregation")
     proximal_mu: float = Field(default=0.01, ge=0.0, description="FedProx proximal term weight")
     student_server_momentum: float = Field(
-        default=0.9, ge=0.0, lt=1.0,
+        default=0.5, ge=0.0, lt=1.0,
         description="student phase (weights mode): Flower FedAvgM server momentum on the averaged update, 0 = plain "
         "FedAvg; not with robust aggregation or DP, which keep their own update",
     )
