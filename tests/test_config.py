@@ -126,3 +126,22 @@ def test_federation_override_keeps_the_federated_defaults() -> None:
     assert cfg.adapter.batch_size == default.adapter.batch_size
     flat = FederationConfig.from_run_config({"training.lr": 0.01, "adapter.lr": 0.01})
     assert (flat.training.scheduler, flat.adapter.batch_size) == ("none", default.adapter.batch_size)
+
+
+def test_federation_refuses_epoch_keys_it_would_ignore(tmp_path: Path) -> None:
+    """Federated phases count rounds x local epochs: an epochs key is refused, not silently ignored."""
+    from common.config.federation import FederationConfig
+
+    toml = tmp_path / "fed.toml"
+    toml.write_text("[federation.training]\nlr = 0.001\nepochs = 100\n")
+    with pytest.raises(ConfigError, match=r"'federation.training' \(from .*fed.toml\): epochs is not used by a "
+                                          r"federated run: .*rounds.local-epochs"):
+        load_config(FederationConfig, toml, "federation")
+    with pytest.raises(ConfigError, match=r"'federation.adapter': patience is not used .*adapter-local-epochs"):
+        load_config(FederationConfig, None, "federation", overrides=["adapter.patience=2"])
+    with pytest.raises(ConfigError, match="allowed keys here: batch-size, class-weighting") as unknown:
+        load_config(FederationConfig, overrides=["training.epoch=3"])
+    assert "student-epochs" not in str(unknown.value) and " epochs," not in str(unknown.value)
+    assert "epochs" not in FederationConfig().to_toml_dict()["training"]
+    logits = load_config(FederationConfig, overrides=["training.early-stopping-patience=3"])  # logits mode's server
+    assert logits.training.early_stopping_patience == 3

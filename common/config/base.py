@@ -49,7 +49,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
             return []
         current = field.annotation
     if isinstance(current, type) and issubclass(current, BaseModel):
-        return sorted(info.alias or name for name, info in current.model_fields.items())
+        return sorted(info.alias or name for name, info in current.model_fields.items() if not info.exclude)
     return []
 
 
@@ -66,6 +66,8 @@ def format_validation_error(
         if item["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, loc)
             lines.append(f"unknown key '{key}'{where}; allowed keys here: {', '.join(allowed)}")
+        elif item["type"] == "not_used":
+            lines.append(f"'{key}'{where}: {item['msg']}")
         elif item["type"] == "missing":
             lines.append(f"missing key '{key}'{where}: {item['msg']}")
         else:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from common.config.base import ConfigError, StageConfig, format_validation_error
 from common.config.distill import (
@@ -23,24 +24,73 @@ from common.config.distill import (
 )
 
 
+_ROUNDS_HINT = (
+    "a federated phase trains rounds.<phase> x rounds.local-epochs local epochs (rounds.adapter x "
+    "rounds.adapter-local-epochs for the adapter) and keeps the round with the lowest validation loss; set those instead"
+)
+
+
+def _refuse_unused(data: Any, unused: frozenset[str], hint: str) -> Any:
+    """Refuse keys a federated run would silently ignore, naming them and what to set instead."""
+    if isinstance(data, dict):
+        given = sorted(str(k).replace("_", "-") for k in data if str(k).replace("_", "-") in unused)
+        if given:
+            raise PydanticCustomError(
+                "not_used", "{keys} is not used by a federated run: {hint}", {"keys": ", ".join(given), "hint": hint})
+    return data
+
+
+_TRAINING_UNUSED = frozenset({"epochs", "teacher-epochs", "expert-epochs", "student-epochs"})
+
+
+def _unused(default: Any) -> Any:
+    return Field(default=default, exclude=True, description="not used by a federated run (refused)")
+
+
 class FederatedTrainingConfig(MILTrainingConfig):
-    """Local training of every federated MIL model (the centralized defaults but a constant lr)."""
+    """Local training of every federated MIL model (the centralized defaults but a constant lr).
+
+    Epoch counts are not set here: rounds and local epochs come from [federation.rounds], and each model keeps
+    its best round by validation loss. Early stopping applies to logits mode's server-side student only."""
 
     scheduler: Literal["cosine", "step", "none"] = Field(
         default="none",
         description="per-epoch LR schedule; a curve spans each phase's rounds x local epochs (round r's local "
         "epochs continue it); constant by default",
     )
+    epochs: PositiveInt = _unused(50)
+    teacher_epochs: PositiveInt | None = _unused(None)
+    expert_epochs: PositiveInt | None = _unused(None)
+    student_epochs: PositiveInt | None = _unused(None)
+    early_stopping_patience: NonNegativeInt = Field(
+        default=10, description="logits mode: the server-side student stops after this many epochs without validation "
+        "improvement (0 = never); federated phases keep their best round instead")
+    early_stopping_metric: Literal["loss", "auc"] = Field(
+        default="loss", description="logits mode: validation quantity that picks the server-side student's epoch")
+    min_epochs: NonNegativeInt = Field(
+        default=0, description="logits mode: epochs the server-side student always runs before it may stop")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_epoch_keys(cls, data: Any) -> Any:
+        return _refuse_unused(data, _TRAINING_UNUSED, _ROUNDS_HINT + " (proxy-epochs for logits mode's server-side student)")
 
 
 class FederatedAdapterConfig(AdapterConfig):
-    """The cross-resolution adapter as each site trains it."""
+    """The cross-resolution adapter as each site trains it (its epochs come from [federation.rounds])."""
 
     batch_size: PositiveInt = Field(
         default=64,
         description="patch pairs per local step; smaller than the centralized 256 because a site holds a fraction "
         "of the pairs, so that its local epochs take about as many steps as a centralized epoch",
     )
+    epochs: PositiveInt = _unused(30)
+    patience: NonNegativeInt = _unused(5)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_epoch_keys(cls, data: Any) -> Any:
+        return _refuse_unused(data, frozenset({"epochs", "patience"}), _ROUNDS_HINT)
 
 
 class RoundsConfig(StageConfig):

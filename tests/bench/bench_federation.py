@@ -68,14 +68,15 @@ def run_centralized(args: argparse.Namespace, fed_cfg: Any) -> tuple[Path, float
     from common.distillation.pipeline import run_distill
 
     r = fed_cfg.rounds
-    training = fed_cfg.training.model_copy(update={
+    training = MILTrainingConfig.model_validate(fed_cfg.training.model_dump() | {
         "teacher_epochs": r.teacher * r.local_epochs, "expert_epochs": r.experts * r.local_epochs,
         "student_epochs": r.student * r.local_epochs, "early_stopping_patience": 0,
         "epochs": max(r.teacher, r.student, r.experts) * r.local_epochs,
         "scheduler": MILTrainingConfig().scheduler,  # the centralized pipeline's own LR schedule (cosine)
     })
-    adapter = fed_cfg.adapter.model_copy(update={"epochs": r.adapter * r.adapter_local_epochs, "patience": 0,
-                                                 "batch_size": AdapterConfig().batch_size})  # the centralized batch
+    adapter = AdapterConfig.model_validate(fed_cfg.adapter.model_dump() | {
+        "epochs": r.adapter * r.adapter_local_epochs, "patience": 0,
+        "batch_size": AdapterConfig().batch_size})  # the centralized batch
     cfg = DistillConfig(sites=args.sites, out_dir=args.out / "central", seed=fed_cfg.seed, threads=2,
                         adapter=adapter, teacher=fed_cfg.teacher, student=fed_cfg.student, training=training,
                         clusters=fed_cfg.clusters, experts=fed_cfg.experts, kd=fed_cfg.kd)
