@@ -134,10 +134,10 @@ def test_federation_refuses_epoch_keys_it_would_ignore(tmp_path: Path) -> None:
 
     toml = tmp_path / "fed.toml"
     toml.write_text("[federation.training]\nlr = 0.001\nepochs = 100\n")
-    with pytest.raises(ConfigError, match=r"'federation.training' \(from .*fed.toml\): epochs is not used by a "
-                                          r"federated run: .*rounds.local-epochs"):
+    with pytest.raises(ConfigError, match=r"'federation.training' \(from .*fed.toml\): epochs: not used by a "
+                                          r"federated run; .*rounds.local-epochs"):
         load_config(FederationConfig, toml, "federation")
-    with pytest.raises(ConfigError, match=r"'federation.adapter': patience is not used .*adapter-local-epochs"):
+    with pytest.raises(ConfigError, match=r"'federation.adapter': patience: not used .*adapter-local-epochs"):
         load_config(FederationConfig, None, "federation", overrides=["adapter.patience=2"])
     with pytest.raises(ConfigError, match="allowed keys here: batch-size, class-weighting") as unknown:
         load_config(FederationConfig, overrides=["training.epoch=3"])

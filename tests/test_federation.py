@@ -361,8 +361,8 @@ def test_run_config_in_pyproject_is_the_federation_config() -> None:
     ({"rounds.teacher": "many"}, "invalid value for 'rounds.teacher': 'many'"),
     ({"min-nodes": 0}, "invalid value for 'min-nodes': 0"),
     ({"mode": "logits"}, "proxy-dir"),
-    ({"training.teacher-epochs": 40}, "teacher-epochs is not used by a federated run: .*rounds.local-epochs"),
-    ({"adapter.epochs": 30, "adapter.patience": 3}, "'adapter' .from run config.: epochs, patience is not used"),
+    ({"training.teacher-epochs": 40}, "teacher-epochs: not used by a federated run; .*rounds.local-epochs"),
+    ({"adapter.epochs": 30, "adapter.patience": 3}, "'adapter' .from run config.: epochs, patience: not used"),
 ])
 def test_bad_run_config_is_refused_with_key_and_value(config: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

@@ -36,7 +36,7 @@ def _refuse_unused(data: Any, unused: frozenset[str], hint: str) -> Any:
         given = sorted(str(k).replace("_", "-") for k in data if str(k).replace("_", "-") in unused)
         if given:
             raise PydanticCustomError(
-                "not_used", "{keys} is not used by a federated run: {hint}", {"keys": ", ".join(given), "hint": hint})
+                "not_used", "{keys}: not used by a federated run; {hint}", {"keys": ", ".join(given), "hint": hint})
     return data
 
 
