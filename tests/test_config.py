@@ -145,3 +145,17 @@ def test_federation_refuses_epoch_keys_it_would_ignore(tmp_path: Path) -> None:
     assert "epochs" not in FederationConfig().to_toml_dict()["training"]
     logits = load_config(FederationConfig, overrides=["training.early-stopping-patience=3"])  # logits mode's server
     assert logits.training.early_stopping_patience == 3
+
+
+def test_federation_min_epochs_is_checked_against_proxy_epochs(tmp_path: Path) -> None:
+    """min-epochs bounds logits mode's server-side student, so it is checked against proxy-epochs, a key one can set."""
+    from common.config.federation import FederationConfig
+
+    toml = tmp_path / "fed.toml"
+    toml.write_text("[federation]\nproxy-epochs = 20\n[federation.training]\nmin-epochs = 25\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(FederationConfig, toml, "federation")
+    assert str(err.value) == (f"invalid settings in [federation] (from {toml}): training.min-epochs (25) exceeds "
+                              "proxy-epochs (20), the logits-mode student's epochs")
+    cfg = load_config(FederationConfig, overrides=["training.min-epochs=60", "proxy-epochs=80"])  # above the hidden 50
+    assert (cfg.training.min_epochs, cfg.proxy_epochs) == (60, 80)

@@ -369,9 +369,10 @@ def _cli(argv: list[str]) -> int:
 def test_cli_writes_cohort_and_refuses_a_different_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     args = ["synth", "--out", str(out), "--sites", "1", "--slides-per-site", "2", "--seed", "3",
-            "--set", "slide-size-um=[300, 320]", "--set", "progress=false"]
+            "--set", "slide-size-um=[300, 320]", "--no-progress"]
     assert _cli(args) == 0
-    assert "1 sites, 2 slides" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "1 sites, 2 slides" in printed.out and "slides:" not in printed.err  # no progress bar
     first = {p.name: p.read_bytes() for p in (out / "site1" / "slides").iterdir()}
     assert len(first) == 2
     assert _cli(args) == 0  # the same cohort: kept, not redone

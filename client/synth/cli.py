@@ -24,6 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--slides-per-site", type=int, default=None, help="slides per site (default 6)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--workers", type=int, default=None, help="slides rendered in parallel processes (default 1)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
     add_config_arguments(p, example="slide-size-um=[1000.0,1500.0]")
     p.set_defaults(handler=run)
 
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         "slides_per_site": args.slides_per_site,
         "seed": args.seed,
         "workers": args.workers,
+        "progress": args.progress,
     }
     cfg = config_from_args(SynthConfig, args, section="synth", values=values)
     start = time.perf_counter()

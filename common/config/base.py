@@ -68,6 +68,9 @@ def format_validation_error(
             lines.append(f"unknown key '{key}'{where}; allowed keys here: {', '.join(allowed)}")
         elif item["type"] == "not_used":
             lines.append(f"'{key}'{where}: {item['msg']}")
+        elif not loc:  # a check across several keys: the message names them
+            section = f" in [{prefix}]" if prefix else ""
+            lines.append(f"invalid settings{section}{where}: {item['msg'].removeprefix('Value error, ')}")
         elif item["type"] == "missing":
             lines.append(f"missing key '{key}'{where}: {item['msg']}")
         else:

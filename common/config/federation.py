@@ -75,6 +75,9 @@ class FederatedTrainingConfig(MILTrainingConfig):
     def _no_epoch_keys(cls, data: Any) -> Any:
         return _refuse_unused(data, _TRAINING_UNUSED, _ROUNDS_HINT + " (proxy-epochs for logits mode's server-side student)")
 
+    def _min_epochs_fit(self) -> "FederatedTrainingConfig":
+        return self  # `epochs` is hidden here: FederationConfig checks min-epochs against proxy-epochs
+
 
 class FederatedAdapterConfig(AdapterConfig):
     """The cross-resolution adapter as each site trains it (its epochs come from [federation.rounds])."""
@@ -179,6 +182,13 @@ class FederationConfig(StageConfig):
     def _logits_needs_proxy(self) -> "FederationConfig":
         if self.mode == "logits" and self.proxy_dir is None:
             raise ValueError("mode = 'logits' needs proxy-dir (the coordinating site's proxy cohort)")
+        return self
+
+    @model_validator(mode="after")
+    def _min_epochs_fit(self) -> "FederationConfig":
+        if self.training.min_epochs > self.proxy_epochs:
+            raise ValueError(f"training.min-epochs ({self.training.min_epochs}) exceeds proxy-epochs ({self.proxy_epochs}), "
+                             "the logits-mode student's epochs")
         return self
 
     @property
