@@ -223,6 +223,9 @@ def _reference_encoder(cfg: FederationConfig, candidates: dict[int, SiteInfo], i
 # ---- weights phases ---------------------------------------------------------------------------------
 def _inner_strategy(fed: Federation, phase: str, min_nodes: int) -> Strategy:
     cfg = fed.cfg
+    if phase == "student" and cfg.student_server_momentum > 0 and (fed.accountant is not None or cfg.aggregation != "mean"):
+        log.warning("phase student: student-server-momentum %g not applied: %s keeps its own update",
+                    cfg.student_server_momentum, "DP" if fed.accountant is not None else f"aggregation = {cfg.aggregation}")
     if fed.accountant is not None:  # every weights release is noised and accounted (equal site weights)
         return dp_strategy(cfg, len(fed.sites), min_nodes, fed.accountant)
     common = {"fraction_evaluate": 0.0, "min_train_nodes": min_nodes, "min_available_nodes": min_nodes}

@@ -9,6 +9,7 @@ another encoder refused at the handshake, and invalid updates rejected before ag
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tomllib
 from pathlib import Path
@@ -453,10 +454,13 @@ def test_an_evaluation_only_site_trains_nothing_and_reports_on_all_its_slides(si
 
 
 @pytest.mark.parametrize("aggregation", ["median", "trimmed-mean"])
-def test_robust_aggregation_is_selectable(sites: list[Path], tmp_path: Path, aggregation: str) -> None:
+def test_robust_aggregation_is_selectable(sites: list[Path], tmp_path: Path, aggregation: str,
+                                         caplog: pytest.LogCaptureFixture) -> None:
     cfg = tiny_config(tmp_path, aggregation, aggregation=aggregation, kd={"lambda_expert": 0.0},
                       rounds={"adapter": 1, "teacher": 2, "baseline": 1, "student": 1})
-    result, _ = federate(sites, cfg)
+    with caplog.at_level(logging.WARNING, logger="server.protocol"):
+        result, _ = federate(sites, cfg)
+    assert f"student-server-momentum 0.5 not applied: aggregation = {aggregation}" in caplog.text  # said, not silent
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert metrics["config"]["aggregation"] == aggregation
     assert metrics["models"]["teacher_high"]["overall"]["auc"] >= 0.9  # the robust aggregate learned the task

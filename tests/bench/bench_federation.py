@@ -19,11 +19,16 @@ Run on demand (not collected by pytest). Steps:
    (target <= 1.05); with --proxy, a logits-mode run (in-process) shows the logits upload.
 5. OUT/federation_table.json + .md with the targets: bytes <= 1.05 x model; federated time <= 1.5 x centralized;
    |AUC(federated student) - AUC(centralized student)| <= 0.03.
+
+`--split-seed N` runs both arms on another split of the same cohort: OUT/cohort/<site>/ links each site's files
+and holds a labels.csv whose splits are re-drawn per site (by patient, per label, the same number of slides in each
+split as the original), so one test split's luck can be told from a difference between the arms.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import os
@@ -37,6 +42,40 @@ import torch
 BYTES_TARGET = 1.05
 TIME_TARGET = 1.5
 AUC_TARGET = 0.03
+
+
+def resplit_sites(sites: list[Path], seed: int, out: Path) -> list[Path]:
+    """Views of `sites` under `out` with the same slides and re-drawn splits (see the module docstring)."""
+    views = []
+    for index, site in enumerate(sites):
+        view = out / site.name
+        view.mkdir(parents=True, exist_ok=True)
+        for entry in site.iterdir():
+            if entry.name not in ("labels.csv", "runs") and not (view / entry.name).exists():
+                (view / entry.name).symlink_to(entry.resolve())
+        with (site / "labels.csv").open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            fields, rows = list(reader.fieldnames or []), list(reader)
+        rng = np.random.default_rng([seed, index])
+        for label in sorted({r["label"] for r in rows}):
+            mine = [r for r in rows if r["label"] == label]
+            want = {split: sum(r["split"] == split for r in mine) for split in ("test", "val")}
+            patients: dict[str, list[dict[str, str]]] = {}
+            for r in mine:
+                patients.setdefault(r.get("patient_id") or r["slide_id"], []).append(r)
+            groups = [patients[k] for k in rng.permutation(sorted(patients))]
+            got = {"test": 0, "val": 0}
+            for group in sorted(groups, key=len):  # single-slide patients first: the counts come out exact
+                split = next((name for name in ("test", "val") if got[name] < want[name]), "train")
+                got[split] = got.get(split, 0) + len(group)
+                for r in group:
+                    r["split"] = split
+        with (view / "labels.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        views.append(view)
+    return views
 
 
 def federation_config(args: argparse.Namespace, run_id: str, **extra: Any):  # noqa: ANN201
@@ -142,12 +181,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per site process")
     ap.add_argument("--skip-centralized", action="store_true")
     ap.add_argument("--set", action="append", default=[], help="federation config override (key=value)")
+    ap.add_argument("--split-seed", type=int, default=None, help="re-draw each site's splits with this seed")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.split_seed is not None:
+        args.sites = resplit_sites(args.sites, args.split_seed, args.out / "cohort")
     stamp = f"{time.strftime('%H%M%S')}-{os.getpid()}"  # sites keep files per run id: benches side by side need their own
     cfg = federation_config(args, f"bench-{stamp}")
-    table: dict[str, Any] = {"deploy": args.deploy, "sites": [str(s) for s in args.sites], "config": cfg.to_toml_dict()}
+    table: dict[str, Any] = {"deploy": args.deploy, "sites": [str(s) for s in args.sites], "split_seed": args.split_seed,
+                             "config": cfg.to_toml_dict()}
     run_dir, fed_seconds = run_federated(args, cfg)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     table["federated"] = {"run_dir": str(run_dir), "seconds": fed_seconds, "server_timings": metrics["timings"],
