@@ -13,6 +13,7 @@ from common.cli_support import EXIT_USAGE, ConfigError
 def build_parser() -> argparse.ArgumentParser:
     from client.predict_cli import add_parser as add_predict
     from client.preprocess_cli import add_parser as add_preprocess
+    from client.superexec import add_parser as add_superexec
     from client.synth.cli import add_parser as add_synth
     from common.demo import add_parser as add_demo
     from common.distillation.cli import add_parser as add_distill
@@ -26,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedslide {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_demo, add_synth, add_preprocess, add_train, add_distill, add_predict, add_certs, add_federate, add_deploy):
+    for add in (add_demo, add_synth, add_preprocess, add_train, add_distill, add_predict, add_certs, add_federate, add_deploy,
+                add_superexec):
         add(sub)
     add_evaluation(sub)
     return parser

@@ -16,6 +16,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ class LaunchOptions:
     timeout: float = 3600.0
     poll: float = 10.0  # seconds between `flwr ls` calls (each is a Python process)
     threads_per_site: int | None = None
+    warm: bool = True  # fedslide's SuperExec at each site (client.superexec); False: Flower's, a process per message
     on_submitted: Callable[[Consortium], None] | None = None  # e.g. a test that kills a process mid-run
 
 
@@ -106,7 +108,7 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
     """Start SuperLink + SuperNodes, run the app, stop everything; the run directory at the coordinating site."""
     from client.supernode import SuperNode
     from deploy.certs import load_ca, make_all
-    from server.superlink import FlowerCli, FlowerCliError, SuperLink, TLSFiles
+    from server.superlink import FlowerCli, SuperLink, TLSFiles
 
     preflight(sites, cfg)
     work = opts.work_dir.resolve()
@@ -129,9 +131,11 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
         if opts.node_auth:
             keys = {s.name: certs / f"{s.name}.key" for s in sites}
     port = free_port()
-    # a resumed run keeps the SuperLink's database: its checkpoint names the sites by their node ids
+    # Flower's in-memory state and object store: a SQLite database made every message's objects several times
+    # slower to store and serve (loopback federation 657 s -> 366 s). The link lives for this run only; a resumed
+    # run starts a new one, and the ServerApp re-admits the sites by name under their new node ids.
     link = SuperLink(work / "superlink", tls, port=port, node_auth=not opts.insecure and opts.node_auth,
-                     fresh=not cfg.resume)
+                     in_memory=True)
     cli = FlowerCli(work / "flwr-home", link.address, tls.ca if tls else None)
     config_file = work / f"run-config-{cfg.run_id}.toml"
     write_run_config(config_file, cfg)
@@ -140,22 +144,16 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
         log.info("starting SuperLink on %s (%s)", link.address, "TLS + node auth" if tls else "insecure")
         link.start()
         stack.callback(link.stop)
-        if tls is not None and opts.node_auth:
-            for site in sites:
-                try:
-                    cli.register(certs / f"{site.name}.pub")
-                except FlowerCliError as exc:  # resumed: registered in the kept database already
-                    if not (cfg.resume and "already in use" in str(exc)):
-                        raise
-        if cfg.resume:
-            _wait_until_no_node_online(cli)
-        nodes = []
-        for site in sites:
-            node = SuperNode(site.name, site, link.address, free_port(), work / "supernodes",
-                             tls.ca if tls else None, keys[site.name])
-            node.start()
+        if tls is not None and opts.node_auth:  # each `flwr supernode register` is a Python process: side by side
+            with ThreadPoolExecutor(len(sites)) as pool:
+                list(pool.map(cli.register, [certs / f"{site.name}.pub" for site in sites]))
+        nodes = [SuperNode(site.name, site, link.address, free_port(), work / "supernodes", tls.ca if tls else None,
+                           keys[site.name], warm=opts.warm) for site in sites]
+        for node in nodes:  # all start side by side, then each is waited for
+            node.launch()
             stack.callback(node.stop)
-            nodes.append(node)
+        for node in nodes:
+            node.wait_ready()
         run_id = cli.submit(APP_DIR, config_file)
         log.info("submitted run %s (Flower run %d); outputs in %s", cfg.run_id, run_id, run_dir)
         stack.callback(lambda: cli.stop_run(run_id))
@@ -182,24 +180,6 @@ def _stop_on_sigterm(stack: ExitStack) -> None:
     stack.callback(signal.signal, signal.SIGTERM, previous)
 
 
-STALE_NODE_WAIT = 120.0  # > 2 x Flower's 30 s heartbeat interval
-
-
-def _wait_until_no_node_online(cli: Any, timeout: float = STALE_NODE_WAIT) -> None:
-    """A kept SuperLink database still shows the SuperNodes of a crashed session online until their heartbeat
-    expires, and Flower refuses to activate a node it thinks is online (the SuperNode exits, code 305)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        online = [n["node-id"] for n in cli.call("supernode", "ls", cli.connection, "--format", "json")["nodes"]
-                  if n.get("status") == "online"]
-        if not online:
-            return
-        if time.monotonic() > deadline:
-            raise FederationFailed(f"node(s) {online} of the earlier session still online after {timeout:.0f} s")
-        log.info("waiting for %d node(s) of the earlier session to time out", len(online))
-        time.sleep(5.0)
-
-
 def _collect_logs(work: Path, run_dir: Path, cli: Any, run_id: int) -> None:
     """The ServerApp's log and every process log of this host, under `<run_dir>/logs/`."""
     logs = run_dir / "logs"
@@ -222,27 +202,37 @@ def _wait(cli: Any, run_id: int, link: Any, nodes: list[Any], opts: LaunchOption
     from server.superlink import FlowerCliError
 
     deadline = time.monotonic() + opts.timeout
-    last = ""
+    last, asked = "", float("-inf")
+    metrics = run_dir / "metrics.json"
+    before = metrics.stat().st_mtime if metrics.is_file() else None
     while time.monotonic() < deadline:
-        try:
-            status = cli.status(run_id)
-        except FlowerCliError as exc:  # a dead SuperLink shows first as a CLI failure: report the process
-            if link.process is not None and not link.process.alive:
-                raise FederationFailed(str(link.process.failure("died during the run"))) from exc
-            raise FederationFailed(f"cannot read the status of run {run_dir.name}: {exc}") from exc
-        state = str(status.get("status", ""))
-        if state != last:
-            log.info("run status: %s", state)
-            last = state
-        if state.startswith(FINISHED):
-            details = str(status.get("status-details", ""))
-            if "completed" not in state and "completed" not in details:
-                raise FederationFailed(f"run {run_dir.name} ended as {state} {details}; ServerApp log tail:\n"
-                                       + "\n".join(cli.logs(run_id).splitlines()[-40:]))
-            return
+        # `flwr ls` is a Python process: asked every `poll` s, and every second once the ServerApp has written
+        # its metrics (the run is about to finish)
+        written = metrics.is_file() and metrics.stat().st_mtime != before
+        if time.monotonic() - asked >= opts.poll or written:
+            asked = time.monotonic()
+            try:
+                status = cli.status(run_id)
+            except FlowerCliError as exc:  # a dead SuperLink shows first as a CLI failure: report the process
+                if link.process is not None and not link.process.alive:
+                    raise FederationFailed(str(link.process.failure("died during the run"))) from exc
+                raise FederationFailed(f"cannot read the status of run {run_dir.name}: {exc}") from exc
+            state = str(status.get("status", ""))
+            if state != last:
+                log.info("run status: %s", state)
+                last = state
+            if state.startswith(FINISHED):
+                details = str(status.get("status-details", ""))
+                if "completed" not in state and "completed" not in details:
+                    raise FederationFailed(f"run {run_dir.name} ended as {state} {details}; ServerApp log tail:\n"
+                                           + "\n".join(cli.logs(run_id).splitlines()[-40:]))
+                return
         if link.process is not None and not link.process.alive:
             raise FederationFailed(str(link.process.failure("died during the run")))
-        time.sleep(opts.poll)
+        for node in nodes:  # a SuperNode may drop out (the rounds go on without it), its SuperExec alone may not
+            if node.process is not None and node.process.alive and node.superexec is not None and not node.superexec.alive:
+                raise FederationFailed(str(node.superexec.failure("died during the run")))
+        time.sleep(1.0)
     raise FederationFailed(f"run {run_dir.name} not finished after {opts.timeout:.0f} s; ServerApp log tail:\n"
                            + "\n".join(cli.logs(run_id).splitlines()[-40:]))
 

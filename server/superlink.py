@@ -54,14 +54,15 @@ class SuperLink:
 
     TLS unless `tls` is None (insecure, for explicit opt-in only); SuperNode authentication on by
     default; runtime dependency installation off (dependencies are installed at every host). `fresh=False`
-    keeps the database of an earlier start (registered keys, hence node ids: what a resumed run needs).
+    keeps the database of an earlier start (registered keys, hence node ids: what a resumed run needs);
+    `in_memory` keeps no database file at all (Flower's in-memory state and object store).
     """
 
     def __init__(self, workdir: Path, tls: TLSFiles | None, host: str = "127.0.0.1", port: int = 9092,
-                 node_auth: bool = True, env: dict[str, str] | None = None, fresh: bool = True):
+                 node_auth: bool = True, env: dict[str, str] | None = None, fresh: bool = True, in_memory: bool = False):
         self.workdir = Path(workdir)
         self.host, self.port, self.tls, self.node_auth = host, port, tls, node_auth
-        self.env, self.fresh = env, fresh
+        self.env, self.fresh, self.in_memory = env, fresh, in_memory
         self.process: ManagedProcess | None = None
 
     @property
@@ -71,7 +72,9 @@ class SuperLink:
     def argv(self) -> list[str]:
         """The command line."""
         argv = [flower_tool("flower-superlink"), "--host", self.host, "--port", str(self.port),
-                "--database", str(self.workdir / "state.db"), "--disable-runtime-dependency-installation"]
+                "--disable-runtime-dependency-installation"]
+        if not self.in_memory:
+            argv += ["--database", str(self.workdir / "state.db")]
         if self.tls is None:
             argv.append("--insecure")
         else:

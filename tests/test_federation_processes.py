@@ -73,6 +73,7 @@ class ProcessTracker:
         self.stoppables: list[Any] = []  # SuperLink / SuperNode objects (their stop() is idempotent)
         self.roots: list[ManagedProcess] = []
         self.seen: dict[tuple[int, float], psutil.Process] = {}
+        self.cmdlines: dict[tuple[int, float], str] = {}  # as first seen
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="process-tracker", daemon=True)
@@ -94,7 +95,8 @@ class ProcessTracker:
 
     def _processes(self) -> list[ManagedProcess]:
         with self._lock:
-            managed = list(self.roots) + [s.process for s in self.stoppables if getattr(s, "process", None)]
+            managed = list(self.roots) + [p for s in self.stoppables for p in getattr(s, "processes", [s.process])
+                                          if p is not None]
         return managed
 
     def snapshot(self) -> None:
@@ -119,7 +121,10 @@ class ProcessTracker:
 
     def _record(self, proc: psutil.Process) -> None:
         try:
-            self.seen.setdefault((proc.pid, proc.create_time()), proc)
+            key = (proc.pid, proc.create_time())
+            if key not in self.seen:
+                self.seen[key] = proc
+                self.cmdlines[key] = " ".join(proc.cmdline())
         except psutil.Error:
             pass
 
@@ -137,6 +142,10 @@ class ProcessTracker:
             except psutil.Error:
                 continue
         return out
+
+    def commands(self) -> list[str]:
+        """The command line of every recorded process, as first seen (those gone included)."""
+        return list(self.cmdlines.values())
 
     def stop_all(self) -> None:
         self.snapshot()
@@ -221,38 +230,33 @@ def wait_until(condition: Callable[[], bool], timeout: float, poll: float = 1.0)
 # ---------------------------------------------------------------------------------------------
 def test_full_run_with_tls_and_a_refused_encoder(sites: list[Path], tmp_path: Path, tracker: ProcessTracker) -> None:
     seen: list[Consortium] = []
-    polls: list[str] = []
-
-    def superexec_polls(node: SuperNode) -> list[str]:
-        assert node.process is not None
-        children = psutil.Process(node.process.proc.pid).children(recursive=True)
-        return [c.environ().get(SUPEREXEC_POLL_ENV, "") for c in children if "superexec" in " ".join(c.cmdline())]
 
     def submitted(consortium: Consortium) -> None:
         seen.append(consortium)
         tracker.add_consortium(consortium)
-        # each SuperNode's SuperExec (Flower starts it, and it launches the ClientApps) polls at our interval
-        for node in consortium.nodes:
-            assert wait_until(lambda: superexec_polls(node), 30, poll=0.5), node.name
-            polls.extend(superexec_polls(node))
 
     cfg = tiny_config("tls")
     run_dir = run_consortium(sites, cfg, LaunchOptions(tmp_path / "work", timeout=RUN_TIMEOUT, poll=5.0,
                                                        on_submitted=submitted))
     tracker.snapshot()
 
-    # nothing left running: the SuperLink, the SuperNodes and everything they started
+    # nothing left running: the SuperLink, the SuperNodes, their SuperExecs and everything they started
     assert len(seen) == 1
     consortium = seen[0]
-    assert polls == [str(SUPEREXEC_POLL_S)] * len(consortium.nodes), polls
     assert consortium.run_dir == run_dir and consortium.run_id > 0
     assert consortium.link.address.startswith("127.0.0.1:") and consortium.link.tls is not None
-    for managed in [consortium.link.process, *(n.process for n in consortium.nodes)]:
+    for managed in [consortium.link.process, *(p for n in consortium.nodes for p in n.processes)]:
         assert managed is not None and not managed.alive, managed.name
-    assert len(tracker.seen) > 1 + len(sites)  # the children (SuperExec, ServerApp, ClientApps) were seen too
+    assert len(tracker.seen) > 1 + 2 * len(sites)  # the children (ServerApp, ClientApp tasks) were seen too
     # the SuperLink's SuperExec runs in a session of its own (Flower detaches it): it ends when it sees its
     # parent gone, a moment after the SuperLink
     assert wait_until(lambda: not tracker.alive(), 10, poll=0.5), tracker.alive()
+    # every message a site answered ran in a child forked by its warm SuperExec, none in a cold flwr-clientapp
+    assert not [p for p in tracker.commands() if "flwr-clientapp" in p]
+    for node, site in zip(consortium.nodes, sites):
+        assert node.warm and node.superexec is not None, node.name
+        forked = node.superexec.log.read_text().count("ClientApp in forked process")
+        assert forked == len(ledger(site, "tls")) > 0, (node.name, forked)
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert sorted(s["name"] for s in metrics["sites"]) == ["site1", "site2", "site3"]
@@ -390,6 +394,12 @@ def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(
     good = sites[:3]
     cfg = tiny_config("kill", rounds={"teacher": 3}, min_nodes=2, kd={"lambda_expert": 0.0}, round_timeout=300.0)
     events: dict[str, Any] = {}
+    polls: list[str] = []
+
+    def superexec_polls(node: SuperNode) -> list[str]:
+        assert node.process is not None
+        children = psutil.Process(node.process.proc.pid).children(recursive=True)
+        return [c.environ().get(SUPEREXEC_POLL_ENV, "") for c in children if "superexec" in " ".join(c.cmdline())]
 
     def kill_and_restart(consortium: Consortium) -> None:
         victim = consortium.nodes[-1]
@@ -403,7 +413,7 @@ def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(
             node_statuses(consortium.cli)
         events["offline"] = [n for n, s in node_statuses(consortium.cli).items() if s == "offline"]
         again = SuperNode(victim.name, victim.site_dir, victim.superlink, free_port(), victim.workdir, victim.ca,
-                          victim.auth_key)
+                          victim.auth_key, warm=False)
         events["restarted"] = again
         start_node(tracker, again)
 
@@ -411,14 +421,19 @@ def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(
 
     def submitted(consortium: Consortium) -> None:
         tracker.add_consortium(consortium)
+        # Flower's own SuperExec (cold: one flwr-clientapp per message) polls for tasks at our interval
+        for node in consortium.nodes:
+            assert wait_until(lambda: superexec_polls(node), 30, poll=0.5), node.name
+            polls.extend(superexec_polls(node))
         threads.append(in_thread(lambda: kill_and_restart(consortium)))
 
     run_dir = run_consortium(good, cfg, LaunchOptions(tmp_path / "work", timeout=RUN_TIMEOUT, poll=5.0,
-                                                      on_submitted=submitted))
+                                                      on_submitted=submitted, warm=False))
     thread, errors = threads[0]
     thread.join(5)
     assert not errors, errors
     assert events.get("killed") == "site3" and "restarted" in events
+    assert polls == [str(SUPEREXEC_POLL_S)] * len(good), polls
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     node_of = {s["name"]: s["node"] for s in metrics["sites"]}
@@ -482,6 +497,10 @@ def test_resume_after_the_server_is_killed(sites: list[Path], tmp_path: Path, tr
     assert {"adapter", "teacher", "kd-cache", "student"} <= set(state["phases"]), state.get("phases")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert sorted(s["name"] for s in metrics["sites"]) == ["site1", "site2", "site3"]
+    # the same sites, matched by name under the node ids the new SuperLink gave them
+    before = {s["name"]: int(node) for node, s in killed["state"]["handshake"]["sites"].items()}
+    after = {s["name"]: int(s["node"]) for s in metrics["sites"]}
+    assert before.keys() == after.keys() and not set(before.values()) & set(after.values()), (before, after)
     assert [h["round"] for h in metrics["learning_curves"]["teacher"]][-1] == 3
     for site in good:
         entries = ledger(site, "resume")
@@ -490,5 +509,7 @@ def test_resume_after_the_server_is_killed(sites: list[Path], tmp_path: Path, tr
         # the teacher's round 1 was checkpointed before the kill: the resumed run went on from there
         teacher_rounds = Counter(e["round"] for e in entries if e["phase"] == "teacher")
         assert teacher_rounds[1] == 1 and teacher_rounds[3] == 2, (site.name, teacher_rounds)  # round 3 + validation
-        assert phases["handshake"] == 1, (site.name, phases)  # the resumed run reused the admitted sites
+        # the resumed run's SuperLink is a new one (in memory): the sites came back under new node ids, and the
+        # ServerApp asked those nodes once who they are instead of admitting anyone anew
+        assert phases["handshake"] == 2, (site.name, phases)
         assert phases["evaluate"] == 1 and phases["student"] == cfg.rounds.student + 1, (site.name, phases)

@@ -20,6 +20,11 @@ Run on demand (not collected by pytest). Steps:
 5. OUT/federation_table.json + .md with the targets: bytes <= 1.05 x model; federated time <= 1.5 x centralized;
    |AUC(federated student) - AUC(centralized student)| <= 0.03.
 
+`--scale K` runs both arms on a cohort whose bags are K times larger (OUT/cohort-xK/<site>: every slide's low- and
+high-res patches, tokens included, repeated K times side by side with 5 % noise, parents and coordinates kept
+consistent), so that a round's compute is closer to a real slide's (tens of thousands of 20x patches) while the
+federation's per-message cost stays what it is; the labels and splits are the cohort's own.
+
 `--split-seed N` runs both arms on another split of the same cohort: OUT/cohort/<site>/ links each site's files
 and holds a labels.csv whose splits are re-drawn per site (by patient, per label, the same number of slides in each
 split as the original), so one test split's luck can be told from a difference between the arms.
@@ -33,6 +38,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +84,46 @@ def resplit_sites(sites: list[Path], seed: int, out: Path) -> list[Path]:
     return views
 
 
+SCALE_NOISE = 0.05  # of each feature's spread across the slide's patches
+
+
+def scale_sites(sites: list[Path], k: int, out: Path, encoder: str | None) -> list[Path]:
+    """Copies of `sites` under `out` whose feature files hold every patch K times (see the module docstring)."""
+    from common.features import FeatureMeta, FeatureWriter, feature_path, read_feature_file
+
+    meta_fields = set(FeatureMeta.__dataclass_fields__) - {"extra"}
+    scaled = []
+    for index, site in enumerate(sites):
+        view = out / site.name
+        view.mkdir(parents=True, exist_ok=True)
+        (view / "labels.csv").write_bytes((site / "labels.csv").read_bytes())
+        name = encoder or next(p.name for p in sorted((site / "features").iterdir()) if p.is_dir())
+        for low_path in sorted((site / "features" / name / "low").glob("*.h5")):
+            slide_id = low_path.stem
+            rng = np.random.default_rng([k, index, zlib.crc32(slide_id.encode())])
+            n_low = 0
+            for resolution in ("low", "high"):
+                bag = read_feature_file(site / "features" / name / resolution / f"{slide_id}.h5", load_tokens=True)
+                n_low = n_low or len(bag)
+                target = feature_path(view, name, resolution, slide_id)
+                if target.is_file():
+                    continue
+                attrs = {a: v for a, v in bag.attrs.items() if a not in ("format_version", "fedslide_complete", "num_patches")}
+                meta = FeatureMeta(**{f: attrs.pop(f) for f in meta_fields if f in attrs}, extra=attrs)
+                shift = int(bag.coords[:, 0].max()) + 2 * int(meta.patch_size_level0)  # side by side, never overlapping
+                spread = bag.features.std(axis=0, keepdims=True)
+                with FeatureWriter(target, meta, with_parent=bag.parent is not None, with_tokens=bag.tokens is not None) as w:
+                    for copy in range(k):
+                        tokens = None
+                        if bag.tokens is not None:
+                            tokens = bag.tokens + SCALE_NOISE * bag.tokens.std() * rng.standard_normal(bag.tokens.shape)
+                        w.append(bag.features + SCALE_NOISE * spread * rng.standard_normal(bag.features.shape),
+                                 bag.coords + np.array([copy * shift, 0]), tokens=tokens, child=bag.child,
+                                 parent=None if bag.parent is None else bag.parent + copy * n_low)
+        scaled.append(view)
+    return scaled
+
+
 def federation_config(args: argparse.Namespace, run_id: str, **extra: Any):  # noqa: ANN201
     from common.config.base import load_config
     from common.config.federation import FederationConfig
@@ -95,7 +141,7 @@ def run_federated(args: argparse.Namespace, cfg: Any) -> tuple[Path, float]:
 
     start = time.perf_counter()
     if args.deploy == "loopback":
-        run_dir = run_consortium(args.sites, cfg, LaunchOptions(args.out / "fed", timeout=7200))
+        run_dir = run_consortium(args.sites, cfg, LaunchOptions(args.out / "fed", timeout=7200, warm=not args.cold))
     else:
         grid = LocalGrid(client_app, [{"site-dir": str(s)} for s in args.sites], cfg.to_run_config())
         run_dir = run(grid, cfg).run_dir
@@ -179,14 +225,22 @@ def main() -> None:
     ap.add_argument("--proxy", type=Path, default=None, help="a site directory used as the proxy cohort (logits mode)")
     ap.add_argument("--deploy", choices=["loopback", "inprocess"], default="loopback")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per site process")
+    ap.add_argument("--cold", action="store_true",
+                    help="loopback with Flower's own SuperExec (a fresh flwr-clientapp per message) instead of fedslide's")
     ap.add_argument("--skip-centralized", action="store_true")
     ap.add_argument("--set", action="append", default=[], help="federation config override (key=value)")
     ap.add_argument("--split-seed", type=int, default=None, help="re-draw each site's splits with this seed")
+    ap.add_argument("--scale", type=int, default=1, help="bags K times larger (see the module docstring)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.split_seed is not None:
         args.sites = resplit_sites(args.sites, args.split_seed, args.out / "cohort")
+    if args.scale > 1:
+        started = time.perf_counter()
+        args.sites = scale_sites(args.sites, args.scale, args.out / f"cohort-x{args.scale}",
+                                 federation_config(args, "scale").encoder)
+        logging.info("cohort x%d written in %.0f s", args.scale, time.perf_counter() - started)
     stamp = f"{time.strftime('%H%M%S')}-{os.getpid()}"  # sites keep files per run id: benches side by side need their own
     cfg = federation_config(args, f"bench-{stamp}")
     table: dict[str, Any] = {"deploy": args.deploy, "sites": [str(s) for s in args.sites], "split_seed": args.split_seed,

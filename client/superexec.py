@@ -1,0 +1,194 @@
+"""The site's warm SuperExec: each ClientApp message runs in a process forked from one that has already
+imported torch, Flower's runtime and the app's libraries.
+
+Flower's own SuperExec starts a fresh `flwr-clientapp` for every message, which spends ≈ 3 s of CPU importing
+torch and Flower before it reads the message. This one is Flower's SuperExec loop (`AcquireTask` from the
+SuperNode's Runtime API, launch through Flower's `AutoExecPlugin`) with an executor that forks instead; the child
+runs Flower's own `run_clientapp` with the task's token, so the message, the FAB, the app's loading and the reply
+go through Flower exactly as before. The app's own packages are dropped from the child's module table first, so
+each task imports the code of the FAB it was sent, as a cold `flwr-clientapp` does.
+
+Start the SuperNode with `--isolation process`, then this next to it:
+
+    fedslide superexec --runtime-api-address 127.0.0.1:9094 --insecure [--parent-pid SUPERNODE_PID]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from multiprocessing.process import BaseProcess
+
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.auth import add_superexec_auth_secret_args, load_superexec_auth_secret
+from flwr.supercore.constant import TaskType
+from flwr.supercore.exit import register_signal_handlers
+from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
+from flwr.supercore.superexec.plugin import AutoExecPlugin
+from flwr.supercore.telemetry import EventType
+from flwr.supercore.tls import validate_and_resolve_root_certificates
+from flwr.supercore.utils import disable_process_dumping
+
+log = logging.getLogger(__name__)
+
+# the top-level packages of the fedslide app (pyproject's [tool.setuptools.packages.find]); a task imports them
+# from its FAB
+APP_PACKAGES = frozenset({"client", "common", "server", "deploy"})
+# imported once here, before any fork: what a ClientApp message needs (the app module's imports; torch._dynamo,
+# which torch imports when the first optimizer is made, ≈ 1.8 s; the libraries the app loads lazily so that a cold
+# `flwr-clientapp` need not pay for them)
+PRELOAD = ("flwr.supernode.runtime.run_clientapp", "client.client_app", "torch._dynamo", "sklearn.metrics",
+           "sklearn.cluster", "sklearn.utils.class_weight", "scipy.optimize", "scipy.sparse")
+POLL_S = 0.2  # between AcquireTask calls (Flower's SuperExec: 1 s by default)
+_AUTH_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})  # as Flower's SuperExec signs them
+
+
+def forget_app_modules() -> list[str]:
+    """Drop the app's own modules from this process's module table (the next import reads them anew, from the
+    FAB directory Flower puts first on sys.path); their names."""
+    names = [m for m in sys.modules if m.partition(".")[0] in APP_PACKAGES]
+    for name in names:
+        del sys.modules[name]
+    return names
+
+
+def run_task(spec: ExecutionSpec) -> None:
+    """In the forked child: forget the app's modules, then run Flower's ClientApp process body for the task."""
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    forget_app_modules()
+    run_clientapp(
+        runtime_api_address=spec.runtime_api_address,
+        token=spec.token,
+        insecure=spec.insecure,
+        certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
+        parent_pid=spec.parent_pid,
+        runtime_dependency_install=spec.runtime_dependency_install,
+    )
+
+
+class ForkExecutor:
+    """A Flower SuperExec executor for ClientApp tasks: one child forked from this process per task."""
+
+    def __init__(self) -> None:
+        self._context = multiprocessing.get_context("fork")
+        self.children: list[BaseProcess] = []
+        self.launched = 0
+
+    def get_eligible_capacity(self, supported_task_types: set[TaskType], *, insecure: bool = False,
+                              root_certificates_path: str | None = None) -> tuple[set[TaskType], set[str]]:
+        """ClientApp tasks only (the SuperNode's only kind), never a capacity wait."""
+        return {t for t in supported_task_types if t == TaskType.CLIENT_APP}, set()
+
+    def wait_for_capacity(self, task_type: TaskType | None = None, *, fab_hash: str | None = None,
+                          insecure: bool = False, root_certificates_path: str | None = None) -> None:
+        """Forking has no capacity gate."""
+
+    def launch(self, spec: ExecutionSpec) -> LaunchResult:
+        """Fork the child that runs the task."""
+        if spec.task_type != TaskType.CLIENT_APP:
+            return LaunchResult.failed(f"the fedslide SuperExec runs ClientApp tasks only, not {spec.task_type}")
+        child = self._context.Process(target=run_task, args=(spec,), name=f"clientapp-task-{spec.task_id}")
+        child.start()
+        self.children.append(child)
+        self.launched += 1
+        log.info("task %d: ClientApp in forked process %d", spec.task_id, child.pid)
+        return LaunchResult.accepted()
+
+    def reconcile(self) -> None:
+        """Reap the children that have finished."""
+        self.children = [c for c in self.children if c.is_alive()]
+
+    def close(self) -> None:
+        """Nothing to release: a running task ends itself when this process goes (its parent-pid monitor)."""
+
+
+def _parent_alive(pid: int | None) -> bool:
+    if pid is None:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def serve(runtime_api_address: str, insecure: bool, root_certificates_path: str | None = None,
+          auth_secret: bytes | None = None, parent_pid: int | None = None, poll: float = POLL_S) -> None:
+    """Preload, then acquire ClientApp tasks from the SuperNode's Runtime API and fork one child per task until
+    SIGTERM/SIGINT (or until `parent_pid`, the SuperNode, is gone)."""
+    started = time.perf_counter()
+    for module in PRELOAD:
+        importlib.import_module(module)
+    log.info("preloaded %d modules in %.1f s; runtime API %s", len(sys.modules), time.perf_counter() - started,
+             runtime_api_address)
+    interceptors: list = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if auth_secret:
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=auth_secret, protected_methods=_AUTH_METHODS))
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address, insecure=insecure,
+        root_certificates=validate_and_resolve_root_certificates(root_certificates_path, insecure),
+        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+    executor = ForkExecutor()
+    plugin = AutoExecPlugin(runtime_api_address=runtime_api_address, insecure=insecure,
+                            root_certificates_path=root_certificates_path, runtime_dependency_install=False,
+                            executor=executor)
+    register_signal_handlers(event_type=EventType.RUN_SUPEREXEC_LEAVE, exit_message="fedslide SuperExec stopped.",
+                             exit_handlers=[client.close, executor.close])
+    while _parent_alive(parent_pid):
+        executor.reconcile()
+        task_types, fab_hashes = executor.get_eligible_capacity(set(plugin.supported_task_types))
+        try:
+            reply = client.AcquireTask(AcquireTaskRequest(supported_task_types=task_types,
+                                                          agentapp_fab_hashes=fab_hashes))
+        except Exception:  # the SuperNode restarting or gone: the loop condition decides
+            if not _parent_alive(parent_pid):
+                break
+            log.exception("AcquireTask failed; retrying")
+            time.sleep(1.0)
+            continue
+        if reply.HasField("task") and reply.token:
+            result = plugin.launch_task(token=reply.token, task=reply.task)
+            if result.message:
+                log.error("task %d not launched: %s", reply.task.task_id, result.message)
+        time.sleep(poll)
+    log.info("the SuperNode (pid %s) is gone; stopping after %d task(s)", parent_pid, executor.launched)
+    client.close()
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "superexec",
+        help="a site's SuperExec that runs each ClientApp message in a pre-warmed process (SuperNode --isolation process)",
+        description="Run next to a `flower-supernode --isolation process`: acquires its ClientApp tasks and runs each "
+        "in a child forked from this process, which has imported torch and Flower once (Flower's own SuperExec "
+        "pays ≈ 3 s of CPU for that on every message).",
+    )
+    p.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (its --host:--port)")
+    security = p.add_mutually_exclusive_group(required=True)
+    security.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API (loopback)")
+    security.add_argument("--root-certificates", default=None, help="CA certificate of the Runtime API's TLS")
+    p.add_argument("--parent-pid", type=int, default=None, help="stop when this process (the SuperNode) is gone")
+    p.add_argument("--poll", type=float, default=POLL_S, help=f"seconds between task polls (default {POLL_S})")
+    add_superexec_auth_secret_args(p)
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    disable_process_dumping(strict=False)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    secret = None
+    if args.superexec_auth_secret_file is not None:
+        secret = load_superexec_auth_secret(secret_file=args.superexec_auth_secret_file)
+    serve(args.runtime_api_address, args.insecure, args.root_certificates, secret, args.parent_pid, args.poll)
+    return 0

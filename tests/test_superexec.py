@@ -1,0 +1,70 @@
+"""The site's warm SuperExec (client.superexec): what it launches, and that a task runs the FAB's code.
+
+A whole federation through it, with real SuperLink/SuperNode processes, is in tests/test_federation_processes.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from flwr.supercore.constant import TaskType
+from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResultStatus
+
+from client.superexec import APP_PACKAGES, PRELOAD, ForkExecutor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fab_copy_imported(tmp_path: Path, forget: bool) -> str:
+    """In a fresh interpreter: preload the installed app as the SuperExec does, then (optionally) forget it, put a
+    FAB directory whose `client.client_app` is marked first on sys.path (as Flower's loader does) and import
+    `client.client_app`; the marker it finds."""
+    fab = tmp_path / ("fab-forget" if forget else "fab-keep")
+    (fab / "client").mkdir(parents=True)
+    (fab / "client" / "__init__.py").write_text("")
+    (fab / "client" / "client_app.py").write_text("MARK = 'fab'\n")
+    script = textwrap.dedent(f"""
+        import sys
+        import client.client_app
+        from client.superexec import forget_app_modules
+        assert not hasattr(client.client_app, "MARK")
+        if {forget!r}:
+            assert "client.client_app" in forget_app_modules()
+        sys.path.insert(0, {str(fab)!r})
+        import importlib
+        print(getattr(importlib.import_module("client.client_app"), "MARK", "installed"))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_a_task_imports_the_app_from_its_fab_not_the_preloaded_copy(tmp_path: Path) -> None:
+    assert _fab_copy_imported(tmp_path, forget=True) == "fab"
+    # without forgetting, the preloaded (installed) module would shadow the FAB's: what forget_app_modules prevents
+    assert _fab_copy_imported(tmp_path, forget=False) == "installed"
+
+
+def test_preload_names_the_app_entry_module_and_only_packages_it_forgets() -> None:
+    app_ref = (REPO / "pyproject.toml").read_text().split('clientapp = "', 1)[1].split('"', 1)[0]
+    assert app_ref.split(":")[0] in PRELOAD  # the ClientApp module (and so its imports) is preloaded
+    packages = (REPO / "pyproject.toml").read_text().split("include = [", 1)[1].split("]", 1)[0]
+    assert {p.strip(' "*') for p in packages.split(",")} == set(APP_PACKAGES)
+
+
+def _spec(task_type: TaskType) -> ExecutionSpec:
+    return ExecutionSpec(task_type=task_type, runtime_api_address="127.0.0.1:9", token="t0k3n", insecure=True,
+                         root_certificates_path=None, runtime_dependency_install=False, parent_pid=None,
+                         suppress_output=False, task_id=7)
+
+
+def test_the_executor_takes_clientapp_tasks_only() -> None:
+    executor = ForkExecutor()
+    types, fabs = executor.get_eligible_capacity({TaskType.CLIENT_APP, TaskType.SERVER_APP, TaskType.SIMULATION})
+    assert types == {TaskType.CLIENT_APP} and fabs == set()
+    result = executor.launch(_spec(TaskType.SERVER_APP))
+    assert result.status == LaunchResultStatus.FAILED and "ClientApp tasks only" in str(result.message)
+    assert executor.children == [] and executor.launched == 0
