@@ -11,10 +11,12 @@ What `tests/test_federation.py` checks in-process, checked here over the wire, w
 - a SuperNode killed mid-round: the round completes without it, the absence is recorded in metrics.json, and
   the restarted node (same key, same node id) takes part again;
 - the SuperLink killed mid-phase: `run_consortium` fails, and `resume` finishes the run without redoing
-  completed phases.
+  completed phases (on a new SuperLink, under which the sites come back with new node ids, matched by name).
 
-Each Flower round trip costs ~15 s here (a fresh `flwr-clientapp` process per message), and a killed SuperNode
-is noticed only after its heartbeat timeout (~60 s): the module takes several minutes. Every process a test
+The runs use fedslide's warm SuperExec at each site (client.superexec; the full run checks that every message
+ran in one of its forked processes), except the kill test, which runs Flower's own (a fresh `flwr-clientapp` per
+message). A round trip still costs seconds here, and a killed SuperNode is noticed only after its heartbeat
+timeout (~60 s): the module takes several minutes. Every process a test
 starts (and every process those start) is stopped in a finalizer, also when the test fails.
 """
 
