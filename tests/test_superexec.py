@@ -19,23 +19,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _fab_copy_imported(tmp_path: Path, forget: bool) -> str:
-    """In a fresh interpreter: preload the installed app as the SuperExec does, then (optionally) forget it, put a
-    FAB directory whose `client.client_app` is marked first on sys.path (as Flower's loader does) and import
-    `client.client_app`; the marker it finds."""
+    """In a fresh interpreter: preload the installed app as the SuperExec does, then (optionally) forget it, and
+    load the ClientApp from a FAB directory with Flower's own loader (what `run_clientapp` calls); which copy the
+    loader returned."""
     fab = tmp_path / ("fab-forget" if forget else "fab-keep")
     (fab / "client").mkdir(parents=True)
     (fab / "client" / "__init__.py").write_text("")
-    (fab / "client" / "client_app.py").write_text("MARK = 'fab'\n")
+    (fab / "client" / "client_app.py").write_text("app = 'fab'\n")
     script = textwrap.dedent(f"""
-        import sys
         import client.client_app
+        from flwr.supercore.object_ref import load_app
         from client.superexec import forget_app_modules
-        assert not hasattr(client.client_app, "MARK")
         if {forget!r}:
             assert "client.client_app" in forget_app_modules()
-        sys.path.insert(0, {str(fab)!r})
-        import importlib
-        print(getattr(importlib.import_module("client.client_app"), "MARK", "installed"))
+        app = load_app("client.client_app:app", ValueError, project_dir={str(fab)!r})
+        print(app if isinstance(app, str) else "installed")
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
