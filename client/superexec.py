@@ -37,6 +37,8 @@ from flwr.supercore.telemetry import EventType
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supercore.utils import disable_process_dumping
 
+from common.flower_polling import shorten_object_pulls
+
 log = logging.getLogger(__name__)
 
 # the top-level packages of the fedslide app (pyproject's [tool.setuptools.packages.find]); a task imports them
@@ -128,6 +130,7 @@ def serve(runtime_api_address: str, insecure: bool, root_certificates_path: str 
     """Preload, then acquire ClientApp tasks from the SuperNode's Runtime API and fork one child per task until
     SIGTERM/SIGINT (or until `parent_pid`, the SuperNode, is gone)."""
     started = time.perf_counter()
+    shorten_object_pulls()  # inherited by every child: it pulls the message's arrays without a 1 s back-off
     for module in PRELOAD:
         importlib.import_module(module)
     log.info("preloaded %d modules in %.1f s; runtime API %s", len(sys.modules), time.perf_counter() - started,

@@ -28,7 +28,7 @@ class FederationGrid(Grid):
         self.bytes: dict[str, dict[str, int]] = defaultdict(lambda: {"down": 0, "up": 0, "messages": 0})
         self.uploads: list[dict[str, Any]] = []  # per reply: phase, round, node, bytes
         self.missing: list[dict[str, Any]] = []  # per round with absentees: phase, round, nodes, reasons
-        self.pull_interval = 0.5
+        self.pull_interval = 0.2
 
     def set_run(self, run: Run) -> None:
         self.inner.set_run(run)

@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.logger import update_console_handler
 
 from common.config.federation import FederationConfig
+from common.flower_polling import shorten_object_pulls
 from server.outputs import write_outputs
 from server.protocol import RunResult, run_federation
 
@@ -41,5 +43,7 @@ def run(grid: Grid, cfg: FederationConfig) -> RunResult:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Flower entry point."""
+    """Flower entry point (its process pulls the sites' replies without Flower's 1 s back-off)."""
+    shorten_object_pulls()
+    update_console_handler(timestamps=True)
     run(grid, FederationConfig.from_run_config(dict(context.run_config)))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import signal
 import sqlite3
 import threading
@@ -259,6 +260,12 @@ def test_full_run_with_tls_and_a_refused_encoder(sites: list[Path], tmp_path: Pa
         assert node.warm and node.superexec is not None, node.name
         forked = node.superexec.log.read_text().count("ClientApp in forked process")
         assert forked == len(ledger(site, "tls")) > 0, (node.name, forked)
+    # each SuperNode is Flower's, started through fedslide's short-polling launcher (its log lines carry times)
+    assert sum("-m client.supernode" in c for c in tracker.commands()) == len(consortium.nodes)
+    for node in consortium.nodes[:3]:
+        assert node.process is not None
+        assert re.search(r"^INFO \d{4}-\d\d-\d\d [\d:,]+:\s+Received successfully", node.process.log.read_text(),
+                         re.M), node.name
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert sorted(s["name"] for s in metrics["sites"]) == ["site1", "site2", "site3"]
