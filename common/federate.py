@@ -1,7 +1,8 @@
 """`fedslide federate`: a whole consortium on this host, the way a real one runs.
 
 Checks every site before anything starts, makes TLS and SuperNode-authentication material, starts
-`flower-superlink` (TLS, node auth) and one `flower-supernode` per site (own port, own key), submits
+`flower-superlink` (TLS, node auth) and one SuperNode per site (own port, own key; Flower's, with short
+polls: `client.supernode`) beside its warm SuperExec, submits
 the app with `flwr run`, waits for it while watching every process, and stops everything it started.
 A failure exits non-zero with the failing process's log tail.
 """
