@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from common.federation.models import named_models
 from common.metrics import METRIC_NAMES
 from common.training.outputs import write_json
 from server.privacy import privacy_report
@@ -23,14 +24,15 @@ OVERALL_METHOD = ("mean over sites weighted by each site's test slides (predicti
                   "so metrics are not computed on pooled predictions)")
 
 
-def save_models(run_dir: Path, models: dict[str, ArrayRecord]) -> dict[str, dict[str, Any]]:
-    """Write each global model as `models/<name>.npz`; return the manifest (sha256, bytes, arrays)."""
+def save_models(run_dir: Path, models: dict[str, ArrayRecord], named: dict[str, ArrayRecord]) -> dict[str, dict[str, Any]]:
+    """Write each global model as `models/<name>.npz` (one array per state-dict tensor, from `named`); return the
+    manifest (sha256, parameters, and the bytes of its arrays as they travel in a message, from `models`)."""
     out = run_dir / "models"
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, dict[str, Any]] = {}
     for name, record in models.items():
         path = out / f"{name}.npz"
-        np.savez(path, **{k: v.numpy() for k, v in record.items()})
+        np.savez(path, **{k: v.numpy() for k, v in named[name].items()})
         manifest[name] = {"file": f"models/{name}.npz", "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                           "parameters": int(sum(int(np.prod(v.shape)) for v in record.values())),
                           "serialized_bytes": int(sum(len(v.data) for v in record.values()))}
@@ -273,7 +275,9 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
 
 def write_outputs(result: RunResult, seconds: float) -> dict[str, Any]:
     """Models + manifest, metrics.json, plots and report.md under the run directory."""
-    manifest = save_models(result.run_dir, result.models)
+    assert result.fed.facts is not None
+    named = named_models(result.fed.cfg, result.fed.facts, result.models)
+    manifest = save_models(result.run_dir, result.models, named)
     metrics = build_metrics(result, manifest, seconds)
     write_json(result.run_dir / "metrics.json", metrics)
     write_report(result.run_dir, metrics)

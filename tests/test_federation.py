@@ -107,18 +107,21 @@ def test_nothing_but_weights_statistics_and_metrics_left_any_site(
 ) -> None:
     result, grid = full_run
     slide_ids = {line.split(",")[0] for s in sites for line in (s / "labels.csv").read_text().splitlines()[1:]}
-    model_names = {name: set(np.load(result.run_dir / "models" / f"{name}.npz").files)
-                   for name in ("adapter", "teacher", "experts", "baseline", "student")}
-    packed = {f"{model}.{name}" for model in ("teacher", "baseline") for name in model_names[model]}  # teacher phase
-    allowed_arrays = set().union(*model_names.values()) | packed | {"sums", "counts"}
+    manifest = json.loads((result.run_dir / "models" / "manifest.json").read_text())
+    # on the wire each model is one flat float32 array of all its parameters (`params`); packed models are prefixed
+    sizes = {"params": {manifest[m]["parameters"] for m in ("adapter", "student")},
+             "teacher.params": {manifest["teacher"]["parameters"]}, "baseline.params": {manifest["baseline"]["parameters"]},
+             **{f"expert-{c}.params": {manifest["teacher"]["parameters"]} for c in range(result.fed.cfg.clusters.num_clusters)}}
     assert grid.received, "no replies recorded"
     for reply in grid.received:
         text = json.dumps({name: dict(rec) for name, rec in reply.content.items()
                            if isinstance(rec, (ConfigRecord, MetricRecord))}, default=str)
         assert not any(sid in text for sid in slide_ids)
         for name, record in reply.content.array_records.items():
-            assert set(record) <= allowed_arrays, name
-            assert not {"features", "coords", "tokens", "parent"} & set(record)
+            assert set(record) <= set(sizes) | {"sums", "counts"}, name
+            for key in set(record) & set(sizes):
+                assert record[key].dtype == "float32" and len(record[key].shape) == 1, key
+                assert record[key].shape[0] in sizes[key], (key, record[key].shape)
     phases_seen = set()
     for site in sites:
         ledger = [json.loads(line) for line in (site / "runs" / "full" / "egress.jsonl").read_text().splitlines()]
@@ -126,7 +129,7 @@ def test_nothing_but_weights_statistics_and_metrics_left_any_site(
         raw = (site / "runs" / "full" / "egress.jsonl").read_text()
         assert not any(sid in raw for sid in slide_ids)
         for entry in ledger:
-            assert {a["name"] for a in entry["arrays"]} <= allowed_arrays
+            assert {a["name"] for a in entry["arrays"]} <= set(sizes) | {"sums", "counts"}
             assert entry["bytes"] > 0
     assert phases_seen == {"handshake", "adapter", "teacher", "cluster-init", "cluster-stats", "experts",
                            "kd-cache", "student", "evaluate"}
@@ -149,6 +152,43 @@ def test_egress_policy_refuses_anything_else() -> None:
     stats = Allowed("cluster-stats", "stats", {"sums": ArraySpec((2, 3), "float64"), "counts": ArraySpec((2,), "int64")})
     with pytest.raises(EgressViolation, match="allowed only"):
         check_reply(RecordDict({"stats": ArrayRecord({"sums": Array(np.zeros((9, 3))), "counts": Array(np.zeros(2, np.int64))})}), stats)
+
+
+def test_a_model_travels_as_one_flat_array_and_comes_back_exactly() -> None:
+    """One array per model on the wire (each array is one or more objects Flower moves by a request of its own);
+    the files people open keep one array per state-dict tensor."""
+    import torch
+
+    from common.config.model import ModelConfig
+    from common.federation.models import PARAMS_KEY, load_record, named_record, to_record
+    from common.models.registry import build_model
+
+    def model() -> torch.nn.Module:
+        return build_model(ModelConfig(name="abmil_gated", in_dim=D, num_classes=2, **TINY_MODEL))
+
+    torch.manual_seed(0)
+    sent = model()
+    record = to_record(sent)
+    state = sent.state_dict()
+    assert list(record) == [PARAMS_KEY] and len(state) > 4
+    assert record[PARAMS_KEY].dtype == "float32" and tuple(record[PARAMS_KEY].shape) == (sum(v.numel() for v in state.values()),)
+    received = load_record(model(), record)
+    assert all(torch.equal(state[k], v) for k, v in received.state_dict().items())
+    named = named_record(model(), record)
+    assert list(named) == list(state) and all(np.array_equal(named[k].numpy(), state[k].numpy()) for k in state)
+
+    with_counter = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))  # an int64 buffer
+    with_counter(torch.randn(5, 3))
+    record = to_record(with_counter)
+    assert sorted(record) == ["1.num_batches_tracked", PARAMS_KEY] and record["1.num_batches_tracked"].dtype == "int64"
+    copy = load_record(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)), record)
+    assert int(copy[1].num_batches_tracked) == 1 and torch.equal(copy[1].running_mean, with_counter[1].running_mean)
+
+    other = build_model(ModelConfig(name="abmil_gated", in_dim=D, num_classes=2, **{**TINY_MODEL, "hidden_dim": 8}))
+    with pytest.raises(ValueError, match=r"'params' is float32\(\d+,\); ABMIL\w* needs float32\(\d+,\)"):
+        load_record(other, to_record(sent))
+    with pytest.raises(ValueError, match=r"extra arrays \['w'\], missing \['params'\]"):
+        load_record(model(), ArrayRecord({"w": Array(np.zeros(3, np.float32))}))
 
 
 def test_site_with_another_encoder_is_refused_at_handshake(sites: list[Path], tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ from common.models.registry import build_model
 from common.training.repro import seed_everything
 from common.training.run import resolve_model_config
 
+PARAMS_KEY = "params"  # a model on the wire: every float32 tensor of its state dict, flattened in state-dict order
+
 
 def teacher_config(cfg: FederationConfig, facts: Facts) -> ModelConfig:
     """The teacher's (and experts') model config for these features."""
@@ -46,16 +48,59 @@ def new_adapter(cfg: FederationConfig, facts: Facts, seed: int) -> CrossResAdapt
     return build_adapter(adapter_spec(cfg, facts))
 
 
+def _flat_names(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in state.items() if v.dtype == torch.float32]
+
+
 def to_record(module: torch.nn.Module) -> ArrayRecord:
-    """A module's state dict as an ArrayRecord."""
-    return ArrayRecord({k: Array(v.detach().cpu().numpy().copy()) for k, v in module.state_dict().items()})
+    """A module's state dict as an ArrayRecord: its float32 tensors as one flat `params` array (one object to
+    move per model, not one per tensor); any other tensor under its own name."""
+    state = module.state_dict()
+    flat = _flat_names(state)
+    arrays: dict[str, Array] = {}
+    if flat:
+        arrays[PARAMS_KEY] = Array(torch.cat([state[k].detach().cpu().reshape(-1) for k in flat]).numpy())
+    arrays.update({k: Array(v.detach().cpu().numpy().copy()) for k, v in state.items() if k not in flat})
+    return ArrayRecord(arrays)
 
 
 def load_record(module: torch.nn.Module, record: ArrayRecord) -> torch.nn.Module:
-    """Load an ArrayRecord into a module (strict: names and shapes must match)."""
-    state = {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
-    module.load_state_dict(state, strict=True)
+    """Load an ArrayRecord made by `to_record` into a module (strict: names and sizes must match)."""
+    state = module.state_dict()
+    flat = _flat_names(state)
+    expected = ({PARAMS_KEY} if flat else set()) | {k for k in state if k not in flat}
+    if set(record) != expected:
+        raise ValueError(f"record does not fit {type(module).__name__}: extra arrays {sorted(set(record) - expected)[:5]}, "
+                         f"missing {sorted(expected - set(record))[:5]}")
+    loaded = {k: torch.from_numpy(np.array(record[k].numpy(), copy=True)) for k in state if k not in flat}
+    if flat:
+        values = record[PARAMS_KEY].numpy()
+        sizes = [state[k].numel() for k in flat]
+        if values.dtype != np.float32 or values.shape != (sum(sizes),):
+            raise ValueError(f"record's {PARAMS_KEY!r} is {values.dtype}{values.shape}; "
+                             f"{type(module).__name__} needs float32({sum(sizes)},)")
+        chunks = torch.from_numpy(np.array(values, copy=True)).split(sizes)
+        loaded.update({k: chunk.view(state[k].shape) for k, chunk in zip(flat, chunks)})
+    module.load_state_dict(loaded, strict=True)
     return module
+
+
+def named_record(module: torch.nn.Module, record: ArrayRecord) -> ArrayRecord:
+    """A `to_record` record with one array per state-dict tensor, under its name (for files people open)."""
+    load_record(module, record)
+    return ArrayRecord({k: Array(v.detach().cpu().numpy().copy()) for k, v in module.state_dict().items()})
+
+
+def named_models(cfg: FederationConfig, facts: Facts, models: dict[str, ArrayRecord]) -> dict[str, ArrayRecord]:
+    """The run's global models (adapter, teacher, baseline, student, experts) in named form."""
+    builders = {"adapter": lambda: build_adapter(adapter_spec(cfg, facts)),
+                "teacher": lambda: build_model(teacher_config(cfg, facts)),
+                "baseline": lambda: build_model(student_config(cfg, facts)),
+                "student": lambda: build_model(student_config(cfg, facts))}
+    out = {name: named_record(builders[name](), record) for name, record in models.items() if name in builders}
+    if "experts" in models:
+        out["experts"] = pack_experts([named_record(builders["teacher"](), r) for r in unpack_experts(models["experts"])])
+    return out
 
 
 def pack_models(records: dict[str, ArrayRecord]) -> ArrayRecord:
