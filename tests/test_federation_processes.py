@@ -261,7 +261,15 @@ def test_full_run_with_tls_and_a_refused_encoder(sites: list[Path], tmp_path: Pa
         forked = node.superexec.log.read_text().count("ClientApp in forked process")
         assert forked == len(ledger(site, "tls")) > 0, (node.name, forked)
     # each SuperNode is Flower's, started through fedslide's short-polling launcher (its log lines carry times)
-    assert sum("-m client.supernode" in c for c in tracker.commands()) == len(consortium.nodes)
+    # (by each SuperNode's own pid: a child it forks shows the same command line until it execs, and the
+    # tracker may catch one in that moment)
+    supernode_pids = {n.process.proc.pid for n in consortium.nodes if n.process is not None}
+    assert len(supernode_pids) == len(consortium.nodes)
+    for (pid, _), command in tracker.cmdlines.items():
+        if pid in supernode_pids:
+            assert "-m client.supernode" in command, command
+    assert supernode_pids <= {pid for pid, _ in tracker.cmdlines}
+    assert not [c for c in tracker.commands() if "flower-supernode" in c]
     for node in consortium.nodes[:3]:
         assert node.process is not None
         assert re.search(r"^INFO \d{4}-\d\d-\d\d [\d:,]+:\s+Received successfully", node.process.log.read_text(),
