@@ -8,7 +8,8 @@ runs Flower's own `run_clientapp` with the task's token, so the message, the FAB
 go through Flower exactly as before. The app's own packages are dropped from the child's module table first, so
 each task imports the code of the FAB it was sent, as a cold `flwr-clientapp` does.
 
-Start the SuperNode with `--isolation process`, then this next to it:
+Start the SuperNode with `--isolation process` and this next to it (it preloads, then waits for the
+SuperNode's Runtime API):
 
     fedslide superexec --runtime-api-address 127.0.0.1:9094 --insecure [--parent-pid SUPERNODE_PID]
 """
@@ -38,6 +39,7 @@ from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supercore.utils import disable_process_dumping
 
 from common.flower_polling import shorten_object_pulls
+from common.processes import port_open
 
 log = logging.getLogger(__name__)
 
@@ -125,16 +127,30 @@ def _parent_alive(pid: int | None) -> bool:
     return True
 
 
+def wait_for_runtime_api(address: str, parent_pid: int | None, poll: float = 0.2) -> bool:
+    """Wait until the SuperNode's Runtime API accepts connections (both processes start side by side); False
+    when the SuperNode is gone first."""
+    host, _, port = address.rpartition(":")
+    while _parent_alive(parent_pid):
+        if port_open(host.strip("[]") or "127.0.0.1", int(port)):
+            return True
+        time.sleep(poll)
+    return False
+
+
 def serve(runtime_api_address: str, insecure: bool, root_certificates_path: str | None = None,
           auth_secret: bytes | None = None, parent_pid: int | None = None, poll: float = POLL_S) -> None:
-    """Preload, then acquire ClientApp tasks from the SuperNode's Runtime API and fork one child per task until
-    SIGTERM/SIGINT (or until `parent_pid`, the SuperNode, is gone)."""
+    """Preload, wait for the SuperNode's Runtime API, then acquire ClientApp tasks from it and fork one child per
+    task until SIGTERM/SIGINT (or until `parent_pid`, the SuperNode, is gone)."""
     started = time.perf_counter()
     shorten_object_pulls()  # inherited by every child: it pulls the message's arrays without a 1 s back-off
     for module in PRELOAD:
         importlib.import_module(module)
     log.info("preloaded %d modules in %.1f s; runtime API %s", len(sys.modules), time.perf_counter() - started,
              runtime_api_address)
+    if not wait_for_runtime_api(runtime_api_address, parent_pid):
+        log.info("the SuperNode (pid %s) is gone before its Runtime API came up; stopping", parent_pid)
+        return
     interceptors: list = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
     if auth_secret:
         interceptors.append(SuperExecAuthHttpInterceptor(master_secret=auth_secret, protected_methods=_AUTH_METHODS))

@@ -63,18 +63,21 @@ class SuperNode:
                 "--insecure", "--parent-pid", str(parent_pid)]
 
     def launch(self) -> "SuperNode":
-        """Start the SuperNode process without waiting for it (several sites start side by side)."""
+        """Start the SuperNode process and (warm) its SuperExec without waiting (several sites start side by side;
+        the SuperExec preloads torch meanwhile and waits for the SuperNode's port itself)."""
         self.process = ManagedProcess(f"SuperNode {self.name}", self.argv(), self.workdir / f"supernode-{self.name}.log",
                                       env=flower_env(self.env))
-        return self
-
-    def wait_ready(self, timeout: float = 60.0) -> "SuperNode":
-        """Wait until its local port is up; then (warm) start its SuperExec."""
-        assert self.process is not None, "launch() first"
-        self.process.wait_ready(lambda: port_open("127.0.0.1", self.port), timeout)
         if self.warm:
             self.superexec = ManagedProcess(f"SuperExec {self.name}", self.superexec_argv(self.process.proc.pid),
                                             self.workdir / f"superexec-{self.name}.log", env=flower_env(self.env))
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> "SuperNode":
+        """Wait until its local port is up (a SuperExec that died meanwhile is reported)."""
+        assert self.process is not None, "launch() first"
+        self.process.wait_ready(lambda: port_open("127.0.0.1", self.port), timeout)
+        if self.superexec is not None and not self.superexec.alive:
+            raise self.superexec.failure("exited during start-up")
         return self
 
     def start(self, timeout: float = 60.0) -> "SuperNode":
@@ -82,6 +85,7 @@ class SuperNode:
         return self.launch().wait_ready(timeout)
 
     def stop(self) -> None:
+        """Stop the SuperNode, then its SuperExec."""
         for process in self.processes:  # the SuperNode first: its SuperExec then stops on its own or is stopped
             process.stop()
 

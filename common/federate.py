@@ -2,8 +2,8 @@
 
 Checks every site before anything starts, makes TLS and SuperNode-authentication material, starts
 `flower-superlink` (TLS, node auth) and one SuperNode per site (own port, own key; Flower's, with short
-polls: `client.supernode`) beside its warm SuperExec, submits
-the app with `flwr run`, waits for it while watching every process, and stops everything it started.
+polls: `client.supernode`) beside its warm SuperExec, submits the app with `flwr run` while the sites register
+and start, waits for it while watching every process, and stops everything it started.
 A failure exits non-zero with the failing process's log tail.
 """
 
@@ -17,7 +17,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,25 +145,30 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
         log.info("starting SuperLink on %s (%s)", link.address, "TLS + node auth" if tls else "insecure")
         link.start()
         stack.callback(link.stop)
-        if tls is not None and opts.node_auth:  # each `flwr supernode register` is a Python process: side by side
-            with ThreadPoolExecutor(len(sites)) as pool:
-                list(pool.map(cli.register, [certs / f"{site.name}.pub" for site in sites]))
         nodes = [SuperNode(site.name, site, link.address, free_port(), work / "supernodes", tls.ca if tls else None,
                            keys[site.name], warm=opts.warm) for site in sites]
-        for node in nodes:  # all start side by side, then each is waited for
-            node.launch()
-            stack.callback(node.stop)
-        for node in nodes:
-            node.wait_ready()
-        run_id = cli.submit(APP_DIR, config_file)
+        stack.callback(stop_nodes, nodes)
+        finished = threading.Event()
+        public_keys = [certs / f"{site.name}.pub" for site in sites] if tls is not None and opts.node_auth else []
+        with ThreadPoolExecutor(1 + len(public_keys)) as pool:
+            # `flwr run` builds and submits the app while the sites register and start: the ServerApp waits for
+            # them (expected-nodes); each `flwr` call is a Python process, so they all run side by side
+            submission = pool.submit(cli.submit, APP_DIR, config_file)
+            stack.callback(lambda: finished.is_set() or _stop_submitted(cli, submission))
+            list(pool.map(cli.register, public_keys))
+            for node in nodes:  # all start side by side, then each is waited for
+                node.launch()
+            for node in nodes:
+                node.wait_ready()
+            run_id = submission.result()
         log.info("submitted run %s (Flower run %d); outputs in %s", cfg.run_id, run_id, run_dir)
-        stack.callback(lambda: cli.stop_run(run_id))
         if opts.on_submitted is not None:
             opts.on_submitted(Consortium(link, nodes, cli, run_id, run_dir))
         try:
             _wait(cli, run_id, link, nodes, opts, run_dir)
+            finished.set()
         finally:
-            _collect_logs(work, run_dir, cli, run_id)
+            _collect_logs(work, run_dir, cli, run_id, nodes)
     if not (run_dir / "metrics.json").is_file():
         raise FederationFailed(f"the run finished without {run_dir / 'metrics.json'}; ServerApp log:\n{cli.logs(run_id)[-3000:]}")
     return run_dir
@@ -181,14 +186,31 @@ def _stop_on_sigterm(stack: ExitStack) -> None:
     stack.callback(signal.signal, signal.SIGTERM, previous)
 
 
-def _collect_logs(work: Path, run_dir: Path, cli: Any, run_id: int) -> None:
-    """The ServerApp's log and every process log of this host, under `<run_dir>/logs/`."""
+def stop_nodes(nodes: list[Any]) -> None:
+    """Stop every site's SuperNode (and SuperExec) side by side."""
+    with ThreadPoolExecutor(max(len(nodes), 1)) as pool:
+        list(pool.map(lambda node: node.stop(), nodes))
+
+
+def _stop_submitted(cli: Any, submission: Future) -> None:
+    """Stop a run that was submitted but not seen to finish (best effort)."""
+    if submission.done() and submission.exception() is None:
+        cli.stop_run(submission.result())
+
+
+def _collect_logs(work: Path, run_dir: Path, cli: Any, run_id: int, nodes: list[Any]) -> None:
+    """The ServerApp's log and every process log of this host, under `<run_dir>/logs/` (the sites' processes are
+    stopped while the ServerApp's log is fetched)."""
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    try:
-        (logs / "serverapp.log").write_text(cli.logs(run_id))
-    except Exception as exc:  # the SuperLink may be gone; its own log is copied below
-        (logs / "serverapp.log").write_text(f"could not fetch the ServerApp log: {exc}\n")
+    with ThreadPoolExecutor(1) as pool:
+        server_log = pool.submit(cli.logs, run_id)
+        stop_nodes(nodes)
+        try:
+            text = server_log.result()
+        except Exception as exc:  # the SuperLink may be gone; its own log is copied below
+            text = f"could not fetch the ServerApp log: {exc}\n"
+    (logs / "serverapp.log").write_text(text)
     for path in [work / "superlink" / "superlink.log", *sorted((work / "supernodes").glob("*.log"))]:
         if path.is_file():
             shutil.copyfile(path, logs / path.name)

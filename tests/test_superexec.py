@@ -5,6 +5,7 @@ A whole federation through it, with real SuperLink/SuperNode processes, is in te
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ from pathlib import Path
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResultStatus
 
-from client.superexec import APP_PACKAGES, PRELOAD, ForkExecutor
+from client.superexec import APP_PACKAGES, PRELOAD, ForkExecutor, wait_for_runtime_api
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,3 +67,15 @@ def test_the_executor_takes_clientapp_tasks_only() -> None:
     result = executor.launch(_spec(TaskType.SERVER_APP))
     assert result.status == LaunchResultStatus.FAILED and "ClientApp tasks only" in str(result.message)
     assert executor.children == [] and executor.launched == 0
+
+
+def test_it_waits_for_its_supernodes_runtime_api_and_gives_up_when_the_supernode_is_gone() -> None:
+    # the SuperExec starts beside its SuperNode: it waits for the port, or stops when the SuperNode has died
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert wait_for_runtime_api(f"127.0.0.1:{port}", parent_pid=None)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert not wait_for_runtime_api(f"127.0.0.1:{port}", parent_pid=dead.pid)  # nothing listens any more
