@@ -56,16 +56,23 @@ def _supernode_loop_module() -> ModuleType:
     return start_client_internal
 
 
+def _has_backoff_defaults(function: Any) -> bool:
+    """A pull function whose back-off is set by keyword defaults (what `shorten_object_pulls` changes)."""
+    return {"initial_backoff", "backoff_cap"} <= (getattr(function, "__kwdefaults__", None) or {}).keys()
+
+
+def _has_module_time(loop: ModuleType) -> bool:
+    """The SuperNode loop sleeps through a module-level `time` (what `shorten_supernode_polls` replaces)."""
+    current = getattr(loop, "time", None)
+    return current is time or isinstance(current, CappedSleep)
+
+
 def flower_internals_present() -> list[str]:
     """What this module changes that the installed Flower lacks (empty: everything is there)."""
-    missing = []
     pulls = _pull_module()
-    for name in _PULL_FUNCTIONS:
-        defaults = getattr(getattr(pulls, name, None), "__kwdefaults__", None) or {}
-        if not {"initial_backoff", "backoff_cap"} <= defaults.keys():
-            missing.append(f"flwr.supercore.inflatable.inflatable_utils.{name}(initial_backoff=, backoff_cap=)")
-    loop = _supernode_loop_module()
-    if not (getattr(loop, "time", None) is time or isinstance(getattr(loop, "time", None), CappedSleep)):
+    missing = [f"flwr.supercore.inflatable.inflatable_utils.{name}(initial_backoff=, backoff_cap=)"
+               for name in _PULL_FUNCTIONS if not _has_backoff_defaults(getattr(pulls, name, None))]
+    if not _has_module_time(_supernode_loop_module()):
         missing.append("flwr.supernode.start_client_internal.time")
     return missing
 
@@ -76,8 +83,7 @@ def shorten_object_pulls(initial: float = PULL_BACKOFF_S, cap: float = PULL_BACK
         raise ValueError(f"need 0 < initial <= cap, got initial={initial!r}, cap={cap!r}")
     pulls = _pull_module()
     functions = [getattr(pulls, name, None) for name in _PULL_FUNCTIONS]
-    if not all(f is not None and {"initial_backoff", "backoff_cap"} <= (f.__kwdefaults__ or {}).keys()
-               for f in functions):
+    if not all(_has_backoff_defaults(f) for f in functions):
         log.warning("Flower's object pulls have no initial_backoff/backoff_cap here; left at Flower's back-off")
         return False
     for function in functions:
@@ -93,8 +99,7 @@ def shorten_object_pulls(initial: float = PULL_BACKOFF_S, cap: float = PULL_BACK
 def shorten_supernode_polls(cap: float = IDLE_POLL_S) -> bool:
     """Make this process's SuperNode loop sleep at most `cap` s between polls; whether it applied."""
     loop = _supernode_loop_module()
-    current = getattr(loop, "time", None)
-    if not (current is time or isinstance(current, CappedSleep)):
+    if not _has_module_time(loop):
         log.warning("Flower's SuperNode loop has no module-level `time` here; its polls stay at Flower's intervals")
         return False
     loop.time = CappedSleep(cap)  # type: ignore[attr-defined]
