@@ -8,6 +8,11 @@ runs Flower's own `run_clientapp` with the task's token, so the message, the FAB
 go through Flower exactly as before. The app's own packages are dropped from the child's module table first, so
 each task imports the code of the FAB it was sent, as a cold `flwr-clientapp` does.
 
+Once a task of a FAB has run to completion, this process imports the app from the directory Flower installed that
+FAB into (`warm_up`); later tasks of the same FAB keep those modules and Flower's re-install of a FAB that is
+already installed (unzip and hash check into a temporary directory, then nothing) is skipped. A task of any other
+FAB runs as before, so a new app version is never run with the old code.
+
 Start the SuperNode with `--isolation process` and this next to it (it preloads, then waits for the
 SuperNode's Runtime API):
 
@@ -17,6 +22,7 @@ SuperNode's Runtime API):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import logging
 import multiprocessing
@@ -24,7 +30,10 @@ import os
 import sys
 import time
 from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
 
+from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
 from flwr.supercore.auth import add_superexec_auth_secret_args, load_superexec_auth_secret
 from flwr.supercore.constant import TaskType
@@ -36,7 +45,7 @@ from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
 from flwr.supercore.superexec.plugin import AutoExecPlugin
 from flwr.supercore.telemetry import EventType
 from flwr.supercore.tls import validate_and_resolve_root_certificates
-from flwr.supercore.utils import disable_process_dumping
+from flwr.supercore.utils import disable_process_dumping, get_flwr_home
 
 from common.flower_polling import shorten_object_pulls
 from common.processes import port_open
@@ -51,6 +60,7 @@ APP_PACKAGES = frozenset({"client", "common", "server", "deploy"})
 # `flwr-clientapp` need not pay for them)
 PRELOAD = ("flwr.supernode.runtime.run_clientapp", "client.client_app", "torch._dynamo", "sklearn.metrics",
            "sklearn.cluster", "sklearn.utils.class_weight", "scipy.optimize", "scipy.sparse")
+APP_MODULES = tuple(m for m in PRELOAD if m.partition(".")[0] in APP_PACKAGES)  # what `warm_up` imports from a FAB
 POLL_S = 0.2  # between AcquireTask calls (Flower's SuperExec: 1 s by default)
 _AUTH_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})  # as Flower's SuperExec signs them
 
@@ -64,11 +74,37 @@ def forget_app_modules() -> list[str]:
     return names
 
 
-def run_task(spec: ExecutionSpec) -> None:
-    """In the forked child: forget the app's modules, then run Flower's ClientApp process body for the task."""
+def installed_fab_dir(fab_hash: str) -> Path | None:
+    """The directory Flower installed the FAB with this SHA-256 into (`<FLWR_HOME>/apps/<id>.<version>.<hash[:8]>`),
+    if there is exactly one."""
+    found = list((get_flwr_home() / APP_DIR).glob(f"*.{fab_hash[:FAB_HASH_TRUNCATION]}"))
+    return found[0] if len(found) == 1 and (found[0] / "pyproject.toml").is_file() else None
+
+
+def skip_reinstall(fab_hash: str, fab_dir: Path) -> None:
+    """In a child whose FAB is installed at `fab_dir` and imported: Flower's `install_from_fab` returns that
+    directory for this FAB's bytes (what it does after unzipping and checking them when the directory exists)."""
+    import flwr.supernode.runtime.run_clientapp as runtime
+
+    install = runtime.install_from_fab
+
+    def installed_or_install(fab_file: Path | bytes, *args: Any, **kwargs: Any) -> Path:
+        if isinstance(fab_file, bytes) and hashlib.sha256(fab_file).hexdigest() == fab_hash:
+            return fab_dir
+        return install(fab_file, *args, **kwargs)
+
+    runtime.install_from_fab = installed_or_install
+
+
+def run_task(spec: ExecutionSpec, warm_dir: Path | None = None) -> None:
+    """In the forked child: forget the app's modules unless they are the task's FAB's (`warm_dir`, see
+    `ForkExecutor.warm_up`), then run Flower's ClientApp process body for the task."""
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-    forget_app_modules()
+    if warm_dir is not None and spec.fab_hash:
+        skip_reinstall(spec.fab_hash, warm_dir)
+    else:
+        forget_app_modules()
     run_clientapp(
         runtime_api_address=spec.runtime_api_address,
         token=spec.token,
@@ -86,6 +122,10 @@ class ForkExecutor:
         self._context = multiprocessing.get_context("fork")
         self.children: list[BaseProcess] = []
         self.launched = 0
+        self.fab_of: dict[str, str | None] = {}  # child name -> the FAB hash of its task
+        self.warm_fab: str | None = None  # the FAB whose app modules this process has imported (`warm_up`)
+        self.warm_dir: Path | None = None
+        self._cold_fabs: set[str] = set()  # FABs whose import here failed: their tasks run cold
 
     def get_eligible_capacity(self, supported_task_types: set[TaskType], *, insecure: bool = False,
                               root_certificates_path: str | None = None) -> tuple[set[TaskType], set[str]]:
@@ -100,16 +140,54 @@ class ForkExecutor:
         """Fork the child that runs the task."""
         if spec.task_type != TaskType.CLIENT_APP:
             return LaunchResult.failed(f"the fedslide SuperExec runs ClientApp tasks only, not {spec.task_type}")
-        child = self._context.Process(target=run_task, args=(spec,), name=f"clientapp-task-{spec.task_id}")
+        warm_dir = self.warm_dir if spec.fab_hash and spec.fab_hash == self.warm_fab else None
+        child = self._context.Process(target=run_task, args=(spec, warm_dir), name=f"clientapp-task-{spec.task_id}")
         child.start()
         self.children.append(child)
+        self.fab_of[child.name] = spec.fab_hash
         self.launched += 1
-        log.info("task %d: ClientApp in forked process %d", spec.task_id, child.pid)
+        log.info("task %d: ClientApp in forked process %d%s", spec.task_id, child.pid,
+                 " (app imported)" if warm_dir is not None else "")
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:
-        """Reap the children that have finished."""
-        self.children = [c for c in self.children if c.is_alive()]
+        """Reap the children that have finished; after the first task of a FAB that succeeded, import its app."""
+        running = []
+        for child in self.children:
+            if child.is_alive():
+                running.append(child)
+                continue
+            fab = self.fab_of.pop(child.name, None)
+            if child.exitcode == 0 and fab and fab != self.warm_fab and fab not in self._cold_fabs:
+                self.warm_up(fab)
+        self.children = running
+
+    def warm_up(self, fab_hash: str) -> bool:
+        """Import the app from the directory its FAB is installed in, in place of the modules imported so far;
+        False (and this FAB's tasks keep importing it themselves) when that fails."""
+        fab_dir = installed_fab_dir(fab_hash)
+        if fab_dir is None:
+            self._cold_fabs.add(fab_hash)
+            return False
+        started = time.perf_counter()
+        if self.warm_dir is not None and str(self.warm_dir) in sys.path:
+            sys.path.remove(str(self.warm_dir))
+        forget_app_modules()
+        sys.path.insert(0, str(fab_dir))
+        try:
+            for module in APP_MODULES:
+                importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - whatever the FAB's code raises on import, its tasks report it themselves
+            log.exception("importing the app of FAB %s from %s failed; its tasks import it themselves", fab_hash[:12],
+                          fab_dir)
+            forget_app_modules()
+            sys.path.remove(str(fab_dir))
+            self.warm_fab, self.warm_dir = None, None
+            self._cold_fabs.add(fab_hash)
+            return False
+        self.warm_fab, self.warm_dir = fab_hash, fab_dir
+        log.info("imported the app of FAB %s from %s in %.2f s", fab_hash[:12], fab_dir, time.perf_counter() - started)
+        return True
 
     def close(self) -> None:
         """Nothing to release: a running task ends itself when this process goes (its parent-pid monitor)."""

@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from common.flower_env import flower_env, flower_tool
 from common.processes import ManagedProcess, port_open
-from server.superlink import flower_env, flower_tool
 
 
 class SuperNode:

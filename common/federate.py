@@ -3,7 +3,8 @@
 Checks every site before anything starts, makes TLS and SuperNode-authentication material, starts
 `flower-superlink` (TLS, node auth) and one SuperNode per site (own port, own key; Flower's, with short
 polls: `client.supernode`) beside its warm SuperExec, submits the app with `flwr run` while the sites register
-and start, waits for it while watching every process, and stops everything it started.
+and start, follows the ServerApp's log stream until the run ends while watching every process, and stops
+everything it started.
 A failure exits non-zero with the failing process's log tail.
 """
 
@@ -13,6 +14,7 @@ import argparse
 import logging
 import shutil
 import signal
+import subprocess
 import threading
 import time
 import tomllib
@@ -25,11 +27,12 @@ from typing import Any
 
 from common.cli_support import EXIT_ERROR, EXIT_OK, ConfigError, add_config_arguments, config_from_args
 from common.config.federation import FederationConfig
-from common.processes import ProcessFailed, free_port
+from common.processes import ProcessFailed, free_port, tail
 
 log = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: this project's pyproject.toml
+APP_FOLDERS = ("server", "client", "common", "deploy", "configs")  # where pyproject's `fab-include` takes files from
 FINISHED = "finished"
 
 
@@ -56,7 +59,7 @@ class LaunchOptions:
     insecure: bool = False
     node_auth: bool = True
     timeout: float = 3600.0
-    poll: float = 10.0  # seconds between `flwr ls` calls (each is a Python process)
+    poll: float = 60.0  # seconds between `flwr ls` calls while the ServerApp's log streams (each is a Python process)
     threads_per_site: int | None = None
     warm: bool = True  # fedslide's SuperExec at each site (client.superexec); False: Flower's, a process per message
     on_submitted: Callable[[Consortium], None] | None = None  # e.g. a test that kills a process mid-run
@@ -88,6 +91,24 @@ def preflight(sites: list[Path], cfg: FederationConfig) -> None:
         problems.append(f"proxy-dir {cfg.proxy_dir}: no such directory")
     if problems:
         raise ConfigError("refusing to start the federation:\n  " + "\n  ".join(problems))
+
+
+def stage_app(app_dir: Path, stage: Path) -> Path:
+    """`stage` (emptied first) with a copy of the app's folders and top-level files, for `flwr run` to bundle.
+
+    Flower lists every file under the directory it bundles before applying `fab-include`: in a source tree with
+    its virtual environment inside, ≈ 38,000 files and ≈ 5 s of CPU before the run is submitted. The bundle made
+    from the copy holds the same files.
+    """
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    for path in app_dir.iterdir():
+        if path.is_file() and path.suffix in (".toml", ".md"):
+            shutil.copy2(path, stage / path.name)
+        elif path.is_dir() and path.name in APP_FOLDERS:
+            shutil.copytree(path, stage / path.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return stage
 
 
 def write_run_config(path: Path, cfg: FederationConfig) -> None:
@@ -153,7 +174,7 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
         with ThreadPoolExecutor(1 + len(public_keys)) as pool:
             # `flwr run` builds and submits the app while the sites register and start: the ServerApp waits for
             # them (expected-nodes); each `flwr` call is a Python process, so they all run side by side
-            submission = pool.submit(cli.submit, APP_DIR, config_file)
+            submission = pool.submit(cli.submit, stage_app(APP_DIR, work / "app"), config_file)
             stack.callback(lambda: finished.is_set() or _stop_submitted(cli, submission))
             list(pool.map(cli.register, public_keys))
             for node in nodes:  # all start side by side, then each is waited for
@@ -164,11 +185,12 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
         log.info("submitted run %s (Flower run %d); outputs in %s", cfg.run_id, run_id, run_dir)
         if opts.on_submitted is not None:
             opts.on_submitted(Consortium(link, nodes, cli, run_id, run_dir))
+        whole_log: Path | None = None
         try:
-            _wait(cli, run_id, link, nodes, opts, run_dir)
+            whole_log = _wait(cli, run_id, link, nodes, opts, run_dir, work / f"serverapp-{run_id}.log")
             finished.set()
         finally:
-            _collect_logs(work, run_dir, cli, run_id, nodes)
+            _collect_logs(work, run_dir, cli, run_id, nodes, whole_log)
     if not (run_dir / "metrics.json").is_file():
         raise FederationFailed(f"the run finished without {run_dir / 'metrics.json'}; ServerApp log:\n{cli.logs(run_id)[-3000:]}")
     return run_dir
@@ -198,19 +220,24 @@ def _stop_submitted(cli: Any, submission: Future) -> None:
         cli.stop_run(submission.result())
 
 
-def _collect_logs(work: Path, run_dir: Path, cli: Any, run_id: int, nodes: list[Any]) -> None:
+def _collect_logs(work: Path, run_dir: Path, cli: Any, run_id: int, nodes: list[Any], whole_log: Path | None) -> None:
     """The ServerApp's log and every process log of this host, under `<run_dir>/logs/` (the sites' processes are
-    stopped while the ServerApp's log is fetched)."""
+    stopped meanwhile). The ServerApp's log is the streamed one when a single stream ran to the run's end
+    (`whole_log`), else it is fetched from the SuperLink."""
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(1) as pool:
-        server_log = pool.submit(cli.logs, run_id)
+    if whole_log is not None:
         stop_nodes(nodes)
-        try:
-            text = server_log.result()
-        except Exception as exc:  # the SuperLink may be gone; its own log is copied below
-            text = f"could not fetch the ServerApp log: {exc}\n"
-    (logs / "serverapp.log").write_text(text)
+        shutil.copyfile(whole_log, logs / "serverapp.log")
+    else:
+        with ThreadPoolExecutor(1) as pool:
+            server_log = pool.submit(cli.logs, run_id)
+            stop_nodes(nodes)
+            try:
+                text = server_log.result()
+            except Exception as exc:  # the SuperLink may be gone; its own log is copied below
+                text = f"could not fetch the ServerApp log: {exc}\n"
+        (logs / "serverapp.log").write_text(text)
     for path in [work / "superlink" / "superlink.log", *sorted((work / "supernodes").glob("*.log"))]:
         if path.is_file():
             shutil.copyfile(path, logs / path.name)
@@ -221,43 +248,74 @@ def _has_material(certs: Path, sites: list[Path]) -> bool:
     return all((certs / n).is_file() for n in needed)
 
 
-def _wait(cli: Any, run_id: int, link: Any, nodes: list[Any], opts: LaunchOptions, run_dir: Path) -> None:
+def _wait(cli: Any, run_id: int, link: Any, nodes: list[Any], opts: LaunchOptions, run_dir: Path,
+          stream_log: Path) -> Path | None:
+    """Wait for the run while watching every process; `stream_log` when it holds the ServerApp's whole log.
+
+    The ServerApp's log streams into `stream_log` (one `flwr log --stream` process), and the stream's end is the
+    run's end: only then, and every `opts.poll` s meanwhile, is the run's status asked (`flwr ls`, a Python process
+    each time). A stream that breaks while the run goes on is opened again, at most every `opts.poll` s.
+    """
+    deadline = time.monotonic() + opts.timeout
+    stream = cli.stream_logs(run_id, stream_log)
+    opened = asked = time.monotonic()
+    streaming, whole = True, True  # the stream is open; one stream has seen the run from its start
+    last = ""
+    try:
+        while time.monotonic() < deadline:
+            ended = streaming and not stream.alive
+            if ended:
+                streaming = False
+            if ended or time.monotonic() - asked >= opts.poll:
+                asked = time.monotonic()
+                state, details = _status(cli, run_id, link, run_dir)
+                if state != last:
+                    log.info("run status: %s", state)
+                    last = state
+                if state.startswith(FINISHED):
+                    if "completed" not in state and "completed" not in details:
+                        raise FederationFailed(f"run {run_dir.name} ended as {state} {details}; ServerApp log tail:\n"
+                                               + "\n".join(cli.logs(run_id).splitlines()[-40:]))
+                    complete = _stream_ends(stream) and whole
+                    return stream_log if complete else None
+                if ended:
+                    log.warning("the ServerApp's log stream ended while the run is %s: %s", state, tail(stream.log, 5))
+                    whole = False
+            if not streaming and time.monotonic() - opened >= opts.poll:
+                stream = cli.stream_logs(run_id, stream_log.with_suffix(f".{int(time.time())}.log"))
+                opened, streaming = time.monotonic(), True
+            if link.process is not None and not link.process.alive:
+                raise FederationFailed(str(link.process.failure("died during the run")))
+            for node in nodes:  # a SuperNode may drop out (the rounds go on without it), its SuperExec alone may not
+                if node.process is not None and node.process.alive and node.superexec is not None and not node.superexec.alive:
+                    raise FederationFailed(str(node.superexec.failure("died during the run")))
+            time.sleep(0.5)
+        raise FederationFailed(f"run {run_dir.name} not finished after {opts.timeout:.0f} s; ServerApp log tail:\n"
+                               + "\n".join(cli.logs(run_id).splitlines()[-40:]))
+    finally:
+        stream.stop()
+
+
+def _status(cli: Any, run_id: int, link: Any, run_dir: Path) -> tuple[str, str]:
+    """The run's status and its details (`flwr ls`); a dead SuperLink is reported as the failure it is."""
     from server.superlink import FlowerCliError
 
-    deadline = time.monotonic() + opts.timeout
-    last, asked = "", float("-inf")
-    metrics = run_dir / "metrics.json"
-    before = metrics.stat().st_mtime if metrics.is_file() else None
-    while time.monotonic() < deadline:
-        # `flwr ls` is a Python process: asked every `poll` s, and every second once the ServerApp has written
-        # its metrics (the run is about to finish)
-        written = metrics.is_file() and metrics.stat().st_mtime != before
-        if time.monotonic() - asked >= opts.poll or written:
-            asked = time.monotonic()
-            try:
-                status = cli.status(run_id)
-            except FlowerCliError as exc:  # a dead SuperLink shows first as a CLI failure: report the process
-                if link.process is not None and not link.process.alive:
-                    raise FederationFailed(str(link.process.failure("died during the run"))) from exc
-                raise FederationFailed(f"cannot read the status of run {run_dir.name}: {exc}") from exc
-            state = str(status.get("status", ""))
-            if state != last:
-                log.info("run status: %s", state)
-                last = state
-            if state.startswith(FINISHED):
-                details = str(status.get("status-details", ""))
-                if "completed" not in state and "completed" not in details:
-                    raise FederationFailed(f"run {run_dir.name} ended as {state} {details}; ServerApp log tail:\n"
-                                           + "\n".join(cli.logs(run_id).splitlines()[-40:]))
-                return
+    try:
+        status = cli.status(run_id)
+    except FlowerCliError as exc:  # a dead SuperLink shows first as a CLI failure: report the process
         if link.process is not None and not link.process.alive:
-            raise FederationFailed(str(link.process.failure("died during the run")))
-        for node in nodes:  # a SuperNode may drop out (the rounds go on without it), its SuperExec alone may not
-            if node.process is not None and node.process.alive and node.superexec is not None and not node.superexec.alive:
-                raise FederationFailed(str(node.superexec.failure("died during the run")))
-        time.sleep(1.0)
-    raise FederationFailed(f"run {run_dir.name} not finished after {opts.timeout:.0f} s; ServerApp log tail:\n"
-                           + "\n".join(cli.logs(run_id).splitlines()[-40:]))
+            raise FederationFailed(str(link.process.failure("died during the run"))) from exc
+        raise FederationFailed(f"cannot read the status of run {run_dir.name}: {exc}") from exc
+    return str(status.get("status", "")), str(status.get("status-details", ""))
+
+
+def _stream_ends(stream: Any, timeout: float = 10.0) -> bool:
+    """Whether the log stream of a finished run ends by itself, having printed everything (the SuperLink ends it
+    within a second of the run's end)."""
+    try:
+        return stream.proc.wait(timeout) == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

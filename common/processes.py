@@ -51,8 +51,11 @@ class ManagedProcess:
 
     Descendants seen while it runs are remembered, so `stop()` also ends those that left its process group
     (Flower's SuperLink detaches its SuperExec, whose ServerApp retries a dead SuperLink for ever) or that
-    outlived it (orphans of a crashed parent).
+    outlived it (orphans of a crashed parent). They are looked up at most every `family_every` s when `alive` is
+    asked (a scan of every process on the host, ≈ 10 ms), and always by `stop()`.
     """
+
+    family_every = 5.0
 
     def __init__(self, name: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
         self.name = name
@@ -66,16 +69,18 @@ class ManagedProcess:
         finally:
             handle.close()
         self._family: dict[tuple[int, float], psutil.Process] = {}
+        self._family_at = float("-inf")
 
     @property
     def alive(self) -> bool:
-        """Still running (and its descendants noted for `stop()`)."""
+        """Still running (and, every `family_every` s, its descendants noted for `stop()`)."""
         running = self.proc.poll() is None
-        if running:
+        if running and time.monotonic() - self._family_at >= self.family_every:
             self._remember_family()
         return running
 
     def _remember_family(self) -> None:
+        self._family_at = time.monotonic()
         try:
             family = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.Error:
@@ -104,7 +109,8 @@ class ManagedProcess:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM the process group, then SIGKILL whatever is left; then the same for remembered descendants."""
-        if self.alive:
+        if self.proc.poll() is None:
+            self._remember_family()
             self._stop_group(timeout)
         self._stop_family(timeout)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.cli_support import EXIT_ERROR, EXIT_OK, EXIT_USAGE, ConfigError, add_config_arguments
+from common.flower_env import QUIET_FLOWER
 from deploy.config import FLEET_PROXY_HOST, DeployConfig, SiteConfig, load_deploy_config
 
 SUPERLINK_PORT = 9093  # the SuperLink's port inside the compose/SDK networks (Fleet, Control, Runtime APIs)
@@ -24,7 +25,6 @@ APP_UID = "49999"  # the unprivileged `app` user of Flower's images
 NGINX_UID = "101"  # the unprivileged `nginx` user of nginx-unprivileged
 SUPEREXEC_HEALTH = "127.0.0.1:9095"
 SUPERNODE_RUNTIME_HEALTH = "http://127.0.0.1:9094/health"
-QUIET_FLOWER = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 HARDENING = {"security_opt": ["no-new-privileges:true"], "cap_drop": ["ALL"]}
 
 

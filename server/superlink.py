@@ -3,41 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.flower_env import flower_env, flower_tool
 from common.processes import ManagedProcess, port_open
-
-SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-SUPEREXEC_POLL_S = 0.2
-
-
-def flower_tool(name: str) -> str:
-    """Path of a Flower executable: next to this Python first (the venv), else on PATH."""
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.is_file() else shutil.which(name)
-    if not found:
-        raise FileNotFoundError(f"{name} not found next to {sys.executable} nor on PATH (pip install flwr)")
-    return found
-
-
-def flower_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of a Flower process: the directory of this Python's Flower tools first on PATH.
-
-    SuperLink and SuperNode start `flower-superexec`, `flwr-serverapp` and `flwr-clientapp` by name, so
-    without this a venv that is not activated fails (or another installation's tools run). Their SuperExec
-    looks for a new task every `SUPEREXEC_POLL_S` (Flower's default: 1 s, paid on every message), unless the
-    environment already sets FLWR_SUPEREXEC_TASK_POLL_INTERVAL.
-    """
-    out = dict(os.environ if env is None else env)
-    out["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), out.get("PATH", "")])
-    out.setdefault(SUPEREXEC_POLL_ENV, str(SUPEREXEC_POLL_S))
-    return out
 
 
 @dataclass(frozen=True)
@@ -116,7 +88,7 @@ class FlowerCli:
         )
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "FLWR_HOME": str(self.home)}
+        return {**flower_env(), "FLWR_HOME": str(self.home)}
 
     def call(self, *args: str, timeout: float = 120.0, parse: bool = True) -> Any:
         """Run `flwr ARGS`; the parsed JSON (parse) or the text output."""
@@ -145,6 +117,12 @@ class FlowerCli:
     def status(self, run_id: int) -> dict[str, Any]:
         """The run's entry of `flwr ls --run-id`."""
         return dict(self.call("ls", self.connection, "--run-id", str(run_id), "--format", "json")["runs"][0])
+
+    def stream_logs(self, run_id: int, path: Path) -> ManagedProcess:
+        """`flwr log RUN_ID --stream`, written to `path`: the ServerApp's log as it is written. One process for the
+        whole run; it exits when the SuperLink sees the run finished (or when the stream breaks)."""
+        return ManagedProcess(f"log stream of run {run_id}", [flower_tool("flwr"), "log", str(run_id), self.connection,
+                                                               "--stream"], path, env=self.env())
 
     def logs(self, run_id: int) -> str:
         """The ServerApp's log so far."""

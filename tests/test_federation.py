@@ -8,23 +8,27 @@ another encoder refused at the handshake, and invalid updates rejected before ag
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
 import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.cli.build import build_fab_from_files
+from flwr.cli.utils import collect_files
 from flwr.common.config import flatten_dict
 
 from client.client_app import app as client_app
 from common.config.base import ConfigError
 from common.config.federation import FederationConfig
 from common.egress import Allowed, ArraySpec, EgressViolation, check_reply, weights_reply
-from common.federate import preflight
+from common.federate import preflight, stage_app
 from server.checkpoint import Checkpoint
 from server.local_grid import FIRST_NODE, LocalGrid
 from server.server_app import run
@@ -395,6 +399,22 @@ def test_run_config_in_pyproject_is_the_federation_config() -> None:
     assert FederationConfig.from_run_config(flat) == FederationConfig()
     every_key = FederationConfig().to_run_config()
     assert set(every_key) <= set(flat), sorted(set(every_key) - set(flat))
+
+
+def test_the_app_bundled_from_its_staged_copy_is_the_app(tmp_path: Path) -> None:
+    # `fedslide federate` hands `flwr run` a copy of the app's folders (Flower would otherwise list every file of
+    # the source tree, virtual environment included): Flower's bundler must put the same files in the FAB
+    staged = stage_app(REPO, tmp_path / "app")
+    assert stage_app(REPO, tmp_path / "app") == staged  # made again from scratch
+    assert not list(staged.rglob("__pycache__")) and len(collect_files(staged)) < len(collect_files(REPO))  # no caches
+
+    def contents(app: Path) -> dict[str, bytes]:
+        fab, _ = build_fab_from_files(collect_files(app))
+        with zipfile.ZipFile(io.BytesIO(fab)) as z:
+            return {name: z.read(name) for name in z.namelist()}
+
+    from_source, from_copy = contents(REPO), contents(staged)
+    assert from_copy == from_source and len(from_source) > 100 and "client/client_app.py" in from_source
 
 
 @pytest.mark.parametrize("config, message", [

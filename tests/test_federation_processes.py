@@ -41,9 +41,10 @@ import pytest
 from client.supernode import SuperNode
 from common.config.federation import FederationConfig
 from common.federate import Consortium, FederationFailed, LaunchOptions, run_consortium
+from common.flower_env import QUIET_FLOWER, SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S
 from common.processes import ManagedProcess, ProcessFailed, free_port
 from deploy.certs import make_all, make_ca, make_server_cert
-from server.superlink import SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S, FlowerCli, FlowerCliError, SuperLink, TLSFiles
+from server.superlink import FlowerCli, FlowerCliError, SuperLink, TLSFiles
 from tests.feature_sites import make_site
 
 TINY_MODEL = {"hidden_dim": 16, "attention_dim": 8, "dropout": 0.0}
@@ -77,6 +78,7 @@ class ProcessTracker:
         self.roots: list[ManagedProcess] = []
         self.seen: dict[tuple[int, float], psutil.Process] = {}
         self.cmdlines: dict[tuple[int, float], str] = {}  # as first seen
+        self.quiet: dict[tuple[int, float], dict[str, str | None]] = {}  # its QUIET_FLOWER variables, as first seen
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="process-tracker", daemon=True)
@@ -126,8 +128,10 @@ class ProcessTracker:
         try:
             key = (proc.pid, proc.create_time())
             if key not in self.seen:
+                command, environ = " ".join(proc.cmdline()), proc.environ()
                 self.seen[key] = proc
-                self.cmdlines[key] = " ".join(proc.cmdline())
+                self.cmdlines[key] = command
+                self.quiet[key] = {name: environ.get(name) for name in QUIET_FLOWER}
         except psutil.Error:
             pass
 
@@ -239,7 +243,7 @@ def test_full_run_with_tls_and_a_refused_encoder(sites: list[Path], tmp_path: Pa
         tracker.add_consortium(consortium)
 
     cfg = tiny_config("tls")
-    run_dir = run_consortium(sites, cfg, LaunchOptions(tmp_path / "work", timeout=RUN_TIMEOUT, poll=5.0,
+    run_dir = run_consortium(sites, cfg, LaunchOptions(tmp_path / "work", timeout=RUN_TIMEOUT,
                                                        on_submitted=submitted))
     tracker.snapshot()
 
@@ -256,10 +260,19 @@ def test_full_run_with_tls_and_a_refused_encoder(sites: list[Path], tmp_path: Pa
     assert wait_until(lambda: not tracker.alive(), 10, poll=0.5), tracker.alive()
     # every message a site answered ran in a child forked by its warm SuperExec, none in a cold flwr-clientapp
     assert not [p for p in tracker.commands() if "flwr-clientapp" in p]
+    # no Flower process of the run may phone home: telemetry and update checks off in every one of them
+    loud = {tracker.cmdlines[key][:120]: env for key, env in tracker.quiet.items() if env != QUIET_FLOWER}
+    assert not loud, loud
+    assert len(tracker.quiet) == len(tracker.seen)
     for node, site in zip(consortium.nodes, sites):
         assert node.warm and node.superexec is not None, node.name
-        forked = node.superexec.log.read_text().count("ClientApp in forked process")
+        log = node.superexec.log.read_text()
+        forked = log.count("ClientApp in forked process")
         assert forked == len(ledger(site, "tls")) > 0, (node.name, forked)
+        # after the app's first task had run, the SuperExec imported the app from its FAB once, and the later
+        # tasks ran with it (their replies are in the ledger like the others)
+        assert log.count("imported the app of FAB") == 1, node.name
+        assert 0 < log.count("(app imported)") < forked or forked == 1, node.name  # site4: the handshake only
     # each SuperNode is Flower's, started through fedslide's short-polling launcher (its log lines carry times)
     # (by each SuperNode's own pid: a child it forks shows the same command line until it execs, and the
     # tracker may catch one in that moment)
@@ -299,6 +312,10 @@ def test_full_run_with_tls_and_a_refused_encoder(sites: list[Path], tmp_path: Pa
     assert {f"supernode-{s.name}.log" for s in sites} <= {p.name for p in logs.iterdir()}
     serverapp = (logs / "serverapp.log").read_text()
     assert "handshake: refused site site4" in serverapp, serverapp[-2000:]
+    # the ServerApp's log streamed to the launcher while the run went on, through the last phase (the stream's end
+    # told the launcher the run was over); that stream is the log kept, not one fetched afterwards (`--show`)
+    assert "'phase': student" in serverapp and "Starting logstream" in serverapp, serverapp[-2000:]
+    assert serverapp == (tmp_path / "work" / f"serverapp-{consortium.run_id}.log").read_text()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +461,7 @@ def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(
             polls.extend(superexec_polls(node))
         threads.append(in_thread(lambda: kill_and_restart(consortium)))
 
-    run_dir = run_consortium(good, cfg, LaunchOptions(tmp_path / "work", timeout=RUN_TIMEOUT, poll=5.0,
+    run_dir = run_consortium(good, cfg, LaunchOptions(tmp_path / "work", timeout=RUN_TIMEOUT,
                                                       on_submitted=submitted, warm=False))
     thread, errors = threads[0]
     thread.join(5)
@@ -497,7 +514,7 @@ def test_resume_after_the_server_is_killed(sites: list[Path], tmp_path: Path, tr
         threads.append(in_thread(lambda: kill_link(consortium)))
 
     with pytest.raises((FederationFailed, ProcessFailed)):
-        run_consortium(good, cfg, LaunchOptions(work, timeout=RUN_TIMEOUT, poll=5.0, on_submitted=submitted))
+        run_consortium(good, cfg, LaunchOptions(work, timeout=RUN_TIMEOUT, on_submitted=submitted))
     threads[0][0].join(5)
     assert not threads[0][1], threads[0][1]
     assert killed.get("done")
@@ -508,7 +525,7 @@ def test_resume_after_the_server_is_killed(sites: list[Path], tmp_path: Path, tr
     assert wait_until(lambda: not tracker.alive(), 10, poll=0.5), tracker.alive()  # nothing of the first try left
 
     resumed = run_consortium(good, cfg.model_copy(update={"resume": True}),
-                             LaunchOptions(work, timeout=RUN_TIMEOUT, poll=5.0, on_submitted=tracker.add_consortium))
+                             LaunchOptions(work, timeout=RUN_TIMEOUT, on_submitted=tracker.add_consortium))
     assert resumed == run_dir
     state = read_state(run_dir)
     assert {"adapter", "teacher", "kd-cache", "student"} <= set(state["phases"]), state.get("phases")

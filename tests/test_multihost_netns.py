@@ -45,7 +45,7 @@ import pytest
 
 from client.supernode import SuperNode
 from common.config.federation import FederationConfig
-from common.federate import APP_DIR, write_run_config
+from common.federate import APP_DIR, stage_app, write_run_config
 from common.processes import ManagedProcess, port_open, tail
 from deploy.certs import Material, make_all, make_site_keys
 from server.superlink import FlowerCli, FlowerCliError, SuperLink, TLSFiles
@@ -280,7 +280,7 @@ def test_run_submitted_at_the_coordinating_site_completes(deployment: Deployment
     config_file = dep.work / "srv" / f"run-config-{RUN_ID}.toml"
     write_run_config(config_file, cfg)
     before = dep.run_ids()
-    run_id = dep.at_srv(dep.cli.submit, APP_DIR, config_file)
+    run_id = dep.at_srv(dep.cli.submit, stage_app(APP_DIR, dep.work / "srv" / "app"), config_file)
     assert run_id not in before
 
     # cheap polling (each `flwr ls` is a Python start-up): the metrics file first, the run's status now and then
@@ -334,8 +334,8 @@ def test_run_submitted_from_a_hospital_is_refused(deployment: Deployment, tmp_pa
                                                     student=TINY_MODEL))
 
     with pytest.raises(FlowerCliError) as refused:
-        lab.call("h1", rogue.call, "run", str(APP_DIR), rogue.connection, "--run-config", str(config_file),
-                 "--format", "json", timeout=120)
+        lab.call("h1", rogue.call, "run", str(stage_app(APP_DIR, tmp_path / "app")), rogue.connection,
+                 "--run-config", str(config_file), "--format", "json", timeout=120)
     assert "403" in str(refused.value) or "forbidden" in str(refused.value).lower(), str(refused.value)
     print(f"\nflwr run from h1 via {fleet}: {' | '.join(str(refused.value).splitlines()[:6])}")
 

@@ -5,16 +5,22 @@ A whole federation through it, with real SuperLink/SuperNode processes, is in te
 
 from __future__ import annotations
 
+import hashlib
+import io
 import socket
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
+import flwr.supernode.runtime.run_clientapp as runtime
+import pytest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResultStatus
 
-from client.superexec import APP_PACKAGES, PRELOAD, ForkExecutor, wait_for_runtime_api
+from client.superexec import (APP_MODULES, APP_PACKAGES, PRELOAD, ForkExecutor, installed_fab_dir, skip_reinstall,
+                              wait_for_runtime_api)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,3 +85,61 @@ def test_it_waits_for_its_supernodes_runtime_api_and_gives_up_when_the_supernode
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     assert not wait_for_runtime_api(f"127.0.0.1:{port}", parent_pid=dead.pid)  # nothing listens any more
+
+
+def _fake_fab(flwr_home: Path, fab_hash: str, body: str = "app = 'fab'\n") -> Path:
+    """A FAB as Flower installs it: `<FLWR_HOME>/apps/<publisher>.<name>.<version>.<hash[:8]>/` with the app."""
+    fab = flwr_home / "apps" / f"fedslide.fedslide.0.1.0.{fab_hash[:8]}"
+    (fab / "client").mkdir(parents=True)
+    (fab / "pyproject.toml").write_text("[project]\nname = 'fedslide'\n")
+    (fab / "client" / "__init__.py").write_text("")
+    (fab / "client" / "client_app.py").write_text(body)
+    return fab
+
+
+def test_the_installed_fab_is_found_by_its_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    fab = _fake_fab(tmp_path, "ab" * 32)
+    assert installed_fab_dir("ab" * 32) == fab
+    assert installed_fab_dir("cd" * 32) is None  # another app version: not installed
+    (fab / "pyproject.toml").unlink()
+    assert installed_fab_dir("ab" * 32) is None  # an installation that is not complete is not used
+
+
+def test_a_warm_child_skips_reinstalling_its_own_fab_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "install_from_fab", runtime.install_from_fab)  # restored after the test
+    payload = io.BytesIO()
+    with zipfile.ZipFile(payload, "w") as z:
+        z.writestr("pyproject.toml", "")  # no .info/CONTENT: Flower's installer refuses it
+    fab_bytes = payload.getvalue()
+    fab_dir = _fake_fab(tmp_path, hashlib.sha256(fab_bytes).hexdigest())
+    skip_reinstall(hashlib.sha256(fab_bytes).hexdigest(), fab_dir)
+    assert runtime.install_from_fab(fab_bytes, skip_prompt=True) == fab_dir
+    with pytest.raises(Exception, match="incorrect format"):  # any other FAB goes to Flower's installer
+        runtime.install_from_fab(fab_bytes + b"\0", skip_prompt=True)
+
+
+def test_after_a_fabs_first_task_its_app_is_imported_here_and_handed_to_the_next_tasks(tmp_path: Path) -> None:
+    """In a fresh interpreter that has preloaded the installed app, as the SuperExec does: warm_up imports the
+    FAB's copy in its place, a later FAB's tasks run cold, and a FAB whose code fails to import stays cold."""
+    good, broken = "ab" * 32, "ef" * 32
+    _fake_fab(tmp_path, good)
+    _fake_fab(tmp_path / "other", broken, body="raise ImportError('broken app')\n")
+    script = textwrap.dedent(f"""
+        import os, sys
+        os.environ["FLWR_HOME"] = {str(tmp_path)!r}
+        import client.client_app
+        from client.superexec import ForkExecutor
+        ex = ForkExecutor()
+        assert ex.warm_up({good!r})
+        print(sys.modules["client.client_app"].app, ex.warm_fab == {good!r}, ex.warm_dir.name)
+        os.environ["FLWR_HOME"] = {str(tmp_path / "other")!r}
+        assert not ex.warm_up({broken!r})
+        print(ex.warm_fab, "client.client_app" in sys.modules, sorted(ex._cold_fabs) == [{broken!r}])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[-2] == f"fab True fedslide.fedslide.0.1.0.{good[:8]}"
+    assert lines[-1] == "None False True"
+    assert APP_MODULES == ("client.client_app",)
