@@ -17,7 +17,6 @@ import signal
 import subprocess
 import threading
 import time
-import tomllib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -27,12 +26,11 @@ from typing import Any
 
 from common.cli_support import EXIT_ERROR, EXIT_OK, ConfigError, add_config_arguments, config_from_args
 from common.config.federation import FederationConfig
+from common.flower_app import APP_DIR, stage_app, write_run_config
 from common.processes import ProcessFailed, free_port, tail
 
 log = logging.getLogger(__name__)
 
-APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: this project's pyproject.toml
-APP_FOLDERS = ("server", "client", "common", "deploy", "configs")  # where pyproject's `fab-include` takes files from
 FINISHED = "finished"
 
 
@@ -93,39 +91,6 @@ def preflight(sites: list[Path], cfg: FederationConfig) -> None:
         raise ConfigError("refusing to start the federation:\n  " + "\n  ".join(problems))
 
 
-def stage_app(app_dir: Path, stage: Path) -> Path:
-    """`stage` (emptied first) with a copy of the app's folders and top-level files, for `flwr run` to bundle.
-
-    Flower lists every file under the directory it bundles before applying `fab-include`: in a source tree with
-    its virtual environment inside, ≈ 38,000 files and ≈ 5 s of CPU before the run is submitted. The bundle made
-    from the copy holds the same files.
-    """
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
-    for path in app_dir.iterdir():
-        if path.is_file() and path.suffix in (".toml", ".md"):
-            shutil.copy2(path, stage / path.name)
-        elif path.is_dir() and path.name in APP_FOLDERS:
-            shutil.copytree(path, stage / path.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return stage
-
-
-def write_run_config(path: Path, cfg: FederationConfig) -> None:
-    """The run config as the flat TOML file `flwr run --run-config FILE` reads."""
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        return repr(v)
-
-    lines = [f'"{k}" = {value(v)}' for k, v in cfg.to_run_config().items()]
-    text = "\n".join(lines) + "\n"
-    tomllib.loads(text)  # what flwr will read
-    path.write_text(text)
-
-
 def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions) -> Path:
     """Start SuperLink + SuperNodes, run the app, stop everything; the run directory at the coordinating site."""
     from client.supernode import SuperNode
@@ -179,9 +144,9 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
             list(pool.map(cli.register, public_keys))
             for node in nodes:  # all start side by side, then each is waited for
                 node.launch()
+            run_id = submission.result()  # a refused app fails here, before waiting for the sites
             for node in nodes:
                 node.wait_ready()
-            run_id = submission.result()
         log.info("submitted run %s (Flower run %d); outputs in %s", cfg.run_id, run_id, run_dir)
         if opts.on_submitted is not None:
             opts.on_submitted(Consortium(link, nodes, cli, run_id, run_dir))

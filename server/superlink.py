@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from common.flower_env import flower_env, flower_tool
-from common.processes import ManagedProcess, port_open
+from common.processes import ManagedProcess, ProcessFailed, port_open
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class SuperLink:
             self.process.stop()
 
 
-class FlowerCliError(RuntimeError):
+class FlowerCliError(ProcessFailed):
     """A `flwr` command failed; the message has its output."""
 
 
@@ -102,7 +102,9 @@ class FlowerCli:
         except ValueError:
             data = {}
         if done.returncode != 0 or not data.get("success", False):
-            raise FlowerCliError(f"`flwr {' '.join(args)}` failed (exit {done.returncode}):\n{out}\n{done.stderr[-2000:]}")
+            reason = str(data.get("error-message", "")).strip() or "see its output"
+            raise FlowerCliError(f"`flwr {' '.join(args)}` failed (exit {done.returncode}): {reason}\n{out}\n"
+                                 f"{done.stderr[-2000:]}")
         return data
 
     def register(self, public_key: Path) -> str:

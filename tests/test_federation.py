@@ -12,6 +12,8 @@ import io
 import json
 import logging
 import shutil
+import subprocess
+import sys
 import tomllib
 import zipfile
 from pathlib import Path
@@ -22,13 +24,15 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.cli.build import build_fab_from_files
 from flwr.cli.utils import collect_files
-from flwr.common.config import flatten_dict
+from flwr.common.config import flatten_dict, get_fab_config
+from packaging.requirements import Requirement
 
 from client.client_app import app as client_app
 from common.config.base import ConfigError
 from common.config.federation import FederationConfig
 from common.egress import Allowed, ArraySpec, EgressViolation, check_reply, weights_reply
-from common.federate import preflight, stage_app
+from common.federate import preflight
+from common.flower_app import app_manifest, stage_app
 from server.checkpoint import Checkpoint
 from server.local_grid import FIRST_NODE, LocalGrid
 from server.server_app import run
@@ -408,13 +412,61 @@ def test_the_app_bundled_from_its_staged_copy_is_the_app(tmp_path: Path) -> None
     assert stage_app(REPO, tmp_path / "app") == staged  # made again from scratch
     assert not list(staged.rglob("__pycache__")) and len(collect_files(staged)) < len(collect_files(REPO))  # no caches
 
-    def contents(app: Path) -> dict[str, bytes]:
-        fab, _ = build_fab_from_files(collect_files(app))
-        with zipfile.ZipFile(io.BytesIO(fab)) as z:
-            return {name: z.read(name) for name in z.namelist()}
-
-    from_source, from_copy = contents(REPO), contents(staged)
+    from_source, from_copy = _fab_contents(REPO), _fab_contents(staged)
     assert from_copy == from_source and len(from_source) > 100 and "client/client_app.py" in from_source
+
+
+def _fab_contents(app: Path) -> dict[str, bytes]:
+    """Every file of the FAB Flower's own builder makes from `app` (what `flwr run APP` submits)."""
+    fab, _ = build_fab_from_files(collect_files(app))
+    with zipfile.ZipFile(io.BytesIO(fab)) as z:
+        return {name: z.read(name) for name in z.namelist()}
+
+
+def test_the_manifest_of_an_installed_fedslide_is_the_projects() -> None:
+    # a wheel has no pyproject.toml: `fedslide federate` writes the app's manifest, which must say what ours says
+    ours, written = tomllib.loads((REPO / "pyproject.toml").read_text()), tomllib.loads(app_manifest())
+    for key in ("name", "version", "description", "license"):
+        assert written["project"][key] == ours["project"][key], key
+    assert [Requirement(r) for r in written["project"]["dependencies"]] == [  # as pip reads them
+        Requirement(r) for r in ours["project"]["dependencies"]]
+    app, ours_app = written["tool"]["flwr"]["app"], ours["tool"]["flwr"]["app"]
+    assert {k: app[k] for k in ("publisher", "fab-include", "components")} == {
+        k: ours_app[k] for k in ("publisher", "fab-include", "components")}
+    assert flatten_dict(app["config"]) == flatten_dict(ours_app["config"])
+
+
+def test_an_installed_fedslide_submits_the_same_app(tmp_path: Path) -> None:
+    # a wheel of this project, unpacked as site-packages beside others' files: no pyproject.toml (until now
+    # `flwr run` refused the staged copy: "Failed to load Flower App configuration") and the settings files
+    # packaged (until now `fedslide demo` found no configs/demo.toml)
+    source, wheels, site_packages = tmp_path / "source", tmp_path / "wheels", tmp_path / "site-packages"
+    for folder in ("server", "client", "common", "deploy", "configs"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-w", str(wheels), str(source)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    with zipfile.ZipFile(next(wheels.glob("fedslide-*.whl"))) as wheel:
+        wheel.extractall(site_packages)
+    assert not (site_packages / "pyproject.toml").exists()
+    for name in ("demo.toml", "defaults.toml"):
+        assert (site_packages / "configs" / name).read_bytes() == (REPO / "configs" / name).read_bytes()
+    shutil.copytree(REPO / "tests", site_packages / "other_package")
+    (site_packages / "README.md").write_text("someone else's\n")
+    (site_packages / "other.toml").write_text("[tool.other]\n")
+
+    staged = stage_app(site_packages, tmp_path / "app")
+    assert sorted(p.name for p in staged.iterdir()) == ["client", "common", "configs", "deploy", "pyproject.toml", "server"]
+    from_source, installed = _fab_contents(REPO), _fab_contents(staged)
+    assert set(installed) == set(from_source) and len(installed) > 100  # code and settings files, nothing else
+    differ = {name for name in installed if installed[name] != from_source[name]}
+    assert differ == {"pyproject.toml", ".info/CONTENT"}, differ  # the manifest, and the bundle's list of hashes
+    fab_config = [get_fab_config(build_fab_from_files(collect_files(app))[0]) for app in (REPO, staged)]  # validates
+    assert fab_config[1]["tool"]["flwr"]["app"]["components"] == fab_config[0]["tool"]["flwr"]["app"]["components"]
+    run_config = [flatten_dict(c["tool"]["flwr"]["app"]["config"]) for c in fab_config]
+    assert run_config[1] == run_config[0] and FederationConfig.from_run_config(run_config[1]) == FederationConfig()
 
 
 @pytest.mark.parametrize("config, message", [

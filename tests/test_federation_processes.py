@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import threading
@@ -39,6 +40,7 @@ import psutil
 import pytest
 
 from client.supernode import SuperNode
+from common.cli import main
 from common.config.federation import FederationConfig
 from common.federate import Consortium, FederationFailed, LaunchOptions, run_consortium
 from common.flower_env import QUIET_FLOWER, SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S
@@ -53,6 +55,7 @@ ONE_ROUND = {"adapter": 1, "teacher": 1, "experts": 1, "baseline": 1, "student":
 ALL_PHASES = {"handshake", "adapter", "teacher", "cluster-init", "cluster-stats", "experts", "kd-cache",
               "student", "evaluate"}
 OTHER_HASH = "ffff0000"
+REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 900.0  # a hung run fails the test instead of hanging it
 
 
@@ -80,6 +83,7 @@ class ProcessTracker:
         self.cmdlines: dict[tuple[int, float], str] = {}  # as first seen
         self.quiet: dict[tuple[int, float], dict[str, str | None]] = {}  # its QUIET_FLOWER variables, as first seen
         self._lock = threading.Lock()
+        self._own_children = False
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="process-tracker", daemon=True)
         self._thread.start()
@@ -93,6 +97,11 @@ class ProcessTracker:
                 self.stoppables.append(thing)
         self.snapshot()
         return thing
+
+    def follow_children(self) -> None:
+        """Also record every descendant of this test process (what a launcher starts before a test sees it)."""
+        self._own_children = True
+        self.snapshot()
 
     def add_consortium(self, consortium: Consortium) -> None:
         for thing in (consortium.link, *consortium.nodes):
@@ -108,6 +117,9 @@ class ProcessTracker:
         """Record the tracked processes, their descendants, and whatever is left in their process groups
         (a SuperNode's SuperExec stays in the SuperNode's group when the SuperNode exits first)."""
         groups = set()
+        if self._own_children:
+            for proc in psutil.Process().children(recursive=True):
+                self._record(proc)
         for managed in self._processes():
             groups.add(managed.proc.pid)  # ManagedProcess starts a new session: pgid == pid
             try:
@@ -316,6 +328,34 @@ def test_full_run_with_tls_and_a_refused_encoder(sites: list[Path], tmp_path: Pa
     # told the launcher the run was over); that stream is the log kept, not one fetched afterwards (`--show`)
     assert "'phase': student" in serverapp and "Starting logstream" in serverapp, serverapp[-2000:]
     assert serverapp == (tmp_path / "work" / f"serverapp-{consortium.run_id}.log").read_text()
+
+
+def test_an_app_flower_refuses_exits_1_with_its_reason(
+    sites: list[Path], tmp_path: Path, tracker: ProcessTracker, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `flwr run` refuses an app whose manifest lacks [tool.flwr.app] (what an installed fedslide handed it until
+    # now): `fedslide federate` exits 1 with Flower's reason instead of a traceback, and stops what it started
+    app = tmp_path / "app-source"
+    for package in ("server", "client", "common", "deploy"):
+        shutil.copytree(REPO / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (app / "pyproject.toml").write_text('[project]\nname = "fedslide"\nversion = "0.1.0"\n')
+    monkeypatch.setattr("common.federate.APP_DIR", app)
+    tracker.follow_children()
+    launch = SuperNode.launch
+
+    def launch_tracked(node: SuperNode) -> None:
+        launch(node)
+        tracker.add(node)  # its process group too: the SuperExec it starts
+
+    monkeypatch.setattr(SuperNode, "launch", launch_tracked)
+    code = main(["federate", "--sites", *map(str, sites[:3]), "--work", str(tmp_path / "work")])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert out.startswith("fedslide federate: FAILED\n`flwr run ") and "Missing [tool.flwr.app] section" in out, out
+    assert any("flower-superlink" in c for c in tracker.commands()), tracker.commands()  # it had started them
+    assert sum("-m client.supernode" in c for c in tracker.commands()) == 3, tracker.commands()
+    assert wait_until(lambda: not tracker.alive(), 10, poll=0.5), tracker.alive()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import pytest
 
 from client.supernode import SuperNode
 from common.config.federation import FederationConfig
-from common.federate import APP_DIR, stage_app, write_run_config
+from common.flower_app import APP_DIR, stage_app, write_run_config
 from common.processes import ManagedProcess, port_open, tail
 from deploy.certs import Material, make_all, make_site_keys
 from server.superlink import FlowerCli, FlowerCliError, SuperLink, TLSFiles

@@ -196,8 +196,9 @@ class FederationConfig(StageConfig):
         """Smallest cluster count a site may report."""
         return self.clusters.suppress_below if self.suppress_below is None else self.suppress_below
 
-    def to_run_config(self) -> dict[str, Any]:
-        """Flat kebab-case run config (`teacher.name` keys) for `flwr run`; unset values are left out."""
+    def to_run_config(self, unset: str | None = None) -> dict[str, Any]:
+        """Flat kebab-case run config (`teacher.name` keys) for `flwr run`; unset values are left out, or given as
+        `unset` (the app's declared defaults: "")."""
         flat: dict[str, Any] = {}
 
         def walk(prefix: str, node: dict[str, Any]) -> None:
@@ -209,6 +210,8 @@ class FederationConfig(StageConfig):
                     flat[name] = ",".join(str(v) for v in value)
                 elif value is not None:
                     flat[name] = value
+                elif unset is not None:
+                    flat[name] = unset
         walk("", self.to_toml_dict())
         for model in ("teacher", "student"):  # taken from the data unless set on purpose
             for key in ("in_dim", "num_classes"):
