@@ -47,14 +47,12 @@ from flwr.supercore.telemetry import EventType
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supercore.utils import disable_process_dumping, get_flwr_home
 
+from common.flower_app import APP_PACKAGES  # a task imports these from its FAB
 from common.flower_polling import shorten_object_pulls
 from common.processes import port_open
 
 log = logging.getLogger(__name__)
 
-# the top-level packages of the fedslide app (pyproject's [tool.setuptools.packages.find]); a task imports them
-# from its FAB
-APP_PACKAGES = frozenset({"client", "common", "server", "deploy"})
 # imported once here, before any fork: what a ClientApp message needs (the app module's imports; torch._dynamo,
 # which torch imports when the first optimizer is made, ≈ 1.8 s; the libraries the app loads lazily so that a cold
 # `flwr-clientapp` need not pay for them)

@@ -16,11 +16,12 @@ from typing import Any
 from common.config.federation import FederationConfig
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the source tree (with pyproject.toml), or site-packages when installed
-APP_FOLDERS = ("server", "client", "common", "deploy", "configs")  # where `fab-include` takes files from
+APP_PACKAGES = ("server", "client", "common", "deploy")  # the app's code (pyproject's packages with Python modules)
+APP_FOLDERS = (*APP_PACKAGES, "configs")  # where `fab-include` takes files from
 MANIFEST = "pyproject.toml"
 PUBLISHER = "fedslide"
 COMPONENTS = {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
-FAB_INCLUDE = ["server/**/*.py", "client/**/*.py", "common/**/*.py", "deploy/**/*.py", "*.toml"]  # what the sites run
+FAB_INCLUDE = [*(f"{p}/**/*.py" for p in APP_PACKAGES), "*.toml"]  # what the sites run
 
 
 def toml_value(v: Any) -> str:

@@ -19,8 +19,9 @@ import pytest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResultStatus
 
-from client.superexec import (APP_MODULES, APP_PACKAGES, PRELOAD, ForkExecutor, installed_fab_dir, skip_reinstall,
+from client.superexec import (APP_MODULES, PRELOAD, ForkExecutor, installed_fab_dir, skip_reinstall,
                               wait_for_runtime_api)
+from common.flower_app import APP_PACKAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
