@@ -17,8 +17,8 @@ Run on demand (not collected by pytest). Steps:
    (`teacher_on_adapted_auc`: the model a KD student starts from).
 4. Bytes: the largest upload of one site in one round of each weights phase / the model's serialized size
    (target <= 1.05); with --proxy, a logits-mode run (in-process) shows the logits upload.
-5. OUT/federation_table.json + .md with the targets: bytes <= 1.05 x model; federated time <= 1.5 x centralized;
-   |AUC(federated student) - AUC(centralized student)| <= 0.03.
+5. OUT/federation_table.json with the targets (also printed): bytes <= 1.05 x model; federated time <= 1.5 x
+   centralized; |AUC(federated student) - AUC(centralized student)| <= 0.03.
 
 `--scale K` runs both arms on a cohort whose bags are K times larger (OUT/cohort-xK/<site>: every slide's low- and
 high-res patches, tokens included, repeated K times side by side with 5 % noise, parents and coordinates kept
