@@ -80,8 +80,8 @@ class ProcessTracker:
         self.stoppables: list[Any] = []  # SuperLink / SuperNode objects (their stop() is idempotent)
         self.roots: list[ManagedProcess] = []
         self.seen: dict[tuple[int, float], psutil.Process] = {}
-        self.cmdlines: dict[tuple[int, float], str] = {}  # as first seen
-        self.quiet: dict[tuple[int, float], dict[str, str | None]] = {}  # its QUIET_FLOWER variables, as first seen
+        self.cmdlines: dict[tuple[int, float], str] = {}  # as last seen running
+        self.quiet: dict[tuple[int, float], dict[str, str | None]] = {}  # its QUIET_FLOWER variables, read with it
         self._lock = threading.Lock()
         self._own_children = False
         self._done = threading.Event()
@@ -139,11 +139,14 @@ class ProcessTracker:
     def _record(self, proc: psutil.Process) -> None:
         try:
             key = (proc.pid, proc.create_time())
-            if key not in self.seen:
-                command, environ = " ".join(proc.cmdline()), proc.environ()
-                self.seen[key] = proc
-                self.cmdlines[key] = command
-                self.quiet[key] = {name: environ.get(name) for name in QUIET_FLOWER}
+            command, environ = " ".join(proc.cmdline()), proc.environ()
+            # read again at every sighting: a child caught between fork and exec still shows this test's command
+            # line (or, inside exec, none); exec replaces it once, and an exiting process reads as empty
+            with self._lock:  # the polling thread records too
+                if key not in self.seen or (command and command != self.cmdlines[key]):
+                    self.seen[key] = proc
+                    self.cmdlines[key] = command
+                    self.quiet[key] = {name: environ.get(name) for name in QUIET_FLOWER}
         except psutil.Error:
             pass
 
@@ -163,8 +166,9 @@ class ProcessTracker:
         return out
 
     def commands(self) -> list[str]:
-        """The command line of every recorded process, as first seen (those gone included)."""
-        return list(self.cmdlines.values())
+        """The command line of every recorded process, as last seen running (those gone included)."""
+        with self._lock:
+            return list(self.cmdlines.values())
 
     def stop_all(self) -> None:
         self.snapshot()
