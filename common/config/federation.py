@@ -83,9 +83,9 @@ class FederatedAdapterConfig(AdapterConfig):
     """The cross-resolution adapter as each site trains it (its epochs come from [federation.rounds])."""
 
     batch_size: PositiveInt = Field(
-        default=64,
+        default=32,
         description="patch pairs per local step; smaller than the centralized 256 because a site holds a fraction "
-        "of the pairs, so that its local epochs take about as many steps as a centralized epoch",
+        "of the pairs (with 256 a site took one step per local epoch; 32 rather than 64: tests/bench/federation.md)",
     )
     epochs: PositiveInt = _unused(30)
     patience: NonNegativeInt = _unused(5)
