@@ -20,7 +20,6 @@ from flwr.clientapp import ClientApp
 from client import local_phases as phases
 from client.site_run import SiteRun
 from common.config.federation import FederationConfig
-from common.distillation.data import load_sites
 from common.egress import Allowed, ArraySpec, check_reply, weights_reply
 from common.federation import protocol as p
 from common.federation.models import fingerprint
@@ -88,8 +87,8 @@ def _stats_allowed(phase: str, clusters: int, dim: int) -> Allowed:
 @guarded
 def handshake(message: Message, context: Context, site: SiteRun) -> Message:
     """Counts, class balance and encoder identity of the site (no slide ids)."""
-    data = load_sites([site.site_dir], site.cfg.encoder, seed=site.cfg.seed)
-    site._data = data
+    site.facts = None  # the handshake reads the site's own class list
+    data = site.data()
     attrs = data.low_attrs
     counts: dict[str, int] = {"encoder-dim": data.feature_dim, "token-grid": data.token_grid, "child-grid": data.child_grid}
     for split in ("train", "val", "test"):

@@ -1,7 +1,8 @@
 """One site's side of one federated run: its data (read once per process), run directory and caches.
 
 Everything here stays at the site: `<runs-dir>/<run_id>/` holds cached teacher outputs, KD logits,
-student bags, the final bundle and `egress.jsonl`.
+student bags, the final bundle and `egress.jsonl`. A warm SuperExec holds the site's feature files in memory
+(`hold_site_features`) for the ClientApp tasks it forks.
 """
 
 from __future__ import annotations
@@ -15,15 +16,42 @@ import numpy as np
 import torch
 
 from common.config.federation import FederationConfig
-from common.distillation.data import DistillData, load_sites
+from common.distillation.data import DistillData, detect_encoder, load_sites
 from common.egress import EgressLedger
+from common.feature_store import FeatureStore
+from common.features import feature_path
 from common.federation.protocol import Facts
 from common.training.cohort import Cohort
+from common.training.labels import read_labels
 from common.training.repro import resolve_device
 
 log = logging.getLogger(__name__)
 
 EGRESS_FILE = "egress.jsonl"
+
+# The site's feature files held by this process (`hold_site_features`): set only in a warm SuperExec, whose forked
+# ClientApp tasks inherit it. Flower calls a handler with the message and context alone, so the one way a task finds
+# what its parent read is through a module of the app both share.
+_held_features: FeatureStore | None = None
+
+
+def hold_site_features(site_dir: Path, max_bytes: int) -> tuple[FeatureStore, int, int]:
+    """Hold the low- and high-res feature files of the site's labelled slides (its one encoder) in this process,
+    up to `max_bytes`, for the ClientApp tasks forked from it; called again, keep what is unchanged and re-read or
+    drop the rest. Returns the store, the files read now and the files left on disk."""
+    global _held_features
+    rows = read_labels(site_dir / "labels.csv").rows
+    encoder = detect_encoder([site_dir])
+    files = [(feature_path(site_dir, encoder, r, row.slide_id), r == "low") for row in rows for r in ("low", "high")]
+    if _held_features is None or _held_features.max_bytes != max_bytes:
+        _held_features = FeatureStore(max_bytes)
+    _, read, left = _held_features.hold(files)
+    return _held_features, read, left
+
+
+def held_features() -> FeatureStore | None:
+    """The feature files this process holds (None outside a warm SuperExec and its tasks)."""
+    return _held_features
 
 
 class SiteConfigError(ValueError):
@@ -68,7 +96,13 @@ class SiteRun:
         """The site's labelled slides with their low/high feature files (class order from the handshake)."""
         if self._data is None:
             classes = None if self.facts is None else self.facts.classes
-            self._data = load_sites([self.site_dir], self.cfg.encoder, seed=self.cfg.seed, classes=classes)
+            store = held_features()
+            hits = store.hits if store is not None else 0
+            self._data = load_sites([self.site_dir], self.cfg.encoder, seed=self.cfg.seed, classes=classes,
+                                    store=store)
+            if store is not None:
+                log.info("site %s: %d of %d feature files from memory", self.name, store.hits - hits,
+                         2 * len(self._data.slides))
         return self._data
 
     def split(self, name: str) -> np.ndarray:

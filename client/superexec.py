@@ -13,10 +13,14 @@ FAB into (`warm_up`); later tasks of the same FAB keep those modules and Flower'
 already installed (unzip and hash check into a temporary directory, then nothing) is skipped. A task of any other
 FAB runs as before, so a new app version is never run with the old code.
 
+With `--site-dir`, once the app is imported it also holds the site's labelled feature files in memory
+(`client.site_run.hold_site_features`, re-checked after every task), so a task reads a file from disk only when it
+changed since (or did not fit in `--feature-memory-gb`); without it, every task reads the site's files itself.
+
 Start the SuperNode with `--isolation process` and this next to it (it preloads, then waits for the
 SuperNode's Runtime API):
 
-    fedslide superexec --runtime-api-address 127.0.0.1:9094 --insecure [--parent-pid SUPERNODE_PID]
+    fedslide superexec --runtime-api-address 127.0.0.1:9094 --insecure [--parent-pid SUPERNODE_PID] [--site-dir DIR]
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ PRELOAD = ("flwr.supernode.runtime.run_clientapp", "client.client_app", "torch._
            "sklearn.cluster", "sklearn.utils.class_weight", "scipy.optimize", "scipy.sparse")
 APP_MODULES = tuple(m for m in PRELOAD if m.partition(".")[0] in APP_PACKAGES)  # what `warm_up` imports from a FAB
 POLL_S = 0.2  # between AcquireTask calls (Flower's SuperExec: 1 s by default)
+FEATURE_MEMORY_GB = 8.0  # the most feature arrays a SuperExec holds for its tasks
 _AUTH_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})  # as Flower's SuperExec signs them
 
 
@@ -116,7 +121,10 @@ def run_task(spec: ExecutionSpec, warm_dir: Path | None = None) -> None:
 class ForkExecutor:
     """A Flower SuperExec executor for ClientApp tasks: one child forked from this process per task."""
 
-    def __init__(self) -> None:
+    def __init__(self, site_dir: Path | None = None, feature_bytes: int = 0) -> None:
+        self.site_dir = site_dir  # whose feature files to hold for the tasks (None: each task reads them)
+        self.feature_bytes = feature_bytes
+        self._features_left = 0  # files that did not fit or could not be read at the last check
         self._context = multiprocessing.get_context("fork")
         self.children: list[BaseProcess] = []
         self.launched = 0
@@ -158,7 +166,27 @@ class ForkExecutor:
             fab = self.fab_of.pop(child.name, None)
             if child.exitcode == 0 and fab and fab != self.warm_fab and fab not in self._cold_fabs:
                 self.warm_up(fab)
+            if child.exitcode == 0 and fab and fab == self.warm_fab:
+                self.hold_features()
         self.children = running
+
+    def hold_features(self) -> bool:
+        """Hold (or re-check) the site's feature files with the app's own code for the next tasks; False when
+        there is nothing to hold or it failed (the tasks then read the files themselves)."""
+        if self.site_dir is None or self.feature_bytes <= 0 or self.warm_fab is None:
+            return False
+        started = time.perf_counter()
+        try:
+            store, read, left = importlib.import_module("client.site_run").hold_site_features(
+                self.site_dir, self.feature_bytes)
+        except Exception as exc:  # noqa: BLE001 - a bad site is reported by the tasks that read it
+            log.warning("not holding the feature files of %s (the tasks read them): %s", self.site_dir, exc)
+            return False
+        if read or left != self._features_left:
+            log.info("holding %d feature file(s) of %s for the tasks (%.1f MB; %d read in %.2f s; %d left on disk)",
+                     len(store), self.site_dir, store.nbytes / 1e6, read, time.perf_counter() - started, left)
+        self._features_left = left
+        return True
 
     def warm_up(self, fab_hash: str) -> bool:
         """Import the app from the directory its FAB is installed in, in place of the modules imported so far;
@@ -215,7 +243,8 @@ def wait_for_runtime_api(address: str, parent_pid: int | None, poll: float = 0.2
 
 
 def serve(runtime_api_address: str, insecure: bool, root_certificates_path: str | None = None,
-          auth_secret: bytes | None = None, parent_pid: int | None = None, poll: float = POLL_S) -> None:
+          auth_secret: bytes | None = None, parent_pid: int | None = None, poll: float = POLL_S,
+          site_dir: Path | None = None, feature_memory_gb: float = FEATURE_MEMORY_GB) -> None:
     """Preload, wait for the SuperNode's Runtime API, then acquire ClientApp tasks from it and fork one child per
     task until SIGTERM/SIGINT (or until `parent_pid`, the SuperNode, is gone)."""
     started = time.perf_counter()
@@ -234,7 +263,7 @@ def serve(runtime_api_address: str, insecure: bool, root_certificates_path: str 
         server_address=runtime_api_address, insecure=insecure,
         root_certificates=validate_and_resolve_root_certificates(root_certificates_path, insecure),
         interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
-    executor = ForkExecutor()
+    executor = ForkExecutor(site_dir, int(feature_memory_gb * 2**30))
     plugin = AutoExecPlugin(runtime_api_address=runtime_api_address, insecure=insecure,
                             root_certificates_path=root_certificates_path, runtime_dependency_install=False,
                             executor=executor)
@@ -275,6 +304,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     security.add_argument("--root-certificates", default=None, help="CA certificate of the Runtime API's TLS")
     p.add_argument("--parent-pid", type=int, default=None, help="stop when this process (the SuperNode) is gone")
     p.add_argument("--poll", type=float, default=POLL_S, help=f"seconds between task polls (default {POLL_S})")
+    p.add_argument("--site-dir", type=Path, default=None,
+                   help="the site directory (the SuperNode's site-dir): hold its feature files in memory for the tasks")
+    p.add_argument("--feature-memory-gb", type=float, default=FEATURE_MEMORY_GB,
+                   help=f"the most feature arrays held for the tasks, GiB (default {FEATURE_MEMORY_GB:g}; 0: none)")
     add_superexec_auth_secret_args(p)
     p.set_defaults(handler=run)
 
@@ -285,5 +318,6 @@ def run(args: argparse.Namespace) -> int:
     secret = None
     if args.superexec_auth_secret_file is not None:
         secret = load_superexec_auth_secret(secret_file=args.superexec_auth_secret_file)
-    serve(args.runtime_api_address, args.insecure, args.root_certificates, secret, args.parent_pid, args.poll)
+    serve(args.runtime_api_address, args.insecure, args.root_certificates, secret, args.parent_pid, args.poll,
+          args.site_dir, args.feature_memory_gb)
     return 0

@@ -60,7 +60,7 @@ class SuperNode:
     def superexec_argv(self, parent_pid: int) -> list[str]:
         """The command line of the warm SuperExec (the Runtime API is the SuperNode's loopback port)."""
         return [sys.executable, "-m", "common.cli", "superexec", "--runtime-api-address", f"127.0.0.1:{self.port}",
-                "--insecure", "--parent-pid", str(parent_pid)]
+                "--insecure", "--parent-pid", str(parent_pid), "--site-dir", str(self.site_dir.resolve())]
 
     def launch(self) -> "SuperNode":
         """Start the SuperNode process and (warm) its SuperExec without waiting (several sites start side by side;

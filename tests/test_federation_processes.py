@@ -289,6 +289,12 @@ def test_full_run_with_tls_and_a_refused_encoder(sites: list[Path], tmp_path: Pa
         # tasks ran with it (their replies are in the ledger like the others)
         assert log.count("imported the app of FAB") == 1, node.name
         assert 0 < log.count("(app imported)") < forked or forked == 1, node.name  # site4: the handshake only
+        # with the app imported, the SuperExec held the site's feature files, and every task after that read all
+        # of them from its memory, none from disk
+        from_memory = re.findall(r": (\d+) of (\d+) feature files from memory", log)
+        if forked > 1:
+            assert "holding " in log and len(from_memory) > 1, (node.name, from_memory)
+            assert all(hits == total != "0" for hits, total in from_memory), (node.name, from_memory)
     # each SuperNode is Flower's, started through fedslide's short-polling launcher (its log lines carry times)
     # (by each SuperNode's own pid: a child it forks shows the same command line until it execs, and the
     # tracker may catch one in that moment)

@@ -145,3 +145,23 @@ def test_after_a_fabs_first_task_its_app_is_imported_here_and_handed_to_the_next
     assert lines[-2] == f"fab True fedslide.fedslide.0.1.0.{good[:8]}"
     assert lines[-1] == "None False True"
     assert APP_MODULES == ("client.client_app",)
+
+
+def test_the_executor_holds_the_sites_features_once_the_app_is_imported(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    from client import site_run
+    from tests.feature_sites import make_site
+
+    site = make_site(tmp_path, "s1", {"train": 2, "test": 2}, seed=1)
+    try:
+        assert not ForkExecutor(site, 2**30).hold_features()  # no app imported yet: the tasks read the files
+        executor = ForkExecutor(site, 2**30)
+        executor.warm_fab = "ab" * 32  # as after warm_up
+        assert executor.hold_features() and len(site_run.held_features() or []) == 8
+        assert not ForkExecutor(None, 2**30).hold_features() and not ForkExecutor(site, 0).hold_features()
+        (site / "labels.csv").unlink()
+        with caplog.at_level("WARNING", logger="client.superexec"):
+            assert not executor.hold_features()  # a site it cannot read: left to the tasks, which report it
+        assert "labels.csv" in caplog.text and str(site) in caplog.text
+    finally:
+        site_run._held_features = None

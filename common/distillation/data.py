@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from common.feature_store import FeatureStore
 from common.features import FeatureBag, FeatureFileError, feature_path, read_feature_file
 from common.training.cohort import Cohort, Slide
 from common.training.errors import FeatureDataError, MissingDataError, SplitError
@@ -160,13 +161,14 @@ def load_sites(
     val_fraction: float = 0.2,
     seed: int = 0,
     classes: Sequence[str] | None = None,
+    store: FeatureStore | None = None,
 ) -> DistillData:
     """Read `<site>/labels.csv` and every slide's low and high feature files; check them all first.
 
     Every problem (missing files, encoder mismatch between files or sites, bad parents) is
     collected into one FeatureDataError. A CSV without val slides gets a validation split carved
     (by patient) from its training slides. `classes` fixes the class order (a federation's global
-    list); by default it is made from the labels.
+    list); by default it is made from the labels. A `store` serves the files it holds unchanged from memory.
     """
     site_dirs = [Path(s) for s in sites]
     if not site_dirs:
@@ -181,6 +183,7 @@ def load_sites(
     if unknown:
         raise MissingDataError(f"labels {unknown} are not among the classes {list(classes)}")
     label_map = {c: i for i, c in enumerate(classes)}
+    read = read_feature_file if store is None else store.read
     problems: list[str] = []
     missing: list[str] = []
     slides: list[SlidePair] = []
@@ -195,8 +198,8 @@ def load_sites(
                 missing.extend(absent)
                 continue
             try:
-                low = read_feature_file(paths["low"], load_tokens=True)
-                high = read_feature_file(paths["high"])
+                low = read(paths["low"], load_tokens=True)
+                high = read(paths["high"])
             except FeatureFileError as exc:
                 problems.append(str(exc))
                 continue
