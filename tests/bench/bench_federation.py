@@ -10,7 +10,7 @@ Run on demand (not collected by pytest). Steps:
 2. Centralized `fedslide distill` on the same sites and split with the same epochs: teacher epochs =
    rounds.teacher x local-epochs, and so on; early stopping off (the federation runs every round); the
    federation's lr and bag batch size, the centralized pipeline's own LR schedule (cosine) and adapter batch
-   (256 patch pairs; a federated site uses 64).
+   (256 patch pairs; a federated site uses 32 by default).
 3. Both students evaluated on the pooled test slides (feature files): AUC of the federated student
    (its adapter + weights from OUT/fed/runs/<id>/models) vs. the centralized LRMIL + D&D student (LRMIL alone with
    kd.lambda-expert = 0); and, as a diagnostic, each pipeline's teacher applied to its own adapter's low-res bags
@@ -18,7 +18,9 @@ Run on demand (not collected by pytest). Steps:
 4. Bytes: the largest upload of one site in one round of each weights phase / the model's serialized size
    (target <= 1.05); with --proxy, a logits-mode run (in-process) shows the logits upload.
 5. OUT/federation_table.json with the targets (also printed): bytes <= 1.05 x model; federated time <= 1.5 x
-   centralized; |AUC(federated student) - AUC(centralized student)| <= 0.03.
+   centralized; |AUC(federated student) - AUC(centralized student)| <= 0.03. The time target compares the same
+   models: the centralized pipeline also trains plain LRMIL beside the LRMIL + D&D student, which the federation
+   does not, so that student's training time is left out (`time_ratio`); `time_ratio_whole_pipeline` keeps it.
 
 `--scale K` runs both arms on a cohort whose bags are K times larger (OUT/cohort-xK/<site>: every slide's low- and
 high-res patches, tokens included, repeated K times side by side with 5 % noise, parents and coordinates kept
@@ -262,8 +264,13 @@ def main() -> None:
                                 "student_auc": student_row["auc"], "teacher_auc": rows["teacher_high"]["auc"],
                                 "teacher_on_adapted_auc": centralized_teacher_on_adapted_auc(args, central_dir, cfg)}
         diff = table["federated"]["pooled"]["student_auc"] - student_row["auc"]
+        # the centralized pipeline also trains the student the federation does not (plain LRMIL beside LRMIL + D&D):
+        # the time target compares the same models, so that student's training is left out of the centralized time
+        other = "lrmil_student" if student_row["model"] == "lrmil_dd_student" else None
+        same_models = central_seconds - float(central["timings"].get(other, 0.0) if other else 0.0)
         table["targets"].update({
-            "time_ratio": fed_seconds / central_seconds, "time_met": fed_seconds / central_seconds <= TIME_TARGET,
+            "time_ratio": fed_seconds / same_models, "time_met": fed_seconds / same_models <= TIME_TARGET,
+            "time_ratio_whole_pipeline": fed_seconds / central_seconds, "centralized_seconds_same_models": same_models,
             "auc_diff": diff, "auc_met": abs(diff) <= AUC_TARGET,
         })
     if args.proxy is not None:
