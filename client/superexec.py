@@ -125,6 +125,7 @@ class ForkExecutor:
         self.site_dir = site_dir  # whose feature files to hold for the tasks (None: each task reads them)
         self.feature_bytes = feature_bytes
         self._features_left = 0  # files that did not fit or could not be read at the last check
+        self._features_problem = ""  # why the last check could not hold them ("" when it could)
         self._context = multiprocessing.get_context("fork")
         self.children: list[BaseProcess] = []
         self.launched = 0
@@ -180,8 +181,11 @@ class ForkExecutor:
             store, read, left = importlib.import_module("client.site_run").hold_site_features(
                 self.site_dir, self.feature_bytes)
         except Exception as exc:  # noqa: BLE001 - a bad site is reported by the tasks that read it
-            log.warning("not holding the feature files of %s (the tasks read them): %s", self.site_dir, exc)
+            if str(exc) != self._features_problem:  # once per problem, not after every task
+                log.warning("not holding the feature files of %s (the tasks read them): %s", self.site_dir, exc)
+            self._features_problem = str(exc)
             return False
+        self._features_problem = ""
         if read or left != self._features_left:
             log.info("holding %d feature file(s) of %s for the tasks (%.1f MB; %d read in %.2f s; %d left on disk)",
                      len(store), self.site_dir, store.nbytes / 1e6, read, time.perf_counter() - started, left)

@@ -162,6 +162,8 @@ def test_the_executor_holds_the_sites_features_once_the_app_is_imported(tmp_path
         (site / "labels.csv").unlink()
         with caplog.at_level("WARNING", logger="client.superexec"):
             assert not executor.hold_features()  # a site it cannot read: left to the tasks, which report it
+            assert not executor.hold_features()  # the same problem after the next task: not logged again
         assert "labels.csv" in caplog.text and str(site) in caplog.text
+        assert caplog.text.count("not holding the feature files") == 1
     finally:
         site_run._held_features = None
