@@ -54,6 +54,12 @@ def held_features() -> FeatureStore | None:
     return _held_features
 
 
+def release_site_features() -> None:
+    """Let go of the feature files this process holds (before the SuperExec imports another app version)."""
+    global _held_features
+    _held_features = None
+
+
 class SiteConfigError(ValueError):
     """The SuperNode's node config does not name a usable site directory."""
 

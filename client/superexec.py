@@ -202,6 +202,9 @@ class ForkExecutor:
         started = time.perf_counter()
         if self.warm_dir is not None and str(self.warm_dir) in sys.path:
             sys.path.remove(str(self.warm_dir))
+        release = getattr(sys.modules.get("client.site_run"), "release_site_features", None)
+        if release is not None:  # the old app's copy of the site's feature files goes with its modules
+            release()
         forget_app_modules()
         sys.path.insert(0, str(fab_dir))
         try:

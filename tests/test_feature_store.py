@@ -99,4 +99,4 @@ def test_a_forked_task_reads_the_site_from_what_its_parent_holds(site: Path) -> 
         child.join(60)
         assert child.exitcode == 0 and queue.get(timeout=5) == (16, 0, 8)
     finally:
-        site_run._held_features = None
+        site_run.release_site_features()

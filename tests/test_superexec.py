@@ -131,9 +131,13 @@ def test_after_a_fabs_first_task_its_app_is_imported_here_and_handed_to_the_next
         import os, sys
         os.environ["FLWR_HOME"] = {str(tmp_path)!r}
         import client.client_app
+        import client.site_run as old_site_run
         from client.superexec import ForkExecutor
+        from common.feature_store import FeatureStore
+        old_site_run._held_features = FeatureStore(2**20)  # as if the old app held the site's files
         ex = ForkExecutor()
         assert ex.warm_up({good!r})
+        assert old_site_run.held_features() is None  # let go with the old app's modules
         print(sys.modules["client.client_app"].app, ex.warm_fab == {good!r}, ex.warm_dir.name)
         os.environ["FLWR_HOME"] = {str(tmp_path / "other")!r}
         assert not ex.warm_up({broken!r})
@@ -166,4 +170,4 @@ def test_the_executor_holds_the_sites_features_once_the_app_is_imported(tmp_path
         assert "labels.csv" in caplog.text and str(site) in caplog.text
         assert caplog.text.count("not holding the feature files") == 1
     finally:
-        site_run._held_features = None
+        site_run.release_site_features()
