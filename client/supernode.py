@@ -1,18 +1,32 @@
 """A hospital's Flower SuperNode process: connects out to the SuperLink; its ClientApp reads the site directory.
 
-`python -m client.supernode [--idle-poll S] FLOWER-SUPERNODE-ARGS...` (installed as `fedslide-supernode`) is
-Flower's `flower-supernode`, same flags, with shorter polling (`common.flower_polling`): it asks the SuperLink
-for work every `--idle-poll` s instead of every 3 s and pulls a message's arrays without Flower's 1 s back-off.
+`python -m client.supernode [--idle-poll S] [--superexec fedslide|flower] FLOWER-SUPERNODE-ARGS...` (installed as
+`fedslide-supernode`) is Flower's `flower-supernode`, same flags, with shorter polling (`common.flower_polling`): it
+asks the SuperLink for work every `--idle-poll` s instead of every 3 s and pulls a message's arrays without Flower's
+1 s back-off. In Flower's default `subprocess` isolation the SuperExec it starts is fedslide's warm one
+(`client.superexec`, holding the node config's `site-dir` features) instead of `flower-superexec`.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from common.flower_env import flower_env, flower_tool
 from common.processes import ManagedProcess, port_open
+
+log = logging.getLogger(__name__)
+
+# what Flower's SuperNode passes to the `flower-superexec` it starts in subprocess isolation (flwr 1.42), all of which
+# `fedslide superexec` takes too; with anything else the command is left as Flower wrote it
+_FLAGS_WITH_VALUE = frozenset({"--runtime-api-address", "--parent-pid", "--root-certificates"})
+_FLAGS = frozenset({"--insecure"})
 
 
 class SuperNode:
@@ -20,16 +34,22 @@ class SuperNode:
 
     `warm` (the default): the SuperNode polls briefly (`main` below) and runs with `--isolation process` next to
     fedslide's SuperExec (`client.superexec`), which runs each ClientApp message in a process forked from one that
-    has imported torch and Flower already. Otherwise it is Flower's `flower-supernode` as shipped, and Flower's
-    own SuperExec starts a fresh `flwr-clientapp` per message.
+    has imported torch and Flower already; with `isolation="subprocess"` the SuperNode starts that SuperExec itself.
+    Otherwise it is Flower's `flower-supernode` as shipped, and Flower's own SuperExec starts a fresh
+    `flwr-clientapp` per message.
     """
 
     def __init__(self, name: str, site_dir: Path, superlink: str, port: int, workdir: Path,
                  ca: Path | None, auth_key: Path | None, runs_dir: Path | None = None, env: dict[str, str] | None = None,
-                 warm: bool = True):
+                 warm: bool = True, isolation: str = "process"):
+        if isolation not in ("process", "subprocess"):
+            raise ValueError(f"isolation must be 'process' or 'subprocess', got {isolation!r}")
         self.name, self.site_dir, self.superlink, self.port = name, Path(site_dir), superlink, port
         self.workdir, self.ca, self.auth_key, self.runs_dir, self.env = Path(workdir), ca, auth_key, runs_dir, env
         self.warm = warm
+        # warm only: "process" = the SuperExec is a process of our own beside the SuperNode (watched by the caller);
+        # "subprocess" = the SuperNode starts it, as a hospital's `fedslide-supernode` or the site image does
+        self.isolation = isolation
         self.process: ManagedProcess | None = None
         self.superexec: ManagedProcess | None = None
 
@@ -54,7 +74,7 @@ class SuperNode:
         if self.auth_key is not None:
             argv += ["--auth-supernode-private-key", str(self.auth_key)]
         if self.warm:
-            argv += ["--isolation", "process"]
+            argv += ["--isolation", self.isolation]
         return argv
 
     def superexec_argv(self, parent_pid: int) -> list[str]:
@@ -67,7 +87,7 @@ class SuperNode:
         the SuperExec preloads torch meanwhile and waits for the SuperNode's port itself)."""
         self.process = ManagedProcess(f"SuperNode {self.name}", self.argv(), self.workdir / f"supernode-{self.name}.log",
                                       env=flower_env(self.env))
-        if self.warm:
+        if self.warm and self.isolation == "process":
             self.superexec = ManagedProcess(f"SuperExec {self.name}", self.superexec_argv(self.process.proc.pid),
                                             self.workdir / f"superexec-{self.name}.log", env=flower_env(self.env))
         return self
@@ -90,24 +110,108 @@ class SuperNode:
             process.stop()
 
 
+def warm_superexec_command(command: Sequence[str], extra: Sequence[str] = ()) -> list[str] | None:
+    """`fedslide superexec` in place of the `flower-superexec` command line Flower's SuperNode runs (its flags, then
+    `extra`); None when the command is another one or carries a flag fedslide's SuperExec does not take (for
+    example `--allow-runtime-dependency-installation`: it installs nothing)."""
+    if not command or Path(command[0]).name != "flower-superexec":
+        return None
+    args = list(command[1:])
+    i = 0
+    while i < len(args):
+        if args[i] in _FLAGS_WITH_VALUE and i + 1 < len(args):
+            i += 2
+        elif args[i] in _FLAGS:
+            i += 1
+        else:
+            return None
+    return [sys.executable, "-m", "common.cli", "superexec", *args, *extra]
+
+
+class WarmSuperExecLauncher:
+    """Stands in for `subprocess` inside Flower's SuperNode module: the `flower-superexec` it starts in subprocess
+    isolation becomes `fedslide superexec` with the same flags (see `warm_superexec_command`)."""
+
+    def __init__(self, extra: Sequence[str] = ()) -> None:
+        self.extra = list(extra)
+
+    def Popen(self, command: Sequence[str], *args: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 - as Flower calls it
+        warm = warm_superexec_command(command, self.extra)
+        if warm is None:
+            log.warning("starting %s as Flower wrote it, not fedslide's SuperExec: %s", command[0] if command else "?",
+                        " ".join(command))
+        return subprocess.Popen(warm or list(command), *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+
+def _supernode_module() -> ModuleType:
+    from flwr.supernode import start_client_internal
+
+    return start_client_internal
+
+
+def use_warm_superexec(site_dir: str | None, feature_memory_gb: float) -> bool:
+    """Make this process's SuperNode start fedslide's SuperExec in subprocess isolation (holding `site_dir`'s
+    feature files, up to `feature_memory_gb`); whether it applied."""
+    module = _supernode_module()
+    current = getattr(module, "subprocess", None)
+    if current is not subprocess and not isinstance(current, WarmSuperExecLauncher):
+        log.warning("Flower's SuperNode does not start its SuperExec through a module-level `subprocess` here; "
+                    "it runs Flower's own (a fresh flwr-clientapp per message)")
+        return False
+    extra = ["--feature-memory-gb", f"{feature_memory_gb:g}"]
+    if site_dir:
+        extra += ["--site-dir", str(site_dir)]
+    module.subprocess = WarmSuperExecLauncher(extra)  # type: ignore[attr-defined]
+    return True
+
+
+def node_config_site_dir(flower_args: Sequence[str]) -> str | None:
+    """The `site-dir` of a `--node-config` among Flower's SuperNode flags, if any."""
+    from flwr.common.config import parse_config_args
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--node-config", default=None)
+    known, _ = parser.parse_known_args(list(flower_args))
+    if not known.node_config:
+        return None
+    value = parse_config_args([known.node_config]).get("site-dir")
+    return None if value in (None, "") else str(value)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Flower's SuperNode with fedslide's shorter polls; every argument but ours goes to `flower-supernode`."""
+    """Flower's SuperNode with fedslide's shorter polls and (subprocess isolation) warm SuperExec; every argument but
+    ours goes to `flower-supernode`."""
+    from client.superexec import FEATURE_MEMORY_GB
     from common.flower_polling import (IDLE_POLL_S, PULL_BACKOFF_CAP_S, PULL_BACKOFF_S, shorten_object_pulls,
                                        shorten_supernode_polls)
 
     parser = argparse.ArgumentParser(
-        prog="fedslide-supernode", description="flower-supernode with shorter polling; other flags are Flower's "
-        "(see flower-supernode --help)")
+        prog="fedslide-supernode", description="flower-supernode with shorter polling and, in its default subprocess "
+        "isolation, fedslide's warm SuperExec; other flags are Flower's (see flower-supernode --help)")
     parser.add_argument("--idle-poll", type=float, default=IDLE_POLL_S,
                         help=f"seconds between polls for a message or a reply (Flower: 3 s / 0.5 s; default {IDLE_POLL_S})")
     parser.add_argument("--pull-backoff", type=float, default=PULL_BACKOFF_S,
                         help=f"first wait before pulling a missing array again (Flower: 1 s; default {PULL_BACKOFF_S})")
+    parser.add_argument("--superexec", choices=("fedslide", "flower"), default="fedslide",
+                        help="the SuperExec started in subprocess isolation: fedslide's (each message in a process "
+                        "forked from one that imported torch once; default) or Flower's (a fresh flwr-clientapp per "
+                        "message). With --isolation process neither is started here.")
+    parser.add_argument("--feature-memory-gb", type=float, default=FEATURE_MEMORY_GB,
+                        help="fedslide's SuperExec holds the site-dir's feature files up to this many GiB "
+                        f"(default {FEATURE_MEMORY_GB:g}; 0: none)")
     ours, flower_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     for name in ("idle_poll", "pull_backoff"):
         if not getattr(ours, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(ours, name)!r}")
+    if ours.feature_memory_gb < 0:
+        parser.error(f"--feature-memory-gb must be >= 0, got {ours.feature_memory_gb!r}")
     shorten_supernode_polls(ours.idle_poll)
     shorten_object_pulls(ours.pull_backoff, max(ours.pull_backoff, PULL_BACKOFF_CAP_S))
+    if ours.superexec == "fedslide":
+        use_warm_superexec(node_config_site_dir(flower_args), ours.feature_memory_gb)
 
     from flwr.supercore.logger import update_console_handler
     from flwr.supernode.cli.flower_supernode import flower_supernode

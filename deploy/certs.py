@@ -299,7 +299,7 @@ def instructions(material: Material) -> str:
         *(f"  flwr supernode register {p.cert.name} <connection>" for p in m.sites.values()),
         "",
         "Each hospital: copy ca.crt and its own private key only, then run",
-        *(f"  {s}: flower-supernode --root-certificates ca.crt --auth-supernode-private-key {p.key.name} ..."
+        *(f"  {s}: fedslide-supernode --root-certificates ca.crt --auth-supernode-private-key {p.key.name} ..."
           for s, p in m.sites.items()),
         "",
         "Never copy ca.key anywhere: keep it offline; it can mint certificates the whole federation trusts.",

@@ -4,10 +4,14 @@
 # Build from the repository root:  docker build -f deploy/site.Dockerfile -t fedslide/site:0.1.0 .
 #
 # The SuperNode connects OUT to the coordinating site's Fleet endpoint over TLS (verified against
-# /certs/ca.crt) and authenticates with the site's private key; it opens no port to the outside. ClientApps run
-# as subprocesses inside this container (`--isolation subprocess`, Flower's default), so no second container
-# and no extra internal port are needed. Runtime dependency installation stays off (Flower's default for
-# SuperNodes): only what is installed here runs.
+# /certs/ca.crt) and authenticates with the site's private key; it opens no port to the outside. It is Flower's
+# SuperNode started through `fedslide-supernode` (client/supernode.py): polls of 0.2 s instead of 3 s, and in
+# Flower's default `--isolation subprocess` it starts fedslide's warm SuperExec (client/superexec.py) inside this
+# container instead of `flower-superexec`: each message runs in a process forked from one that imported torch
+# once, and the site-dir's feature files are held in memory (up to --feature-memory-gb, default 8 GiB; size the
+# container's memory for it). No second container and no extra internal port are needed. `--superexec flower`
+# restores Flower's own SuperExec (a fresh flwr-clientapp per message). Runtime dependency installation stays
+# off (Flower's default for SuperNodes): only what is installed here runs.
 #
 # Mounts (see deploy/README.md):
 #   /data/site        read-only   the site directory: slides/, labels.csv, features/, qc/
@@ -28,7 +32,7 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 # Nothing leaves the site except through the SuperLink connection: Flower telemetry and update checks off.
-# The SuperExec looks for the next ClientApp task every 0.2 s instead of Flower's 1 s (paid on every message).
+# With `--superexec flower`, Flower's SuperExec looks for the next task every 0.2 s instead of 1 s.
 ENV FLWR_TELEMETRY_ENABLED=0 \
     FLWR_DISABLE_UPDATE_CHECK=1 \
     FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.2 \
@@ -56,7 +60,7 @@ WORKDIR /app
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
     CMD ["python", "/opt/fedslide/healthcheck.py", "http://127.0.0.1:9094/health"]
 
-ENTRYPOINT ["flower-supernode"]
+ENTRYPOINT ["fedslide-supernode"]
 CMD ["--root-certificates", "/certs/ca.crt", \
      "--auth-supernode-private-key", "/keys/site.key", \
      "--node-config", "site-dir=\"/data/site\""]

@@ -163,6 +163,21 @@ def test_dockerfile_security_properties(dockerfile: Path) -> None:
             assert tag and tag != "latest" and re.search(r"\d", tag), f"{dockerfile.name}: unpinned base {image}"
 
 
+def test_site_image_runs_the_projects_supernode_launcher() -> None:
+    """The hospital image's entrypoint is `fedslide-supernode` (warm SuperExec, short polls), a console script the
+    image's `pip install .` provides, and its default flags are Flower's SuperNode flags (TLS and the site key)."""
+    import json
+    import tomllib
+
+    steps = dict(_instructions(DEPLOY / "site.Dockerfile"))
+    entrypoint = json.loads(steps["ENTRYPOINT"])
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert entrypoint == ["fedslide-supernode"] and scripts["fedslide-supernode"] == "client.supernode:main"
+    flags = json.loads(steps["CMD"])
+    assert flags[:4] == ["--root-certificates", "/certs/ca.crt", "--auth-supernode-private-key", "/keys/site.key"]
+    assert "--insecure" not in flags and "--isolation" not in flags  # Flower's default: subprocess
+
+
 def test_flower_images_share_one_pinned_flwr_version() -> None:
     """SuperLink, SuperExec and SuperNode images come from one Flower release, the one pip keeps in the images,
     and it satisfies the project's own flwr requirement."""

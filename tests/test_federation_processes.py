@@ -496,9 +496,12 @@ def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(
         assert wait_until(lambda: "offline" in node_statuses(consortium.cli).values(), 180, poll=5), \
             node_statuses(consortium.cli)
         events["offline"] = [n for n, s in node_statuses(consortium.cli).items() if s == "offline"]
-        again = SuperNode(victim.name, victim.site_dir, victim.superlink, free_port(), victim.workdir, victim.ca,
-                          victim.auth_key, warm=False)
+        # back as a hospital runs it: `fedslide-supernode` in Flower's subprocess isolation, which starts
+        # fedslide's warm SuperExec itself (the site image's entrypoint)
+        again = SuperNode(victim.name, victim.site_dir, victim.superlink, free_port(), victim.workdir / "again",
+                          victim.ca, victim.auth_key, isolation="subprocess")
         events["restarted"] = again
+        events["ledger-before"] = len(ledger(good[2], "kill"))
         start_node(tracker, again)
 
     threads: list[tuple[threading.Thread, list[BaseException]]] = []
@@ -535,6 +538,16 @@ def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(
     later = {e["phase"] for e in entries} & {"kd-cache", "student", "evaluate"}
     assert later == {"kd-cache", "student", "evaluate"}, Counter(e["phase"] for e in entries)
     assert metrics["models"]["student_low"]["per_site"]["site3"]["n"] == 4
+    # every message the restarted site answered ran in a child forked by the warm SuperExec its SuperNode started
+    # (none in a cold flwr-clientapp), and the tasks after the first read the site's feature files from memory
+    again = events["restarted"]
+    assert again.superexec is None and again.process is not None
+    log = again.process.log.read_text()
+    assert "fedslide SuperExec" in log or "preloaded" in log, log[-2000:]
+    answered = len(entries) - events["ledger-before"]
+    assert log.count("ClientApp in forked process") == answered >= 3, (answered, log[-2000:])
+    from_memory = re.findall(r": (\d+) of (\d+) feature files from memory", log)
+    assert from_memory and all(hits == total != "0" for hits, total in from_memory), from_memory
     events["restarted"].stop()  # started by the test, not by run_consortium
     assert wait_until(lambda: not tracker.alive(), 10, poll=0.5), tracker.alive()
 

@@ -116,3 +116,88 @@ def test_warm_supernode_uses_the_launcher(tmp_path) -> None:
     cold = supernode.SuperNode("site1", tmp_path, "127.0.0.1:9092", 9094, tmp_path, None, None, warm=False)
     assert warm.argv()[1:3] == ["-m", "client.supernode"] and "--isolation" in warm.argv()
     assert cold.argv()[0].endswith("flower-supernode") and "--isolation" not in cold.argv()
+    hospital = supernode.SuperNode("site1", tmp_path, "127.0.0.1:9092", 9094, tmp_path, None, None,
+                                   isolation="subprocess")
+    assert hospital.argv()[-2:] == ["--isolation", "subprocess"]
+    with pytest.raises(ValueError, match="isolation must be"):
+        supernode.SuperNode("site1", tmp_path, "127.0.0.1:9092", 9094, tmp_path, None, None, isolation="thread")
+
+
+# ---- the warm SuperExec in subprocess isolation (client.supernode.use_warm_superexec) --------------------------
+@pytest.fixture
+def flower_popen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's SuperNode module keeps its own `subprocess` after the test."""
+    import subprocess
+
+    monkeypatch.setattr(start_client_internal, "subprocess", subprocess)
+
+
+def test_flowers_superexec_command_becomes_fedslides() -> None:
+    import sys
+
+    tls = ["flower-superexec", "--root-certificates", "/certs/ca.crt", "--runtime-api-address", "127.0.0.1:9094",
+           "--parent-pid", "42"]
+    assert supernode.warm_superexec_command(tls, ["--site-dir", "/data/site"]) == [
+        sys.executable, "-m", "common.cli", "superexec", *tls[1:], "--site-dir", "/data/site"]
+    plain = ["/venv/bin/flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094"]
+    assert supernode.warm_superexec_command(plain)[4:] == plain[1:]
+    # what fedslide's SuperExec cannot honour (it installs no dependencies), or another program: left alone
+    assert supernode.warm_superexec_command([*plain, "--allow-runtime-dependency-installation"]) is None
+    assert supernode.warm_superexec_command(["flower-superexec", "--runtime-api-address"]) is None
+    assert supernode.warm_superexec_command(["flwr-clientapp", "--insecure"]) is None
+    assert supernode.warm_superexec_command([]) is None
+
+
+def test_the_supernode_launcher_swaps_in_the_warm_superexec(flower_state: None, flower_popen: None,
+                                                            monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import importlib
+    import subprocess
+    import sys
+
+    flower_cli = importlib.import_module("flwr.supernode.cli.flower_supernode")
+    monkeypatch.setattr(flower_cli, "flower_supernode", lambda: None)  # the real one: tests/test_federation_processes.py
+    site = tmp_path / "site 1"
+    flower_args = ["--superlink", "127.0.0.1:9092", "--insecure", "--node-config", f'site-dir="{site}" site-name="s1"']
+    assert supernode.main(["--feature-memory-gb", "0.5", *flower_args]) == 0
+    launcher = start_client_internal.subprocess
+    assert isinstance(launcher, supernode.WarmSuperExecLauncher)
+    assert launcher.extra == ["--feature-memory-gb", "0.5", "--site-dir", str(site)]
+    assert launcher.DEVNULL is subprocess.DEVNULL  # the rest of `subprocess` is the module's
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "Popen", lambda command, *a, **k: started.append(list(command)))
+    launcher.Popen(["flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094", "--parent-pid", "7"])
+    launcher.Popen(["flower-superexec", "--insecure", "--allow-runtime-dependency-installation"])
+    assert started == [
+        [sys.executable, "-m", "common.cli", "superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094",
+         "--parent-pid", "7", "--feature-memory-gb", "0.5", "--site-dir", str(site)],
+        ["flower-superexec", "--insecure", "--allow-runtime-dependency-installation"],
+    ]
+    # Flower's own SuperExec on request; a SuperNode without a site-dir holds no features
+    monkeypatch.setattr(start_client_internal, "subprocess", subprocess)
+    assert supernode.main(["--superexec", "flower", *flower_args]) == 0
+    assert start_client_internal.subprocess is subprocess
+    assert supernode.main(["--superlink", "127.0.0.1:9092", "--insecure"]) == 0
+    assert start_client_internal.subprocess.extra == ["--feature-memory-gb", "8"]
+    with pytest.raises(SystemExit) as exit_info:
+        supernode.main(["--feature-memory-gb", "-1", *flower_args])
+    assert exit_info.value.code == 2
+
+
+def test_a_flower_that_starts_its_superexec_otherwise_is_left_alone(flower_popen: None, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(start_client_internal, "subprocess", object())
+    assert supernode.use_warm_superexec("/data/site", 8.0) is False
+    assert "runs Flower's own" in caplog.text
+
+
+def test_the_installed_flower_starts_its_superexec_as_the_launcher_expects() -> None:
+    # a Flower upgrade that changes how the SuperNode starts `flower-superexec` would silently bring back a cold
+    # process per message at every hospital: fail here instead
+    import inspect
+    import subprocess
+
+    assert start_client_internal.subprocess is subprocess or isinstance(start_client_internal.subprocess,
+                                                                        supernode.WarmSuperExecLauncher)
+    source = inspect.getsource(start_client_internal)
+    assert 'command = ["flower-superexec"]' in source and "subprocess.Popen(command)" in source
