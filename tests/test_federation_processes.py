@@ -9,13 +9,14 @@ What `tests/test_federation.py` checks in-process, checked here over the wire, w
   registered, and a SuperLink whose certificate has expired, all stay offline, while the registered one with
   the right CA comes online;
 - a SuperNode killed mid-round: the round completes without it, the absence is recorded in metrics.json, and
-  the restarted node (same key, same node id) takes part again;
+  the restarted node (same key, same node id; started as a hospital runs it, `fedslide-supernode` in Flower's
+  subprocess isolation, which starts fedslide's warm SuperExec itself) takes part again;
 - the SuperLink killed mid-phase: `run_consortium` fails, and `resume` finishes the run without redoing
   completed phases (on a new SuperLink, under which the sites come back with new node ids, matched by name).
 
 The runs use fedslide's warm SuperExec at each site (client.superexec; the full run checks that every message
-ran in one of its forked processes), except the kill test, which runs Flower's own (a fresh `flwr-clientapp` per
-message). A round trip still costs seconds here, and a killed SuperNode is noticed only after its heartbeat
+ran in one of its forked processes), except the kill test, whose first three sites run Flower's own (a fresh
+`flwr-clientapp` per message). A round trip still costs seconds here, and a killed SuperNode is noticed only after its heartbeat
 timeout (~60 s): the module takes several minutes. Every process a test
 starts (and every process those start) is stopped in a finalizer, also when the test fails.
 """

@@ -3,9 +3,10 @@ namespace, on one virtual Ethernet segment (tests/netns.py: a bridge, one veth p
 
     srv  127.77.0.1   flower-superlink on 127.0.0.1:9093 (TLS, SuperNode auth; loopback of srv only)
                       nginx Fleet proxy on 127.77.0.1:9092 (deploy/fleet-proxy.conf, upstream and paths adapted)
-    h1   127.77.0.11  flower-supernode site1 --superlink 127.77.0.1:9092 (own key, own FLWR_HOME)
-    h2   127.77.0.12  flower-supernode site2 ...
-    h3   127.77.0.13  flower-supernode site3 ...
+    h1   127.77.0.11  fedslide-supernode site1 --superlink 127.77.0.1:9092 (own key, own FLWR_HOME; as the site
+                      image runs it: Flower's SuperNode, which starts fedslide's warm SuperExec on the same host)
+    h2   127.77.0.12  fedslide-supernode site2 ...
+    h3   127.77.0.13  fedslide-supernode site3 ...
 
 Addresses are loopback-range (127.77.0.0/24; `route_localnet` is switched on inside the namespaces only, and each
 namespace's `lo` keeps only 127.0.0.1/32). Where the kernel does not route 127/8 between namespaces, tests/netns.py
@@ -13,10 +14,11 @@ falls back to 10.77.0.0/24 (the tests say which one ran). Ports are the deployme
 SuperLink, 9094 SuperNode runtime API): every host is a fresh namespace, so nothing else holds them.
 
 What is checked:
-- each process runs on its host; a hospital reaches the proxy, but neither the SuperLink's port at the
-  coordinating site's address nor anything on its own loopback;
+- each process runs on its host (a hospital's SuperExec too); a hospital reaches the proxy, but neither the
+  SuperLink's port at the coordinating site's address nor anything on its own loopback;
 - a tiny run submitted at the coordinating site over 127.0.0.1 (the operators' path) completes with all three
-  sites, and the hospitals' Fleet traffic went through the proxy from their own addresses;
+  sites, every message a hospital answered ran in a child forked by its warm SuperExec, and the hospitals'
+  Fleet traffic went through the proxy from their own addresses;
 - a run submitted from a hospital (the `flwr` CLI with the federation's CA, pointed at the only address it can
   reach: the proxy) is refused with 403, as are node registration and the Control API over raw HTTPS, and the
   SuperLink lists no new run.
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from client.supernode import SuperNode
@@ -212,7 +215,8 @@ def deployment(lab: NetnsLab, tmp_path_factory: pytest.TempPathFactory) -> Itera
         for host, site in sites.items():
             name = HOSPITALS[host]
             node = SuperNode(name, site, dep.fleet_address, NODE_PORT, work / host / "supernode", material.ca.cert,
-                             material.sites[name].key, env={**os.environ, "FLWR_HOME": str(work / host / "flwr-home")})
+                             material.sites[name].key, env={**os.environ, "FLWR_HOME": str(work / host / "flwr-home")},
+                             isolation="subprocess")
             dep.nodes[host] = node
             lab.call(host, node.start, timeout=60)
         assert wait_until(lambda: set(dep.node_statuses().values()) == {"online"}, 90, poll=3), \
@@ -240,6 +244,10 @@ def test_each_host_in_its_own_namespace_and_hospitals_reach_only_the_proxy(deplo
     assert lab.host_of_pid(dep.link.process.proc.pid) == "srv"
     for host, node in dep.nodes.items():
         assert lab.host_of_pid(node.process.proc.pid) == host, node.name
+        superexecs = [c for c in psutil.Process(node.process.proc.pid).children(recursive=True)
+                      if "superexec" in " ".join(c.cmdline())]
+        assert len(superexecs) == 1 and "common.cli" in superexecs[0].cmdline(), (node.name, superexecs)
+        assert lab.host_of_pid(superexecs[0].pid) == host, node.name
     assert set(dep.node_statuses()) == set(dep.node_ids.values())
 
     # the coordinating site reaches its SuperLink on loopback
@@ -308,7 +316,9 @@ def test_run_submitted_at_the_coordinating_site_completes(deployment: Deployment
     assert metrics["missing"] == [] and metrics["refused"] == []
     assert metrics["models"]["student_low"]["overall"]["n"] == 12
     for host, site in dep.sites.items():
-        assert (site / "runs" / RUN_ID / "egress.jsonl").is_file(), host
+        ledger = (site / "runs" / RUN_ID / "egress.jsonl").read_text().splitlines()
+        forked = dep.nodes[host].process.log.read_text().count("ClientApp in forked process")
+        assert forked == len(ledger) > 0, (host, forked, len(ledger))  # every message in a warm child
 
     if dep.proxy is not None:  # every hospital's Fleet traffic came through the proxy, from its own address
         access = (dep.work / "srv" / "proxy" / "access.log").read_text()
