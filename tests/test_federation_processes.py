@@ -544,7 +544,7 @@ def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(
     again = events["restarted"]
     assert again.superexec is None and again.process is not None
     log = again.process.log.read_text()
-    assert "fedslide SuperExec" in log or "preloaded" in log, log[-2000:]
+    assert "client.superexec: preloaded" in log, log[-2000:]  # fedslide's SuperExec, not flower-superexec
     answered = len(entries) - events["ledger-before"]
     assert log.count("ClientApp in forked process") == answered >= 3, (answered, log[-2000:])
     from_memory = re.findall(r": (\d+) of (\d+) feature files from memory", log)
