@@ -17,12 +17,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import local_phases as phases
-from client.site_run import SiteRun
-from common.config.federation import FederationConfig
-from common.egress import Allowed, ArraySpec, check_reply, weights_reply
-from common.federation import protocol as p
-from common.federation.models import fingerprint
+from fedslide.client import local_phases as phases
+from fedslide.client.site_run import SiteRun
+from fedslide.common.config.federation import FederationConfig
+from fedslide.common.egress import Allowed, ArraySpec, check_reply, weights_reply
+from fedslide.common.federation import protocol as p
+from fedslide.common.federation.models import fingerprint
 
 log = logging.getLogger(__name__)
 

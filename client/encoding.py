@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from client.encoders.base import PatchEncoder
-from client.patch_loader import RegionDataset, iterate_batches
+from fedslide.client.encoders.base import PatchEncoder
+from fedslide.client.patch_loader import RegionDataset, iterate_batches
 
 
 def resolve_device(name: str) -> torch.device:

@@ -18,10 +18,10 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
-from client.site_run import SiteRun
-from common.config.preprocess import PreprocessConfig
-from common.distillation.bundle import StudentBundle
-from common.distillation.clustering import (
+from fedslide.client.site_run import SiteRun
+from fedslide.common.config.preprocess import PreprocessConfig
+from fedslide.common.distillation.bundle import StudentBundle
+from fedslide.common.distillation.clustering import (
     ClusteringError,
     assign_nearest,
     cluster_statistics,
@@ -30,12 +30,12 @@ from common.distillation.clustering import (
     size_bounds,
     squared_distances,
 )
-from common.distillation.crossres import collect_pairs, evaluate_adapter, train_adapter_epochs
-from common.distillation.losses import CachedKDLoss
-from common.distillation.mil import metrics_from_logits, slide_outputs, train_epochs
-from common.distillation.pipeline import bundle_meta
-from common.distillation.student import student_bags
-from common.federation.models import (
+from fedslide.common.distillation.crossres import collect_pairs, evaluate_adapter, train_adapter_epochs
+from fedslide.common.distillation.losses import CachedKDLoss
+from fedslide.common.distillation.mil import metrics_from_logits, slide_outputs, train_epochs
+from fedslide.common.distillation.pipeline import bundle_meta
+from fedslide.common.distillation.student import student_bags
+from fedslide.common.federation.models import (
     adapter_spec,
     load_record,
     new_model,
@@ -48,12 +48,12 @@ from common.federation.models import (
     unpack_experts,
     unpack_models,
 )
-from common.distillation.adapter import CrossResAdapter, build_adapter
-from common.models.base import MILModel
-from common.training.cohort import Cohort
-from common.training.data import BagBatch
-from common.training.loop import BatchLoss, class_weights
-from common.training.repro import seed_everything
+from fedslide.common.distillation.adapter import CrossResAdapter, build_adapter
+from fedslide.common.models.base import MILModel
+from fedslide.common.training.cohort import Cohort
+from fedslide.common.training.data import BagBatch
+from fedslide.common.training.loop import BatchLoss, class_weights
+from fedslide.common.training.repro import seed_everything
 
 TEACHER_OUTPUTS = "teacher_outputs.pt"
 KD_CACHE = "kd_cache.pt"
@@ -439,7 +439,7 @@ def bags_cohort(bags: list[np.ndarray], classes: tuple[str, ...]) -> Cohort:
     """A label-free cohort over anonymous bags (the proxy cohort as a site sees it)."""
     from pathlib import Path
 
-    from common.training.cohort import Slide
+    from fedslide.common.training.cohort import Slide
 
     slides = [Slide(f"proxy-{i}", 0, f"proxy-{i}", "test", Path("."), len(b)) for i, b in enumerate(bags)]
     return Cohort(slides, classes, int(bags[0].shape[1]), False, {}, {s.slide_id: (b, None) for s, b in zip(slides, bags)})

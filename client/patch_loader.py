@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from client.slides import SlideReader
-from client.tiling import PairedGrid
-from common.config.preprocess import TilingConfig
+from fedslide.client.slides import SlideReader
+from fedslide.client.tiling import PairedGrid
+from fedslide.common.config.preprocess import TilingConfig
 
 
 @dataclass

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.cli_support import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, ConfigError, add_config_arguments, config_from_args
-from common.config.predict import PredictConfig
+from fedslide.common.cli_support import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, ConfigError, add_config_arguments, config_from_args
+from fedslide.common.config.predict import PredictConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -51,9 +51,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from client.inference import ModelDirError, predict_slides
-    from client.slides import SlideError
-    from common.distillation.bundle import BundleMismatchError
+    from fedslide.client.inference import ModelDirError, predict_slides
+    from fedslide.client.slides import SlideError
+    from fedslide.common.distillation.bundle import BundleMismatchError
 
     values = {
         "zoom_k": args.zoom_k,

@@ -15,16 +15,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from client.encoders.base import PatchEncoder
-from client.encoders.registry import build_encoder
-from client.encoding import encode_grid, resolve_device
-from client.patch_loader import RegionDataset
-from client.qc import write_qc_image
-from client.slides import SlideError, SlideReader, discover_slides
-from client.tiling import PairedGrid, paired_grid
-from client.tissue import segment_tissue
-from common.config.preprocess import PreprocessConfig
-from common.features import FeatureMeta, FeatureWriter, config_hash, feature_path, is_complete
+from fedslide.client.encoders.base import PatchEncoder
+from fedslide.client.encoders.registry import build_encoder
+from fedslide.client.encoding import encode_grid, resolve_device
+from fedslide.client.patch_loader import RegionDataset
+from fedslide.client.qc import write_qc_image
+from fedslide.client.slides import SlideError, SlideReader, discover_slides
+from fedslide.client.tiling import PairedGrid, paired_grid
+from fedslide.client.tissue import segment_tissue
+from fedslide.common.config.preprocess import PreprocessConfig
+from fedslide.common.features import FeatureMeta, FeatureWriter, config_hash, feature_path, is_complete
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.cli_support import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, add_config_arguments, config_from_args
-from common.config.preprocess import PreprocessConfig
+from fedslide.common.cli_support import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, add_config_arguments, config_from_args
+from fedslide.common.config.preprocess import PreprocessConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -35,8 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from client.preprocess import preprocess_site
-    from client.slides import SlideError
+    from fedslide.client.preprocess import preprocess_site
+    from fedslide.client.slides import SlideError
 
     values = {
         "resolutions": args.resolutions,

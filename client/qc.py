@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from skimage.segmentation import find_boundaries
 
-from client.slides import SlideReader
-from client.tiling import PairedGrid
+from fedslide.client.slides import SlideReader
+from fedslide.client.tiling import PairedGrid
 
 TISSUE_COLOUR = (0, 170, 0)
 LOW_COLOUR = (30, 60, 220)

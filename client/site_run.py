@@ -15,15 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config.federation import FederationConfig
-from common.distillation.data import DistillData, detect_encoder, load_sites
-from common.egress import EgressLedger
-from common.feature_store import FeatureStore
-from common.features import feature_path
-from common.federation.protocol import Facts
-from common.training.cohort import Cohort
-from common.training.labels import read_labels
-from common.training.repro import resolve_device
+from fedslide.common.config.federation import FederationConfig
+from fedslide.common.distillation.data import DistillData, detect_encoder, load_sites
+from fedslide.common.egress import EgressLedger
+from fedslide.common.feature_store import FeatureStore
+from fedslide.common.features import feature_path
+from fedslide.common.federation.protocol import Facts
+from fedslide.common.training.cohort import Cohort
+from fedslide.common.training.labels import read_labels
+from fedslide.common.training.repro import resolve_device
 
 log = logging.getLogger(__name__)
 

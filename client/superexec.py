@@ -51,16 +51,16 @@ from flwr.supercore.telemetry import EventType
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 from flwr.supercore.utils import disable_process_dumping, get_flwr_home
 
-from common.flower_app import APP_PACKAGES  # a task imports these from its FAB
-from common.flower_polling import shorten_object_pulls
-from common.processes import port_open
+from fedslide.common.flower_app import APP_PACKAGES  # a task imports these from its FAB
+from fedslide.common.flower_polling import shorten_object_pulls
+from fedslide.common.processes import port_open
 
 log = logging.getLogger(__name__)
 
 # imported once here, before any fork: what a ClientApp message needs (the app module's imports; torch._dynamo,
 # which torch imports when the first optimizer is made, ≈ 1.8 s; the libraries the app loads lazily so that a cold
 # `flwr-clientapp` need not pay for them)
-PRELOAD = ("flwr.supernode.runtime.run_clientapp", "client.client_app", "torch._dynamo", "sklearn.metrics",
+PRELOAD = ("flwr.supernode.runtime.run_clientapp", "fedslide.client.client_app", "torch._dynamo", "sklearn.metrics",
            "sklearn.cluster", "sklearn.utils.class_weight", "scipy.optimize", "scipy.sparse")
 APP_MODULES = tuple(m for m in PRELOAD if m.partition(".")[0] in APP_PACKAGES)  # what `warm_up` imports from a FAB
 POLL_S = 0.2  # between AcquireTask calls (Flower's SuperExec: 1 s by default)
@@ -178,7 +178,7 @@ class ForkExecutor:
             return False
         started = time.perf_counter()
         try:
-            store, read, left = importlib.import_module("client.site_run").hold_site_features(
+            store, read, left = importlib.import_module("fedslide.client.site_run").hold_site_features(
                 self.site_dir, self.feature_bytes)
         except Exception as exc:  # noqa: BLE001 - a bad site is reported by the tasks that read it
             if str(exc) != self._features_problem:  # once per problem, not after every task
@@ -202,7 +202,7 @@ class ForkExecutor:
         started = time.perf_counter()
         if self.warm_dir is not None and str(self.warm_dir) in sys.path:
             sys.path.remove(str(self.warm_dir))
-        release = getattr(sys.modules.get("client.site_run"), "release_site_features", None)
+        release = getattr(sys.modules.get("fedslide.client.site_run"), "release_site_features", None)
         if release is not None:  # the old app's copy of the site's feature files goes with its modules
             release()
         forget_app_modules()

@@ -18,8 +18,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from common.flower_env import flower_env, flower_tool
-from common.processes import ManagedProcess, port_open
+from fedslide.common.flower_env import flower_env, flower_tool
+from fedslide.common.processes import ManagedProcess, port_open
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class SuperNode:
 
     def argv(self) -> list[str]:
         """The command line (warm: fedslide's short-polling launcher of Flower's SuperNode)."""
-        launcher = [sys.executable, "-m", "client.supernode"] if self.warm else [flower_tool("flower-supernode")]
+        launcher = [sys.executable, "-m", "fedslide.client.supernode"] if self.warm else [flower_tool("flower-supernode")]
         argv = [*launcher, "--superlink", self.superlink, "--host", "127.0.0.1",
                 "--port", str(self.port), "--node-config", self.node_config()]
         argv += ["--insecure"] if self.ca is None else ["--root-certificates", str(self.ca)]
@@ -79,7 +79,7 @@ class SuperNode:
 
     def superexec_argv(self, parent_pid: int) -> list[str]:
         """The command line of the warm SuperExec (the Runtime API is the SuperNode's loopback port)."""
-        return [sys.executable, "-m", "common.cli", "superexec", "--runtime-api-address", f"127.0.0.1:{self.port}",
+        return [sys.executable, "-m", "fedslide.deploy.cli", "superexec", "--runtime-api-address", f"127.0.0.1:{self.port}",
                 "--insecure", "--parent-pid", str(parent_pid), "--site-dir", str(self.site_dir.resolve())]
 
     def launch(self) -> "SuperNode":
@@ -125,7 +125,7 @@ def warm_superexec_command(command: Sequence[str], extra: Sequence[str] = ()) ->
             i += 1
         else:
             return None
-    return [sys.executable, "-m", "common.cli", "superexec", *args, *extra]
+    return [sys.executable, "-m", "fedslide.deploy.cli", "superexec", *args, *extra]
 
 
 class WarmSuperExecLauncher:
@@ -184,8 +184,8 @@ def node_config_site_dir(flower_args: Sequence[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Flower's SuperNode with fedslide's shorter polls and (subprocess isolation) warm SuperExec; every argument but
     ours goes to `flower-supernode`."""
-    from client.superexec import FEATURE_MEMORY_GB
-    from common.flower_polling import (IDLE_POLL_S, PULL_BACKOFF_CAP_S, PULL_BACKOFF_S, shorten_object_pulls,
+    from fedslide.client.superexec import FEATURE_MEMORY_GB
+    from fedslide.common.flower_polling import (IDLE_POLL_S, PULL_BACKOFF_CAP_S, PULL_BACKOFF_S, shorten_object_pulls,
                                        shorten_supernode_polls)
 
     parser = argparse.ArgumentParser(

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.tissue import box_fractions
-from common.config.preprocess import TilingConfig
+from fedslide.client.tissue import box_fractions
+from fedslide.common.config.preprocess import TilingConfig
 
 
 @dataclass(frozen=True)

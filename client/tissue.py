@@ -6,7 +6,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import color, filters, morphology
 
-from common.config.preprocess import TissueConfig
+from fedslide.common.config.preprocess import TissueConfig
 
 
 def pen_mask(rgb: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, TypeVar
 
-from common.config.base import ConfigError, StageConfig, load_config
+from fedslide.common.config.base import ConfigError, StageConfig, load_config
 
 ConfigT = TypeVar("ConfigT", bound=StageConfig)
 

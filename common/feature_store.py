@@ -13,7 +13,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from common.features import FeatureBag, FeatureFileError, read_feature_file
+from fedslide.common.features import FeatureBag, FeatureFileError, read_feature_file
 
 FileStamp = tuple[int, int, int, int]  # device, inode, size, modification time (ns)
 

@@ -13,15 +13,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from common.config.federation import FederationConfig
+from fedslide.common.config.federation import FederationConfig
 
-APP_DIR = Path(__file__).resolve().parents[1]  # the source tree (with pyproject.toml), or site-packages when installed
-APP_PACKAGES = ("server", "client", "common", "deploy")  # the app's code (pyproject's packages with Python modules)
-APP_FOLDERS = (*APP_PACKAGES, "configs")  # where `fab-include` takes files from
+APP_DIR = Path(__file__).resolve().parents[1]  # the source tree (with pyproject.toml), or site-packages/fedslide
+NAMESPACE = "fedslide"  # the one import package; a FAB holds it as a folder of that name
+APP_PACKAGES = (NAMESPACE,)  # the app's code: every module under fedslide.*
+APP_FOLDERS = ("server", "client", "common", "deploy", "configs")  # the folders that make up fedslide.*
 MANIFEST = "pyproject.toml"
 PUBLISHER = "fedslide"
-COMPONENTS = {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
-FAB_INCLUDE = [*(f"{p}/**/*.py" for p in APP_PACKAGES), "*.toml"]  # what the sites run
+COMPONENTS = {"serverapp": "fedslide.server.server_app:app", "clientapp": "fedslide.client.client_app:app"}
+FAB_INCLUDE = [f"{NAMESPACE}/**/*.py", f"{NAMESPACE}/**/*.toml", "*.toml"]  # what the sites run
 
 
 def toml_value(v: Any) -> str:
@@ -71,7 +72,8 @@ def app_manifest(distribution: str = "fedslide") -> str:
 
 
 def stage_app(app_dir: Path, stage: Path) -> Path:
-    """`stage` (emptied first) with a copy of the app's folders and manifest, for `flwr run` to bundle.
+    """`stage` (emptied first) with the app's folders under `stage/fedslide/` and its manifest, for `flwr run` to
+    bundle: the FAB then holds the `fedslide` package, which Flower imports from the bundle's folder.
 
     Flower lists every file under the directory it bundles before applying `fab-include`: in a source tree with
     its virtual environment inside, ≈ 38,000 files and ≈ 5 s of CPU before the run is submitted. The bundle made
@@ -86,7 +88,7 @@ def stage_app(app_dir: Path, stage: Path) -> Path:
         if from_source and path.is_file() and path.suffix == ".toml":
             shutil.copy2(path, stage / path.name)
         elif path.is_dir() and path.name in APP_FOLDERS:
-            shutil.copytree(path, stage / path.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(path, stage / NAMESPACE / path.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     if not from_source:
         (stage / MANIFEST).write_text(app_manifest())
     return stage

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.cli_support import EXIT_OK, EXIT_USAGE
+from fedslide.common.cli_support import EXIT_OK, EXIT_USAGE
 
 EXIT_REFUSED = EXIT_USAGE  # refused input: nothing was done
 SITE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.cli_support import EXIT_ERROR, EXIT_OK, EXIT_USAGE, ConfigError, add_config_arguments
-from common.flower_env import QUIET_FLOWER
-from deploy.config import FLEET_PROXY_HOST, DeployConfig, SiteConfig, load_deploy_config
+from fedslide.common.cli_support import EXIT_ERROR, EXIT_OK, EXIT_USAGE, ConfigError, add_config_arguments
+from fedslide.common.flower_env import QUIET_FLOWER
+from fedslide.deploy.config import FLEET_PROXY_HOST, DeployConfig, SiteConfig, load_deploy_config
 
 SUPERLINK_PORT = 9093  # the SuperLink's port inside the compose/SDK networks (Fleet, Control, Runtime APIs)
 FLEET_PORT = 9092  # the Fleet proxy's port inside the networks (deploy/fleet-proxy.conf)

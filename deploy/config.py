@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from common.config.base import ConfigError, StageConfig, load_config
+from fedslide.common.config.base import ConfigError, StageConfig, load_config
 
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # also a container and DNS label
 PROJECT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")

@@ -12,7 +12,7 @@ from flwr.app import Message, RecordDict
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
-from common.egress import message_bytes
+from fedslide.common.egress import message_bytes
 
 log = logging.getLogger(__name__)
 

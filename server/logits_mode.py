@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message
 
-from common.distillation.adapter import build_adapter
-from common.distillation.data import load_sites
-from common.distillation.losses import CachedKDLoss
-from common.distillation.mil import train_selected, with_epochs
-from common.distillation.student import starts_from_teacher, student_bags
-from common.federation import protocol as p
-from common.federation.models import (
+from fedslide.common.distillation.adapter import build_adapter
+from fedslide.common.distillation.data import load_sites
+from fedslide.common.distillation.losses import CachedKDLoss
+from fedslide.common.distillation.mil import train_selected, with_epochs
+from fedslide.common.distillation.student import starts_from_teacher, student_bags
+from fedslide.common.federation import protocol as p
+from fedslide.common.federation.models import (
     adapter_spec,
     load_record,
     new_model,
@@ -24,9 +24,9 @@ from common.federation.models import (
     teacher_config,
     to_record,
 )
-from common.training.loop import class_weights
-from common.training.repro import resolve_device
-from server.strategies import FederationError
+from fedslide.common.training.loop import class_weights
+from fedslide.common.training.repro import resolve_device
+from fedslide.server.strategies import FederationError
 
 
 def _weighted(replies: list[Message], key: str, weights: list[np.ndarray]) -> np.ndarray:

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from common.federation.models import named_models
-from common.metrics import METRIC_NAMES
-from common.training.outputs import write_json
-from server.privacy import privacy_report
-from server.protocol import RunResult
+from fedslide.common.federation.models import named_models
+from fedslide.common.metrics import METRIC_NAMES
+from fedslide.common.training.outputs import write_json
+from fedslide.server.privacy import privacy_report
+from fedslide.server.protocol import RunResult
 
 METRICS_SCHEMA = "fedslide.federation.metrics/1"
 MODEL_ROWS = ("teacher_high", "student_low", "baseline_low")

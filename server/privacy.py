@@ -9,7 +9,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from common.config.federation import FederationConfig
+from fedslide.common.config.federation import FederationConfig
 
 TRUST_MODEL = ("central DP: each site's update is clipped to dp-clipping-norm and Gaussian noise is added to the "
                "aggregate at the server, so the released global models bound what they reveal about any one site "

@@ -22,12 +22,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Strategy
 from sklearn.cluster import KMeans
 
-from common.config.federation import FederationConfig
-from common.config.model import ModelConfig
-from common.distillation.clustering import update_centroids
-from common.distillation.student import starts_from_teacher
-from common.federation import protocol as p
-from common.federation.models import (
+from fedslide.common.config.federation import FederationConfig
+from fedslide.common.config.model import ModelConfig
+from fedslide.common.distillation.clustering import update_centroids
+from fedslide.common.distillation.student import starts_from_teacher
+from fedslide.common.federation import protocol as p
+from fedslide.common.federation.models import (
     fingerprint,
     new_adapter,
     new_model,
@@ -38,10 +38,10 @@ from common.federation.models import (
     to_record,
     unpack_models,
 )
-from server.checkpoint import Checkpoint
-from server.grid import FederationGrid
-from server.privacy import dp_strategy, make_accountant
-from server.strategies import BestRounds, ExpertsFedAvg, FederationError, Group, PhaseStrategy, UpdateValidator
+from fedslide.server.checkpoint import Checkpoint
+from fedslide.server.grid import FederationGrid
+from fedslide.server.privacy import dp_strategy, make_accountant
+from fedslide.server.strategies import BestRounds, ExpertsFedAvg, FederationError, Group, PhaseStrategy, UpdateValidator
 
 log = logging.getLogger(__name__)
 
@@ -421,7 +421,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, run_dir: Path) -> RunResul
                                 **{"teacher-fingerprint": tfp, "proximal-mu": cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0})
         _save_rejections(fed)
     if cfg.mode == "logits":
-        from server.logits_mode import distil_from_logits
+        from fedslide.server.logits_mode import distil_from_logits
 
         student = distil_from_logits(fed, teacher, experts, adapter, centroids, tfp)
     else:
@@ -463,7 +463,7 @@ def final_evaluation(fed: Federation, records: dict[str, ArrayRecord]) -> list[M
 
 
 def _rejections(ckpt: Checkpoint) -> list[Any]:
-    from server.strategies import Rejection
+    from fedslide.server.strategies import Rejection
 
     return [Rejection(**r) for r in ckpt.state.get("rejections", [])]
 

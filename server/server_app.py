@@ -11,10 +11,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.logger import update_console_handler
 
-from common.config.federation import FederationConfig
-from common.flower_polling import shorten_object_pulls
-from server.outputs import write_outputs
-from server.protocol import RunResult, run_federation
+from fedslide.common.config.federation import FederationConfig
+from fedslide.common.flower_polling import shorten_object_pulls
+from fedslide.server.outputs import write_outputs
+from fedslide.server.protocol import RunResult, run_federation
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from common.federation import protocol as p
+from fedslide.common.federation import protocol as p
 
 log = logging.getLogger(__name__)
 

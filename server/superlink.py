@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.flower_env import flower_env, flower_tool
-from common.processes import ManagedProcess, ProcessFailed, port_open
+from fedslide.common.flower_env import flower_env, flower_tool
+from fedslide.common.processes import ManagedProcess, ProcessFailed, port_open
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config.model import ModelConfig
-from common.features import FeatureMeta, FeatureWriter, feature_path
+from fedslide.common.config.model import ModelConfig
+from fedslide.common.features import FeatureMeta, FeatureWriter, feature_path
 
 D = 16
 GRID = 4

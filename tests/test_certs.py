@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from common.cli_support import EXIT_USAGE
-from deploy import certs
+from fedslide.common.cli_support import EXIT_USAGE
+from fedslide.deploy import certs
 
 UTC = dt.timezone.utc
 

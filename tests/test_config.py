@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main
-from common.config.base import ConfigError, load_config
-from common.config.preprocess import PreprocessConfig, TilingConfig
+from fedslide.deploy.cli import main
+from fedslide.common.config.base import ConfigError, load_config
+from fedslide.common.config.preprocess import PreprocessConfig, TilingConfig
 
 
 def test_defaults_nest_four_by_four() -> None:
@@ -89,7 +89,7 @@ def test_defaults_file_documents_the_real_defaults() -> None:
 
 
 def test_defaults_file_documents_the_synth_defaults(tmp_path: Path) -> None:
-    from common.config.synth import SynthConfig
+    from fedslide.common.config.synth import SynthConfig
 
     defaults = Path(__file__).resolve().parents[1] / "configs" / "defaults.toml"
     loaded = load_config(SynthConfig, path=defaults, section="synth", values={"out_dir": str(tmp_path)})
@@ -97,14 +97,14 @@ def test_defaults_file_documents_the_synth_defaults(tmp_path: Path) -> None:
 
 
 def test_defaults_file_documents_the_predict_defaults() -> None:
-    from common.config.predict import PredictConfig
+    from fedslide.common.config.predict import PredictConfig
 
     defaults = Path(__file__).resolve().parents[1] / "configs" / "defaults.toml"
     assert load_config(PredictConfig, path=defaults, section="predict") == PredictConfig()
 
 
 def test_defaults_file_documents_the_train_defaults(tmp_path: Path) -> None:
-    from common.config.train import TrainConfig
+    from fedslide.common.config.train import TrainConfig
 
     defaults = Path(__file__).resolve().parents[1] / "configs" / "defaults.toml"
     required = {"features_dir": str(tmp_path), "labels": str(tmp_path / "l.csv"), "out_dir": str(tmp_path / "o")}
@@ -114,8 +114,8 @@ def test_defaults_file_documents_the_train_defaults(tmp_path: Path) -> None:
 
 def test_federation_override_keeps_the_federated_defaults() -> None:
     """Overriding one training/adapter key must not reset the others to the centralized defaults."""
-    from common.config.distill import AdapterConfig, MILTrainingConfig
-    from common.config.federation import FederationConfig
+    from fedslide.common.config.distill import AdapterConfig, MILTrainingConfig
+    from fedslide.common.config.federation import FederationConfig
 
     default = FederationConfig()
     assert default.training.scheduler != MILTrainingConfig().scheduler
@@ -130,7 +130,7 @@ def test_federation_override_keeps_the_federated_defaults() -> None:
 
 def test_federation_refuses_epoch_keys_it_would_ignore(tmp_path: Path) -> None:
     """Federated phases count rounds x local epochs: an epochs key is refused, not silently ignored."""
-    from common.config.federation import FederationConfig
+    from fedslide.common.config.federation import FederationConfig
 
     toml = tmp_path / "fed.toml"
     toml.write_text("[federation.training]\nlr = 0.001\nepochs = 100\n")
@@ -149,7 +149,7 @@ def test_federation_refuses_epoch_keys_it_would_ignore(tmp_path: Path) -> None:
 
 def test_federation_min_epochs_is_checked_against_proxy_epochs(tmp_path: Path) -> None:
     """min-epochs bounds logits mode's server-side student, so it is checked against proxy-epochs, a key one can set."""
-    from common.config.federation import FederationConfig
+    from fedslide.common.config.federation import FederationConfig
 
     toml = tmp_path / "fed.toml"
     toml.write_text("[federation]\nproxy-epochs = 20\n[federation.training]\nmin-epochs = 25\n")

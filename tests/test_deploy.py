@@ -23,9 +23,9 @@ import docker.errors
 import pytest
 import yaml
 
-from common.config.base import ConfigError
-from deploy import healthcheck
-from deploy.compose import (
+from fedslide.common.config.base import ConfigError
+from fedslide.deploy import healthcheck
+from fedslide.deploy.compose import (
     APP_UID,
     ContainerExists,
     ContainerSpec,
@@ -35,7 +35,7 @@ from deploy.compose import (
     build_plan,
     launch,
 )
-from deploy.config import DeployConfig, load_deploy_config
+from fedslide.deploy.config import DeployConfig, load_deploy_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -172,7 +172,7 @@ def test_site_image_runs_the_projects_supernode_launcher() -> None:
     steps = dict(_instructions(DEPLOY / "site.Dockerfile"))
     entrypoint = json.loads(steps["ENTRYPOINT"])
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert entrypoint == ["fedslide-supernode"] and scripts["fedslide-supernode"] == "client.supernode:main"
+    assert entrypoint == ["fedslide-supernode"] and scripts["fedslide-supernode"] == "fedslide.client.supernode:main"
     flags = json.loads(steps["CMD"])
     assert flags[:4] == ["--root-certificates", "/certs/ca.crt", "--auth-supernode-private-key", "/keys/site.key"]
     assert "--insecure" not in flags and "--isolation" not in flags  # Flower's default: subprocess
@@ -675,7 +675,7 @@ def test_healthcheck_http(http_server: http.server.HTTPServer) -> None:
 
 
 def test_healthcheck_https_verifies_against_the_federation_ca(tmp_path: Path) -> None:
-    from deploy.certs import make_all
+    from fedslide.deploy.certs import make_all
 
     material = make_all(tmp_path / "certs", ["site1"], dns_names=["superlink"], ip_addresses=["127.0.0.1"])
     server = http.server.HTTPServer(("127.0.0.1", 0), _Handler)

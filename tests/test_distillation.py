@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.config.base import ConfigError, load_config
-from common.config.distill import AdapterConfig, DistillConfig, MILTrainingConfig
-from common.config.model import ModelConfig
-from common.distillation.adapter import AdapterSpec, build_adapter
-from common.distillation.bundle import BundleMeta, BundleMismatchError, StudentBundle
-from common.distillation.cache import LogitCache, model_fingerprint
-from common.distillation.clustering import (
+from fedslide.common.config.base import ConfigError, load_config
+from fedslide.common.config.distill import AdapterConfig, DistillConfig, MILTrainingConfig
+from fedslide.common.config.model import ModelConfig
+from fedslide.common.distillation.adapter import AdapterSpec, build_adapter
+from fedslide.common.distillation.bundle import BundleMeta, BundleMismatchError, StudentBundle
+from fedslide.common.distillation.cache import LogitCache, model_fingerprint
+from fedslide.common.distillation.clustering import (
     balanced_kmeans,
     cluster_statistics,
     constrained_assignment,
@@ -26,23 +26,23 @@ from common.distillation.clustering import (
     squared_distances,
     update_centroids,
 )
-from common.distillation.crossres import (
+from fedslide.common.distillation.crossres import (
     PatchPairs,
     child_targets,
     collect_pairs,
     evaluate_adapter,
     fit_adapter,
 )
-from common.distillation.data import load_sites
-from common.distillation.experts import train_experts
-from common.distillation.losses import CachedKDLoss, distillation_loss, regression_loss
-from common.distillation.mil import slide_outputs
-from common.distillation.student import starts_from_teacher
-from common.features import read_feature_file
-from common.metrics import classification_metrics
-from common.models.registry import build_model
-from common.training.cohort import Cohort, Slide
-from common.training.errors import FeatureDataError
+from fedslide.common.distillation.data import load_sites
+from fedslide.common.distillation.experts import train_experts
+from fedslide.common.distillation.losses import CachedKDLoss, distillation_loss, regression_loss
+from fedslide.common.distillation.mil import slide_outputs
+from fedslide.common.distillation.student import starts_from_teacher
+from fedslide.common.features import read_feature_file
+from fedslide.common.metrics import classification_metrics
+from fedslide.common.models.registry import build_model
+from fedslide.common.training.cohort import Cohort, Slide
+from fedslide.common.training.errors import FeatureDataError
 from tests.feature_sites import D, ENCODER, GRID, HASH, SLOTS, make_site, tiny
 
 
@@ -231,7 +231,7 @@ def _toy_cohort(n: int, seed: int = 0) -> Cohort:
 
 
 def test_experts_train_only_on_their_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
-    import common.distillation.mil as mil
+    import fedslide.common.distillation.mil as mil
 
     cohort = _toy_cohort(12)
     train = np.arange(10)
@@ -263,7 +263,7 @@ def test_experts_train_only_on_their_cluster(monkeypatch: pytest.MonkeyPatch) ->
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scheduler", ["cosine", "step"])
 def test_federated_rounds_continue_the_centralized_lr_schedule(scheduler: str) -> None:
-    from common.training.loop import make_optimizer, make_scheduler
+    from fedslide.common.training.loop import make_optimizer, make_scheduler
 
     cfg = MILTrainingConfig(epochs=6, lr=1e-2, scheduler=scheduler, step_size=2, step_gamma=0.5)
     param = [torch.nn.Parameter(torch.zeros(1))]
@@ -288,7 +288,7 @@ def test_federated_rounds_continue_the_centralized_lr_schedule(scheduler: str) -
 
 
 def test_local_epochs_at_the_end_of_the_schedule_leave_the_model_as_it_was() -> None:
-    from common.distillation.mil import train_epochs
+    from fedslide.common.distillation.mil import train_epochs
 
     cohort = _toy_cohort(8)
     cfg = MILTrainingConfig(lr=1e-2, batch_size=2, scheduler="cosine")
@@ -417,7 +417,7 @@ SMALL = [
 
 
 def _run_cli(sites: list[Path], out: Path, extra: list[str] = ()) -> int:
-    from common.distillation.cli import add_parser
+    from fedslide.common.distillation.cli import add_parser
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from client.encoders import PatchEncoder, available_encoders, build_encoder
-from client.encoders.base import load_checkpoint
-from client.encoders.efficientnet_lite import SameConv2d, default_weights_path, same_padding
-from client.encoders.resnet import ResNet50
-from client.encoders.vit import VisionTransformer, ViTGeometry, default_heads, infer_geometry
-from common.config.preprocess import EncoderConfig
+from fedslide.client.encoders import PatchEncoder, available_encoders, build_encoder
+from fedslide.client.encoders.base import load_checkpoint
+from fedslide.client.encoders.efficientnet_lite import SameConv2d, default_weights_path, same_padding
+from fedslide.client.encoders.resnet import ResNet50
+from fedslide.client.encoders.vit import VisionTransformer, ViTGeometry, default_heads, infer_geometry
+from fedslide.common.config.preprocess import EncoderConfig
 
 QUADRANTS = {  # (rows, cols) of the patch, token indices inside it, token indices of the opposite quadrant
     "top-left": (slice(0, 128), slice(0, 128), [0, 1, 4, 5], [10, 11, 14, 15]),

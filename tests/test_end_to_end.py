@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main
+from fedslide.deploy.cli import main
 
 TINY_FEDERATION = [
     *(f"rounds.{k}=1" for k in ("adapter", "teacher", "experts", "baseline", "student", "cluster-iterations",

@@ -22,17 +22,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.synth.tiff_writer import write_pyramidal_tiff
-from common.cli_support import EXIT_OK, EXIT_USAGE
-from common.config.base import ConfigError, load_config
-from common.config.evaluate import EvaluateConfig
-from common.evaluation.cli import add_parsers
-from common.evaluation.compare import compare, flatten
-from common.evaluation.loso import run_study
-from common.evaluation.plots import model_curves
-from common.evaluation.predictions import PredictionTable
-from common.evaluation.report import write_report
-from common.evaluation.schema import JSON_SCHEMA, METRICS_SCHEMA
+from fedslide.client.synth.tiff_writer import write_pyramidal_tiff
+from fedslide.common.cli_support import EXIT_OK, EXIT_USAGE
+from fedslide.common.config.base import ConfigError, load_config
+from fedslide.common.config.evaluate import EvaluateConfig
+from fedslide.deploy.study.cli import add_parsers
+from fedslide.common.evaluation.compare import compare, flatten
+from fedslide.deploy.study.loso import run_study
+from fedslide.common.evaluation.plots import model_curves
+from fedslide.common.evaluation.predictions import PredictionTable
+from fedslide.common.evaluation.report import write_report
+from fedslide.common.evaluation.schema import JSON_SCHEMA, METRICS_SCHEMA
 from tests.feature_sites import make_site
 
 REPO = Path(__file__).resolve().parents[1]

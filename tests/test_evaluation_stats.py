@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from common.evaluation.stats import (
+from fedslide.common.evaluation.stats import (
     Interval,
     PairedTest,
     _delong_auc_cov,
@@ -20,7 +20,7 @@ from common.evaluation.stats import (
     delong_test,
     paired_bootstrap_auc,
 )
-from common.metrics import METRIC_NAMES, classification_metrics, expected_calibration_error, roc_auc
+from fedslide.common.metrics import METRIC_NAMES, classification_metrics, expected_calibration_error, roc_auc
 
 
 def _two_col(p1: np.ndarray) -> np.ndarray:
@@ -366,7 +366,7 @@ def test_ece_two_bins_by_hand() -> None:
 
 @pytest.mark.parametrize("k", [2, 3])
 def test_vectorised_resample_metrics_match_common_metrics(k: int) -> None:
-    from common.evaluation.stats import _metric_values, _weighted_other_metrics
+    from fedslide.common.evaluation.stats import _metric_values, _weighted_other_metrics
 
     rng = np.random.default_rng(k)
     n = 40

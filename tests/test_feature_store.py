@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import site_run
-from common.distillation.data import load_sites
-from common.feature_store import FeatureStore, bag_bytes
-from common.features import feature_path, read_feature_file
-from common.training.errors import FeatureDataError
+from fedslide.client import site_run
+from fedslide.common.distillation.data import load_sites
+from fedslide.common.feature_store import FeatureStore, bag_bytes
+from fedslide.common.features import feature_path, read_feature_file
+from fedslide.common.training.errors import FeatureDataError
 from tests.feature_sites import ENCODER, make_site, write_slide, _world
 
 

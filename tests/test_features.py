@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from common.features import (
+from fedslide.common.features import (
     FeatureFileError,
     FeatureMeta,
     FeatureWriter,

@@ -27,16 +27,16 @@ from flwr.cli.utils import collect_files
 from flwr.common.config import flatten_dict, get_fab_config
 from packaging.requirements import Requirement
 
-from client.client_app import app as client_app
-from common.config.base import ConfigError
-from common.config.federation import FederationConfig
-from common.egress import Allowed, ArraySpec, EgressViolation, check_reply, weights_reply
-from common.federate import preflight
-from common.flower_app import app_manifest, stage_app
-from server.checkpoint import Checkpoint
-from server.local_grid import FIRST_NODE, LocalGrid
-from server.server_app import run
-from server.strategies import FederationError
+from fedslide.client.client_app import app as client_app
+from fedslide.common.config.base import ConfigError
+from fedslide.common.config.federation import FederationConfig
+from fedslide.common.egress import Allowed, ArraySpec, EgressViolation, check_reply, weights_reply
+from fedslide.deploy.federate import preflight
+from fedslide.common.flower_app import app_manifest, stage_app
+from fedslide.server.checkpoint import Checkpoint
+from fedslide.server.local_grid import FIRST_NODE, LocalGrid
+from fedslide.server.server_app import run
+from fedslide.server.strategies import FederationError
 from tests.feature_sites import D, make_site
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,9 +167,9 @@ def test_a_model_travels_as_one_flat_array_and_comes_back_exactly() -> None:
     the files people open keep one array per state-dict tensor."""
     import torch
 
-    from common.config.model import ModelConfig
-    from common.federation.models import PARAMS_KEY, load_record, named_record, to_record
-    from common.models.registry import build_model
+    from fedslide.common.config.model import ModelConfig
+    from fedslide.common.federation.models import PARAMS_KEY, load_record, named_record, to_record
+    from fedslide.common.models.registry import build_model
 
     def model() -> torch.nn.Module:
         return build_model(ModelConfig(name="abmil_gated", in_dim=D, num_classes=2, **TINY_MODEL))
@@ -398,7 +398,7 @@ def test_too_few_sites_left_fails_loudly(sites: list[Path], tmp_path: Path) -> N
 def test_run_config_in_pyproject_is_the_federation_config() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     app = pyproject["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
+    assert app["components"] == {"serverapp": "fedslide.server.server_app:app", "clientapp": "fedslide.client.client_app:app"}
     flat = flatten_dict(app["config"])
     assert FederationConfig.from_run_config(flat) == FederationConfig()
     every_key = FederationConfig().to_run_config()
@@ -539,10 +539,10 @@ def test_differential_privacy_noises_every_release_and_reports_epsilon(sites: li
 
 
 def test_defaults_toml_federation_section_matches_the_model() -> None:
-    from common.config.base import load_config
+    from fedslide.common.config.base import load_config
 
     assert load_config(FederationConfig, REPO / "configs" / "defaults.toml", "federation") == FederationConfig()
-    from common.config.evaluate import EvaluateConfig
+    from fedslide.common.config.evaluate import EvaluateConfig
 
     assert load_config(EvaluateConfig, REPO / "configs" / "defaults.toml", "evaluate") == EvaluateConfig()
     demo = load_config(FederationConfig, REPO / "configs" / "demo.toml", "federation")
@@ -570,7 +570,7 @@ def test_robust_aggregation_is_selectable(sites: list[Path], tmp_path: Path, agg
                                          caplog: pytest.LogCaptureFixture) -> None:
     cfg = tiny_config(tmp_path, aggregation, aggregation=aggregation, kd={"lambda_expert": 0.0},
                       rounds={"adapter": 1, "teacher": 2, "baseline": 1, "student": 1})
-    with caplog.at_level(logging.WARNING, logger="server.protocol"):
+    with caplog.at_level(logging.WARNING, logger="fedslide.server.protocol"):
         result, _ = federate(sites, cfg)
     assert f"student-server-momentum 0.5 not applied: aggregation = {aggregation}" in caplog.text  # said, not silent
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
@@ -601,10 +601,10 @@ def test_each_site_draws_its_own_shuffles_and_dropout_masks(sites: list[Path], t
     site's round does not replay its random draws (bag order, dropout masks)."""
     import torch
 
-    from client.local_phases import train_model
-    from client.site_run import SiteRun
-    from common.federation.models import new_model, teacher_config
-    from common.federation.protocol import Facts
+    from fedslide.client.local_phases import train_model
+    from fedslide.client.site_run import SiteRun
+    from fedslide.common.federation.models import new_model, teacher_config
+    from fedslide.common.federation.protocol import Facts
 
     cfg = tiny_config(tmp_path, "seeds", training={"batch_size": 1})
     cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"dropout": 0.5})})

@@ -40,14 +40,14 @@ from typing import Any
 import psutil
 import pytest
 
-from client.supernode import SuperNode
-from common.cli import main
-from common.config.federation import FederationConfig
-from common.federate import Consortium, FederationFailed, LaunchOptions, run_consortium
-from common.flower_env import QUIET_FLOWER, SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S
-from common.processes import ManagedProcess, ProcessFailed, free_port
-from deploy.certs import make_all, make_ca, make_server_cert
-from server.superlink import FlowerCli, FlowerCliError, SuperLink, TLSFiles
+from fedslide.client.supernode import SuperNode
+from fedslide.deploy.cli import main
+from fedslide.common.config.federation import FederationConfig
+from fedslide.deploy.federate import Consortium, FederationFailed, LaunchOptions, run_consortium
+from fedslide.common.flower_env import QUIET_FLOWER, SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S
+from fedslide.common.processes import ManagedProcess, ProcessFailed, free_port
+from fedslide.deploy.certs import make_all, make_ca, make_server_cert
+from fedslide.server.superlink import FlowerCli, FlowerCliError, SuperLink, TLSFiles
 from tests.feature_sites import make_site
 
 TINY_MODEL = {"hidden_dim": 16, "attention_dim": 8, "dropout": 0.0}
@@ -351,7 +351,7 @@ def test_an_app_flower_refuses_exits_1_with_its_reason(
     for package in ("server", "client", "common", "deploy"):
         shutil.copytree(REPO / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
     (app / "pyproject.toml").write_text('[project]\nname = "fedslide"\nversion = "0.1.0"\n')
-    monkeypatch.setattr("common.federate.APP_DIR", app)
+    monkeypatch.setattr("fedslide.deploy.federate.APP_DIR", app)
     tracker.follow_children()
     launch = SuperNode.launch
 
@@ -544,7 +544,7 @@ def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(
     again = events["restarted"]
     assert again.superexec is None and again.process is not None
     log = again.process.log.read_text()
-    assert "client.superexec: preloaded" in log, log[-2000:]  # fedslide's SuperExec, not flower-superexec
+    assert "fedslide.client.superexec: preloaded" in log, log[-2000:]  # fedslide's SuperExec, not flower-superexec
     answered = len(entries) - events["ledger-before"]
     assert log.count("ClientApp in forked process") == answered >= 3, (answered, log[-2000:])
     from_memory = re.findall(r": (\d+) of (\d+) feature files from memory", log)

@@ -13,8 +13,8 @@ from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 from flwr.supernode import start_client_internal
 
-from client import supernode
-from common import flower_polling as fp
+from fedslide.client import supernode
+from fedslide.common import flower_polling as fp
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_supernode_launcher_passes_flowers_flags(flower_state: None, monkeypatch
 def test_warm_supernode_uses_the_launcher(tmp_path) -> None:
     warm = supernode.SuperNode("site1", tmp_path, "127.0.0.1:9092", 9094, tmp_path, None, None)
     cold = supernode.SuperNode("site1", tmp_path, "127.0.0.1:9092", 9094, tmp_path, None, None, warm=False)
-    assert warm.argv()[1:3] == ["-m", "client.supernode"] and "--isolation" in warm.argv()
+    assert warm.argv()[1:3] == ["-m", "fedslide.client.supernode"] and "--isolation" in warm.argv()
     assert cold.argv()[0].endswith("flower-supernode") and "--isolation" not in cold.argv()
     hospital = supernode.SuperNode("site1", tmp_path, "127.0.0.1:9092", 9094, tmp_path, None, None,
                                    isolation="subprocess")
@@ -138,7 +138,7 @@ def test_flowers_superexec_command_becomes_fedslides() -> None:
     tls = ["flower-superexec", "--root-certificates", "/certs/ca.crt", "--runtime-api-address", "127.0.0.1:9094",
            "--parent-pid", "42"]
     assert supernode.warm_superexec_command(tls, ["--site-dir", "/data/site"]) == [
-        sys.executable, "-m", "common.cli", "superexec", *tls[1:], "--site-dir", "/data/site"]
+        sys.executable, "-m", "fedslide.deploy.cli", "superexec", *tls[1:], "--site-dir", "/data/site"]
     plain = ["/venv/bin/flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094"]
     assert supernode.warm_superexec_command(plain)[4:] == plain[1:]
     # what fedslide's SuperExec cannot honour (it installs no dependencies), or another program: left alone
@@ -169,7 +169,7 @@ def test_the_supernode_launcher_swaps_in_the_warm_superexec(flower_state: None, 
     launcher.Popen(["flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094", "--parent-pid", "7"])
     launcher.Popen(["flower-superexec", "--insecure", "--allow-runtime-dependency-installation"])
     assert started == [
-        [sys.executable, "-m", "common.cli", "superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094",
+        [sys.executable, "-m", "fedslide.deploy.cli", "superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094",
          "--parent-pid", "7", "--feature-memory-gb", "0.5", "--site-dir", str(site)],
         ["flower-superexec", "--insecure", "--allow-runtime-dependency-installation"],
     ]

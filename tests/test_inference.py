@@ -13,30 +13,30 @@ import pytest
 import torch
 from PIL import Image
 
-from client.encoders import PatchEncoder, build_encoder
-from client.heatmaps import InstanceMap, figure_to_array, heatmap_layout, instance_raster, render_heatmap, write_heatmap
-from client.inference import (
+from fedslide.client.encoders import PatchEncoder, build_encoder
+from fedslide.client.heatmaps import InstanceMap, figure_to_array, heatmap_layout, instance_raster, render_heatmap, write_heatmap
+from fedslide.client.inference import (
     ModelDirError,
     PredictionRun,
     load_bundle,
     predict_slide,
     predict_slides,
 )
-from client.inference.slide import heatmap_mpp
-from client.inference.zoom import region_scores, select_regions, subset_grid
-from client.predict_cli import add_parser
-from client.preprocess import SitePreprocessor
-from client.slides import SlideReader
-from client.synth.slide import write_slide
-from client.synth.tiff_writer import write_pyramidal_tiff
-from client.tiling import PairedGrid
-from common.config.model import ModelConfig
-from common.config.predict import PredictConfig
-from common.config.preprocess import EncoderConfig, PreprocessConfig, TilingConfig, TissueConfig
-from common.distillation.adapter import AdapterSpec, build_adapter
-from common.distillation.bundle import BundleMeta, BundleMismatchError, StudentBundle
-from common.features import feature_path, read_feature_file
-from common.models.registry import build_model
+from fedslide.client.inference.slide import heatmap_mpp
+from fedslide.client.inference.zoom import region_scores, select_regions, subset_grid
+from fedslide.client.predict_cli import add_parser
+from fedslide.client.preprocess import SitePreprocessor
+from fedslide.client.slides import SlideReader
+from fedslide.client.synth.slide import write_slide
+from fedslide.client.synth.tiff_writer import write_pyramidal_tiff
+from fedslide.client.tiling import PairedGrid
+from fedslide.common.config.model import ModelConfig
+from fedslide.common.config.predict import PredictConfig
+from fedslide.common.config.preprocess import EncoderConfig, PreprocessConfig, TilingConfig, TissueConfig
+from fedslide.common.distillation.adapter import AdapterSpec, build_adapter
+from fedslide.common.distillation.bundle import BundleMeta, BundleMismatchError, StudentBundle
+from fedslide.common.features import feature_path, read_feature_file
+from fedslide.common.models.registry import build_model
 
 CLASSES = ["normal", "tumor"]
 LOW_MPP, HIGH_MPP = 2.0, 0.5
@@ -406,7 +406,7 @@ def test_heatmap_never_finer_than_low_res(slides: Path, bundle_dirs: dict[str, P
 
 def test_bundle_settings_as_distill_writes_them_are_accepted(encoder: PatchEncoder) -> None:
     """`fedslide distill` stores tissue/tiling with kebab-case keys (to_toml_dict); predict must read them."""
-    from client.inference.model import slide_settings
+    from fedslide.client.inference.model import slide_settings
 
     bundle = _bundle(
         encoder,

@@ -14,7 +14,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from common.metrics import (
+from fedslide.common.metrics import (
     METRIC_NAMES,
     brier,
     classification_metrics,

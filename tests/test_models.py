@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from common.config.base import ConfigError, load_config
-from common.config.model import MODEL_NAMES, ModelConfig
-from common.models import CKAHead, MILModel, build_model
-from common.models.longmil import LongMIL, dense_attention, grid_cells, morton_order, windowed_attention
-from common.models.mambamil import reference_scan, selective_scan, stride_order
-from common.models.s4mil import S4D
-from common.models.transmil import NystromAttention, iterative_pinv
+from fedslide.common.config.base import ConfigError, load_config
+from fedslide.common.config.model import MODEL_NAMES, ModelConfig
+from fedslide.common.models import CKAHead, MILModel, build_model
+from fedslide.common.models.longmil import LongMIL, dense_attention, grid_cells, morton_order, windowed_attention
+from fedslide.common.models.mambamil import reference_scan, selective_scan, stride_order
+from fedslide.common.models.s4mil import S4D
+from fedslide.common.models.transmil import NystromAttention, iterative_pinv
 
 D = 12
 PATCH = 256.0

@@ -46,12 +46,12 @@ from typing import Any
 import psutil
 import pytest
 
-from client.supernode import SuperNode
-from common.config.federation import FederationConfig
-from common.flower_app import APP_DIR, stage_app, write_run_config
-from common.processes import ManagedProcess, port_open, tail
-from deploy.certs import Material, make_all, make_site_keys
-from server.superlink import FlowerCli, FlowerCliError, SuperLink, TLSFiles
+from fedslide.client.supernode import SuperNode
+from fedslide.common.config.federation import FederationConfig
+from fedslide.common.flower_app import APP_DIR, stage_app, write_run_config
+from fedslide.common.processes import ManagedProcess, port_open, tail
+from fedslide.deploy.certs import Material, make_all, make_site_keys
+from fedslide.server.superlink import FlowerCli, FlowerCliError, SuperLink, TLSFiles
 from tests.feature_sites import make_site
 from tests.netns import NetnsLab, probe_netns_support
 
@@ -246,7 +246,7 @@ def test_each_host_in_its_own_namespace_and_hospitals_reach_only_the_proxy(deplo
         assert lab.host_of_pid(node.process.proc.pid) == host, node.name
         superexecs = [c for c in psutil.Process(node.process.proc.pid).children(recursive=True)
                       if "superexec" in " ".join(c.cmdline())]
-        assert len(superexecs) == 1 and "common.cli" in superexecs[0].cmdline(), (node.name, superexecs)
+        assert len(superexecs) == 1 and "fedslide.deploy.cli" in superexecs[0].cmdline(), (node.name, superexecs)
         assert lab.host_of_pid(superexecs[0].pid) == host, node.name
     assert set(dep.node_statuses()) == set(dep.node_ids.values())
 

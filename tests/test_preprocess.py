@@ -10,14 +10,14 @@ import h5py
 import numpy as np
 import pytest
 
-from client.encoders import PatchEncoder, build_encoder
-from client.preprocess import SitePreprocessor
-from client.slides import SlideReader
-from client.synth.slide import write_slide
-from client.synth.tiff_writer import write_pyramidal_tiff
-from common.cli import main
-from common.config.preprocess import EncoderConfig, PreprocessConfig
-from common.features import feature_path, is_complete, read_feature_file
+from fedslide.client.encoders import PatchEncoder, build_encoder
+from fedslide.client.preprocess import SitePreprocessor
+from fedslide.client.slides import SlideReader
+from fedslide.client.synth.slide import write_slide
+from fedslide.client.synth.tiff_writer import write_pyramidal_tiff
+from fedslide.deploy.cli import main
+from fedslide.common.config.preprocess import EncoderConfig, PreprocessConfig
+from fedslide.common.features import feature_path, is_complete, read_feature_file
 
 ENC = "efficientnet_lite0"
 
@@ -231,7 +231,7 @@ def test_worker_processes_read_the_same_patches(
     processed: Path, tmp_path: Path, encoder: PatchEncoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Small passes are read in-process; forcing DataLoader workers must give identical files."""
-    monkeypatch.setattr("client.encoding.WORKERS_FROM_PATCHES", 0)
+    monkeypatch.setattr("fedslide.client.encoding.WORKERS_FROM_PATCHES", 0)
     site = tmp_path / "workers"
     (site / "slides").mkdir(parents=True)
     shutil.copy(processed / "slides" / "g20.tif", site / "slides")

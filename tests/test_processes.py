@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from common.processes import ManagedProcess
+from fedslide.common.processes import ManagedProcess
 
 # A parent that starts a child in a new session (as Flower's SuperLink starts SuperExec), prints its pid, waits.
 DETACHING_PARENT = """

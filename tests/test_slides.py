@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.slides import MissingResolutionError, SlideError, SlideReader, resolution_from_properties
+from fedslide.client.slides import MissingResolutionError, SlideError, SlideReader, resolution_from_properties
 
 
 def test_resolution_prefers_mpp_then_objective_power_then_override() -> None:

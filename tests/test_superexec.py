@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -19,9 +20,9 @@ import pytest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResultStatus
 
-from client.superexec import (APP_MODULES, PRELOAD, ForkExecutor, installed_fab_dir, skip_reinstall,
+from fedslide.client.superexec import (APP_MODULES, PRELOAD, ForkExecutor, installed_fab_dir, skip_reinstall,
                               wait_for_runtime_api)
-from common.flower_app import APP_PACKAGES
+from fedslide.common.flower_app import APP_PACKAGES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,16 +32,16 @@ def _fab_copy_imported(tmp_path: Path, forget: bool) -> str:
     load the ClientApp from a FAB directory with Flower's own loader (what `run_clientapp` calls); which copy the
     loader returned."""
     fab = tmp_path / ("fab-forget" if forget else "fab-keep")
-    (fab / "client").mkdir(parents=True)
-    (fab / "client" / "__init__.py").write_text("")
-    (fab / "client" / "client_app.py").write_text("app = 'fab'\n")
+    (fab / "fedslide" / "client").mkdir(parents=True)  # as stage_app lays the app out in a FAB
+    (fab / "fedslide" / "client" / "__init__.py").write_text("")
+    (fab / "fedslide" / "client" / "client_app.py").write_text("app = 'fab'\n")
     script = textwrap.dedent(f"""
-        import client.client_app
+        import fedslide.client.client_app
         from flwr.supercore.object_ref import load_app
-        from client.superexec import forget_app_modules
+        from fedslide.client.superexec import forget_app_modules
         if {forget!r}:
-            assert "client.client_app" in forget_app_modules()
-        app = load_app("client.client_app:app", ValueError, project_dir={str(fab)!r})
+            assert "fedslide.client.client_app" in forget_app_modules()
+        app = load_app("fedslide.client.client_app:app", ValueError, project_dir={str(fab)!r})
         print(app if isinstance(app, str) else "installed")
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
@@ -57,9 +58,8 @@ def test_a_task_imports_the_app_from_its_fab_not_the_preloaded_copy(tmp_path: Pa
 def test_preload_names_the_app_entry_module_and_only_packages_it_forgets() -> None:
     app_ref = (REPO / "pyproject.toml").read_text().split('clientapp = "', 1)[1].split('"', 1)[0]
     assert app_ref.split(":")[0] in PRELOAD  # the ClientApp module (and so its imports) is preloaded
-    packages = (REPO / "pyproject.toml").read_text().split("include = [", 1)[1].split("]", 1)[0]
-    code = {p.strip(' "*') for p in packages.split(",")} - {"configs"}  # configs/: settings files, no modules
-    assert code == set(APP_PACKAGES) and not list((REPO / "configs").glob("*.py"))
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert {p.partition(".")[0] for p in packages} == set(APP_PACKAGES)  # one import package: fedslide
 
 
 def _spec(task_type: TaskType) -> ExecutionSpec:
@@ -92,10 +92,10 @@ def test_it_waits_for_its_supernodes_runtime_api_and_gives_up_when_the_supernode
 def _fake_fab(flwr_home: Path, fab_hash: str, body: str = "app = 'fab'\n") -> Path:
     """A FAB as Flower installs it: `<FLWR_HOME>/apps/<publisher>.<name>.<version>.<hash[:8]>/` with the app."""
     fab = flwr_home / "apps" / f"fedslide.fedslide.0.1.0.{fab_hash[:8]}"
-    (fab / "client").mkdir(parents=True)
+    (fab / "fedslide" / "client").mkdir(parents=True)
     (fab / "pyproject.toml").write_text("[project]\nname = 'fedslide'\n")
-    (fab / "client" / "__init__.py").write_text("")
-    (fab / "client" / "client_app.py").write_text(body)
+    (fab / "fedslide" / "client" / "__init__.py").write_text("")
+    (fab / "fedslide" / "client" / "client_app.py").write_text(body)
     return fab
 
 
@@ -130,30 +130,30 @@ def test_after_a_fabs_first_task_its_app_is_imported_here_and_handed_to_the_next
     script = textwrap.dedent(f"""
         import os, sys
         os.environ["FLWR_HOME"] = {str(tmp_path)!r}
-        import client.client_app
-        import client.site_run as old_site_run
-        from client.superexec import ForkExecutor
-        from common.feature_store import FeatureStore
+        import fedslide.client.client_app
+        import fedslide.client.site_run as old_site_run
+        from fedslide.client.superexec import ForkExecutor
+        from fedslide.common.feature_store import FeatureStore
         old_site_run._held_features = FeatureStore(2**20)  # as if the old app held the site's files
         ex = ForkExecutor()
         assert ex.warm_up({good!r})
         assert old_site_run.held_features() is None  # let go with the old app's modules
-        print(sys.modules["client.client_app"].app, ex.warm_fab == {good!r}, ex.warm_dir.name)
+        print(sys.modules["fedslide.client.client_app"].app, ex.warm_fab == {good!r}, ex.warm_dir.name)
         os.environ["FLWR_HOME"] = {str(tmp_path / "other")!r}
         assert not ex.warm_up({broken!r})
-        print(ex.warm_fab, "client.client_app" in sys.modules, sorted(ex._cold_fabs) == [{broken!r}])
+        print(ex.warm_fab, "fedslide.client.client_app" in sys.modules, sorted(ex._cold_fabs) == [{broken!r}])
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert lines[-2] == f"fab True fedslide.fedslide.0.1.0.{good[:8]}"
     assert lines[-1] == "None False True"
-    assert APP_MODULES == ("client.client_app",)
+    assert APP_MODULES == ("fedslide.client.client_app",)
 
 
 def test_the_executor_holds_the_sites_features_once_the_app_is_imported(tmp_path: Path,
                                                                           caplog: pytest.LogCaptureFixture) -> None:
-    from client import site_run
+    from fedslide.client import site_run
     from tests.feature_sites import make_site
 
     site = make_site(tmp_path, "s1", {"train": 2, "test": 2}, seed=1)
@@ -164,7 +164,7 @@ def test_the_executor_holds_the_sites_features_once_the_app_is_imported(tmp_path
         assert executor.hold_features() and len(site_run.held_features() or []) == 8
         assert not ForkExecutor(None, 2**30).hold_features() and not ForkExecutor(site, 0).hold_features()
         (site / "labels.csv").unlink()
-        with caplog.at_level("WARNING", logger="client.superexec"):
+        with caplog.at_level("WARNING", logger="fedslide.client.superexec"):
             assert not executor.hold_features()  # a site it cannot read: left to the tasks, which report it
             assert not executor.hold_features()  # the same problem after the next task: not logged again
         assert "labels.csv" in caplog.text and str(site) in caplog.text

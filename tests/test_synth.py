@@ -15,7 +15,7 @@ import openslide
 import pytest
 from PIL import Image
 
-from client.synth import (
+from fedslide.client.synth import (
     SCANNER_STYLES,
     Stain,
     generate_cohort,
@@ -26,13 +26,13 @@ from client.synth import (
     write_pyramidal_tiff,
     write_slide,
 )
-from client.synth.cohort import assign_patients_and_splits
-from client.synth.fields import SlideFields
-from client.synth.slide import level0_size
-from client.synth.tissue_render import SlideModel
-from client.synth.cli import add_parser
-from common.config.base import ConfigError, load_config
-from common.config.synth import SCANNER_STYLE_NAMES, SynthConfig
+from fedslide.client.synth.cohort import assign_patients_and_splits
+from fedslide.client.synth.fields import SlideFields
+from fedslide.client.synth.slide import level0_size
+from fedslide.client.synth.tissue_render import SlideModel
+from fedslide.client.synth.cli import add_parser
+from fedslide.common.config.base import ConfigError, load_config
+from fedslide.common.config.synth import SCANNER_STYLE_NAMES, SynthConfig
 
 
 def _cfg(out: Path, **kw: object) -> SynthConfig:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from skimage.draw import disk, line
 
-from client.tiling import paired_grid
-from client.tissue import box_fractions, pen_mask, segment_tissue
-from common.config.preprocess import TilingConfig, TissueConfig
+from fedslide.client.tiling import paired_grid
+from fedslide.client.tissue import box_fractions, pen_mask, segment_tissue
+from fedslide.common.config.preprocess import TilingConfig, TissueConfig
 
 PINK = (230, 150, 200)
 BLUE_INK = (40, 90, 200)

@@ -15,25 +15,25 @@ import pytest
 import torch
 from torch import nn
 
-from common.config.base import ConfigError, load_config
-from common.config.model import ModelConfig
-from common.config.train import TrainConfig
-from common.training import cli as train_cli
-from common.training.checkpoint import load_checkpoint
-from common.training.cohort import load_cohort
-from common.training.data import BagDataset, collate_bags, eval_loader, train_loader
-from common.training.errors import (
+from fedslide.common.config.base import ConfigError, load_config
+from fedslide.common.config.model import ModelConfig
+from fedslide.common.config.train import TrainConfig
+from fedslide.common.training import cli as train_cli
+from fedslide.common.training.checkpoint import load_checkpoint
+from fedslide.common.training.cohort import load_cohort
+from fedslide.common.training.data import BagDataset, collate_bags, eval_loader, train_loader
+from fedslide.common.training.errors import (
     FeatureDataError,
     LabelsError,
     MissingDataError,
     SplitError,
 )
-from common.training.labels import read_labels
-from common.models.base import MILModel, MILOutput
-from common.training.checkpoint import load_model
-from common.training.loop import EarlyStopping, evaluate
-from common.training.run import resolve_model_config, run_training
-from common.training.splits import cv_splits, given_splits
+from fedslide.common.training.labels import read_labels
+from fedslide.common.models.base import MILModel, MILOutput
+from fedslide.common.training.checkpoint import load_model
+from fedslide.common.training.loop import EarlyStopping, evaluate
+from fedslide.common.training.run import resolve_model_config, run_training
+from fedslide.common.training.splits import cv_splits, given_splits
 
 DIM = 16
 
@@ -460,9 +460,9 @@ def test_end_to_end_with_registered_abmil(tmp_path: Path, capsys: pytest.Capture
 def test_models_whose_aux_loss_uses_labels_get_them_in_training_only() -> None:
     import torch
 
-    from common.models.base import MILModel, MILOutput
-    from common.training.data import BagBatch
-    from common.training.loop import _forward
+    from fedslide.common.models.base import MILModel, MILOutput
+    from fedslide.common.training.data import BagBatch
+    from fedslide.common.training.loop import _forward
 
     class Recorder(MILModel):
         accepts_labels = True

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.config.preprocess import EncoderConfig
+from fedslide.common.config.preprocess import EncoderConfig
 
 Triple = tuple[float, float, float]
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from client.encoders.base import PatchEncoder, load_checkpoint, load_strict, normalization, require_weights, sha256_file
-from common.config.preprocess import EncoderConfig
+from fedslide.client.encoders.base import PatchEncoder, load_checkpoint, load_strict, normalization, require_weights, sha256_file
+from fedslide.common.config.preprocess import EncoderConfig
 
 NAME = "efficientnet_lite0"
 BN_EPS = 1e-3

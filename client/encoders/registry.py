@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-from client.encoders import efficientnet_lite, resnet, vit
-from client.encoders.base import PatchEncoder
-from common.config.preprocess import EncoderConfig
+from fedslide.client.encoders import efficientnet_lite, resnet, vit
+from fedslide.client.encoders.base import PatchEncoder
+from fedslide.common.config.preprocess import EncoderConfig
 
 DEFAULT_ENCODER = efficientnet_lite.NAME
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from client.encoders.base import (
+from fedslide.client.encoders.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PatchEncoder,
@@ -20,7 +20,7 @@ from client.encoders.base import (
     require_weights,
     sha256_file,
 )
-from common.config.preprocess import EncoderConfig
+from fedslide.common.config.preprocess import EncoderConfig
 
 BLOCKS = (3, 4, 6, 3)
 WIDTHS = (64, 128, 256, 512)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from client.encoders.base import (
+from fedslide.client.encoders.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PatchEncoder,
@@ -27,7 +27,7 @@ from client.encoders.base import (
     require_weights,
     sha256_file,
 )
-from common.config.preprocess import EncoderConfig
+from fedslide.common.config.preprocess import EncoderConfig
 
 POOLINGS = ("cls", "mean", "cls+mean")
 TIMM_LN_EPS = 1e-6

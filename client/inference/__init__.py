@@ -6,7 +6,7 @@ Public API:
     load_bundle(dir) / load_encoder(bundle, cfg)                             model + its verified encoder
 """
 
-from client.inference.model import (
+from fedslide.client.inference.model import (
     ModelDirError,
     SlideSettings,
     check_encoder,
@@ -15,7 +15,7 @@ from client.inference.model import (
     load_encoder,
     slide_settings,
 )
-from client.inference.run import (
+from fedslide.client.inference.run import (
     FAILURES_FILE,
     HEATMAP_DIR,
     PREDICTIONS_FILE,
@@ -24,7 +24,7 @@ from client.inference.run import (
     SlideFailure,
     predict_slides,
 )
-from client.inference.slide import LowPass, SlidePrediction, SlideTiming, ZoomResult, predict_slide
+from fedslide.client.inference.slide import LowPass, SlidePrediction, SlideTiming, ZoomResult, predict_slide
 
 __all__ = [
     "FAILURES_FILE",

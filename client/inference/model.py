@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from client.encoders.base import PatchEncoder
-from client.encoders.registry import build_encoder
-from client.encoding import resolve_device
-from common.config.base import ConfigError
-from common.config.predict import PredictConfig
-from common.config.preprocess import EncoderConfig, TilingConfig, TissueConfig
-from common.distillation.bundle import BundleMismatchError, StudentBundle
+from fedslide.client.encoders.base import PatchEncoder
+from fedslide.client.encoders.registry import build_encoder
+from fedslide.client.encoding import resolve_device
+from fedslide.common.config.base import ConfigError
+from fedslide.common.config.predict import PredictConfig
+from fedslide.common.config.preprocess import EncoderConfig, TilingConfig, TissueConfig
+from fedslide.common.distillation.bundle import BundleMismatchError, StudentBundle
 
 
 class ModelDirError(ValueError):

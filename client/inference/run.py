@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from client.encoders.base import PatchEncoder
-from client.inference.model import check_encoder, check_mode, load_bundle, load_encoder, slide_settings
-from client.inference.slide import SlidePrediction, predict_slide
-from client.slides import SlideError, discover_slides
-from common.config.predict import PredictConfig
-from common.distillation.bundle import StudentBundle
+from fedslide.client.encoders.base import PatchEncoder
+from fedslide.client.inference.model import check_encoder, check_mode, load_bundle, load_encoder, slide_settings
+from fedslide.client.inference.slide import SlidePrediction, predict_slide
+from fedslide.client.slides import SlideError, discover_slides
+from fedslide.common.config.predict import PredictConfig
+from fedslide.common.distillation.bundle import StudentBundle
 
 log = logging.getLogger(__name__)
 

@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.encoders.base import PatchEncoder
-from client.encoding import encode_grid
-from client.heatmaps import InstanceMap, render_heatmap, write_heatmap
-from client.inference.model import SlideSettings, slide_settings
-from client.inference.zoom import region_scores, select_regions, subset_grid
-from client.patch_loader import RegionDataset
-from client.slides import SlideError, SlideReader
-from client.tiling import PairedGrid, paired_grid
-from client.tissue import segment_tissue
-from common.config.predict import PredictConfig
-from common.distillation.bundle import StudentBundle
+from fedslide.client.encoders.base import PatchEncoder
+from fedslide.client.encoding import encode_grid
+from fedslide.client.heatmaps import InstanceMap, render_heatmap, write_heatmap
+from fedslide.client.inference.model import SlideSettings, slide_settings
+from fedslide.client.inference.zoom import region_scores, select_regions, subset_grid
+from fedslide.client.patch_loader import RegionDataset
+from fedslide.client.slides import SlideError, SlideReader
+from fedslide.client.tiling import PairedGrid, paired_grid
+from fedslide.client.tissue import segment_tissue
+from fedslide.common.config.predict import PredictConfig
+from fedslide.common.distillation.bundle import StudentBundle
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from client.tiling import PairedGrid
+from fedslide.client.tiling import PairedGrid
 
 
 def region_scores(attention: np.ndarray, low_index: np.ndarray, num_low: int) -> np.ndarray:

@@ -7,12 +7,12 @@ Public API:
     make_slide_model(...) / render_region(model, mpp, x, y, w, h) / tumor_mask(fields, mpp)
 """
 
-from client.synth.cohort import SCANNER_STYLES, generate_cohort, plan_site
-from client.synth.fields import tissue_mask, tumor_mask
-from client.synth.slide import make_slide_model, write_slide, write_slide_model
-from client.synth.stains import Stain, perturb_stain
-from client.synth.tiff_writer import default_downsamples, write_pyramidal_tiff
-from client.synth.tissue_render import SlideModel, render_region
+from fedslide.client.synth.cohort import SCANNER_STYLES, generate_cohort, plan_site
+from fedslide.client.synth.fields import tissue_mask, tumor_mask
+from fedslide.client.synth.slide import make_slide_model, write_slide, write_slide_model
+from fedslide.client.synth.stains import Stain, perturb_stain
+from fedslide.client.synth.tiff_writer import default_downsamples, write_pyramidal_tiff
+from fedslide.client.synth.tissue_render import SlideModel, render_region
 
 __all__ = [
     "SCANNER_STYLES",

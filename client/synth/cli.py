@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.cli_support import EXIT_OK, add_config_arguments, config_from_args
-from common.config.synth import SynthConfig
+from fedslide.common.cli_support import EXIT_OK, add_config_arguments, config_from_args
+from fedslide.common.config.synth import SynthConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate the cohort and print a summary; returns an exit code."""
-    from client.synth.cohort import generate_cohort
+    from fedslide.client.synth.cohort import generate_cohort
 
     values: dict[str, Any] = {
         "out_dir": str(args.out) if args.out is not None else None,

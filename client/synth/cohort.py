@@ -16,13 +16,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from common import __version__
-from common.config.base import ConfigError
-from common.config.synth import SynthConfig
-from client.synth.fields import tumor_mask
-from client.synth.slide import level0_size, make_slide_model, write_slide_model
-from client.synth.stains import Stain, perturb_stain
-from client.synth.tiff_writer import TiffStyle, objective_power
+from fedslide.common import __version__
+from fedslide.common.config.base import ConfigError
+from fedslide.common.config.synth import SynthConfig
+from fedslide.client.synth.fields import tumor_mask
+from fedslide.client.synth.slide import level0_size, make_slide_model, write_slide_model
+from fedslide.client.synth.stains import Stain, perturb_stain
+from fedslide.client.synth.tiff_writer import TiffStyle, objective_power
 
 log = logging.getLogger(__name__)
 

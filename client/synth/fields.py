@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import measure
 
-from client.synth.procedural import Axis, sample_field
+from fedslide.client.synth.procedural import Axis, sample_field
 
 INK_COLOURS: dict[str, tuple[float, float, float]] = {
     "blue": (0.95, 0.55, 0.10),

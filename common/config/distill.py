@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
-from common.config.base import StageConfig
-from common.config.model import ModelConfig, ModelName
-from common.config.optimization import OptimizationConfig
+from fedslide.common.config.base import StageConfig
+from fedslide.common.config.model import ModelConfig, ModelName
+from fedslide.common.config.optimization import OptimizationConfig
 
 
 class DistillModelConfig(ModelConfig):

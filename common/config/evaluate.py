@@ -16,9 +16,9 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
-from common.config.base import StageConfig
-from common.config.distill import DistillConfig
-from common.config.federation import FederationConfig
+from fedslide.common.config.base import StageConfig
+from fedslide.common.config.distill import DistillConfig
+from fedslide.common.config.federation import FederationConfig
 
 Regime = Literal["local", "federated", "centralized"]
 REGIMES: tuple[str, ...] = ("local", "federated", "centralized")

@@ -13,8 +13,8 @@ from typing import Any, Literal
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from common.config.base import ConfigError, StageConfig, format_validation_error
-from common.config.distill import (
+from fedslide.common.config.base import ConfigError, StageConfig, format_validation_error
+from fedslide.common.config.distill import (
     AdapterConfig,
     ClusterConfig,
     DistillModelConfig,

@@ -6,7 +6,7 @@ from typing import Literal, get_args
 
 from pydantic import Field, PositiveInt, ValidationInfo, field_validator
 
-from common.config.base import StageConfig
+from fedslide.common.config.base import StageConfig
 
 ModelName = Literal[
     "mean", "max", "abmil", "abmil_gated", "transmil", "dsmil", "clam_sb", "acmil", "longmil", "s4mil", "mambamil"

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from common.config.base import StageConfig
+from fedslide.common.config.base import StageConfig
 
 
 class OptimizationConfig(StageConfig):

@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeInt, PositiveInt
 
-from common.config.base import StageConfig
-from common.config.preprocess import SlideConfig
+from fedslide.common.config.base import StageConfig
+from fedslide.common.config.preprocess import SlideConfig
 
 
 class PredictConfig(StageConfig):

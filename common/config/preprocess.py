@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from common.config.base import StageConfig
+from fedslide.common.config.base import StageConfig
 
 
 class SlideConfig(StageConfig):

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, field_validator, model_validator
 
-from common.config.base import StageConfig
+from fedslide.common.config.base import StageConfig
 
 ScannerStyleName = Literal["aperio-40x", "aperio-20x", "generic-40x", "generic-20x", "plain-20x"]
 SCANNER_STYLE_NAMES: tuple[str, ...] = ("aperio-40x", "aperio-20x", "generic-40x", "generic-20x", "plain-20x")

@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeInt, PositiveInt
 
-from common.config.model import ModelConfig
-from common.config.optimization import OptimizationConfig
+from fedslide.common.config.model import ModelConfig
+from fedslide.common.config.optimization import OptimizationConfig
 
 
 class TrainConfig(OptimizationConfig):

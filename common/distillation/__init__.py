@@ -1,5 +1,5 @@
 """High -> low distillation: LRMIL cross-resolution adapter, D&D clusters/experts, KD students, student bundles."""
 
-from common.distillation.bundle import BundleMeta, BundleMismatchError, StudentBundle
+from fedslide.common.distillation.bundle import BundleMeta, BundleMismatchError, StudentBundle
 
 __all__ = ["BundleMeta", "BundleMismatchError", "StudentBundle"]

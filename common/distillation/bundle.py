@@ -17,16 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.config.model import ModelConfig
-from common.distillation.adapter import CrossResAdapter, build_adapter
-from common.distillation.instances import (
+from fedslide.common.config.model import ModelConfig
+from fedslide.common.distillation.adapter import CrossResAdapter, build_adapter
+from fedslide.common.distillation.instances import (
     MissingTokensError,
     estimate_patch_size_level0,
     instance_coords,
     student_instances,
 )
-from common.models.base import MILModel, MILOutput
-from common.models.registry import build_model
+from fedslide.common.models.base import MILModel, MILOutput
+from fedslide.common.models.registry import build_model
 
 BUNDLE_FORMAT = "fedslide.student-bundle/1"
 BUNDLE_FILE = "bundle.json"

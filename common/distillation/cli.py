@@ -7,9 +7,9 @@ import math
 import sys
 from typing import Any
 
-from common.cli_support import EXIT_ERROR, EXIT_OK, EXIT_USAGE, add_config_arguments, config_from_args
-from common.metrics import METRIC_NAMES
-from common.training.errors import TrainingInputError
+from fedslide.common.cli_support import EXIT_ERROR, EXIT_OK, EXIT_USAGE, add_config_arguments, config_from_args
+from fedslide.common.metrics import METRIC_NAMES
+from fedslide.common.training.errors import TrainingInputError
 
 SECTION = "distill"
 
@@ -66,10 +66,10 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 def handle(args: argparse.Namespace) -> int:
     """Run `fedslide distill`; returns an exit code."""
-    from common.config.distill import DistillConfig
-    from common.config.preprocess import PreprocessConfig
-    from common.distillation.clustering import ClusteringError
-    from common.distillation.pipeline import run_distill
+    from fedslide.common.config.distill import DistillConfig
+    from fedslide.common.config.preprocess import PreprocessConfig
+    from fedslide.common.distillation.clustering import ClusteringError
+    from fedslide.common.distillation.pipeline import run_distill
 
     cfg = config_from_args(DistillConfig, args, SECTION, values=_cli_values(args))
     preprocess = config_from_args(PreprocessConfig, argparse.Namespace(config=args.config, overrides=[]), "preprocess")

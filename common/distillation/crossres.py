@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from common.config.distill import AdapterConfig
-from common.distillation.adapter import CrossResAdapter
-from common.distillation.data import SlidePair
-from common.distillation.losses import regression_loss
+from fedslide.common.config.distill import AdapterConfig
+from fedslide.common.distillation.adapter import CrossResAdapter
+from fedslide.common.distillation.data import SlidePair
+from fedslide.common.distillation.losses import regression_loss
 
 
 @dataclass

@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from common.feature_store import FeatureStore
-from common.features import FeatureBag, FeatureFileError, feature_path, read_feature_file
-from common.training.cohort import Cohort, Slide
-from common.training.errors import FeatureDataError, MissingDataError, SplitError
-from common.training.labels import LabelTable, read_labels
-from common.training.splits import carve_validation
+from fedslide.common.feature_store import FeatureStore
+from fedslide.common.features import FeatureBag, FeatureFileError, feature_path, read_feature_file
+from fedslide.common.training.cohort import Cohort, Slide
+from fedslide.common.training.errors import FeatureDataError, MissingDataError, SplitError
+from fedslide.common.training.labels import LabelTable, read_labels
+from fedslide.common.training.splits import carve_validation
 
 log = logging.getLogger(__name__)
 

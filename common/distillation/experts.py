@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.config.distill import MILTrainingConfig
-from common.models.base import MILModel
-from common.training.cohort import Cohort
-from common.training.loop import FitResult
+from fedslide.common.config.distill import MILTrainingConfig
+from fedslide.common.models.base import MILModel
+from fedslide.common.training.cohort import Cohort
+from fedslide.common.training.loop import FitResult
 
-from common.distillation.mil import train_selected
+from fedslide.common.distillation.mil import train_selected
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Literal, get_args
 
 import torch
 
-from common.distillation.adapter import CrossResAdapter
+from fedslide.common.distillation.adapter import CrossResAdapter
 
 StudentInput = Literal["tokens", "pooled", "raw"]
 STUDENT_INPUTS: tuple[str, ...] = get_args(StudentInput)

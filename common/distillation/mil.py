@@ -8,13 +8,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config.distill import MILTrainingConfig
-from common.metrics import classification_metrics
-from common.models.base import MILModel
-from common.training.cohort import Cohort
-from common.training.data import BagDataset, collate_bags, eval_loader, train_loader
-from common.training.loop import BatchLoss, FitResult, class_weights, fit, make_optimizer, make_scheduler, train_epoch
-from common.training.repro import seed_everything
+from fedslide.common.config.distill import MILTrainingConfig
+from fedslide.common.metrics import classification_metrics
+from fedslide.common.models.base import MILModel
+from fedslide.common.training.cohort import Cohort
+from fedslide.common.training.data import BagDataset, collate_bags, eval_loader, train_loader
+from fedslide.common.training.loop import BatchLoss, FitResult, class_weights, fit, make_optimizer, make_scheduler, train_epoch
+from fedslide.common.training.repro import seed_everything
 
 
 def with_epochs(cfg: MILTrainingConfig, epochs: int | None) -> MILTrainingConfig:

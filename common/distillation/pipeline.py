@@ -26,28 +26,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config.base import ConfigError
-from common.config.distill import DistillConfig
-from common.config.model import ModelConfig
-from common.config.preprocess import PreprocessConfig
-from common.distillation.adapter import AdapterSpec, CrossResAdapter, build_adapter
-from common.distillation.bundle import BundleMeta, StudentBundle
-from common.distillation.cache import CACHE_FILE, LogitCache, files_signature, model_fingerprint
-from common.distillation.clustering import ClusterResult, assign_nearest, balanced_kmeans, size_bounds
-from common.distillation.crossres import AdapterFit, collect_pairs, fit_adapter
-from common.distillation.data import DistillData, load_sites
-from common.distillation.experts import Expert, train_experts
-from common.distillation.losses import CachedKDLoss
-from common.distillation.mil import evaluate_split, slide_outputs, train_selected, with_epochs
-from common.distillation.student import starts_from_teacher, student_bags
-from common.metrics import METRIC_NAMES
-from common.models.base import MILModel
-from common.models.registry import build_model
-from common.training.cohort import Cohort
-from common.training.loop import class_weights
-from common.training.outputs import write_json
-from common.training.repro import deterministic_torch, resolve_device, seed_everything
-from common.training.run import resolve_model_config
+from fedslide.common.config.base import ConfigError
+from fedslide.common.config.distill import DistillConfig
+from fedslide.common.config.model import ModelConfig
+from fedslide.common.config.preprocess import PreprocessConfig
+from fedslide.common.distillation.adapter import AdapterSpec, CrossResAdapter, build_adapter
+from fedslide.common.distillation.bundle import BundleMeta, StudentBundle
+from fedslide.common.distillation.cache import CACHE_FILE, LogitCache, files_signature, model_fingerprint
+from fedslide.common.distillation.clustering import ClusterResult, assign_nearest, balanced_kmeans, size_bounds
+from fedslide.common.distillation.crossres import AdapterFit, collect_pairs, fit_adapter
+from fedslide.common.distillation.data import DistillData, load_sites
+from fedslide.common.distillation.experts import Expert, train_experts
+from fedslide.common.distillation.losses import CachedKDLoss
+from fedslide.common.distillation.mil import evaluate_split, slide_outputs, train_selected, with_epochs
+from fedslide.common.distillation.student import starts_from_teacher, student_bags
+from fedslide.common.metrics import METRIC_NAMES
+from fedslide.common.models.base import MILModel
+from fedslide.common.models.registry import build_model
+from fedslide.common.training.cohort import Cohort
+from fedslide.common.training.loop import class_weights
+from fedslide.common.training.outputs import write_json
+from fedslide.common.training.repro import deterministic_torch, resolve_device, seed_everything
+from fedslide.common.training.run import resolve_model_config
 
 log = logging.getLogger(__name__)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.config.base import ConfigError
-from common.config.model import ModelConfig
-from common.distillation.adapter import CrossResAdapter
-from common.distillation.data import DistillData
-from common.distillation.instances import instance_coords, student_instances
-from common.models.registry import build_model
+from fedslide.common.config.base import ConfigError
+from fedslide.common.config.model import ModelConfig
+from fedslide.common.distillation.adapter import CrossResAdapter
+from fedslide.common.distillation.data import DistillData
+from fedslide.common.distillation.instances import instance_coords, student_instances
+from fedslide.common.models.registry import build_model
 
 
 @torch.no_grad()

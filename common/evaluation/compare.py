@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common.evaluation.schema import METRICS_SCHEMA
-from common.metrics import HIGHER_IS_BETTER, METRIC_NAMES
+from fedslide.common.evaluation.schema import METRICS_SCHEMA
+from fedslide.common.metrics import HIGHER_IS_BETTER, METRIC_NAMES
 
 FEDERATION_SCHEMA = "fedslide.federation.metrics/1"
 DISTILL_SCHEMA = "fedslide.distill.metrics/1"

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from common.evaluation.predictions import PredictionTable
+from fedslide.common.evaluation.predictions import PredictionTable
 
 DPI = 100
 MAIN_MODELS = ("local.student_low", "federated.teacher_high", "federated.student_low", "centralized.student_low")

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.distillation.bundle import StudentBundle
-from common.distillation.data import SlidePair
+from fedslide.common.distillation.bundle import StudentBundle
+from fedslide.common.distillation.data import SlidePair
 
 SETTINGS = ("in_distribution", "out_of_site")
 STUDY_PREDICTIONS = "predictions.csv"

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.evaluation import plots
-from common.evaluation.predictions import PredictionTable
-from common.evaluation.schema import METRICS_SCHEMA
-from common.metrics import METRIC_NAMES
+from fedslide.common.evaluation import plots
+from fedslide.common.evaluation.predictions import PredictionTable
+from fedslide.common.evaluation.schema import METRICS_SCHEMA
+from fedslide.common.metrics import METRIC_NAMES
 
 FEDERATION_SCHEMA = "fedslide.federation.metrics/1"
 ASSETS = "report_files"

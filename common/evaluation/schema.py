@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.metrics import METRIC_NAMES
+from fedslide.common.metrics import METRIC_NAMES
 
 METRICS_SCHEMA = "fedslide.evaluation.metrics/1"
 

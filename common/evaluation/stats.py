@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import norm, rankdata
 
-from common.metrics import (
+from fedslide.common.metrics import (
     DEFAULT_ECE_BINS,
     METRIC_NAMES,
     brier,

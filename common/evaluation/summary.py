@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from common.evaluation.predictions import SETTINGS, PredictionTable, PredRow
-from common.evaluation.stats import Interval, bootstrap_metrics, compare_models
-from common.metrics import METRIC_NAMES
+from fedslide.common.evaluation.predictions import SETTINGS, PredictionTable, PredRow
+from fedslide.common.evaluation.stats import Interval, bootstrap_metrics, compare_models
+from fedslide.common.metrics import METRIC_NAMES
 
 
 def _arrays(rows: Sequence[PredRow]) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -97,7 +97,7 @@ def model_section(
 def transfer_matrix(table: PredictionTable, sites: Sequence[str], kind: str, metric: str = "auc") -> dict[str, Any]:
     """Site-local models: `metric` of the model trained at each source site on each target site
     (diagonal: the source's own test split; off-diagonal: the target's held-out slides)."""
-    from common.metrics import classification_metrics
+    from fedslide.common.metrics import classification_metrics
 
     values: dict[str, dict[str, float | None]] = {}
     for source in sites:

@@ -8,14 +8,14 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from common.config.federation import FederationConfig
-from common.config.model import ModelConfig
-from common.distillation.adapter import AdapterSpec, CrossResAdapter, build_adapter
-from common.federation.protocol import Facts
-from common.models.base import MILModel
-from common.models.registry import build_model
-from common.training.repro import seed_everything
-from common.training.run import resolve_model_config
+from fedslide.common.config.federation import FederationConfig
+from fedslide.common.config.model import ModelConfig
+from fedslide.common.distillation.adapter import AdapterSpec, CrossResAdapter, build_adapter
+from fedslide.common.federation.protocol import Facts
+from fedslide.common.models.base import MILModel
+from fedslide.common.models.registry import build_model
+from fedslide.common.training.repro import seed_everything
+from fedslide.common.training.run import resolve_model_config
 
 PARAMS_KEY = "params"  # a model on the wire: every float32 tensor of its state dict, flattened in state-dict order
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from common.models.base import MILModel, MILOutput
-from common.models.heads import HeadName, make_head
-from common.models.layers import AttentionPool, InstanceEncoder, init_linear, prepare_bags
+from fedslide.common.models.base import MILModel, MILOutput
+from fedslide.common.models.heads import HeadName, make_head
+from fedslide.common.models.layers import AttentionPool, InstanceEncoder, init_linear, prepare_bags
 
 
 class ABMIL(MILModel):

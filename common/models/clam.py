@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.models.base import MILModel, MILOutput
-from common.models.heads import HeadName, make_head
-from common.models.layers import AttentionScorer, InstanceEncoder, init_linear, masked_softmax, prepare_bags
+from fedslide.common.models.base import MILModel, MILOutput
+from fedslide.common.models.heads import HeadName, make_head
+from fedslide.common.models.layers import AttentionScorer, InstanceEncoder, init_linear, masked_softmax, prepare_bags
 
 
 class CLAMSB(MILModel):

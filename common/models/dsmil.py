@@ -14,9 +14,9 @@ import math
 import torch
 from torch import nn
 
-from common.models.base import MILModel, MILOutput
-from common.models.heads import HeadName, make_head
-from common.models.layers import InstanceEncoder, init_linear, masked_softmax, prepare_bags
+from fedslide.common.models.base import MILModel, MILOutput
+from fedslide.common.models.heads import HeadName, make_head
+from fedslide.common.models.layers import InstanceEncoder, init_linear, masked_softmax, prepare_bags
 
 
 class DSMIL(MILModel):

@@ -6,9 +6,9 @@ from typing import Literal
 
 import torch
 
-from common.models.base import MILModel, MILOutput
-from common.models.heads import HeadName, make_head
-from common.models.layers import InstanceEncoder, init_linear, masked_max, masked_mean, prepare_bags
+from fedslide.common.models.base import MILModel, MILOutput
+from fedslide.common.models.heads import HeadName, make_head
+from fedslide.common.models.layers import InstanceEncoder, init_linear, masked_max, masked_mean, prepare_bags
 
 
 class PoolingMIL(MILModel):

@@ -5,17 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from common.config.model import MODEL_NAMES, ModelConfig
-from common.models.abmil import ABMIL
-from common.models.acmil import ACMIL
-from common.models.base import MILModel
-from common.models.clam import CLAMSB
-from common.models.dsmil import DSMIL
-from common.models.longmil import LongMIL
-from common.models.mambamil import MambaMIL
-from common.models.pooling import PoolingMIL
-from common.models.s4mil import S4MIL
-from common.models.transmil import TransMIL
+from fedslide.common.config.model import MODEL_NAMES, ModelConfig
+from fedslide.common.models.abmil import ABMIL
+from fedslide.common.models.acmil import ACMIL
+from fedslide.common.models.base import MILModel
+from fedslide.common.models.clam import CLAMSB
+from fedslide.common.models.dsmil import DSMIL
+from fedslide.common.models.longmil import LongMIL
+from fedslide.common.models.mambamil import MambaMIL
+from fedslide.common.models.pooling import PoolingMIL
+from fedslide.common.models.s4mil import S4MIL
+from fedslide.common.models.transmil import TransMIL
 
 
 def _common(cfg: ModelConfig) -> dict[str, Any]:

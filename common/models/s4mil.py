@@ -8,9 +8,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from common.models.base import MILModel, MILOutput
-from common.models.heads import HeadName, make_head
-from common.models.layers import (
+from fedslide.common.models.base import MILModel, MILOutput
+from fedslide.common.models.heads import HeadName, make_head
+from fedslide.common.models.layers import (
     AttentionPool,
     InstanceEncoder,
     gather_rows,

@@ -7,9 +7,9 @@ import math
 import torch
 from torch import nn
 
-from common.models.base import MILModel, MILOutput
-from common.models.heads import HeadName, make_head
-from common.models.layers import init_linear, resolve_mask
+from fedslide.common.models.base import MILModel, MILOutput
+from fedslide.common.models.heads import HeadName, make_head
+from fedslide.common.models.layers import init_linear, resolve_mask
 
 
 def iterative_pinv(matrix: torch.Tensor, iterations: int = 6) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from common.models.base import MILModel
+from fedslide.common.models.base import MILModel
 
 CHECKPOINT_FORMAT = "fedslide.mil-checkpoint/1"
 
@@ -54,8 +54,8 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
 
 def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> tuple[MILModel, dict[str, Any]]:
     """Rebuild the model of a checkpoint through the model registry; returns (model in eval mode, payload)."""
-    from common.config.model import ModelConfig
-    from common.models.registry import build_model
+    from fedslide.common.config.model import ModelConfig
+    from fedslide.common.models.registry import build_model
 
     payload = load_checkpoint(path, map_location)
     model = build_model(ModelConfig.model_validate(payload["model_config"]))

@@ -7,9 +7,9 @@ import math
 import sys
 from typing import Any
 
-from common.cli_support import EXIT_ERROR, EXIT_OK, EXIT_USAGE, add_config_arguments, config_from_args
-from common.metrics import METRIC_NAMES
-from common.training.errors import TrainingInputError
+from fedslide.common.cli_support import EXIT_ERROR, EXIT_OK, EXIT_USAGE, add_config_arguments, config_from_args
+from fedslide.common.metrics import METRIC_NAMES
+from fedslide.common.training.errors import TrainingInputError
 
 SECTION = "train"
 
@@ -92,8 +92,8 @@ def format_summary(summary: dict[str, dict[str, dict[str, float]]], folds: int) 
 
 def handle(args: argparse.Namespace) -> int:
     """Run `fedslide train`; returns an exit code (2 for bad input or config, 1 for a failed run)."""
-    from common.config.train import TrainConfig
-    from common.training.run import run_training
+    from fedslide.common.config.train import TrainConfig
+    from fedslide.common.training.run import run_training
 
     cfg = config_from_args(TrainConfig, args, SECTION, values=_cli_values(args))
     try:

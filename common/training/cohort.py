@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from common.features import COMPLETE_ATTR, FeatureFileError, read_feature_file
-from common.training.errors import FeatureDataError, MissingDataError
-from common.training.labels import LabelTable
+from fedslide.common.features import COMPLETE_ATTR, FeatureFileError, read_feature_file
+from fedslide.common.training.errors import FeatureDataError, MissingDataError
+from fedslide.common.training.labels import LabelTable
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
-from common.training.cohort import Cohort
+from fedslide.common.training.cohort import Cohort
 
 
 @dataclass

@@ -15,12 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from common.metrics import roc_auc
-from common.models.base import MILModel
-from common.training.data import BagBatch
+from fedslide.common.metrics import roc_auc
+from fedslide.common.models.base import MILModel
+from fedslide.common.training.data import BagBatch
 
 if TYPE_CHECKING:
-    from common.config.train import TrainConfig
+    from fedslide.common.config.train import TrainConfig
 
 
 @dataclass

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common.training.cohort import Cohort
-from common.training.loop import EpochRecord, EvalResult
+from fedslide.common.training.cohort import Cohort
+from fedslide.common.training.loop import EpochRecord, EvalResult
 
 METRICS_SCHEMA = "fedslide.train.metrics/1"
 METRICS_FILE = "metrics.json"

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from common.config.base import ConfigError
+from fedslide.common.config.base import ConfigError
 
 
 def seed_everything(seed: int) -> None:

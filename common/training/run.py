@@ -12,19 +12,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from common.config.base import ConfigError
-from common.config.model import ModelConfig
-from common.config.train import TrainConfig
-from common.metrics import classification_metrics, summarize
-from common.models.base import MILModel
-from common.training import outputs
-from common.training.checkpoint import save_checkpoint
-from common.training.cohort import Cohort, load_cohort
-from common.training.data import BagDataset, eval_loader, train_loader
-from common.training.labels import read_labels
-from common.training.loop import EvalResult, FitResult, class_weights, evaluate, fit
-from common.training.repro import deterministic_torch, resolve_device, seed_everything
-from common.training.splits import FoldSplit, check_splits, cv_splits, given_splits
+from fedslide.common.config.base import ConfigError
+from fedslide.common.config.model import ModelConfig
+from fedslide.common.config.train import TrainConfig
+from fedslide.common.metrics import classification_metrics, summarize
+from fedslide.common.models.base import MILModel
+from fedslide.common.training import outputs
+from fedslide.common.training.checkpoint import save_checkpoint
+from fedslide.common.training.cohort import Cohort, load_cohort
+from fedslide.common.training.data import BagDataset, eval_loader, train_loader
+from fedslide.common.training.labels import read_labels
+from fedslide.common.training.loop import EvalResult, FitResult, class_weights, evaluate, fit
+from fedslide.common.training.repro import deterministic_torch, resolve_device, seed_everything
+from fedslide.common.training.splits import FoldSplit, check_splits, cv_splits, given_splits
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def resolve_model_config(model_cfg: ModelConfig, feature_dim: int, num_classes: 
 
 def default_model_factory(model_cfg: ModelConfig) -> MILModel:
     """Build the configured model through the model registry."""
-    from common.models.registry import build_model
+    from fedslide.common.models.registry import build_model
 
     return build_model(model_cfg)
 

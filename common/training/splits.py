@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.training.errors import SplitError
+from fedslide.common.training.errors import SplitError
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.models.abmil import ABMIL
-from common.training.cohort import Cohort, Slide
-from common.training.data import BagDataset, eval_loader, train_loader
-from common.training.loop import evaluate, train_epoch
+from fedslide.common.models.abmil import ABMIL
+from fedslide.common.training.cohort import Cohort, Slide
+from fedslide.common.training.data import BagDataset, eval_loader, train_loader
+from fedslide.common.training.loop import evaluate, train_epoch
 
 
 def synthetic_cohort(bags: int, dim: int, min_n: int, max_n: int, seed: int) -> Cohort:
@@ -97,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.sites:
-        from common.distillation.data import load_sites
+        from fedslide.common.distillation.data import load_sites
 
         data = load_sites(list(args.sites), seed=args.seed)
         cohort = data.cohort(data.high_bags() if args.resolution == "high" else data.low_bags())

@@ -40,9 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from client.slides import discover_slides
-from common.config.preprocess import SlideConfig
-from common.metrics import classification_metrics, roc_auc
+from fedslide.client.slides import discover_slides
+from fedslide.common.config.preprocess import SlideConfig
+from fedslide.common.metrics import classification_metrics, roc_auc
 
 AUC_MARGIN = 0.02
 SPEED_TARGET = 10.0
@@ -58,7 +58,7 @@ ROWS: dict[str, tuple[str, str, list[str], str | None]] = {
 
 
 def fedslide(*args: str) -> list[str]:
-    return [sys.executable, "-m", "common.cli", *args]
+    return [sys.executable, "-m", "fedslide.deploy.cli", *args]
 
 
 def run_logged(cmd: list[str], log_path: Path, threads: int) -> tuple[int, float]:

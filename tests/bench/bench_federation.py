@@ -91,7 +91,7 @@ SCALE_NOISE = 0.05  # of each feature's spread across the slide's patches
 
 def scale_sites(sites: list[Path], k: int, out: Path, encoder: str | None) -> list[Path]:
     """Copies of `sites` under `out` whose feature files hold every patch K times (see the module docstring)."""
-    from common.features import FeatureMeta, FeatureWriter, feature_path, read_feature_file
+    from fedslide.common.features import FeatureMeta, FeatureWriter, feature_path, read_feature_file
 
     meta_fields = set(FeatureMeta.__dataclass_fields__) - {"extra"}
     scaled = []
@@ -127,8 +127,8 @@ def scale_sites(sites: list[Path], k: int, out: Path, encoder: str | None) -> li
 
 
 def federation_config(args: argparse.Namespace, run_id: str, **extra: Any):  # noqa: ANN201
-    from common.config.base import load_config
-    from common.config.federation import FederationConfig
+    from fedslide.common.config.base import load_config
+    from fedslide.common.config.federation import FederationConfig
 
     cfg = load_config(FederationConfig, overrides=args.set, values={"run_id": run_id, "runs_dir": str(args.out / "fed" / "runs"),
                                                                     "threads": args.threads})
@@ -136,10 +136,10 @@ def federation_config(args: argparse.Namespace, run_id: str, **extra: Any):  # n
 
 
 def run_federated(args: argparse.Namespace, cfg: Any) -> tuple[Path, float]:
-    from client.client_app import app as client_app
-    from common.federate import LaunchOptions, run_consortium
-    from server.local_grid import LocalGrid
-    from server.server_app import run
+    from fedslide.client.client_app import app as client_app
+    from fedslide.deploy.federate import LaunchOptions, run_consortium
+    from fedslide.server.local_grid import LocalGrid
+    from fedslide.server.server_app import run
 
     start = time.perf_counter()
     if args.deploy == "loopback":
@@ -151,8 +151,8 @@ def run_federated(args: argparse.Namespace, cfg: Any) -> tuple[Path, float]:
 
 
 def run_centralized(args: argparse.Namespace, fed_cfg: Any) -> tuple[Path, float]:
-    from common.config.distill import AdapterConfig, DistillConfig, MILTrainingConfig
-    from common.distillation.pipeline import run_distill
+    from fedslide.common.config.distill import AdapterConfig, DistillConfig, MILTrainingConfig
+    from fedslide.common.distillation.pipeline import run_distill
 
     r = fed_cfg.rounds
     training = MILTrainingConfig.model_validate(fed_cfg.training.model_dump() | {
@@ -174,12 +174,12 @@ def run_centralized(args: argparse.Namespace, fed_cfg: Any) -> tuple[Path, float
 
 def federated_student_auc(args: argparse.Namespace, run_dir: Path, cfg: Any) -> dict[str, float]:
     """The federated student (and teacher) on the pooled test slides, from the saved global models."""
-    from common.distillation.adapter import build_adapter
-    from common.distillation.data import load_sites
-    from common.distillation.mil import evaluate_split
-    from common.distillation.student import student_bags
-    from common.federation.models import adapter_spec, new_model, student_config, teacher_config
-    from common.federation.protocol import Facts
+    from fedslide.common.distillation.adapter import build_adapter
+    from fedslide.common.distillation.data import load_sites
+    from fedslide.common.distillation.mil import evaluate_split
+    from fedslide.common.distillation.student import student_bags
+    from fedslide.common.federation.models import adapter_spec, new_model, student_config, teacher_config
+    from fedslide.common.federation.protocol import Facts
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     data = load_sites(args.sites, cfg.encoder, seed=cfg.seed, classes=metrics["classes"])
@@ -204,10 +204,10 @@ def federated_student_auc(args: argparse.Namespace, run_dir: Path, cfg: Any) -> 
 
 def centralized_teacher_on_adapted_auc(args: argparse.Namespace, central_dir: Path, cfg: Any) -> float:
     """The centralized teacher applied to its adapter's low-res bags (what the KD student starts from)."""
-    from common.distillation.bundle import StudentBundle
-    from common.distillation.data import load_sites
-    from common.distillation.mil import evaluate_split
-    from common.distillation.student import student_bags
+    from fedslide.common.distillation.bundle import StudentBundle
+    from fedslide.common.distillation.data import load_sites
+    from fedslide.common.distillation.mil import evaluate_split
+    from fedslide.common.distillation.student import student_bags
 
     bundle = StudentBundle.load(central_dir / "student")
     data = load_sites(args.sites, cfg.encoder, seed=cfg.seed)

@@ -36,8 +36,8 @@ def _child(model_name: str, n: int, dim: int, threads: int) -> dict[str, float]:
     import torch.nn.functional as F
     from torch import nn
 
-    from common.config.model import ModelConfig
-    from common.models import build_model
+    from fedslide.common.config.model import ModelConfig
+    from fedslide.common.models import build_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

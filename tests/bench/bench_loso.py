@@ -55,11 +55,11 @@ TINY = [
 
 def make_cohort(args: argparse.Namespace) -> list[Path]:
     """The 4-site synthetic cohort with a strongly shifted site, preprocessed (resumable)."""
-    from client.preprocess import SitePreprocessor
-    from client.synth.cohort import generate_cohort
-    from common.config.base import load_config
-    from common.config.preprocess import PreprocessConfig
-    from common.config.synth import SynthConfig
+    from fedslide.client.preprocess import SitePreprocessor
+    from fedslide.client.synth.cohort import generate_cohort
+    from fedslide.common.config.base import load_config
+    from fedslide.common.config.preprocess import PreprocessConfig
+    from fedslide.common.config.synth import SynthConfig
 
     synth = load_config(SynthConfig, overrides=args.synth_set, values={
         "out_dir": str(args.out / "cohort"), "sites": 4, "slides_per_site": args.slides_per_site,
@@ -166,9 +166,9 @@ def main() -> None:
     sites = make_tiny(args) if args.tiny else make_cohort(args)
     shifted = None if args.tiny else f"site{args.strong_site}"
 
-    from common.config.base import load_config
-    from common.config.evaluate import EvaluateConfig
-    from common.evaluation.loso import run_study
+    from fedslide.common.config.base import load_config
+    from fedslide.common.config.evaluate import EvaluateConfig
+    from fedslide.deploy.study.loso import run_study
 
     overrides = [*(TINY if args.tiny else EVIDENCE), *args.set]
     cfg = load_config(EvaluateConfig, path=args.config, section="evaluate", overrides=overrides,

@@ -108,7 +108,7 @@ def pool_sites(sites: list[Path], resolution: str, encoder: str | None, dest: Pa
 
 
 def _bag_sizes(features_dir: Path) -> dict[str, float]:
-    from common.features import read_feature_file
+    from fedslide.common.features import read_feature_file
 
     sizes = [len(read_feature_file(p)) for p in sorted(features_dir.glob("*.h5"))]
     return {"min": min(sizes), "mean": sum(sizes) / len(sizes), "max": max(sizes)}
@@ -123,9 +123,9 @@ def _stat(summary: dict[str, Any], name: str) -> dict[str, float] | None:
 
 def run_one(model: str, resolution: str, pool: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Train `model` with k-fold CV on the pooled features; the row of the table (error recorded, not raised)."""
-    from common.config.model import ModelConfig
-    from common.config.train import TrainConfig
-    from common.training.run import run_training
+    from fedslide.common.config.model import ModelConfig
+    from fedslide.common.config.train import TrainConfig
+    from fedslide.common.training.run import run_training
 
     row: dict[str, Any] = {"model": model, "resolution": resolution}
     out_dir = args.out / "runs" / resolution / model
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError:
         pass
 
-    from common.models import MODEL_NAMES
+    from fedslide.common.models import MODEL_NAMES
 
     models = args.models or list(MODEL_NAMES)
     unknown = [m for m in models if m not in MODEL_NAMES]

@@ -27,10 +27,10 @@ from pathlib import Path
 import psutil
 import torch
 
-from client.encoders import build_encoder
-from client.preprocess import SitePreprocessor
-from client.synth.slide import write_slide
-from common.config.preprocess import EncoderConfig, PreprocessConfig
+from fedslide.client.encoders import build_encoder
+from fedslide.client.preprocess import SitePreprocessor
+from fedslide.client.synth.slide import write_slide
+from fedslide.common.config.preprocess import EncoderConfig, PreprocessConfig
 
 
 def encoder_only(cfg: EncoderConfig, patch: int, batches: int) -> float:
@@ -146,7 +146,7 @@ def main() -> None:
             write_slide(big, side_um, side_um, 0.5, "generic", seed=11, tumor=True, tumor_fraction=0.3, progress=True)
             results["big_slide_write_seconds"] = time.perf_counter() - t0
         shutil.rmtree(big_site / "features", ignore_errors=True)
-        cmd = [sys.executable, "-m", "common.cli", "preprocess", "--site", str(big_site), "--no-progress",
+        cmd = [sys.executable, "-m", "fedslide.deploy.cli", "preprocess", "--site", str(big_site), "--no-progress",
                "--batch-size", str(args.batch_size), "--workers", str(args.workers),
                "--set", f"encoder.threads={args.threads}"]
         results["big_slide"] = peak_memory(cmd)

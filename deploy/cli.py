@@ -6,22 +6,22 @@ import argparse
 import logging
 import sys
 
-from common import __version__
-from common.cli_support import EXIT_USAGE, ConfigError
+from fedslide.common import __version__
+from fedslide.common.cli_support import EXIT_USAGE, ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from client.predict_cli import add_parser as add_predict
-    from client.preprocess_cli import add_parser as add_preprocess
-    from client.superexec import add_parser as add_superexec
-    from client.synth.cli import add_parser as add_synth
-    from common.demo import add_parser as add_demo
-    from common.distillation.cli import add_parser as add_distill
-    from common.evaluation.cli import add_parsers as add_evaluation
-    from common.federate import add_parser as add_federate
-    from common.training.cli import add_parser as add_train
-    from deploy.certs import add_parser as add_certs
-    from deploy.compose import add_parser as add_deploy
+    from fedslide.client.predict_cli import add_parser as add_predict
+    from fedslide.client.preprocess_cli import add_parser as add_preprocess
+    from fedslide.client.superexec import add_parser as add_superexec
+    from fedslide.client.synth.cli import add_parser as add_synth
+    from fedslide.deploy.demo import add_parser as add_demo
+    from fedslide.common.distillation.cli import add_parser as add_distill
+    from fedslide.deploy.study.cli import add_parsers as add_evaluation
+    from fedslide.deploy.federate import add_parser as add_federate
+    from fedslide.common.training.cli import add_parser as add_train
+    from fedslide.deploy.certs import add_parser as add_certs
+    from fedslide.deploy.compose import add_parser as add_deploy
 
     parser = argparse.ArgumentParser(prog="fedslide", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fedslide {__version__}")

@@ -37,12 +37,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from common import __version__
-from common.config.base import ConfigError
-from common.config.evaluate import EvaluateConfig
-from common.config.federation import FederationConfig
-from common.distillation.data import DistillData, SlidePair, load_sites
-from common.evaluation.predictions import (
+from fedslide.common import __version__
+from fedslide.common.config.base import ConfigError
+from fedslide.common.config.evaluate import EvaluateConfig
+from fedslide.common.config.federation import FederationConfig
+from fedslide.common.distillation.data import DistillData, SlidePair, load_sites
+from fedslide.common.evaluation.predictions import (
     STUDY_PREDICTIONS,
     PredictionTable,
     ScoreCost,
@@ -50,9 +50,9 @@ from common.evaluation.predictions import (
     rows_from_scores,
     score_bundles,
 )
-from common.evaluation.schema import METRICS_SCHEMA, settings_doc
-from common.evaluation.summary import summarize
-from common.training.outputs import write_json
+from fedslide.common.evaluation.schema import METRICS_SCHEMA, settings_doc
+from fedslide.common.evaluation.summary import summarize
+from fedslide.common.training.outputs import write_json
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def cohort(study: Study) -> list[dict[str, Any]]:
 # ---- the three regimes -----------------------------------------------------------------------------
 def _distill(study: Study, sites: list[str], run_dir: Path, what: str) -> bool:
     """Run (or reuse) `fedslide distill` on `sites` into `run_dir`; True when it was reused."""
-    from common.distillation.pipeline import run_distill
+    from fedslide.common.distillation.pipeline import run_distill
 
     cfg = study.cfg
     dcfg = cfg.distill.model_copy(update={
@@ -262,9 +262,9 @@ def fold_run_id(study: Study, held: str) -> str:
 
 def _federate(study: Study, held: str) -> tuple[Path, bool]:
     """Run (or reuse / resume) the federation without `held`; its server run folder and whether it was reused."""
-    from client.client_app import app as client_app
-    from server.local_grid import LocalGrid
-    from server.server_app import run
+    from fedslide.client.client_app import app as client_app
+    from fedslide.server.local_grid import LocalGrid
+    from fedslide.server.server_app import run
 
     cfg = study.cfg
     runs_dir = study.out_dir / "federation"
@@ -320,8 +320,8 @@ def run_federated(study: Study) -> None:
 def export_heatmaps(study: Study) -> list[dict[str, Any]]:
     """Example heatmaps per site: by the site itself (federated student of its fold, into its own run folder)
     and/or of the centralized reference of that fold (into <out-dir>/heatmaps/)."""
-    from common.distillation.bundle import StudentBundle
-    from common.evaluation.heatmaps import pick_examples, render_slide_heatmap
+    from fedslide.common.distillation.bundle import StudentBundle
+    from fedslide.deploy.study.heatmaps import pick_examples, render_slide_heatmap
 
     hm = study.cfg.heatmaps
     if not hm.enabled or hm.per_class == 0:
@@ -458,7 +458,7 @@ def run_study(cfg: EvaluateConfig) -> StudyResult:
     write_json(study.out_dir / METRICS_FILE, metrics)
     result = StudyResult(study.out_dir, metrics)
     if cfg.report:
-        from common.evaluation.report import write_report
+        from fedslide.common.evaluation.report import write_report
 
         result.report = write_report(study.out_dir)
     return result

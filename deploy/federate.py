@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.cli_support import EXIT_ERROR, EXIT_OK, ConfigError, add_config_arguments, config_from_args
-from common.config.federation import FederationConfig
-from common.flower_app import APP_DIR, stage_app, write_run_config
-from common.processes import ProcessFailed, free_port, tail
+from fedslide.common.cli_support import EXIT_ERROR, EXIT_OK, ConfigError, add_config_arguments, config_from_args
+from fedslide.common.config.federation import FederationConfig
+from fedslide.common.flower_app import APP_DIR, stage_app, write_run_config
+from fedslide.common.processes import ProcessFailed, free_port, tail
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class LaunchOptions:
 
 def preflight(sites: list[Path], cfg: FederationConfig) -> None:
     """Refuse bad site directories before any process starts: each site's labels and feature files are read."""
-    from common.distillation.data import load_sites
+    from fedslide.common.distillation.data import load_sites
 
     if len(sites) < cfg.min_nodes:
         raise ConfigError(f"{len(sites)} site(s) given, fewer than min-nodes = {cfg.min_nodes}")
@@ -93,9 +93,9 @@ def preflight(sites: list[Path], cfg: FederationConfig) -> None:
 
 def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions) -> Path:
     """Start SuperLink + SuperNodes, run the app, stop everything; the run directory at the coordinating site."""
-    from client.supernode import SuperNode
-    from deploy.certs import load_ca, make_all
-    from server.superlink import FlowerCli, SuperLink, TLSFiles
+    from fedslide.client.supernode import SuperNode
+    from fedslide.deploy.certs import load_ca, make_all
+    from fedslide.server.superlink import FlowerCli, SuperLink, TLSFiles
 
     preflight(sites, cfg)
     work = opts.work_dir.resolve()
@@ -263,7 +263,7 @@ def _wait(cli: Any, run_id: int, link: Any, nodes: list[Any], opts: LaunchOption
 
 def _status(cli: Any, run_id: int, link: Any, run_dir: Path) -> tuple[str, str]:
     """The run's status and its details (`flwr ls`); a dead SuperLink is reported as the failure it is."""
-    from server.superlink import FlowerCliError
+    from fedslide.server.superlink import FlowerCliError
 
     try:
         status = cli.status(run_id)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import csv
 import time
+from importlib.resources import files
 from pathlib import Path
 
-from common.cli_support import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, ConfigError, add_config_arguments, config_from_args
+from fedslide.common.cli_support import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, ConfigError, add_config_arguments, config_from_args
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+DEMO_CONFIG = Path(str(files("fedslide.configs") / "demo.toml"))  # shipped in the package
 SECTIONS = ("synth", "preprocess", "federation", "predict")
 
 
@@ -39,15 +40,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from client.inference.run import predict_slides
-    from client.preprocess import SitePreprocessor
-    from client.synth.cohort import generate_cohort
-    from common.config.federation import FederationConfig
-    from common.config.predict import PredictConfig
-    from common.config.preprocess import PreprocessConfig
-    from common.config.synth import SynthConfig
-    from common.federate import FederationFailed, LaunchOptions, run_consortium
-    from common.processes import ProcessFailed
+    from fedslide.client.inference.run import predict_slides
+    from fedslide.client.preprocess import SitePreprocessor
+    from fedslide.client.synth.cohort import generate_cohort
+    from fedslide.common.config.federation import FederationConfig
+    from fedslide.common.config.predict import PredictConfig
+    from fedslide.common.config.preprocess import PreprocessConfig
+    from fedslide.common.config.synth import SynthConfig
+    from fedslide.deploy.federate import FederationFailed, LaunchOptions, run_consortium
+    from fedslide.common.processes import ProcessFailed
 
     start = time.perf_counter()
     config = args.config or str(DEMO_CONFIG)

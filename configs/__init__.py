@@ -1,0 +1,1 @@
+"""Settings files (TOML) shipped with fedslide, read with importlib.resources."""
