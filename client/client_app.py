@@ -1,4 +1,4 @@
-"""The hospital's Flower ClientApp: one handler per message type; every reply passes the egress policy.
+"""The hospital's Flower ClientApp: the site step of every declared phase; every reply passes the egress policy.
 
 The SuperNode's node config names the site (`site-dir`, optional `runs-dir`, `site-name`); the run
 config is the federation's (`FederationConfig`). Each reply is checked by `common.egress.check_reply`
@@ -11,6 +11,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 import torch
@@ -20,7 +21,8 @@ from flwr.clientapp import ClientApp
 from fedslide.client import local_phases as phases
 from fedslide.client.site_run import SiteRun
 from fedslide.common.config.federation import FederationConfig
-from fedslide.common.egress import Allowed, ArraySpec, check_reply, weights_reply
+from fedslide.common.egress import Allowed, ArraySpec, arrays_reply, check_reply, weights_reply
+from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
 from fedslide.common.federation.models import fingerprint
 
@@ -33,8 +35,8 @@ Handler = Callable[[Message, Context], Message]
 
 def _site(message: Message, context: Context) -> SiteRun:
     cfg = FederationConfig.from_run_config(dict(context.run_config))
-    config = message.content[p.CONFIG]
-    site = SiteRun.from_node_config(dict(context.node_config), cfg, str(config["run-id"]))
+    config = message.content.config_records[p.CONFIG]
+    site = SiteRun.from_node_config(dict(context.node_config), cfg, str(config[ph.RUN_ID]))
     if "classes" in config:
         site.facts = p.Facts.from_config(config)
     if cfg.threads:
@@ -42,10 +44,13 @@ def _site(message: Message, context: Context) -> SiteRun:
     return site
 
 
-def _send(message: Message, site: SiteRun, phase: str, content: RecordDict, allowed: Allowed) -> Message:
+def _round(config: ConfigRecord) -> int:
+    return int(cast(int, config.get(ph.SERVER_ROUND, 0))) + int(cast(int, config.get(ph.ROUND_OFFSET, 0)))
+
+
+def _send(message: Message, site: SiteRun, content: RecordDict, allowed: Allowed) -> Message:
     check_reply(content, allowed)
-    server_round = int(message.content[p.CONFIG].get("server-round", 0)) + int(message.content[p.CONFIG].get("round-offset", 0))
-    site.ledger.append(phase, server_round, content)
+    site.ledger.append(allowed.phase, _round(message.content.config_records[p.CONFIG]), content)
     return Message(content, reply_to=message)
 
 
@@ -75,123 +80,124 @@ def guarded(handler: Callable[[Message, Context, SiteRun], Message]) -> Handler:
 
 
 def _stats_record(stats: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({"sums": Array(np.asarray(stats["sums"], dtype=np.float64)),
-                        "counts": Array(np.asarray(stats["counts"], dtype=np.int64))})
+    return ArrayRecord({ph.SUMS: Array(np.asarray(stats[ph.SUMS], dtype=np.float64)),
+                        ph.COUNTS: Array(np.asarray(stats[ph.COUNTS], dtype=np.int64))})
 
 
-def _stats_allowed(phase: str, clusters: int, dim: int) -> Allowed:
-    return Allowed(phase, p.STATS, {"sums": ArraySpec((clusters, dim), "float64"), "counts": ArraySpec((clusters,), "int64")})
+def _stats_allowed(phase: ph.Phase, clusters: int, dim: int) -> Allowed:
+    return arrays_reply(phase.name, {ph.SUMS: ArraySpec((clusters, dim), "float64"),
+                                     ph.COUNTS: ArraySpec((clusters,), "int64")})
 
 
-@app.query("handshake")
+def _fingerprint(content: RecordDict) -> str:
+    return str(content.config_records[p.CONFIG].get(ph.TEACHER_FINGERPRINT, ""))
+
+
+def _centroids(content: RecordDict) -> np.ndarray | None:
+    return content.array_records[p.CENTROIDS][ph.CENTROIDS].numpy() if p.CENTROIDS in content else None
+
+
 @guarded
 def handshake(message: Message, context: Context, site: SiteRun) -> Message:
     """Counts, class balance and encoder identity of the site (no slide ids)."""
     site.facts = None  # the handshake reads the site's own class list
     data = site.data()
     attrs = data.low_attrs
-    counts: dict[str, int] = {"encoder-dim": data.feature_dim, "token-grid": data.token_grid, "child-grid": data.child_grid}
-    for split in ("train", "val", "test"):
+    counts: phases.Metrics = {ph.ENCODER_DIM: data.feature_dim, ph.TOKEN_GRID: data.token_grid,
+                              ph.CHILD_GRID: data.child_grid}
+    for split in ph.SPLITS:
         idx = data.split(split)
-        counts[f"n-{split}"] = int(idx.size)
+        counts[ph.split_count(split)] = int(idx.size)
         for k, n in enumerate(np.bincount(data.labels[idx], minlength=len(data.classes)).tolist()):
-            counts[f"n-{split}-class-{k}"] = int(n)
+            counts[ph.split_count(split, k)] = int(n)
     info = ConfigRecord({
-        "site-name": site.name, "encoder-name": str(attrs.get("encoder_name") or data.encoder),
-        "encoder-hash": str(attrs.get("encoder_weights_hash", "")),
-        "encoder-fingerprint": str(attrs.get("encoder_fingerprint", "")), "classes": list(data.classes),
+        ph.SITE_NAME: site.name, ph.ENCODER_NAME: str(attrs.get("encoder_name") or data.encoder),
+        ph.ENCODER_HASH: str(attrs.get("encoder_weights_hash", "")),
+        ph.ENCODER_FINGERPRINT: str(attrs.get("encoder_fingerprint", "")), ph.CLASSES: list(data.classes),
     })
     content = RecordDict({p.SITE: info, p.METRICS: MetricRecord(counts)})
-    return _send(message, site, "handshake", content, Allowed("handshake", config_record=p.SITE))
+    return _send(message, site, content, Allowed(ph.HANDSHAKE.name))
 
 
-@app.train()
 @guarded
 def train(message: Message, context: Context, site: SiteRun) -> Message:
-    """One local round of the phase named in the config (adapter, teacher with the baseline, experts, student)."""
-    config = message.content[p.CONFIG]
-    phase = str(config["phase"])
-    server_round = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
-    mu = float(config.get("proximal-mu", 0.0))
-    received = message.content[p.ARRAYS]
-    if phase == "adapter":
-        arrays, metrics = phases.adapter_round(site, received, server_round)
-    elif phase == "experts":
-        centroids = message.content[p.CENTROIDS]["centroids"].numpy()
-        arrays, metrics = phases.experts_round(site, received, centroids, str(config["teacher-fingerprint"]),
-                                               server_round, mu)
-    elif phase in phases.MODEL_ROUNDS:
-        arrays, metrics = phases.MODEL_ROUNDS[phase](site, received, server_round, mu)
-    else:
-        raise ValueError(f"unknown training phase {phase!r}")
+    """One local round of the weights phase named in the config (adapter, teacher with the baseline, experts,
+    student)."""
+    config = message.content.config_records[p.CONFIG]
+    phase = ph.by_config(str(config[ph.PHASE]))
+    mu = float(cast(float, config.get(ph.PROXIMAL_MU, 0.0)))
+    arrays, metrics = phases.train(site, phase, message.content, _round(config), mu)
     content = RecordDict({p.ARRAYS: arrays, p.METRICS: MetricRecord(metrics)})
-    return _send(message, site, phase, content, weights_reply(phase, received))
+    return _send(message, site, content, weights_reply(phase.name, message.content.array_records[p.ARRAYS]))
 
 
-@app.evaluate()
 @guarded
 def evaluate(message: Message, context: Context, site: SiteRun) -> Message:
-    """Validation of a phase's global model, or (phase "final") the push-back and local test evaluation."""
-    config = message.content[p.CONFIG]
-    phase = str(config["phase"])
-    if phase == p.FINAL:
+    """Validation of a weights phase's global model, or (the evaluation phase) the push-back and local test
+    evaluation."""
+    config = message.content.config_records[p.CONFIG]
+    phase = ph.by_config(str(config[ph.PHASE]))
+    if phase is ph.EVALUATION:
         c = message.content
-        metrics = phases.final_evaluation(site, c[p.TEACHER], c[p.STUDENT], c[p.BASELINE], c[p.ADAPTER],
-                                          str(config.get("eval-split", "test")))
-        return _send(message, site, "evaluate", RecordDict({p.METRICS: MetricRecord(metrics)}), Allowed("evaluate"))
-    metrics = phases.validate(site, phase, message.content)
-    return _send(message, site, phase, RecordDict({p.METRICS: MetricRecord(metrics)}), Allowed(phase))
+        metrics = phases.final_evaluation(site, c.array_records[p.TEACHER], c.array_records[p.STUDENT], c.array_records[p.BASELINE], c.array_records[p.ADAPTER],
+                                          str(config.get(ph.EVAL_SPLIT, "test")))
+    else:
+        metrics = phases.validate(site, phase, message.content)
+    return _send(message, site, RecordDict({p.METRICS: MetricRecord(metrics)}), Allowed(phase.name))
 
 
-@app.query("cluster_init")
 @guarded
 def cluster_init(message: Message, context: Context, site: SiteRun) -> Message:
     """Teacher outputs of the training slides (kept) and local k-means sums/counts (sent)."""
-    teacher = message.content[p.TEACHER]
+    teacher = message.content.array_records[p.TEACHER]
     stats, metrics = phases.cluster_init(site, teacher, fingerprint(teacher))
-    c, e = stats["sums"].shape
+    c, e = stats[ph.SUMS].shape
     content = RecordDict({p.STATS: _stats_record(stats), p.METRICS: MetricRecord(metrics)})
-    return _send(message, site, "cluster-init", content, _stats_allowed("cluster-init", c, e))
+    return _send(message, site, content, _stats_allowed(ph.CLUSTER_INIT, c, e))
 
 
-@app.query("cluster_stats")
 @guarded
 def cluster_stats(message: Message, context: Context, site: SiteRun) -> Message:
     """Per-cluster sums and counts under the server's centroids."""
-    config = message.content[p.CONFIG]
-    centroids = message.content[p.CENTROIDS]["centroids"].numpy()
-    stats, metrics = phases.cluster_stats(site, centroids, str(config["teacher-fingerprint"]))
+    centroids = message.content.array_records[p.CENTROIDS][ph.CENTROIDS].numpy()
+    stats, metrics = phases.cluster_stats(site, centroids, str(message.content.config_records[p.CONFIG][ph.TEACHER_FINGERPRINT]))
     content = RecordDict({p.STATS: _stats_record(stats), p.METRICS: MetricRecord(metrics)})
-    return _send(message, site, "cluster-stats", content, _stats_allowed("cluster-stats", *centroids.shape))
+    return _send(message, site, content, _stats_allowed(ph.CLUSTER_STATS, *centroids.shape))
 
 
-@app.query("kd_cache")
 @guarded
 def kd_cache(message: Message, context: Context, site: SiteRun) -> Message:
     """Cache teacher/expert logits and the adapted student bags at the site (only counts are sent)."""
     c = message.content
-    centroids = c[p.CENTROIDS]["centroids"].numpy() if p.CENTROIDS in c else None
-    metrics = phases.kd_cache(site, c[p.TEACHER], c.get(p.EXPERTS), c[p.ADAPTER], centroids,
-                              str(c[p.CONFIG].get("teacher-fingerprint", "")))
-    metrics["num-examples"] = metrics["n-train"]
-    return _send(message, site, "kd-cache", RecordDict({p.METRICS: MetricRecord(metrics)}), Allowed("kd-cache"))
+    metrics = phases.kd_cache(site, c.array_records[p.TEACHER], c.array_records.get(p.EXPERTS), c.array_records[p.ADAPTER], _centroids(c), _fingerprint(c))
+    metrics[ph.NUM_EXAMPLES] = metrics[ph.N_TRAIN]
+    return _send(message, site, RecordDict({p.METRICS: MetricRecord(metrics)}), Allowed(ph.KD_CACHE.name))
 
 
-@app.query("logits")
 @guarded
 def logits(message: Message, context: Context, site: SiteRun) -> Message:
     """Logits mode: teacher/expert logits on the proxy cohort the server sent (nothing about the site's slides)."""
     c = message.content
-    centroids = c[p.CENTROIDS]["centroids"].numpy() if p.CENTROIDS in c else None
-    out, metrics = phases.proxy_logits(site, c[p.TEACHER], c.get(p.EXPERTS), centroids, c[p.PROXY],
-                                       str(c[p.CONFIG].get("teacher-fingerprint", "")))
+    out, metrics = phases.proxy_logits(site, c.array_records[p.TEACHER], c.array_records.get(p.EXPERTS), _centroids(c), c.array_records[p.PROXY], _fingerprint(c))
     record = ArrayRecord({k: Array(v) for k, v in out.items()})
     content = RecordDict({p.LOGITS_RECORD: record, p.METRICS: MetricRecord(metrics)})
     assert site.facts is not None
-    n, k = int(c[p.PROXY]["offsets"].numpy().size) - 1, len(site.facts.classes)  # what the server asked about
-    allowed = {"teacher": ArraySpec((n, k), "float32")}
+    n, k = int(c.array_records[p.PROXY]["offsets"].numpy().size) - 1, len(site.facts.classes)  # what the server asked about
+    allowed = {ph.TEACHER_LOGITS: ArraySpec((n, k), "float32")}
     if p.EXPERTS in c:
-        experts = len({name.split(".", 1)[0] for name in c[p.EXPERTS]})
-        allowed["experts"] = ArraySpec((experts, n, k), "float32")
-        allowed["expert-weights"] = ArraySpec((experts,), "float32")
-    return _send(message, site, "logits", content, Allowed("logits", p.LOGITS_RECORD, allowed))
+        experts = len({name.split(".", 1)[0] for name in c.array_records[p.EXPERTS]})
+        allowed[ph.EXPERT_LOGITS] = ArraySpec((experts, n, k), "float32")
+        allowed[ph.EXPERT_WEIGHTS] = ArraySpec((experts,), "float32")
+    return _send(message, site, content, arrays_reply(ph.LOGITS.name, allowed))
+
+
+# the site step of every phase: queries by their own message type; the weights phases share `train` (their local
+# rounds, dispatched by the config's phase) and `evaluate` (validation of the global model) with the final evaluation
+SITE_STEPS: dict[ph.Phase, Handler] = {
+    ph.HANDSHAKE: handshake, ph.CLUSTER_INIT: cluster_init, ph.CLUSTER_STATS: cluster_stats, ph.KD_CACHE: kd_cache,
+    ph.LOGITS: logits, **{phase: train for phase in phases.TRAIN_STEPS}, ph.EVALUATION: evaluate,
+}
+_ROUTES = {(phase.category, phase.action): step for phase, step in SITE_STEPS.items()}  # Flower's routing key
+for (_category, _action), _step in _ROUTES.items():
+    _register = {ph.QUERY: app.query, ph.TRAIN: app.train, ph.EVALUATE: app.evaluate}[_category]
+    (_register(_action) if _action else _register())(_step)

@@ -17,13 +17,6 @@ from fedslide.client.encoders.base import PatchEncoder
 from fedslide.client.patch_loader import RegionDataset, iterate_batches
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' = CUDA when present, else CPU; 'cpu' / 'cuda' as given."""
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Autocast context for `precision` ('auto' = bf16 on a GPU, fp32 on the CPU)."""
     if precision == "auto":

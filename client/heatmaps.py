@@ -7,7 +7,6 @@ and shown over the thumbnail at 1:1 thumbnail pixels, so the PNG's layout is fix
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from matplotlib import patheffects
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
+
+from fedslide.common.atomic import atomic_path
 
 DPI = 100
 CMAP = "turbo"
@@ -80,9 +81,9 @@ def heatmap_layout(thumb_width: int, thumb_height: int) -> HeatmapLayout:
     return HeatmapLayout(width=width, height=_TITLE + thumb_height + _MARGIN, image_box=image, colorbar_box=colorbar)
 
 
-def _axes_rect(box: tuple[int, int, int, int], layout: HeatmapLayout) -> list[float]:
+def _axes_rect(box: tuple[int, int, int, int], layout: HeatmapLayout) -> tuple[float, float, float, float]:
     left, top, w, h = box
-    return [left / layout.width, 1.0 - (top + h) / layout.height, w / layout.width, h / layout.height]
+    return (left / layout.width, 1.0 - (top + h) / layout.height, w / layout.width, h / layout.height)
 
 
 def render_heatmap(
@@ -131,7 +132,7 @@ def render_heatmap(
         ys = (np.arange(tissue.shape[0]) + 0.5) * my / thumb_mpp[1]
         ax.contour(xs, ys, tissue.astype(np.float32), levels=[0.5], colors=[TISSUE_COLOUR], linewidths=1.2)
         handles.append(Line2D([], [], color=TISSUE_COLOUR, lw=1.5, label="tissue outline"))
-    outlined = [patheffects.withStroke(linewidth=3.0, foreground="black")]
+    outlined: list[patheffects.AbstractPathEffect] = [patheffects.withStroke(linewidth=3.0, foreground="black")]
     for x, y, side in regions or []:
         box = Rectangle((x * sx, y * sy), side * sx, side * sy, fill=False, ec=REGION_COLOUR, lw=1.4, ls="--")
         box.set_path_effects(outlined)
@@ -167,9 +168,8 @@ def render_heatmap(
 def write_heatmap(path: Path, figure: Figure) -> Path:
     """Save a heatmap figure as PNG atomically (size exactly the layout's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, dpi=DPI, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=DPI, format="png")
     return path
 
 

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
 from fedslide.client.site_run import SiteRun
-from fedslide.common.config.preprocess import PreprocessConfig
+from fedslide.common.atomic import atomic_write
 from fedslide.common.distillation.bundle import StudentBundle
 from fedslide.common.distillation.clustering import (
     ClusteringError,
@@ -30,11 +30,20 @@ from fedslide.common.distillation.clustering import (
     size_bounds,
     squared_distances,
 )
-from fedslide.common.distillation.crossres import collect_pairs, evaluate_adapter, train_adapter_epochs
-from fedslide.common.distillation.losses import CachedKDLoss
+from fedslide.common.distillation.crossres import evaluate_adapter, train_adapter_epochs
 from fedslide.common.distillation.mil import metrics_from_logits, slide_outputs, train_epochs
 from fedslide.common.distillation.pipeline import bundle_meta
+from fedslide.common.distillation.stages import (
+    KDTargets,
+    adapter_pairs,
+    cluster_vectors,
+    kd_loss,
+    scatter_kd_targets,
+    student_input,
+)
 from fedslide.common.distillation.student import student_bags
+from fedslide.common.federation import phases as ph
+from fedslide.common.federation import protocol as p
 from fedslide.common.federation.models import (
     adapter_spec,
     load_record,
@@ -50,6 +59,7 @@ from fedslide.common.federation.models import (
 )
 from fedslide.common.distillation.adapter import CrossResAdapter, build_adapter
 from fedslide.common.models.base import MILModel
+from fedslide.common.seeds import SEED_OFFSETS
 from fedslide.common.training.cohort import Cohort
 from fedslide.common.training.data import BagBatch
 from fedslide.common.training.loop import BatchLoss, class_weights
@@ -69,18 +79,17 @@ def _adapter(site: SiteRun, record: ArrayRecord) -> CrossResAdapter:
 
 def _model(site: SiteRun, kind: str, record: ArrayRecord) -> MILModel:
     assert site.facts is not None
-    cfg = teacher_config(site.cfg, site.facts) if kind in ("teacher", "experts") else student_config(site.cfg, site.facts)
+    cfg = teacher_config(site.cfg, site.facts) if kind in (p.TEACHER, p.EXPERTS) else student_config(site.cfg, site.facts)
     return load_record(new_model(cfg, site.cfg.seed), record)  # type: ignore[return-value]
 
 
 def _mode(site: SiteRun) -> str:
-    mode = site.cfg.kd.student_input
-    return "pooled" if mode == "tokens" and not site.data().has_tokens else mode
+    return student_input(site.cfg.kd.student_input, site.data().has_tokens)
 
 
 def _seed(site: SiteRun, phase_offset: int, server_round: int) -> int:
-    """The seed of one local round: per run seed, site, phase and round, so that sites draw their own shuffles and
-    dropout masks."""
+    """The seed of one local round: per run seed, site, phase (its `SEED_OFFSETS` entry) and round, so that sites
+    draw their own shuffles and dropout masks."""
     key = [site.cfg.seed, zlib.crc32(site.name.encode()), phase_offset, server_round]
     return int(np.random.SeedSequence(key).generate_state(1)[0])
 
@@ -88,24 +97,27 @@ def _seed(site: SiteRun, phase_offset: int, server_round: int) -> int:
 # ---- adapter --------------------------------------------------------------------------------------
 def adapter_round(site: SiteRun, record: ArrayRecord, server_round: int) -> tuple[ArrayRecord, Metrics]:
     """Validate the global adapter on the site's val patches, then train it for local epochs."""
-    data = site.data()
-    use_tokens = data.has_tokens
-    slots = data.token_grid**2 if use_tokens else 1
-    a = site.cfg.adapter
-    train = collect_pairs([data.slides[i] for i in data.split("train")], use_tokens, slots, a.max_patches_per_slide,
-                          site.cfg.seed)
-    val_slides = [data.slides[i] for i in data.split("val")]
+    data, a = site.data(), site.cfg.adapter
+    train = adapter_pairs(data, data.split("train"), a, site.cfg.seed)
     adapter = _adapter(site, record)
-    metrics: Metrics = {"num-examples": len(train), "unit-weight": 1, "val-loss": 0.0, "val-n": 0}
-    if val_slides:
-        val = collect_pairs(val_slides, use_tokens, slots, a.max_patches_per_slide, site.cfg.seed)
-        metrics.update({"val-loss": float(evaluate_adapter(adapter, val, a, site.device)["loss"]), "val-n": len(val)})
+    metrics: Metrics = {ph.NUM_EXAMPLES: len(train), ph.UNIT_WEIGHT: 1, **_adapter_val_metrics(site, adapter)}
     start = time.perf_counter()
-    seed_everything(_seed(site, 1, server_round))  # dropout draws from the global generator
-    losses = train_adapter_epochs(adapter, train, a, site.cfg.rounds.adapter_local_epochs, _seed(site, 1, server_round),
-                                  device=site.device)
-    metrics.update({"train-loss": losses[-1], "epochs": len(losses), "seconds": time.perf_counter() - start})
+    seed = _seed(site, SEED_OFFSETS.adapter, server_round)
+    seed_everything(seed)  # dropout draws from the global generator
+    losses = train_adapter_epochs(adapter, train, a, site.cfg.rounds.adapter_local_epochs, seed, device=site.device)
+    metrics.update({ph.TRAIN_LOSS: losses[-1], ph.EPOCHS: len(losses), ph.SECONDS: time.perf_counter() - start})
     return to_record(adapter.cpu()), metrics
+
+
+def _adapter_val_metrics(site: SiteRun, adapter: CrossResAdapter) -> Metrics:
+    """The adapter's loss on the site's val patches."""
+    data = site.data()
+    val = data.split("val")
+    if not val.size:
+        return {ph.VAL_LOSS: 0.0, ph.VAL_N: 0}
+    pairs = adapter_pairs(data, val, site.cfg.adapter, site.cfg.seed)
+    return {ph.VAL_LOSS: float(evaluate_adapter(adapter, pairs, site.cfg.adapter, site.device)["loss"]),
+            ph.VAL_N: len(pairs)}
 
 
 # ---- MIL models: teacher, baseline, student -------------------------------------------------------
@@ -134,10 +146,10 @@ def _cross_entropy(site: SiteRun, cohort: Cohort, train: np.ndarray) -> BatchLos
 
 def _val_metrics(site: SiteRun, model: MILModel, cohort: Cohort, val: np.ndarray) -> Metrics:
     if not val.size:
-        return {"val-loss": 0.0, "val-n": 0}
+        return {ph.VAL_LOSS: 0.0, ph.VAL_N: 0}
     logits, _ = slide_outputs(model, cohort, val, site.device, site.cfg.training.eval_batch_size)
     loss = nn.functional.cross_entropy(logits, torch.from_numpy(cohort.labels[val]).long())
-    return {"val-loss": float(loss), "val-n": int(val.size)}  # the loss only: metrics would import scikit-learn
+    return {ph.VAL_LOSS: float(loss), ph.VAL_N: int(val.size)}  # the loss only: metrics would import scikit-learn
 
 
 def train_model(
@@ -149,9 +161,9 @@ def train_model(
     phase's number of rounds) the local epochs follow training.scheduler's LR curve over all of them."""
     train = site.split("train") if members is None else members
     val = site.split("val") if val is None else val
-    metrics: Metrics = {"num-examples": int(train.size), "unit-weight": 1, **_val_metrics(site, model, cohort, val)}
+    metrics: Metrics = {ph.NUM_EXAMPLES: int(train.size), ph.UNIT_WEIGHT: 1, **_val_metrics(site, model, cohort, val)}
     if train.size == 0:
-        return metrics | {"train-loss": 0.0, "epochs": 0, "seconds": 0.0}
+        return metrics | {ph.TRAIN_LOSS: 0.0, ph.EPOCHS: 0, ph.SECONDS: 0.0}
     start = time.perf_counter()
     loss = with_proximal(batch_loss or _cross_entropy(site, cohort, train), model, proximal_mu)
     epochs = site.cfg.rounds.local_epochs
@@ -159,13 +171,17 @@ def train_model(
     losses = train_epochs(model, cohort, train, site.cfg.training, site.device, epochs,
                           _seed(site, seed_offset, server_round), loss, schedule)
     model.cpu()
-    return metrics | {"train-loss": losses[-1], "epochs": len(losses), "seconds": time.perf_counter() - start}
+    return metrics | {ph.TRAIN_LOSS: losses[-1], ph.EPOCHS: len(losses), ph.SECONDS: time.perf_counter() - start}
 
 
 def _teacher_phase_models(site: SiteRun) -> dict[str, tuple[Callable[[], Cohort], int, int]]:
-    """The models trained in the teacher phase's messages: name -> (cohort, seed offset, rounds)."""
+    """The models trained in the teacher phase's messages (its declared members): name -> (cohort, seed offset,
+    rounds)."""
     rounds = site.cfg.rounds
-    return {"teacher": (site.high_cohort, 2, rounds.teacher), "baseline": (site.low_cohort, 4, rounds.baseline)}
+    models = {p.TEACHER: (site.high_cohort, SEED_OFFSETS.teacher, rounds.teacher),
+              p.BASELINE: (site.low_cohort, SEED_OFFSETS.baseline_rounds, rounds.baseline)}
+    assert tuple(models) == ph.TEACHER.members
+    return models
 
 
 def teacher_round(site: SiteRun, record: ArrayRecord, server_round: int, mu: float = 0.0) -> tuple[ArrayRecord, Metrics]:
@@ -173,22 +189,28 @@ def teacher_round(site: SiteRun, record: ArrayRecord, server_round: int, mu: flo
     cross-entropy only); a model past its own number of rounds is validated and sent back as it came."""
     received = unpack_models(record)
     out: dict[str, ArrayRecord] = {}
-    metrics: Metrics = {"num-examples": int(site.split("train").size), "unit-weight": 1, "epochs": 0, "seconds": 0.0}
+    metrics: Metrics = {ph.NUM_EXAMPLES: int(site.split("train").size), ph.UNIT_WEIGHT: 1, ph.EPOCHS: 0, ph.SECONDS: 0.0}
     for name, (cohort, seed_offset, rounds) in _teacher_phase_models(site).items():
         model = _model(site, name, received[name])
         if server_round <= rounds:
             m = train_model(site, model, cohort(), server_round, seed_offset, proximal_mu=mu, rounds=rounds)
             out[name] = to_record(model)
-            metrics["epochs"] += m["epochs"]
-            metrics["seconds"] += m["seconds"]
-            metrics[f"train-loss-{name}"] = m["train-loss"]
+            metrics[ph.EPOCHS] += m[ph.EPOCHS]
+            metrics[ph.SECONDS] += m[ph.SECONDS]
+            metrics[ph.member_metric(ph.TRAIN_LOSS, name)] = m[ph.TRAIN_LOSS]
         else:
             m = _val_metrics(site, model, cohort(), site.split("val"))
             out[name] = received[name]
-        metrics[f"val-loss-{name}"], metrics[f"val-n-{name}"] = m["val-loss"], m["val-n"]
-    if "train-loss-teacher" in metrics:
-        metrics["train-loss"] = metrics["train-loss-teacher"]
+        metrics.update(_member_val(m, name))
+    if ph.member_metric(ph.TRAIN_LOSS, p.TEACHER) in metrics:
+        metrics[ph.TRAIN_LOSS] = metrics[ph.member_metric(ph.TRAIN_LOSS, p.TEACHER)]
     return pack_models(out), metrics
+
+
+def _member_val(metrics: Metrics, member: str | int) -> Metrics:
+    """A packed model's val loss and count under its own metric names (`val-loss-teacher`, `val-n-2`)."""
+    return {ph.member_metric(ph.VAL_LOSS, member): metrics[ph.VAL_LOSS],
+            ph.member_metric(ph.VAL_N, member): metrics[ph.VAL_N]}
 
 
 def _kd_cache(site: SiteRun) -> dict[str, Any]:
@@ -205,17 +227,17 @@ def student_round(site: SiteRun, record: ArrayRecord, server_round: int, mu: flo
     kd = site.cfg.kd
     train = site.split("train")
     weights = class_weights(cohort.labels[train], len(cohort.classes), site.cfg.training.class_weighting)
-    loss = CachedKDLoss(cache["teacher"], cache["experts"], kd.temperature, kd.lambda_base,
-                        kd.lambda_expert if cache["experts"] is not None else 0.0, kd.expert_kd, cache["cluster"], weights)
-    model = _model(site, "student", record)
-    metrics = train_model(site, model, cohort, server_round, 5, batch_loss=loss, proximal_mu=mu,
-                          rounds=site.cfg.rounds.student)
+    loss = kd_loss(kd, KDTargets(cache["teacher"], cache["experts"], cache["cluster"]), weights)
+    model = _model(site, p.STUDENT, record)
+    metrics = train_model(site, model, cohort, server_round, SEED_OFFSETS.student_rounds, batch_loss=loss,
+                          proximal_mu=mu, rounds=site.cfg.rounds.student)
     return to_record(model), metrics
 
 
 # ---- clusters and experts -------------------------------------------------------------------------
-def _vectors(site: SiteRun, outputs: dict[str, Any]) -> np.ndarray:
-    return (outputs["logits"] if site.cfg.clusters.features == "logits" else outputs["embedding"]).numpy()
+def _vectors(site: SiteRun, outputs: dict[str, Any], prefix: str = "") -> np.ndarray:
+    """The vectors clustering reads, of the training slides (or with prefix "val_" the val slides)."""
+    return cluster_vectors(site.cfg.clusters.features, outputs[f"{prefix}logits"], outputs[f"{prefix}embedding"])
 
 
 def local_assignment(site: SiteRun, vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -239,7 +261,7 @@ def _noised(site: SiteRun, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def cluster_init(site: SiteRun, teacher: ArrayRecord, fingerprint: str) -> tuple[dict[str, np.ndarray], Metrics]:
     """Teacher outputs of the site's training slides (kept here) and local k-means sums/counts to seed the centroids."""
-    model = _model(site, "teacher", teacher)
+    model = _model(site, p.TEACHER, teacher)
     cohort = site.high_cohort()
     train, val = site.split("train"), site.split("val")
     logits, embedding = slide_outputs(model, cohort, train, site.device)
@@ -251,7 +273,8 @@ def cluster_init(site: SiteRun, teacher: ArrayRecord, fingerprint: str) -> tuple
     k = min(site.cfg.clusters.num_clusters, len(vectors))
     local = kmeans_init(vectors, k, site.cfg.seed, site.cfg.clusters.n_init)
     sums, counts = cluster_statistics(vectors, local, min_count=site.cfg.min_count)
-    return {"sums": _noised(site, sums, counts), "counts": counts}, {"n-train": int(train.size), "embedding-dim": int(vectors.shape[1])}
+    return ({ph.SUMS: _noised(site, sums, counts), ph.COUNTS: counts},
+            {ph.N_TRAIN: int(train.size), ph.EMBEDDING_DIM: int(vectors.shape[1])})
 
 
 def _teacher_outputs(site: SiteRun, fingerprint: str) -> dict[str, Any]:
@@ -266,14 +289,14 @@ def cluster_stats(site: SiteRun, centroids: np.ndarray, fingerprint: str) -> tup
     vectors = _vectors(site, _teacher_outputs(site, fingerprint))
     assignment = local_assignment(site, vectors, centroids)
     sums, counts = cluster_statistics(vectors, centroids, min_count=site.cfg.min_count, assignment=assignment)
-    return {"sums": _noised(site, sums, counts), "counts": counts}, {"n-train": int(len(vectors))}
+    return {ph.SUMS: _noised(site, sums, counts), ph.COUNTS: counts}, {ph.N_TRAIN: int(len(vectors))}
 
 
 def _assignments(site: SiteRun, centroids: np.ndarray, fingerprint: str) -> tuple[np.ndarray, np.ndarray]:
     outputs = _teacher_outputs(site, fingerprint)
-    key = "logits" if site.cfg.clusters.features == "logits" else "embedding"
-    train = local_assignment(site, outputs[key].numpy(), centroids)
-    val = assign_nearest(outputs[f"val_{key}"].numpy(), centroids) if len(outputs[f"val_{key}"]) else np.zeros(0, int)
+    train = local_assignment(site, _vectors(site, outputs), centroids)
+    val_vectors = _vectors(site, outputs, "val_")
+    val = assign_nearest(val_vectors, centroids) if len(val_vectors) else np.zeros(0, int)
     return train, val
 
 
@@ -286,17 +309,17 @@ def experts_round(
     train_assign, val_assign = _assignments(site, centroids, fingerprint)
     experts = unpack_experts(record)
     out: list[ArrayRecord] = []
-    metrics: Metrics = {"num-examples": int(train.size), "unit-weight": 1}
+    metrics: Metrics = {ph.NUM_EXAMPLES: int(train.size), ph.UNIT_WEIGHT: 1}
     for c, expert_record in enumerate(experts):
-        model = _model(site, "experts", expert_record)
+        model = _model(site, p.EXPERTS, expert_record)
         members, own_val = train[train_assign == c], val[val_assign == c]
         if members.size < site.cfg.min_count:  # too few slides to share an update about
             members = members[:0]
-        m = train_model(site, model, cohort, server_round, 10 + c, members=members, val=own_val, proximal_mu=mu,
-                        rounds=site.cfg.rounds.experts)
-        metrics[f"n-expert-{c}"] = int(members.size)
-        metrics[f"val-loss-{c}"], metrics[f"val-n-{c}"] = m["val-loss"], m["val-n"]
-        metrics[f"train-loss-{c}"] = m["train-loss"]
+        m = train_model(site, model, cohort, server_round, SEED_OFFSETS.experts + c, members=members, val=own_val,
+                        proximal_mu=mu, rounds=site.cfg.rounds.experts)
+        metrics[ph.member_metric(ph.N_EXPERT, c)] = int(members.size)
+        metrics.update(_member_val(m, c))
+        metrics[ph.member_metric(ph.TRAIN_LOSS, c)] = m[ph.TRAIN_LOSS]
         out.append(to_record(model) if members.size else expert_record)
     return pack_experts(out), metrics
 
@@ -309,24 +332,19 @@ def kd_cache(
     """Cache teacher/expert logits of the training slides and the student's adapted bags (all stays here)."""
     start = time.perf_counter()
     data = site.data()
-    n = len(data.slides)
-    k = len(data.classes)
     train = data.split("train")
     high = site.high_cohort()
-    t_logits, _ = slide_outputs(_model(site, "teacher", teacher), high, train, site.device)
-    teacher_full = torch.zeros(n, k)
-    teacher_full[torch.from_numpy(train)] = t_logits
-    experts_full, cluster = None, torch.full((n,), -1, dtype=torch.long)
+    t_logits, _ = slide_outputs(_model(site, p.TEACHER, teacher), high, train, site.device)
+    e_logits = assign = None
     if experts is not None and centroids is not None:
-        records = unpack_experts(experts)
-        experts_full = torch.zeros(len(records), n, k)
-        for c, rec in enumerate(records):
-            experts_full[c, torch.from_numpy(train)] = slide_outputs(_model(site, "experts", rec), high, train, site.device)[0]
+        e_logits = torch.stack([slide_outputs(_model(site, p.EXPERTS, rec), high, train, site.device)[0]
+                                for rec in unpack_experts(experts)])
         assign, _ = _assignments(site, centroids, fingerprint)
-        cluster[torch.from_numpy(train)] = torch.from_numpy(assign).long()
+    targets = scatter_kd_targets(len(data.slides), len(data.classes), train, t_logits, e_logits, assign)
     bags = student_bags(_adapter(site, adapter), data, _mode(site))
-    site.save(KD_CACHE, {"teacher": teacher_full, "experts": experts_full, "cluster": cluster, "bags": bags})
-    return {"n-train": int(train.size), "seconds": time.perf_counter() - start}
+    site.save(KD_CACHE, {"teacher": targets.teacher, "experts": targets.experts, "cluster": targets.cluster,
+                         "bags": bags})
+    return {ph.N_TRAIN: int(train.size), ph.SECONDS: time.perf_counter() - start}
 
 
 # ---- push-back and evaluation ---------------------------------------------------------------------
@@ -346,8 +364,7 @@ def _write_predictions(site: SiteRun, idx: np.ndarray, logits: dict[str, torch.T
     data = site.data()
     probs = {name: torch.softmax(v.double(), dim=1).numpy() for name, v in logits.items()}
     site.run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = site.run_dir / (PREDICTIONS + ".tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_write(site.run_dir / PREDICTIONS, newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["slide_id", "patient_id", "split", "label"]
                         + [f"{name}_p{k}" for name in probs for k in range(len(data.classes))])
@@ -355,7 +372,6 @@ def _write_predictions(site: SiteRun, idx: np.ndarray, logits: dict[str, torch.T
             s = data.slides[int(i)]
             writer.writerow([s.slide_id, s.patient_id.split("/", 1)[-1], s.split, data.classes[s.label]]
                             + [f"{p:.6f}" for name in probs for p in probs[name][row]])
-    tmp.replace(site.run_dir / PREDICTIONS)
 
 
 def final_evaluation(
@@ -366,14 +382,15 @@ def final_evaluation(
     student and baseline (low) on the site's `split` slides ("all": every labelled slide, an evaluation-only site)."""
     data = site.data()
     idx = np.arange(len(data.slides)) if split == "all" else data.split(split)
-    teacher_model, student_model = _model(site, "teacher", teacher), _model(site, "student", student)
-    baseline_model, adapter_model = _model(site, "baseline", baseline), _adapter(site, adapter)
+    teacher_model, student_model = _model(site, p.TEACHER, teacher), _model(site, p.STUDENT, student)
+    baseline_model, adapter_model = _model(site, p.BASELINE, baseline), _adapter(site, adapter)
     mode = _mode(site)
     assert site.facts is not None
-    meta = bundle_meta(data, mode, PreprocessConfig(), {"role": "federated_student", "run": site.run_dir.name})
+    # the tissue/tiling settings this site preprocessed with, as its feature files record them
+    meta = bundle_meta(data, mode, None, {"role": "federated_student", "run": site.run_dir.name})
     StudentBundle(meta, adapter_model, student_model, teacher_model, student_config(site.cfg, site.facts),
                   teacher_config(site.cfg, site.facts)).save(site.run_dir / BUNDLE_DIR)
-    metrics: Metrics = {"n-test": int(idx.size), "num-examples": int(idx.size)}
+    metrics: Metrics = {ph.N_TEST: int(idx.size), ph.NUM_EXAMPLES: int(idx.size)}
     if not idx.size:
         return metrics
     adapted = data.cohort(student_bags(adapter_model, data, mode))
@@ -387,51 +404,75 @@ def final_evaluation(
     for name, (logits, _) in timed.items():
         for key, value in metrics_from_logits(logits, labels, site.cfg.ece_bins).items():
             if value is not None and np.isfinite(value):
-                metrics[f"{name}.{key}"] = float(value)
-    metrics["cost.high.patches_per_slide"] = float(np.mean([len(data.slides[i].high) for i in idx]))
-    metrics["cost.low.patches_per_slide"] = float(np.mean([len(data.slides[i].low) for i in idx]))
-    metrics["cost.high.seconds_per_slide"] = timed["teacher_high"][1]
-    metrics["cost.low.seconds_per_slide"] = timed["student_low"][1]
+                metrics[ph.model_metric(name, key)] = float(value)
+    metrics[ph.cost_metric("high", "patches_per_slide")] = float(np.mean([len(data.slides[i].high) for i in idx]))
+    metrics[ph.cost_metric("low", "patches_per_slide")] = float(np.mean([len(data.slides[i].low) for i in idx]))
+    metrics[ph.cost_metric("high", "seconds_per_slide")] = timed["teacher_high"][1]
+    metrics[ph.cost_metric("low", "seconds_per_slide")] = timed["student_low"][1]
     return metrics
 
 
-def validate(site: SiteRun, phase: str, content: RecordDict) -> Metrics:
-    """Validation loss of a phase's global model on the site's val slides (per expert for "experts")."""
-    record = content["arrays"]
-    val = site.split("val")
-    metrics: Metrics = {"num-examples": int(site.split("train").size)}
-    if phase == "adapter":
-        data = site.data()
-        slots = data.token_grid**2 if data.has_tokens else 1
-        slides = [data.slides[i] for i in val]
-        metrics.update({"val-loss": 0.0, "val-n": 0})
-        if slides:
-            pairs = collect_pairs(slides, data.has_tokens, slots, site.cfg.adapter.max_patches_per_slide, site.cfg.seed)
-            loss = evaluate_adapter(_adapter(site, record), pairs, site.cfg.adapter, site.device)["loss"]
-            metrics.update({"val-loss": float(loss), "val-n": len(pairs)})
-        return metrics
-    if phase == "experts":
-        centroids = content["centroids"]["centroids"].numpy()
-        fingerprint = str(content["config"]["teacher-fingerprint"])
-        _, val_assign = _assignments(site, centroids, fingerprint)
-        cohort = site.high_cohort()
-        for c, rec in enumerate(unpack_experts(record)):
-            m = _val_metrics(site, _model(site, "experts", rec), cohort, val[val_assign == c])
-            metrics[f"val-loss-{c}"], metrics[f"val-n-{c}"] = m["val-loss"], m["val-n"]
-        return metrics
-    if phase == "teacher":
-        members = unpack_models(record)
-        for name, (cohort, _, _) in _teacher_phase_models(site).items():
-            m = _val_metrics(site, _model(site, name, members[name]), cohort(), val)
-            metrics[f"val-loss-{name}"], metrics[f"val-n-{name}"] = m["val-loss"], m["val-n"]
-        return metrics
-    if phase != "student":
-        raise ValueError(f"unknown phase {phase!r} to validate")
-    return metrics | _val_metrics(site, _model(site, phase, record), site.data().cohort(_kd_cache(site)["bags"]), val)
+# ---- the site steps of the weights phases, by phase: one local round, and validation of the global model ----
+TrainStep = Callable[[SiteRun, RecordDict, int, float], tuple[ArrayRecord, Metrics]]
+ValidateStep = Callable[[SiteRun, RecordDict], Metrics]
 
 
-TrainFn = Callable[[SiteRun, ArrayRecord, int, float], tuple[ArrayRecord, Metrics]]
-MODEL_ROUNDS: dict[str, TrainFn] = {"teacher": teacher_round, "student": student_round}
+def _centroids(content: RecordDict) -> np.ndarray:
+    return content.array_records[p.CENTROIDS][ph.CENTROIDS].numpy()
+
+
+def _validate_adapter(site: SiteRun, content: RecordDict) -> Metrics:
+    return {ph.NUM_EXAMPLES: int(site.split("train").size), **_adapter_val_metrics(site, _adapter(site, content.array_records[p.ARRAYS]))}
+
+
+def _validate_teacher(site: SiteRun, content: RecordDict) -> Metrics:
+    members = unpack_models(content.array_records[p.ARRAYS])
+    metrics: Metrics = {ph.NUM_EXAMPLES: int(site.split("train").size)}
+    for name, (cohort, _, _) in _teacher_phase_models(site).items():
+        metrics.update(_member_val(_val_metrics(site, _model(site, name, members[name]), cohort(), site.split("val")), name))
+    return metrics
+
+
+def _validate_experts(site: SiteRun, content: RecordDict) -> Metrics:
+    _, val_assign = _assignments(site, _centroids(content), str(content.config_records[p.CONFIG][ph.TEACHER_FINGERPRINT]))
+    cohort, val = site.high_cohort(), site.split("val")
+    metrics: Metrics = {ph.NUM_EXAMPLES: int(site.split("train").size)}
+    for c, rec in enumerate(unpack_experts(content.array_records[p.ARRAYS])):
+        metrics.update(_member_val(_val_metrics(site, _model(site, p.EXPERTS, rec), cohort, val[val_assign == c]), c))
+    return metrics
+
+
+def _validate_student(site: SiteRun, content: RecordDict) -> Metrics:
+    cohort = site.data().cohort(_kd_cache(site)["bags"])
+    return {ph.NUM_EXAMPLES: int(site.split("train").size),
+            **_val_metrics(site, _model(site, p.STUDENT, content.array_records[p.ARRAYS]), cohort, site.split("val"))}
+
+
+TRAIN_STEPS: dict[ph.Phase, TrainStep] = {
+    ph.ADAPTER: lambda site, content, server_round, mu: adapter_round(site, content.array_records[p.ARRAYS], server_round),
+    ph.TEACHER: lambda site, content, server_round, mu: teacher_round(site, content.array_records[p.ARRAYS], server_round, mu),
+    ph.EXPERTS: lambda site, content, server_round, mu: experts_round(
+        site, content.array_records[p.ARRAYS], _centroids(content), str(content.config_records[p.CONFIG][ph.TEACHER_FINGERPRINT]), server_round, mu),
+    ph.STUDENT: lambda site, content, server_round, mu: student_round(site, content.array_records[p.ARRAYS], server_round, mu),
+}
+VALIDATE_STEPS: dict[ph.Phase, ValidateStep] = {
+    ph.ADAPTER: _validate_adapter, ph.TEACHER: _validate_teacher, ph.EXPERTS: _validate_experts,
+    ph.STUDENT: _validate_student,
+}
+
+
+def train(site: SiteRun, phase: ph.Phase, content: RecordDict, server_round: int, mu: float) -> tuple[ArrayRecord, Metrics]:
+    """One local round of a weights phase's model(s), from the arrays in `content`."""
+    if phase not in TRAIN_STEPS:
+        raise ValueError(f"phase {phase.name!r} has no local training; weights phases: {[x.name for x in TRAIN_STEPS]}")
+    return TRAIN_STEPS[phase](site, content, server_round, mu)
+
+
+def validate(site: SiteRun, phase: ph.Phase, content: RecordDict) -> Metrics:
+    """Validation loss of a phase's global model on the site's val slides (per model of a packed phase)."""
+    if phase not in VALIDATE_STEPS:
+        raise ValueError(f"unknown phase {phase.name!r} to validate; weights phases: {[x.name for x in VALIDATE_STEPS]}")
+    return VALIDATE_STEPS[phase](site, content)
 
 
 # ---- student distillation (logits mode) -----------------------------------------------------------
@@ -456,9 +497,9 @@ def proxy_logits(
     everyone = np.arange(len(proxy_cohort.slides))
     high = site.high_cohort()
     train, val = site.split("train"), site.split("val")
-    model = _model(site, "teacher", teacher)
-    train_model(site, model, high, 0, 20, members=train, val=val[:0])
-    out = {"teacher": slide_outputs(model, proxy_cohort, everyone, site.device)[0].numpy().astype(np.float32)}
+    model = _model(site, p.TEACHER, teacher)
+    train_model(site, model, high, 0, SEED_OFFSETS.proxy_teacher, members=train, val=val[:0])
+    out = {ph.TEACHER_LOGITS: slide_outputs(model, proxy_cohort, everyone, site.device)[0].numpy().astype(np.float32)}
     if experts is not None and centroids is not None:
         assign, _ = _assignments(site, centroids, fingerprint)
         logits, weights = [], []
@@ -466,10 +507,10 @@ def proxy_logits(
             members = train[assign == c]
             if members.size < site.cfg.min_count:
                 members = members[:0]
-            expert = _model(site, "experts", record)
-            train_model(site, expert, high, 0, 30 + c, members=members, val=val[:0])
+            expert = _model(site, p.EXPERTS, record)
+            train_model(site, expert, high, 0, SEED_OFFSETS.proxy_experts + c, members=members, val=val[:0])
             logits.append(slide_outputs(expert, proxy_cohort, everyone, site.device)[0].numpy())
             weights.append(float(members.size))
-        out["experts"] = np.stack(logits).astype(np.float32)
-        out["expert-weights"] = np.asarray(weights, dtype=np.float32)
-    return out, {"n-train": int(train.size), "proxy-n": int(everyone.size), "seconds": time.perf_counter() - start}
+        out[ph.EXPERT_LOGITS] = np.stack(logits).astype(np.float32)
+        out[ph.EXPERT_WEIGHTS] = np.asarray(weights, dtype=np.float32)
+    return out, {ph.N_TRAIN: int(train.size), ph.PROXY_N: int(everyone.size), ph.SECONDS: time.perf_counter() - start}

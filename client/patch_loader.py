@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,7 +98,7 @@ class RegionDataset(Dataset):
         return stacked, kinds, np.asarray(indices, dtype=np.int64)
 
 
-def _identity(item: tuple) -> tuple:
+def _identity(item: Any) -> Any:
     return item
 
 

@@ -6,7 +6,6 @@ import contextlib
 import csv
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,14 +16,23 @@ from tqdm import tqdm
 
 from fedslide.client.encoders.base import PatchEncoder
 from fedslide.client.encoders.registry import build_encoder
-from fedslide.client.encoding import encode_grid, resolve_device
+from fedslide.client.encoding import encode_grid
 from fedslide.client.patch_loader import RegionDataset
 from fedslide.client.qc import write_qc_image
 from fedslide.client.slides import SlideError, SlideReader, discover_slides
 from fedslide.client.tiling import PairedGrid, paired_grid
 from fedslide.client.tissue import segment_tissue
+from fedslide.common.atomic import TEMP_SUFFIX, atomic_write
 from fedslide.common.config.preprocess import PreprocessConfig
-from fedslide.common.features import FeatureMeta, FeatureWriter, config_hash, feature_path, is_complete
+from fedslide.common.device import resolve_device
+from fedslide.common.features import (
+    FeatureMeta,
+    FeatureWriter,
+    config_hash,
+    feature_path,
+    is_complete,
+    preprocess_attrs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +129,7 @@ class SitePreprocessor:
                 f"no slides in {site_dir / 'slides'} (looked for extensions: {', '.join(self.cfg.slide.extensions)})"
             )
         for res in self.resolutions:
-            for stale in (out_dir / res).glob("*.h5.tmp"):
+            for stale in (out_dir / res).glob(f"*.h5*{TEMP_SUFFIX}"):  # left by a killed run
                 stale.unlink()
         bar = tqdm(slides, desc=f"slides {site_dir.name}", unit="slide", disable=not self.cfg.progress)
         for path in bar:
@@ -194,6 +202,7 @@ class SitePreprocessor:
                 "mpp_source": slide.resolution.source,
                 "patch_size_level0_exact": float(size0),
                 "slide_vendor": slide.vendor,
+                **preprocess_attrs(self.cfg.tissue.to_toml_dict(), t.to_toml_dict()),
             },
         )
 
@@ -275,13 +284,11 @@ class SitePreprocessor:
         out_dir.mkdir(parents=True, exist_ok=True)
         failures = out_dir / FAILURES_FILE
         if summary.failed:
-            tmp = failures.with_name(failures.name + ".tmp")
-            with tmp.open("w", newline="") as fh:
+            with atomic_write(failures, newline="") as fh:
                 writer = csv.writer(fh)
                 writer.writerow(["slide_id", "path", "reason"])
                 for s in summary.failed:
                     writer.writerow([s.slide_id, s.path, s.reason])
-            os.replace(tmp, failures)
         else:
             failures.unlink(missing_ok=True)
         (out_dir / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))

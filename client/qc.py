@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ from skimage.segmentation import find_boundaries
 
 from fedslide.client.slides import SlideReader
 from fedslide.client.tiling import PairedGrid
+from fedslide.common.atomic import atomic_path
 
 TISSUE_COLOUR = (0, 170, 0)
 LOW_COLOUR = (30, 60, 220)
@@ -54,7 +54,6 @@ def write_qc_image(path: Path, slide: SlideReader, tissue: np.ndarray, grid: Pai
     qc_mpp = max(slide.mpp, max(width, height) * slide.mpp / QC_LONG_SIDE)
     thumb, thumb_mpp = slide.thumbnail(qc_mpp)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    render_qc_image(thumb, thumb_mpp, tissue, grid, slide.mpp).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        render_qc_image(thumb, thumb_mpp, tissue, grid, slide.mpp).save(tmp, format="PNG")
     return path

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedslide.common.atomic import atomic_path
 from fedslide.common.config.federation import FederationConfig
+from fedslide.common.device import resolve_device
 from fedslide.common.distillation.data import DistillData, detect_encoder, load_sites
 from fedslide.common.egress import EgressLedger
 from fedslide.common.feature_store import FeatureStore
@@ -23,7 +25,6 @@ from fedslide.common.features import feature_path
 from fedslide.common.federation.protocol import Facts
 from fedslide.common.training.cohort import Cohort
 from fedslide.common.training.labels import read_labels
-from fedslide.common.training.repro import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class SiteRun:
             store = held_features()
             hits = store.hits if store is not None else 0
             self._data = load_sites([self.site_dir], self.cfg.encoder, seed=self.cfg.seed, classes=classes,
-                                    store=store)
+                                    store=store, carving=self.cfg.carve)
             if store is not None:
                 log.info("site %s: %d of %d feature files from memory", self.name, store.hits - hits,
                          2 * len(self._data.slides))
@@ -129,9 +130,8 @@ class SiteRun:
         """Write a cache file atomically under the run directory."""
         path = self.run_dir / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
         return path
 
     def load(self, name: str, fingerprint: str | None = None) -> dict[str, Any] | None:

@@ -26,7 +26,6 @@ SuperNode's Runtime API):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import logging
 import multiprocessing
@@ -35,24 +34,16 @@ import sys
 import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
 
-from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-from flwr.supercore.auth import add_superexec_auth_secret_args, load_superexec_auth_secret
-from flwr.supercore.constant import TaskType
-from flwr.supercore.exit import register_signal_handlers
-from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
-from flwr.supercore.superexec.plugin import AutoExecPlugin
-from flwr.supercore.telemetry import EventType
-from flwr.supercore.tls import validate_and_resolve_root_certificates
-from flwr.supercore.utils import disable_process_dumping, get_flwr_home
-
+from fedslide.common import flower_compat
 from fedslide.common.flower_app import APP_PACKAGES  # a task imports these from its FAB
-from fedslide.common.flower_polling import shorten_object_pulls
+from fedslide.common.flower_compat import (APP_DIR, FAB_HASH_TRUNCATION, AcquireTaskRequest, AutoExecPlugin,
+                                           EventType, ExecutionSpec, LaunchResult, RuntimeHttpClient,
+                                           RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor, TaskType,
+                                           add_superexec_auth_secret_args, disable_process_dumping, get_flwr_home,
+                                           load_superexec_auth_secret, make_simple_http_retry_invoker,
+                                           register_signal_handlers, reuse_installed_fab, shorten_object_pulls,
+                                           validate_and_resolve_root_certificates)
 from fedslide.common.processes import port_open
 
 log = logging.getLogger(__name__)
@@ -84,31 +75,14 @@ def installed_fab_dir(fab_hash: str) -> Path | None:
     return found[0] if len(found) == 1 and (found[0] / "pyproject.toml").is_file() else None
 
 
-def skip_reinstall(fab_hash: str, fab_dir: Path) -> None:
-    """In a child whose FAB is installed at `fab_dir` and imported: Flower's `install_from_fab` returns that
-    directory for this FAB's bytes (what it does after unzipping and checking them when the directory exists)."""
-    import flwr.supernode.runtime.run_clientapp as runtime
-
-    install = runtime.install_from_fab
-
-    def installed_or_install(fab_file: Path | bytes, *args: Any, **kwargs: Any) -> Path:
-        if isinstance(fab_file, bytes) and hashlib.sha256(fab_file).hexdigest() == fab_hash:
-            return fab_dir
-        return install(fab_file, *args, **kwargs)
-
-    runtime.install_from_fab = installed_or_install
-
-
 def run_task(spec: ExecutionSpec, warm_dir: Path | None = None) -> None:
     """In the forked child: forget the app's modules unless they are the task's FAB's (`warm_dir`, see
     `ForkExecutor.warm_up`), then run Flower's ClientApp process body for the task."""
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
-
     if warm_dir is not None and spec.fab_hash:
-        skip_reinstall(spec.fab_hash, warm_dir)
+        reuse_installed_fab(spec.fab_hash, warm_dir)
     else:
         forget_app_modules()
-    run_clientapp(
+    flower_compat.run_clientapp(  # Flower's ClientApp process body (imported on first use: PRELOAD)
         runtime_api_address=spec.runtime_api_address,
         token=spec.token,
         insecure=spec.insecure,
@@ -328,3 +302,18 @@ def run(args: argparse.Namespace) -> int:
     serve(args.runtime_api_address, args.insecure, args.root_certificates, secret, args.parent_pid, args.poll,
           args.site_dir, args.feature_memory_gb)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fedslide.client.superexec ARGS`: the same as `fedslide superexec ARGS`, from the site's own code."""
+    parser = argparse.ArgumentParser(prog="fedslide")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["superexec", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from fedslide.client.superexec import main as imported_main  # run under the module's own name (logger, fork)
+
+    sys.exit(imported_main())

@@ -1,10 +1,11 @@
 """A hospital's Flower SuperNode process: connects out to the SuperLink; its ClientApp reads the site directory.
 
-`python -m client.supernode [--idle-poll S] [--superexec fedslide|flower] FLOWER-SUPERNODE-ARGS...` (installed as
-`fedslide-supernode`) is Flower's `flower-supernode`, same flags, with shorter polling (`common.flower_polling`): it
-asks the SuperLink for work every `--idle-poll` s instead of every 3 s and pulls a message's arrays without Flower's
-1 s back-off. In Flower's default `subprocess` isolation the SuperExec it starts is fedslide's warm one
-(`client.superexec`, holding the node config's `site-dir` features) instead of `flower-superexec`.
+`python -m fedslide.client.supernode [--idle-poll S] [--superexec fedslide|flower] FLOWER-SUPERNODE-ARGS...`
+(installed as `fedslide-supernode`) is Flower's `flower-supernode`, same flags, with shorter polling
+(`common.flower_compat`): it asks the SuperLink for work every `--idle-poll` s instead of every 3 s and pulls a
+message's arrays without Flower's 1 s back-off. In Flower's default `subprocess` isolation the SuperExec it
+starts is fedslide's warm one (`client.superexec`, holding the node config's `site-dir` features) instead of
+`flower-superexec`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from fedslide.common import flower_compat
 from fedslide.common.flower_env import flower_env, flower_tool
 from fedslide.common.processes import ManagedProcess, port_open
 
@@ -79,7 +80,7 @@ class SuperNode:
 
     def superexec_argv(self, parent_pid: int) -> list[str]:
         """The command line of the warm SuperExec (the Runtime API is the SuperNode's loopback port)."""
-        return [sys.executable, "-m", "fedslide.deploy.cli", "superexec", "--runtime-api-address", f"127.0.0.1:{self.port}",
+        return [sys.executable, "-m", "fedslide.client.superexec", "--runtime-api-address", f"127.0.0.1:{self.port}",
                 "--insecure", "--parent-pid", str(parent_pid), "--site-dir", str(self.site_dir.resolve())]
 
     def launch(self) -> "SuperNode":
@@ -125,59 +126,41 @@ def warm_superexec_command(command: Sequence[str], extra: Sequence[str] = ()) ->
             i += 1
         else:
             return None
-    return [sys.executable, "-m", "fedslide.deploy.cli", "superexec", *args, *extra]
+    return [sys.executable, "-m", "fedslide.client.superexec", *args, *extra]
 
 
 class WarmSuperExecLauncher:
-    """Stands in for `subprocess` inside Flower's SuperNode module: the `flower-superexec` it starts in subprocess
+    """Flower's SuperNode calls this in place of `subprocess.Popen`: the `flower-superexec` it starts in subprocess
     isolation becomes `fedslide superexec` with the same flags (see `warm_superexec_command`)."""
 
     def __init__(self, extra: Sequence[str] = ()) -> None:
         self.extra = list(extra)
 
-    def Popen(self, command: Sequence[str], *args: Any, **kwargs: Any) -> subprocess.Popen:  # noqa: N802 - as Flower calls it
+    def __call__(self, command: Sequence[str], *args: Any, **kwargs: Any) -> subprocess.Popen:
         warm = warm_superexec_command(command, self.extra)
         if warm is None:
             log.warning("starting %s as Flower wrote it, not fedslide's SuperExec: %s", command[0] if command else "?",
                         " ".join(command))
         return subprocess.Popen(warm or list(command), *args, **kwargs)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(subprocess, name)
-
-
-def _supernode_module() -> ModuleType:
-    from flwr.supernode import start_client_internal
-
-    return start_client_internal
-
 
 def use_warm_superexec(site_dir: str | None, feature_memory_gb: float) -> bool:
     """Make this process's SuperNode start fedslide's SuperExec in subprocess isolation (holding `site_dir`'s
     feature files, up to `feature_memory_gb`); whether it applied."""
-    module = _supernode_module()
-    current = getattr(module, "subprocess", None)
-    if current is not subprocess and not isinstance(current, WarmSuperExecLauncher):
-        log.warning("Flower's SuperNode does not start its SuperExec through a module-level `subprocess` here; "
-                    "it runs Flower's own (a fresh flwr-clientapp per message)")
-        return False
     extra = ["--feature-memory-gb", f"{feature_memory_gb:g}"]
     if site_dir:
         extra += ["--site-dir", str(site_dir)]
-    module.subprocess = WarmSuperExecLauncher(extra)  # type: ignore[attr-defined]
-    return True
+    return flower_compat.start_superexec_through(WarmSuperExecLauncher(extra))
 
 
 def node_config_site_dir(flower_args: Sequence[str]) -> str | None:
     """The `site-dir` of a `--node-config` among Flower's SuperNode flags, if any."""
-    from flwr.common.config import parse_config_args
-
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--node-config", default=None)
     known, _ = parser.parse_known_args(list(flower_args))
     if not known.node_config:
         return None
-    value = parse_config_args([known.node_config]).get("site-dir")
+    value = flower_compat.parse_config_args([known.node_config]).get("site-dir")
     return None if value in (None, "") else str(value)
 
 
@@ -185,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     """Flower's SuperNode with fedslide's shorter polls and (subprocess isolation) warm SuperExec; every argument but
     ours goes to `flower-supernode`."""
     from fedslide.client.superexec import FEATURE_MEMORY_GB
-    from fedslide.common.flower_polling import (IDLE_POLL_S, PULL_BACKOFF_CAP_S, PULL_BACKOFF_S, shorten_object_pulls,
-                                       shorten_supernode_polls)
+    from fedslide.common.flower_compat import IDLE_POLL_S, PULL_BACKOFF_CAP_S, PULL_BACKOFF_S
 
     parser = argparse.ArgumentParser(
         prog="fedslide-supernode", description="flower-supernode with shorter polling and, in its default subprocess "
@@ -208,17 +190,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(ours, name)!r}")
     if ours.feature_memory_gb < 0:
         parser.error(f"--feature-memory-gb must be >= 0, got {ours.feature_memory_gb!r}")
-    shorten_supernode_polls(ours.idle_poll)
-    shorten_object_pulls(ours.pull_backoff, max(ours.pull_backoff, PULL_BACKOFF_CAP_S))
+    flower_compat.shorten_supernode_polls(ours.idle_poll)
+    flower_compat.shorten_object_pulls(ours.pull_backoff, max(ours.pull_backoff, PULL_BACKOFF_CAP_S))
     if ours.superexec == "fedslide":
         use_warm_superexec(node_config_site_dir(flower_args), ours.feature_memory_gb)
 
-    from flwr.supercore.logger import update_console_handler
-    from flwr.supernode.cli.flower_supernode import flower_supernode
-
-    update_console_handler(timestamps=True, colored=False)  # its log is a file: when, not colours
+    flower_compat.update_console_handler(timestamps=True, colored=False)  # its log is a file: when, not colours
     sys.argv = ["flower-supernode", *flower_args]
-    flower_supernode()
+    flower_compat.flower_supernode()
     return 0
 
 

@@ -9,7 +9,6 @@ feature array, coordinate or slide identifier fits any of these.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,27 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.common.serde import recorddict_to_proto
 
-WEIGHT_PHASES = ("adapter", "teacher", "experts", "student")  # the teacher phase carries the baseline too
-QUERY_PHASES = ("handshake", "cluster-init", "cluster-stats", "kd-cache", "logits", "evaluate")
-PHASES = WEIGHT_PHASES + QUERY_PHASES
+from fedslide.common.federation import phases as ph
+from fedslide.common.flower_compat import recorddict_to_proto
 
-# metric names a site may report (full-match regexes); anything else is refused
-_TRAINING_METRICS = (r"num-examples", r"unit-weight", r"train-loss", r"val-loss", r"val-n", r"epochs", r"seconds",
-                     r"n-expert-\d+", r"(val-loss|val-n|train-loss)-(\d+|teacher|baseline)")
-_EVAL_METRICS = (r"(teacher_high|student_low|baseline_low|lrmil_low)\.(auc|acc|balanced_acc|f1|brier|ece|loss|n)",
-                 r"cost\.(high|low)\.(patches_per_slide|seconds_per_slide)", r"n-test", r"num-examples")
-METRIC_NAMES: dict[str, tuple[str, ...]] = {
-    **{phase: _TRAINING_METRICS for phase in WEIGHT_PHASES},
-    "handshake": (r"n-(train|val|test)", r"n-(train|val|test)-class-\d+", r"encoder-dim", r"token-grid", r"child-grid"),
-    "cluster-init": (r"n-train", r"embedding-dim"),
-    "cluster-stats": (r"n-train", r"moved"),
-    "kd-cache": (r"n-train", r"num-examples", r"seconds"),
-    "logits": (r"n-train", r"proxy-n", r"seconds"),
-    "evaluate": _EVAL_METRICS,
-}
-HANDSHAKE_KEYS = frozenset({"site-name", "encoder-name", "encoder-hash", "encoder-fingerprint", "classes", "error"})
+# the allow-list, phase by phase, as `common.federation.phases` declares it
+WEIGHT_PHASES = tuple(phase.name for phase in ph.WEIGHTS)  # the teacher phase carries the baseline too
+QUERY_PHASES = tuple(phase.name for phase in ph.ALL if not phase.is_weights)
+PHASES = tuple(ph.BY_NAME)
+METRIC_NAMES: dict[str, tuple[str, ...]] = {phase.name: phase.metrics for phase in ph.ALL}  # full-match regexes
+HANDSHAKE_KEYS = ph.HANDSHAKE.reply_config_keys
 
 
 class EgressViolation(RuntimeError):
@@ -54,12 +42,12 @@ class ArraySpec:
 
 @dataclass
 class Allowed:
-    """What one reply may carry: arrays under `array_record` exactly as in `arrays`, metrics, a config."""
+    """What one reply may carry beyond its phase's declaration: arrays under `array_record` (the declared record)
+    exactly as in `arrays`. Metric names and the config record come from the declaration alone."""
 
     phase: str
     array_record: str | None = None
     arrays: dict[str, ArraySpec] = field(default_factory=dict)
-    config_record: str | None = None
 
 
 def specs_of(record: ArrayRecord) -> dict[str, ArraySpec]:
@@ -69,24 +57,32 @@ def specs_of(record: ArrayRecord) -> dict[str, ArraySpec]:
 
 def weights_reply(phase: str, received: ArrayRecord) -> Allowed:
     """A weights phase: the same arrays (names, shapes, dtypes) as the model the server sent."""
-    return Allowed(phase, "arrays", specs_of(received))
+    return Allowed(phase, ph.by_name(phase).reply_arrays, specs_of(received))
+
+
+def arrays_reply(phase: str, arrays: dict[str, ArraySpec]) -> Allowed:
+    """A phase whose reply carries arrays of known shapes under its declared record (statistics, logits)."""
+    return Allowed(phase, ph.by_name(phase).reply_arrays, arrays)
 
 
 def check_reply(content: RecordDict, allowed: Allowed) -> None:
-    """Raise EgressViolation unless `content` holds only what `allowed` lists for its phase."""
+    """Raise EgressViolation unless `content` holds only what its phase's declaration and `allowed` list."""
     phase = allowed.phase
-    if phase not in PHASES:
+    if phase not in ph.BY_NAME:
         raise EgressViolation(f"unknown phase {phase!r}; known: {', '.join(PHASES)}")
+    declared = ph.BY_NAME[phase]
     problems: list[str] = []
-    patterns = [re.compile(p) for p in METRIC_NAMES[phase]]
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
-            if name != allowed.array_record:
+            if name != declared.reply_arrays or name != allowed.array_record:
                 problems.append(f"array record {name!r} is not allowed in phase {phase}")
                 continue
             got = specs_of(record)
+            undeclared = sorted(k for k in got if not declared.allows_array(k))
             extra = sorted(set(got) - set(allowed.arrays))
             missing = sorted(set(allowed.arrays) - set(got))
+            if undeclared:
+                problems.append(f"arrays not declared for phase {phase}: {', '.join(undeclared[:5])}")
             if extra:
                 problems.append(f"arrays not allowed in phase {phase}: {', '.join(extra[:5])}")
             if missing:
@@ -95,14 +91,14 @@ def check_reply(content: RecordDict, allowed: Allowed) -> None:
                 if got[key] != allowed.arrays[key]:
                     problems.append(f"array {key!r} is {got[key]}, allowed only {allowed.arrays[key]}")
         elif isinstance(record, MetricRecord):
-            bad = [k for k in record if not any(p.fullmatch(k) for p in patterns)]
+            bad = [k for k in record if not declared.allows_metric(k)]
             if bad:
                 problems.append(f"metric names not allowed in phase {phase}: {', '.join(sorted(bad)[:5])}")
         elif isinstance(record, ConfigRecord):
-            if name != allowed.config_record:
+            if name != declared.reply_config:
                 problems.append(f"config record {name!r} is not allowed in phase {phase}")
-            elif not set(record) <= HANDSHAKE_KEYS:
-                problems.append(f"config keys not allowed: {', '.join(sorted(set(record) - HANDSHAKE_KEYS))}")
+            elif not set(record) <= declared.reply_config_keys:
+                problems.append(f"config keys not allowed: {', '.join(sorted(set(record) - declared.reply_config_keys))}")
         else:  # pragma: no cover - RecordDict holds only the three kinds
             problems.append(f"record {name!r} of type {type(record).__name__} is not allowed")
     if problems:
@@ -116,7 +112,9 @@ def message_bytes(content: RecordDict) -> int:
 
 def describe(content: RecordDict) -> dict[str, Any]:
     """Ledger fields of a message: array names/shapes/dtypes/bytes, metric and config keys."""
-    arrays, metrics, configs = [], [], []
+    arrays: list[dict[str, Any]] = []
+    metrics: list[str] = []
+    configs: list[str] = []
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
             arrays.extend({"record": name, "name": key, "shape": list(a.shape), "dtype": str(a.dtype),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,14 @@ from typing import Any
 import h5py
 import numpy as np
 
+from fedslide.common.atomic import atomic_path
+
 FORMAT_VERSION = 1
 COMPLETE_ATTR = "fedslide_complete"
 RESOLUTIONS = ("high", "low")
+# the tissue and tiling settings a file was made with (JSON text of the kebab-case config sections)
+TISSUE_ATTR = "preprocess_tissue"
+TILING_ATTR = "preprocess_tiling"
 
 
 class FeatureFileError(ValueError):
@@ -83,8 +88,26 @@ def config_hash(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def preprocess_attrs(tissue: dict[str, Any], tiling: dict[str, Any]) -> dict[str, str]:
+    """The attributes that record a file's tissue and tiling settings (kebab-case dicts, as `to_toml_dict`)."""
+    return {TISSUE_ATTR: json.dumps(tissue, sort_keys=True), TILING_ATTR: json.dumps(tiling, sort_keys=True)}
+
+
+def recorded_preprocess(attrs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(tissue, tiling) settings recorded in a file's attributes; None when it records none (older files)."""
+    if TISSUE_ATTR not in attrs or TILING_ATTR not in attrs:
+        return None
+    try:
+        tissue, tiling = json.loads(attrs[TISSUE_ATTR]), json.loads(attrs[TILING_ATTR])
+    except (TypeError, ValueError) as exc:
+        raise FeatureFileError(f"attributes {TISSUE_ATTR}/{TILING_ATTR} are not JSON objects: {exc}") from exc
+    if not isinstance(tissue, dict) or not isinstance(tiling, dict):
+        raise FeatureFileError(f"attributes {TISSUE_ATTR}/{TILING_ATTR} are not JSON objects")
+    return tissue, tiling
+
+
 class FeatureWriter:
-    """Streams one feature file to `<path>.tmp` and renames it into place only when finished.
+    """Streams one feature file to a temp file beside `path` and renames it into place only when finished.
 
     Use as a context manager: leaving the block with an exception deletes the temp file,
     so a crash never leaves a half-written file under the final name.
@@ -92,18 +115,25 @@ class FeatureWriter:
 
     def __init__(self, path: Path | str, meta: FeatureMeta, with_parent: bool = False, with_tokens: bool = False):
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.meta = meta
         self.with_parent = with_parent
         self.with_tokens = with_tokens and meta.token_grid > 0
         self._file: h5py.File | None = None
+        self._stack: ExitStack | None = None
         self._n = 0
 
     def __enter__(self) -> "FeatureWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self.tmp, "w")
+        with ExitStack() as stack:
+            tmp = stack.enter_context(atomic_path(self.path))
+            self._file = f = stack.enter_context(h5py.File(tmp, "w"))
+            self._start(f)
+            self._stack = stack.pop_all()
+        return self
+
+    def _start(self, f: h5py.File) -> None:
+        """The empty datasets and the attributes, marked incomplete."""
         d = self.meta.encoder_dim
-        f = self._file
         f.create_dataset("features", shape=(0, d), maxshape=(None, d), dtype="float32", chunks=(256, d))
         f.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype="int64", chunks=(4096, 2))
         if self.with_parent:
@@ -116,7 +146,6 @@ class FeatureWriter:
             f.attrs[key] = value
             f["coords"].attrs[key] = value
         f.attrs[COMPLETE_ATTR] = False
-        return self
 
     def append(
         self,
@@ -153,16 +182,12 @@ class FeatureWriter:
         self._n = stop
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        assert self._file is not None
+        assert self._file is not None and self._stack is not None
         if exc_type is None:
             self._file.attrs["num_patches"] = self._n
             self._file.attrs[COMPLETE_ATTR] = True
-            self._file.close()
-            os.replace(self.tmp, self.path)
-        else:
-            self._file.close()
-            self.tmp.unlink(missing_ok=True)
-        self._file = None
+        stack, self._file, self._stack = self._stack, None, None
+        stack.__exit__(exc_type, exc, tb)  # closes the file, then renames it into place or deletes it
 
 
 def is_complete(path: Path | str, expected_config_hash: str | None = None) -> bool:

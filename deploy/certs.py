@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
 import re
-import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedslide.common.atomic import atomic_write
 from fedslide.common.cli_support import EXIT_OK, EXIT_USAGE
 
 EXIT_REFUSED = EXIT_USAGE  # refused input: nothing was done
@@ -78,16 +77,8 @@ def _check_free(paths: Sequence[Path], force: bool) -> None:
 def _write(path: Path, data: bytes, private: bool) -> None:
     """Write `data` to `path` atomically; a private file is 0600 from creation on."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb", perms=0o600 if private else 0o644) as f:
+        f.write(data)
 
 
 def _window(days: int, start: dt.datetime | None, end: dt.datetime | None) -> tuple[dt.datetime, dt.datetime]:

@@ -9,12 +9,32 @@ slides from low-res patches only with the student bundle pushed back to that sit
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import time
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
-from fedslide.common.cli_support import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, ConfigError, add_config_arguments, config_from_args
+from fedslide.client.inference.run import predict_slides
+from fedslide.client.preprocess import SitePreprocessor
+from fedslide.client.synth.cohort import generate_cohort
+from fedslide.common.cli_support import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    ConfigError,
+    add_config_arguments,
+    config_from_args,
+)
+from fedslide.common.config.federation import FederationConfig
+from fedslide.common.config.predict import PredictConfig
+from fedslide.common.config.preprocess import PreprocessConfig
+from fedslide.common.config.synth import SynthConfig
+from fedslide.common.distillation.bundle import BUNDLE_FILE
+from fedslide.common.evaluation.predictions import missing_predictions_cause
+from fedslide.common.processes import ProcessFailed
+from fedslide.common.training.splits import recorded_splits
+from fedslide.deploy.federate import FederationFailed, LaunchOptions, run_consortium
 
 DEMO_CONFIG = Path(str(files("fedslide.configs") / "demo.toml"))  # shipped in the package
 SECTIONS = ("synth", "preprocess", "federation", "predict")
@@ -40,15 +60,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedslide.client.inference.run import predict_slides
-    from fedslide.client.preprocess import SitePreprocessor
-    from fedslide.client.synth.cohort import generate_cohort
-    from fedslide.common.config.federation import FederationConfig
-    from fedslide.common.config.predict import PredictConfig
-    from fedslide.common.config.preprocess import PreprocessConfig
-    from fedslide.common.config.synth import SynthConfig
-    from fedslide.deploy.federate import FederationFailed, LaunchOptions, run_consortium
-    from fedslide.common.processes import ProcessFailed
 
     start = time.perf_counter()
     config = args.config or str(DEMO_CONFIG)
@@ -66,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     synth_cfg = section_cfg(SynthConfig, "synth", {"out_dir": str(out / "cohort"), "sites": args.sites,
                                                    "slides_per_site": args.slides_per_site, "seed": args.seed})
     pre_cfg = section_cfg(PreprocessConfig, "preprocess")
-    values = {"runs_dir": str(out / "runs")}
+    values: dict[str, Any] = {"runs_dir": str(out / "runs")}
     if args.resume:
         values.update({"run_id": args.resume, "resume": True})
     fed_cfg = section_cfg(FederationConfig, "federation", values)
@@ -93,8 +104,13 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     _print_rows(run_dir)
     print("[4/4] predicting every site's held-out test slides from low-res patches, with the bundle pushed back to it")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     for site in sites:
         bundle = site / "runs" / run_dir.name / "student_bundle"
+        if not (bundle / BUNDLE_FILE).is_file():
+            print(f"  {site.name}: no student bundle at {bundle}: {missing_predictions_cause(metrics, site.name)}")
+            code = EXIT_PARTIAL
+            continue
         prediction = predict_slides(_test_slides(site), bundle, run_dir / "predictions" / site.name, predict_cfg)
         for line in prediction.summary_lines():
             print(f"  {site.name}: {line}")
@@ -107,8 +123,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_rows(run_dir: Path) -> None:
-    import json
-
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for row in metrics["rows"]:
         values = ", ".join(f"{k} {row[k]:.3f}" for k in ("auc", "acc", "brier") if isinstance(row.get(k), float))
@@ -116,9 +130,8 @@ def _print_rows(run_dir: Path) -> None:
 
 
 def _test_slides(site: Path) -> list[Path]:
-    """The slide files of a site's test split (labels.csv `split` column)."""
-    with (site / "labels.csv").open(newline="") as fh:
-        ids = {row["slide_id"] for row in csv.DictReader(fh) if row.get("split") == "test"}
+    """The slide files of a site's test split (labels.csv `split` column, else the site's carved splits.csv)."""
+    ids = {sid for sid, split in recorded_splits(site).items() if split == "test"}
     return sorted(p for p in (site / "slides").iterdir() if p.stem in ids)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shutil
 import signal
 import subprocess
@@ -24,10 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedslide.common.cli_support import EXIT_ERROR, EXIT_OK, ConfigError, add_config_arguments, config_from_args
+from fedslide.client.supernode import SuperNode
+from fedslide.common.cli_support import (
+    EXIT_ERROR,
+    EXIT_OK,
+    ConfigError,
+    add_config_arguments,
+    config_from_args,
+)
 from fedslide.common.config.federation import FederationConfig
+from fedslide.common.distillation.data import load_sites
 from fedslide.common.flower_app import APP_DIR, stage_app, write_run_config
 from fedslide.common.processes import ProcessFailed, free_port, tail
+from fedslide.deploy.certs import load_ca, make_all
+from fedslide.server.superlink import FlowerCli, FlowerCliError, SuperLink, TLSFiles
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +76,6 @@ class LaunchOptions:
 
 def preflight(sites: list[Path], cfg: FederationConfig) -> None:
     """Refuse bad site directories before any process starts: each site's labels and feature files are read."""
-    from fedslide.common.distillation.data import load_sites
 
     if len(sites) < cfg.min_nodes:
         raise ConfigError(f"{len(sites)} site(s) given, fewer than min-nodes = {cfg.min_nodes}")
@@ -78,7 +88,7 @@ def preflight(sites: list[Path], cfg: FederationConfig) -> None:
             problems.append(f"{site}: no such site directory")
             continue
         try:
-            data = load_sites([site], cfg.encoder, seed=cfg.seed)
+            data = load_sites([site], cfg.encoder, seed=cfg.seed, carving=cfg.carve)  # carves what a site lacks
         except Exception as exc:  # every load problem is reported, then nothing starts
             problems.append(f"{site}: {exc}")
             continue
@@ -93,9 +103,6 @@ def preflight(sites: list[Path], cfg: FederationConfig) -> None:
 
 def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions) -> Path:
     """Start SuperLink + SuperNodes, run the app, stop everything; the run directory at the coordinating site."""
-    from fedslide.client.supernode import SuperNode
-    from fedslide.deploy.certs import load_ca, make_all
-    from fedslide.server.superlink import FlowerCli, SuperLink, TLSFiles
 
     preflight(sites, cfg)
     work = opts.work_dir.resolve()
@@ -118,8 +125,8 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
         if opts.node_auth:
             keys = {s.name: certs / f"{s.name}.key" for s in sites}
     port = free_port()
-    # Flower's in-memory state and object store: a SQLite database made every message's objects several times
-    # slower to store and serve (loopback federation 657 s -> 366 s). The link lives for this run only; a resumed
+    # Flower's in-memory state and object store: a SQLite database stores and serves every message's objects
+    # several times slower (docs/federation.md). The link lives for this run only; a resumed
     # run starts a new one, and the ServerApp re-admits the sites by name under their new node ids.
     link = SuperLink(work / "superlink", tls, port=port, node_auth=not opts.insecure and opts.node_auth,
                      in_memory=True)
@@ -140,7 +147,7 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
             # `flwr run` builds and submits the app while the sites register and start: the ServerApp waits for
             # them (expected-nodes); each `flwr` call is a Python process, so they all run side by side
             submission = pool.submit(cli.submit, stage_app(APP_DIR, work / "app"), config_file)
-            stack.callback(lambda: finished.is_set() or _stop_submitted(cli, submission))
+            stack.callback(lambda: None if finished.is_set() else _stop_submitted(cli, submission))
             list(pool.map(cli.register, public_keys))
             for node in nodes:  # all start side by side, then each is waited for
                 node.launch()
@@ -157,8 +164,21 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
         finally:
             _collect_logs(work, run_dir, cli, run_id, nodes, whole_log)
     if not (run_dir / "metrics.json").is_file():
-        raise FederationFailed(f"the run finished without {run_dir / 'metrics.json'}; ServerApp log:\n{cli.logs(run_id)[-3000:]}")
+        text = cli.logs(run_id)
+        raise FederationFailed(f"the run finished without {run_dir / 'metrics.json'}: {first_error(text)}\n"
+                               f"ServerApp log:\n{text[-3000:]}")
     return run_dir
+
+
+_ERROR_LINE = re.compile(r"\b(\w*(Error|Exception)|FAILED|refused)\b")
+
+
+def first_error(log_text: str) -> str:
+    """The first error a ServerApp log records (the cause; later lines are often its consequences)."""
+    for line in log_text.splitlines():
+        if _ERROR_LINE.search(line) and not line.lstrip().startswith(("Traceback", "File ")):
+            return "first error in the ServerApp log: " + line.strip()
+    return "the ServerApp log records no error (see its tail below)"
 
 
 def _stop_on_sigterm(stack: ExitStack) -> None:
@@ -239,8 +259,9 @@ def _wait(cli: Any, run_id: int, link: Any, nodes: list[Any], opts: LaunchOption
                     last = state
                 if state.startswith(FINISHED):
                     if "completed" not in state and "completed" not in details:
-                        raise FederationFailed(f"run {run_dir.name} ended as {state} {details}; ServerApp log tail:\n"
-                                               + "\n".join(cli.logs(run_id).splitlines()[-40:]))
+                        text = cli.logs(run_id)
+                        raise FederationFailed(f"run {run_dir.name} ended as {state} {details}: {first_error(text)}\n"
+                                               "ServerApp log tail:\n" + "\n".join(text.splitlines()[-40:]))
                     complete = _stream_ends(stream) and whole
                     return stream_log if complete else None
                 if ended:
@@ -263,7 +284,6 @@ def _wait(cli: Any, run_id: int, link: Any, nodes: list[Any], opts: LaunchOption
 
 def _status(cli: Any, run_id: int, link: Any, run_dir: Path) -> tuple[str, str]:
     """The run's status and its details (`flwr ls`); a dead SuperLink is reported as the failure it is."""
-    from fedslide.server.superlink import FlowerCliError
 
     try:
         status = cli.status(run_id)

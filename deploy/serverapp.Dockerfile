@@ -9,7 +9,7 @@
 #
 # Mounts: /certs/ca.crt and /secrets/superexec.secret read-only; /data/runs writable (ServerApp outputs:
 # start runs with the run config runs-dir="/data/runs", e.g. flwr run . fedslide -c 'runs-dir="/data/runs"').
-FROM flwr/superexec:1.41.0-py3.11-ubuntu24.04
+FROM flwr/superexec:1.42.0-py3.11-ubuntu24.04
 
 LABEL org.opencontainers.image.title="fedslide-serverapp" \
       org.opencontainers.image.description="Flower SuperExec running the fedslide ServerApp (CPU)" \
@@ -33,9 +33,11 @@ COPY --chown=49999 pyproject.toml README.md ./
 COPY --chown=49999 common ./common
 COPY --chown=49999 client ./client
 COPY --chown=49999 server ./server
+COPY --chown=49999 deploy ./deploy
+COPY --chown=49999 configs ./configs
 # CPU-only torch first (the PyPI default pulls CUDA libraries), then the project; flwr stays at the image's version.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
-    && pip install --no-cache-dir . "flwr==1.41.0" "torch==${TORCH_VERSION}"
+    && pip install --no-cache-dir . "flwr==1.42.0" "torch==${TORCH_VERSION}"
 WORKDIR /app
 
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \

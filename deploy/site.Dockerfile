@@ -22,7 +22,7 @@
 # Usage: docker run ... fedslide/site:0.1.0 --superlink fl.coordinator.example.org:9092 \
 #          --root-certificates /certs/ca.crt --auth-supernode-private-key /keys/site.key \
 #          --node-config 'site-dir="/data/site" site-name="site1"'
-FROM flwr/supernode:1.41.0-py3.11-ubuntu24.04
+FROM flwr/supernode:1.42.0-py3.11-ubuntu24.04
 
 LABEL org.opencontainers.image.title="fedslide-site" \
       org.opencontainers.image.description="Flower SuperNode with the fedslide ClientApp dependencies (CPU)" \
@@ -49,10 +49,12 @@ COPY --chown=49999 pyproject.toml README.md ./
 COPY --chown=49999 common ./common
 COPY --chown=49999 client ./client
 COPY --chown=49999 server ./server
+COPY --chown=49999 deploy ./deploy
+COPY --chown=49999 configs ./configs
 # CPU-only torch first (the PyPI default pulls CUDA libraries), then the project with openslide-bin and h5py;
 # flwr stays at the image's version.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
-    && pip install --no-cache-dir . "flwr==1.41.0" "torch==${TORCH_VERSION}"
+    && pip install --no-cache-dir . "flwr==1.42.0" "torch==${TORCH_VERSION}"
 WORKDIR /app
 
 # Liveness of the SuperNode process (its runtime API on loopback); whether it reached the SuperLink shows in

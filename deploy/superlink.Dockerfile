@@ -14,7 +14,7 @@
 #   /secrets/superexec.secret                              shared with the serverapp container
 #   /app/state                                             writable: the SuperLink database (registered nodes,
 #                                                          runs); keep it across updates
-FROM flwr/superlink:1.41.0
+FROM flwr/superlink:1.42.0
 
 LABEL org.opencontainers.image.title="fedslide-superlink" \
       org.opencontainers.image.description="Flower SuperLink for fedslide: TLS, SuperNode authentication, process isolation" \

@@ -7,12 +7,13 @@ point resumes from the last completed round with `resume = true`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+
+from fedslide.common.atomic import atomic_path, write_text_atomic
 
 STATE_FILE = "state.json"
 
@@ -34,16 +35,13 @@ class Checkpoint:
     def commit(self, **updates: Any) -> None:
         """Update the state and write it atomically."""
         self.state.update(updates)
-        tmp = self.dir / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True, default=_json_default))
-        os.replace(tmp, self.dir / STATE_FILE)
+        write_text_atomic(self.dir / STATE_FILE, json.dumps(self.state, indent=1, sort_keys=True, default=_json_default))
 
     def save_arrays(self, name: str, record: ArrayRecord) -> None:
         """Write an ArrayRecord as `<name>.npz` (atomically)."""
         path = self.dir / f"{name}.npz"
-        tmp = self.dir / f"{name}.tmp.npz"
-        np.savez(tmp, **{key: array.numpy() for key, array in record.items()})
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".tmp.npz") as tmp:  # np.savez appends .npz to any other name
+            np.savez(tmp, **{key: array.numpy() for key, array in record.items()})
 
     def load_arrays(self, name: str) -> ArrayRecord | None:
         """The ArrayRecord saved as `name`, or None."""

@@ -9,10 +9,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import Message, RecordDict
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
 from fedslide.common.egress import message_bytes
+from fedslide.common.flower_compat import Run
 
 log = logging.getLogger(__name__)
 

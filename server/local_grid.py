@@ -1,8 +1,13 @@
-"""A Grid that runs ClientApps in this process: the whole protocol without SuperLink/SuperNodes (tests, quick runs).
+"""fedslide's in-process runtime: a Grid that runs the sites' ClientApps in the ServerApp's own process.
 
-Each message is deep-copied as the wire would and handed to the node's ClientApp with that node's
-Context (its node config and persistent state); a ClientApp exception becomes an error reply, as
-a SuperNode would send.
+It runs the whole protocol without SuperLink or SuperNodes: `fedslide evaluate` (the leave-one-site-out study,
+`deploy/study/loso.py`) runs its federations on it, and the tests use it. Each message is deep-copied as the wire
+would and handed to the node's ClientApp with that node's Context (its node config and persistent state); a
+ClientApp exception becomes an error reply, as a SuperNode would send. Replies are computed when a message is pushed.
+
+What a SuperLink and a ServerApp process would set in Flower's objects (the task identity messages are created
+with, a pushed message's id and run, a reply's source node) is set through `common.flower_compat`, which checks the
+installed Flower's version first.
 """
 
 from __future__ import annotations
@@ -14,10 +19,10 @@ from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 from flwr.serverapp import Grid
+
+from fedslide.common import flower_compat
+from fedslide.common.flower_compat import Run
 
 FIRST_NODE = 101  # node ids of the sites (Flower's SuperLink is node 1)
 
@@ -35,7 +40,7 @@ class LocalGrid(Grid):
         self.run_config = dict(run_config)
         self._run = Run.create_empty(run_id)
         # Flower stamps messages with the process's run and node (a ServerApp process has both)
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SUPERLINK_NODE_ID, 1
+        flower_compat.set_server_task_identity(run_id)
         self.contexts = {
             first_node + i: Context(run_id=run_id, node_id=first_node + i, node_config=dict(cfg), state=RecordDict(), run_config=self.run_config)
             for i, cfg in enumerate(node_configs)
@@ -63,8 +68,7 @@ class LocalGrid(Grid):
         ids = []
         for message in messages:
             message_id = uuid.uuid4().hex
-            message.metadata.__dict__["_message_id"] = message_id
-            message.metadata.__dict__["_run_id"] = self._run.run_id
+            flower_compat.stamp_pushed_message(message, message_id, self._run.run_id)
             node = int(message.metadata.dst_node_id)
             if node in self.contexts and node not in self.offline:
                 reply = self._deliver(node, copy.deepcopy(message))
@@ -78,7 +82,7 @@ class LocalGrid(Grid):
             reply = self.app(message, self.contexts[node])
         except Exception as exc:  # a ClientApp failure is an error reply, as from a SuperNode
             reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
-        reply.metadata.__dict__["_src_node_id"] = node
+        flower_compat.stamp_reply_source(reply, node)
         reply = copy.deepcopy(reply)
         return self.reply_hook(node, reply) if self.reply_hook is not None else reply
 

@@ -9,11 +9,14 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message
 
+from fedslide.common.device import resolve_device
 from fedslide.common.distillation.adapter import build_adapter
 from fedslide.common.distillation.data import load_sites
 from fedslide.common.distillation.losses import CachedKDLoss
 from fedslide.common.distillation.mil import train_selected, with_epochs
+from fedslide.common.distillation.stages import student_input
 from fedslide.common.distillation.student import starts_from_teacher, student_bags
+from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
 from fedslide.common.federation.models import (
     adapter_spec,
@@ -24,8 +27,8 @@ from fedslide.common.federation.models import (
     teacher_config,
     to_record,
 )
+from fedslide.common.seeds import SEED_OFFSETS
 from fedslide.common.training.loop import class_weights
-from fedslide.common.training.repro import resolve_device
 from fedslide.server.strategies import FederationError
 
 
@@ -42,31 +45,32 @@ def _weighted(replies: list[Message], key: str, weights: list[np.ndarray]) -> np
 def distil_from_logits(fed, teacher: ArrayRecord, experts: ArrayRecord | None, adapter: ArrayRecord,
                        centroids: np.ndarray | None, tfp: str) -> ArrayRecord:  # noqa: ANN001
     """Collect the sites' logits on the proxy cohort, average them, train the student at the server."""
-    done = fed.ckpt.phase_done("student")
-    saved = fed.ckpt.load_arrays("student.final")
+    step = ph.LOGITS.checkpoint  # the student's step, as in weights mode
+    done = fed.ckpt.phase_done(step)
+    saved = fed.ckpt.load_arrays(f"{step}.final")
     if done is not None and saved is not None:
-        fed.curves["student"] = done.get("history", [])
+        fed.curves[step] = done.get("history", [])
         return saved
     cfg, facts = fed.cfg, fed.facts
     start = time.perf_counter()
-    data = load_sites([cfg.proxy_dir], cfg.encoder, seed=cfg.seed, classes=facts.classes)
+    data = load_sites([cfg.proxy_dir], cfg.encoder, seed=cfg.seed, classes=facts.classes, carving=cfg.carve)
     if data.feature_dim != facts.feature_dim or data.token_grid != facts.token_grid:
         raise FederationError(f"proxy cohort {cfg.proxy_dir}: features of dim {data.feature_dim} / token grid "
                               f"{data.token_grid}, the sites' are {facts.feature_dim} / {facts.token_grid}")
     records = {p.TEACHER: teacher, p.PROXY: pack_bags([s.high.features for s in data.slides])}
     if experts is not None and centroids is not None:
         records[p.EXPERTS] = experts
-        records[p.CENTROIDS] = ArrayRecord({"centroids": Array(np.asarray(centroids, dtype=np.float64))})
+        records[p.CENTROIDS] = ArrayRecord({ph.CENTROIDS: Array(np.asarray(centroids, dtype=np.float64))})
     fed.grid.server_round = 0
-    replies = fed.query(p.LOGITS, "logits", records, **{"teacher-fingerprint": tfp})
-    n_train = [np.asarray(float(r.content[p.METRICS]["n-train"])) for r in replies]
-    teacher_logits = torch.from_numpy(_weighted(replies, "teacher", n_train)).float()
+    replies = fed.query(ph.LOGITS, records, {ph.TEACHER_FINGERPRINT: tfp})
+    n_train = [np.asarray(float(r.content[p.METRICS][ph.N_TRAIN])) for r in replies]
+    teacher_logits = torch.from_numpy(_weighted(replies, ph.TEACHER_LOGITS, n_train)).float()
     expert_logits = None
-    if p.EXPERTS in records and all("experts" in r.content[p.LOGITS_RECORD] for r in replies):
-        weights = [r.content[p.LOGITS_RECORD]["expert-weights"].numpy() for r in replies]
-        expert_logits = torch.from_numpy(_weighted(replies, "experts", weights)).float()
+    if p.EXPERTS in records and all(ph.EXPERT_LOGITS in r.content[p.LOGITS_RECORD] for r in replies):
+        weights = [r.content[p.LOGITS_RECORD][ph.EXPERT_WEIGHTS].numpy() for r in replies]
+        expert_logits = torch.from_numpy(_weighted(replies, ph.EXPERT_LOGITS, weights)).float()
     adapter_model = load_record(build_adapter(adapter_spec(cfg, facts)), adapter).eval()
-    mode = "pooled" if cfg.kd.student_input == "tokens" and not data.has_tokens else cfg.kd.student_input
+    mode = student_input(cfg.kd.student_input, data.has_tokens)
     cohort = data.cohort(student_bags(adapter_model, data, mode))
     train, val = data.split("train"), data.split("val")
     kd = cfg.kd
@@ -74,16 +78,16 @@ def distil_from_logits(fed, teacher: ArrayRecord, experts: ArrayRecord | None, a
     loss = CachedKDLoss(teacher_logits, expert_logits, kd.temperature, kd.lambda_base,
                         kd.lambda_expert if expert_logits is not None else 0.0, "all", None, weights)
     s_cfg, t_cfg = student_config(cfg, facts), teacher_config(cfg, facts)
-    model = new_model(s_cfg, cfg.seed + 100)
+    model = new_model(s_cfg, cfg.seed + SEED_OFFSETS.student)
     if starts_from_teacher(kd.student_init, mode, s_cfg, t_cfg):
         load_record(model, teacher)
     fit = train_selected(model, cohort, train, val, with_epochs(cfg.training, cfg.proxy_epochs),
-                         resolve_device(cfg.device), cfg.seed + 100, loss, description="student (proxy)")
+                         resolve_device(cfg.device), cfg.seed + SEED_OFFSETS.student, loss, description="student (proxy)")
     student = to_record(model.cpu())
     history = [{"round": h.epoch, "train_loss": h.train_loss, "val_loss": h.val_loss} for h in fit.history]
-    fed.ckpt.save_arrays("student.final", student)
-    fed.curves["student"] = history
-    fed.timings["student"] = round(time.perf_counter() - start, 3)
-    fed.ckpt.finish_phase("student", {"history": history, "best": {"": {"round": fit.best_epoch, "loss": fit.best_score}},
-                                      "proxy_slides": len(data.slides), "seconds": fed.timings["student"]})
+    fed.ckpt.save_arrays(f"{step}.final", student)
+    fed.curves[step] = history
+    fed.timings[step] = round(time.perf_counter() - start, 3)
+    fed.ckpt.finish_phase(step, {"history": history, "best": {"": {"round": fit.best_epoch, "loss": fit.best_score}},
+                                 "proxy_slides": len(data.slides), "seconds": fed.timings[step]})
     return student

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, FedProx, Strategy
-from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
 
 from fedslide.common.config.federation import FederationConfig
 
@@ -34,7 +38,7 @@ def make_accountant(cfg: FederationConfig, num_sites: int, state: dict[str, Any]
 
 def dp_strategy(cfg: FederationConfig, num_sites: int, min_nodes: int, accountant: RdpAccountant) -> Strategy:
     """FedAvg (or FedProx) with equal site weights, wrapped by Flower's server-side fixed-clipping DP."""
-    common = {"fraction_evaluate": 0.0, "min_train_nodes": min_nodes, "min_available_nodes": min_nodes,
+    common: dict[str, Any] = {"fraction_evaluate": 0.0, "min_train_nodes": min_nodes, "min_available_nodes": min_nodes,
               "weighted_by_key": "unit-weight"}
     inner = FedProx(proximal_mu=cfg.proximal_mu, **common) if cfg.strategy == "fedprox" else FedAvg(**common)
     return DifferentialPrivacyServerSideFixedClipping(inner, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, num_sites,

@@ -26,6 +26,7 @@ from fedslide.common.config.federation import FederationConfig
 from fedslide.common.config.model import ModelConfig
 from fedslide.common.distillation.clustering import update_centroids
 from fedslide.common.distillation.student import starts_from_teacher
+from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
 from fedslide.common.federation.models import (
     fingerprint,
@@ -38,6 +39,8 @@ from fedslide.common.federation.models import (
     to_record,
     unpack_models,
 )
+from fedslide.common.flower_compat import fedavgm_momentum, set_fedavgm_momentum
+from fedslide.common.seeds import SEED_OFFSETS
 from fedslide.server.checkpoint import Checkpoint
 from fedslide.server.grid import FederationGrid
 from fedslide.server.privacy import dp_strategy, make_accountant
@@ -45,7 +48,7 @@ from fedslide.server.strategies import BestRounds, ExpertsFedAvg, FederationErro
 
 log = logging.getLogger(__name__)
 
-ENCODER_KEYS = ("encoder-name", "encoder-hash", "encoder-dim", "token-grid", "child-grid")
+ENCODER_KEYS = (ph.ENCODER_NAME, ph.ENCODER_HASH, ph.ENCODER_DIM, ph.TOKEN_GRID, ph.CHILD_GRID)
 
 
 @dataclass
@@ -80,23 +83,28 @@ class Federation:
     def run_id(self) -> str:
         return self.run_dir.name
 
-    def base_config(self, phase: str, **extra: Any) -> dict[str, Any]:
-        """Config entries of every message of a phase."""
-        assert self.facts is not None or phase == "handshake"
-        base: dict[str, Any] = {"run-id": self.run_id, "phase": phase, "server-round": self.grid.server_round}
+    def base_config(self, phase: ph.Phase, **extra: Any) -> dict[str, Any]:
+        """Config entries of every message of a phase (`extra`: the config keys it declares)."""
+        assert self.facts is not None or phase is ph.HANDSHAKE
+        phase.check_sent((), extra)
+        base: dict[str, Any] = {ph.RUN_ID: self.run_id, ph.PHASE: phase.phase, ph.SERVER_ROUND: self.grid.server_round}
         if self.facts is not None:
             base.update(self.facts.to_config())
         return {**base, **extra}
 
-    def query(self, message_type: str, phase: str, records: dict[str, ArrayRecord], **config: Any) -> list[Message]:
-        """Send one message per admitted site; the usable replies (at least min-nodes, else FederationError)."""
-        self.grid.phase = phase
-        content = RecordDict({p.CONFIG: ConfigRecord(self.base_config(phase, **config)), **records})
+    def query(self, phase: ph.Phase, records: dict[str, ArrayRecord], config: dict[str, Any] | None = None,
+              validate: bool = False) -> list[Message]:
+        """Send one message of the phase (with `validate`, a weights phase's validation) per admitted site; the
+        usable replies (at least min-nodes, else FederationError)."""
+        self.grid.phase = phase.phase
+        phase.check_sent(records)
+        content = RecordDict({p.CONFIG: ConfigRecord(self.base_config(phase, **(config or {}))), **records})
         nodes = sorted(self.grid.get_node_ids())
+        message_type = ph.EVALUATE if validate else phase.message_type
         messages = [Message(content=content, dst_node_id=n, message_type=message_type) for n in nodes]
         replies = [r for r in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout) if not r.has_error()]
         if len(replies) < min(self.cfg.min_nodes, max(len(nodes), 1)) or not replies:
-            raise FederationError(f"phase {phase}: {len(replies)} usable repl(ies) from {len(nodes)} site(s), "
+            raise FederationError(f"phase {phase.name}: {len(replies)} usable repl(ies) from {len(nodes)} site(s), "
                                   f"fewer than min-nodes = {self.cfg.min_nodes}; see the absent nodes in the log")
         return replies
 
@@ -114,7 +122,7 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
 
 def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
     """Ask every connected site for counts and encoder identity; admit those that agree with the majority."""
-    saved = fed.ckpt.state.get("handshake")
+    saved = fed.ckpt.state.get(ph.HANDSHAKE.checkpoint)
     if saved:
         fed.facts = p.Facts.from_dict(saved["facts"])
         fed.sites = {int(n): SiteInfo(**s) for n, s in saved["sites"].items()}
@@ -154,8 +162,8 @@ def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
     if len(classes) < 2:
         raise FederationError(f"handshake: the sites' labels have {len(classes)} class(es) {classes}; need at least 2")
     first = next(iter(fed.sites.values()))
-    fed.facts = p.Facts(tuple(classes), int(first.encoder["encoder-dim"]), int(first.encoder["token-grid"]),
-                        int(first.encoder["child-grid"]), str(first.encoder["encoder-name"]))
+    fed.facts = p.Facts(tuple(classes), int(first.encoder[ph.ENCODER_DIM]), int(first.encoder[ph.TOKEN_GRID]),
+                        int(first.encoder[ph.CHILD_GRID]), str(first.encoder[ph.ENCODER_NAME]))
     fed.grid.admitted = set(fed.sites)
     _commit_handshake(fed)
     log.info("handshake: admitted %s; refused %d", ", ".join(s.name for s in fed.sites.values()), len(fed.refused))
@@ -163,26 +171,26 @@ def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
 
 def _ask_sites(fed: Federation, nodes: list[int]) -> dict[int, Message]:
     """The handshake query to `nodes`; their replies by node."""
-    fed.grid.phase = "handshake"
-    content = RecordDict({p.CONFIG: ConfigRecord({"run-id": fed.run_id, "phase": "handshake"})})
-    messages = [Message(content=content, dst_node_id=n, message_type=p.HANDSHAKE) for n in nodes]
+    fed.grid.phase = ph.HANDSHAKE.phase
+    content = RecordDict({p.CONFIG: ConfigRecord({ph.RUN_ID: fed.run_id, ph.PHASE: ph.HANDSHAKE.phase})})
+    messages = [Message(content=content, dst_node_id=n, message_type=ph.HANDSHAKE.message_type) for n in nodes]
     replies = fed.grid.send_and_receive(messages, timeout=fed.cfg.round_timeout)
     return {int(r.metadata.src_node_id): r for r in replies}
 
 
 def _site_info(node: int, reply: Message) -> SiteInfo:
-    site, counts = reply.content[p.SITE], reply.content[p.METRICS]
-    encoder = {k: site.get(k) for k in ("encoder-name", "encoder-hash")}
-    encoder.update({k: int(counts[k]) for k in ("encoder-dim", "token-grid", "child-grid")})
-    return SiteInfo(node, str(site["site-name"]), {k: int(v) for k, v in counts.items()}, encoder,
-                    [str(c) for c in site["classes"]])
+    site, counts = reply.content.config_records[p.SITE], reply.content.metric_records[p.METRICS]
+    encoder = {k: site.get(k) for k in (ph.ENCODER_NAME, ph.ENCODER_HASH)}
+    encoder.update({k: int(counts[k]) for k in (ph.ENCODER_DIM, ph.TOKEN_GRID, ph.CHILD_GRID)})
+    return SiteInfo(node, str(site[ph.SITE_NAME]), {k: int(v) for k, v in counts.items()}, encoder,
+                    [str(c) for c in site[ph.CLASSES]])
 
 
 def _commit_handshake(fed: Federation) -> None:
     assert fed.facts is not None
-    fed.ckpt.commit(handshake={"facts": fed.facts.to_dict(), "refused": fed.refused,
-                               "sites": {str(n): vars(s) for n, s in fed.sites.items()},
-                               "eval_sites": {str(n): vars(s) for n, s in fed.eval_sites.items()}})
+    fed.ckpt.commit(**{ph.HANDSHAKE.checkpoint: {
+        "facts": fed.facts.to_dict(), "refused": fed.refused, "sites": {str(n): vars(s) for n, s in fed.sites.items()},
+        "eval_sites": {str(n): vars(s) for n, s in fed.eval_sites.items()}}})
 
 
 def _readmit_by_name(fed: Federation, unknown: list[int]) -> None:
@@ -221,19 +229,19 @@ def _reference_encoder(cfg: FederationConfig, candidates: dict[int, SiteInfo], i
 
 
 # ---- weights phases ---------------------------------------------------------------------------------
-def _inner_strategy(fed: Federation, phase: str, min_nodes: int) -> Strategy:
+def _inner_strategy(fed: Federation, phase: ph.Phase, min_nodes: int) -> Strategy:
     cfg = fed.cfg
-    if phase == "student" and cfg.student_server_momentum > 0 and (fed.accountant is not None or cfg.aggregation != "mean"):
+    if phase is ph.STUDENT and cfg.student_server_momentum > 0 and (fed.accountant is not None or cfg.aggregation != "mean"):
         log.warning("phase student: student-server-momentum %g not applied: %s keeps its own update",
                     cfg.student_server_momentum, "DP" if fed.accountant is not None else f"aggregation = {cfg.aggregation}")
     if fed.accountant is not None:  # every weights release is noised and accounted (equal site weights)
         return dp_strategy(cfg, len(fed.sites), min_nodes, fed.accountant)
     common = {"fraction_evaluate": 0.0, "min_train_nodes": min_nodes, "min_available_nodes": min_nodes}
-    if phase == "experts":
+    if phase is ph.EXPERTS:
         return ExpertsFedAvg(**common)
-    if phase == "adapter":
+    if phase is ph.ADAPTER:
         return FedAvg(**common)
-    if phase == "student" and cfg.student_server_momentum > 0 and cfg.aggregation == "mean":
+    if phase is ph.STUDENT and cfg.student_server_momentum > 0 and cfg.aggregation == "mean":
         return FedAvgM(server_momentum=cfg.student_server_momentum, **common)  # FedProx's mu travels in the config
     if cfg.aggregation == "median":
         return FedMedian(**common)
@@ -245,10 +253,13 @@ def _inner_strategy(fed: Federation, phase: str, min_nodes: int) -> Strategy:
 
 
 def weights_phase(
-    fed: Federation, phase: str, make_initial: Callable[[], ArrayRecord], rounds: int,
-    extra: dict[str, ArrayRecord] | None = None, groups: dict[str, Group] | None = None, **config: Any,
+    fed: Federation, declared: ph.Phase, make_initial: Callable[[], ArrayRecord], rounds: int,
+    extra: dict[str, ArrayRecord] | None = None, members: int = 0, config: dict[str, Any] | None = None,
 ) -> ArrayRecord:
-    """Federated rounds of one model (or packed experts); returns the best-validated global arrays."""
+    """Federated rounds of a weights phase's model(s) (`members`: how many numbered ones, e.g. experts; `config`:
+    the phase's own config entries); returns the global arrays of each model's best-validated round (the phase's
+    declared best-round groups)."""
+    phase, config = declared.name, config or {}
     done = fed.ckpt.phase_done(phase)
     if done is not None:
         final = fed.ckpt.load_arrays(f"{phase}.final")
@@ -256,9 +267,9 @@ def weights_phase(
             fed.curves[phase] = done.get("history", [])
             return final
     start = time.perf_counter()
-    tracker = BestRounds(groups or {"": Group()})
+    tracker = BestRounds({name: Group(g.prefix, g.loss_key, g.n_key) for name, g in declared.best_groups(members).items()})
     min_nodes = min(fed.cfg.min_nodes, len(fed.sites))
-    inner = _inner_strategy(fed, phase, min_nodes)
+    inner = _inner_strategy(fed, declared, min_nodes)
     initial, start_round = make_initial(), 0
     current = fed.ckpt.state.get("current")
     if current and current.get("phase") == phase:
@@ -268,17 +279,19 @@ def weights_phase(
             tracker.restore(current.get("tracker", {}), fed.ckpt.load_arrays(f"{phase}.best"))
             momentum = fed.ckpt.load_arrays(f"{phase}.momentum")
             if isinstance(inner, FedAvgM) and momentum is not None:
-                inner.momentum_vector = momentum.to_numpy_ndarrays()
+                set_fedavgm_momentum(inner, momentum.to_numpy_ndarrays())
             log.info("phase %s: resuming after round %d", phase, start_round)
     fed.grid.phase = phase
+    declared.check_sent([p.ARRAYS, *(extra or {})])
     strategy = PhaseStrategy(inner, phase, tracker, fed.validator, min_nodes, extra, round_offset=start_round)
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
         if server_round == 0:
             return None
         fed.ckpt.save_arrays(f"{phase}.current", arrays)
-        if isinstance(inner, FedAvgM) and inner.momentum_vector is not None:  # the server optimizer's state
-            fed.ckpt.save_arrays(f"{phase}.momentum", ArrayRecord(dict(zip(arrays.keys(), map(Array, inner.momentum_vector)))))
+        momentum = fedavgm_momentum(inner) if isinstance(inner, FedAvgM) else None  # the server optimizer's state
+        if momentum is not None:
+            fed.ckpt.save_arrays(f"{phase}.momentum", ArrayRecord(dict(zip(arrays.keys(), map(Array, momentum)))))
         fed.ckpt.save_arrays(f"{phase}.best", tracker.best_arrays(arrays))
         fed.ckpt.commit(current={"phase": phase, "round": start_round + server_round, "tracker": tracker.state()},
                         accountant=fed.accountant.state_dict() if fed.accountant is not None else None)
@@ -288,12 +301,12 @@ def weights_phase(
     remaining = rounds - start_round
     if remaining > 0:
         result = strategy.start(fed.grid, initial, num_rounds=remaining, timeout=fed.cfg.round_timeout,
-                                train_config=ConfigRecord(fed.base_config(phase, **{"round-offset": start_round}, **config)),
+                                train_config=ConfigRecord(fed.base_config(declared, **{ph.ROUND_OFFSET: start_round}, **config)),
                                 evaluate_fn=checkpoint)
         final = result.arrays if result.arrays is not None else initial
     # validate the last global model too (the train replies validated each round's incoming model)
     fed.grid.server_round = rounds
-    replies = fed.query(p.EVALUATE, phase, {p.ARRAYS: final, **(extra or {})}, **config)
+    replies = fed.query(declared, {p.ARRAYS: final, **(extra or {})}, config, validate=True)
     tracker.observe(rounds, final, [r.content for r in replies])
     best = tracker.best_arrays(final)
     fed.ckpt.save_arrays(f"{phase}.final", best)
@@ -311,35 +324,36 @@ def teacher_and_baseline(fed: Federation, t_cfg: ModelConfig, s_cfg: ModelConfig
     seed, rounds = fed.cfg.seed, fed.cfg.rounds
 
     def initial() -> ArrayRecord:
-        return pack_models({"teacher": to_record(new_model(t_cfg, seed + 2)),
-                            "baseline": to_record(new_model(s_cfg, seed + 100))})
+        return pack_models({p.TEACHER: to_record(new_model(t_cfg, seed + SEED_OFFSETS.teacher)),
+                            p.BASELINE: to_record(new_model(s_cfg, seed + SEED_OFFSETS.student))})
 
-    groups = {name: Group(f"{name}.", f"val-loss-{name}", f"val-n-{name}") for name in ("teacher", "baseline")}
-    models = unpack_models(weights_phase(fed, "teacher", initial, max(rounds.teacher, rounds.baseline), groups=groups))
-    if set(models) != set(groups):
+    models = unpack_models(weights_phase(fed, ph.TEACHER, initial, max(rounds.teacher, rounds.baseline)))
+    if set(models) != set(ph.TEACHER.members):
         raise FederationError(
             f"{fed.run_dir / 'checkpoint'}: the teacher phase's arrays are grouped as {sorted(models)[:4]}, expected "
-            f"{sorted(groups)}; this run was checkpointed by an earlier fedslide (teacher and baseline in separate "
-            "phases) and cannot be resumed: start it again under a new run id")
+            f"{sorted(ph.TEACHER.members)}; this run was checkpointed by an earlier fedslide (teacher and baseline in "
+            "separate phases) and cannot be resumed: start it again under a new run id")
     _save_rejections(fed)
-    return models["teacher"], models["baseline"]
+    return models[p.TEACHER], models[p.BASELINE]
 
 
 # ---- phase 3: federated k-means ---------------------------------------------------------------------
 def _stats(replies: list[Message]) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(r.content[p.STATS]["sums"].numpy(), r.content[p.STATS]["counts"].numpy()) for r in replies]
+    return [(r.content.array_records[p.STATS][ph.SUMS].numpy(), r.content.array_records[p.STATS][ph.COUNTS].numpy())
+            for r in replies]
 
 
 def federated_kmeans(fed: Federation, teacher: ArrayRecord) -> tuple[np.ndarray, list[int]]:
     """Centroids from per-site cluster sums/counts only: local k-means seeds, then Lloyd iterations."""
-    done = fed.ckpt.phase_done("clusters")
-    saved = fed.ckpt.load_arrays("clusters.centroids")
+    step = ph.CLUSTER_INIT.checkpoint
+    done = fed.ckpt.phase_done(step)
+    saved = fed.ckpt.load_arrays(f"{step}.centroids")
     if done is not None and saved is not None:
-        return saved["centroids"].numpy(), list(done["sizes"])
+        return saved[ph.CENTROIDS].numpy(), list(done["sizes"])
     start = time.perf_counter()
     c = fed.cfg.clusters.num_clusters
     tfp = fingerprint(teacher)
-    replies = fed.query(p.CLUSTER_INIT, "cluster-init", {p.TEACHER: teacher}, **{"teacher-fingerprint": tfp})
+    replies = fed.query(ph.CLUSTER_INIT, {p.TEACHER: teacher}, {ph.TEACHER_FINGERPRINT: tfp})
     rows, weights = [], []
     for sums, counts in _stats(replies):
         keep = counts > 0
@@ -355,8 +369,7 @@ def federated_kmeans(fed: Federation, teacher: ArrayRecord) -> tuple[np.ndarray,
     sizes = [0] * c
     for iteration in range(fed.cfg.rounds.cluster_iterations):
         fed.grid.server_round = iteration + 1
-        replies = fed.query(p.CLUSTER_STATS, "cluster-stats", {p.CENTROIDS: _centroid_record(centroids)},
-                            **{"teacher-fingerprint": tfp})
+        replies = fed.query(ph.CLUSTER_STATS, {p.CENTROIDS: _centroid_record(centroids)}, {ph.TEACHER_FINGERPRINT: tfp})
         stats = _stats(replies)
         new = update_centroids(stats, previous=centroids)
         shift = float(np.abs(new - centroids).max())
@@ -365,17 +378,139 @@ def federated_kmeans(fed: Federation, teacher: ArrayRecord) -> tuple[np.ndarray,
         centroids = new
         if shift < 1e-6:
             break
-    fed.ckpt.save_arrays("clusters.centroids", _centroid_record(centroids))
-    fed.timings["clusters"] = round(time.perf_counter() - start, 3)
-    fed.ckpt.finish_phase("clusters", {"sizes": sizes, "history": history, "seconds": fed.timings["clusters"]})
+    fed.ckpt.save_arrays(f"{step}.centroids", _centroid_record(centroids))
+    fed.timings[step] = round(time.perf_counter() - start, 3)
+    fed.ckpt.finish_phase(step, {"sizes": sizes, "history": history, "seconds": fed.timings[step]})
     return centroids, sizes
 
 
 def _centroid_record(centroids: np.ndarray) -> ArrayRecord:
-    return ArrayRecord({"centroids": Array(np.asarray(centroids, dtype=np.float64))})
+    return ArrayRecord({ph.CENTROIDS: Array(np.asarray(centroids, dtype=np.float64))})
 
 
 # ---- the whole run ----------------------------------------------------------------------------------
+@dataclass
+class RunModels:
+    """The global models as the server steps produce them, and what later steps read."""
+
+    t_cfg: ModelConfig
+    s_cfg: ModelConfig
+    from_teacher: bool  # the student starts from the teacher's weights
+    adapter: ArrayRecord | None = None
+    teacher: ArrayRecord | None = None
+    baseline: ArrayRecord | None = None
+    tfp: str = ""  # the teacher's fingerprint
+    centroids: np.ndarray | None = None
+    experts: ArrayRecord | None = None
+    student: ArrayRecord | None = None
+    evaluation: list[Message] = field(default_factory=list)
+
+    def records(self) -> dict[str, ArrayRecord]:
+        """The run's models by name (the experts only when trained)."""
+        out = {p.ADAPTER: self.adapter, p.TEACHER: self.teacher, p.BASELINE: self.baseline, p.STUDENT: self.student}
+        if self.experts is not None:
+            out[p.EXPERTS] = self.experts
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def _mu(cfg: FederationConfig) -> float:
+    return cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0
+
+
+def adapter_step(fed: Federation, run: RunModels) -> None:
+    """FedAvg rounds of the cross-resolution adapter."""
+    cfg = fed.cfg
+    assert fed.facts is not None
+    facts = fed.facts
+    run.adapter = weights_phase(fed, ph.ADAPTER, lambda: to_record(new_adapter(cfg, facts, cfg.seed + SEED_OFFSETS.adapter)),
+                                cfg.rounds.adapter)
+    _save_rejections(fed)
+
+
+def teacher_step(fed: Federation, run: RunModels) -> None:
+    """The teacher and the low-res baseline (see teacher_and_baseline)."""
+    run.teacher, run.baseline = teacher_and_baseline(fed, run.t_cfg, run.s_cfg)
+    run.tfp = fingerprint(run.teacher)
+
+
+def clusters_step(fed: Federation, run: RunModels) -> None:
+    """Federated k-means on the teacher's outputs (cluster-init, then cluster-stats iterations)."""
+    assert run.teacher is not None
+    run.centroids, _ = federated_kmeans(fed, run.teacher)
+
+
+def experts_step(fed: Federation, run: RunModels) -> None:
+    """All C experts per message, each kept at its own best round."""
+    cfg, c = fed.cfg, fed.cfg.clusters.num_clusters
+    assert run.teacher is not None and run.centroids is not None
+    teacher = run.teacher
+
+    def initial_experts() -> ArrayRecord:
+        start = teacher if cfg.experts.init == "teacher" else to_record(new_model(run.t_cfg, cfg.seed + SEED_OFFSETS.experts_init))
+        return pack_experts([start] * c)
+
+    run.experts = weights_phase(fed, ph.EXPERTS, initial_experts, cfg.rounds.experts,
+                                extra={p.CENTROIDS: _centroid_record(run.centroids)}, members=c,
+                                config={ph.TEACHER_FINGERPRINT: run.tfp, ph.PROXIMAL_MU: _mu(cfg)})
+    _save_rejections(fed)
+
+
+def kd_cache_step(fed: Federation, run: RunModels) -> None:
+    """Weights mode: every site caches the teacher's (and experts') logits and the adapted bags."""
+    if fed.ckpt.phase_done(ph.KD_CACHE.checkpoint) is None or fed.ckpt.load_arrays(f"{ph.STUDENT.name}.final") is None:
+        assert run.teacher is not None and run.adapter is not None
+        records = {p.TEACHER: run.teacher, p.ADAPTER: run.adapter}
+        if run.experts is not None and run.centroids is not None:
+            records.update({p.EXPERTS: run.experts, p.CENTROIDS: _centroid_record(run.centroids)})
+        fed.query(ph.KD_CACHE, records, {ph.TEACHER_FINGERPRINT: run.tfp})
+        if fed.ckpt.phase_done(ph.KD_CACHE.checkpoint) is None:  # a resumed student phase keeps its current round
+            fed.ckpt.finish_phase(ph.KD_CACHE.checkpoint, {})
+
+
+def student_step(fed: Federation, run: RunModels) -> None:
+    """Weights mode: local KD rounds of the student and FedAvg."""
+    cfg, teacher = fed.cfg, run.teacher
+    assert teacher is not None
+
+    def initial() -> ArrayRecord:
+        return teacher if run.from_teacher else to_record(new_model(run.s_cfg, cfg.seed + SEED_OFFSETS.student))
+
+    run.student = weights_phase(fed, ph.STUDENT, initial, cfg.rounds.student, config={ph.PROXIMAL_MU: _mu(cfg)})
+    _save_rejections(fed)
+
+
+def logits_step(fed: Federation, run: RunModels) -> None:
+    """Logits mode: the sites' logits on the proxy cohort; the student distilled at the server."""
+    from fedslide.server.logits_mode import distil_from_logits  # the proxy cohort's loading, only in this mode
+
+    assert run.teacher is not None and run.adapter is not None
+    run.student = distil_from_logits(fed, run.teacher, run.experts, run.adapter, run.centroids, run.tfp)
+
+
+def evaluation_step(fed: Federation, run: RunModels) -> None:
+    """The final models pushed to every site and evaluated there."""
+    records = {p.TEACHER: run.teacher, p.STUDENT: run.student, p.BASELINE: run.baseline, p.ADAPTER: run.adapter}
+    run.evaluation = final_evaluation(fed, {k: v for k, v in records.items() if v is not None})
+
+
+ServerStep = Callable[[Federation, RunModels], None]
+# the server step that drives each phase (the handshake runs before the models exist: `handshake`)
+SERVER_STEPS: dict[ph.Phase, ServerStep] = {
+    ph.ADAPTER: adapter_step, ph.TEACHER: teacher_step, ph.CLUSTER_INIT: clusters_step, ph.CLUSTER_STATS: clusters_step,
+    ph.EXPERTS: experts_step, ph.KD_CACHE: kd_cache_step, ph.STUDENT: student_step, ph.LOGITS: logits_step,
+    ph.EVALUATION: evaluation_step,
+}
+
+
+def plan(cfg: FederationConfig) -> list[ph.Phase]:
+    """The phases a run goes through after the handshake, in order (a phase's server step runs once)."""
+    phases = [ph.ADAPTER, ph.TEACHER]
+    if cfg.kd.lambda_expert > 0:
+        phases += [ph.CLUSTER_INIT, ph.EXPERTS]  # the clusters step drives cluster-init and cluster-stats
+    phases += [ph.LOGITS] if cfg.mode == "logits" else [ph.KD_CACHE, ph.STUDENT]
+    return [*phases, ph.EVALUATION]
+
+
 @dataclass
 class RunResult:
     """What the run produced at the server."""
@@ -397,49 +532,13 @@ def run_federation(grid: Grid, cfg: FederationConfig, run_dir: Path) -> RunResul
     fed.validator.rejections.extend(_rejections(ckpt))
     handshake(fed)
     fed.accountant = make_accountant(cfg, len(fed.sites), ckpt.state.get("accountant"))
-    facts = fed.facts
-    assert facts is not None
-    seed = cfg.seed
-    t_cfg, s_cfg = teacher_config(cfg, facts), student_config(cfg, facts)
+    assert fed.facts is not None
+    t_cfg, s_cfg = teacher_config(cfg, fed.facts), student_config(cfg, fed.facts)
     from_teacher = starts_from_teacher(cfg.kd.student_init, cfg.kd.student_input, s_cfg, t_cfg)  # fails before training
-    adapter = weights_phase(fed, "adapter", lambda: to_record(new_adapter(cfg, facts, seed + 1)), cfg.rounds.adapter)
-    _save_rejections(fed)
-    teacher, baseline = teacher_and_baseline(fed, t_cfg, s_cfg)
-    tfp = fingerprint(teacher)
-    experts = centroids = None
-    if cfg.kd.lambda_expert > 0:
-        centroids, _ = federated_kmeans(fed, teacher)
-        c = cfg.clusters.num_clusters
-
-        def initial_experts() -> ArrayRecord:
-            start = teacher if cfg.experts.init == "teacher" else to_record(new_model(t_cfg, seed + 3))
-            return pack_experts([start] * c)
-
-        groups = {str(i): Group(f"expert-{i}.", f"val-loss-{i}", f"val-n-{i}") for i in range(c)}
-        experts = weights_phase(fed, "experts", initial_experts, cfg.rounds.experts,
-                                extra={p.CENTROIDS: _centroid_record(centroids)}, groups=groups,
-                                **{"teacher-fingerprint": tfp, "proximal-mu": cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0})
-        _save_rejections(fed)
-    if cfg.mode == "logits":
-        from fedslide.server.logits_mode import distil_from_logits
-
-        student = distil_from_logits(fed, teacher, experts, adapter, centroids, tfp)
-    else:
-        if fed.ckpt.phase_done("kd-cache") is None or fed.ckpt.load_arrays("student.final") is None:
-            records = {p.TEACHER: teacher, p.ADAPTER: adapter}
-            if experts is not None and centroids is not None:
-                records.update({p.EXPERTS: experts, p.CENTROIDS: _centroid_record(centroids)})
-            fed.query(p.KD_CACHE, "kd-cache", records, **{"teacher-fingerprint": tfp})
-            if fed.ckpt.phase_done("kd-cache") is None:  # a resumed student phase keeps its current round
-                fed.ckpt.finish_phase("kd-cache", {})
-        student = weights_phase(fed, "student", lambda: teacher if from_teacher else to_record(new_model(s_cfg, seed + 100)),
-                                cfg.rounds.student, **{"proximal-mu": cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0})
-        _save_rejections(fed)
-    models = {"adapter": adapter, "teacher": teacher, "baseline": baseline, "student": student}
-    if experts is not None:
-        models["experts"] = experts
-    evaluation = final_evaluation(fed, {p.TEACHER: teacher, p.STUDENT: student, p.BASELINE: baseline, p.ADAPTER: adapter})
-    return RunResult(run_dir, models, evaluation, fed)
+    run = RunModels(t_cfg, s_cfg, from_teacher)
+    for phase in plan(cfg):
+        SERVER_STEPS[phase](fed, run)
+    return RunResult(run_dir, run.records(), run.evaluation, fed)
 
 
 def final_evaluation(fed: Federation, records: dict[str, ArrayRecord]) -> list[Message]:
@@ -447,14 +546,15 @@ def final_evaluation(fed: Federation, records: dict[str, ArrayRecord]) -> list[M
     slides of an evaluation-only site)."""
     fed.grid.server_round = 0
     fed.grid.admitted = set(fed.sites) | set(fed.eval_sites)
-    fed.grid.phase = p.FINAL
+    fed.grid.phase = ph.EVALUATION.phase
+    ph.EVALUATION.check_sent(records)
     messages = []
     connected = set(fed.grid.get_node_ids())
     for node in sorted(connected):
         split = "all" if node in fed.eval_sites else "test"
-        config = ConfigRecord(fed.base_config(p.FINAL, **{"eval-split": split}))
+        config = ConfigRecord(fed.base_config(ph.EVALUATION, **{ph.EVAL_SPLIT: split}))
         messages.append(Message(content=RecordDict({p.CONFIG: config, **records}), dst_node_id=node,
-                                message_type=p.EVALUATE))
+                                message_type=ph.EVALUATION.message_type))
     replies = [r for r in fed.grid.send_and_receive(messages, timeout=fed.cfg.round_timeout) if not r.has_error()]
     fed.grid.admitted = set(fed.sites)
     if not replies:

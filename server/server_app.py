@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.logger import update_console_handler
 
 from fedslide.common.config.federation import FederationConfig
-from fedslide.common.flower_polling import shorten_object_pulls
+from fedslide.common.flower_compat import shorten_object_pulls, update_console_handler
 from fedslide.server.outputs import write_outputs
 from fedslide.server.protocol import RunResult, run_federation
 

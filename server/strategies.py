@@ -19,9 +19,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedslide.common.federation import protocol as p
+from fedslide.common.flower_compat import aggregate_arrayrecords, checked_replies
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class ExpertsFedAvg(FedAvg):
     """FedAvg of C packed experts (`expert-<c>.*`), expert c weighted by each site's `n-expert-<c>`."""
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        valid, _ = checked_replies(self, replies, is_train=True)
         if not valid:
             return None, None
         contents = [m.content for m in valid]

@@ -34,9 +34,11 @@ def _world(seed: int = 123) -> dict[str, np.ndarray]:
 def write_slide(
     site: Path, slide_id: str, label: int, rng: np.random.Generator, world: dict[str, np.ndarray],
     n_low: int = 6, drop: float = 0.2, encoder: str = ENCODER, weights_hash: str = HASH, tokens: bool = True,
+    attrs: dict[str, str] | None = None,
 ) -> None:
     """Paired low/high files: tokens ~ N(0, 1) (+ v on tumour children of positive slides); high child
-    embedding = A·token + b[slot] + noise; low feature = mean of the tokens; ~`drop` children missing."""
+    embedding = A·token + b[slot] + noise; low feature = mean of the tokens; ~`drop` children missing;
+    `attrs`: more file attributes (e.g. the recorded preprocessing settings)."""
     cols = 3
     low_coords = np.array([[(i % cols) * 1024, (i // cols) * 1024] for i in range(n_low)], dtype=np.int64)
     tok = rng.normal(size=(n_low, SLOTS, D))
@@ -50,7 +52,8 @@ def write_slide(
     hc = low_coords[parent] + np.stack([child % GRID, child // GRID], 1) * 256
     common = dict(slide_id=slide_id, encoder_name=encoder, encoder_weights_hash=weights_hash, encoder_dim=D,
                   target_magnification=5.0, slide_mpp=0.5, level0_magnification=20.0)
-    extra = {"child_grid": GRID, "encoder_fingerprint": f"fp-{encoder}-{weights_hash}", "patch_size_level0_exact": 1024.0}
+    extra = {"child_grid": GRID, "encoder_fingerprint": f"fp-{encoder}-{weights_hash}", "patch_size_level0_exact": 1024.0,
+             **(attrs or {})}
     low_meta = FeatureMeta(resolution="low", patch_size=256, patch_size_level0=1024, target_mpp=2.0,
                            token_grid=GRID if tokens else 0, extra=extra, **common)
     high_meta = FeatureMeta(resolution="high", patch_size=256, patch_size_level0=256, target_mpp=0.5,

@@ -14,6 +14,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -102,7 +103,6 @@ def test_tls_handshake_rejects_other_host(material: certs.Material) -> None:
 
 def test_grpc_channel_on_loopback(tmp_path: Path) -> None:
     """gRPC (Flower's transport) reaches a server on 127.0.0.1 with a certificate asked for by DNS name only."""
-    grpc = pytest.importorskip("grpc")
     m = certs.make_all(tmp_path, ["s1"], dns_names=["fl.example.org"], ip_addresses=[])
     server = grpc.server(ThreadPoolExecutor(1))
     creds = grpc.ssl_server_credentials([(m.server.key.read_bytes(), m.server.cert.read_bytes())])

@@ -1,5 +1,6 @@
 """Stage configs: TOML + CLI precedence and error messages that name key, value and what is allowed."""
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,46 @@ def test_federation_min_epochs_is_checked_against_proxy_epochs(tmp_path: Path) -
                               "proxy-epochs (20), the logits-mode student's epochs")
     cfg = load_config(FederationConfig, overrides=["training.min-epochs=60", "proxy-epochs=80"])  # above the hidden 50
     assert (cfg.training.min_epochs, cfg.proxy_epochs) == (60, 80)
+
+
+def test_generated_settings_files_are_current() -> None:
+    """configs/defaults.toml and pyproject's app config are written from the models (`fedslide config dump`)."""
+    from fedslide.common.config.dump import stale_files
+
+    assert stale_files() == [], "run `fedslide config dump` and commit the files it writes"
+
+
+def test_config_dump_check_names_the_stale_file_and_dump_rewrites_only_the_app_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedslide.common.config.dump import APP_CONFIG_TABLE
+
+    (tmp_path / "configs").mkdir()
+    before = '[project]\nname = "x"\n\n[tool.flwr.app.config]\nseed = 7\n\n[tool.flwr.app.config.kd]\nlambda-base = 9.0\n'
+    after = "# kept\n[tool.other]\nkeep = 'byte for byte'   # comment\n"
+    (tmp_path / "pyproject.toml").write_text(before + "\n" + after)
+    assert main(["config", "dump", "--check", "--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "defaults.toml differs" in err and "pyproject.toml differs" in err
+    assert main(["config", "dump", "--root", str(tmp_path)]) == 0
+    assert main(["config", "dump", "--check", "--root", str(tmp_path)]) == 0
+    text = (tmp_path / "pyproject.toml").read_text()
+    assert text.startswith('[project]\nname = "x"\n\n[tool.flwr.app.config]\n') and text.endswith("\n\n" + after)
+    app = tomllib.loads(text)["tool"]["flwr"]["app"]["config"]
+    assert app["seed"] == 0 and app["kd"]["lambda-base"] == 1.0 and f"[{APP_CONFIG_TABLE}.rounds]" in text
+
+
+def test_defaults_file_carries_every_key_and_its_description() -> None:
+    from fedslide.common.config.dump import defaults_toml
+    from fedslide.common.config.federation import FederationConfig, RoundsConfig
+
+    text = defaults_toml()
+    assert tomllib.loads(text)["federation"]["rounds"]["teacher"] == FederationConfig().rounds.teacher
+    lines = text.splitlines()
+    for name, info in RoundsConfig.model_fields.items():
+        assert any(line.startswith(f"{name.replace('_', '-')} = ") for line in lines), name
+        assert info.description and info.description in text, name
+    assert "# in-dim = 1280" in lines  # filled from the data unless set: commented out
+    at = next(i for i, line in enumerate(lines) if line.startswith("# features-dir = "))  # required: no default
+    assert "required" in lines[at] or lines[at - 1].startswith("# required;")
+    assert '# name = "transmil": Nystrom self-attention layers with positional encoding.' in lines  # other models' keys

@@ -15,6 +15,7 @@ import torch
 from fedslide.common.config.base import ConfigError, load_config
 from fedslide.common.config.distill import AdapterConfig, DistillConfig, MILTrainingConfig
 from fedslide.common.config.model import ModelConfig
+from fedslide.common.config.preprocess import PreprocessConfig, TilingConfig, TissueConfig
 from fedslide.common.distillation.adapter import AdapterSpec, build_adapter
 from fedslide.common.distillation.bundle import BundleMeta, BundleMismatchError, StudentBundle
 from fedslide.common.distillation.cache import LogitCache, model_fingerprint
@@ -37,8 +38,9 @@ from fedslide.common.distillation.data import load_sites
 from fedslide.common.distillation.experts import train_experts
 from fedslide.common.distillation.losses import CachedKDLoss, distillation_loss, regression_loss
 from fedslide.common.distillation.mil import slide_outputs
+from fedslide.common.distillation.pipeline import bundle_meta
 from fedslide.common.distillation.student import starts_from_teacher
-from fedslide.common.features import read_feature_file
+from fedslide.common.features import preprocess_attrs, read_feature_file
 from fedslide.common.metrics import classification_metrics
 from fedslide.common.models.registry import build_model
 from fedslide.common.training.cohort import Cohort, Slide
@@ -405,6 +407,23 @@ def test_sites_with_different_encoders_are_refused(tmp_path: Path) -> None:
     assert HASH in str(info.value) and "0000deadbeef" in str(info.value)
 
 
+def test_bundle_records_the_preprocessing_the_feature_files_record(tmp_path: Path) -> None:
+    """A site that preprocessed with other thresholds gets a bundle with its own, not the passed config's."""
+    ours = (TissueConfig(min_saturation=40, remove_pen=False), TilingConfig(min_tissue_low=0.6, min_tissue_high=0.7))
+    attrs = preprocess_attrs(ours[0].to_toml_dict(), ours[1].to_toml_dict())
+    site = make_site(tmp_path, "own", {"train": 2, "val": 2}, seed=0, attrs=attrs)
+    meta = bundle_meta(load_sites([site]), "tokens", PreprocessConfig(), {"role": "federated_student"})
+    assert meta.tissue == ours[0].to_toml_dict() and meta.tiling == ours[1].to_toml_dict()
+    assert "preprocess-by-site" not in meta.extra
+    # sites that preprocessed differently: the config stands in at the top and each site's record is kept
+    other = make_site(tmp_path, "other", {"train": 2, "val": 2}, seed=1)
+    fallback = PreprocessConfig(tiling={"min_tissue_low": 0.2})
+    mixed = bundle_meta(load_sites([site, other]), "tokens", fallback, {})
+    assert mixed.tiling == fallback.tiling.to_toml_dict() and mixed.tissue == fallback.tissue.to_toml_dict()
+    assert mixed.extra["preprocess-by-site"] == {
+        "own": {"tissue": ours[0].to_toml_dict(), "tiling": ours[1].to_toml_dict()}, "other": None}
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end
 # ---------------------------------------------------------------------------------------------
@@ -428,6 +447,7 @@ def _run_cli(sites: list[Path], out: Path, extra: list[str] = ()) -> int:
     return args.handler(args)
 
 
+@pytest.mark.slow
 def test_distill_end_to_end(tmp_path: Path) -> None:
     sites = [make_site(tmp_path, f"site{i}", {"train": 6, "val": 2, "test": 3}, seed=10 + i) for i in range(2)]
     out = tmp_path / "run"

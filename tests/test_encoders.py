@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from skimage import data
 from torch import Tensor, nn
 
 from fedslide.client.encoders import PatchEncoder, available_encoders, build_encoder
@@ -81,7 +82,6 @@ def _resize(img: np.ndarray, size: int) -> Tensor:
 
 def test_default_encoder_recognises_imagenet_photos(effnet: PatchEncoder) -> None:
     """With the shipped classifier on top, the embeddings classify two bundled photos correctly."""
-    data = pytest.importorskip("skimage.data")
     shipped = load_checkpoint(default_weights_path())
     x = torch.cat([_resize(data.chelsea(), 224), _resize(data.coffee(), 224)])
     with torch.inference_mode():

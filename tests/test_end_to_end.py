@@ -30,6 +30,7 @@ def _demo(out: Path, *extra: str) -> int:
     return main(argv)
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_chain_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     assert _demo(out) == 0

@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import pytest
 from PIL import Image
@@ -103,8 +104,8 @@ def test_learning_curves_give_each_federated_model_its_own_panel() -> None:
                                      "experts": [(0, 2.0), (1, 2.0)], "student": [(0, 0.7)]}
 
 
+@pytest.mark.slow
 def test_metrics_json_follows_its_schema(study: tuple[dict[str, Any], Path]) -> None:
-    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema comes with the test extra (check-jsonschema)")
     metrics, out = study
     on_disk = json.loads((out / "metrics.json").read_text())
     jsonschema.validate(on_disk, JSON_SCHEMA)
@@ -117,6 +118,7 @@ def test_metrics_json_follows_its_schema(study: tuple[dict[str, Any], Path]) -> 
         jsonschema.validate(broken, JSON_SCHEMA)
 
 
+@pytest.mark.slow
 def test_loso_counts_every_slide_where_it_belongs(study: tuple[dict[str, Any], Path]) -> None:
     metrics, out = study
     n_site = sum(SPLITS.values())
@@ -149,6 +151,7 @@ def test_loso_counts_every_slide_where_it_belongs(study: tuple[dict[str, Any], P
         assert roles[held] == "eval-only" and sum(r == "train" for r in roles.values()) == 2
 
 
+@pytest.mark.slow
 def test_paired_tests_student_vs_teacher(study: tuple[dict[str, Any], Path]) -> None:
     metrics, _ = study
     tests = [t for t in metrics["paired_tests"] if t["a"] == "federated.student_low" and t["b"] == "federated.teacher_high"]
@@ -163,6 +166,7 @@ def test_paired_tests_student_vs_teacher(study: tuple[dict[str, Any], Path]) -> 
         assert t["diff"] == pytest.approx(t["auc_a"] - t["auc_b"]) and 0.0 <= t["p_value"] <= 1.0
 
 
+@pytest.mark.slow
 def test_heatmaps_are_exported_by_each_site_and_of_the_centralized_reference(
     study: tuple[dict[str, Any], Path], sites: list[Path]
 ) -> None:
@@ -197,6 +201,7 @@ def _cli(argv: list[str]) -> int:
         return EXIT_USAGE
 
 
+@pytest.mark.slow
 def test_rerun_reuses_every_finished_fold(study: tuple[dict[str, Any], Path], sites: list[Path],
                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     metrics, out = study
@@ -246,6 +251,7 @@ def find_chromium() -> str | None:
     return next((found for name in CHROMIUM_CANDIDATES if (found := shutil.which(name))), None)
 
 
+@pytest.mark.slow
 def test_report_renders_every_figure_in_headless_chromium(study: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
     _, out = study
     md, page = out / "report.md", out / "report.html"
@@ -284,6 +290,7 @@ def test_report_renders_every_figure_in_headless_chromium(study: tuple[dict[str,
     shutil.copy(page, ARTIFACTS / "evaluation_report.html")
 
 
+@pytest.mark.slow
 def test_report_of_a_single_federated_run(study: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
     metrics, out = study
     fed_run = out / metrics["folds"]["site2"]["federated"]["run_dir"]
@@ -293,6 +300,7 @@ def test_report_of_a_single_federated_run(study: tuple[dict[str, Any], Path], tm
     assert _cli(["report", str(tmp_path / "nowhere")]) == EXIT_USAGE
 
 
+@pytest.mark.slow
 def test_compare_two_runs(study: tuple[dict[str, Any], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     metrics, out = study
     same = compare(metrics, metrics)
@@ -322,6 +330,7 @@ def test_compare_two_runs(study: tuple[dict[str, Any], Path], tmp_path: Path, ca
     assert _cli(["compare", str(out), str(tmp_path / "missing")]) == EXIT_USAGE
 
 
+@pytest.mark.slow
 def test_report_regenerates_from_the_run_folder(study: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
     _, out = study
     _, page = write_report(out, tmp_path / "again")

@@ -30,9 +30,11 @@ from packaging.requirements import Requirement
 from fedslide.client.client_app import app as client_app
 from fedslide.common.config.base import ConfigError
 from fedslide.common.config.federation import FederationConfig
+from fedslide.common.config.preprocess import PreprocessConfig
 from fedslide.common.egress import Allowed, ArraySpec, EgressViolation, check_reply, weights_reply
+from fedslide.common.features import preprocess_attrs
 from fedslide.deploy.federate import preflight
-from fedslide.common.flower_app import app_manifest, stage_app
+from fedslide.common.flower_app import APP_FOLDERS, app_manifest, stage_app
 from fedslide.server.checkpoint import Checkpoint
 from fedslide.server.local_grid import FIRST_NODE, LocalGrid
 from fedslide.server.server_app import run
@@ -53,10 +55,16 @@ def tiny_config(root: Path, run_id: str, **extra: Any) -> FederationConfig:
                             training=training, **extra)
 
 
+# site2 preprocessed with its own thresholds (its feature files record them); the others with the defaults
+SITE2_PREPROCESS = PreprocessConfig(tissue={"min_saturation": 30}, tiling={"min_tissue_low": 0.4, "min_tissue_high": 0.6})
+
+
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("fed-sites")
-    return [make_site(root, f"site{i}", {"train": 8, "val": 4, "test": 4}, seed=i) for i in range(1, 4)]
+    recorded = {2: preprocess_attrs(SITE2_PREPROCESS.tissue.to_toml_dict(), SITE2_PREPROCESS.tiling.to_toml_dict())}
+    return [make_site(root, f"site{i}", {"train": 8, "val": 4, "test": 4}, seed=i, attrs=recorded.get(i))
+            for i in range(1, 4)]
 
 
 def federate(sites: list[Path], cfg: FederationConfig, hook: Any = None, first_node: int = FIRST_NODE) -> tuple[Any, LocalGrid]:
@@ -108,6 +116,10 @@ def test_full_run_writes_metrics_models_and_site_bundles(full_run: tuple[Any, Lo
     for site in sites:  # pushed back: every site keeps adapter + student as a bundle it can predict with
         bundle = site / "runs" / "full" / "student_bundle"
         assert (bundle / "bundle.json").is_file() and (bundle / "adapter.pt").is_file()
+        # ... that tiles as the site preprocessed: its own recorded thresholds, else the defaults
+        meta = json.loads((bundle / "bundle.json").read_text())["meta"]
+        own = SITE2_PREPROCESS if site.name == "site2" else PreprocessConfig()
+        assert (meta["tissue"], meta["tiling"]) == (own.tissue.to_toml_dict(), own.tiling.to_toml_dict()), site.name
 
 
 def test_nothing_but_weights_statistics_and_metrics_left_any_site(
@@ -199,6 +211,7 @@ def test_a_model_travels_as_one_flat_array_and_comes_back_exactly() -> None:
         load_record(model(), ArrayRecord({"w": Array(np.zeros(3, np.float32))}))
 
 
+@pytest.mark.slow
 def test_site_with_another_encoder_is_refused_at_handshake(sites: list[Path], tmp_path: Path) -> None:
     other = make_site(tmp_path, "site4", {"train": 6, "val": 2, "test": 2}, seed=9, weights_hash="ffff0000")
     result, _ = federate([*sites, other], tiny_config(tmp_path, "enc", kd={"lambda_expert": 0.0},
@@ -229,6 +242,7 @@ def _assert_same_models(a: Path, b: Path, atol: float) -> None:
             np.testing.assert_allclose(ma[name][key], mb[name][key], atol=atol, err_msg=f"{name}.{key}")
 
 
+@pytest.mark.slow
 def test_invalid_updates_are_rejected_and_change_nothing(sites: list[Path], tmp_path: Path) -> None:
     no_experts = {"kd": {"lambda_expert": 0.0}}
     clean, _ = federate(sites, tiny_config(tmp_path / "clean", "robust", **no_experts))
@@ -296,6 +310,7 @@ def crash_in_teacher_round_2() -> Any:
     return crash_at_train_reply(3 * 3 + 1)
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_gives_the_uninterrupted_result(sites: list[Path], tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path / "ref", "resume")
     reference, _ = federate(sites, cfg)
@@ -310,6 +325,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(sites: list[Path], 
     _assert_same_models(reference.run_dir, resumed.run_dir, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_student_server_momentum_moves_the_student_and_survives_a_resume(sites: list[Path], tmp_path: Path) -> None:
     """FedAvgM's momentum in the student phase changes the student; a crash in student round 2 resumes with the
     momentum of round 1, so the result equals the uninterrupted run's."""
@@ -356,6 +372,7 @@ def test_resume_refuses_a_checkpoint_with_a_separate_baseline_phase(sites: list[
         federate(sites, crashed.model_copy(update={"resume": True}))
 
 
+@pytest.mark.slow
 def test_resume_finds_sites_that_came_back_under_new_node_ids(sites: list[Path], tmp_path: Path) -> None:
     """SuperNodes restarted without authentication get new node ids: the resumed run matches them by site name."""
     reference, _ = federate(sites, tiny_config(tmp_path / "ref", "renamed"))
@@ -369,6 +386,7 @@ def test_resume_finds_sites_that_came_back_under_new_node_ids(sites: list[Path],
     assert {m.metadata.src_node_id for m in grid.received} == {501, 502, 503}
 
 
+@pytest.mark.slow
 def test_a_site_missing_a_round_is_recorded_and_used_again(sites: list[Path], tmp_path: Path) -> None:
     calls = {"n": 0}
 
@@ -405,15 +423,36 @@ def test_run_config_in_pyproject_is_the_federation_config() -> None:
     assert set(every_key) <= set(flat), sorted(set(every_key) - set(flat))
 
 
+def test_run_config_overrides_choose_an_architecture_and_its_options() -> None:
+    # `flwr run -c key=value` overrides only keys the app declares: every architecture's options are declared ("")
+    declared = flatten_dict(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    overrides = {"teacher.name": "transmil", "teacher.layers": 4, "student.name": "s4mil", "student.state-dim": 8}
+    assert set(overrides) <= set(declared)
+    cfg = FederationConfig.from_run_config({**declared, **overrides})
+    assert (cfg.teacher.name, cfg.teacher.options.layers, cfg.student.options.state_dim) == ("transmil", 4, 8)
+    assert FederationConfig.from_run_config(cfg.to_run_config()) == cfg
+    assert set(cfg.to_run_config()) <= set(declared)
+    with pytest.raises(ConfigError, match="unknown key 'teacher.window' .*for model 'transmil'; allowed keys here: .*layers"):
+        FederationConfig.from_run_config({**declared, **overrides, "teacher.window": 64})
+
+
+@pytest.mark.slow
 def test_the_app_bundled_from_its_staged_copy_is_the_app(tmp_path: Path) -> None:
-    # `fedslide federate` hands `flwr run` a copy of the app's folders (Flower would otherwise list every file of
-    # the source tree, virtual environment included): Flower's bundler must put the same files in the FAB
+    # `fedslide federate` hands `flwr run` a copy of the app's folders laid out as the `fedslide` package (Flower
+    # would otherwise list every file of the source tree, virtual environment included): the FAB holds each source
+    # file under its import name, and nothing else but settings files and the manifest
     staged = stage_app(REPO, tmp_path / "app")
     assert stage_app(REPO, tmp_path / "app") == staged  # made again from scratch
     assert not list(staged.rglob("__pycache__")) and len(collect_files(staged)) < len(collect_files(REPO))  # no caches
 
-    from_source, from_copy = _fab_contents(REPO), _fab_contents(staged)
-    assert from_copy == from_source and len(from_source) > 100 and "client/client_app.py" in from_source
+    fab = _fab_contents(staged)
+    code = {name: data for name, data in fab.items() if name.startswith("fedslide/")}
+    assert len(code) > 100 and "fedslide/client/client_app.py" in code
+    assert all(data == (REPO / name.removeprefix("fedslide/")).read_bytes() for name, data in code.items())
+    sources = {f"fedslide/{p.relative_to(REPO)}" for folder in APP_FOLDERS for p in (REPO / folder).rglob("*")
+               if p.suffix in (".py", ".toml") and "__pycache__" not in p.parts}
+    assert set(code) == sources
+    assert set(fab) - set(code) == {"pyproject.toml", ".info/CONTENT"}
 
 
 def _fab_contents(app: Path) -> dict[str, bytes]:
@@ -436,6 +475,7 @@ def test_the_manifest_of_an_installed_fedslide_is_the_projects() -> None:
     assert flatten_dict(app["config"]) == flatten_dict(ours_app["config"])
 
 
+@pytest.mark.slow
 def test_an_installed_fedslide_submits_the_same_app(tmp_path: Path) -> None:
     # a wheel of this project, unpacked as site-packages beside others' files: no pyproject.toml (until now
     # `flwr run` refused the staged copy: "Failed to load Flower App configuration") and the settings files
@@ -452,18 +492,20 @@ def test_an_installed_fedslide_submits_the_same_app(tmp_path: Path) -> None:
         wheel.extractall(site_packages)
     assert not (site_packages / "pyproject.toml").exists()
     for name in ("demo.toml", "defaults.toml"):
-        assert (site_packages / "configs" / name).read_bytes() == (REPO / "configs" / name).read_bytes()
+        assert (site_packages / "fedslide" / "configs" / name).read_bytes() == (REPO / "configs" / name).read_bytes()
     shutil.copytree(REPO / "tests", site_packages / "other_package")
     (site_packages / "README.md").write_text("someone else's\n")
     (site_packages / "other.toml").write_text("[tool.other]\n")
 
-    staged = stage_app(site_packages, tmp_path / "app")
-    assert sorted(p.name for p in staged.iterdir()) == ["client", "common", "configs", "deploy", "pyproject.toml", "server"]
-    from_source, installed = _fab_contents(REPO), _fab_contents(staged)
+    staged = stage_app(site_packages / "fedslide", tmp_path / "app")
+    assert sorted(p.name for p in staged.iterdir()) == ["fedslide", "pyproject.toml"]
+    assert sorted(p.name for p in (staged / "fedslide").iterdir()) == ["client", "common", "configs", "deploy", "server"]
+    from_source, installed = _fab_contents(stage_app(REPO, tmp_path / "source-app")), _fab_contents(staged)
     assert set(installed) == set(from_source) and len(installed) > 100  # code and settings files, nothing else
     differ = {name for name in installed if installed[name] != from_source[name]}
     assert differ == {"pyproject.toml", ".info/CONTENT"}, differ  # the manifest, and the bundle's list of hashes
-    fab_config = [get_fab_config(build_fab_from_files(collect_files(app))[0]) for app in (REPO, staged)]  # validates
+    fab_config = [get_fab_config(build_fab_from_files(collect_files(app))[0])  # validates
+                  for app in (tmp_path / "source-app", staged)]
     assert fab_config[1]["tool"]["flwr"]["app"]["components"] == fab_config[0]["tool"]["flwr"]["app"]["components"]
     run_config = [flatten_dict(c["tool"]["flwr"]["app"]["config"]) for c in fab_config]
     assert run_config[1] == run_config[0] and FederationConfig.from_run_config(run_config[1]) == FederationConfig()
@@ -504,6 +546,7 @@ def test_preflight_refuses_bad_sites_before_anything_starts(sites: list[Path], t
     assert str(sites[2]) + ":" not in text  # the good site is not blamed
 
 
+@pytest.mark.slow
 def test_logits_mode_sends_only_logits_on_the_proxy_cohort(sites: list[Path], tmp_path: Path) -> None:
     proxy = make_site(tmp_path, "proxy", {"train": 10, "val": 4, "test": 2}, seed=7)
     cfg = tiny_config(tmp_path, "logits", mode="logits", proxy_dir=proxy, proxy_epochs=5)
@@ -523,6 +566,7 @@ def test_logits_mode_sends_only_logits_on_the_proxy_cohort(sites: list[Path], tm
     assert metrics["learning_curves"]["student"]
 
 
+@pytest.mark.slow
 def test_differential_privacy_noises_every_release_and_reports_epsilon(sites: list[Path], tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, "dp", dp_noise_multiplier=1.0, dp_clipping_norm=0.5, dp_delta=1e-5,
                       cluster_noise_std=0.01)
@@ -549,6 +593,7 @@ def test_defaults_toml_federation_section_matches_the_model() -> None:
     assert demo.rounds.teacher == 5 and demo.clusters.num_clusters == 2  # the demo's own sizes load cleanly
 
 
+@pytest.mark.slow
 def test_an_evaluation_only_site_trains_nothing_and_reports_on_all_its_slides(sites: list[Path], tmp_path: Path) -> None:
     held_out = make_site(tmp_path, "site4", {"train": 4, "val": 2, "test": 2}, seed=11)
     cfg = tiny_config(tmp_path, "loso", eval_only_sites=["site4"], kd={"lambda_expert": 0.0},
@@ -566,6 +611,7 @@ def test_an_evaluation_only_site_trains_nothing_and_reports_on_all_its_slides(si
 
 
 @pytest.mark.parametrize("aggregation", ["median", "trimmed-mean"])
+@pytest.mark.slow
 def test_robust_aggregation_is_selectable(sites: list[Path], tmp_path: Path, aggregation: str,
                                          caplog: pytest.LogCaptureFixture) -> None:
     cfg = tiny_config(tmp_path, aggregation, aggregation=aggregation, kd={"lambda_expert": 0.0},
@@ -581,6 +627,7 @@ def test_robust_aggregation_is_selectable(sites: list[Path], tmp_path: Path, agg
 
 
 @pytest.mark.parametrize("init", ["auto", "scratch"])
+@pytest.mark.slow
 def test_the_student_starts_from_the_federated_teacher(sites: list[Path], tmp_path: Path, init: str) -> None:
     # a vanishing learning rate: the final student is what its phase started from
     cfg = tiny_config(tmp_path, init, kd={"lambda_expert": 0.0, "student_init": init}, training={"lr": 1e-12},

@@ -50,6 +50,7 @@ from fedslide.deploy.certs import make_all, make_ca, make_server_cert
 from fedslide.server.superlink import FlowerCli, FlowerCliError, SuperLink, TLSFiles
 from tests.feature_sites import make_site
 
+pytestmark = pytest.mark.slow  # real SuperLink/SuperNode processes
 TINY_MODEL = {"hidden_dim": 16, "attention_dim": 8, "dropout": 0.0}
 ONE_ROUND = {"adapter": 1, "teacher": 1, "experts": 1, "baseline": 1, "student": 1, "cluster_iterations": 1,
              "local_epochs": 1, "adapter_local_epochs": 1}
@@ -303,7 +304,7 @@ def test_full_run_with_tls_and_a_refused_encoder(sites: list[Path], tmp_path: Pa
     assert len(supernode_pids) == len(consortium.nodes)
     for (pid, _), command in tracker.cmdlines.items():
         if pid in supernode_pids:
-            assert "-m client.supernode" in command, command
+            assert "-m fedslide.client.supernode" in command, command
     assert supernode_pids <= {pid for pid, _ in tracker.cmdlines}
     assert not [c for c in tracker.commands() if "flower-supernode" in c]
     for node in consortium.nodes[:3]:
@@ -365,7 +366,7 @@ def test_an_app_flower_refuses_exits_1_with_its_reason(
     assert code == 1, out
     assert out.startswith("fedslide federate: FAILED\n`flwr run ") and "Missing [tool.flwr.app] section" in out, out
     assert any("flower-superlink" in c for c in tracker.commands()), tracker.commands()  # it had started them
-    assert sum("-m client.supernode" in c for c in tracker.commands()) == 3, tracker.commands()
+    assert sum("-m fedslide.client.supernode" in c for c in tracker.commands()) == 3, tracker.commands()
     assert wait_until(lambda: not tracker.alive(), 10, poll=0.5), tracker.alive()
 
 
@@ -405,7 +406,6 @@ def start_node(tracker: ProcessTracker, node: SuperNode, may_fail: bool = False)
 
 
 def test_identity_is_enforced(sites: list[Path], tmp_path: Path, tracker: ProcessTracker) -> None:
-    started = time.monotonic()
     certs = tmp_path / "certs"
     material = make_all(certs, ["siteA", "siteB"], ["localhost"], ["127.0.0.1"])
     stranger = make_ca(tmp_path / "other-ca")  # a CA the SuperLink's certificate was not issued by
@@ -466,8 +466,6 @@ def test_identity_is_enforced(sites: list[Path], tmp_path: Path, tracker: Proces
     assert "activated" not in old_link.process.log.read_text(errors="replace").lower()
     text = log_text(late)
     assert any(word in text.lower() for word in ("expired", "certificate", "ssl", "handshake failed")), text[-3000:]
-    elapsed = time.monotonic() - started
-    assert elapsed < 150, f"the identity checks took {elapsed:.0f} s"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Shorter polling in Flower's SuperNode loop and object pulls (`common.flower_polling`, `client.supernode.main`).
+"""Flower in one place (`common.flower_compat`): the version it was written for, its internal names, and the shorter
+polling in Flower's SuperNode loop and object pulls (`client.supernode.main`).
 
 Flower's real functions are called; each test restores the Flower state it changes (monkeypatch). The SuperNode
 itself is replaced by a recorder only in the argument test: the real one runs in tests/test_federation_processes.py.
@@ -6,15 +7,22 @@ itself is replaced by a recorder only in the argument test: the real one runs in
 
 from __future__ import annotations
 
+import ast
 import time
+import tomllib
+from pathlib import Path
 
 import pytest
 from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 from flwr.supernode import start_client_internal
+from packaging.requirements import Requirement
 
 from fedslide.client import supernode
-from fedslide.common import flower_polling as fp
+from fedslide.common import flower_compat as fp
+
+REPO = Path(__file__).resolve().parents[1]
+PUBLIC_FLOWER = {"flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.serverapp.strategy"}  # Flower's API modules
 
 
 @pytest.fixture
@@ -33,6 +41,66 @@ def flower_state(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_installed_flower_has_what_is_shortened(flower_state: None) -> None:
     # a Flower upgrade that renames these would silently bring back 3 s polls and 1 s back-offs: fail here instead
     assert fp.flower_internals_present() == []
+
+
+def test_the_compat_module_names_the_flower_it_was_written_for(flower_state: None, flower_popen: None,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    fp.check_flower_version()  # the installed one
+    fp.check_flower_version(f"{fp.FLOWER_MINOR}.9")
+    with pytest.raises(fp.FlowerVersionError, match=rf"written for flwr {fp.FLOWER_MINOR}\.x, but flwr 1\.99\.0"):
+        fp.check_flower_version("1.99.0")
+    # another minor version installed: the patches refuse to apply, and Flower is left as it is
+    monkeypatch.setattr(fp, "_installed_flower", lambda: "1.99.0")
+    defaults = dict(inflatable_utils.pull_objects.__kwdefaults__)
+    for patch in (fp.shorten_object_pulls, fp.shorten_supernode_polls, lambda: fp.start_superexec_through(print),
+                  lambda: fp.set_server_task_identity(1), lambda: fp.RuntimeHttpClient):
+        with pytest.raises(fp.FlowerVersionError, match="flower_compat.py"):
+            patch()
+    assert inflatable_utils.pull_objects.__kwdefaults__ == defaults and start_client_internal.time is time
+
+
+def test_flwr_is_pinned_to_the_minor_version_the_compat_module_was_written_for() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    flwr = next(Requirement(r) for r in project["dependencies"] if Requirement(r).name == "flwr")
+    major, minor = map(int, fp.FLOWER_MINOR.split("."))
+    assert flwr.specifier.contains(f"{major}.{minor}.0") and flwr.specifier.contains(f"{major}.{minor}.9")
+    assert not flwr.specifier.contains(f"{major}.{minor + 1}.0") and not flwr.specifier.contains(f"{major}.{minor - 1}.9")
+
+
+def test_every_internal_name_is_in_the_installed_flower() -> None:
+    missing = []
+    for name in fp.INTERNAL_NAMES:
+        try:
+            getattr(fp, name)
+        except (ImportError, AttributeError) as exc:
+            missing.append(f"{name}: {exc}")
+    assert missing == []
+    with pytest.raises(AttributeError, match="no attribute 'not_a_flower_name'"):
+        fp.not_a_flower_name  # noqa: B018
+
+
+def test_only_the_compat_module_reaches_past_flowers_api() -> None:
+    """fedslide's own modules import Flower's public API only; its internals go through common/flower_compat.py."""
+    offenders = []
+    for folder in ("common", "client", "server", "deploy"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if path == REPO / "common" / "flower_compat.py":
+                continue
+            tree = ast.parse(path.read_text(), filename=str(path))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    modules = [node.module]
+                elif isinstance(node, ast.Import):
+                    modules = [alias.name for alias in node.names]
+                else:
+                    modules = []
+                offenders += [f"{path.relative_to(REPO)}:{node.lineno} {m}" for m in modules
+                              if m.partition(".")[0] == "flwr" and m not in PUBLIC_FLOWER]
+            text = path.read_text()
+            offenders += [f"{path.relative_to(REPO)} uses {name}" for name in
+                          ("__kwdefaults__", "__dict__[", "TaskIdentity", "momentum_vector", "_check_and_log_replies")
+                          if name in text]
+    assert offenders == []
 
 
 def test_capped_sleep_caps_and_forwards(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -123,7 +191,7 @@ def test_warm_supernode_uses_the_launcher(tmp_path) -> None:
         supernode.SuperNode("site1", tmp_path, "127.0.0.1:9092", 9094, tmp_path, None, None, isolation="thread")
 
 
-# ---- the warm SuperExec in subprocess isolation (client.supernode.use_warm_superexec) --------------------------
+# ---- the warm SuperExec in subprocess isolation (client.supernode.use_warm_superexec, flower_compat.start_superexec_through) --------------------------
 @pytest.fixture
 def flower_popen(monkeypatch: pytest.MonkeyPatch) -> None:
     """Flower's SuperNode module keeps its own `subprocess` after the test."""
@@ -138,9 +206,9 @@ def test_flowers_superexec_command_becomes_fedslides() -> None:
     tls = ["flower-superexec", "--root-certificates", "/certs/ca.crt", "--runtime-api-address", "127.0.0.1:9094",
            "--parent-pid", "42"]
     assert supernode.warm_superexec_command(tls, ["--site-dir", "/data/site"]) == [
-        sys.executable, "-m", "fedslide.deploy.cli", "superexec", *tls[1:], "--site-dir", "/data/site"]
+        sys.executable, "-m", "fedslide.client.superexec", *tls[1:], "--site-dir", "/data/site"]
     plain = ["/venv/bin/flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094"]
-    assert supernode.warm_superexec_command(plain)[4:] == plain[1:]
+    assert supernode.warm_superexec_command(plain)[3:] == plain[1:]
     # what fedslide's SuperExec cannot honour (it installs no dependencies), or another program: left alone
     assert supernode.warm_superexec_command([*plain, "--allow-runtime-dependency-installation"]) is None
     assert supernode.warm_superexec_command(["flower-superexec", "--runtime-api-address"]) is None
@@ -159,17 +227,19 @@ def test_the_supernode_launcher_swaps_in_the_warm_superexec(flower_state: None, 
     site = tmp_path / "site 1"
     flower_args = ["--superlink", "127.0.0.1:9092", "--insecure", "--node-config", f'site-dir="{site}" site-name="s1"']
     assert supernode.main(["--feature-memory-gb", "0.5", *flower_args]) == 0
-    launcher = start_client_internal.subprocess
+    launcher = fp.superexec_popen()
     assert isinstance(launcher, supernode.WarmSuperExecLauncher)
     assert launcher.extra == ["--feature-memory-gb", "0.5", "--site-dir", str(site)]
-    assert launcher.DEVNULL is subprocess.DEVNULL  # the rest of `subprocess` is the module's
+    assert start_client_internal.subprocess.DEVNULL is subprocess.DEVNULL  # the rest of `subprocess` is the module's
 
     started: list[list[str]] = []
     monkeypatch.setattr(subprocess, "Popen", lambda command, *a, **k: started.append(list(command)))
-    launcher.Popen(["flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094", "--parent-pid", "7"])
-    launcher.Popen(["flower-superexec", "--insecure", "--allow-runtime-dependency-installation"])
+    # as Flower's SuperNode calls it
+    start_client_internal.subprocess.Popen(["flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094",
+                                            "--parent-pid", "7"])
+    start_client_internal.subprocess.Popen(["flower-superexec", "--insecure", "--allow-runtime-dependency-installation"])
     assert started == [
-        [sys.executable, "-m", "fedslide.deploy.cli", "superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094",
+        [sys.executable, "-m", "fedslide.client.superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094",
          "--parent-pid", "7", "--feature-memory-gb", "0.5", "--site-dir", str(site)],
         ["flower-superexec", "--insecure", "--allow-runtime-dependency-installation"],
     ]
@@ -178,7 +248,7 @@ def test_the_supernode_launcher_swaps_in_the_warm_superexec(flower_state: None, 
     assert supernode.main(["--superexec", "flower", *flower_args]) == 0
     assert start_client_internal.subprocess is subprocess
     assert supernode.main(["--superlink", "127.0.0.1:9092", "--insecure"]) == 0
-    assert start_client_internal.subprocess.extra == ["--feature-memory-gb", "8"]
+    assert fp.superexec_popen().extra == ["--feature-memory-gb", "8"]
     with pytest.raises(SystemExit) as exit_info:
         supernode.main(["--feature-memory-gb", "-1", *flower_args])
     assert exit_info.value.code == 2
@@ -198,6 +268,6 @@ def test_the_installed_flower_starts_its_superexec_as_the_launcher_expects() -> 
     import subprocess
 
     assert start_client_internal.subprocess is subprocess or isinstance(start_client_internal.subprocess,
-                                                                        supernode.WarmSuperExecLauncher)
+                                                                        fp.PopenInstead)
     source = inspect.getsource(start_client_internal)
     assert 'command = ["flower-superexec"]' in source and "subprocess.Popen(command)" in source

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -27,26 +26,25 @@ def _threads() -> None:
     torch.set_num_threads(2)
 
 
+SMALL_OPTIONS: dict[str, dict[str, object]] = {  # tiny sizes that still exercise every code path
+    "mean": {},
+    "max": {},
+    "abmil": {"attention_dim": 8},
+    "abmil_gated": {"attention_dim": 8},
+    "transmil": {"num_heads": 2, "landmarks": 4},  # Nystrom landmarks
+    "dsmil": {},
+    "clam_sb": {"attention_dim": 8, "k_sample": 2},
+    "acmil": {"attention_dim": 8, "top_k": 3, "branches": 3},
+    "longmil": {"attention_dim": 8, "num_heads": 2, "window": 4},  # windows
+    "s4mil": {"attention_dim": 8, "state_dim": 8},
+    "mambamil": {"attention_dim": 8, "chunk": 4, "sr_rate": 3},  # scan chunks, sequence reordering
+}
+
+
 def small_config(name: str, num_classes: int = 2, head: str = "linear", **extra: object) -> ModelConfig:
-    """Tiny sizes that still exercise every code path (Nystrom landmarks, windows, scan chunks, SR)."""
-    values = dict(
-        name=name,
-        in_dim=D,
-        num_classes=num_classes,
-        hidden_dim=16,
-        num_heads=2,
-        attention_dim=8,
-        head=head,
-        dropout=0.1,
-        transmil_landmarks=4,
-        longmil_window=4,
-        mamba_chunk=4,
-        mamba_sr_rate=3,
-        acmil_top_k=3,
-        acmil_branches=3,
-        clam_k_sample=2,
-        s4_state_dim=8,
-    )
+    """Tiny shared sizes and the architecture's own small options; `extra` overrides either."""
+    values = dict(name=name, in_dim=D, num_classes=num_classes, hidden_dim=16, head=head, dropout=0.1)
+    values.update(SMALL_OPTIONS[name])
     values.update(extra)
     return ModelConfig(**values)
 
@@ -82,7 +80,7 @@ def expected_attention_shape(name: str, batch: int, n: int, cfg: ModelConfig) ->
     if name == "dsmil":
         return (batch, cfg.num_classes, n)
     if name == "acmil":
-        return (batch, cfg.acmil_branches, n)
+        return (batch, cfg.options.branches, n)
     return (batch, n)
 
 
@@ -198,7 +196,7 @@ def test_cka_basis_is_chebyshev() -> None:
 
 
 def test_acmil_topk_masking_only_in_training() -> None:
-    model = make_model("acmil", dropout=0.0, acmil_top_k=4, acmil_mask_drop=0.5)
+    model = make_model("acmil", dropout=0.0, top_k=4, mask_drop=0.5)
     features = torch.randn(1, 30, D)
     model.eval()
     first, second = model(features), model(features)
@@ -218,7 +216,7 @@ def test_acmil_topk_masking_only_in_training() -> None:
 
 
 def test_acmil_labels_add_branch_losses() -> None:
-    model = make_model("acmil", dropout=0.0, acmil_mask_drop=0.0).train()
+    model = make_model("acmil", dropout=0.0, mask_drop=0.0).train()
     features = torch.randn(2, 9, D)
     without = model(features).aux_loss
     with_labels = model(features, labels=torch.tensor([0, 1])).aux_loss
@@ -315,14 +313,11 @@ def test_longmil_memory_is_linear_in_bag_size() -> None:
     model = LongMIL(8, 2, hidden_dim=16, heads=2, layers=2, window=window, attention_dim=8, dropout=0.0)
     features = torch.randn(1, n, 8)
     coords = torch.stack(torch.meshgrid(torch.arange(200), torch.arange(100), indexing="ij"), -1).reshape(1, n, 2)
-    start = time.perf_counter()
     with _LargestTensor() as probe:
         out = model(features, None, coords.float() * PATCH)
         out.logits.sum().backward()
-    elapsed = time.perf_counter() - start
     assert probe.largest < n * n / 100, f"a tensor of {probe.largest} elements (n^2 = {n * n})"
     assert probe.largest <= 2 * n * window * 8  # O(n * window * heads)
-    assert elapsed < 30.0
 
 
 # ---------------------------------------------------------------- MambaMIL
@@ -364,15 +359,14 @@ def test_stride_order_reorders_only_real_instances() -> None:
     assert order[1].tolist() == [0, 3, 1, 2, 4, 5, 6, 7, 8]
 
 
+@pytest.mark.slow
 def test_mambamil_trains_on_a_few_thousand_instances() -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="mambamil", in_dim=32, hidden_dim=64, attention_dim=16)).train()
-    start = time.perf_counter()
     out = model(torch.randn(1, 3000, 32))
     F.cross_entropy(out.logits, torch.tensor([1])).backward()
     assert torch.isfinite(out.logits).all()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    assert time.perf_counter() - start < 30.0
 
 
 # ---------------------------------------------------------------- S4MIL and TransMIL
@@ -431,28 +425,54 @@ def test_every_model_builds_from_defaults() -> None:
 def test_config_errors_name_the_key() -> None:
     cases = [
         ({"num_classes": 1}, "num-classes"),
-        ({"num_heads": 3}, "num-heads"),
-        ({"s4_state_dim": 7}, "s4-state-dim"),
-        ({"acmil_mask_drop": 1.0}, "acmil-mask-drop"),
+        ({"name": "transmil", "num_heads": 3}, "num-heads"),
+        ({"name": "s4mil", "state_dim": 7}, "state-dim"),
+        ({"name": "acmil", "mask_drop": 1.0}, "mask-drop"),
         ({"head": "mlp"}, "head"),
         ({"cka_degree": 0}, "cka-degree"),
     ]
     for values, key in cases:
         with pytest.raises(ConfigError, match=key):
             load_config(ModelConfig, values=values)
-    with pytest.raises(ConfigError, match="unknown key 'windw'.*longmil-window"):
-        load_config(ModelConfig, values={"windw": 3})
+    with pytest.raises(ConfigError, match="unknown key 'windw' for model 'longmil'; allowed keys here: .*window"):
+        load_config(ModelConfig, values={"name": "longmil", "windw": 3})
     with pytest.raises(ConfigError) as err:
         load_config(ModelConfig, values={"name": "clam_mb"})
     assert "name" in str(err.value) and "mambamil" in str(err.value) and "transmil" in str(err.value)
 
 
+def test_an_option_of_another_architecture_is_refused_naming_key_model_and_allowed_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(ModelConfig, section="model", values={"name": "abmil", "window": 64})
+    text = str(err.value)
+    assert "unknown key 'model.window' for model 'abmil'" in text
+    assert "attention-dim" in text and "hidden-dim" in text and "layers" not in text
+
+
+def test_each_architecture_reads_only_its_own_options() -> None:
+    for name, options in SMALL_OPTIONS.items():
+        cfg = small_config(name)
+        assert set(cfg.options.model_dump()) == set(ModelConfig.model_validate({"name": name}).options.model_dump())
+        assert all(getattr(cfg.options, key) == value for key, value in options.items())
+        assert ModelConfig.model_validate(cfg.model_dump()) == cfg  # flat dump, as bundles store it, round-trips
+    assert small_config("transmil").to_toml_dict()["landmarks"] == 4
+    assert "attention-dim" not in small_config("transmil").to_toml_dict()
+
+
+def test_a_stored_config_of_the_old_flat_layout_still_loads() -> None:
+    old = {"name": "longmil", "in_dim": D, "hidden_dim": 16, "attention_dim": 8, "num_heads": 2, "dsmil_query_dim": 128,
+           "longmil_window": 4, "longmil_alibi": False, "mamba_chunk": 3, "transmil_landmarks": None}
+    cfg = ModelConfig.model_validate(old)
+    assert cfg.options == ModelConfig(name="longmil", attention_dim=8, num_heads=2, window=4, alibi=False).options
+    assert isinstance(build_model(cfg), LongMIL)
+
+
 def test_config_reads_kebab_toml(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "model.toml"
-    path.write_text('[model]\nname = "longmil"\nin-dim = 1024\nlongmil-window = 128\nhead = "cka"\n')
+    path.write_text('[model]\nname = "longmil"\nin-dim = 1024\nwindow = 128\nhead = "cka"\n')
     cfg = load_config(ModelConfig, path, section="model")
-    assert (cfg.name, cfg.in_dim, cfg.longmil_window, cfg.head) == ("longmil", 1024, 128, "cka")
-    assert cfg.to_toml_dict()["longmil-window"] == 128
+    assert (cfg.name, cfg.in_dim, cfg.options.window, cfg.head) == ("longmil", 1024, 128, "cka")
+    assert cfg.to_toml_dict()["window"] == 128
 
 
 def test_build_model_rejects_unknown_names() -> None:

@@ -55,6 +55,7 @@ from fedslide.server.superlink import FlowerCli, FlowerCliError, SuperLink, TLSF
 from tests.feature_sites import make_site
 from tests.netns import NetnsLab, probe_netns_support
 
+pytestmark = pytest.mark.slow  # network namespaces and real Flower processes
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = f"fs{os.getpid()}"
 HOSTS = {"srv": 1, "h1": 11, "h2": 12, "h3": 13}
@@ -246,7 +247,7 @@ def test_each_host_in_its_own_namespace_and_hospitals_reach_only_the_proxy(deplo
         assert lab.host_of_pid(node.process.proc.pid) == host, node.name
         superexecs = [c for c in psutil.Process(node.process.proc.pid).children(recursive=True)
                       if "superexec" in " ".join(c.cmdline())]
-        assert len(superexecs) == 1 and "fedslide.deploy.cli" in superexecs[0].cmdline(), (node.name, superexecs)
+        assert len(superexecs) == 1 and "fedslide.client.superexec" in superexecs[0].cmdline(), (node.name, superexecs)
         assert lab.host_of_pid(superexecs[0].pid) == host, node.name
     assert set(dep.node_statuses()) == set(dep.node_ids.values())
 

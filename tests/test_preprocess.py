@@ -16,8 +16,14 @@ from fedslide.client.slides import SlideReader
 from fedslide.client.synth.slide import write_slide
 from fedslide.client.synth.tiff_writer import write_pyramidal_tiff
 from fedslide.deploy.cli import main
-from fedslide.common.config.preprocess import EncoderConfig, PreprocessConfig
-from fedslide.common.features import feature_path, is_complete, read_feature_file
+from fedslide.client.inference.model import load_bundle, slide_settings
+from fedslide.common.config.model import ModelConfig
+from fedslide.common.config.preprocess import EncoderConfig, PreprocessConfig, TilingConfig, TissueConfig
+from fedslide.common.distillation.bundle import StudentBundle
+from fedslide.common.distillation.data import load_sites
+from fedslide.common.distillation.pipeline import bundle_meta
+from fedslide.common.features import feature_path, is_complete, read_feature_file, recorded_preprocess
+from fedslide.common.models.registry import build_model
 
 ENC = "efficientnet_lite0"
 
@@ -115,6 +121,29 @@ def test_low_only_mode_matches_low_of_both(processed: Path, tmp_path: Path, enco
     np.testing.assert_allclose(ours.features, ref.features, atol=1e-4)
 
 
+def test_a_bundle_predicts_with_the_thresholds_its_site_preprocessed_with(
+    site_40x: Path, tmp_path: Path, encoder: PatchEncoder
+) -> None:
+    site = tmp_path / "strict"
+    shutil.copytree(site_40x / "slides", site / "slides")
+    cfg = _cfg(qc_images=False, tissue={"min_saturation": 25, "remove_pen": False},
+               tiling={"min_tissue_low": 0.3, "min_tissue_high": 0.5})
+    assert SitePreprocessor(cfg, encoder).run(site).count("done") == 2
+    for res in ("low", "high"):
+        attrs = read_feature_file(feature_path(site, ENC, res, "a40")).attrs
+        assert recorded_preprocess(attrs) == (cfg.tissue.to_toml_dict(), cfg.tiling.to_toml_dict())
+    (site / "labels.csv").write_text("slide_id,label,split\na40,tumor,train\ng20,normal,val\n")
+    data = load_sites([site], ENC)
+    model_cfg = ModelConfig(in_dim=data.feature_dim, hidden_dim=8)
+    # the federated site step passes no preprocessing config: the bundle takes the site's from its files
+    StudentBundle(bundle_meta(data, "raw", None, {}), None, build_model(model_cfg), student_config=model_cfg).save(
+        tmp_path / "bundle")
+    settings = slide_settings(load_bundle(tmp_path / "bundle"))
+    assert (settings.tissue, settings.tiling) == (cfg.tissue, cfg.tiling)
+    assert settings.tiling != TilingConfig() and settings.tissue != TissueConfig()
+
+
+@pytest.mark.slow
 def test_rerun_skips_finished_and_redoes_unmarked_or_changed(processed: Path, tmp_path: Path, encoder: PatchEncoder) -> None:
     site = tmp_path / "resume"
     shutil.copytree(processed / "slides", site / "slides", ignore=shutil.ignore_patterns("CMU*"))
@@ -160,6 +189,7 @@ class _Crashing(PatchEncoder):
         return self.inner.encode(x, token_grid)
 
 
+@pytest.mark.slow
 def test_interrupted_slide_leaves_nothing_and_is_redone(site_40x: Path, tmp_path: Path, encoder: PatchEncoder) -> None:
     site = tmp_path / "crash"
     (site / "slides").mkdir(parents=True)
@@ -168,7 +198,7 @@ def test_interrupted_slide_leaves_nothing_and_is_redone(site_40x: Path, tmp_path
     assert result.slides[0].status == "failed" and "simulated crash" in result.slides[0].reason
     for res in ("low", "high"):
         path = feature_path(site, ENC, res, "a40")
-        assert not path.exists() and not path.with_name(path.name + ".tmp").exists()
+        assert not path.exists() and not [p.name for p in path.parent.iterdir() if "a40" in p.name]
     again = SitePreprocessor(_cfg(), encoder).run(site)
     assert again.slides[0].status == "done" and is_complete(feature_path(site, ENC, "high", "a40"))
 
@@ -178,7 +208,7 @@ def _white(level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
 
 
 def test_bad_slides_are_reported_and_the_rest_processed(
-    processed: Path, real_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    processed: Path, real_dir: Path, nompp_slide: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     site = tmp_path / "bad"
     slides = site / "slides"
@@ -188,7 +218,7 @@ def test_bad_slides_are_reported_and_the_rest_processed(
     (slides / "notes.svs").write_text("not a slide at all")
     data = (real_dir / "CMU-1-Small-Region.svs").read_bytes()
     (slides / "truncated.svs").write_bytes(data[: len(data) // 2])
-    shutil.copy(real_dir / "tcga-cr-7395-01a-01-ts1.svs", slides / "nompp.svs")
+    shutil.copy(nompp_slide, slides / "nompp.tif")
     write_pyramidal_tiff(slides / "empty.tif", 2048, 2048, 0.5, "generic", _white)
     code = main(["preprocess", "--site", str(site), "--no-progress"])
     assert code == 3
@@ -205,6 +235,7 @@ def test_bad_slides_are_reported_and_the_rest_processed(
     assert "nompp" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_synth_then_low_only_preprocess_of_a_cohort(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cohort"
     code = main(["synth", "--out", str(out), "--sites", "2", "--slides-per-site", "2", "--seed", "3",
@@ -227,6 +258,7 @@ def test_cli_synth_then_low_only_preprocess_of_a_cohort(tmp_path: Path, capsys: 
         assert f"{s}: 2 done, 0 skipped, 0 failed" in printed
 
 
+@pytest.mark.slow
 def test_worker_processes_read_the_same_patches(
     processed: Path, tmp_path: Path, encoder: PatchEncoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,9 +20,9 @@ import pytest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResultStatus
 
-from fedslide.client.superexec import (APP_MODULES, PRELOAD, ForkExecutor, installed_fab_dir, skip_reinstall,
-                              wait_for_runtime_api)
+from fedslide.client.superexec import APP_MODULES, PRELOAD, ForkExecutor, installed_fab_dir, wait_for_runtime_api
 from fedslide.common.flower_app import APP_PACKAGES
+from fedslide.common.flower_compat import reuse_installed_fab
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_a_warm_child_skips_reinstalling_its_own_fab_only(tmp_path: Path, monkey
         z.writestr("pyproject.toml", "")  # no .info/CONTENT: Flower's installer refuses it
     fab_bytes = payload.getvalue()
     fab_dir = _fake_fab(tmp_path, hashlib.sha256(fab_bytes).hexdigest())
-    skip_reinstall(hashlib.sha256(fab_bytes).hexdigest(), fab_dir)
+    reuse_installed_fab(hashlib.sha256(fab_bytes).hexdigest(), fab_dir)
     assert runtime.install_from_fab(fab_bytes, skip_prompt=True) == fab_dir
     with pytest.raises(Exception, match="incorrect format"):  # any other FAB goes to Flower's installer
         runtime.install_from_fab(fab_bytes + b"\0", skip_prompt=True)

@@ -351,6 +351,26 @@ def test_given_splits_train_on_train_and_report_test(tmp_path: Path) -> None:
     assert {cohort.slides[i].patient_id for i in fold.split.train} == {f"P{p:02d}" for p in range(12)}
 
 
+def test_carve_splits_without_split_column_by_patient_kept_beside_the_labels(tmp_path: Path) -> None:
+    features_dir, labels = make_cohort(tmp_path)  # 20 patients x 2 slides, no split column
+    cfg = train_config(features_dir, labels, tmp_path / "out", epochs=2, splits="carve")
+    report = run_training(cfg, model_factory=stand_in, progress=False)
+    assert report.split_mode == "carved" and len(report.folds) == 1
+    with (tmp_path / "splits.csv").open(newline="") as handle:
+        kept = {row["slide_id"]: row["split"] for row in csv.DictReader(handle)}
+    (fold,) = report.folds
+    cohort = load_cohort(features_dir, read_labels(labels))
+    for name, idx in (("train", fold.split.train), ("val", fold.split.val), ("test", fold.split.test)):
+        assert {cohort.slides[i].slide_id for i in idx} == {sid for sid, s in kept.items() if s == name}
+        assert set(cohort.labels[idx].tolist()) == {0, 1}
+    patients: dict[str, set[str]] = {}
+    for sid, split in kept.items():
+        patients.setdefault(sid.split("_")[0], set()).add(split)
+    assert all(len(s) == 1 for s in patients.values())  # a patient's slides stay together
+    again = run_training(cfg.model_copy(update={"out_dir": tmp_path / "again"}), model_factory=stand_in, progress=False)
+    assert np.array_equal(again.folds[0].split.test, fold.split.test)
+
+
 def test_multiclass_run_writes_one_probability_per_class(tmp_path: Path) -> None:
     features_dir, labels = make_cohort(tmp_path, n_patients=18, classes=("a", "b", "c"), signal=3.0)
     cfg = train_config(features_dir, labels, tmp_path / "out", epochs=6, early_stopping_metric="auc", val_fraction=0.34)

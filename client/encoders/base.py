@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +62,8 @@ class PatchEncoder(nn.Module):
                 f"got {x_uint8.dtype} {tuple(x_uint8.shape)}"
             )
         x = x_uint8.to(dtype=torch.float32, memory_format=torch.channels_last)
-        scale = self._norm_scale.to(device=x.device, dtype=torch.float32)
-        shift = self._norm_shift.to(device=x.device, dtype=torch.float32)
+        scale = cast(Tensor, self._norm_scale).to(device=x.device, dtype=torch.float32)
+        shift = cast(Tensor, self._norm_shift).to(device=x.device, dtype=torch.float32)
         return (x * scale - shift).contiguous(memory_format=torch.channels_last)
 
     def forward_features(self, x: Tensor) -> Tensor:

@@ -126,4 +126,4 @@ def build(cfg: EncoderConfig) -> EfficientNetLite0:
     mean, std = normalization(cfg, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     model = EfficientNetLite0(weights_hash=sha256_file(path), mean=mean, std=std)
     load_strict(model, state, ignore=("_fc.",), source=path, what=NAME)
-    return model.eval().to(memory_format=torch.channels_last)
+    return model.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch stubs omit Module.to(memory_format=)

@@ -108,7 +108,7 @@ def _build(cfg: EncoderConfig, truncate: bool) -> ResNet50:
     model = ResNet50(name=cfg.name, weights_hash=sha256_file(path), mean=mean, std=std, stages=stages)
     ignore = ("fc.", "layer4.") if stages == 3 else ("fc.",)
     load_strict(model, state, ignore=ignore, source=path, what=f"{cfg.name} ({stages} stages)")
-    return model.eval().to(memory_format=torch.channels_last)
+    return model.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch stubs omit Module.to(memory_format=)
 
 
 def build(cfg: EncoderConfig) -> ResNet50:

@@ -355,4 +355,4 @@ def build(cfg: EncoderConfig) -> VisionTransformer:
     )
     what = f"{cfg.name} (ViT width {geometry.embed_dim}, depth {geometry.depth}, patch {geometry.patch_size})"
     load_strict(model, state, ignore=("head.",), source=path, what=what)
-    return model.eval().to(memory_format=torch.channels_last)
+    return model.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch stubs omit Module.to(memory_format=)

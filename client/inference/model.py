@@ -9,11 +9,11 @@ import torch
 
 from fedslide.client.encoders.base import PatchEncoder
 from fedslide.client.encoders.registry import build_encoder
-from fedslide.client.encoding import resolve_device
 from fedslide.common.config.base import ConfigError
 from fedslide.common.config.predict import PredictConfig
 from fedslide.common.config.preprocess import EncoderConfig, TilingConfig, TissueConfig
 from fedslide.common.distillation.bundle import BundleMismatchError, StudentBundle
+from fedslide.common.device import resolve_device
 
 
 class ModelDirError(ValueError):
@@ -114,7 +114,7 @@ def load_encoder(bundle: StudentBundle, cfg: PredictConfig) -> PatchEncoder:
     device = resolve_device(cfg.device)
     encoder = encoder.to(device).eval()
     if device.type == "cuda":
-        encoder = encoder.to(memory_format=torch.channels_last)
+        encoder = encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch stubs omit Module.to(memory_format=)
     return encoder
 
 

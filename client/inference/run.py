@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import statistics
 import time
 from collections import Counter
@@ -21,6 +20,7 @@ from fedslide.client.encoders.base import PatchEncoder
 from fedslide.client.inference.model import check_encoder, check_mode, load_bundle, load_encoder, slide_settings
 from fedslide.client.inference.slide import SlidePrediction, predict_slide
 from fedslide.client.slides import SlideError, discover_slides
+from fedslide.common.atomic import atomic_write, write_text_atomic
 from fedslide.common.config.predict import PredictConfig
 from fedslide.common.distillation.bundle import StudentBundle
 
@@ -203,12 +203,10 @@ def prediction_rows(run: PredictionRun, class_names: list[str]) -> tuple[list[st
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_write(path, newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def timing_document(run: PredictionRun, cfg: PredictConfig) -> dict[str, Any]:
@@ -272,9 +270,7 @@ def write_outputs(run: PredictionRun, class_names: list[str], cfg: PredictConfig
     """predictions.csv, timing.json and failures.csv (removed when nothing failed)."""
     header, rows = prediction_rows(run, class_names)
     _write_csv(run.out_dir / PREDICTIONS_FILE, header, rows)
-    tmp = run.out_dir / (TIMING_FILE + ".tmp")
-    tmp.write_text(json.dumps(timing_document(run, cfg), indent=2) + "\n")
-    os.replace(tmp, run.out_dir / TIMING_FILE)
+    write_text_atomic(run.out_dir / TIMING_FILE, json.dumps(timing_document(run, cfg), indent=2) + "\n")
     failures = run.out_dir / FAILURES_FILE
     if run.failures:
         _write_csv(failures, ["slide_id", "path", "reason"], [[f.slide_id, f.path, f.reason] for f in run.failures])

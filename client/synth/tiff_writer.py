@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import tifffile
+
+from fedslide.common.atomic import atomic_path
 
 TiffStyle = Literal["aperio", "generic", "plain"]
 TIFF_STYLES: tuple[str, ...] = ("aperio", "generic", "plain")
@@ -130,16 +132,18 @@ def write_pyramidal_tiff(
             raise ValueError("compression 'jpeg' needs the 'imagecodecs' package; use 'zlib' or 'none'") from exc
     levels = level_dimensions(width, height, downsamples)
     raw_bytes = sum(math.ceil(w / tile) * math.ceil(h / tile) * tile * tile * 3 for w, h in levels)
-    codec: dict[str, object] = {}
+    codec: dict[str, Any] = {}
     if compression == "zlib":
         codec = {"compression": "zlib", "compressionargs": {"level": compression_level}}
     elif compression == "jpeg":
         codec = {"compression": "jpeg", "compressionargs": {"level": 90}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with tifffile.TiffWriter(tmp, bigtiff=raw_bytes > _CLASSIC_TIFF_LIMIT) as tw:
+    with (
+        atomic_path(path, suffix=".partial") as tmp,
+        tifffile.TiffWriter(tmp, bigtiff=raw_bytes > _CLASSIC_TIFF_LIMIT) as tw,
+    ):
         for level, ((lw, lh), d) in enumerate(zip(levels, downsamples)):
-            extra: dict[str, object]
+            extra: dict[str, Any]
             if style == "generic":
                 assert mpp is not None
                 per_cm = 10_000.0 / (mpp * d)
@@ -161,5 +165,4 @@ def write_pyramidal_tiff(
                 **codec,
                 **extra,
             )
-    tmp.replace(path)
     return path

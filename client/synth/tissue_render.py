@@ -238,7 +238,7 @@ def render_samples(model: SlideModel, ys: Axis, xs: Axis, spacing: float) -> np.
     for c in range(3):
         od = out[:, :, c]
         od.fill(od_vectors[2, c])
-        if amounts is not None:
+        if amounts is not None and noise is not None:
             od += noise
             od += amounts[0] * od_vectors[0, c]
             od += amounts[1] * od_vectors[1, c]

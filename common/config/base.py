@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -25,6 +25,8 @@ class StageConfig(BaseModel):
         validate_assignment=True,
         frozen=False,
     )
+    dump_omit: ClassVar[dict[str, tuple[str, ...]]] = {}  # nested section -> fields left out of configs/defaults.toml
+    flat_fields: ClassVar[tuple[str, ...]] = ()  # sub-models whose keys are written beside this model's own
 
     def to_toml_dict(self) -> dict[str, Any]:
         """The config as a plain dict with kebab-case keys (paths as strings)."""
@@ -35,22 +37,47 @@ class ConfigError(ValueError):
     """A config value was refused; the message names key, value and what is allowed."""
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Kebab-case keys allowed at the parent of `loc` inside `model`."""
+def _fields(kind: Any) -> dict[str, Any]:
+    return dict(kind.model_fields) if isinstance(kind, type) and issubclass(kind, BaseModel) else {}
+
+
+def _visible_keys(kind: Any) -> list[str]:
+    """Kebab-case keys of a config model as written (the keys of flat fields are its options' own)."""
+    flat = getattr(kind, "flat_fields", ())
+    return [info.alias or _kebab(name) for name, info in _fields(kind).items() if not info.exclude and name not in flat]
+
+
+def _tagged(annotation: Any, tag: str) -> Any:
+    """The member of a union of models whose `name` field takes `tag`."""
+    for member in get_args(annotation):
+        name = _fields(member).get("name")
+        if name is not None and tag in get_args(name.annotation):
+            return member
+    return None
+
+
+def _resolve(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, list[str], str | None]:
+    """The dotted key `loc` names as written, the keys allowed beside its last part, and the architecture chosen on
+    the way (a flat field's union member is picked by its tag, which is not part of the written key)."""
+    parts: list[str] = []
     current: Any = model
-    for part in loc[:-1]:
-        field = None
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            for name, info in current.model_fields.items():
-                if part in (name, info.alias):
-                    field = info
-                    break
-        if field is None:
-            return []
-        current = field.annotation
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return sorted(info.alias or name for name, info in current.model_fields.items() if not info.exclude)
-    return []
+    allowed, parent_allowed, chosen = _visible_keys(model), _visible_keys(model), None
+    i = 0
+    while i < len(loc):
+        part = loc[i]
+        found = next((item for item in _fields(current).items() if part in (item[0], item[1].alias)), None)
+        if found is not None and found[0] in getattr(current, "flat_fields", ()) and i + 1 < len(loc):
+            chosen = str(loc[i + 1])
+            member = _tagged(found[1].annotation, chosen)
+            allowed = sorted(set(_visible_keys(current)) | set(_visible_keys(member)))
+            current, i = member, i + 2
+            continue
+        parts.append(_kebab(part) if isinstance(part, str) else str(part))
+        parent_allowed = allowed
+        current = found[1].annotation if found is not None else None
+        allowed = _visible_keys(current)
+        i += 1
+    return ".".join(parts), sorted(parent_allowed), chosen
 
 
 def format_validation_error(
@@ -61,11 +88,12 @@ def format_validation_error(
     where = f" (from {source})" if source else ""
     for item in error.errors():
         loc = tuple(item["loc"])
-        key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc)
+        path, allowed, chosen = _resolve(model, loc)
+        key = ".".join(p for p in (prefix, path) if p)
         value = item.get("input")
         if item["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, loc)
-            lines.append(f"unknown key '{key}'{where}; allowed keys here: {', '.join(allowed)}")
+            owner = f" for model '{chosen}'" if chosen else ""
+            lines.append(f"unknown key '{key}'{where}{owner}; allowed keys here: {', '.join(allowed)}")
         elif item["type"] == "not_used":
             lines.append(f"'{key}'{where}: {item['msg']}")
         elif not loc:  # a check across several keys: the message names them

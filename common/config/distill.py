@@ -10,6 +10,7 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from fedslide.common.config.base import StageConfig
 from fedslide.common.config.model import ModelConfig, ModelName
 from fedslide.common.config.optimization import OptimizationConfig
+from fedslide.common.config.splits import SplitCarving
 
 
 class DistillModelConfig(ModelConfig):
@@ -33,7 +34,7 @@ class AdapterConfig(StageConfig):
     lr: PositiveFloat = Field(default=1e-3, description="AdamW learning rate")
     weight_decay: float = Field(default=1e-4, ge=0.0, description="AdamW weight decay")
     max_patches_per_slide: PositiveInt | None = Field(
-        default=None, description="use at most this many low patches per slide (seeded sample; memory cap)"
+        default=None, examples=[512], description="use at most this many low patches per slide (seeded sample; memory cap)"
     )
 
 
@@ -98,14 +99,16 @@ class DistillConfig(StageConfig):
     """`fedslide distill` (TOML section [distill])."""
 
     sites: list[Path] = Field(default_factory=list, description="site directories (labels.csv + features/<encoder>/)")
-    out_dir: Path | None = Field(default=None, description="run directory (metrics.json, bundles, cache)")
-    encoder: str | None = Field(default=None, description="features/<encoder> subfolder (default: the only one present)")
+    out_dir: Path | None = Field(default=None, examples=["runs/distill"], description="run directory (metrics.json, bundles, cache)")
+    encoder: str | None = Field(default=None, examples=["efficientnet_lite0"], description="features/<encoder> subfolder (default: the only one present)")
     seed: int = Field(default=0, description="seed of every model init, sample and batch order")
     device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda[:i], mps")
     deterministic: bool = Field(default=True, description="torch deterministic algorithms (where supported)")
-    threads: PositiveInt | None = Field(default=None, description="torch CPU threads (default: torch's choice)")
+    threads: PositiveInt | None = Field(default=None, examples=[2], description="torch CPU threads (default: torch's choice)")
     ece_bins: PositiveInt = Field(default=15, description="equal-width confidence bins of the ECE")
     progress: bool = Field(default=False, description="show progress bars")
+    carve: SplitCarving = Field(
+        default_factory=SplitCarving, description="test/validation splits carved for a site whose labels.csv has no split column")
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     teacher: DistillModelConfig = Field(default_factory=DistillModelConfig, description="high-res teacher (and experts') MIL model")
     student: DistillModelConfig = Field(default_factory=DistillModelConfig, description="low-res student (and baseline) MIL model")

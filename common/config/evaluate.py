@@ -19,14 +19,15 @@ from pydantic import Field, NonNegativeInt, PositiveInt, field_validator, model_
 from fedslide.common.config.base import StageConfig
 from fedslide.common.config.distill import DistillConfig
 from fedslide.common.config.federation import FederationConfig
+from fedslide.common.config.splits import SplitCarving
 
 Regime = Literal["local", "federated", "centralized"]
 REGIMES: tuple[str, ...] = ("local", "federated", "centralized")
 MODEL_KINDS: tuple[str, ...] = ("teacher_high", "student_low", "baseline_low")
 _MODEL_KEY = re.compile(r"^(local|federated|centralized)\.(teacher_high|student_low|baseline_low)$")
 _SET_BY_STUDY = {
-    "federation": ("run_id", "runs_dir", "resume", "eval_only_sites"),
-    "distill": ("sites", "out_dir"),
+    "federation": ("run_id", "runs_dir", "resume", "eval_only_sites", "carve"),
+    "distill": ("sites", "out_dir", "carve"),
 }
 
 
@@ -46,6 +47,8 @@ class HeatmapSettings(StageConfig):
 
 class EvaluateConfig(StageConfig):
     """`fedslide evaluate` (TOML section [evaluate])."""
+
+    dump_omit = _SET_BY_STUDY  # the study sets these itself: configs/defaults.toml leaves them out
 
     sites: list[Path] = Field(default_factory=list, description="site directories (labels.csv + features/<encoder>/)")
     out_dir: Path | None = Field(default=None, description="study folder: metrics.json, predictions.csv, runs, report")
@@ -91,6 +94,11 @@ class EvaluateConfig(StageConfig):
         default_factory=DistillConfig, description="site-local and centralized models ([distill] keys)"
     )
     heatmaps: HeatmapSettings = Field(default_factory=HeatmapSettings)
+    carve: SplitCarving = Field(
+        default_factory=SplitCarving,
+        description="test/validation splits carved for a site whose labels.csv has no split column (every regime "
+        "uses the same: [evaluate.carve], not [evaluate.federation.carve] or [evaluate.distill.carve])",
+    )
 
     @field_validator("regimes")
     @classmethod

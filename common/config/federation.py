@@ -22,6 +22,8 @@ from fedslide.common.config.distill import (
     KDConfig,
     MILTrainingConfig,
 )
+from fedslide.common.config.model import ModelConfig
+from fedslide.common.config.splits import SplitCarving
 
 
 _ROUNDS_HINT = (
@@ -85,7 +87,7 @@ class FederatedAdapterConfig(AdapterConfig):
     batch_size: PositiveInt = Field(
         default=32,
         description="patch pairs per local step; smaller than the centralized 256 because a site holds a fraction "
-        "of the pairs (with 256 a site took one step per local epoch; 32 rather than 64: tests/bench/federation.md)",
+        "of the pairs (why 32: docs/federation.md)",
     )
     epochs: PositiveInt = _unused(30)
     patience: NonNegativeInt = _unused(5)
@@ -150,6 +152,9 @@ class FederationConfig(StageConfig):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda[:i], mps")
     threads: PositiveInt | None = Field(default=None, description="torch CPU threads per process")
     ece_bins: PositiveInt = Field(default=15, description="equal-width confidence bins of the ECE")
+    carve: SplitCarving = Field(
+        default_factory=SplitCarving,
+        description="test/validation splits each site carves (at the site) when its labels.csv has no split column")
     rounds: RoundsConfig = Field(default_factory=RoundsConfig)
     adapter: FederatedAdapterConfig = Field(default_factory=FederatedAdapterConfig)
     teacher: DistillModelConfig = Field(default_factory=DistillModelConfig, description="teacher (and experts') MIL model")
@@ -213,10 +218,18 @@ class FederationConfig(StageConfig):
                 elif unset is not None:
                     flat[name] = unset
         walk("", self.to_toml_dict())
-        for model in ("teacher", "student"):  # taken from the data unless set on purpose
-            for key in ("in_dim", "num_classes"):
-                if key not in getattr(self, model).model_fields_set:
+        for model in ("teacher", "student"):
+            cfg = getattr(self, model)
+            for key in ("in_dim", "num_classes"):  # taken from the data unless set on purpose
+                if key not in cfg.model_fields_set:
                     flat.pop(f"{model}.{key.replace('_', '-')}", None)
+            # an architecture's options travel when set on purpose (else its defaults apply); the app declares every
+            # architecture's keys, so `flwr run -c teacher.name=transmil -c teacher.layers=4` can set any of them
+            for key in ModelConfig.option_keys():
+                if key.replace("-", "_") not in cfg.options.model_fields_set:
+                    flat.pop(f"{model}.{key}", None)
+                    if unset is not None:
+                        flat[f"{model}.{key}"] = unset
         return flat
 
     @classmethod

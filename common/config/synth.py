@@ -19,7 +19,7 @@ _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 class SynthConfig(StageConfig):
     """N sites × K slides: labels, splits, stain shifts, artefacts and how the files are written."""
 
-    out_dir: Path = Field(description="cohort root; each site is written to <out-dir>/<site>/")
+    out_dir: Path = Field(examples=["cohort"], description="cohort root; each site is written to <out-dir>/<site>/")
     sites: int = Field(default=3, ge=1, le=100, description="number of sites (hospitals)")
     slides_per_site: int = Field(default=6, ge=2, le=10_000, description="slides per site, half tumor, half normal")
     seed: NonNegativeInt = Field(default=0, description="everything generated is a pure function of this seed")
@@ -44,7 +44,7 @@ class SynthConfig(StageConfig):
         default=1.0, ge=0.0, le=5.0, description="strength of per-site stain differences (0 = all sites stained alike)"
     )
     strong_shift_site: int | None = Field(
-        default=None, ge=1, description="1-based index of a site stained with strong-shift-factor × the shift"
+        default=None, examples=[4], ge=1, description="1-based index of a site stained with strong-shift-factor × the shift"
     )
     strong_shift_factor: float = Field(default=3.0, ge=1.0, le=10.0, description="shift multiplier of that site")
     slide_stain_jitter: float = Field(

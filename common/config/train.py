@@ -9,14 +9,15 @@ from pydantic import Field, NonNegativeInt, PositiveInt
 
 from fedslide.common.config.model import ModelConfig
 from fedslide.common.config.optimization import OptimizationConfig
+from fedslide.common.config.splits import SplitCarving
 
 
 class TrainConfig(OptimizationConfig):
     """Where the data is, which model, how it is optimised and how slides are split (TOML section [train])."""
 
-    features_dir: Path = Field(description="directory of <slide_id>.h5 feature files (CLAM/TRIDENT layout)")
-    labels: Path = Field(description="CSV with columns slide_id,label[,split][,patient_id]")
-    out_dir: Path = Field(description="where metrics.json, predictions.csv and model.pt are written")
+    features_dir: Path = Field(examples=["features/efficientnet_lite0/high"], description="directory of <slide_id>.h5 feature files (CLAM/TRIDENT layout)")
+    labels: Path = Field(examples=["labels.csv"], description="CSV with columns slide_id,label[,split][,patient_id]")
+    out_dir: Path = Field(examples=["runs/train"], description="where metrics.json, predictions.csv and model.pt are written")
     model: ModelConfig = Field(
         default_factory=ModelConfig,
         description="MIL model; in-dim and num-classes are filled from the feature files and labels when unset",
@@ -26,8 +27,13 @@ class TrainConfig(OptimizationConfig):
     batch_size: PositiveInt = Field(default=8, description="bags per training batch (padded, with a mask)")
     eval_batch_size: PositiveInt | None = Field(default=None, description="bags per evaluation batch (default: batch-size)")
 
-    splits: Literal["auto", "cv", "given"] = Field(
-        default="auto", description="'given': the CSV's split column; 'cv': k-fold; 'auto': given if the CSV has one"
+    splits: Literal["auto", "cv", "given", "carve"] = Field(
+        default="auto",
+        description="'given': the CSV's split column; 'cv': k-fold; 'auto': given if the CSV has one; 'carve': the "
+        "CSV's split column, else one test/val split carved by [train.carve] into splits.csv beside the labels CSV",
+    )
+    carve: SplitCarving = Field(
+        default_factory=SplitCarving, description="splits = 'carve': the split carved when the CSV has no split column"
     )
     cv_folds: int = Field(default=5, ge=2, description="folds of patient-grouped stratified cross-validation")
     repeats: PositiveInt = Field(default=1, description="repetitions (cv: reshuffled folds; given: new seeds)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedslide.common.atomic import atomic_path, write_text_atomic
 from fedslide.common.config.model import ModelConfig
 from fedslide.common.distillation.adapter import CrossResAdapter, build_adapter
 from fedslide.common.distillation.instances import (
@@ -110,9 +110,8 @@ def _save_model(path: Path, model: nn.Module, config: dict[str, Any], kind: str)
         "config": config,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def _load_payload(path: Path, map_location: str | torch.device) -> dict[str, Any]:
@@ -174,9 +173,7 @@ class StudentBundle:
                 "teacher": TEACHER_FILE if self.teacher is not None else None,
             },
         }
-        tmp = directory / (BUNDLE_FILE + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, directory / BUNDLE_FILE)
+        write_text_atomic(directory / BUNDLE_FILE, json.dumps(doc, indent=2, sort_keys=False) + "\n")
 
     @classmethod
     def load(cls, directory: Path | str, map_location: str | torch.device = "cpu") -> "StudentBundle":

@@ -7,13 +7,14 @@ signature all match; anything else recomputes it (and rewrites the file atomical
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from fedslide.common.atomic import atomic_path
 
 CACHE_FORMAT = "fedslide.logit-cache/1"
 CACHE_FILE = "logits.pt"
@@ -87,6 +88,5 @@ class LogitCache:
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save({"format": CACHE_FORMAT, "entries": self.entries}, tmp)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            torch.save({"format": CACHE_FORMAT, "entries": self.entries}, tmp)

@@ -10,12 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from fedslide.common.config.splits import SplitCarving
 from fedslide.common.feature_store import FeatureStore
 from fedslide.common.features import FeatureBag, FeatureFileError, feature_path, read_feature_file
 from fedslide.common.training.cohort import Cohort, Slide
 from fedslide.common.training.errors import FeatureDataError, MissingDataError, SplitError
 from fedslide.common.training.labels import LabelTable, read_labels
-from fedslide.common.training.splits import carve_validation
+from fedslide.common.training.splits import carve_validation, site_splits
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +163,16 @@ def load_sites(
     seed: int = 0,
     classes: Sequence[str] | None = None,
     store: FeatureStore | None = None,
+    carving: SplitCarving | None = None,
 ) -> DistillData:
     """Read `<site>/labels.csv` and every slide's low and high feature files; check them all first.
 
     Every problem (missing files, encoder mismatch between files or sites, bad parents) is
-    collected into one FeatureDataError. A CSV without val slides gets a validation split carved
-    (by patient) from its training slides. `classes` fixes the class order (a federation's global
-    list); by default it is made from the labels. A `store` serves the files it holds unchanged from memory.
+    collected into one FeatureDataError. A site whose labels.csv has no split column gets its test and
+    validation splits from `<site>/splits.csv`, carved there first by `carving` (`training.splits.site_splits`;
+    refused before anything is trained when a split would lack a class). A CSV with a split column but no val
+    slides gets a validation split carved (by patient) from its training slides. `classes` fixes the class order
+    (a federation's global list); by default it is made from the labels. A `store` serves the files it holds unchanged from memory.
     """
     site_dirs = [Path(s) for s in sites]
     if not site_dirs:
@@ -178,6 +182,9 @@ def load_sites(
         names = [f"{i}-{d.name}" for i, d in enumerate(site_dirs)]
     encoder = encoder or detect_encoder(site_dirs)
     tables = [read_labels(d / "labels.csv") for d in site_dirs]
+    carving = carving or SplitCarving()
+    assigned = [site_splits(d, t, carving.test_fraction, carving.val_fraction, carving.seed, name)
+                for d, t, name in zip(site_dirs, tables, names)]
     classes = tuple(classes) if classes is not None else _class_names(tables)
     unknown = sorted({c for t in tables for c in t.classes} - set(classes))
     if unknown:
@@ -190,7 +197,7 @@ def load_sites(
     encoders: dict[tuple[str, ...], list[str]] = {}
     token_grids: set[int] = set()
     child_grids: set[int] = set()
-    for site_dir, name, table in zip(site_dirs, names, tables):
+    for site_dir, name, table, carved in zip(site_dirs, names, tables, assigned):
         for row in table.rows:
             paths = {r: feature_path(site_dir, encoder, r, row.slide_id) for r in ("low", "high")}
             absent = [str(p) for p in paths.values() if not p.is_file()]
@@ -218,7 +225,7 @@ def load_sites(
             except FeatureDataError as exc:
                 problems.append(str(exc))
                 continue
-            split = row.split or "train"
+            split = (carved or {}).get(row.slide_id) or row.split or "train"
             slides.append(SlidePair(
                 key=f"{name}/{row.slide_id}", site=name, slide_id=row.slide_id, label=label_map[row.label],
                 patient_id=f"{name}/{row.patient_id}", split=split, low=low, high=high,
@@ -239,7 +246,10 @@ def load_sites(
         raise MissingDataError("no slide has both feature files")
     _ensure_validation(slides, val_fraction, seed)
     if not any(s.split == "test" for s in slides):
-        log.warning("no test slides: test metrics will be empty (null)")
+        if carving.test_fraction == 0 and not all(t.has_split for t in tables):
+            log.info("no test split (carve.test-fraction = 0): test metrics will be empty (null)")
+        else:
+            log.warning("no test slides in the labels' split column: test metrics will be empty (null)")
     token_grid = token_grids.pop()
     child_grid = child_grids.pop()
     if token_grid and token_grid != child_grid:

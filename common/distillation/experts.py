@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from fedslide.common.config.distill import MILTrainingConfig
+from fedslide.common.distillation.mil import train_selected
 from fedslide.common.models.base import MILModel
 from fedslide.common.training.cohort import Cohort
+from fedslide.common.training.data import Indices
 from fedslide.common.training.loop import FitResult
-
-from fedslide.common.distillation.mil import train_selected
 
 
 @dataclass
@@ -46,9 +46,9 @@ def train_experts(
     teacher: MILModel,
     factory: Callable[[], MILModel],
     cohort: Cohort,
-    train: Sequence[int],
+    train: Indices,
     assignment: np.ndarray,
-    val: Sequence[int],
+    val: Indices,
     cfg: MILTrainingConfig,
     device: torch.device,
     seed: int,

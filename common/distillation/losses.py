@@ -59,7 +59,7 @@ def distillation_loss(
     expert = zero
     if expert_logits is not None and lambda_expert > 0 and expert_logits.shape[1] > 0:
         e = expert_logits.shape[1]
-        expert = sum(kl_teacher_student(student_logits, expert_logits[:, i], temperature) for i in range(e)) / e
+        expert = sum((kl_teacher_student(student_logits, expert_logits[:, i], temperature) for i in range(e)), zero) / e
     total = ce + lambda_base * base + lambda_expert * expert
     return KDTerms(total=total, ce=ce, base=base, expert=expert)
 

@@ -12,8 +12,22 @@ from fedslide.common.config.distill import MILTrainingConfig
 from fedslide.common.metrics import classification_metrics
 from fedslide.common.models.base import MILModel
 from fedslide.common.training.cohort import Cohort
-from fedslide.common.training.data import BagDataset, collate_bags, eval_loader, train_loader
-from fedslide.common.training.loop import BatchLoss, FitResult, class_weights, fit, make_optimizer, make_scheduler, train_epoch
+from fedslide.common.training.data import (
+    BagDataset,
+    Indices,
+    collate_bags,
+    eval_loader,
+    train_loader,
+)
+from fedslide.common.training.loop import (
+    BatchLoss,
+    FitResult,
+    class_weights,
+    fit,
+    make_optimizer,
+    make_scheduler,
+    train_epoch,
+)
 from fedslide.common.training.repro import seed_everything
 
 
@@ -27,8 +41,8 @@ def with_epochs(cfg: MILTrainingConfig, epochs: int | None) -> MILTrainingConfig
 def train_selected(
     model: MILModel,
     cohort: Cohort,
-    train: Sequence[int],
-    val: Sequence[int],
+    train: Indices,
+    val: Indices,
     cfg: MILTrainingConfig,
     device: torch.device,
     seed: int,

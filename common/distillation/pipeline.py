@@ -1,5 +1,9 @@
 """`fedslide distill`, centralised: adapter (LRMIL stage 1) -> teacher -> clusters + experts (D&D) -> students.
 
+One function per stage (`adapter_stage`, `teacher_stage`, `experts_stage`, `students_stage`,
+`evaluation_stage`, `save_bundles`); what they share with the federated site steps is in
+`common.distillation.stages`, and their seeds are `common.seeds.SEED_OFFSETS`.
+
 Writes to the run directory:
 - `metrics.json` (schema `fedslide.distill.metrics/1`): `rows` (one per model: teacher_high,
   baseline_low, lrmil_student, lrmil_dd_student, with test auc, acc, balanced_acc, f1, brier, ece,
@@ -34,19 +38,29 @@ from fedslide.common.distillation.adapter import AdapterSpec, CrossResAdapter, b
 from fedslide.common.distillation.bundle import BundleMeta, StudentBundle
 from fedslide.common.distillation.cache import CACHE_FILE, LogitCache, files_signature, model_fingerprint
 from fedslide.common.distillation.clustering import ClusterResult, assign_nearest, balanced_kmeans, size_bounds
-from fedslide.common.distillation.crossres import AdapterFit, collect_pairs, fit_adapter
+from fedslide.common.distillation.crossres import AdapterFit, fit_adapter
 from fedslide.common.distillation.data import DistillData, load_sites
 from fedslide.common.distillation.experts import Expert, train_experts
 from fedslide.common.distillation.losses import CachedKDLoss
 from fedslide.common.distillation.mil import evaluate_split, slide_outputs, train_selected, with_epochs
+from fedslide.common.distillation.stages import (
+    adapter_pairs,
+    cluster_vectors,
+    kd_loss,
+    scatter_kd_targets,
+    student_input,
+)
 from fedslide.common.distillation.student import starts_from_teacher, student_bags
+from fedslide.common.device import resolve_device
+from fedslide.common.features import TILING_ATTR, TISSUE_ATTR, recorded_preprocess
 from fedslide.common.metrics import METRIC_NAMES
 from fedslide.common.models.base import MILModel
 from fedslide.common.models.registry import build_model
+from fedslide.common.seeds import SEED_OFFSETS
 from fedslide.common.training.cohort import Cohort
 from fedslide.common.training.loop import class_weights
 from fedslide.common.training.outputs import write_json
-from fedslide.common.training.repro import deterministic_torch, resolve_device, seed_everything
+from fedslide.common.training.repro import deterministic_torch, seed_everything
 from fedslide.common.training.run import resolve_model_config
 
 log = logging.getLogger(__name__)
@@ -65,27 +79,22 @@ class DistillReport:
     bundles: dict[str, Path] = field(default_factory=dict)
 
 
-def _seed(base: int, offset: int) -> int:
-    return base + offset
-
-
 def train_stage1(
     data: DistillData, cfg: DistillConfig, device: torch.device, use_tokens: bool
 ) -> tuple[CrossResAdapter, AdapterFit, dict[str, int]]:
     """Train the cross-resolution adapter on the training slides' patches, selected on the val slides'."""
-    train = [data.slides[i] for i in data.split("train")]
-    val = [data.slides[i] for i in data.split("val")]
-    slots = data.token_grid**2 if use_tokens else 1
     a = cfg.adapter
-    train_pairs = collect_pairs(train, use_tokens, slots, a.max_patches_per_slide, cfg.seed)
-    val_pairs = collect_pairs(val, use_tokens, slots, a.max_patches_per_slide, cfg.seed) if val else None
-    seed_everything(_seed(cfg.seed, 1))
+    val_idx = data.split("val")
+    train_pairs = adapter_pairs(data, data.split("train"), a, cfg.seed, use_tokens)
+    val_pairs = adapter_pairs(data, val_idx, a, cfg.seed, use_tokens) if len(val_idx) else None
+    seed = cfg.seed + SEED_OFFSETS.adapter
+    seed_everything(seed)
     spec = AdapterSpec(
         in_dim=data.feature_dim, out_dim=data.feature_dim, hidden_dim=a.hidden_dim,
         num_slots=max(data.token_grid**2, 1), dropout=a.dropout,
     )
     adapter = build_adapter(spec)
-    result = fit_adapter(adapter, train_pairs, val_pairs, a, _seed(cfg.seed, 1), device)
+    result = fit_adapter(adapter, train_pairs, val_pairs, a, seed, device)
     adapter.cpu().eval()
     counts = {"train_patches": len(train_pairs), "val_patches": len(val_pairs) if val_pairs is not None else 0}
     return adapter, result, counts
@@ -102,11 +111,44 @@ def _metrics_row(name: str, source: str, metrics: dict[str, float] | None) -> di
     return row
 
 
+def _recorded_by_site(data: DistillData) -> dict[str, Any]:
+    """Each site's recorded tissue/tiling settings ({"tissue", "tiling"}; None: not recorded or mixed)."""
+    texts: dict[str, set[tuple[Any, Any]]] = {}
+    for s in data.slides:
+        texts.setdefault(s.site, set()).add((s.low.attrs.get(TISSUE_ATTR), s.low.attrs.get(TILING_ATTR)))
+    out: dict[str, Any] = {}
+    for site, found in texts.items():
+        attrs = {k: v for k, v in zip((TISSUE_ATTR, TILING_ATTR), found.pop()) if v is not None} if len(found) == 1 else {}
+        recorded = recorded_preprocess(attrs)
+        out[site] = None if recorded is None else {"tissue": recorded[0], "tiling": recorded[1]}
+    return out
+
+
 def bundle_meta(
-    data: DistillData, student_input: str, preprocess: PreprocessConfig, extra: dict[str, Any]
+    data: DistillData, student_input: str, preprocess: PreprocessConfig | None, extra: dict[str, Any]
 ) -> BundleMeta:
+    """The bundle's provenance. Tissue and tiling are those the feature files record (the settings the sites
+    preprocessed with, which inference must repeat); `preprocess` (default: the defaults) stands in only where
+    the files record none or the sites' records differ, and then each site's record is kept under
+    `extra["preprocess-by-site"]`."""
     low, high = data.low_attrs, data.high_attrs
-    tiling = preprocess.tiling.to_toml_dict()
+    recorded = recorded_preprocess(low)
+    if recorded is None:
+        by_site = _recorded_by_site(data)
+        fallback = preprocess or PreprocessConfig()
+        log.warning(
+            "the feature files record no one tissue/tiling setting (%s); the bundle records the [preprocess] "
+            "config's (min-tissue-low %s, min-tissue-high %s), which prediction will use. `fedslide preprocess "
+            "--overwrite` with one config at every site records them",
+            ", ".join(f"{k}: {'own record' if v else 'none or mixed'}" for k, v in sorted(by_site.items())),
+            fallback.tiling.min_tissue_low, fallback.tiling.min_tissue_high,
+        )
+        if any(by_site.values()):
+            extra = {**extra, "preprocess-by-site": by_site}
+        tissue, tiling = fallback.tissue.to_toml_dict(), fallback.tiling.to_toml_dict()
+    else:
+        tissue, tiling = recorded
+    tiling = dict(tiling)
     tiling.update({
         "low-mpp": float(low.get("target_mpp", tiling["low-mpp"])),
         "high-mpp": float(high.get("target_mpp", tiling["high-mpp"])),
@@ -126,7 +168,7 @@ def bundle_meta(
         token_grid=data.token_grid,
         student_input=student_input,
         class_names=list(data.classes),
-        tissue=preprocess.tissue.to_toml_dict(),
+        tissue=dict(tissue),
         tiling=tiling,
         extra=extra,
     )
@@ -146,217 +188,304 @@ def _cluster_vectors(
 
     logits = cache.get_or_compute("teacher", fingerprint, keys, lambda: outputs("logits"), signature)
     if cfg.clusters.features == "logits":
-        return logits, logits.numpy()
+        return logits, cluster_vectors(cfg.clusters.features, logits, logits)
     embedding = cache.get_or_compute("teacher_embedding", fingerprint, keys, lambda: outputs("embedding"), signature)
-    return logits, embedding.numpy()
+    return logits, cluster_vectors(cfg.clusters.features, logits, embedding)
+
+
+class Laps:
+    """Seconds spent per stage (`timings` of metrics.json)."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.start = self.clock = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        """Record the time since the last lap as stage `name`."""
+        now = time.perf_counter()
+        self.timings[name] = round(now - self.clock, 3)
+        self.clock = now
+
+    def total(self) -> None:
+        """Record the whole run's time."""
+        self.timings["total"] = round(time.perf_counter() - self.start, 3)
+
+
+@dataclass
+class DistillRun:
+    """What every stage of one run reads: the settings, the slides and their splits."""
+
+    cfg: DistillConfig
+    data: DistillData
+    out_dir: Path
+    mode: str  # the student's input as it can run (see stages.student_input)
+    device: torch.device
+    show: bool
+    teacher_cfg: ModelConfig
+    student_cfg: ModelConfig
+    from_teacher: bool
+    laps: Laps
+
+    @property
+    def train(self) -> np.ndarray:
+        return self.data.split("train")
+
+    @property
+    def val(self) -> np.ndarray:
+        return self.data.split("val")
+
+    @property
+    def test(self) -> np.ndarray:
+        return self.data.split("test")
+
+
+@dataclass
+class TrainedModel:
+    """A trained model, its fit, the cohort it reads and how that input is described."""
+
+    model: MILModel
+    fit: Any
+    cohort: Cohort
+    source: str
+
+
+@dataclass
+class ExpertStage:
+    """Teacher logits of the training slides and, with experts, the clusters, the experts and their logits."""
+
+    teacher_logits: torch.Tensor
+    info: dict[str, Any]
+    clusters: ClusterResult | None = None
+    experts: list[Expert] = field(default_factory=list)
+    expert_logits: torch.Tensor | None = None
+
+
+def prepare(cfg: DistillConfig, progress: bool | None, laps: Laps) -> DistillRun:
+    """Load the sites' slides and resolve the models' configs (fails before anything trains)."""
+    if not cfg.sites:
+        raise ConfigError("distill needs at least one site (--sites DIR [DIR ...] or sites = [...])")
+    if cfg.out_dir is None:
+        raise ConfigError("distill needs a run directory (--out DIR or out-dir = ...)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = load_sites(list(cfg.sites), cfg.encoder, seed=cfg.seed, carving=cfg.carve)  # refuses before any output
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mode = student_input(cfg.kd.student_input, data.has_tokens)
+    if mode != cfg.kd.student_input:
+        log.warning("student-input = tokens but the low-res files carry no tokens (encoder %s has no feature map); "
+                    "using student-input = pooled", data.encoder)
+    device = resolve_device(cfg.device)
+    laps.lap("load")
+    log.info("distill: %d slides (%d train, %d val, %d test) from %d site(s), encoder %s, student input %s",
+             len(data.slides), len(data.split("train")), len(data.split("val")), len(data.split("test")),
+             len(data.sites), data.encoder, mode)
+    num_classes = len(data.classes)
+    teacher_cfg = resolve_model_config(cfg.teacher, data.feature_dim, num_classes)
+    student_cfg = resolve_model_config(cfg.student, data.feature_dim, num_classes)
+    from_teacher = starts_from_teacher(cfg.kd.student_init, mode, student_cfg, teacher_cfg)  # fails before training
+    show = cfg.progress if progress is None else progress
+    return DistillRun(cfg, data, out_dir, mode, device, show, teacher_cfg, student_cfg, from_teacher, laps)
+
+
+def adapter_stage(run: DistillRun) -> tuple[CrossResAdapter | None, dict[str, Any]]:
+    """1. The cross-resolution adapter (none when the student reads raw low-res features)."""
+    adapter: CrossResAdapter | None = None
+    info: dict[str, Any] = {"used": run.mode != "raw"}
+    if run.mode != "raw":
+        adapter, fit, counts = train_stage1(run.data, run.cfg, run.device, use_tokens=run.data.has_tokens)
+        info.update({
+            "uses_tokens": run.data.has_tokens, "best_epoch": fit.best_epoch, "epochs_run": len(fit.history), **counts,
+            **{f"val_{k}": v for k, v in fit.val.items()}, "history": fit.history,
+        })
+    run.laps.lap("adapter")
+    return adapter, info
+
+
+def teacher_stage(run: DistillRun) -> TrainedModel:
+    """2. The high-res teacher."""
+    tr = run.cfg.training
+    high = run.data.cohort(run.data.high_bags())
+    seed = run.cfg.seed + SEED_OFFSETS.teacher
+    seed_everything(seed)
+    teacher = build_model(run.teacher_cfg)
+    fit = train_selected(teacher, high, run.train, run.val, with_epochs(tr, tr.teacher_epochs), run.device, seed,
+                         progress=run.show, description="teacher")
+    teacher.eval()
+    run.laps.lap("teacher")
+    return TrainedModel(teacher, fit, high, "high-res features")
+
+
+def experts_stage(run: DistillRun, teacher: TrainedModel, cache: LogitCache) -> ExpertStage:
+    """3. Teacher logits of the training slides; with kd.lambda-expert > 0, balanced clusters and their experts."""
+    cfg, data, train, val, device = run.cfg, run.data, run.train, run.val, run.device
+    high = teacher.cohort
+    keys = [data.slides[i].key for i in train]
+    signature = files_signature([data.slides[i].high.path for i in train])
+    teacher_fp = model_fingerprint(teacher.model, run.teacher_cfg.model_dump(mode="json"))
+    teacher_logits, vectors = _cluster_vectors(cfg, cache, teacher.model, teacher_fp, high, train, keys, signature,
+                                               device)
+    out = ExpertStage(teacher_logits, {"used": cfg.kd.lambda_expert > 0})
+    if cfg.kd.lambda_expert <= 0:
+        return out
+    c = cfg.clusters
+    lo, hi = size_bounds(len(train), c.num_clusters, c.min_size_ratio, c.max_size_ratio, c.min_size)
+    clusters = balanced_kmeans(vectors, c.num_clusters, lo, hi, cfg.seed + SEED_OFFSETS.clusters, c.iterations,
+                               c.n_init, c.suppress_below)
+    labels = data.labels[train]
+    out.info.update({
+        "num_clusters": c.num_clusters, "features": c.features, "sizes": clusters.sizes,
+        "min_size": lo, "max_size": hi, "iterations": clusters.iterations,
+        "class_counts": [
+            {data.classes[k]: int(v) for k, v in sorted(Counter(labels[clusters.assignment == j].tolist()).items())}
+            for j in range(c.num_clusters)
+        ],
+    })
+    run.laps.lap("clusters")
+    val_logits, val_embedding = slide_outputs(teacher.model, high, val, device)
+    val_vectors = cluster_vectors(c.features, val_logits, val_embedding)
+    val_assignment = assign_nearest(val_vectors, clusters.centroids) if len(val) else None
+    tr = cfg.training
+    experts = train_experts(
+        teacher.model, _factory(run.teacher_cfg), high, train, clusters.assignment, val,
+        with_epochs(tr, tr.expert_epochs), device, cfg.seed + SEED_OFFSETS.experts, cfg.experts.init, c.num_clusters,
+        val_assignment,
+    )
+    out.expert_logits = torch.stack([
+        cache.get_or_compute(
+            f"expert_{e.cluster}", model_fingerprint(e.model, run.teacher_cfg.model_dump(mode="json")), keys,
+            lambda e=e: slide_outputs(e.model, high, train, device)[0], signature,
+        )
+        for e in experts
+    ])
+    out.clusters, out.experts = clusters, experts
+    run.laps.lap("experts")
+    return out
+
+
+def students_stage(
+    run: DistillRun, adapter: CrossResAdapter | None, teacher: TrainedModel, experts: ExpertStage
+) -> dict[str, TrainedModel]:
+    """4. The students, all from the same initial weights: the labels-only low-res baseline, the LRMIL student
+    (KD from the teacher) and, with experts, the LRMIL + D&D student (KD from the teacher and the experts)."""
+    cfg, data, train = run.cfg, run.data, run.train
+    num_classes = len(data.classes)
+    with_experts = experts.expert_logits is not None and experts.clusters is not None
+    targets = scatter_kd_targets(len(data.slides), num_classes, train, experts.teacher_logits,
+                                 experts.expert_logits if with_experts else None,
+                                 experts.clusters.assignment if experts.clusters is not None else None)
+    low_raw = data.cohort(data.low_bags())
+    adapted = low_raw if run.mode == "raw" else data.cohort(student_bags(adapter, data, run.mode))
+    tr = cfg.training
+    student_tr = with_epochs(tr, tr.student_epochs)
+    seed = cfg.seed + SEED_OFFSETS.student  # the same init for all three students: a fair comparison
+    weights = class_weights(data.labels[train], num_classes, tr.class_weighting)
+    run.laps.lap("student_bags")
+
+    def student(name: str, cohort: Cohort, loss: CachedKDLoss | None, source: str) -> TrainedModel:
+        seed_everything(seed)
+        model = build_model(run.student_cfg)
+        if loss is not None and run.from_teacher:  # KD students; the labels-only baseline stays from scratch
+            model.load_state_dict(teacher.model.state_dict())
+        result = train_selected(model, cohort, train, run.val, student_tr, run.device, seed, loss, run.show, name)
+        run.laps.lap(name)
+        return TrainedModel(model.eval(), result, cohort, source)
+
+    adapted_source = f"adapted low-res ({run.mode})"
+    trained = {"baseline_low": student("baseline_low", low_raw, None, "raw low-res features"),
+               "lrmil_student": student("lrmil_student", adapted, kd_loss(cfg.kd, targets, weights, use_experts=False),
+                                        adapted_source)}
+    if experts.info["used"]:
+        trained["lrmil_dd_student"] = student("lrmil_dd_student", adapted, kd_loss(cfg.kd, targets, weights),
+                                              adapted_source)
+    return trained
+
+
+def evaluation_stage(run: DistillRun, trained: dict[str, TrainedModel]) -> dict[str, dict[str, Any]]:
+    """5. Val and test metrics of every model."""
+    bs, bins = run.cfg.training.eval_batch_size, run.cfg.ece_bins
+    models = {
+        name: {
+            "input": t.source,
+            "val": evaluate_split(t.model, t.cohort, run.val, run.device, bins, bs),
+            "test": evaluate_split(t.model, t.cohort, run.test, run.device, bins, bs),
+            "best_epoch": t.fit.best_epoch,
+            "epochs_run": t.fit.epochs_run,
+            "instances_per_slide": float(np.mean([s.num_instances for s in t.cohort.slides])),
+        }
+        for name, t in trained.items()
+    }
+    run.laps.lap("evaluation")
+    return models
+
+
+def save_bundles(
+    run: DistillRun, adapter: CrossResAdapter | None, teacher: MILModel, trained: dict[str, TrainedModel],
+    preprocess: PreprocessConfig, extra: dict[str, Any],
+) -> dict[str, Path]:
+    """The students as bundles (teacher inside); without experts the main bundle is the LRMIL student."""
+    bundles: dict[str, Path] = {}
+    roles = {name: name for name in trained if name in BUNDLE_DIRS}
+    if "lrmil_dd_student" not in trained:
+        roles["student"] = "lrmil_student"
+    for key, name in roles.items():
+        student_input = "raw" if name == "baseline_low" else run.mode
+        meta = bundle_meta(run.data, student_input, preprocess, {**extra, "role": name})
+        bundle = StudentBundle(meta, None if student_input == "raw" else adapter, trained[name].model, teacher,
+                               run.student_cfg, run.teacher_cfg)
+        directory = run.out_dir / (BUNDLE_DIRS[key] if key in BUNDLE_DIRS else key)
+        bundle.save(directory)
+        bundles[key] = directory
+    run.laps.lap("bundles")
+    return bundles
 
 
 def run_distill(
     cfg: DistillConfig, preprocess: PreprocessConfig | None = None, progress: bool | None = None
 ) -> DistillReport:
     """Run the whole centralised pipeline on cfg.sites; write metrics.json, bundles and the logit cache."""
-    if not cfg.sites:
-        raise ConfigError("distill needs at least one site (--sites DIR [DIR ...] or sites = [...])")
-    if cfg.out_dir is None:
-        raise ConfigError("distill needs a run directory (--out DIR or out-dir = ...)")
     preprocess = preprocess or PreprocessConfig()
-    show = cfg.progress if progress is None else progress
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    timings: dict[str, float] = {}
-    start_all = clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 3)
-        clock = now
-
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = load_sites(list(cfg.sites), cfg.encoder, seed=cfg.seed)
-    train, val, test = data.split("train"), data.split("val"), data.split("test")
-    num_classes = len(data.classes)
-    mode = cfg.kd.student_input
-    if mode == "tokens" and not data.has_tokens:
-        log.warning("student-input = tokens but the low-res files carry no tokens (encoder %s has no feature map); "
-                    "using student-input = pooled", data.encoder)
-        mode = "pooled"
-    device = resolve_device(cfg.device)
-    lap("load")
-    log.info("distill: %d slides (%d train, %d val, %d test) from %d site(s), encoder %s, student input %s",
-             len(data.slides), len(train), len(val), len(test), len(data.sites), data.encoder, mode)
-
-    tr = cfg.training
-    teacher_cfg = resolve_model_config(cfg.teacher, data.feature_dim, num_classes)
-    student_cfg = resolve_model_config(cfg.student, data.feature_dim, num_classes)
-    from_teacher = starts_from_teacher(cfg.kd.student_init, mode, student_cfg, teacher_cfg)  # fails before training
-    with deterministic_torch(cfg.deterministic, cuda=device.type == "cuda"):
-        # 1. cross-resolution adapter
-        adapter: CrossResAdapter | None = None
-        adapter_info: dict[str, Any] = {"used": mode != "raw"}
-        if mode != "raw":
-            adapter, adapter_fit, counts = train_stage1(data, cfg, device, use_tokens=data.has_tokens)
-            adapter_info.update({
-                "uses_tokens": data.has_tokens, "best_epoch": adapter_fit.best_epoch,
-                "epochs_run": len(adapter_fit.history), **counts,
-                **{f"val_{k}": v for k, v in adapter_fit.val.items()},
-                "history": adapter_fit.history,
-            })
-        lap("adapter")
-
-        # 2. teacher
-        high = data.cohort(data.high_bags())
-        seed_everything(_seed(cfg.seed, 2))
-        teacher = build_model(teacher_cfg)
-        teacher_fit = train_selected(teacher, high, train, val, with_epochs(tr, tr.teacher_epochs), device,
-                                     _seed(cfg.seed, 2), progress=show, description="teacher")
-        teacher.eval()
-        lap("teacher")
-
-        # 3. clusters and experts
-        cache = LogitCache(out_dir / "cache" / CACHE_FILE)
-        keys = [data.slides[i].key for i in train]
-        signature = files_signature([data.slides[i].high.path for i in train])
-        teacher_fp = model_fingerprint(teacher, teacher_cfg.model_dump(mode="json"))
-        teacher_logits, vectors = _cluster_vectors(cfg, cache, teacher, teacher_fp, high, train, keys, signature, device)
-        use_experts = cfg.kd.lambda_expert > 0
-        clusters: ClusterResult | None = None
-        experts: list[Expert] = []
-        expert_logits: torch.Tensor | None = None
-        cluster_info: dict[str, Any] = {"used": use_experts}
-        if use_experts:
-            c = cfg.clusters
-            lo, hi = size_bounds(len(train), c.num_clusters, c.min_size_ratio, c.max_size_ratio, c.min_size)
-            clusters = balanced_kmeans(vectors, c.num_clusters, lo, hi, _seed(cfg.seed, 3), c.iterations, c.n_init,
-                                       c.suppress_below)
-            labels = data.labels[train]
-            cluster_info.update({
-                "num_clusters": c.num_clusters, "features": c.features, "sizes": clusters.sizes,
-                "min_size": lo, "max_size": hi, "iterations": clusters.iterations,
-                "class_counts": [
-                    {data.classes[k]: int(v) for k, v in sorted(Counter(labels[clusters.assignment == j].tolist()).items())}
-                    for j in range(c.num_clusters)
-                ],
-            })
-            lap("clusters")
-            val_logits, val_embedding = slide_outputs(teacher, high, val, device)
-            val_vectors = (val_logits if c.features == "logits" else val_embedding).numpy()
-            val_assignment = assign_nearest(val_vectors, clusters.centroids) if len(val) else None
-            experts = train_experts(
-                teacher, _factory(teacher_cfg), high, train, clusters.assignment, val,
-                with_epochs(tr, tr.expert_epochs), device, _seed(cfg.seed, 10), cfg.experts.init, c.num_clusters,
-                val_assignment,
-            )
-            expert_logits = torch.stack([
-                cache.get_or_compute(
-                    f"expert_{e.cluster}", model_fingerprint(e.model, teacher_cfg.model_dump(mode="json")), keys,
-                    lambda e=e: slide_outputs(e.model, high, train, device)[0], signature,
-                )
-                for e in experts
-            ])
-            lap("experts")
-
-        # 4. students
-        n = len(data.slides)
-        teacher_full = torch.zeros(n, num_classes)
-        teacher_full[torch.from_numpy(train)] = teacher_logits
-        experts_full, cluster_full = None, torch.full((n,), -1, dtype=torch.long)
-        if expert_logits is not None and clusters is not None:
-            experts_full = torch.zeros(len(experts), n, num_classes)
-            experts_full[:, torch.from_numpy(train)] = expert_logits
-            cluster_full[torch.from_numpy(train)] = torch.from_numpy(clusters.assignment).long()
-        low_raw = data.cohort(data.low_bags())
-        student_cohort = low_raw if mode == "raw" else data.cohort(student_bags(adapter, data, mode))
-        student_tr = with_epochs(tr, tr.student_epochs)
-        student_seed = _seed(cfg.seed, 100)  # the same init for all three students: a fair comparison
-        kd = cfg.kd
-        weights = class_weights(data.labels[train], num_classes, tr.class_weighting)
-        lap("student_bags")
-
-        def student(name: str, cohort: Cohort, loss: CachedKDLoss | None) -> tuple[MILModel, Any]:
-            seed_everything(student_seed)
-            model = build_model(student_cfg)
-            if loss is not None and from_teacher:  # KD students; the labels-only baseline stays from scratch
-                model.load_state_dict(teacher.state_dict())
-            result = train_selected(model, cohort, train, val, student_tr, device, student_seed, loss, show, name)
-            lap(name)
-            return model.eval(), result
-
-        trained: dict[str, tuple[MILModel, Any, Cohort]] = {}
-        m, r = student("baseline_low", low_raw, None)
-        trained["baseline_low"] = (m, r, low_raw)
-        lrmil_loss = CachedKDLoss(teacher_full, None, kd.temperature, kd.lambda_base, 0.0, class_weight=weights)
-        m, r = student("lrmil_student", student_cohort, lrmil_loss)
-        trained["lrmil_student"] = (m, r, student_cohort)
-        if use_experts:
-            dd_loss = CachedKDLoss(teacher_full, experts_full, kd.temperature, kd.lambda_base, kd.lambda_expert,
-                                   kd.expert_kd, cluster_full, weights)
-            m, r = student("lrmil_dd_student", student_cohort, dd_loss)
-            trained["lrmil_dd_student"] = (m, r, student_cohort)
-
-        # 5. evaluation
-        bs = tr.eval_batch_size
-        models: dict[str, dict[str, Any]] = {}
-
-        def record(name: str, model: MILModel, result: Any, cohort: Cohort, source: str) -> None:
-            models[name] = {
-                "input": source,
-                "val": evaluate_split(model, cohort, val, device, cfg.ece_bins, bs),
-                "test": evaluate_split(model, cohort, test, device, cfg.ece_bins, bs),
-                "best_epoch": result.best_epoch,
-                "epochs_run": result.epochs_run,
-                "instances_per_slide": float(np.mean([s.num_instances for s in cohort.slides])),
-            }
-
-        record("teacher_high", teacher, teacher_fit, high, "high-res features")
-        sources = {"baseline_low": "raw low-res features", "lrmil_student": f"adapted low-res ({mode})",
-                   "lrmil_dd_student": f"adapted low-res ({mode})"}
-        for name, (model, result, cohort) in trained.items():
-            record(name, model, result, cohort, sources[name])
-        lap("evaluation")
-
-    # bundles
-    bundles: dict[str, Path] = {}
+    laps = Laps()
+    run = prepare(cfg, progress, laps)
+    data, mode, kd = run.data, run.mode, cfg.kd
+    cache = LogitCache(run.out_dir / "cache" / CACHE_FILE)
+    with deterministic_torch(cfg.deterministic, cuda=run.device.type == "cuda"):
+        adapter, adapter_info = adapter_stage(run)
+        teacher = teacher_stage(run)
+        experts = experts_stage(run, teacher, cache)
+        trained = {"teacher_high": teacher, **students_stage(run, adapter, teacher, experts)}
+        models = evaluation_stage(run, trained)
+    use_experts = experts.info["used"]
     common_extra = {
-        "teacher_model": teacher_cfg.name, "student_model": student_cfg.name, "temperature": kd.temperature,
+        "teacher_model": run.teacher_cfg.name, "student_model": run.student_cfg.name, "temperature": kd.temperature,
         "num_clusters": cfg.clusters.num_clusters if use_experts else 0, "sites": len(data.sites),
     }
-    for name, (model, _, _) in trained.items():
-        student_input = "raw" if name == "baseline_low" else mode
-        meta = bundle_meta(data, student_input, preprocess, {**common_extra, "role": name})
-        bundle = StudentBundle(meta, None if student_input == "raw" else adapter, model, teacher, student_cfg, teacher_cfg)
-        directory = out_dir / BUNDLE_DIRS[name]
-        bundle.save(directory)
-        bundles[name] = directory
-    if "lrmil_dd_student" not in trained:  # experts off: the main bundle is the LRMIL student
-        meta = bundle_meta(data, mode, preprocess, {**common_extra, "role": "lrmil_student"})
-        StudentBundle(meta, adapter, trained["lrmil_student"][0], teacher, student_cfg, teacher_cfg).save(out_dir / "student")
-        bundles["student"] = out_dir / "student"
-    lap("bundles")
-    timings["total"] = round(time.perf_counter() - start_all, 3)
+    students = {name: t for name, t in trained.items() if name != "teacher_high"}
+    bundles = save_bundles(run, adapter, teacher.model, students, preprocess, common_extra)
+    laps.total()
 
     rows = [_metrics_row(name, models[name]["input"] if name in models else "", models.get(name, {}).get("test"))
             for name in MODEL_ROWS]
     for row in rows:
         if row["model"] not in models:
             row["skipped"] = "kd.lambda-expert = 0"
+    train, val, test = run.train, run.val, run.test
     per_site = Counter((s.site, s.split) for s in data.slides)
     metrics: dict[str, Any] = {
         "schema": METRICS_SCHEMA,
         "rows": rows,
         "models": models,
         "adapter": adapter_info,
-        "clusters": cluster_info,
+        "clusters": experts.info,
         "experts": [
             {"cluster": e.cluster, "n_train": int(e.train_indices.size),
              "n_val": int(e.val_indices.size) if e.val_indices is not None else 0, "best_epoch": e.fit.best_epoch,
              "epochs_run": e.fit.epochs_run, "init": cfg.experts.init}
-            for e in experts
+            for e in experts.experts
         ],
         "kd": {"student_input": mode, "temperature": kd.temperature, "lambda_base": kd.lambda_base,
                "lambda_expert": kd.lambda_expert, "expert_kd": kd.expert_kd,
-               "student_init": "teacher" if from_teacher else "scratch"},
+               "student_init": "teacher" if run.from_teacher else "scratch"},
         "cache": {"path": str(Path("cache") / CACHE_FILE), "hits": cache.hits, "misses": cache.misses},
         "classes": list(data.classes),
         "encoder": {k: data.low_attrs.get(k) for k in ("encoder_name", "encoder_weights_hash", "encoder_dim",
@@ -366,15 +495,15 @@ def run_distill(
             "per_site": {site: {split: per_site.get((site, split), 0) for split in ("train", "val", "test")}
                          for site in data.sites},
         },
-        "teacher": teacher_cfg.model_dump(mode="json"),
-        "student": student_cfg.model_dump(mode="json"),
+        "teacher": run.teacher_cfg.model_dump(mode="json"),
+        "student": run.student_cfg.model_dump(mode="json"),
         "config": cfg.to_toml_dict(),
-        "bundles": {name: str(path.relative_to(out_dir)) for name, path in bundles.items()},
-        "timings": timings,
+        "bundles": {name: str(path.relative_to(run.out_dir)) for name, path in bundles.items()},
+        "timings": laps.timings,
     }
-    write_json(out_dir / "metrics.json", metrics)
+    write_json(run.out_dir / "metrics.json", metrics)
     _log_rows(rows)
-    return DistillReport(out_dir=out_dir, metrics=metrics, bundles=bundles)
+    return DistillReport(out_dir=run.out_dir, metrics=metrics, bundles=bundles)
 
 
 def _log_rows(rows: list[dict[str, Any]]) -> None:

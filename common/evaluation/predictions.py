@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fedslide.common.atomic import atomic_write
 from fedslide.common.distillation.bundle import StudentBundle
 from fedslide.common.distillation.data import SlidePair
 
@@ -79,15 +80,13 @@ class PredictionTable:
 
     def write(self, path: Path) -> Path:
         """The study's predictions.csv (one row per slide, model and fold)."""
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", newline="") as handle:
+        with atomic_write(path, newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["setting", "model", "fold", "site", "slide_id", "patient_id", "split", "label",
                              *(f"p_{c}" for c in self.classes)])
             for r in self.rows:
                 writer.writerow([r.setting, r.model, r.fold, r.site, r.slide_id, r.patient, r.split,
                                  self.classes[r.label], *(f"{p:.6f}" for p in r.probs)])
-        tmp.replace(path)
         return path
 
     @classmethod
@@ -191,6 +190,23 @@ def rows_from_scores(
             rows.append(PredRow(setting, f"{regime}.{kind}", fold, slide.site, slide.slide_id, slide.patient_id,
                                 slide.split, slide.label, p))
     return rows
+
+
+def missing_predictions_cause(fed: dict[str, Any], name: str) -> str:
+    """Why site `name` wrote no predictions in a federation (`fed`: the run's metrics.json): the first cause on record."""
+    sites = {s.get("name"): s for s in fed.get("sites", [])}
+    if name not in sites:
+        reasons = [str(r.get("reason")) for r in fed.get("refused", []) if r.get("site") in (name, None)]
+        return (f"site {name} was not admitted to the federation"
+                + (f"; refused at the handshake: {' | '.join(reasons)}" if reasons else ""))
+    node = sites[name].get("node")
+    for gap in fed.get("missing", []):
+        if node in gap.get("nodes", []):
+            reason = gap.get("reasons", {}).get(str(node), "no reply")
+            return f"site {name} gave no usable reply in phase {gap.get('phase')} round {gap.get('round')}: {reason}"
+    if sites[name].get("role") == "train" and not sites[name].get("n-test"):
+        return f"site {name} has no test split, so it scored nothing"
+    return f"site {name} did not finish the federation's final evaluation (see its log)"
 
 
 def read_site_predictions(

@@ -11,6 +11,8 @@ from flwr.app import Array, ArrayRecord
 from fedslide.common.config.federation import FederationConfig
 from fedslide.common.config.model import ModelConfig
 from fedslide.common.distillation.adapter import AdapterSpec, CrossResAdapter, build_adapter
+from fedslide.common.federation import phases as ph
+from fedslide.common.federation import protocol as p
 from fedslide.common.federation.protocol import Facts
 from fedslide.common.models.base import MILModel
 from fedslide.common.models.registry import build_model
@@ -93,18 +95,19 @@ def named_record(module: torch.nn.Module, record: ArrayRecord) -> ArrayRecord:
 
 def named_models(cfg: FederationConfig, facts: Facts, models: dict[str, ArrayRecord]) -> dict[str, ArrayRecord]:
     """The run's global models (adapter, teacher, baseline, student, experts) in named form."""
-    builders = {"adapter": lambda: build_adapter(adapter_spec(cfg, facts)),
-                "teacher": lambda: build_model(teacher_config(cfg, facts)),
-                "baseline": lambda: build_model(student_config(cfg, facts)),
-                "student": lambda: build_model(student_config(cfg, facts))}
+    builders = {p.ADAPTER: lambda: build_adapter(adapter_spec(cfg, facts)),
+                p.TEACHER: lambda: build_model(teacher_config(cfg, facts)),
+                p.BASELINE: lambda: build_model(student_config(cfg, facts)),
+                p.STUDENT: lambda: build_model(student_config(cfg, facts))}
     out = {name: named_record(builders[name](), record) for name, record in models.items() if name in builders}
-    if "experts" in models:
-        out["experts"] = pack_experts([named_record(builders["teacher"](), r) for r in unpack_experts(models["experts"])])
+    if p.EXPERTS in models:
+        out[p.EXPERTS] = pack_experts([named_record(builders[p.TEACHER](), r) for r in unpack_experts(models[p.EXPERTS])])
     return out
 
 
 def pack_models(records: dict[str, ArrayRecord]) -> ArrayRecord:
-    """Several models in one record (one message, one aggregation): `<name>.<param>`."""
+    """Several models in one record (one message, one aggregation): `<name>.<param>`, the packing prefixes of
+    `Phase.best_groups`."""
     return ArrayRecord({f"{name}.{k}": v for name, record in records.items() for k, v in record.items()})
 
 
@@ -118,14 +121,14 @@ def unpack_models(record: ArrayRecord) -> dict[str, ArrayRecord]:
 
 
 def pack_experts(records: list[ArrayRecord]) -> ArrayRecord:
-    """C expert models in one record: `expert-<c>.<param>`."""
-    return pack_models({f"expert-{c}": record for c, record in enumerate(records)})
+    """C expert models in one record, as the experts phase declares them: `expert-<c>.<param>`."""
+    return pack_models({ph.EXPERTS.member(c): record for c, record in enumerate(records)})
 
 
 def unpack_experts(record: ArrayRecord) -> list[ArrayRecord]:
     """Inverse of pack_experts."""
     parts = unpack_models(record)
-    return [parts[name] for name in sorted(parts, key=lambda n: int(n.removeprefix("expert-")))]
+    return [parts[name] for name in sorted(parts, key=ph.EXPERTS.member_index)]
 
 
 def fingerprint(record: ArrayRecord) -> str:

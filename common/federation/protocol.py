@@ -1,4 +1,4 @@
-"""The message vocabulary between ServerApp and ClientApp (message types, record and config keys)."""
+"""The records of messages between ServerApp and ClientApp, and the Facts every message carries."""
 
 from __future__ import annotations
 
@@ -7,15 +7,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord
 
-# message types (Flower: "<category>.<action>")
-HANDSHAKE = "query.handshake"
-CLUSTER_INIT = "query.cluster_init"
-CLUSTER_STATS = "query.cluster_stats"
-KD_CACHE = "query.kd_cache"
-LOGITS = "query.logits"
-TRAIN = "train"  # every weights phase; the phase is in the config record
-EVALUATE = "evaluate"  # validation of a weights phase's global model, and the final push-back evaluation
-
+# message types, config keys and metric names of each phase: common.federation.phases
 CONFIG = "config"  # ConfigRecord of every server message
 ARRAYS = "arrays"  # ArrayRecord of a model (Flower strategies' key)
 METRICS = "metrics"  # MetricRecord of every reply
@@ -31,8 +23,6 @@ STUDENT = "student"
 BASELINE = "baseline"
 CENTROIDS = "centroids"
 PROXY = "proxy"
-
-FINAL = "final"  # phase name in the config of the final evaluation
 
 
 @dataclass(frozen=True)

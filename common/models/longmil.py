@@ -11,6 +11,7 @@ favours near neighbours. With window >= N the layer is exactly full self-attenti
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,12 @@ from torch.utils.checkpoint import checkpoint
 
 from fedslide.common.models.base import MILModel, MILOutput
 from fedslide.common.models.heads import HeadName, make_head
-from fedslide.common.models.layers import AttentionPool, InstanceEncoder, init_linear, resolve_mask
+from fedslide.common.models.layers import (
+    AttentionPool,
+    InstanceEncoder,
+    init_linear,
+    resolve_mask,
+)
 
 
 def grid_cells(coords: torch.Tensor) -> torch.Tensor:
@@ -88,6 +94,7 @@ def windowed_attention(
 
     valid = F.pad(torch.ones(n, dtype=torch.bool, device=q.device), pad).view(chunks, 1, window)
     if positions is not None:
+        assert slopes is not None, "positions need ALiBi slopes"
         with torch.no_grad():
             pos = F.pad(positions.to(q.dtype).T, pad).T.reshape(chunks, window, 2)
             dist = torch.cdist(pos, pos).masked_fill_(~valid, float("inf"))  # [chunks, w, w]; padded keys: inf
@@ -109,6 +116,7 @@ def dense_attention(
     """Reference full self-attention that builds the n x n score matrix explicitly (small n only)."""
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if positions is not None:
+        assert slopes is not None, "positions need ALiBi slopes"
         p = positions.to(q.dtype)
         scores = scores - slopes.to(q.dtype).view(-1, 1, 1) * torch.cdist(p, p).unsqueeze(0)
     return torch.softmax(scores, dim=-1) @ v
@@ -165,10 +173,11 @@ class LocalAttentionLayer(nn.Module):
     ) -> torch.Tensor:
         n, dim = x.shape
         q, k, v = self.qkv(self.norm(x)).view(n, 3, self.heads, dim // self.heads).permute(1, 2, 0, 3)
+        slopes = cast("torch.Tensor | None", self.slopes)  # a buffer (None without ALiBi)
         if dense:
-            out = dense_attention(q, k, v, positions, self.slopes)
+            out = dense_attention(q, k, v, positions, slopes)
         else:
-            out = windowed_attention(q, k, v, window, shift, positions, self.slopes)
+            out = windowed_attention(q, k, v, window, shift, positions, slopes)
         x = x + self.proj(out.transpose(0, 1).reshape(n, dim))
         return x + self.mlp(self.norm_mlp(x))
 

@@ -70,14 +70,14 @@ class _SelectiveScan(torch.autograd.Function):
             ys.append(torch.einsum("btes,bts->bte", states, c[:, part]))
             h = states[:, -1].clone()
         ctx.save_for_backward(x, dt, a, b, c, torch.stack(starts))
-        ctx.chunk = chunk
+        ctx.chunk = chunk  # type: ignore[attr-defined]  # FunctionCtx takes attributes at run time
         return torch.cat(ys, dim=1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor):  # type: ignore[override]
-        x, dt, a, b, c, starts = ctx.saved_tensors
-        chunk = ctx.chunk
+        x, dt, a, b, c, starts = ctx.saved_tensors  # type: ignore[attr-defined]
+        chunk = ctx.chunk  # type: ignore[attr-defined]
         grad_x, grad_dt = torch.zeros_like(x), torch.zeros_like(dt)
         grad_b, grad_c, grad_a = torch.zeros_like(b), torch.zeros_like(c), torch.zeros_like(a)
         carry = torch.zeros_like(starts[0])  # dL/dh_t arriving from step t+1

@@ -1,11 +1,23 @@
-"""Model registry: build any MIL model from a ModelConfig by name."""
+"""Model registry: build any MIL model from a ModelConfig by name; each builder reads its architecture's options."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from fedslide.common.config.model import MODEL_NAMES, ModelConfig
+from fedslide.common.config.model import (
+    MODEL_NAMES,
+    ABMILOptions,
+    ACMILOptions,
+    CLAMOptions,
+    DSMILOptions,
+    LongMILOptions,
+    MambaMILOptions,
+    ModelConfig,
+    ModelOptions,
+    S4MILOptions,
+    TransMILOptions,
+)
 from fedslide.common.models.abmil import ABMIL
 from fedslide.common.models.acmil import ACMIL
 from fedslide.common.models.base import MILModel
@@ -16,6 +28,8 @@ from fedslide.common.models.mambamil import MambaMIL
 from fedslide.common.models.pooling import PoolingMIL
 from fedslide.common.models.s4mil import S4MIL
 from fedslide.common.models.transmil import TransMIL
+
+OptionsT = TypeVar("OptionsT", bound=ModelOptions)
 
 
 def _common(cfg: ModelConfig) -> dict[str, Any]:
@@ -30,60 +44,69 @@ def _common(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+def _options(cfg: ModelConfig, kind: type[OptionsT]) -> OptionsT:
+    """The architecture's own options, checked to be the kind its constructor reads."""
+    if not isinstance(cfg.options, kind):
+        raise TypeError(f"model {cfg.name!r} reads {kind.__name__}, got {type(cfg.options).__name__}")
+    return cfg.options
+
+
+def _abmil(c: ModelConfig) -> MILModel:
+    return ABMIL(attention_dim=_options(c, ABMILOptions).attention_dim, gated=c.name == "abmil_gated", **_common(c))
+
+
+def _transmil(c: ModelConfig) -> MILModel:
+    o = _options(c, TransMILOptions)
+    return TransMIL(heads=o.num_heads, layers=o.layers, landmarks=o.landmarks, pinv_iterations=o.pinv_iterations,
+                    **_common(c))
+
+
+def _dsmil(c: ModelConfig) -> MILModel:
+    o = _options(c, DSMILOptions)
+    return DSMIL(query_dim=o.query_dim, passing_v=o.passing_v, **_common(c))
+
+
+def _clam(c: ModelConfig) -> MILModel:
+    o = _options(c, CLAMOptions)
+    return CLAMSB(attention_dim=o.attention_dim, k_sample=o.k_sample, instance_loss_weight=o.instance_loss_weight,
+                  subtyping=o.subtyping, **_common(c))
+
+
+def _acmil(c: ModelConfig) -> MILModel:
+    o = _options(c, ACMILOptions)
+    return ACMIL(attention_dim=o.attention_dim, n_token=o.branches, n_masked_patch=o.top_k, mask_drop=o.mask_drop,
+                 diversity_weight=o.diversity_weight, **_common(c))
+
+
+def _longmil(c: ModelConfig) -> MILModel:
+    o = _options(c, LongMILOptions)
+    return LongMIL(heads=o.num_heads, layers=o.layers, window=o.window, shift_windows=o.shift_windows, alibi=o.alibi,
+                   attention_dim=o.attention_dim, **_common(c))
+
+
+def _s4mil(c: ModelConfig) -> MILModel:
+    o = _options(c, S4MILOptions)
+    return S4MIL(state_dim=o.state_dim, layers=o.layers, pooling=o.pooling, attention_dim=o.attention_dim, **_common(c))
+
+
+def _mambamil(c: ModelConfig) -> MILModel:
+    o = _options(c, MambaMILOptions)
+    return MambaMIL(layers=o.layers, state_dim=o.state_dim, expand=o.expand, conv_kernel=o.conv_kernel,
+                    sr_rate=o.sr_rate, chunk=o.chunk, attention_dim=o.attention_dim, **_common(c))
+
+
 _BUILDERS: dict[str, Callable[[ModelConfig], MILModel]] = {
     "mean": lambda c: PoolingMIL(pooling="mean", **_common(c)),
     "max": lambda c: PoolingMIL(pooling="max", **_common(c)),
-    "abmil": lambda c: ABMIL(attention_dim=c.attention_dim, gated=False, **_common(c)),
-    "abmil_gated": lambda c: ABMIL(attention_dim=c.attention_dim, gated=True, **_common(c)),
-    "transmil": lambda c: TransMIL(
-        heads=c.num_heads,
-        layers=c.transmil_layers,
-        landmarks=c.transmil_landmarks,
-        pinv_iterations=c.transmil_pinv_iterations,
-        **_common(c),
-    ),
-    "dsmil": lambda c: DSMIL(query_dim=c.dsmil_query_dim, passing_v=c.dsmil_passing_v, **_common(c)),
-    "clam_sb": lambda c: CLAMSB(
-        attention_dim=c.attention_dim,
-        k_sample=c.clam_k_sample,
-        instance_loss_weight=c.clam_instance_loss_weight,
-        subtyping=c.clam_subtyping,
-        **_common(c),
-    ),
-    "acmil": lambda c: ACMIL(
-        attention_dim=c.attention_dim,
-        n_token=c.acmil_branches,
-        n_masked_patch=c.acmil_top_k,
-        mask_drop=c.acmil_mask_drop,
-        diversity_weight=c.acmil_diversity_weight,
-        **_common(c),
-    ),
-    "longmil": lambda c: LongMIL(
-        heads=c.num_heads,
-        layers=c.longmil_layers,
-        window=c.longmil_window,
-        shift_windows=c.longmil_shift_windows,
-        alibi=c.longmil_alibi,
-        attention_dim=c.attention_dim,
-        **_common(c),
-    ),
-    "s4mil": lambda c: S4MIL(
-        state_dim=c.s4_state_dim,
-        layers=c.s4_layers,
-        pooling=c.s4_pooling,
-        attention_dim=c.attention_dim,
-        **_common(c),
-    ),
-    "mambamil": lambda c: MambaMIL(
-        layers=c.mamba_layers,
-        state_dim=c.mamba_state_dim,
-        expand=c.mamba_expand,
-        conv_kernel=c.mamba_conv_kernel,
-        sr_rate=c.mamba_sr_rate,
-        chunk=c.mamba_chunk,
-        attention_dim=c.attention_dim,
-        **_common(c),
-    ),
+    "abmil": _abmil,
+    "abmil_gated": _abmil,
+    "transmil": _transmil,
+    "dsmil": _dsmil,
+    "clam_sb": _clam,
+    "acmil": _acmil,
+    "longmil": _longmil,
+    "s4mil": _s4mil,
+    "mambamil": _mambamil,
 }
 if set(_BUILDERS) != set(MODEL_NAMES):  # pragma: no cover - guards edits to either list
     raise RuntimeError(f"model registry {sorted(_BUILDERS)} and ModelConfig names {sorted(MODEL_NAMES)} disagree")

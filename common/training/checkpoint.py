@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedslide.common.atomic import atomic_path
 from fedslide.common.models.base import MILModel
 
 CHECKPOINT_FORMAT = "fedslide.mil-checkpoint/1"
@@ -38,9 +38,8 @@ def save_checkpoint(
         "encoder": dict(encoder),
         **extra,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -7,7 +7,13 @@ import math
 import sys
 from typing import Any
 
-from fedslide.common.cli_support import EXIT_ERROR, EXIT_OK, EXIT_USAGE, add_config_arguments, config_from_args
+from fedslide.common.cli_support import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_config_arguments,
+    config_from_args,
+)
 from fedslide.common.metrics import METRIC_NAMES
 from fedslide.common.training.errors import TrainingInputError
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from fedslide.common.training.cohort import Cohort
 
+Indices = Sequence[int] | np.ndarray  # slide positions in a cohort
 
 @dataclass
 class BagItem:
@@ -50,7 +52,7 @@ class BagDataset(Dataset[BagItem]):
     the instances in file order.
     """
 
-    def __init__(self, cohort: Cohort, indices: Sequence[int], max_instances: int | None = None):
+    def __init__(self, cohort: Cohort, indices: Indices, max_instances: int | None = None):
         self.cohort = cohort
         self.indices = [int(i) for i in indices]
         self.max_instances = max_instances

@@ -88,7 +88,9 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: Literal["none", "b
     """Cross-entropy class weights n / (C * n_c) from the training labels ('balanced'), else None."""
     if mode == "none":
         return None
-    from sklearn.utils.class_weight import compute_class_weight  # lazy: see common.metrics
+    from sklearn.utils.class_weight import (
+        compute_class_weight,  # lazy: see common.metrics
+    )
 
     weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=labels)
     return torch.tensor(weights, dtype=torch.float32)

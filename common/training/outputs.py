@@ -4,7 +4,7 @@ metrics.json (schema `fedslide.train.metrics/1`)::
 
     {"schema", "config" (the resolved TrainConfig, kebab-case), "model" (the resolved ModelConfig),
      "label_map" {class name: index}, "classes" [names by index], "feature_dim", "encoder" {attrs},
-     "num_slides", "split_mode" ("cv" | "given"),
+     "num_slides", "split_mode" ("cv" | "given" | "carved"),
      "folds": [{"repeat", "fold", "seed", "n_train", "n_val", "n_test", "best_epoch", "epochs_run",
                 "stopped_early", "val": {metric: value}, "test": {metric: value} | null}],
      "summary": {"val" | "test": {metric: {"mean", "sd", "n"}}},
@@ -19,11 +19,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedslide.common.atomic import atomic_write, write_text_atomic
 from fedslide.common.training.cohort import Cohort
 from fedslide.common.training.loop import EpochRecord, EvalResult
 
@@ -48,9 +48,7 @@ def json_safe(value: Any) -> Any:
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write standard JSON atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
 
 
 def prediction_header(classes: Sequence[str]) -> list[str]:
@@ -80,12 +78,10 @@ def prediction_rows(
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Write a CSV atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_write(path, newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def history_rows(history: Sequence[EpochRecord], repeat: int, fold: int) -> list[list[Any]]:

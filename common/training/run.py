@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from fedslide.common.config.base import ConfigError
 from fedslide.common.config.model import ModelConfig
 from fedslide.common.config.train import TrainConfig
+from fedslide.common.device import resolve_device
 from fedslide.common.metrics import classification_metrics, summarize
 from fedslide.common.models.base import MILModel
 from fedslide.common.training import outputs
@@ -22,9 +23,21 @@ from fedslide.common.training.checkpoint import save_checkpoint
 from fedslide.common.training.cohort import Cohort, load_cohort
 from fedslide.common.training.data import BagDataset, eval_loader, train_loader
 from fedslide.common.training.labels import read_labels
-from fedslide.common.training.loop import EvalResult, FitResult, class_weights, evaluate, fit
-from fedslide.common.training.repro import deterministic_torch, resolve_device, seed_everything
-from fedslide.common.training.splits import FoldSplit, check_splits, cv_splits, given_splits
+from fedslide.common.training.loop import (
+    EvalResult,
+    FitResult,
+    class_weights,
+    evaluate,
+    fit,
+)
+from fedslide.common.training.repro import deterministic_torch, seed_everything
+from fedslide.common.training.splits import (
+    FoldSplit,
+    check_splits,
+    cv_splits,
+    given_splits,
+    site_splits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +88,18 @@ def default_model_factory(model_cfg: ModelConfig) -> MILModel:
 
 
 def plan_splits(cfg: TrainConfig, cohort: Cohort, has_split_column: bool) -> tuple[str, list[FoldSplit]]:
-    """('cv' | 'given', the folds), checked to be trainable."""
-    mode = cfg.splits if cfg.splits != "auto" else ("given" if has_split_column else "cv")
+    """('cv' | 'given' | 'carved', the folds), checked to be trainable."""
+    mode: str = cfg.splits if cfg.splits != "auto" else ("given" if has_split_column else "cv")
     labels, groups = cohort.labels, cohort.groups
-    if mode == "given":
+    if mode == "carve":
+        mode = "given" if has_split_column else "carved"
+    if mode == "carved":  # one test/val split, carved by the rule every stage shares and kept beside the labels
+        table = read_labels(cfg.labels)
+        c = cfg.carve
+        carved = site_splits(Path(cfg.labels).parent, table, c.test_fraction, c.val_fraction, c.seed) or {}
+        names = [carved[s.slide_id] for s in cohort.slides]
+        folds = given_splits(names, labels, groups, cfg.repeats, cfg.seed, cfg.val_fraction)
+    elif mode == "given":
         if not has_split_column:
             raise ConfigError("splits = \"given\" but the labels CSV has no split column")
         folds = given_splits([s.split for s in cohort.slides], labels, groups, cfg.repeats, cfg.seed, cfg.val_fraction)

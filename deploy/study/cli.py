@@ -8,8 +8,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedslide.common.cli_support import EXIT_ERROR, EXIT_OK, EXIT_USAGE, add_config_arguments, config_from_args
+from fedslide.common.cli_support import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_config_arguments,
+    config_from_args,
+)
+from fedslide.common.config.evaluate import EvaluateConfig
+from fedslide.common.distillation.clustering import ClusteringError
+from fedslide.common.evaluation.compare import (
+    CompareError,
+    compare,
+    load,
+    markdown,
+    to_json,
+)
+from fedslide.common.evaluation.predictions import PredictionsError
+from fedslide.common.evaluation.report import ReportError, write_report
+from fedslide.common.metrics import METRIC_NAMES
 from fedslide.common.training.errors import TrainingInputError
+from fedslide.deploy.study.loso import StudyError, run_study
 
 SECTION = "evaluate"
 
@@ -100,10 +119,6 @@ def format_summary(metrics: dict[str, Any]) -> str:
 
 def handle_evaluate(args: argparse.Namespace) -> int:
     """Run `fedslide evaluate`; returns an exit code."""
-    from fedslide.common.config.evaluate import EvaluateConfig
-    from fedslide.common.distillation.clustering import ClusteringError
-    from fedslide.deploy.study.loso import StudyError, run_study
-    from fedslide.common.evaluation.predictions import PredictionsError
 
     cfg = config_from_args(EvaluateConfig, args, SECTION, values=_values(args))
     try:
@@ -122,7 +137,6 @@ def handle_evaluate(args: argparse.Namespace) -> int:
 
 def handle_report(args: argparse.Namespace) -> int:
     """Run `fedslide report`; returns an exit code."""
-    from fedslide.common.evaluation.report import ReportError, write_report
 
     try:
         md, page = write_report(Path(args.run_dir), args.out)
@@ -135,8 +149,6 @@ def handle_report(args: argparse.Namespace) -> int:
 
 def handle_compare(args: argparse.Namespace) -> int:
     """Run `fedslide compare`; returns an exit code."""
-    from fedslide.common.evaluation.compare import CompareError, compare, load, markdown, to_json
-    from fedslide.common.metrics import METRIC_NAMES
 
     unknown = [m for m in args.metric or [] if m not in METRIC_NAMES]
     if unknown:

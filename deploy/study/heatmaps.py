@@ -21,15 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fedslide.client.heatmaps import InstanceMap, render_heatmap, write_heatmap
+from fedslide.client.slides import SlideError, SlideReader
+from fedslide.common.distillation.bundle import StudentBundle
+from fedslide.common.distillation.data import SlidePair
+from fedslide.common.distillation.instances import instance_coords
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from PIL import Image
-
-from fedslide.client.heatmaps import InstanceMap, render_heatmap, write_heatmap
-from fedslide.common.distillation.bundle import StudentBundle
-from fedslide.common.distillation.data import SlidePair
-from fedslide.common.distillation.instances import instance_coords
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,6 @@ def thumbnail(site_dir: Path, slide: SlidePair, long_side: int, min_mpp: float) 
     attr_mpp = float(attrs.get("slide_mpp") or 0.0) or None
     path = slide_file(site_dir, slide.slide_id)
     if path is not None:
-        from fedslide.client.slides import SlideError, SlideReader
 
         try:
             with SlideReader(path, mpp_override=attr_mpp) as reader:

@@ -35,24 +35,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
-
+from fedslide.client.client_app import app as client_app
 from fedslide.common import __version__
 from fedslide.common.config.base import ConfigError
 from fedslide.common.config.evaluate import EvaluateConfig
 from fedslide.common.config.federation import FederationConfig
+from fedslide.common.distillation.bundle import StudentBundle
 from fedslide.common.distillation.data import DistillData, SlidePair, load_sites
+from fedslide.common.distillation.pipeline import run_distill
 from fedslide.common.evaluation.predictions import (
     STUDY_PREDICTIONS,
     PredictionTable,
     ScoreCost,
+    missing_predictions_cause,
     read_site_predictions,
     rows_from_scores,
     score_bundles,
 )
+from fedslide.common.evaluation.report import write_report
 from fedslide.common.evaluation.schema import METRICS_SCHEMA, settings_doc
 from fedslide.common.evaluation.summary import summarize
 from fedslide.common.training.outputs import write_json
+from fedslide.common.training.splits import SPLITS_FILE
+from fedslide.deploy.study.heatmaps import pick_examples, render_slide_heatmap
+from fedslide.server.local_grid import LocalGrid
+from fedslide.server.server_app import run
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +154,37 @@ def prepare(cfg: EvaluateConfig) -> Study:
     out_dir = Path(cfg.out_dir).resolve()
     study_id = cfg.study_id or slug(out_dir.name)
     encoder = cfg.encoder or cfg.distill.encoder or cfg.federation.encoder
-    data = load_sites(dirs, encoder, seed=cfg.distill.seed)
-    for name in names:
-        if not any(s.site == name for s in data.slides):
-            raise ConfigError(f"site {name}: no labelled slide with both feature files")
+    data = load_sites(dirs, encoder, seed=cfg.distill.seed, carving=cfg.carve)  # carves splits a site lacks
+    check_cohort(cfg, data, dict(zip(names, dirs)))
     return Study(cfg, out_dir, study_id, dict(zip(names, dirs)), data, PredictionTable(data.classes))
+
+
+def check_cohort(cfg: EvaluateConfig, data: DistillData, site_dirs: dict[str, Path]) -> None:
+    """Refuse, before anything is trained, what no fold could score: a site without labelled slides (every site is
+    held out once), and with held-out-split = "test" a site without test slides; warn where a site has no test
+    slides (carve.test-fraction = 0, or none in its split column) or its test split lacks a class."""
+    problems = []
+    for name, site_dir in site_dirs.items():
+        slides = [s for s in data.slides if s.site == name]
+        labels = site_dir / "labels.csv"
+        if not slides:
+            problems.append(f"site {name}: {labels} has no labelled slide with both feature files; as the held-out "
+                            "site it would have nothing to score: add labelled slides or leave the site out")
+            continue
+        test = [s for s in slides if s.split == "test"]
+        if cfg.held_out_split == "test" and not test:
+            problems.append(f"site {name}: no test slides ({labels} / {site_dir / SPLITS_FILE}), and held-out-split = "
+                            "\"test\" scores only those when the site is held out: set held-out-split = \"all\", "
+                            "or give the site a test split")
+        elif not test:
+            log.warning("site %s has no test slides (%s): it is scored out-of-site only, never in-distribution",
+                        name, labels)
+        elif len({s.label for s in test}) < len({s.label for s in slides}):
+            absent = sorted({data.classes[s.label] for s in slides} - {data.classes[s.label] for s in test})
+            log.warning("site %s: its test split (%s) has no slide of class(es) %s: its in-distribution AUC is "
+                        "undefined", name, labels, ", ".join(absent))
+    if problems:
+        raise ConfigError("refusing to start the study:\n  " + "\n  ".join(problems))
 
 
 def _scanner(site_dir: Path) -> str | None:
@@ -201,12 +235,12 @@ def cohort(study: Study) -> list[dict[str, Any]]:
 # ---- the three regimes -----------------------------------------------------------------------------
 def _distill(study: Study, sites: list[str], run_dir: Path, what: str) -> bool:
     """Run (or reuse) `fedslide distill` on `sites` into `run_dir`; True when it was reused."""
-    from fedslide.common.distillation.pipeline import run_distill
 
     cfg = study.cfg
     dcfg = cfg.distill.model_copy(update={
         "sites": [study.site_dirs[s] for s in sites], "out_dir": run_dir,
         "encoder": cfg.distill.encoder or cfg.encoder or study.data.encoder, "threads": cfg.distill.threads or cfg.threads,
+        "carve": cfg.carve,
     })
     config_hash = _hash({**dcfg.to_toml_dict(), "out-dir": None, "progress": None, "threads": None})
     state = _fold_state(run_dir, config_hash, cfg.reuse)
@@ -262,9 +296,6 @@ def fold_run_id(study: Study, held: str) -> str:
 
 def _federate(study: Study, held: str) -> tuple[Path, bool]:
     """Run (or reuse / resume) the federation without `held`; its server run folder and whether it was reused."""
-    from fedslide.client.client_app import app as client_app
-    from fedslide.server.local_grid import LocalGrid
-    from fedslide.server.server_app import run
 
     cfg = study.cfg
     runs_dir = study.out_dir / "federation"
@@ -273,7 +304,7 @@ def _federate(study: Study, held: str) -> tuple[Path, bool]:
     fcfg = cfg.federation.model_copy(update={
         "run_id": run_id, "runs_dir": runs_dir, "eval_only_sites": [held],
         "encoder": cfg.federation.encoder or cfg.encoder or study.data.encoder,
-        "threads": cfg.federation.threads or cfg.threads,
+        "threads": cfg.federation.threads or cfg.threads, "carve": cfg.carve,
     })
     dirs = [str(d.resolve()) for d in study.site_dirs.values()]
     config_hash = _hash({**fcfg.to_toml_dict(), "runs-dir": None, "threads": None, "sites": dirs})
@@ -303,6 +334,11 @@ def run_federated(study: Study) -> None:
         run_id = run_dir.name
         for name, site_dir in study.site_dirs.items():
             path = site_dir / "runs" / run_id / "predictions.csv"
+            if name != held and not study.test(name):
+                continue  # a site without a test split (carve.test-fraction = 0) scores nothing in-distribution
+            if not path.is_file():
+                raise StudyError(f"federation without {held} ({run_dir}): {path} is missing: "
+                                 f"{missing_predictions_cause(fed, name)}")
             if name == held:
                 splits = None if study.cfg.held_out_split == "all" else ["test"]
                 rows = read_site_predictions(path, by_site[name], fed_classes, study.data.classes, "out_of_site", held, splits)
@@ -320,8 +356,6 @@ def run_federated(study: Study) -> None:
 def export_heatmaps(study: Study) -> list[dict[str, Any]]:
     """Example heatmaps per site: by the site itself (federated student of its fold, into its own run folder)
     and/or of the centralized reference of that fold (into <out-dir>/heatmaps/)."""
-    from fedslide.common.distillation.bundle import StudentBundle
-    from fedslide.deploy.study.heatmaps import pick_examples, render_slide_heatmap
 
     hm = study.cfg.heatmaps
     if not hm.enabled or hm.per_class == 0:
@@ -458,7 +492,6 @@ def run_study(cfg: EvaluateConfig) -> StudyResult:
     write_json(study.out_dir / METRICS_FILE, metrics)
     result = StudyResult(study.out_dir, metrics)
     if cfg.report:
-        from fedslide.common.evaluation.report import write_report
 
         result.report = write_report(study.out_dir)
     return result

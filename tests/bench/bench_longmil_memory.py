@@ -47,9 +47,9 @@ def _child(model_name: str, n: int, dim: int, threads: int) -> dict[str, float]:
     coords = (torch.stack([idx % side, idx // side], dim=1).float() * 256.0).unsqueeze(0)
     labels = torch.tensor([1])
     if model_name == "full_attention":
-        cfg = ModelConfig(in_dim=dim)
+        cfg = ModelConfig(name="longmil", in_dim=dim)  # LongMIL's sizes, attention over the whole bag
         fc = nn.Sequential(nn.Linear(dim, cfg.hidden_dim), nn.ReLU())
-        attn = nn.MultiheadAttention(cfg.hidden_dim, cfg.num_heads, batch_first=True)
+        attn = nn.MultiheadAttention(cfg.hidden_dim, cfg.options.num_heads, batch_first=True)
         head = nn.Linear(cfg.hidden_dim, 2)
         params = [*fc.parameters(), *attn.parameters(), *head.parameters()]
 

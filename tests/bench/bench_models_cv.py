@@ -1,4 +1,4 @@
-"""Every MIL model of the zoo, 5-fold patient-grouped CV, at high and low resolution: the README results table.
+"""Every MIL model of the zoo, 5-fold patient-grouped CV, at high and low resolution: the table in docs/benchmarks.md.
 
 Run::
 

@@ -1,0 +1,232 @@
+"""Every phase of the federation, declared once: its messages, what its reply may carry, how its models are packed.
+
+The egress allow-list (`common.egress`), the server's best-round groups (`server.protocol`), the packing
+of several models into one record (`common.federation.models`), the metric names a site reports and the
+ClientApp's dispatch (`client.local_phases`, `client.client_app`) all read these declarations. The site
+step and the server step of each phase are registered by declaration on their own side
+(`client.client_app.SITE_STEPS` with `client.local_phases.TRAIN_STEPS`/`VALIDATE_STEPS`, and
+`server.protocol.SERVER_STEPS`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from fedslide.common.federation import protocol as p
+
+# ---- message categories (Flower message types are "<category>" or "<category>.<action>") -------------------
+QUERY = "query"
+TRAIN = "train"  # every weights phase's local rounds; the phase is named in the config record
+EVALUATE = "evaluate"  # validation of a weights phase's global model, and the final evaluation
+
+# ---- config keys of the server's messages ---------------------------------------------------------------
+RUN_ID, PHASE, SERVER_ROUND, ROUND_OFFSET = "run-id", "phase", "server-round", "round-offset"
+TEACHER_FINGERPRINT, PROXIMAL_MU, EVAL_SPLIT = "teacher-fingerprint", "proximal-mu", "eval-split"
+
+# ---- metric names a site reports -----------------------------------------------------------------------
+NUM_EXAMPLES, UNIT_WEIGHT, SECONDS, EPOCHS = "num-examples", "unit-weight", "seconds", "epochs"
+TRAIN_LOSS, VAL_LOSS, VAL_N = "train-loss", "val-loss", "val-n"
+N_TRAIN, N_TEST, N_EXPERT = "n-train", "n-test", "n-expert"
+EMBEDDING_DIM, MOVED, PROXY_N = "embedding-dim", "moved", "proxy-n"
+ENCODER_DIM, TOKEN_GRID, CHILD_GRID = "encoder-dim", "token-grid", "child-grid"
+SPLITS = ("train", "val", "test")
+
+# ---- array names of replies -----------------------------------------------------------------------------
+SUMS, COUNTS = "sums", "counts"  # cluster statistics
+TEACHER_LOGITS, EXPERT_LOGITS, EXPERT_WEIGHTS = "teacher", "experts", "expert-weights"  # logits on the proxy cohort
+CENTROIDS = "centroids"  # the one array of the server's centroid record
+
+# ---- config keys of the handshake reply ------------------------------------------------------------------
+SITE_NAME, ENCODER_NAME, ENCODER_HASH, ENCODER_FINGERPRINT, CLASSES, ERROR = (
+    "site-name", "encoder-name", "encoder-hash", "encoder-fingerprint", "classes", "error")
+
+
+def member_metric(key: str, member: str | int) -> str:
+    """The metric `key` of one model of a packed phase (e.g. `val-loss-teacher`, `val-loss-2`, `n-expert-2`)."""
+    return f"{key}-{member}"
+
+
+def split_count(split: str, label: int | None = None) -> str:
+    """The handshake's slide count of a split (`n-train`), or of one class in it (`n-train-class-1`)."""
+    return f"n-{split}" if label is None else f"n-{split}-class-{label}"
+
+
+def model_metric(model: str, metric: str) -> str:
+    """A final-evaluation metric of one model (`student_low.auc`)."""
+    return f"{model}.{metric}"
+
+
+def cost_metric(resolution: str, what: str) -> str:
+    """A final-evaluation cost (`cost.low.seconds_per_slide`)."""
+    return f"cost.{resolution}.{what}"
+
+
+@dataclass(frozen=True)
+class BestGroup:
+    """Arrays of one model inside a phase's record, and the val metrics that pick its best round."""
+
+    prefix: str
+    loss_key: str
+    n_key: str
+
+
+_TRAINING_METRICS = tuple(re.escape(k) for k in (NUM_EXAMPLES, UNIT_WEIGHT, TRAIN_LOSS, VAL_LOSS, VAL_N, EPOCHS,
+                                                SECONDS))
+EVALUATED_MODELS = ("teacher_high", "student_low", "baseline_low", "lrmil_low")
+EVALUATION_METRICS = ("auc", "acc", "balanced_acc", "f1", "brier", "ece", "loss", "n")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase: its messages, what its reply may carry (full-match regexes of names) and how its models pack.
+
+    A weights phase (message type `train`) replies with the arrays it was sent, trained; its models are
+    `members` (fixed names) or `numbered` (`expert-<c>`), each packed under `<member>.`; a phase with neither
+    carries one model under plain names. `step` names the server step the phase belongs to (checkpoints).
+    """
+
+    name: str
+    message_type: str
+    config_keys: tuple[str, ...] = ()  # config entries beyond run-id, phase, server-round and the Facts
+    sends: tuple[str, ...] = ()
+    reply_arrays: str | None = None
+    array_names: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    reply_config: str | None = None
+    reply_config_keys: frozenset[str] = frozenset()
+    members: tuple[str, ...] = ()
+    numbered: str | None = None
+    config_name: str | None = None
+    step: str | None = None
+
+    @property
+    def phase(self) -> str:
+        """The value of the `phase` config entry of its messages."""
+        return self.config_name or self.name
+
+    @property
+    def checkpoint(self) -> str:
+        """The server step (checkpoint entry) this phase belongs to."""
+        return self.step or self.name
+
+    @property
+    def category(self) -> str:
+        """The category part of its message type (`query`, `train`, `evaluate`)."""
+        return self.message_type.partition(".")[0]
+
+    @property
+    def action(self) -> str:
+        """The action part of its message type (`handshake` of `query.handshake`), what ClientApp registers."""
+        return self.message_type.partition(".")[2]
+
+    @property
+    def is_weights(self) -> bool:
+        """Whether its reply is the model it was sent, trained (a Flower `train` message)."""
+        return self.message_type == TRAIN
+
+    def member(self, index: int) -> str:
+        """The name of numbered model `index` (`expert-3`)."""
+        if self.numbered is None:
+            raise ValueError(f"phase {self.name} has no numbered models")
+        return self.numbered.format(index)
+
+    def member_index(self, member: str) -> int:
+        """Inverse of `member`."""
+        assert self.numbered is not None
+        head, _, tail = self.numbered.partition("{}")
+        return int(member.removeprefix(head).removesuffix(tail))
+
+    def best_groups(self, count: int = 0) -> dict[str, BestGroup]:
+        """The groups whose best rounds are kept apart: one per member (`count` numbered ones), else one."""
+        if self.members:
+            return {m: BestGroup(f"{m}.", member_metric(VAL_LOSS, m), member_metric(VAL_N, m)) for m in self.members}
+        if self.numbered is not None:
+            return {str(i): BestGroup(f"{self.member(i)}.", member_metric(VAL_LOSS, i), member_metric(VAL_N, i))
+                    for i in range(count)}
+        return {"": BestGroup("", VAL_LOSS, VAL_N)}
+
+    def check_sent(self, records: Iterable[str], config: Iterable[str] = ()) -> None:
+        """Raise ValueError unless a server message of this phase carries only declared records and config keys
+        (beyond the base entries: run-id, phase, server-round and the Facts)."""
+        records, config = set(records) - {p.CONFIG}, set(config)
+        if not records <= set(self.sends) or not config <= set(self.config_keys):
+            raise ValueError(
+                f"phase {self.name}: records {sorted(records - set(self.sends))} / config keys "
+                f"{sorted(config - set(self.config_keys))} are not declared (common/federation/phases.py: sends "
+                f"{list(self.sends)}, config keys {list(self.config_keys)})")
+
+    def allows_metric(self, name: str) -> bool:
+        """Whether a metric of this name may leave a site in this phase's replies."""
+        return any(re.fullmatch(pattern, name) for pattern in self.metrics)
+
+    def allows_array(self, name: str) -> bool:
+        """Whether an array of this name may leave a site in this phase's `reply_arrays` record."""
+        return any(re.fullmatch(pattern, name) for pattern in self.array_names)
+
+
+def _weights(name: str, sends: tuple[str, ...] = (), config: tuple[str, ...] = (), members: tuple[str, ...] = (),
+             numbered: str | None = None, extra_metrics: tuple[str, ...] = ()) -> Phase:
+    if members:
+        keys = "|".join(re.escape(m) for m in members)
+    elif numbered is not None:
+        keys = r"\d+"
+    else:
+        keys = ""
+    names = (r".+",)  # any name of the model the server sent; `egress.weights_reply` pins names, shapes and dtypes
+    per_member = (rf"({re.escape(VAL_LOSS)}|{re.escape(VAL_N)}|{re.escape(TRAIN_LOSS)})-({keys})",) if keys else ()
+    return Phase(name, TRAIN, (ROUND_OFFSET, PROXIMAL_MU, *config), (p.ARRAYS, *sends), p.ARRAYS,
+                 names, _TRAINING_METRICS + per_member + extra_metrics, members=members, numbered=numbered)
+
+
+HANDSHAKE = Phase(
+    "handshake", f"{QUERY}.handshake",
+    metrics=(r"n-(train|val|test)", r"n-(train|val|test)-class-\d+", re.escape(ENCODER_DIM), re.escape(TOKEN_GRID),
+             re.escape(CHILD_GRID)),
+    reply_config=p.SITE,
+    reply_config_keys=frozenset({SITE_NAME, ENCODER_NAME, ENCODER_HASH, ENCODER_FINGERPRINT, CLASSES, ERROR}),
+)
+ADAPTER = _weights("adapter")
+TEACHER = _weights("teacher", members=("teacher", "baseline"))  # the low-res baseline rides along
+CLUSTER_INIT = Phase("cluster-init", f"{QUERY}.cluster_init", (TEACHER_FINGERPRINT,), (p.TEACHER,), p.STATS,
+                     (SUMS, COUNTS), (re.escape(N_TRAIN), re.escape(EMBEDDING_DIM)), step="clusters")
+CLUSTER_STATS = Phase("cluster-stats", f"{QUERY}.cluster_stats", (TEACHER_FINGERPRINT,), (p.CENTROIDS,), p.STATS,
+                      (SUMS, COUNTS), (re.escape(N_TRAIN), re.escape(MOVED)), step="clusters")
+EXPERTS = _weights("experts", (p.CENTROIDS,), (TEACHER_FINGERPRINT,), numbered="expert-{}",
+                   extra_metrics=(rf"{re.escape(N_EXPERT)}-\d+",))
+KD_CACHE = Phase("kd-cache", f"{QUERY}.kd_cache", (TEACHER_FINGERPRINT,),
+                 (p.TEACHER, p.ADAPTER, p.EXPERTS, p.CENTROIDS),
+                 metrics=(re.escape(N_TRAIN), re.escape(NUM_EXAMPLES), re.escape(SECONDS)))
+STUDENT = _weights("student")
+LOGITS = Phase("logits", f"{QUERY}.logits", (TEACHER_FINGERPRINT,),
+               (p.TEACHER, p.PROXY, p.EXPERTS, p.CENTROIDS), p.LOGITS_RECORD,
+               (TEACHER_LOGITS, EXPERT_LOGITS, EXPERT_WEIGHTS),
+               (re.escape(N_TRAIN), re.escape(PROXY_N), re.escape(SECONDS)), step="student")
+EVALUATION = Phase(
+    "evaluate", EVALUATE, (EVAL_SPLIT,), (p.TEACHER, p.STUDENT, p.BASELINE, p.ADAPTER),
+    metrics=(rf"({'|'.join(EVALUATED_MODELS)})\.({'|'.join(EVALUATION_METRICS)})",
+             r"cost\.(high|low)\.(patches_per_slide|seconds_per_slide)", re.escape(N_TEST), re.escape(NUM_EXAMPLES)),
+    config_name="final",
+)
+
+ALL: tuple[Phase, ...] = (HANDSHAKE, ADAPTER, TEACHER, CLUSTER_INIT, CLUSTER_STATS, EXPERTS, KD_CACHE, STUDENT,
+                          LOGITS, EVALUATION)
+BY_NAME: dict[str, Phase] = {phase.name: phase for phase in ALL}
+WEIGHTS: tuple[Phase, ...] = tuple(phase for phase in ALL if phase.is_weights)
+
+
+def by_name(name: str) -> Phase:
+    """The phase of this name (as in the ledger and the egress policy)."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown phase {name!r}; known: {', '.join(BY_NAME)}") from None
+
+
+def by_config(value: str) -> Phase:
+    """The phase a message's `phase` config entry names (`final` is the evaluation)."""
+    for phase in ALL:
+        if phase.phase == value:
+            return phase
+    raise ValueError(f"unknown phase {value!r} in the message config; known: {', '.join(ph.phase for ph in ALL)}")
