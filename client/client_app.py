@@ -15,7 +15,7 @@ from typing import cast
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedslide.client import local_phases as phases
@@ -80,13 +80,18 @@ def guarded(handler: Callable[[Message, Context, SiteRun], Message]) -> Handler:
 
 
 def _stats_record(stats: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({ph.SUMS: Array(np.asarray(stats[ph.SUMS], dtype=np.float64)),
-                        ph.COUNTS: Array(np.asarray(stats[ph.COUNTS], dtype=np.int64))})
+    return ArrayRecord(
+        {
+            ph.SUMS: Array(np.asarray(stats[ph.SUMS], dtype=np.float64)),
+            ph.COUNTS: Array(np.asarray(stats[ph.COUNTS], dtype=np.int64)),
+        }
+    )
 
 
 def _stats_allowed(phase: ph.Phase, clusters: int, dim: int) -> Allowed:
-    return arrays_reply(phase.name, {ph.SUMS: ArraySpec((clusters, dim), "float64"),
-                                     ph.COUNTS: ArraySpec((clusters,), "int64")})
+    return arrays_reply(
+        phase.name, {ph.SUMS: ArraySpec((clusters, dim), "float64"), ph.COUNTS: ArraySpec((clusters,), "int64")}
+    )
 
 
 def _fingerprint(content: RecordDict) -> str:
@@ -103,19 +108,26 @@ def handshake(message: Message, context: Context, site: SiteRun) -> Message:
     site.facts = None  # the handshake reads the site's own class list
     data = site.data()
     attrs = data.low_attrs
-    counts: phases.Metrics = {ph.ENCODER_DIM: data.feature_dim, ph.TOKEN_GRID: data.token_grid,
-                              ph.CHILD_GRID: data.child_grid}
+    counts: phases.Metrics = {
+        ph.ENCODER_DIM: data.feature_dim,
+        ph.TOKEN_GRID: data.token_grid,
+        ph.CHILD_GRID: data.child_grid,
+    }
     for split in ph.SPLITS:
         idx = data.split(split)
         counts[ph.split_count(split)] = int(idx.size)
         for k, n in enumerate(np.bincount(data.labels[idx], minlength=len(data.classes)).tolist()):
             counts[ph.split_count(split, k)] = int(n)
-    info = ConfigRecord({
-        ph.SITE_NAME: site.name, ph.ENCODER_NAME: str(attrs.get("encoder_name") or data.encoder),
-        ph.ENCODER_HASH: str(attrs.get("encoder_weights_hash", "")),
-        ph.ENCODER_FINGERPRINT: str(attrs.get("encoder_fingerprint", "")), ph.CLASSES: list(data.classes),
-    })
-    content = RecordDict({p.SITE: info, p.METRICS: MetricRecord(counts)})
+    info = ConfigRecord(
+        {
+            ph.SITE_NAME: site.name,
+            ph.ENCODER_NAME: str(attrs.get("encoder_name") or data.encoder),
+            ph.ENCODER_HASH: str(attrs.get("encoder_weights_hash", "")),
+            ph.ENCODER_FINGERPRINT: str(attrs.get("encoder_fingerprint", "")),
+            ph.CLASSES: list(data.classes),
+        }
+    )
+    content = RecordDict({p.SITE: info, p.METRICS: p.metric_record(counts)})
     return _send(message, site, content, Allowed(ph.HANDSHAKE.name))
 
 
@@ -127,7 +139,7 @@ def train(message: Message, context: Context, site: SiteRun) -> Message:
     phase = ph.by_config(str(config[ph.PHASE]))
     mu = float(cast(float, config.get(ph.PROXIMAL_MU, 0.0)))
     arrays, metrics = phases.train(site, phase, message.content, _round(config), mu)
-    content = RecordDict({p.ARRAYS: arrays, p.METRICS: MetricRecord(metrics)})
+    content = RecordDict({p.ARRAYS: arrays, p.METRICS: p.metric_record(metrics)})
     return _send(message, site, content, weights_reply(phase.name, message.content.array_records[p.ARRAYS]))
 
 
@@ -139,11 +151,17 @@ def evaluate(message: Message, context: Context, site: SiteRun) -> Message:
     phase = ph.by_config(str(config[ph.PHASE]))
     if phase is ph.EVALUATION:
         c = message.content
-        metrics = phases.final_evaluation(site, c.array_records[p.TEACHER], c.array_records[p.STUDENT], c.array_records[p.BASELINE], c.array_records[p.ADAPTER],
-                                          str(config.get(ph.EVAL_SPLIT, "test")))
+        metrics = phases.final_evaluation(
+            site,
+            c.array_records[p.TEACHER],
+            c.array_records[p.STUDENT],
+            c.array_records[p.BASELINE],
+            c.array_records[p.ADAPTER],
+            str(config.get(ph.EVAL_SPLIT, "test")),
+        )
     else:
         metrics = phases.validate(site, phase, message.content)
-    return _send(message, site, RecordDict({p.METRICS: MetricRecord(metrics)}), Allowed(phase.name))
+    return _send(message, site, RecordDict({p.METRICS: p.metric_record(metrics)}), Allowed(phase.name))
 
 
 @guarded
@@ -152,7 +170,7 @@ def cluster_init(message: Message, context: Context, site: SiteRun) -> Message:
     teacher = message.content.array_records[p.TEACHER]
     stats, metrics = phases.cluster_init(site, teacher, fingerprint(teacher))
     c, e = stats[ph.SUMS].shape
-    content = RecordDict({p.STATS: _stats_record(stats), p.METRICS: MetricRecord(metrics)})
+    content = RecordDict({p.STATS: _stats_record(stats), p.METRICS: p.metric_record(metrics)})
     return _send(message, site, content, _stats_allowed(ph.CLUSTER_INIT, c, e))
 
 
@@ -160,8 +178,10 @@ def cluster_init(message: Message, context: Context, site: SiteRun) -> Message:
 def cluster_stats(message: Message, context: Context, site: SiteRun) -> Message:
     """Per-cluster sums and counts under the server's centroids."""
     centroids = message.content.array_records[p.CENTROIDS][ph.CENTROIDS].numpy()
-    stats, metrics = phases.cluster_stats(site, centroids, str(message.content.config_records[p.CONFIG][ph.TEACHER_FINGERPRINT]))
-    content = RecordDict({p.STATS: _stats_record(stats), p.METRICS: MetricRecord(metrics)})
+    stats, metrics = phases.cluster_stats(
+        site, centroids, str(message.content.config_records[p.CONFIG][ph.TEACHER_FINGERPRINT])
+    )
+    content = RecordDict({p.STATS: _stats_record(stats), p.METRICS: p.metric_record(metrics)})
     return _send(message, site, content, _stats_allowed(ph.CLUSTER_STATS, *centroids.shape))
 
 
@@ -169,20 +189,37 @@ def cluster_stats(message: Message, context: Context, site: SiteRun) -> Message:
 def kd_cache(message: Message, context: Context, site: SiteRun) -> Message:
     """Cache teacher/expert logits and the adapted student bags at the site (only counts are sent)."""
     c = message.content
-    metrics = phases.kd_cache(site, c.array_records[p.TEACHER], c.array_records.get(p.EXPERTS), c.array_records[p.ADAPTER], _centroids(c), _fingerprint(c))
+    metrics = phases.kd_cache(
+        site,
+        c.array_records[p.TEACHER],
+        c.array_records.get(p.EXPERTS),
+        c.array_records[p.ADAPTER],
+        _centroids(c),
+        _fingerprint(c),
+    )
     metrics[ph.NUM_EXAMPLES] = metrics[ph.N_TRAIN]
-    return _send(message, site, RecordDict({p.METRICS: MetricRecord(metrics)}), Allowed(ph.KD_CACHE.name))
+    return _send(message, site, RecordDict({p.METRICS: p.metric_record(metrics)}), Allowed(ph.KD_CACHE.name))
 
 
 @guarded
 def logits(message: Message, context: Context, site: SiteRun) -> Message:
     """Logits mode: teacher/expert logits on the proxy cohort the server sent (nothing about the site's slides)."""
     c = message.content
-    out, metrics = phases.proxy_logits(site, c.array_records[p.TEACHER], c.array_records.get(p.EXPERTS), _centroids(c), c.array_records[p.PROXY], _fingerprint(c))
+    out, metrics = phases.proxy_logits(
+        site,
+        c.array_records[p.TEACHER],
+        c.array_records.get(p.EXPERTS),
+        _centroids(c),
+        c.array_records[p.PROXY],
+        _fingerprint(c),
+    )
     record = ArrayRecord({k: Array(v) for k, v in out.items()})
-    content = RecordDict({p.LOGITS_RECORD: record, p.METRICS: MetricRecord(metrics)})
+    content = RecordDict({p.LOGITS_RECORD: record, p.METRICS: p.metric_record(metrics)})
     assert site.facts is not None
-    n, k = int(c.array_records[p.PROXY]["offsets"].numpy().size) - 1, len(site.facts.classes)  # what the server asked about
+    n, k = (
+        int(c.array_records[p.PROXY]["offsets"].numpy().size) - 1,
+        len(site.facts.classes),
+    )  # what the server asked about
     allowed = {ph.TEACHER_LOGITS: ArraySpec((n, k), "float32")}
     if p.EXPERTS in c:
         experts = len({name.split(".", 1)[0] for name in c.array_records[p.EXPERTS]})
@@ -194,8 +231,13 @@ def logits(message: Message, context: Context, site: SiteRun) -> Message:
 # the site step of every phase: queries by their own message type; the weights phases share `train` (their local
 # rounds, dispatched by the config's phase) and `evaluate` (validation of the global model) with the final evaluation
 SITE_STEPS: dict[ph.Phase, Handler] = {
-    ph.HANDSHAKE: handshake, ph.CLUSTER_INIT: cluster_init, ph.CLUSTER_STATS: cluster_stats, ph.KD_CACHE: kd_cache,
-    ph.LOGITS: logits, **{phase: train for phase in phases.TRAIN_STEPS}, ph.EVALUATION: evaluate,
+    ph.HANDSHAKE: handshake,
+    ph.CLUSTER_INIT: cluster_init,
+    ph.CLUSTER_STATS: cluster_stats,
+    ph.KD_CACHE: kd_cache,
+    ph.LOGITS: logits,
+    **{phase: train for phase in phases.TRAIN_STEPS},
+    ph.EVALUATION: evaluate,
 }
 _ROUTES = {(phase.category, phase.action): step for phase, step in SITE_STEPS.items()}  # Flower's routing key
 for (_category, _action), _step in _ROUTES.items():

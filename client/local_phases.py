@@ -74,13 +74,15 @@ Metrics = dict[str, float | int]
 
 def _adapter(site: SiteRun, record: ArrayRecord) -> CrossResAdapter:
     assert site.facts is not None
-    return load_record(build_adapter(adapter_spec(site.cfg, site.facts)), record).eval()  # type: ignore[return-value]
+    return load_record(build_adapter(adapter_spec(site.cfg, site.facts)), record).eval()
 
 
 def _model(site: SiteRun, kind: str, record: ArrayRecord) -> MILModel:
     assert site.facts is not None
-    cfg = teacher_config(site.cfg, site.facts) if kind in (p.TEACHER, p.EXPERTS) else student_config(site.cfg, site.facts)
-    return load_record(new_model(cfg, site.cfg.seed), record)  # type: ignore[return-value]
+    cfg = (
+        teacher_config(site.cfg, site.facts) if kind in (p.TEACHER, p.EXPERTS) else student_config(site.cfg, site.facts)
+    )
+    return load_record(new_model(cfg, site.cfg.seed), record)
 
 
 def _mode(site: SiteRun) -> str:
@@ -116,8 +118,10 @@ def _adapter_val_metrics(site: SiteRun, adapter: CrossResAdapter) -> Metrics:
     if not val.size:
         return {ph.VAL_LOSS: 0.0, ph.VAL_N: 0}
     pairs = adapter_pairs(data, val, site.cfg.adapter, site.cfg.seed)
-    return {ph.VAL_LOSS: float(evaluate_adapter(adapter, pairs, site.cfg.adapter, site.device)["loss"]),
-            ph.VAL_N: len(pairs)}
+    return {
+        ph.VAL_LOSS: float(evaluate_adapter(adapter, pairs, site.cfg.adapter, site.device)["loss"]),
+        ph.VAL_N: len(pairs),
+    }
 
 
 # ---- MIL models: teacher, baseline, student -------------------------------------------------------
@@ -153,9 +157,16 @@ def _val_metrics(site: SiteRun, model: MILModel, cohort: Cohort, val: np.ndarray
 
 
 def train_model(
-    site: SiteRun, model: MILModel, cohort: Cohort, server_round: int, seed_offset: int,
-    members: np.ndarray | None = None, val: np.ndarray | None = None, batch_loss: BatchLoss | None = None,
-    proximal_mu: float = 0.0, rounds: int | None = None,
+    site: SiteRun,
+    model: MILModel,
+    cohort: Cohort,
+    server_round: int,
+    seed_offset: int,
+    members: np.ndarray | None = None,
+    val: np.ndarray | None = None,
+    batch_loss: BatchLoss | None = None,
+    proximal_mu: float = 0.0,
+    rounds: int | None = None,
 ) -> Metrics:
     """Validate `model` (the global weights) on `val`, then train local epochs on `members`; with `rounds` (the
     phase's number of rounds) the local epochs follow training.scheduler's LR curve over all of them."""
@@ -168,8 +179,17 @@ def train_model(
     loss = with_proximal(batch_loss or _cross_entropy(site, cohort, train), model, proximal_mu)
     epochs = site.cfg.rounds.local_epochs
     schedule = None if rounds is None else ((server_round - 1) * epochs, rounds * epochs)
-    losses = train_epochs(model, cohort, train, site.cfg.training, site.device, epochs,
-                          _seed(site, seed_offset, server_round), loss, schedule)
+    losses = train_epochs(
+        model,
+        cohort,
+        train,
+        site.cfg.training,
+        site.device,
+        epochs,
+        _seed(site, seed_offset, server_round),
+        loss,
+        schedule,
+    )
     model.cpu()
     return metrics | {ph.TRAIN_LOSS: losses[-1], ph.EPOCHS: len(losses), ph.SECONDS: time.perf_counter() - start}
 
@@ -178,18 +198,27 @@ def _teacher_phase_models(site: SiteRun) -> dict[str, tuple[Callable[[], Cohort]
     """The models trained in the teacher phase's messages (its declared members): name -> (cohort, seed offset,
     rounds)."""
     rounds = site.cfg.rounds
-    models = {p.TEACHER: (site.high_cohort, SEED_OFFSETS.teacher, rounds.teacher),
-              p.BASELINE: (site.low_cohort, SEED_OFFSETS.baseline_rounds, rounds.baseline)}
+    models = {
+        p.TEACHER: (site.high_cohort, SEED_OFFSETS.teacher, rounds.teacher),
+        p.BASELINE: (site.low_cohort, SEED_OFFSETS.baseline_rounds, rounds.baseline),
+    }
     assert tuple(models) == ph.TEACHER.members
     return models
 
 
-def teacher_round(site: SiteRun, record: ArrayRecord, server_round: int, mu: float = 0.0) -> tuple[ArrayRecord, Metrics]:
+def teacher_round(
+    site: SiteRun, record: ArrayRecord, server_round: int, mu: float = 0.0
+) -> tuple[ArrayRecord, Metrics]:
     """One local round of the high-res teacher and, in the same message, of the low-res baseline (raw low features,
     cross-entropy only); a model past its own number of rounds is validated and sent back as it came."""
     received = unpack_models(record)
     out: dict[str, ArrayRecord] = {}
-    metrics: Metrics = {ph.NUM_EXAMPLES: int(site.split("train").size), ph.UNIT_WEIGHT: 1, ph.EPOCHS: 0, ph.SECONDS: 0.0}
+    metrics: Metrics = {
+        ph.NUM_EXAMPLES: int(site.split("train").size),
+        ph.UNIT_WEIGHT: 1,
+        ph.EPOCHS: 0,
+        ph.SECONDS: 0.0,
+    }
     for name, (cohort, seed_offset, rounds) in _teacher_phase_models(site).items():
         model = _model(site, name, received[name])
         if server_round <= rounds:
@@ -209,8 +238,10 @@ def teacher_round(site: SiteRun, record: ArrayRecord, server_round: int, mu: flo
 
 def _member_val(metrics: Metrics, member: str | int) -> Metrics:
     """A packed model's val loss and count under its own metric names (`val-loss-teacher`, `val-n-2`)."""
-    return {ph.member_metric(ph.VAL_LOSS, member): metrics[ph.VAL_LOSS],
-            ph.member_metric(ph.VAL_N, member): metrics[ph.VAL_N]}
+    return {
+        ph.member_metric(ph.VAL_LOSS, member): metrics[ph.VAL_LOSS],
+        ph.member_metric(ph.VAL_N, member): metrics[ph.VAL_N],
+    }
 
 
 def _kd_cache(site: SiteRun) -> dict[str, Any]:
@@ -220,7 +251,9 @@ def _kd_cache(site: SiteRun) -> dict[str, Any]:
     return cache
 
 
-def student_round(site: SiteRun, record: ArrayRecord, server_round: int, mu: float = 0.0) -> tuple[ArrayRecord, Metrics]:
+def student_round(
+    site: SiteRun, record: ArrayRecord, server_round: int, mu: float = 0.0
+) -> tuple[ArrayRecord, Metrics]:
     """One local round of the low-res student: CE + KD from the cached teacher/expert logits."""
     cache = _kd_cache(site)
     cohort = site.data().cohort(cache["bags"])
@@ -229,8 +262,16 @@ def student_round(site: SiteRun, record: ArrayRecord, server_round: int, mu: flo
     weights = class_weights(cohort.labels[train], len(cohort.classes), site.cfg.training.class_weighting)
     loss = kd_loss(kd, KDTargets(cache["teacher"], cache["experts"], cache["cluster"]), weights)
     model = _model(site, p.STUDENT, record)
-    metrics = train_model(site, model, cohort, server_round, SEED_OFFSETS.student_rounds, batch_loss=loss,
-                          proximal_mu=mu, rounds=site.cfg.rounds.student)
+    metrics = train_model(
+        site,
+        model,
+        cohort,
+        server_round,
+        SEED_OFFSETS.student_rounds,
+        batch_loss=loss,
+        proximal_mu=mu,
+        rounds=site.cfg.rounds.student,
+    )
     return to_record(model), metrics
 
 
@@ -266,21 +307,30 @@ def cluster_init(site: SiteRun, teacher: ArrayRecord, fingerprint: str) -> tuple
     train, val = site.split("train"), site.split("val")
     logits, embedding = slide_outputs(model, cohort, train, site.device)
     val_logits, val_embedding = slide_outputs(model, cohort, val, site.device)
-    outputs = {"fingerprint": fingerprint, "logits": logits, "embedding": embedding,
-               "val_logits": val_logits, "val_embedding": val_embedding}
+    outputs = {
+        "fingerprint": fingerprint,
+        "logits": logits,
+        "embedding": embedding,
+        "val_logits": val_logits,
+        "val_embedding": val_embedding,
+    }
     site.save(TEACHER_OUTPUTS, outputs)
     vectors = _vectors(site, outputs)
     k = min(site.cfg.clusters.num_clusters, len(vectors))
     local = kmeans_init(vectors, k, site.cfg.seed, site.cfg.clusters.n_init)
     sums, counts = cluster_statistics(vectors, local, min_count=site.cfg.min_count)
-    return ({ph.SUMS: _noised(site, sums, counts), ph.COUNTS: counts},
-            {ph.N_TRAIN: int(train.size), ph.EMBEDDING_DIM: int(vectors.shape[1])})
+    return (
+        {ph.SUMS: _noised(site, sums, counts), ph.COUNTS: counts},
+        {ph.N_TRAIN: int(train.size), ph.EMBEDDING_DIM: int(vectors.shape[1])},
+    )
 
 
 def _teacher_outputs(site: SiteRun, fingerprint: str) -> dict[str, Any]:
     outputs = site.load(TEACHER_OUTPUTS, fingerprint)
     if outputs is None:
-        raise RuntimeError(f"{site.run_dir / TEACHER_OUTPUTS} is missing or from another teacher: run cluster-init first")
+        raise RuntimeError(
+            f"{site.run_dir / TEACHER_OUTPUTS} is missing or from another teacher: run cluster-init first"
+        )
     return outputs
 
 
@@ -315,8 +365,17 @@ def experts_round(
         members, own_val = train[train_assign == c], val[val_assign == c]
         if members.size < site.cfg.min_count:  # too few slides to share an update about
             members = members[:0]
-        m = train_model(site, model, cohort, server_round, SEED_OFFSETS.experts + c, members=members, val=own_val,
-                        proximal_mu=mu, rounds=site.cfg.rounds.experts)
+        m = train_model(
+            site,
+            model,
+            cohort,
+            server_round,
+            SEED_OFFSETS.experts + c,
+            members=members,
+            val=own_val,
+            proximal_mu=mu,
+            rounds=site.cfg.rounds.experts,
+        )
         metrics[ph.member_metric(ph.N_EXPERT, c)] = int(members.size)
         metrics.update(_member_val(m, c))
         metrics[ph.member_metric(ph.TRAIN_LOSS, c)] = m[ph.TRAIN_LOSS]
@@ -326,7 +385,11 @@ def experts_round(
 
 # ---- student distillation (weights mode) ----------------------------------------------------------
 def kd_cache(
-    site: SiteRun, teacher: ArrayRecord, experts: ArrayRecord | None, adapter: ArrayRecord, centroids: np.ndarray | None,
+    site: SiteRun,
+    teacher: ArrayRecord,
+    experts: ArrayRecord | None,
+    adapter: ArrayRecord,
+    centroids: np.ndarray | None,
     fingerprint: str,
 ) -> Metrics:
     """Cache teacher/expert logits of the training slides and the student's adapted bags (all stays here)."""
@@ -337,13 +400,18 @@ def kd_cache(
     t_logits, _ = slide_outputs(_model(site, p.TEACHER, teacher), high, train, site.device)
     e_logits = assign = None
     if experts is not None and centroids is not None:
-        e_logits = torch.stack([slide_outputs(_model(site, p.EXPERTS, rec), high, train, site.device)[0]
-                                for rec in unpack_experts(experts)])
+        e_logits = torch.stack(
+            [
+                slide_outputs(_model(site, p.EXPERTS, rec), high, train, site.device)[0]
+                for rec in unpack_experts(experts)
+            ]
+        )
         assign, _ = _assignments(site, centroids, fingerprint)
     targets = scatter_kd_targets(len(data.slides), len(data.classes), train, t_logits, e_logits, assign)
     bags = student_bags(_adapter(site, adapter), data, _mode(site))
-    site.save(KD_CACHE, {"teacher": targets.teacher, "experts": targets.experts, "cluster": targets.cluster,
-                         "bags": bags})
+    site.save(
+        KD_CACHE, {"teacher": targets.teacher, "experts": targets.experts, "cluster": targets.cluster, "bags": bags}
+    )
     return {ph.N_TRAIN: int(train.size), ph.SECONDS: time.perf_counter() - start}
 
 
@@ -366,16 +434,24 @@ def _write_predictions(site: SiteRun, idx: np.ndarray, logits: dict[str, torch.T
     site.run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(site.run_dir / PREDICTIONS, newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["slide_id", "patient_id", "split", "label"]
-                        + [f"{name}_p{k}" for name in probs for k in range(len(data.classes))])
+        writer.writerow(
+            ["slide_id", "patient_id", "split", "label"]
+            + [f"{name}_p{k}" for name in probs for k in range(len(data.classes))]
+        )
         for row, i in enumerate(idx):
             s = data.slides[int(i)]
-            writer.writerow([s.slide_id, s.patient_id.split("/", 1)[-1], s.split, data.classes[s.label]]
-                            + [f"{p:.6f}" for name in probs for p in probs[name][row]])
+            writer.writerow(
+                [s.slide_id, s.patient_id.split("/", 1)[-1], s.split, data.classes[s.label]]
+                + [f"{p:.6f}" for name in probs for p in probs[name][row]]
+            )
 
 
 def final_evaluation(
-    site: SiteRun, teacher: ArrayRecord, student: ArrayRecord, baseline: ArrayRecord, adapter: ArrayRecord,
+    site: SiteRun,
+    teacher: ArrayRecord,
+    student: ArrayRecord,
+    baseline: ArrayRecord,
+    adapter: ArrayRecord,
     split: str = "test",
 ) -> Metrics:
     """Keep the final adapter + student as a bundle and per-slide predictions here; metrics of teacher (high),
@@ -388,8 +464,14 @@ def final_evaluation(
     assert site.facts is not None
     # the tissue/tiling settings this site preprocessed with, as its feature files record them
     meta = bundle_meta(data, mode, None, {"role": "federated_student", "run": site.run_dir.name})
-    StudentBundle(meta, adapter_model, student_model, teacher_model, student_config(site.cfg, site.facts),
-                  teacher_config(site.cfg, site.facts)).save(site.run_dir / BUNDLE_DIR)
+    StudentBundle(
+        meta,
+        adapter_model,
+        student_model,
+        teacher_model,
+        student_config(site.cfg, site.facts),
+        teacher_config(site.cfg, site.facts),
+    ).save(site.run_dir / BUNDLE_DIR)
     metrics: Metrics = {ph.N_TEST: int(idx.size), ph.NUM_EXAMPLES: int(idx.size)}
     if not idx.size:
         return metrics
@@ -422,19 +504,26 @@ def _centroids(content: RecordDict) -> np.ndarray:
 
 
 def _validate_adapter(site: SiteRun, content: RecordDict) -> Metrics:
-    return {ph.NUM_EXAMPLES: int(site.split("train").size), **_adapter_val_metrics(site, _adapter(site, content.array_records[p.ARRAYS]))}
+    return {
+        ph.NUM_EXAMPLES: int(site.split("train").size),
+        **_adapter_val_metrics(site, _adapter(site, content.array_records[p.ARRAYS])),
+    }
 
 
 def _validate_teacher(site: SiteRun, content: RecordDict) -> Metrics:
     members = unpack_models(content.array_records[p.ARRAYS])
     metrics: Metrics = {ph.NUM_EXAMPLES: int(site.split("train").size)}
     for name, (cohort, _, _) in _teacher_phase_models(site).items():
-        metrics.update(_member_val(_val_metrics(site, _model(site, name, members[name]), cohort(), site.split("val")), name))
+        metrics.update(
+            _member_val(_val_metrics(site, _model(site, name, members[name]), cohort(), site.split("val")), name)
+        )
     return metrics
 
 
 def _validate_experts(site: SiteRun, content: RecordDict) -> Metrics:
-    _, val_assign = _assignments(site, _centroids(content), str(content.config_records[p.CONFIG][ph.TEACHER_FINGERPRINT]))
+    _, val_assign = _assignments(
+        site, _centroids(content), str(content.config_records[p.CONFIG][ph.TEACHER_FINGERPRINT])
+    )
     cohort, val = site.high_cohort(), site.split("val")
     metrics: Metrics = {ph.NUM_EXAMPLES: int(site.split("train").size)}
     for c, rec in enumerate(unpack_experts(content.array_records[p.ARRAYS])):
@@ -444,24 +533,42 @@ def _validate_experts(site: SiteRun, content: RecordDict) -> Metrics:
 
 def _validate_student(site: SiteRun, content: RecordDict) -> Metrics:
     cohort = site.data().cohort(_kd_cache(site)["bags"])
-    return {ph.NUM_EXAMPLES: int(site.split("train").size),
-            **_val_metrics(site, _model(site, p.STUDENT, content.array_records[p.ARRAYS]), cohort, site.split("val"))}
+    return {
+        ph.NUM_EXAMPLES: int(site.split("train").size),
+        **_val_metrics(site, _model(site, p.STUDENT, content.array_records[p.ARRAYS]), cohort, site.split("val")),
+    }
 
 
 TRAIN_STEPS: dict[ph.Phase, TrainStep] = {
-    ph.ADAPTER: lambda site, content, server_round, mu: adapter_round(site, content.array_records[p.ARRAYS], server_round),
-    ph.TEACHER: lambda site, content, server_round, mu: teacher_round(site, content.array_records[p.ARRAYS], server_round, mu),
+    ph.ADAPTER: lambda site, content, server_round, mu: adapter_round(
+        site, content.array_records[p.ARRAYS], server_round
+    ),
+    ph.TEACHER: lambda site, content, server_round, mu: teacher_round(
+        site, content.array_records[p.ARRAYS], server_round, mu
+    ),
     ph.EXPERTS: lambda site, content, server_round, mu: experts_round(
-        site, content.array_records[p.ARRAYS], _centroids(content), str(content.config_records[p.CONFIG][ph.TEACHER_FINGERPRINT]), server_round, mu),
-    ph.STUDENT: lambda site, content, server_round, mu: student_round(site, content.array_records[p.ARRAYS], server_round, mu),
+        site,
+        content.array_records[p.ARRAYS],
+        _centroids(content),
+        str(content.config_records[p.CONFIG][ph.TEACHER_FINGERPRINT]),
+        server_round,
+        mu,
+    ),
+    ph.STUDENT: lambda site, content, server_round, mu: student_round(
+        site, content.array_records[p.ARRAYS], server_round, mu
+    ),
 }
 VALIDATE_STEPS: dict[ph.Phase, ValidateStep] = {
-    ph.ADAPTER: _validate_adapter, ph.TEACHER: _validate_teacher, ph.EXPERTS: _validate_experts,
+    ph.ADAPTER: _validate_adapter,
+    ph.TEACHER: _validate_teacher,
+    ph.EXPERTS: _validate_experts,
     ph.STUDENT: _validate_student,
 }
 
 
-def train(site: SiteRun, phase: ph.Phase, content: RecordDict, server_round: int, mu: float) -> tuple[ArrayRecord, Metrics]:
+def train(
+    site: SiteRun, phase: ph.Phase, content: RecordDict, server_round: int, mu: float
+) -> tuple[ArrayRecord, Metrics]:
     """One local round of a weights phase's model(s), from the arrays in `content`."""
     if phase not in TRAIN_STEPS:
         raise ValueError(f"phase {phase.name!r} has no local training; weights phases: {[x.name for x in TRAIN_STEPS]}")
@@ -471,7 +578,9 @@ def train(site: SiteRun, phase: ph.Phase, content: RecordDict, server_round: int
 def validate(site: SiteRun, phase: ph.Phase, content: RecordDict) -> Metrics:
     """Validation loss of a phase's global model on the site's val slides (per model of a packed phase)."""
     if phase not in VALIDATE_STEPS:
-        raise ValueError(f"unknown phase {phase.name!r} to validate; weights phases: {[x.name for x in VALIDATE_STEPS]}")
+        raise ValueError(
+            f"unknown phase {phase.name!r} to validate; weights phases: {[x.name for x in VALIDATE_STEPS]}"
+        )
     return VALIDATE_STEPS[phase](site, content)
 
 
@@ -483,11 +592,17 @@ def bags_cohort(bags: list[np.ndarray], classes: tuple[str, ...]) -> Cohort:
     from fedslide.common.training.cohort import Slide
 
     slides = [Slide(f"proxy-{i}", 0, f"proxy-{i}", "test", Path("."), len(b)) for i, b in enumerate(bags)]
-    return Cohort(slides, classes, int(bags[0].shape[1]), False, {}, {s.slide_id: (b, None) for s, b in zip(slides, bags)})
+    return Cohort(
+        slides, classes, int(bags[0].shape[1]), False, {}, {s.slide_id: (b, None) for s, b in zip(slides, bags)}
+    )
 
 
 def proxy_logits(
-    site: SiteRun, teacher: ArrayRecord, experts: ArrayRecord | None, centroids: np.ndarray | None, proxy: ArrayRecord,
+    site: SiteRun,
+    teacher: ArrayRecord,
+    experts: ArrayRecord | None,
+    centroids: np.ndarray | None,
+    proxy: ArrayRecord,
     fingerprint: str,
 ) -> tuple[dict[str, np.ndarray], Metrics]:
     """Fine-tune the global teacher (and each expert on its cluster) on the site's slides; their logits on the proxy."""

@@ -102,7 +102,9 @@ def _identity(item: Any) -> Any:
     return item
 
 
-def iterate_batches(dataset: RegionDataset, batch_size: int, num_workers: int, pin_memory: bool) -> Iterator[PatchBatch]:
+def iterate_batches(
+    dataset: RegionDataset, batch_size: int, num_workers: int, pin_memory: bool
+) -> Iterator[PatchBatch]:
     """Patches of the dataset in order, in batches of exactly `batch_size` (the last may be smaller)."""
     loader = DataLoader(
         dataset,
@@ -132,9 +134,7 @@ def iterate_batches(dataset: RegionDataset, batch_size: int, num_workers: int, p
         yield _take(buf_pixels, buf_kinds, buf_index, buffered, pin_memory)
 
 
-def _take(
-    pixels: list[np.ndarray], kinds: list[str], index: list[np.ndarray], n: int, pin_memory: bool
-) -> PatchBatch:
+def _take(pixels: list[np.ndarray], kinds: list[str], index: list[np.ndarray], n: int, pin_memory: bool) -> PatchBatch:
     """Pop the first n patches off the buffers (in place)."""
     all_pixels = np.concatenate(pixels) if len(pixels) > 1 else pixels[0]
     all_index = np.concatenate(index) if len(index) > 1 else index[0]

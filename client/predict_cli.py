@@ -6,7 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedslide.common.cli_support import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, ConfigError, add_config_arguments, config_from_args
+from fedslide.common.cli_support import (
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    ConfigError,
+    add_config_arguments,
+    config_from_args,
+)
 from fedslide.common.config.predict import PredictConfig
 
 

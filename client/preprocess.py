@@ -96,7 +96,7 @@ class SitePreprocessor:
         self.device = resolve_device(cfg.encoder.device)
         self.encoder = (encoder or build_encoder(cfg.encoder)).to(self.device).eval()
         if self.device.type == "cuda":
-            self.encoder = self.encoder.to(memory_format=torch.channels_last)
+            self.encoder = self.encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch stubs omit Module.to(memory_format=)
         self.token_grid = cfg.tiling.ratio if (cfg.encoder.write_tokens and self.encoder.has_feature_map) else 0
 
     @property
@@ -229,7 +229,9 @@ class SitePreprocessor:
                 )
                 for r in todo
             }
-            bar = tqdm(total=total, desc=f"  {slide.slide_id}", unit="patch", leave=False, disable=not self.cfg.progress)
+            bar = tqdm(
+                total=total, desc=f"  {slide.slide_id}", unit="patch", leave=False, disable=not self.cfg.progress
+            )
             for resolutions in passes:
                 self._encode_pass(slide, grid, resolutions, writers, bar)
             bar.close()
@@ -276,7 +278,10 @@ class SitePreprocessor:
                     )
                 else:
                     writers["high"].append(
-                        batch.features[rows], grid.high_coords[idx], parent=grid.high_parent[idx], child=grid.high_child[idx]
+                        batch.features[rows],
+                        grid.high_coords[idx],
+                        parent=grid.high_parent[idx],
+                        child=grid.high_child[idx],
                     )
             bar.update(len(batch))
 

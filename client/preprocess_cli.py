@@ -20,7 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "2 bad configuration or no slides, 3 some slides failed (see features/<encoder>/failures.csv)."
         ),
     )
-    p.add_argument("--site", dest="sites", action="append", required=True, type=Path, help="site directory (repeatable)")
+    p.add_argument(
+        "--site", dest="sites", action="append", required=True, type=Path, help="site directory (repeatable)"
+    )
     p.add_argument("--resolutions", choices=["both", "low", "high"], default=None, help="which feature files to write")
     p.add_argument("--encoder", default=None, help="encoder name (default efficientnet_lite0)")
     p.add_argument("--weights", type=Path, default=None, help="local weights file for the encoder")

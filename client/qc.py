@@ -35,7 +35,9 @@ def render_qc_image(
     tint = np.zeros(base.shape[:2], dtype=bool)
     hs = grid.high_size_level0
     for x, y in grid.high_coords:
-        tint[int(y * scale_y) : int(np.ceil((y + hs) * scale_y)), int(x * scale_x) : int(np.ceil((x + hs) * scale_x))] = True
+        tint[
+            int(y * scale_y) : int(np.ceil((y + hs) * scale_y)), int(x * scale_x) : int(np.ceil((x + hs) * scale_x))
+        ] = True
     base[tint] = (0.7 * base[tint] + 0.3 * np.array(HIGH_COLOUR)).astype(np.uint8)
     edge = find_boundaries(tissue, mode="inner")
     edge = edge | np.roll(edge, 1, axis=0) | np.roll(edge, 1, axis=1)  # 2 px wide

@@ -81,7 +81,9 @@ class SiteRun:
         """From the SuperNode's `--node-config`: `site-dir` (required), `runs-dir`, `site-name` (optional)."""
         raw = node_config.get("site-dir")
         if not raw:
-            raise SiteConfigError("node config has no 'site-dir' (start the SuperNode with --node-config 'site-dir=\"/path\"')")
+            raise SiteConfigError(
+                "node config has no 'site-dir' (start the SuperNode with --node-config 'site-dir=\"/path\"')"
+            )
         site_dir = Path(str(raw)).expanduser()
         if not site_dir.is_dir():
             raise SiteConfigError(f"node config site-dir={str(raw)!r}: no such directory")
@@ -105,11 +107,21 @@ class SiteRun:
             classes = None if self.facts is None else self.facts.classes
             store = held_features()
             hits = store.hits if store is not None else 0
-            self._data = load_sites([self.site_dir], self.cfg.encoder, seed=self.cfg.seed, classes=classes,
-                                    store=store, carving=self.cfg.carve)
+            self._data = load_sites(
+                [self.site_dir],
+                self.cfg.encoder,
+                seed=self.cfg.seed,
+                classes=classes,
+                store=store,
+                carving=self.cfg.carve,
+            )
             if store is not None:
-                log.info("site %s: %d of %d feature files from memory", self.name, store.hits - hits,
-                         2 * len(self._data.slides))
+                log.info(
+                    "site %s: %d of %d feature files from memory",
+                    self.name,
+                    store.hits - hits,
+                    2 * len(self._data.slides),
+                )
         return self._data
 
     def split(self, name: str) -> np.ndarray:

@@ -43,9 +43,7 @@ class Resolution:
         return 10.0 / self.mpp
 
 
-def resolution_from_properties(
-    props: dict[str, str], name: str, mpp_override: float | None = None
-) -> Resolution:
+def resolution_from_properties(props: dict[str, str], name: str, mpp_override: float | None = None) -> Resolution:
     """Level-0 resolution from OpenSlide properties: mpp, else objective power, else the override."""
     mpp_x, mpp_y = props.get(openslide.PROPERTY_NAME_MPP_X), props.get(openslide.PROPERTY_NAME_MPP_Y)
     try:
@@ -81,7 +79,9 @@ class SlideReader:
         try:
             self._slide = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
-            raise SlideError(f"slide {self.path.name}: not a slide format OpenSlide can open ({exc or 'unsupported'})") from exc
+            raise SlideError(
+                f"slide {self.path.name}: not a slide format OpenSlide can open ({exc or 'unsupported'})"
+            ) from exc
         except openslide.OpenSlideError as exc:
             raise SlideError(f"slide {self.path.name}: unreadable or truncated file ({exc})") from exc
         self.resolution = resolution_from_properties(dict(self._slide.properties), self.path.name, mpp_override)
@@ -114,7 +114,9 @@ class SlideReader:
         limit = target_mpp * (1.0 + self.mpp_tolerance)
         candidates = [(m, i) for i, m in enumerate(self.level_mpps) if m <= limit]
         if not candidates:
-            log.debug("%s: target %.3f µm/px is finer than level 0 (%.3f): upsampling", self.slide_id, target_mpp, self.mpp)
+            log.debug(
+                "%s: target %.3f µm/px is finer than level 0 (%.3f): upsampling", self.slide_id, target_mpp, self.mpp
+            )
             return 0
         return max(candidates)[1]
 

@@ -37,13 +37,28 @@ from pathlib import Path
 
 from fedslide.common import flower_compat
 from fedslide.common.flower_app import APP_PACKAGES  # a task imports these from its FAB
-from fedslide.common.flower_compat import (APP_DIR, FAB_HASH_TRUNCATION, AcquireTaskRequest, AutoExecPlugin,
-                                           EventType, ExecutionSpec, LaunchResult, RuntimeHttpClient,
-                                           RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor, TaskType,
-                                           add_superexec_auth_secret_args, disable_process_dumping, get_flwr_home,
-                                           load_superexec_auth_secret, make_simple_http_retry_invoker,
-                                           register_signal_handlers, reuse_installed_fab, shorten_object_pulls,
-                                           validate_and_resolve_root_certificates)
+from fedslide.common.flower_compat import (
+    APP_DIR,
+    FAB_HASH_TRUNCATION,
+    AcquireTaskRequest,
+    AutoExecPlugin,
+    EventType,
+    ExecutionSpec,
+    LaunchResult,
+    RuntimeHttpClient,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+    TaskType,
+    add_superexec_auth_secret_args,
+    disable_process_dumping,
+    get_flwr_home,
+    load_superexec_auth_secret,
+    make_simple_http_retry_invoker,
+    register_signal_handlers,
+    reuse_installed_fab,
+    shorten_object_pulls,
+    validate_and_resolve_root_certificates,
+)
 from fedslide.common.processes import port_open
 
 log = logging.getLogger(__name__)
@@ -51,8 +66,16 @@ log = logging.getLogger(__name__)
 # imported once here, before any fork: what a ClientApp message needs (the app module's imports; torch._dynamo,
 # which torch imports when the first optimizer is made, ≈ 1.8 s; the libraries the app loads lazily so that a cold
 # `flwr-clientapp` need not pay for them)
-PRELOAD = ("flwr.supernode.runtime.run_clientapp", "fedslide.client.client_app", "torch._dynamo", "sklearn.metrics",
-           "sklearn.cluster", "sklearn.utils.class_weight", "scipy.optimize", "scipy.sparse")
+PRELOAD = (
+    "flwr.supernode.runtime.run_clientapp",
+    "fedslide.client.client_app",
+    "torch._dynamo",
+    "sklearn.metrics",
+    "sklearn.cluster",
+    "sklearn.utils.class_weight",
+    "scipy.optimize",
+    "scipy.sparse",
+)
 APP_MODULES = tuple(m for m in PRELOAD if m.partition(".")[0] in APP_PACKAGES)  # what `warm_up` imports from a FAB
 POLL_S = 0.2  # between AcquireTask calls (Flower's SuperExec: 1 s by default)
 FEATURE_MEMORY_GB = 8.0  # the most feature arrays a SuperExec holds for its tasks
@@ -108,13 +131,20 @@ class ForkExecutor:
         self.warm_dir: Path | None = None
         self._cold_fabs: set[str] = set()  # FABs whose import here failed: their tasks run cold
 
-    def get_eligible_capacity(self, supported_task_types: set[TaskType], *, insecure: bool = False,
-                              root_certificates_path: str | None = None) -> tuple[set[TaskType], set[str]]:
+    def get_eligible_capacity(
+        self, supported_task_types: set[TaskType], *, insecure: bool = False, root_certificates_path: str | None = None
+    ) -> tuple[set[TaskType], set[str]]:
         """ClientApp tasks only (the SuperNode's only kind), never a capacity wait."""
         return {t for t in supported_task_types if t == TaskType.CLIENT_APP}, set()
 
-    def wait_for_capacity(self, task_type: TaskType | None = None, *, fab_hash: str | None = None,
-                          insecure: bool = False, root_certificates_path: str | None = None) -> None:
+    def wait_for_capacity(
+        self,
+        task_type: TaskType | None = None,
+        *,
+        fab_hash: str | None = None,
+        insecure: bool = False,
+        root_certificates_path: str | None = None,
+    ) -> None:
         """Forking has no capacity gate."""
 
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
@@ -127,8 +157,12 @@ class ForkExecutor:
         self.children.append(child)
         self.fab_of[child.name] = spec.fab_hash
         self.launched += 1
-        log.info("task %d: ClientApp in forked process %d%s", spec.task_id, child.pid,
-                 " (app imported)" if warm_dir is not None else "")
+        log.info(
+            "task %d: ClientApp in forked process %d%s",
+            spec.task_id,
+            child.pid,
+            " (app imported)" if warm_dir is not None else "",
+        )
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:
@@ -153,7 +187,8 @@ class ForkExecutor:
         started = time.perf_counter()
         try:
             store, read, left = importlib.import_module("fedslide.client.site_run").hold_site_features(
-                self.site_dir, self.feature_bytes)
+                self.site_dir, self.feature_bytes
+            )
         except Exception as exc:  # noqa: BLE001 - a bad site is reported by the tasks that read it
             if str(exc) != self._features_problem:  # once per problem, not after every task
                 log.warning("not holding the feature files of %s (the tasks read them): %s", self.site_dir, exc)
@@ -161,8 +196,15 @@ class ForkExecutor:
             return False
         self._features_problem = ""
         if read or left != self._features_left:
-            log.info("holding %d feature file(s) of %s for the tasks (%.1f MB; %d read in %.2f s; %d left on disk)",
-                     len(store), self.site_dir, store.nbytes / 1e6, read, time.perf_counter() - started, left)
+            log.info(
+                "holding %d feature file(s) of %s for the tasks (%.1f MB; %d read in %.2f s; %d left on disk)",
+                len(store),
+                self.site_dir,
+                store.nbytes / 1e6,
+                read,
+                time.perf_counter() - started,
+                left,
+            )
         self._features_left = left
         return True
 
@@ -185,8 +227,9 @@ class ForkExecutor:
             for module in APP_MODULES:
                 importlib.import_module(module)
         except Exception:  # noqa: BLE001 - whatever the FAB's code raises on import, its tasks report it themselves
-            log.exception("importing the app of FAB %s from %s failed; its tasks import it themselves", fab_hash[:12],
-                          fab_dir)
+            log.exception(
+                "importing the app of FAB %s from %s failed; its tasks import it themselves", fab_hash[:12], fab_dir
+            )
             forget_app_modules()
             sys.path.remove(str(fab_dir))
             self.warm_fab, self.warm_dir = None, None
@@ -223,17 +266,28 @@ def wait_for_runtime_api(address: str, parent_pid: int | None, poll: float = 0.2
     return False
 
 
-def serve(runtime_api_address: str, insecure: bool, root_certificates_path: str | None = None,
-          auth_secret: bytes | None = None, parent_pid: int | None = None, poll: float = POLL_S,
-          site_dir: Path | None = None, feature_memory_gb: float = FEATURE_MEMORY_GB) -> None:
+def serve(
+    runtime_api_address: str,
+    insecure: bool,
+    root_certificates_path: str | None = None,
+    auth_secret: bytes | None = None,
+    parent_pid: int | None = None,
+    poll: float = POLL_S,
+    site_dir: Path | None = None,
+    feature_memory_gb: float = FEATURE_MEMORY_GB,
+) -> None:
     """Preload, wait for the SuperNode's Runtime API, then acquire ClientApp tasks from it and fork one child per
     task until SIGTERM/SIGINT (or until `parent_pid`, the SuperNode, is gone)."""
     started = time.perf_counter()
     shorten_object_pulls()  # inherited by every child: it pulls the message's arrays without a 1 s back-off
     for module in PRELOAD:
         importlib.import_module(module)
-    log.info("preloaded %d modules in %.1f s; runtime API %s", len(sys.modules), time.perf_counter() - started,
-             runtime_api_address)
+    log.info(
+        "preloaded %d modules in %.1f s; runtime API %s",
+        len(sys.modules),
+        time.perf_counter() - started,
+        runtime_api_address,
+    )
     if not wait_for_runtime_api(runtime_api_address, parent_pid):
         log.info("the SuperNode (pid %s) is gone before its Runtime API came up; stopping", parent_pid)
         return
@@ -241,21 +295,32 @@ def serve(runtime_api_address: str, insecure: bool, root_certificates_path: str 
     if auth_secret:
         interceptors.append(SuperExecAuthHttpInterceptor(master_secret=auth_secret, protected_methods=_AUTH_METHODS))
     client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address, insecure=insecure,
+        server_address=runtime_api_address,
+        insecure=insecure,
         root_certificates=validate_and_resolve_root_certificates(root_certificates_path, insecure),
-        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+        interceptors=interceptors,
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
     executor = ForkExecutor(site_dir, int(feature_memory_gb * 2**30))
-    plugin = AutoExecPlugin(runtime_api_address=runtime_api_address, insecure=insecure,
-                            root_certificates_path=root_certificates_path, runtime_dependency_install=False,
-                            executor=executor)
-    register_signal_handlers(event_type=EventType.RUN_SUPEREXEC_LEAVE, exit_message="fedslide SuperExec stopped.",
-                             exit_handlers=[client.close, executor.close])
+    plugin = AutoExecPlugin(
+        runtime_api_address=runtime_api_address,
+        insecure=insecure,
+        root_certificates_path=root_certificates_path,
+        runtime_dependency_install=False,
+        executor=executor,
+    )
+    register_signal_handlers(
+        event_type=EventType.RUN_SUPEREXEC_LEAVE,
+        exit_message="fedslide SuperExec stopped.",
+        exit_handlers=[client.close, executor.close],
+    )
     while _parent_alive(parent_pid):
         executor.reconcile()
         task_types, fab_hashes = executor.get_eligible_capacity(set(plugin.supported_task_types))
         try:
-            reply = client.AcquireTask(AcquireTaskRequest(supported_task_types=task_types,
-                                                          agentapp_fab_hashes=fab_hashes))
+            reply = client.AcquireTask(
+                AcquireTaskRequest(supported_task_types=task_types, agentapp_fab_hashes=fab_hashes)
+            )
         except Exception:  # the SuperNode restarting or gone: the loop condition decides
             if not _parent_alive(parent_pid):
                 break
@@ -285,10 +350,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     security.add_argument("--root-certificates", default=None, help="CA certificate of the Runtime API's TLS")
     p.add_argument("--parent-pid", type=int, default=None, help="stop when this process (the SuperNode) is gone")
     p.add_argument("--poll", type=float, default=POLL_S, help=f"seconds between task polls (default {POLL_S})")
-    p.add_argument("--site-dir", type=Path, default=None,
-                   help="the site directory (the SuperNode's site-dir): hold its feature files in memory for the tasks")
-    p.add_argument("--feature-memory-gb", type=float, default=FEATURE_MEMORY_GB,
-                   help=f"the most feature arrays held for the tasks, GiB (default {FEATURE_MEMORY_GB:g}; 0: none)")
+    p.add_argument(
+        "--site-dir",
+        type=Path,
+        default=None,
+        help="the site directory (the SuperNode's site-dir): hold its feature files in memory for the tasks",
+    )
+    p.add_argument(
+        "--feature-memory-gb",
+        type=float,
+        default=FEATURE_MEMORY_GB,
+        help=f"the most feature arrays held for the tasks, GiB (default {FEATURE_MEMORY_GB:g}; 0: none)",
+    )
     add_superexec_auth_secret_args(p)
     p.set_defaults(handler=run)
 
@@ -299,8 +372,16 @@ def run(args: argparse.Namespace) -> int:
     secret = None
     if args.superexec_auth_secret_file is not None:
         secret = load_superexec_auth_secret(secret_file=args.superexec_auth_secret_file)
-    serve(args.runtime_api_address, args.insecure, args.root_certificates, secret, args.parent_pid, args.poll,
-          args.site_dir, args.feature_memory_gb)
+    serve(
+        args.runtime_api_address,
+        args.insecure,
+        args.root_certificates,
+        secret,
+        args.parent_pid,
+        args.poll,
+        args.site_dir,
+        args.feature_memory_gb,
+    )
     return 0
 
 

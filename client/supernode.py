@@ -40,9 +40,20 @@ class SuperNode:
     `flwr-clientapp` per message.
     """
 
-    def __init__(self, name: str, site_dir: Path, superlink: str, port: int, workdir: Path,
-                 ca: Path | None, auth_key: Path | None, runs_dir: Path | None = None, env: dict[str, str] | None = None,
-                 warm: bool = True, isolation: str = "process"):
+    def __init__(
+        self,
+        name: str,
+        site_dir: Path,
+        superlink: str,
+        port: int,
+        workdir: Path,
+        ca: Path | None,
+        auth_key: Path | None,
+        runs_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+        warm: bool = True,
+        isolation: str = "process",
+    ):
         if isolation not in ("process", "subprocess"):
             raise ValueError(f"isolation must be 'process' or 'subprocess', got {isolation!r}")
         self.name, self.site_dir, self.superlink, self.port = name, Path(site_dir), superlink, port
@@ -68,9 +79,20 @@ class SuperNode:
 
     def argv(self) -> list[str]:
         """The command line (warm: fedslide's short-polling launcher of Flower's SuperNode)."""
-        launcher = [sys.executable, "-m", "fedslide.client.supernode"] if self.warm else [flower_tool("flower-supernode")]
-        argv = [*launcher, "--superlink", self.superlink, "--host", "127.0.0.1",
-                "--port", str(self.port), "--node-config", self.node_config()]
+        launcher = (
+            [sys.executable, "-m", "fedslide.client.supernode"] if self.warm else [flower_tool("flower-supernode")]
+        )
+        argv = [
+            *launcher,
+            "--superlink",
+            self.superlink,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--node-config",
+            self.node_config(),
+        ]
         argv += ["--insecure"] if self.ca is None else ["--root-certificates", str(self.ca)]
         if self.auth_key is not None:
             argv += ["--auth-supernode-private-key", str(self.auth_key)]
@@ -80,17 +102,32 @@ class SuperNode:
 
     def superexec_argv(self, parent_pid: int) -> list[str]:
         """The command line of the warm SuperExec (the Runtime API is the SuperNode's loopback port)."""
-        return [sys.executable, "-m", "fedslide.client.superexec", "--runtime-api-address", f"127.0.0.1:{self.port}",
-                "--insecure", "--parent-pid", str(parent_pid), "--site-dir", str(self.site_dir.resolve())]
+        return [
+            sys.executable,
+            "-m",
+            "fedslide.client.superexec",
+            "--runtime-api-address",
+            f"127.0.0.1:{self.port}",
+            "--insecure",
+            "--parent-pid",
+            str(parent_pid),
+            "--site-dir",
+            str(self.site_dir.resolve()),
+        ]
 
     def launch(self) -> "SuperNode":
         """Start the SuperNode process and (warm) its SuperExec without waiting (several sites start side by side;
         the SuperExec preloads torch meanwhile and waits for the SuperNode's port itself)."""
-        self.process = ManagedProcess(f"SuperNode {self.name}", self.argv(), self.workdir / f"supernode-{self.name}.log",
-                                      env=flower_env(self.env))
+        self.process = ManagedProcess(
+            f"SuperNode {self.name}", self.argv(), self.workdir / f"supernode-{self.name}.log", env=flower_env(self.env)
+        )
         if self.warm and self.isolation == "process":
-            self.superexec = ManagedProcess(f"SuperExec {self.name}", self.superexec_argv(self.process.proc.pid),
-                                            self.workdir / f"superexec-{self.name}.log", env=flower_env(self.env))
+            self.superexec = ManagedProcess(
+                f"SuperExec {self.name}",
+                self.superexec_argv(self.process.proc.pid),
+                self.workdir / f"superexec-{self.name}.log",
+                env=flower_env(self.env),
+            )
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> "SuperNode":
@@ -139,8 +176,11 @@ class WarmSuperExecLauncher:
     def __call__(self, command: Sequence[str], *args: Any, **kwargs: Any) -> subprocess.Popen:
         warm = warm_superexec_command(command, self.extra)
         if warm is None:
-            log.warning("starting %s as Flower wrote it, not fedslide's SuperExec: %s", command[0] if command else "?",
-                        " ".join(command))
+            log.warning(
+                "starting %s as Flower wrote it, not fedslide's SuperExec: %s",
+                command[0] if command else "?",
+                " ".join(command),
+            )
         return subprocess.Popen(warm or list(command), *args, **kwargs)
 
 
@@ -171,19 +211,37 @@ def main(argv: list[str] | None = None) -> int:
     from fedslide.common.flower_compat import IDLE_POLL_S, PULL_BACKOFF_CAP_S, PULL_BACKOFF_S
 
     parser = argparse.ArgumentParser(
-        prog="fedslide-supernode", description="flower-supernode with shorter polling and, in its default subprocess "
-        "isolation, fedslide's warm SuperExec; other flags are Flower's (see flower-supernode --help)")
-    parser.add_argument("--idle-poll", type=float, default=IDLE_POLL_S,
-                        help=f"seconds between polls for a message or a reply (Flower: 3 s / 0.5 s; default {IDLE_POLL_S})")
-    parser.add_argument("--pull-backoff", type=float, default=PULL_BACKOFF_S,
-                        help=f"first wait before pulling a missing array again (Flower: 1 s; default {PULL_BACKOFF_S})")
-    parser.add_argument("--superexec", choices=("fedslide", "flower"), default="fedslide",
-                        help="the SuperExec started in subprocess isolation: fedslide's (each message in a process "
-                        "forked from one that imported torch once; default) or Flower's (a fresh flwr-clientapp per "
-                        "message). With --isolation process neither is started here.")
-    parser.add_argument("--feature-memory-gb", type=float, default=FEATURE_MEMORY_GB,
-                        help="fedslide's SuperExec holds the site-dir's feature files up to this many GiB "
-                        f"(default {FEATURE_MEMORY_GB:g}; 0: none)")
+        prog="fedslide-supernode",
+        description="flower-supernode with shorter polling and, in its default subprocess "
+        "isolation, fedslide's warm SuperExec; other flags are Flower's (see flower-supernode --help)",
+    )
+    parser.add_argument(
+        "--idle-poll",
+        type=float,
+        default=IDLE_POLL_S,
+        help=f"seconds between polls for a message or a reply (Flower: 3 s / 0.5 s; default {IDLE_POLL_S})",
+    )
+    parser.add_argument(
+        "--pull-backoff",
+        type=float,
+        default=PULL_BACKOFF_S,
+        help=f"first wait before pulling a missing array again (Flower: 1 s; default {PULL_BACKOFF_S})",
+    )
+    parser.add_argument(
+        "--superexec",
+        choices=("fedslide", "flower"),
+        default="fedslide",
+        help="the SuperExec started in subprocess isolation: fedslide's (each message in a process "
+        "forked from one that imported torch once; default) or Flower's (a fresh flwr-clientapp per "
+        "message). With --isolation process neither is started here.",
+    )
+    parser.add_argument(
+        "--feature-memory-gb",
+        type=float,
+        default=FEATURE_MEMORY_GB,
+        help="fedslide's SuperExec holds the site-dir's feature files up to this many GiB "
+        f"(default {FEATURE_MEMORY_GB:g}; 0: none)",
+    )
     ours, flower_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     for name in ("idle_poll", "pull_backoff"):
         if not getattr(ours, name) > 0:

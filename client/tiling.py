@@ -83,13 +83,17 @@ def paired_grid(
 
 def _fractions(origins_um: np.ndarray, side_um: float, tissue: np.ndarray, mask_mpp: tuple[float, float]) -> np.ndarray:
     mx, my = mask_mpp
-    boxes = np.stack(
-        [
-            origins_um[:, 0] / mx,
-            origins_um[:, 1] / my,
-            (origins_um[:, 0] + side_um) / mx,
-            (origins_um[:, 1] + side_um) / my,
-        ],
-        axis=1,
-    ) if len(origins_um) else np.zeros((0, 4))
+    boxes = (
+        np.stack(
+            [
+                origins_um[:, 0] / mx,
+                origins_um[:, 1] / my,
+                (origins_um[:, 0] + side_um) / mx,
+                (origins_um[:, 1] + side_um) / my,
+            ],
+            axis=1,
+        )
+        if len(origins_um)
+        else np.zeros((0, 4))
+    )
     return box_fractions(tissue, boxes)

@@ -59,7 +59,11 @@ def atomic_path(path: Path | str, suffix: str = TEMP_SUFFIX) -> Iterator[Path]:
 
 @contextmanager
 def atomic_write(
-    path: Path | str, mode: str = "w", *, newline: str | None = None, encoding: str | None = "utf-8",
+    path: Path | str,
+    mode: str = "w",
+    *,
+    newline: str | None = None,
+    encoding: str | None = "utf-8",
     perms: int = 0o666,
 ) -> Iterator[IO[Any]]:
     """Yield an open file ("w": text, "wb": bytes) whose contents replace `path` when the block ends cleanly.

@@ -17,9 +17,11 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"device {name!r} is not a torch device (use auto, cpu, cuda[:i] or mps)") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} requested but CUDA is not available (use device = \"cpu\" or \"auto\")")
+            raise ConfigError(f'device {name!r} requested but CUDA is not available (use device = "cpu" or "auto")')
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(
+                f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {name!r} requested but MPS is not available (use device = \"cpu\" or \"auto\")")
+        raise ConfigError(f'device {name!r} requested but MPS is not available (use device = "cpu" or "auto")')
     return device

@@ -98,7 +98,9 @@ def check_reply(content: RecordDict, allowed: Allowed) -> None:
             if name != declared.reply_config:
                 problems.append(f"config record {name!r} is not allowed in phase {phase}")
             elif not set(record) <= declared.reply_config_keys:
-                problems.append(f"config keys not allowed: {', '.join(sorted(set(record) - declared.reply_config_keys))}")
+                problems.append(
+                    f"config keys not allowed: {', '.join(sorted(set(record) - declared.reply_config_keys))}"
+                )
         else:  # pragma: no cover - RecordDict holds only the three kinds
             problems.append(f"record {name!r} of type {type(record).__name__} is not allowed")
     if problems:
@@ -117,8 +119,10 @@ def describe(content: RecordDict) -> dict[str, Any]:
     configs: list[str] = []
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
-            arrays.extend({"record": name, "name": key, "shape": list(a.shape), "dtype": str(a.dtype),
-                           "bytes": len(a.data)} for key, a in record.items())
+            arrays.extend(
+                {"record": name, "name": key, "shape": list(a.shape), "dtype": str(a.dtype), "bytes": len(a.data)}
+                for key, a in record.items()
+            )
         elif isinstance(record, MetricRecord):
             metrics.extend(f"{name}.{key}" for key in record)
         elif isinstance(record, ConfigRecord):
@@ -132,10 +136,18 @@ class EgressLedger:
     def __init__(self, path: Path | str):
         self.path = Path(path)
 
-    def append(self, phase: str, server_round: int, content: RecordDict, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def append(
+        self, phase: str, server_round: int, content: RecordDict, extra: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Write one line for an outgoing message and return it."""
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "phase": phase, "round": int(server_round),
-                 "bytes": message_bytes(content), **describe(content), **dict(extra or {})}
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "phase": phase,
+            "round": int(server_round),
+            "bytes": message_bytes(content),
+            **describe(content),
+            **dict(extra or {}),
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")

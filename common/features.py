@@ -161,7 +161,9 @@ class FeatureWriter:
         if n == 0:
             return
         if features.shape[1] != self.meta.encoder_dim:
-            raise FeatureFileError(f"{self.path}: features have dim {features.shape[1]}, expected {self.meta.encoder_dim}")
+            raise FeatureFileError(
+                f"{self.path}: features have dim {features.shape[1]}, expected {self.meta.encoder_dim}"
+            )
         if len(coords) != n or (
             self.with_parent and (parent is None or child is None or len(parent) != n or len(child) != n)
         ):

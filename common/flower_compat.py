@@ -95,7 +95,8 @@ def check_flower_version(installed: str | None = None) -> None:
             f"fedslide's use of Flower internals (fedslide/common/flower_compat.py) was written for flwr "
             f"{FLOWER_MINOR}.x, but flwr {installed} is installed: install flwr>={FLOWER_MINOR},<"
             f"{_next_minor(FLOWER_MINOR)} (pyproject.toml), or check every function of that module against flwr "
-            f"{installed} and then set FLOWER_MINOR there")
+            f"{installed} and then set FLOWER_MINOR there"
+        )
 
 
 @cache
@@ -156,11 +157,17 @@ def _has_module_subprocess(loop: ModuleType) -> bool:
 def flower_internals_present() -> list[str]:
     """What the patches here change that the installed Flower lacks (empty: everything is there)."""
     pulls = importlib.import_module(_PULL_MODULE)
-    missing = [f"{_PULL_MODULE}.{name}(initial_backoff=, backoff_cap=)"
-               for name in _PULL_FUNCTIONS if not _has_backoff_defaults(getattr(pulls, name, None))]
+    missing = [
+        f"{_PULL_MODULE}.{name}(initial_backoff=, backoff_cap=)"
+        for name in _PULL_FUNCTIONS
+        if not _has_backoff_defaults(getattr(pulls, name, None))
+    ]
     loop = importlib.import_module(_SUPERNODE_LOOP_MODULE)
-    missing += [f"{_SUPERNODE_LOOP_MODULE}.{name}" for name, present in
-                (("time", _has_module_time(loop)), ("subprocess", _has_module_subprocess(loop))) if not present]
+    missing += [
+        f"{_SUPERNODE_LOOP_MODULE}.{name}"
+        for name, present in (("time", _has_module_time(loop)), ("subprocess", _has_module_subprocess(loop)))
+        if not present
+    ]
     if not callable(getattr(importlib.import_module(_CLIENTAPP_RUNTIME_MODULE), "install_from_fab", None)):
         missing.append(f"{_CLIENTAPP_RUNTIME_MODULE}.install_from_fab")
     return missing
@@ -215,8 +222,10 @@ def start_superexec_through(popen: Callable[..., subprocess.Popen]) -> bool:
     check_flower_version()
     loop = importlib.import_module(_SUPERNODE_LOOP_MODULE)
     if not _has_module_subprocess(loop):
-        log.warning("Flower's SuperNode does not start its SuperExec through a module-level `subprocess` here; "
-                    "it runs Flower's own (a fresh flwr-clientapp per message)")
+        log.warning(
+            "Flower's SuperNode does not start its SuperExec through a module-level `subprocess` here; "
+            "it runs Flower's own (a fresh flwr-clientapp per message)"
+        )
         return False
     loop.subprocess = PopenInstead(popen)  # type: ignore[attr-defined]
     return True
@@ -265,7 +274,9 @@ def stamp_reply_source(reply: Message, node_id: int) -> None:
 
 
 # ---- strategies -----------------------------------------------------------------------------------------------------
-def checked_replies(strategy: FedAvg, replies: Iterable[Message], *, is_train: bool) -> tuple[list[Message], list[Message]]:
+def checked_replies(
+    strategy: FedAvg, replies: Iterable[Message], *, is_train: bool
+) -> tuple[list[Message], list[Message]]:
     """A FedAvg-family strategy's own split of `replies` into (valid, errors), logged and content-checked as it does
     before aggregating."""
     check_flower_version()

@@ -57,15 +57,18 @@ class ManagedProcess:
 
     family_every = 5.0
 
-    def __init__(self, name: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
+    def __init__(
+        self, name: str, argv: Sequence[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    ):
         self.name = name
         self.argv = list(argv)
         self.log = Path(log)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         handle = self.log.open("ab")
         try:
-            self.proc = subprocess.Popen(self.argv, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+            )
         finally:
             handle.close()
         self._family: dict[tuple[int, float], psutil.Process] = {}

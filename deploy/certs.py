@@ -280,23 +280,27 @@ def instructions(material: Material) -> str:
     """Human-readable text: which file goes where."""
     m = material
     reused = " (existing CA reused)" if m.reused_ca else ""
-    return "\n".join([
-        f"TLS and SuperNode-authentication material in {m.out_dir.resolve()}{reused}",
-        "",
-        "Coordinating site (SuperLink host): copy ca.crt, server.pem, server.key, then run",
-        "  flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key "
-        "--enable-supernode-auth ...",
-        "  and register each site's public key (the flwr connection needs root-certificates = ca.crt):",
-        *(f"  flwr supernode register {p.cert.name} <connection>" for p in m.sites.values()),
-        "",
-        "Each hospital: copy ca.crt and its own private key only, then run",
-        *(f"  {s}: fedslide-supernode --root-certificates ca.crt --auth-supernode-private-key {p.key.name} ..."
-          for s, p in m.sites.items()),
-        "",
-        "Never copy ca.key anywhere: keep it offline; it can mint certificates the whole federation trusts.",
-        "Move private keys (*.key) over a secure channel only and delete stray copies once installed.",
-        "Keep the SuperLink's control port off the hospitals' network: open-source Flower does not authenticate it.",
-    ])
+    return "\n".join(
+        [
+            f"TLS and SuperNode-authentication material in {m.out_dir.resolve()}{reused}",
+            "",
+            "Coordinating site (SuperLink host): copy ca.crt, server.pem, server.key, then run",
+            "  flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key "
+            "--enable-supernode-auth ...",
+            "  and register each site's public key (the flwr connection needs root-certificates = ca.crt):",
+            *(f"  flwr supernode register {p.cert.name} <connection>" for p in m.sites.values()),
+            "",
+            "Each hospital: copy ca.crt and its own private key only, then run",
+            *(
+                f"  {s}: fedslide-supernode --root-certificates ca.crt --auth-supernode-private-key {p.key.name} ..."
+                for s, p in m.sites.items()
+            ),
+            "",
+            "Never copy ca.key anywhere: keep it offline; it can mint certificates the whole federation trusts.",
+            "Move private keys (*.key) over a secure channel only and delete stray copies once installed.",
+            "Keep the SuperLink's control port off the hospitals' network: open-source Flower does not authenticate it.",
+        ]
+    )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -24,33 +24,58 @@ class Subcommand:
 
 # only the chosen subcommand's module is imported: `preprocess`, `train`, `distill` and `predict` load no Flower code
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "demo": Subcommand("fedslide.deploy.demo", "synthetic 3-site cohort -> preprocessing -> Flower federation (TLS) "
-                       "-> low-res prediction (the main command)"),
-    "synth": Subcommand("fedslide.client.synth.cli", "write a synthetic multi-site cohort of pyramidal H&E-like slides"),
-    "preprocess": Subcommand("fedslide.client.preprocess_cli",
-                             "find tissue, tile at two resolutions, encode, write feature files"),
-    "train": Subcommand("fedslide.common.training.cli",
-                        "train a MIL model on feature files (cross-validation, metrics, checkpoint)"),
-    "distill": Subcommand("fedslide.common.distillation.cli", "train adapter, teacher, experts and low-res students "
-                          "on the sites' feature files (centralised)"),
-    "predict": Subcommand("fedslide.client.predict_cli", "predict slides with a low-res student bundle; heatmaps, "
-                          "timing, optional high-res zoom"),
-    "certs": Subcommand("fedslide.deploy.certs",
-                        "make the TLS certificates and per-site authentication keys of a federation"),
-    "federate": Subcommand("fedslide.deploy.federate", "run the federation on this host: SuperLink + one SuperNode "
-                           "per site (TLS, node auth), `flwr run`"),
-    "deploy": Subcommand("fedslide.deploy.compose",
-                         "start the coordinating site and/or hospital sites as Docker containers"),
-    "superexec": Subcommand("fedslide.client.superexec", "a site's SuperExec that runs each ClientApp message in a "
-                            "pre-warmed process (SuperNode --isolation process)"),
-    "evaluate": Subcommand("fedslide.deploy.study.cli", "leave-one-site-out study: site-local vs federated vs "
-                           "centralized, CIs, report", "add_parsers"),
-    "report": Subcommand("fedslide.deploy.study.cli", "report.md + self-contained report.html of an evaluation study "
-                         "(or a federated run)", "add_parsers"),
-    "compare": Subcommand("fedslide.deploy.study.cli",
-                          "compare the metrics.json of two runs: A, B, B - A, CI overlap", "add_parsers"),
-    "config": Subcommand("fedslide.common.config.cli",
-                         "write configs/defaults.toml and pyproject's Flower app config from the config models"),
+    "demo": Subcommand(
+        "fedslide.deploy.demo",
+        "synthetic 3-site cohort -> preprocessing -> Flower federation (TLS) -> low-res prediction (the main command)",
+    ),
+    "synth": Subcommand(
+        "fedslide.client.synth.cli", "write a synthetic multi-site cohort of pyramidal H&E-like slides"
+    ),
+    "preprocess": Subcommand(
+        "fedslide.client.preprocess_cli", "find tissue, tile at two resolutions, encode, write feature files"
+    ),
+    "train": Subcommand(
+        "fedslide.common.training.cli", "train a MIL model on feature files (cross-validation, metrics, checkpoint)"
+    ),
+    "distill": Subcommand(
+        "fedslide.common.distillation.cli",
+        "train adapter, teacher, experts and low-res students on the sites' feature files (centralised)",
+    ),
+    "predict": Subcommand(
+        "fedslide.client.predict_cli",
+        "predict slides with a low-res student bundle; heatmaps, timing, optional high-res zoom",
+    ),
+    "certs": Subcommand(
+        "fedslide.deploy.certs", "make the TLS certificates and per-site authentication keys of a federation"
+    ),
+    "federate": Subcommand(
+        "fedslide.deploy.federate",
+        "run the federation on this host: SuperLink + one SuperNode per site (TLS, node auth), `flwr run`",
+    ),
+    "deploy": Subcommand(
+        "fedslide.deploy.compose", "start the coordinating site and/or hospital sites as Docker containers"
+    ),
+    "superexec": Subcommand(
+        "fedslide.client.superexec",
+        "a site's SuperExec that runs each ClientApp message in a pre-warmed process (SuperNode --isolation process)",
+    ),
+    "evaluate": Subcommand(
+        "fedslide.deploy.study.cli",
+        "leave-one-site-out study: site-local vs federated vs centralized, CIs, report",
+        "add_parsers",
+    ),
+    "report": Subcommand(
+        "fedslide.deploy.study.cli",
+        "report.md + self-contained report.html of an evaluation study (or a federated run)",
+        "add_parsers",
+    ),
+    "compare": Subcommand(
+        "fedslide.deploy.study.cli", "compare the metrics.json of two runs: A, B, B - A, CI overlap", "add_parsers"
+    ),
+    "config": Subcommand(
+        "fedslide.common.config.cli",
+        "write configs/defaults.toml and pyproject's Flower app config from the config models",
+    ),
 }
 
 

@@ -167,16 +167,24 @@ def _coordinator_specs(cfg: DeployConfig, net: dict[str, str]) -> list[Container
         role="superlink",
         image=cfg.images.superlink,
         command=[
-            "--ssl-ca-certfile", "/certs/ca.crt",
-            "--ssl-certfile", "/certs/server.pem",
-            "--ssl-keyfile", "/certs/server.key",
+            "--ssl-ca-certfile",
+            "/certs/ca.crt",
+            "--ssl-certfile",
+            "/certs/server.pem",
+            "--ssl-keyfile",
+            "/certs/server.key",
             "--enable-supernode-auth",
-            "--database", "/app/state/superlink.db",
+            "--database",
+            "/app/state/superlink.db",
             "--disable-runtime-dependency-installation",
-            "--isolation", "process",
-            "--superexec-auth-secret-file", "/secrets/superexec.secret",
-            "--host", "0.0.0.0",
-            "--port", port,
+            "--isolation",
+            "process",
+            "--superexec-auth-secret-file",
+            "/secrets/superexec.secret",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            port,
         ],
         mounts=[*tls_files, secret, Mount(f"{p}-{coord.state_volume}", "/app/state", read_only=False, kind="volume")],
         networks=[net["edge"], net["coordinator"]],  # edge first: it carries the published port
@@ -193,16 +201,22 @@ def _coordinator_specs(cfg: DeployConfig, net: dict[str, str]) -> list[Container
         role="serverapp",
         image=cfg.images.serverapp,
         command=[
-            "--runtime-api-address", f"superlink:{port}",
-            "--root-certificates", "/certs/ca.crt",
-            "--superexec-auth-secret-file", "/secrets/superexec.secret",
-            "--health-server-address", SUPEREXEC_HEALTH,
+            "--runtime-api-address",
+            f"superlink:{port}",
+            "--root-certificates",
+            "/certs/ca.crt",
+            "--superexec-auth-secret-file",
+            "/secrets/superexec.secret",
+            "--health-server-address",
+            SUPEREXEC_HEALTH,
         ],
         mounts=[_ro(certs / "ca.crt", "/certs/ca.crt"), secret, _rw(coord.runs_dir, "/data/runs")],
         networks=[net["coordinator"]],
         aliases=["serverapp"],
         user=APP_UID,
-        healthcheck=HealthCheck(["python", "/opt/fedslide/healthcheck.py", f"grpc://{SUPEREXEC_HEALTH}"], start_period_s=60),
+        healthcheck=HealthCheck(
+            ["python", "/opt/fedslide/healthcheck.py", f"grpc://{SUPEREXEC_HEALTH}"], start_period_s=60
+        ),
         environment=dict(QUIET_FLOWER),
     )
     proxy_networks = [net["edge"], net["coordinator"]] + ([net["hospitals"]] if cfg.sites else [])
@@ -234,10 +248,14 @@ def _site_spec(cfg: DeployConfig, site: SiteConfig, network: str) -> ContainerSp
         role="site",
         image=cfg.images.site,
         command=[
-            "--superlink", superlink,
-            "--root-certificates", "/certs/ca.crt",
-            "--auth-supernode-private-key", "/keys/site.key",
-            "--node-config", f'site-dir="/data/site" site-name="{site.name}"',
+            "--superlink",
+            superlink,
+            "--root-certificates",
+            "/certs/ca.crt",
+            "--auth-supernode-private-key",
+            "/keys/site.key",
+            "--node-config",
+            f'site-dir="/data/site" site-name="{site.name}"',
         ],
         mounts=[
             _ro(site.data_dir, "/data/site"),
@@ -248,7 +266,9 @@ def _site_spec(cfg: DeployConfig, site: SiteConfig, network: str) -> ContainerSp
         networks=[network],
         aliases=[site.name],
         user=APP_UID,
-        healthcheck=HealthCheck(["python", "/opt/fedslide/healthcheck.py", SUPERNODE_RUNTIME_HEALTH], start_period_s=60),
+        healthcheck=HealthCheck(
+            ["python", "/opt/fedslide/healthcheck.py", SUPERNODE_RUNTIME_HEALTH], start_period_s=60
+        ),
         environment=dict(QUIET_FLOWER),
     )
 
@@ -383,7 +403,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the plan; print it (--dry-run) or launch it. Returns an exit code."""
     if args.config is None:
-        raise ConfigError("fedslide deploy needs --config FILE with a [deploy] section (see configs/deploy.example.toml)")
+        raise ConfigError(
+            "fedslide deploy needs --config FILE with a [deploy] section (see configs/deploy.example.toml)"
+        )
     plan = build_plan(load_deploy_config(args.config, args.overrides))
     if args.dry_run:
         print(json.dumps(plan.to_dict(), indent=2))

@@ -73,7 +73,9 @@ class SiteConfig(StageConfig):
     @classmethod
     def _name(cls, value: str) -> str:
         if not SITE_NAME.fullmatch(value):
-            raise ValueError(f"invalid site name {value!r}: use 1-64 letters, digits, '-' or '_', starting alphanumeric")
+            raise ValueError(
+                f"invalid site name {value!r}: use 1-64 letters, digits, '-' or '_', starting alphanumeric"
+            )
         if value.lower() in RESERVED_SITE_NAMES:
             raise ValueError(f"site name {value!r} is reserved: {', '.join(sorted(RESERVED_SITE_NAMES))}")
         return value
@@ -125,8 +127,11 @@ class DeployConfig(StageConfig):
         "with it, local sites dial the Fleet proxy on the internal network",
     )
     fleet_port: int = Field(
-        default=9092, ge=1, le=65535, description="Fleet port: published by the coordinating site (the only port hospitals reach); the "
-        "port hospital-only hosts dial"
+        default=9092,
+        ge=1,
+        le=65535,
+        description="Fleet port: published by the coordinating site (the only port hospitals reach); the "
+        "port hospital-only hosts dial",
     )
     fleet_bind: str = Field(default="0.0.0.0", description="host address the Fleet port is published on")
     superlink_port: int = Field(
@@ -206,7 +211,9 @@ class DeployConfig(StageConfig):
                 if not (self.certs_dir / name).is_file():
                     problems.append(f"SuperLink TLS file {self.certs_dir / name} does not exist (run `fedslide certs`)")
         elif self.sites and self.superlink_address is None:
-            problems.append("deploy.superlink-address is required: the host name of the coordinating site's Fleet endpoint")
+            problems.append(
+                "deploy.superlink-address is required: the host name of the coordinating site's Fleet endpoint"
+            )
         for site in self.sites:
             key = self.site_key(site)
             if not key.is_file():
@@ -216,7 +223,9 @@ class DeployConfig(StageConfig):
 
     def site_key(self, site: SiteConfig) -> Path:
         """The private key file of `site` (its key-file, else <certs-dir>/<name>.key)."""
-        return (site.key_file if site.key_file is not None else self.certs_dir / f"{site.name}.key").expanduser().resolve()
+        return (
+            (site.key_file if site.key_file is not None else self.certs_dir / f"{site.name}.key").expanduser().resolve()
+        )
 
 
 def load_deploy_config(path: Path | str | None, overrides: list[str] | None = None) -> DeployConfig:

@@ -53,7 +53,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sites", type=int, default=None, help="number of sites (default 3)")
     p.add_argument("--slides-per-site", type=int, default=None, help="slides per site")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--resume", metavar="RUN_ID", default=None, help="continue the federated run RUN_ID from its checkpoint")
+    p.add_argument(
+        "--resume", metavar="RUN_ID", default=None, help="continue the federated run RUN_ID from its checkpoint"
+    )
     p.add_argument("--insecure", action="store_true", help="no TLS / node authentication (prints a warning)")
     add_config_arguments(p, example="federation.rounds.teacher=8")
     p.set_defaults(handler=run, config=None)
@@ -71,11 +73,21 @@ def run(args: argparse.Namespace) -> int:
         per_section[section].append(rest)
 
     def section_cfg(model: type, section: str, values: dict | None = None):  # noqa: ANN202
-        return config_from_args(model, argparse.Namespace(config=config, overrides=per_section[section]), section, values)
+        return config_from_args(
+            model, argparse.Namespace(config=config, overrides=per_section[section]), section, values
+        )
 
     out = args.out.resolve()
-    synth_cfg = section_cfg(SynthConfig, "synth", {"out_dir": str(out / "cohort"), "sites": args.sites,
-                                                   "slides_per_site": args.slides_per_site, "seed": args.seed})
+    synth_cfg = section_cfg(
+        SynthConfig,
+        "synth",
+        {
+            "out_dir": str(out / "cohort"),
+            "sites": args.sites,
+            "slides_per_site": args.slides_per_site,
+            "seed": args.seed,
+        },
+    )
     pre_cfg = section_cfg(PreprocessConfig, "preprocess")
     values: dict[str, Any] = {"runs_dir": str(out / "runs")}
     if args.resume:
@@ -90,13 +102,17 @@ def run(args: argparse.Namespace) -> int:
     preprocessor = SitePreprocessor(pre_cfg)
     for site in sites:
         summary = preprocessor.run(site)
-        print(f"  {site.name}: {summary.count('done')} done, {summary.count('skipped')} skipped, "
-              f"{summary.count('failed')} failed; patches low {summary.patches('low')}, high {summary.patches('high')}; "
-              f"{summary.seconds:.1f} s")
+        print(
+            f"  {site.name}: {summary.count('done')} done, {summary.count('skipped')} skipped, "
+            f"{summary.count('failed')} failed; patches low {summary.patches('low')}, high {summary.patches('high')}; "
+            f"{summary.seconds:.1f} s"
+        )
         if summary.failed:
             code = EXIT_PARTIAL
-    print(f"[3/4] federation: SuperLink + {len(sites)} SuperNodes on this host "
-          f"({'INSECURE' if args.insecure else 'TLS + SuperNode authentication'}), `flwr run`")
+    print(
+        f"[3/4] federation: SuperLink + {len(sites)} SuperNodes on this host "
+        f"({'INSECURE' if args.insecure else 'TLS + SuperNode authentication'}), `flwr run`"
+    )
     try:
         run_dir = run_consortium(sites, fed_cfg, LaunchOptions(out / "federation", insecure=args.insecure))
     except (FederationFailed, ProcessFailed) as exc:
@@ -133,5 +149,3 @@ def _test_slides(site: Path) -> list[Path]:
     """The slide files of a site's test split (labels.csv `split` column, else the site's carved splits.csv)."""
     ids = {sid for sid, split in recorded_splits(site).items() if split == "test"}
     return sorted(p for p in (site / "slides").iterdir() if p.stem in ids)
-
-

@@ -93,8 +93,10 @@ def preflight(sites: list[Path], cfg: FederationConfig) -> None:
             problems.append(f"{site}: {exc}")
             continue
         if len(set(data.labels.tolist())) < 2:
-            problems.append(f"{site}/labels.csv: a single class ({data.classes[int(data.labels[0])]!r}); "
-                            "each site needs slides of at least two classes")
+            problems.append(
+                f"{site}/labels.csv: a single class ({data.classes[int(data.labels[0])]!r}); "
+                "each site needs slides of at least two classes"
+            )
     if cfg.mode == "logits" and cfg.proxy_dir is not None and not Path(cfg.proxy_dir).is_dir():
         problems.append(f"proxy-dir {cfg.proxy_dir}: no such directory")
     if problems:
@@ -107,10 +109,14 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
     preflight(sites, cfg)
     work = opts.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    cfg = cfg.model_copy(update={"runs_dir": (cfg.runs_dir or work / "runs").resolve(),
-                                 "expected_nodes": len(sites),  # the launcher knows how many it starts
-                                 "threads": cfg.threads or opts.threads_per_site,
-                                 "run_id": cfg.run_id or time.strftime("run-%Y%m%d-%H%M%S")})
+    cfg = cfg.model_copy(
+        update={
+            "runs_dir": (cfg.runs_dir or work / "runs").resolve(),
+            "expected_nodes": len(sites),  # the launcher knows how many it starts
+            "threads": cfg.threads or opts.threads_per_site,
+            "run_id": cfg.run_id or time.strftime("run-%Y%m%d-%H%M%S"),
+        }
+    )
     run_dir = Path(cfg.runs_dir) / cfg.run_id  # type: ignore[arg-type]
     certs = work / "certs"
     tls = None
@@ -118,8 +124,11 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
     if opts.insecure:
         log.warning("INSECURE: TLS and SuperNode authentication are off; anyone on the network can read the traffic")
     else:
-        material = make_all(certs, [s.name for s in sites], ["localhost"], ["127.0.0.1"]) if not _has_material(
-            certs, sites) else None
+        material = (
+            make_all(certs, [s.name for s in sites], ["localhost"], ["127.0.0.1"])
+            if not _has_material(certs, sites)
+            else None
+        )
         ca = material.ca if material else load_ca(certs)
         tls = TLSFiles(ca=ca.cert, cert=certs / "server.pem", key=certs / "server.key")
         if opts.node_auth:
@@ -128,8 +137,7 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
     # Flower's in-memory state and object store: a SQLite database stores and serves every message's objects
     # several times slower (docs/federation.md). The link lives for this run only; a resumed
     # run starts a new one, and the ServerApp re-admits the sites by name under their new node ids.
-    link = SuperLink(work / "superlink", tls, port=port, node_auth=not opts.insecure and opts.node_auth,
-                     in_memory=True)
+    link = SuperLink(work / "superlink", tls, port=port, node_auth=not opts.insecure and opts.node_auth, in_memory=True)
     cli = FlowerCli(work / "flwr-home", link.address, tls.ca if tls else None)
     config_file = work / f"run-config-{cfg.run_id}.toml"
     write_run_config(config_file, cfg)
@@ -138,8 +146,19 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
         log.info("starting SuperLink on %s (%s)", link.address, "TLS + node auth" if tls else "insecure")
         link.start()
         stack.callback(link.stop)
-        nodes = [SuperNode(site.name, site, link.address, free_port(), work / "supernodes", tls.ca if tls else None,
-                           keys[site.name], warm=opts.warm) for site in sites]
+        nodes = [
+            SuperNode(
+                site.name,
+                site,
+                link.address,
+                free_port(),
+                work / "supernodes",
+                tls.ca if tls else None,
+                keys[site.name],
+                warm=opts.warm,
+            )
+            for site in sites
+        ]
         stack.callback(stop_nodes, nodes)
         finished = threading.Event()
         public_keys = [certs / f"{site.name}.pub" for site in sites] if tls is not None and opts.node_auth else []
@@ -165,8 +184,9 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
             _collect_logs(work, run_dir, cli, run_id, nodes, whole_log)
     if not (run_dir / "metrics.json").is_file():
         text = cli.logs(run_id)
-        raise FederationFailed(f"the run finished without {run_dir / 'metrics.json'}: {first_error(text)}\n"
-                               f"ServerApp log:\n{text[-3000:]}")
+        raise FederationFailed(
+            f"the run finished without {run_dir / 'metrics.json'}: {first_error(text)}\nServerApp log:\n{text[-3000:]}"
+        )
     return run_dir
 
 
@@ -233,8 +253,9 @@ def _has_material(certs: Path, sites: list[Path]) -> bool:
     return all((certs / n).is_file() for n in needed)
 
 
-def _wait(cli: Any, run_id: int, link: Any, nodes: list[Any], opts: LaunchOptions, run_dir: Path,
-          stream_log: Path) -> Path | None:
+def _wait(
+    cli: Any, run_id: int, link: Any, nodes: list[Any], opts: LaunchOptions, run_dir: Path, stream_log: Path
+) -> Path | None:
     """Wait for the run while watching every process; `stream_log` when it holds the ServerApp's whole log.
 
     The ServerApp's log streams into `stream_log` (one `flwr log --stream` process), and the stream's end is the
@@ -260,8 +281,10 @@ def _wait(cli: Any, run_id: int, link: Any, nodes: list[Any], opts: LaunchOption
                 if state.startswith(FINISHED):
                     if "completed" not in state and "completed" not in details:
                         text = cli.logs(run_id)
-                        raise FederationFailed(f"run {run_dir.name} ended as {state} {details}: {first_error(text)}\n"
-                                               "ServerApp log tail:\n" + "\n".join(text.splitlines()[-40:]))
+                        raise FederationFailed(
+                            f"run {run_dir.name} ended as {state} {details}: {first_error(text)}\n"
+                            "ServerApp log tail:\n" + "\n".join(text.splitlines()[-40:])
+                        )
                     complete = _stream_ends(stream) and whole
                     return stream_log if complete else None
                 if ended:
@@ -273,11 +296,18 @@ def _wait(cli: Any, run_id: int, link: Any, nodes: list[Any], opts: LaunchOption
             if link.process is not None and not link.process.alive:
                 raise FederationFailed(str(link.process.failure("died during the run")))
             for node in nodes:  # a SuperNode may drop out (the rounds go on without it), its SuperExec alone may not
-                if node.process is not None and node.process.alive and node.superexec is not None and not node.superexec.alive:
+                if (
+                    node.process is not None
+                    and node.process.alive
+                    and node.superexec is not None
+                    and not node.superexec.alive
+                ):
                     raise FederationFailed(str(node.superexec.failure("died during the run")))
             time.sleep(0.5)
-        raise FederationFailed(f"run {run_dir.name} not finished after {opts.timeout:.0f} s; ServerApp log tail:\n"
-                               + "\n".join(cli.logs(run_id).splitlines()[-40:]))
+        raise FederationFailed(
+            f"run {run_dir.name} not finished after {opts.timeout:.0f} s; ServerApp log tail:\n"
+            + "\n".join(cli.logs(run_id).splitlines()[-40:])
+        )
     finally:
         stream.stop()
 
@@ -312,7 +342,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "Settings: the [federation] section of --config, --set key=value.",
     )
     p.add_argument("--sites", type=Path, nargs="+", required=True, help="site directories (labels.csv + features/)")
-    p.add_argument("--work", type=Path, default=Path("federation"), help="certificates, logs and runs (default ./federation)")
+    p.add_argument(
+        "--work", type=Path, default=Path("federation"), help="certificates, logs and runs (default ./federation)"
+    )
     p.add_argument("--run-id", default=None, help="run name (default: from the time)")
     p.add_argument("--resume", metavar="RUN_ID", default=None, help="continue RUN_ID from its last checkpoint")
     p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (prints a warning)")
@@ -333,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
     except (FederationFailed, ProcessFailed) as exc:
         print(f"fedslide federate: FAILED\n{exc}")
         return EXIT_ERROR
-    print(f"federated run finished: {run_dir}\n  metrics: {run_dir / 'metrics.json'}\n  report: {run_dir / 'report.md'}")
+    print(
+        f"federated run finished: {run_dir}\n  metrics: {run_dir / 'metrics.json'}\n  report: {run_dir / 'report.md'}"
+    )
     return EXIT_OK
-
-

@@ -35,13 +35,15 @@ class Checkpoint:
     def commit(self, **updates: Any) -> None:
         """Update the state and write it atomically."""
         self.state.update(updates)
-        write_text_atomic(self.dir / STATE_FILE, json.dumps(self.state, indent=1, sort_keys=True, default=_json_default))
+        write_text_atomic(
+            self.dir / STATE_FILE, json.dumps(self.state, indent=1, sort_keys=True, default=_json_default)
+        )
 
     def save_arrays(self, name: str, record: ArrayRecord) -> None:
         """Write an ArrayRecord as `<name>.npz` (atomically)."""
         path = self.dir / f"{name}.npz"
         with atomic_path(path, suffix=".tmp.npz") as tmp:  # np.savez appends .npz to any other name
-            np.savez(tmp, **{key: array.numpy() for key, array in record.items()})
+            np.savez(tmp, **{key: array.numpy() for key, array in record.items()})  # type: ignore[arg-type]  # numpy stubs: allow_pickle
 
     def load_arrays(self, name: str) -> ArrayRecord | None:
         """The ArrayRecord saved as `name`, or None."""

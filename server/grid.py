@@ -37,8 +37,9 @@ class FederationGrid(Grid):
     def run(self) -> Run:
         return self.inner.run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -90,8 +91,19 @@ class FederationGrid(Grid):
             self.uploads.append({"phase": self.phase, "round": self.server_round, "node": node, "bytes": size})
         absent = sorted({int(m.metadata.dst_node_id) for m in sent} - answered)
         if absent:
-            log.warning("phase %s round %d: no usable reply from node(s) %s %s", self.phase, self.server_round, absent,
-                        {n: reasons[n] for n in absent if n in reasons})
-            self.missing.append({"phase": self.phase, "round": self.server_round, "nodes": absent,
-                                 "reasons": {str(n): reasons.get(n, "timeout") for n in absent}})
+            log.warning(
+                "phase %s round %d: no usable reply from node(s) %s %s",
+                self.phase,
+                self.server_round,
+                absent,
+                {n: reasons[n] for n in absent if n in reasons},
+            )
+            self.missing.append(
+                {
+                    "phase": self.phase,
+                    "round": self.server_round,
+                    "nodes": absent,
+                    "reasons": {str(n): reasons.get(n, "timeout") for n in absent},
+                }
+            )
         return replies

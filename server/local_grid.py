@@ -34,15 +34,27 @@ class LocalGrid(Grid):
 
     synchronous = True  # a reply not there right after the push never comes (a dropped one)
 
-    def __init__(self, app: ClientApp, node_configs: list[dict[str, Any]], run_config: dict[str, Any], run_id: int = 1,
-                 first_node: int = FIRST_NODE):
+    def __init__(
+        self,
+        app: ClientApp,
+        node_configs: list[dict[str, Any]],
+        run_config: dict[str, Any],
+        run_id: int = 1,
+        first_node: int = FIRST_NODE,
+    ):
         self.app = app
         self.run_config = dict(run_config)
         self._run = Run.create_empty(run_id)
         # Flower stamps messages with the process's run and node (a ServerApp process has both)
         flower_compat.set_server_task_identity(run_id)
         self.contexts = {
-            first_node + i: Context(run_id=run_id, node_id=first_node + i, node_config=dict(cfg), state=RecordDict(), run_config=self.run_config)
+            first_node + i: Context(
+                run_id=run_id,
+                node_id=first_node + i,
+                node_config=dict(cfg),
+                state=RecordDict(),
+                run_config=self.run_config,
+            )
             for i, cfg in enumerate(node_configs)
         }
         self.offline: set[int] = set()
@@ -57,8 +69,9 @@ class LocalGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:

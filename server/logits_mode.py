@@ -33,7 +33,7 @@ from fedslide.server.strategies import FederationError
 
 
 def _weighted(replies: list[Message], key: str, weights: list[np.ndarray]) -> np.ndarray:
-    stack = np.stack([r.content[p.LOGITS_RECORD][key].numpy() for r in replies]).astype(np.float64)
+    stack = np.stack([r.content.array_records[p.LOGITS_RECORD][key].numpy() for r in replies]).astype(np.float64)
     w = np.stack(weights).astype(np.float64)  # [sites] or [sites, C]
     while w.ndim < stack.ndim:
         w = w[..., None]
@@ -42,8 +42,9 @@ def _weighted(replies: list[Message], key: str, weights: list[np.ndarray]) -> np
     return np.where(total > 0, mean, stack.mean(axis=0))  # nobody trained it: plain mean of the global model's logits
 
 
-def distil_from_logits(fed, teacher: ArrayRecord, experts: ArrayRecord | None, adapter: ArrayRecord,
-                       centroids: np.ndarray | None, tfp: str) -> ArrayRecord:  # noqa: ANN001
+def distil_from_logits(
+    fed, teacher: ArrayRecord, experts: ArrayRecord | None, adapter: ArrayRecord, centroids: np.ndarray | None, tfp: str
+) -> ArrayRecord:  # noqa: ANN001
     """Collect the sites' logits on the proxy cohort, average them, train the student at the server."""
     step = ph.LOGITS.checkpoint  # the student's step, as in weights mode
     done = fed.ckpt.phase_done(step)
@@ -55,8 +56,10 @@ def distil_from_logits(fed, teacher: ArrayRecord, experts: ArrayRecord | None, a
     start = time.perf_counter()
     data = load_sites([cfg.proxy_dir], cfg.encoder, seed=cfg.seed, classes=facts.classes, carving=cfg.carve)
     if data.feature_dim != facts.feature_dim or data.token_grid != facts.token_grid:
-        raise FederationError(f"proxy cohort {cfg.proxy_dir}: features of dim {data.feature_dim} / token grid "
-                              f"{data.token_grid}, the sites' are {facts.feature_dim} / {facts.token_grid}")
+        raise FederationError(
+            f"proxy cohort {cfg.proxy_dir}: features of dim {data.feature_dim} / token grid "
+            f"{data.token_grid}, the sites' are {facts.feature_dim} / {facts.token_grid}"
+        )
     records = {p.TEACHER: teacher, p.PROXY: pack_bags([s.high.features for s in data.slides])}
     if experts is not None and centroids is not None:
         records[p.EXPERTS] = experts
@@ -67,27 +70,51 @@ def distil_from_logits(fed, teacher: ArrayRecord, experts: ArrayRecord | None, a
     teacher_logits = torch.from_numpy(_weighted(replies, ph.TEACHER_LOGITS, n_train)).float()
     expert_logits = None
     if p.EXPERTS in records and all(ph.EXPERT_LOGITS in r.content[p.LOGITS_RECORD] for r in replies):
-        weights = [r.content[p.LOGITS_RECORD][ph.EXPERT_WEIGHTS].numpy() for r in replies]
+        weights = [r.content.array_records[p.LOGITS_RECORD][ph.EXPERT_WEIGHTS].numpy() for r in replies]
         expert_logits = torch.from_numpy(_weighted(replies, ph.EXPERT_LOGITS, weights)).float()
     adapter_model = load_record(build_adapter(adapter_spec(cfg, facts)), adapter).eval()
     mode = student_input(cfg.kd.student_input, data.has_tokens)
     cohort = data.cohort(student_bags(adapter_model, data, mode))
     train, val = data.split("train"), data.split("val")
     kd = cfg.kd
-    weights = class_weights(data.labels[train], len(facts.classes), cfg.training.class_weighting)
-    loss = CachedKDLoss(teacher_logits, expert_logits, kd.temperature, kd.lambda_base,
-                        kd.lambda_expert if expert_logits is not None else 0.0, "all", None, weights)
+    class_weight = class_weights(data.labels[train], len(facts.classes), cfg.training.class_weighting)
+    loss = CachedKDLoss(
+        teacher_logits,
+        expert_logits,
+        kd.temperature,
+        kd.lambda_base,
+        kd.lambda_expert if expert_logits is not None else 0.0,
+        "all",
+        None,
+        class_weight,
+    )
     s_cfg, t_cfg = student_config(cfg, facts), teacher_config(cfg, facts)
     model = new_model(s_cfg, cfg.seed + SEED_OFFSETS.student)
     if starts_from_teacher(kd.student_init, mode, s_cfg, t_cfg):
         load_record(model, teacher)
-    fit = train_selected(model, cohort, train, val, with_epochs(cfg.training, cfg.proxy_epochs),
-                         resolve_device(cfg.device), cfg.seed + SEED_OFFSETS.student, loss, description="student (proxy)")
+    fit = train_selected(
+        model,
+        cohort,
+        train,
+        val,
+        with_epochs(cfg.training, cfg.proxy_epochs),
+        resolve_device(cfg.device),
+        cfg.seed + SEED_OFFSETS.student,
+        loss,
+        description="student (proxy)",
+    )
     student = to_record(model.cpu())
     history = [{"round": h.epoch, "train_loss": h.train_loss, "val_loss": h.val_loss} for h in fit.history]
     fed.ckpt.save_arrays(f"{step}.final", student)
     fed.curves[step] = history
     fed.timings[step] = round(time.perf_counter() - start, 3)
-    fed.ckpt.finish_phase(step, {"history": history, "best": {"": {"round": fit.best_epoch, "loss": fit.best_score}},
-                                 "proxy_slides": len(data.slides), "seconds": fed.timings[step]})
+    fed.ckpt.finish_phase(
+        step,
+        {
+            "history": history,
+            "best": {"": {"round": fit.best_epoch, "loss": fit.best_score}},
+            "proxy_slides": len(data.slides),
+            "seconds": fed.timings[step],
+        },
+    )
     return student

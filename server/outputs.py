@@ -20,11 +20,15 @@ from fedslide.server.protocol import RunResult
 
 METRICS_SCHEMA = "fedslide.federation.metrics/1"
 MODEL_ROWS = ("teacher_high", "student_low", "baseline_low")
-OVERALL_METHOD = ("mean over sites weighted by each site's test slides (predictions never leave the sites, "
-                  "so metrics are not computed on pooled predictions)")
+OVERALL_METHOD = (
+    "mean over sites weighted by each site's test slides (predictions never leave the sites, "
+    "so metrics are not computed on pooled predictions)"
+)
 
 
-def save_models(run_dir: Path, models: dict[str, ArrayRecord], named: dict[str, ArrayRecord]) -> dict[str, dict[str, Any]]:
+def save_models(
+    run_dir: Path, models: dict[str, ArrayRecord], named: dict[str, ArrayRecord]
+) -> dict[str, dict[str, Any]]:
     """Write each global model as `models/<name>.npz` (one array per state-dict tensor, from `named`); return the
     manifest (sha256, parameters, and the bytes of its arrays as they travel in a message, from `models`)."""
     out = run_dir / "models"
@@ -32,10 +36,13 @@ def save_models(run_dir: Path, models: dict[str, ArrayRecord], named: dict[str, 
     manifest: dict[str, dict[str, Any]] = {}
     for name, record in models.items():
         path = out / f"{name}.npz"
-        np.savez(path, **{k: v.numpy() for k, v in named[name].items()})
-        manifest[name] = {"file": f"models/{name}.npz", "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                          "parameters": int(sum(int(np.prod(v.shape)) for v in record.values())),
-                          "serialized_bytes": int(sum(len(v.data) for v in record.values()))}
+        np.savez(path, **{k: v.numpy() for k, v in named[name].items()})  # type: ignore[arg-type]  # numpy stubs: allow_pickle
+        manifest[name] = {
+            "file": f"models/{name}.npz",
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "parameters": int(sum(int(np.prod(v.shape)) for v in record.values())),
+            "serialized_bytes": int(sum(len(v.data) for v in record.values())),
+        }
     write_json(out / "manifest.json", manifest)
     return manifest
 
@@ -59,11 +66,15 @@ def _weighted(per_site: dict[str, dict[str, float]], key: str, weight_key: str) 
     return num / den if den else None
 
 
-def model_table(per_site: dict[str, dict[str, float]], held_out: set[str] | frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
+def model_table(
+    per_site: dict[str, dict[str, float]], held_out: set[str] | frozenset[str] = frozenset()
+) -> dict[str, dict[str, Any]]:
     """models -> {overall (training sites' test splits), held_out (evaluation-only sites' slides), per_site}."""
     table: dict[str, dict[str, Any]] = {}
-    parts = {"overall": {k: v for k, v in per_site.items() if k not in held_out},
-             "held_out": {k: v for k, v in per_site.items() if k in held_out}}
+    parts = {
+        "overall": {k: v for k, v in per_site.items() if k not in held_out},
+        "held_out": {k: v for k, v in per_site.items() if k in held_out},
+    }
     for model in MODEL_ROWS:
         sites = {site: {m: v.get(f"{model}.{m}") for m in (*METRIC_NAMES, "loss", "n")} for site, v in per_site.items()}
         table[model] = {"per_site": sites}
@@ -76,8 +87,10 @@ def model_table(per_site: dict[str, dict[str, float]], held_out: set[str] | froz
 
 def cost(per_site: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Patches and model seconds per slide at high and low resolution (test slides, weighted over sites)."""
-    out: dict[str, Any] = {res: {k: _weighted(per_site, f"cost.{res}.{k}", "n-test")
-                                 for k in ("patches_per_slide", "seconds_per_slide")} for res in ("high", "low")}
+    out: dict[str, Any] = {
+        res: {k: _weighted(per_site, f"cost.{res}.{k}", "n-test") for k in ("patches_per_slide", "seconds_per_slide")}
+        for res in ("high", "low")
+    }
     for key in ("patches_per_slide", "seconds_per_slide"):
         hi, lo = out["high"][key], out["low"][key]
         out[f"high_over_low_{key}"] = hi / lo if hi is not None and lo else None
@@ -106,8 +119,12 @@ def communication(result: RunResult, manifest: dict[str, dict[str, Any]]) -> dic
     largest: dict[str, int] = defaultdict(int)
     for upload in grid.uploads:
         largest[upload["phase"]] = max(largest[upload["phase"]], int(upload["bytes"]))
-    phase_models = {"adapter": ("adapter",), "teacher": ("teacher", "baseline"), "experts": ("experts",),
-                    "student": ("student",)}  # the models a phase's messages carry
+    phase_models = {
+        "adapter": ("adapter",),
+        "teacher": ("teacher", "baseline"),
+        "experts": ("experts",),
+        "student": ("student",),
+    }  # the models a phase's messages carry
     per_phase = {}
     for phase, counts in grid.bytes.items():
         entry: dict[str, Any] = dict(counts)
@@ -132,7 +149,8 @@ def build_metrics(result: RunResult, manifest: dict[str, dict[str, Any]], second
     per_site = {k: v for k, v in per_site.items() if k in train_sites}  # cost: the training sites' test slides
     rows = [{"model": m, **{k: models[m]["overall"].get(k) for k in (*METRIC_NAMES, "loss", "n")}} for m in MODEL_ROWS]
     sites = [{"node": n, "name": s.name, "role": "train", **s.counts} for n, s in sorted(fed.sites.items())] + [
-        {"node": n, "name": s.name, "role": "eval-only", **s.counts} for n, s in sorted(fed.eval_sites.items())]
+        {"node": n, "name": s.name, "role": "eval-only", **s.counts} for n, s in sorted(fed.eval_sites.items())
+    ]
     return {
         "schema": METRICS_SCHEMA,
         "run_id": fed.run_id,
@@ -159,8 +177,11 @@ def build_metrics(result: RunResult, manifest: dict[str, dict[str, Any]], second
 
 
 def _fmt(value: Any) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else (
-        f"{value:.3f}" if isinstance(value, float) else str(value))
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and not math.isfinite(value))
+        else (f"{value:.3f}" if isinstance(value, float) else str(value))
+    )
 
 
 def plot_learning_curves(metrics: dict[str, Any], path: Path) -> Path | None:
@@ -178,10 +199,21 @@ def plot_learning_curves(metrics: dict[str, Any], path: Path) -> Path | None:
         keys = sorted({k for h in history for k in h if k.startswith("val_loss")})
         for key in keys:
             pts = [(h["round"], h[key]) for h in history if key in h]
-            ax.plot([r for r, _ in pts], [v for _, v in pts], marker="o", ms=3, label=key.replace("val_loss", "val") or "val")
+            ax.plot(
+                [r for r, _ in pts],
+                [v for _, v in pts],
+                marker="o",
+                ms=3,
+                label=key.replace("val_loss", "val") or "val",
+            )
         pts = [(h["round"], h["train_loss"]) for h in history if "train_loss" in h]
         if pts:
-            ax.plot([r + 1 for r, _ in pts], [v for _, v in pts], ls="--", label="train" if "val_loss" in keys else f"train_{phase}")
+            ax.plot(
+                [r + 1 for r, _ in pts],
+                [v for _, v in pts],
+                ls="--",
+                label="train" if "val_loss" in keys else f"train_{phase}",
+            )
         ax.set_title(phase)
         ax.set_xlabel("round")
         ax.legend(fontsize=6)
@@ -221,52 +253,91 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
     plots.mkdir(exist_ok=True)
     curves = plot_learning_curves(metrics, plots / "learning_curves.png")
     bars = plot_site_bars(metrics, plots / "site_auc.png")
-    lines = [f"# fedslide federated run `{metrics['run_id']}`", "",
-             f"Mode: {metrics['mode']}; classes: {', '.join(metrics['classes'])}; encoder: {metrics['encoder']}; "
-             f"sites: {', '.join(s['name'] for s in metrics['sites'])}.", "",
-             "## Test metrics (overall = " + metrics["overall_method"] + ")", "",
-             "| model | " + " | ".join(METRIC_NAMES) + " | n |", "|---" * (len(METRIC_NAMES) + 2) + "|"]
+    lines = [
+        f"# fedslide federated run `{metrics['run_id']}`",
+        "",
+        f"Mode: {metrics['mode']}; classes: {', '.join(metrics['classes'])}; encoder: {metrics['encoder']}; "
+        f"sites: {', '.join(s['name'] for s in metrics['sites'])}.",
+        "",
+        "## Test metrics (overall = " + metrics["overall_method"] + ")",
+        "",
+        "| model | " + " | ".join(METRIC_NAMES) + " | n |",
+        "|---" * (len(METRIC_NAMES) + 2) + "|",
+    ]
     for row in metrics["rows"]:
         lines.append(f"| {row['model']} | " + " | ".join(_fmt(row[k]) for k in METRIC_NAMES) + f" | {row['n']} |")
     steps = {name: r for name, r in metrics.get("auc_resolution", {}).items() if r["pairs"]}
     if steps:
-        lines += ["", "How fine these AUCs are: " + "; ".join(
-            f"{name} {' × '.join(map(str, r['slides_per_class']))} slides per class, {r['pairs']} pair(s): "
-            f"its AUC moves in steps of {r['auc_step']:.3f}" for name, r in steps.items())
-            + ". A difference smaller than a site's step is one pair of slides (one per class) there, not evidence."]
-    lines += ["", "## Per site (test AUC)", "", "| site | " + " | ".join(MODEL_ROWS) + " |", "|---" * (len(MODEL_ROWS) + 1) + "|"]
+        lines += [
+            "",
+            "How fine these AUCs are: "
+            + "; ".join(
+                f"{name} {' × '.join(map(str, r['slides_per_class']))} slides per class, {r['pairs']} pair(s): "
+                f"its AUC moves in steps of {r['auc_step']:.3f}"
+                for name, r in steps.items()
+            )
+            + ". A difference smaller than a site's step is one pair of slides (one per class) there, not evidence.",
+        ]
+    lines += [
+        "",
+        "## Per site (test AUC)",
+        "",
+        "| site | " + " | ".join(MODEL_ROWS) + " |",
+        "|---" * (len(MODEL_ROWS) + 1) + "|",
+    ]
     for site in metrics["sites"]:
         name = site["name"]
-        lines.append(f"| {name} | " + " | ".join(_fmt(metrics["models"][m]["per_site"].get(name, {}).get("auc"))
-                                                for m in MODEL_ROWS) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_fmt(metrics["models"][m]["per_site"].get(name, {}).get("auc")) for m in MODEL_ROWS)
+            + " |"
+        )
     lines += ["", f"![per-site AUC](plots/{bars.name})", ""]
     c = metrics["cost"]
-    lines += ["## Cost per test slide", "",
-              f"- patches: high {_fmt(c['high']['patches_per_slide'])}, low {_fmt(c['low']['patches_per_slide'])} "
-              f"({_fmt(c['high_over_low_patches_per_slide'])}× fewer at low resolution)",
-              f"- model seconds: high {_fmt(c['high']['seconds_per_slide'])}, low {_fmt(c['low']['seconds_per_slide'])} "
-              f"({c['note']})", "", "## Communication", "", "| phase | down bytes | up bytes | max upload / site / round | ÷ model size |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "## Cost per test slide",
+        "",
+        f"- patches: high {_fmt(c['high']['patches_per_slide'])}, low {_fmt(c['low']['patches_per_slide'])} "
+        f"({_fmt(c['high_over_low_patches_per_slide'])}× fewer at low resolution)",
+        f"- model seconds: high {_fmt(c['high']['seconds_per_slide'])}, low {_fmt(c['low']['seconds_per_slide'])} "
+        f"({c['note']})",
+        "",
+        "## Communication",
+        "",
+        "| phase | down bytes | up bytes | max upload / site / round | ÷ model size |",
+        "|---|---|---|---|---|",
+    ]
     for phase, entry in metrics["communication"]["per_phase"].items():
-        lines.append(f"| {phase} | {entry['down']:,} | {entry['up']:,} | {entry['max_upload_per_site_round']:,} | "
-                     f"{_fmt(entry.get('max_upload_over_model'))} |")
+        lines.append(
+            f"| {phase} | {entry['down']:,} | {entry['up']:,} | {entry['max_upload_per_site_round']:,} | "
+            f"{_fmt(entry.get('max_upload_over_model'))} |"
+        )
     if curves is not None:
         lines += ["", "## Learning curves", "", f"![learning curves](plots/{curves.name})"]
     privacy = metrics["privacy"]
     lines += ["", "## Privacy", ""]
     if privacy["enabled"]:
-        lines += [f"- differential privacy: ε = {privacy['epsilon']:.3g} at δ = {privacy['delta']:g} after "
-                  f"{privacy['releases']} noised releases (noise multiplier {privacy['noise_multiplier']}, clipping norm "
-                  f"{privacy['clipping_norm']}; {privacy['accounting']})", f"- {privacy['trust_model']}"]
+        lines += [
+            f"- differential privacy: ε = {privacy['epsilon']:.3g} at δ = {privacy['delta']:g} after "
+            f"{privacy['releases']} noised releases (noise multiplier {privacy['noise_multiplier']}, clipping norm "
+            f"{privacy['clipping_norm']}; {privacy['accounting']})",
+            f"- {privacy['trust_model']}",
+        ]
     else:
         lines.append("- differential privacy: off (dp-noise-multiplier = 0)")
-    lines.append(f"- cluster sums noise std: {privacy['cluster_noise_std']}; small clusters withheld below "
-                 f"{metrics['config'].get('suppress-below') or metrics['config']['clusters']['suppress-below']} slides")
+    lines.append(
+        f"- cluster sums noise std: {privacy['cluster_noise_std']}; small clusters withheld below "
+        f"{metrics['config'].get('suppress-below') or metrics['config']['clusters']['suppress-below']} slides"
+    )
     lines += ["", "## Sites refused, absent rounds, rejected updates", ""]
     lines += [f"- refused: {r}" for r in metrics["refused"]] or ["- no site refused"]
-    lines += [f"- absent: phase {m['phase']} round {m['round']}: nodes {m['nodes']}" for m in metrics["missing"]] or ["- no absences"]
-    lines += [f"- rejected: phase {r['phase']} round {r['round']} node {r['node']}: {r['reason']}" for r in metrics["rejections"]] or [
-        "- no update rejected"]
+    lines += [f"- absent: phase {m['phase']} round {m['round']}: nodes {m['nodes']}" for m in metrics["missing"]] or [
+        "- no absences"
+    ]
+    lines += [
+        f"- rejected: phase {r['phase']} round {r['round']} node {r['node']}: {r['reason']}"
+        for r in metrics["rejections"]
+    ] or ["- no update rejected"]
     lines += ["", "## Timings (s)", "", ", ".join(f"{k} {v}" for k, v in metrics["timings"].items()), ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
@@ -283,5 +354,3 @@ def write_outputs(result: RunResult, seconds: float) -> dict[str, Any]:
     write_report(result.run_dir, metrics)
     (result.run_dir / "config.json").write_text(json.dumps(result.fed.cfg.to_toml_dict(), indent=2))
     return metrics
-
-

@@ -92,8 +92,13 @@ class Federation:
             base.update(self.facts.to_config())
         return {**base, **extra}
 
-    def query(self, phase: ph.Phase, records: dict[str, ArrayRecord], config: dict[str, Any] | None = None,
-              validate: bool = False) -> list[Message]:
+    def query(
+        self,
+        phase: ph.Phase,
+        records: dict[str, ArrayRecord],
+        config: dict[str, Any] | None = None,
+        validate: bool = False,
+    ) -> list[Message]:
         """Send one message of the phase (with `validate`, a weights phase's validation) per admitted site; the
         usable replies (at least min-nodes, else FederationError)."""
         self.grid.phase = phase.phase
@@ -104,8 +109,10 @@ class Federation:
         messages = [Message(content=content, dst_node_id=n, message_type=message_type) for n in nodes]
         replies = [r for r in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout) if not r.has_error()]
         if len(replies) < min(self.cfg.min_nodes, max(len(nodes), 1)) or not replies:
-            raise FederationError(f"phase {phase.name}: {len(replies)} usable repl(ies) from {len(nodes)} site(s), "
-                                  f"fewer than min-nodes = {self.cfg.min_nodes}; see the absent nodes in the log")
+            raise FederationError(
+                f"phase {phase.name}: {len(replies)} usable repl(ies) from {len(nodes)} site(s), "
+                f"fewer than min-nodes = {self.cfg.min_nodes}; see the absent nodes in the log"
+            )
         return replies
 
 
@@ -149,21 +156,32 @@ def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
         ident = tuple(str(info.encoder[k]) for k in ENCODER_KEYS)
         if ident != reference:
             diff = {k: (info.encoder[k], ref) for k, ref in zip(ENCODER_KEYS, reference) if str(info.encoder[k]) != ref}
-            fed.refused.append({"node": node, "site": info.name,
-                                "reason": "encoder differs from the federation's: " + ", ".join(
-                                    f"{k} {got!r} (federation: {want!r})" for k, (got, want) in diff.items())})
+            fed.refused.append(
+                {
+                    "node": node,
+                    "site": info.name,
+                    "reason": "encoder differs from the federation's: "
+                    + ", ".join(f"{k} {got!r} (federation: {want!r})" for k, (got, want) in diff.items()),
+                }
+            )
             log.warning("handshake: refused site %s (node %d): %s", info.name, node, fed.refused[-1]["reason"])
             continue
         (fed.eval_sites if info.name in fed.cfg.eval_only_sites else fed.sites)[node] = info
     if len(fed.sites) < fed.cfg.min_nodes:
-        raise FederationError(f"handshake: {len(fed.sites)} site(s) admitted, min-nodes = {fed.cfg.min_nodes}; "
-                              f"refused: {fed.refused}")
+        raise FederationError(
+            f"handshake: {len(fed.sites)} site(s) admitted, min-nodes = {fed.cfg.min_nodes}; refused: {fed.refused}"
+        )
     classes = sorted({c for s in [*fed.sites.values(), *fed.eval_sites.values()] for c in s.classes})
     if len(classes) < 2:
         raise FederationError(f"handshake: the sites' labels have {len(classes)} class(es) {classes}; need at least 2")
     first = next(iter(fed.sites.values()))
-    fed.facts = p.Facts(tuple(classes), int(first.encoder[ph.ENCODER_DIM]), int(first.encoder[ph.TOKEN_GRID]),
-                        int(first.encoder[ph.CHILD_GRID]), str(first.encoder[ph.ENCODER_NAME]))
+    fed.facts = p.Facts(
+        tuple(classes),
+        int(first.encoder[ph.ENCODER_DIM]),
+        int(first.encoder[ph.TOKEN_GRID]),
+        int(first.encoder[ph.CHILD_GRID]),
+        str(first.encoder[ph.ENCODER_NAME]),
+    )
     fed.grid.admitted = set(fed.sites)
     _commit_handshake(fed)
     log.info("handshake: admitted %s; refused %d", ", ".join(s.name for s in fed.sites.values()), len(fed.refused))
@@ -181,16 +199,24 @@ def _ask_sites(fed: Federation, nodes: list[int]) -> dict[int, Message]:
 def _site_info(node: int, reply: Message) -> SiteInfo:
     site, counts = reply.content.config_records[p.SITE], reply.content.metric_records[p.METRICS]
     encoder = {k: site.get(k) for k in (ph.ENCODER_NAME, ph.ENCODER_HASH)}
-    encoder.update({k: int(counts[k]) for k in (ph.ENCODER_DIM, ph.TOKEN_GRID, ph.CHILD_GRID)})
-    return SiteInfo(node, str(site[ph.SITE_NAME]), {k: int(v) for k, v in counts.items()}, encoder,
-                    [str(c) for c in site[ph.CLASSES]])
+    encoder.update({k: p.integer(counts, k) for k in (ph.ENCODER_DIM, ph.TOKEN_GRID, ph.CHILD_GRID)})
+    return SiteInfo(
+        node, str(site[ph.SITE_NAME]), {k: p.integer(counts, k) for k in counts}, encoder, p.strings(site, ph.CLASSES)
+    )
 
 
 def _commit_handshake(fed: Federation) -> None:
     assert fed.facts is not None
-    fed.ckpt.commit(**{ph.HANDSHAKE.checkpoint: {
-        "facts": fed.facts.to_dict(), "refused": fed.refused, "sites": {str(n): vars(s) for n, s in fed.sites.items()},
-        "eval_sites": {str(n): vars(s) for n, s in fed.eval_sites.items()}}})
+    fed.ckpt.commit(
+        **{
+            ph.HANDSHAKE.checkpoint: {
+                "facts": fed.facts.to_dict(),
+                "refused": fed.refused,
+                "sites": {str(n): vars(s) for n, s in fed.sites.items()},
+                "eval_sites": {str(n): vars(s) for n, s in fed.eval_sites.items()},
+            }
+        }
+    )
 
 
 def _readmit_by_name(fed: Federation, unknown: list[int]) -> None:
@@ -231,12 +257,19 @@ def _reference_encoder(cfg: FederationConfig, candidates: dict[int, SiteInfo], i
 # ---- weights phases ---------------------------------------------------------------------------------
 def _inner_strategy(fed: Federation, phase: ph.Phase, min_nodes: int) -> Strategy:
     cfg = fed.cfg
-    if phase is ph.STUDENT and cfg.student_server_momentum > 0 and (fed.accountant is not None or cfg.aggregation != "mean"):
-        log.warning("phase student: student-server-momentum %g not applied: %s keeps its own update",
-                    cfg.student_server_momentum, "DP" if fed.accountant is not None else f"aggregation = {cfg.aggregation}")
+    if (
+        phase is ph.STUDENT
+        and cfg.student_server_momentum > 0
+        and (fed.accountant is not None or cfg.aggregation != "mean")
+    ):
+        log.warning(
+            "phase student: student-server-momentum %g not applied: %s keeps its own update",
+            cfg.student_server_momentum,
+            "DP" if fed.accountant is not None else f"aggregation = {cfg.aggregation}",
+        )
     if fed.accountant is not None:  # every weights release is noised and accounted (equal site weights)
         return dp_strategy(cfg, len(fed.sites), min_nodes, fed.accountant)
-    common = {"fraction_evaluate": 0.0, "min_train_nodes": min_nodes, "min_available_nodes": min_nodes}
+    common: dict[str, Any] = {"fraction_evaluate": 0.0, "min_train_nodes": min_nodes, "min_available_nodes": min_nodes}
     if phase is ph.EXPERTS:
         return ExpertsFedAvg(**common)
     if phase is ph.ADAPTER:
@@ -253,8 +286,13 @@ def _inner_strategy(fed: Federation, phase: ph.Phase, min_nodes: int) -> Strateg
 
 
 def weights_phase(
-    fed: Federation, declared: ph.Phase, make_initial: Callable[[], ArrayRecord], rounds: int,
-    extra: dict[str, ArrayRecord] | None = None, members: int = 0, config: dict[str, Any] | None = None,
+    fed: Federation,
+    declared: ph.Phase,
+    make_initial: Callable[[], ArrayRecord],
+    rounds: int,
+    extra: dict[str, ArrayRecord] | None = None,
+    members: int = 0,
+    config: dict[str, Any] | None = None,
 ) -> ArrayRecord:
     """Federated rounds of a weights phase's model(s) (`members`: how many numbered ones, e.g. experts; `config`:
     the phase's own config entries); returns the global arrays of each model's best-validated round (the phase's
@@ -267,7 +305,9 @@ def weights_phase(
             fed.curves[phase] = done.get("history", [])
             return final
     start = time.perf_counter()
-    tracker = BestRounds({name: Group(g.prefix, g.loss_key, g.n_key) for name, g in declared.best_groups(members).items()})
+    tracker = BestRounds(
+        {name: Group(g.prefix, g.loss_key, g.n_key) for name, g in declared.best_groups(members).items()}
+    )
     min_nodes = min(fed.cfg.min_nodes, len(fed.sites))
     inner = _inner_strategy(fed, declared, min_nodes)
     initial, start_round = make_initial(), 0
@@ -293,16 +333,23 @@ def weights_phase(
         if momentum is not None:
             fed.ckpt.save_arrays(f"{phase}.momentum", ArrayRecord(dict(zip(arrays.keys(), map(Array, momentum)))))
         fed.ckpt.save_arrays(f"{phase}.best", tracker.best_arrays(arrays))
-        fed.ckpt.commit(current={"phase": phase, "round": start_round + server_round, "tracker": tracker.state()},
-                        accountant=fed.accountant.state_dict() if fed.accountant is not None else None)
+        fed.ckpt.commit(
+            current={"phase": phase, "round": start_round + server_round, "tracker": tracker.state()},
+            accountant=fed.accountant.state_dict() if fed.accountant is not None else None,
+        )
         return None
 
     final = initial
     remaining = rounds - start_round
     if remaining > 0:
-        result = strategy.start(fed.grid, initial, num_rounds=remaining, timeout=fed.cfg.round_timeout,
-                                train_config=ConfigRecord(fed.base_config(declared, **{ph.ROUND_OFFSET: start_round}, **config)),
-                                evaluate_fn=checkpoint)
+        result = strategy.start(
+            fed.grid,
+            initial,
+            num_rounds=remaining,
+            timeout=fed.cfg.round_timeout,
+            train_config=ConfigRecord(fed.base_config(declared, **{ph.ROUND_OFFSET: start_round}, **config)),
+            evaluate_fn=checkpoint,
+        )
         final = result.arrays if result.arrays is not None else initial
     # validate the last global model too (the train replies validated each round's incoming model)
     fed.grid.server_round = rounds
@@ -312,8 +359,9 @@ def weights_phase(
     fed.ckpt.save_arrays(f"{phase}.final", best)
     fed.curves[phase] = tracker.history
     fed.timings[phase] = round(time.perf_counter() - start, 3)
-    fed.ckpt.finish_phase(phase, {"best": tracker.best, "history": tracker.history, "rounds": rounds,
-                                  "seconds": fed.timings[phase]})
+    fed.ckpt.finish_phase(
+        phase, {"best": tracker.best, "history": tracker.history, "rounds": rounds, "seconds": fed.timings[phase]}
+    )
     log.info("phase %s: done, best %s", phase, tracker.best)
     return best
 
@@ -324,23 +372,30 @@ def teacher_and_baseline(fed: Federation, t_cfg: ModelConfig, s_cfg: ModelConfig
     seed, rounds = fed.cfg.seed, fed.cfg.rounds
 
     def initial() -> ArrayRecord:
-        return pack_models({p.TEACHER: to_record(new_model(t_cfg, seed + SEED_OFFSETS.teacher)),
-                            p.BASELINE: to_record(new_model(s_cfg, seed + SEED_OFFSETS.student))})
+        return pack_models(
+            {
+                p.TEACHER: to_record(new_model(t_cfg, seed + SEED_OFFSETS.teacher)),
+                p.BASELINE: to_record(new_model(s_cfg, seed + SEED_OFFSETS.student)),
+            }
+        )
 
     models = unpack_models(weights_phase(fed, ph.TEACHER, initial, max(rounds.teacher, rounds.baseline)))
     if set(models) != set(ph.TEACHER.members):
         raise FederationError(
             f"{fed.run_dir / 'checkpoint'}: the teacher phase's arrays are grouped as {sorted(models)[:4]}, expected "
             f"{sorted(ph.TEACHER.members)}; this run was checkpointed by an earlier fedslide (teacher and baseline in "
-            "separate phases) and cannot be resumed: start it again under a new run id")
+            "separate phases) and cannot be resumed: start it again under a new run id"
+        )
     _save_rejections(fed)
     return models[p.TEACHER], models[p.BASELINE]
 
 
 # ---- phase 3: federated k-means ---------------------------------------------------------------------
 def _stats(replies: list[Message]) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(r.content.array_records[p.STATS][ph.SUMS].numpy(), r.content.array_records[p.STATS][ph.COUNTS].numpy())
-            for r in replies]
+    return [
+        (r.content.array_records[p.STATS][ph.SUMS].numpy(), r.content.array_records[p.STATS][ph.COUNTS].numpy())
+        for r in replies
+    ]
 
 
 def federated_kmeans(fed: Federation, teacher: ArrayRecord) -> tuple[np.ndarray, list[int]]:
@@ -361,10 +416,15 @@ def federated_kmeans(fed: Federation, teacher: ArrayRecord) -> tuple[np.ndarray,
         weights.append(counts[keep])
     seeds, seed_weights = np.concatenate(rows), np.concatenate(weights).astype(float)
     if len(seeds) < c:
-        raise FederationError(f"federated k-means: only {len(seeds)} site cluster(s) above the suppression threshold "
-                              f"({fed.cfg.min_count}) for {c} clusters; lower clusters.num-clusters")
-    centroids = KMeans(n_clusters=c, n_init=fed.cfg.clusters.n_init, random_state=fed.cfg.seed).fit(
-        seeds, sample_weight=seed_weights).cluster_centers_
+        raise FederationError(
+            f"federated k-means: only {len(seeds)} site cluster(s) above the suppression threshold "
+            f"({fed.cfg.min_count}) for {c} clusters; lower clusters.num-clusters"
+        )
+    centroids = (
+        KMeans(n_clusters=c, n_init=fed.cfg.clusters.n_init, random_state=fed.cfg.seed)
+        .fit(seeds, sample_weight=seed_weights)
+        .cluster_centers_
+    )
     history = []
     sizes = [0] * c
     for iteration in range(fed.cfg.rounds.cluster_iterations):
@@ -422,8 +482,9 @@ def adapter_step(fed: Federation, run: RunModels) -> None:
     cfg = fed.cfg
     assert fed.facts is not None
     facts = fed.facts
-    run.adapter = weights_phase(fed, ph.ADAPTER, lambda: to_record(new_adapter(cfg, facts, cfg.seed + SEED_OFFSETS.adapter)),
-                                cfg.rounds.adapter)
+    run.adapter = weights_phase(
+        fed, ph.ADAPTER, lambda: to_record(new_adapter(cfg, facts, cfg.seed + SEED_OFFSETS.adapter)), cfg.rounds.adapter
+    )
     _save_rejections(fed)
 
 
@@ -446,12 +507,22 @@ def experts_step(fed: Federation, run: RunModels) -> None:
     teacher = run.teacher
 
     def initial_experts() -> ArrayRecord:
-        start = teacher if cfg.experts.init == "teacher" else to_record(new_model(run.t_cfg, cfg.seed + SEED_OFFSETS.experts_init))
+        start = (
+            teacher
+            if cfg.experts.init == "teacher"
+            else to_record(new_model(run.t_cfg, cfg.seed + SEED_OFFSETS.experts_init))
+        )
         return pack_experts([start] * c)
 
-    run.experts = weights_phase(fed, ph.EXPERTS, initial_experts, cfg.rounds.experts,
-                                extra={p.CENTROIDS: _centroid_record(run.centroids)}, members=c,
-                                config={ph.TEACHER_FINGERPRINT: run.tfp, ph.PROXIMAL_MU: _mu(cfg)})
+    run.experts = weights_phase(
+        fed,
+        ph.EXPERTS,
+        initial_experts,
+        cfg.rounds.experts,
+        extra={p.CENTROIDS: _centroid_record(run.centroids)},
+        members=c,
+        config={ph.TEACHER_FINGERPRINT: run.tfp, ph.PROXIMAL_MU: _mu(cfg)},
+    )
     _save_rejections(fed)
 
 
@@ -496,8 +567,14 @@ def evaluation_step(fed: Federation, run: RunModels) -> None:
 ServerStep = Callable[[Federation, RunModels], None]
 # the server step that drives each phase (the handshake runs before the models exist: `handshake`)
 SERVER_STEPS: dict[ph.Phase, ServerStep] = {
-    ph.ADAPTER: adapter_step, ph.TEACHER: teacher_step, ph.CLUSTER_INIT: clusters_step, ph.CLUSTER_STATS: clusters_step,
-    ph.EXPERTS: experts_step, ph.KD_CACHE: kd_cache_step, ph.STUDENT: student_step, ph.LOGITS: logits_step,
+    ph.ADAPTER: adapter_step,
+    ph.TEACHER: teacher_step,
+    ph.CLUSTER_INIT: clusters_step,
+    ph.CLUSTER_STATS: clusters_step,
+    ph.EXPERTS: experts_step,
+    ph.KD_CACHE: kd_cache_step,
+    ph.STUDENT: student_step,
+    ph.LOGITS: logits_step,
     ph.EVALUATION: evaluation_step,
 }
 
@@ -525,10 +602,13 @@ def run_federation(grid: Grid, cfg: FederationConfig, run_dir: Path) -> RunResul
     """Run (or resume) every phase; returns the final models and the sites' evaluation replies."""
     ckpt = Checkpoint(run_dir)
     if ckpt.exists and not cfg.resume:
-        raise FederationError(f"{run_dir} already holds a run; pass resume = true (--resume {run_dir.name}) "
-                              "to continue it, or choose another run id")
-    fed = Federation(cfg, FederationGrid(grid), run_dir, ckpt,
-                     UpdateValidator(cfg.max_update_norm, cfg.update_norm_factor))
+        raise FederationError(
+            f"{run_dir} already holds a run; pass resume = true (--resume {run_dir.name}) "
+            "to continue it, or choose another run id"
+        )
+    fed = Federation(
+        cfg, FederationGrid(grid), run_dir, ckpt, UpdateValidator(cfg.max_update_norm, cfg.update_norm_factor)
+    )
     fed.validator.rejections.extend(_rejections(ckpt))
     handshake(fed)
     fed.accountant = make_accountant(cfg, len(fed.sites), ckpt.state.get("accountant"))
@@ -553,8 +633,13 @@ def final_evaluation(fed: Federation, records: dict[str, ArrayRecord]) -> list[M
     for node in sorted(connected):
         split = "all" if node in fed.eval_sites else "test"
         config = ConfigRecord(fed.base_config(ph.EVALUATION, **{ph.EVAL_SPLIT: split}))
-        messages.append(Message(content=RecordDict({p.CONFIG: config, **records}), dst_node_id=node,
-                                message_type=ph.EVALUATION.message_type))
+        messages.append(
+            Message(
+                content=RecordDict({p.CONFIG: config, **records}),
+                dst_node_id=node,
+                message_type=ph.EVALUATION.message_type,
+            )
+        )
     replies = [r for r in fed.grid.send_and_receive(messages, timeout=fed.cfg.round_timeout) if not r.has_error()]
     fed.grid.admitted = set(fed.sites)
     if not replies:

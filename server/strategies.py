@@ -70,8 +70,9 @@ class UpdateValidator:
                 total += float(((a.astype(np.float64) - sent[key].numpy().astype(np.float64)) ** 2).sum())
         return math.sqrt(total)
 
-    def filter(self, phase: str, server_round: int, sent: ArrayRecord, replies: list[Message],
-               array_key: str = p.ARRAYS) -> list[Message]:
+    def filter(
+        self, phase: str, server_round: int, sent: ArrayRecord, replies: list[Message], array_key: str = p.ARRAYS
+    ) -> list[Message]:
         """The replies whose update is valid; the others are logged and remembered in `rejections`."""
         valid: list[tuple[Message, float]] = []
         for reply in replies:
@@ -95,8 +96,12 @@ class UpdateValidator:
             kept = []
             for reply, norm in valid:
                 if not reply.has_error() and bound > 0 and norm > bound:
-                    self._reject(phase, server_round, int(reply.metadata.src_node_id),
-                                 f"update norm {norm:.3g} exceeds {self.norm_factor:g} × the round's median ({bound:.3g})")
+                    self._reject(
+                        phase,
+                        server_round,
+                        int(reply.metadata.src_node_id),
+                        f"update norm {norm:.3g} exceeds {self.norm_factor:g} × the round's median ({bound:.3g})",
+                    )
                 else:
                     kept.append((reply, norm))
             valid = kept
@@ -125,7 +130,9 @@ class BestRounds:
     arrays: dict[str, ArrayRecord] = field(default_factory=dict)  # group -> best arrays of that group
     history: list[dict[str, Any]] = field(default_factory=list)
 
-    def observe(self, server_round: int, arrays: ArrayRecord, contents: list[RecordDict], train_loss: float | None = None) -> None:
+    def observe(
+        self, server_round: int, arrays: ArrayRecord, contents: list[RecordDict], train_loss: float | None = None
+    ) -> None:
         """Record the validation replies about `arrays` (the global model after `server_round` rounds)."""
         entry: dict[str, Any] = {"round": server_round}
         if train_loss is not None:
@@ -134,9 +141,9 @@ class BestRounds:
             num = den = 0.0
             for content in contents:
                 metrics = next(iter(content.metric_records.values()), MetricRecord())
-                n = float(metrics.get(group.n_key, 0) or 0)
+                n = p.number(metrics, group.n_key, 0.0)
                 if n > 0 and group.loss_key in metrics:
-                    num += float(metrics[group.loss_key]) * n
+                    num += p.number(metrics, group.loss_key) * n
                     den += n
             if den <= 0:
                 continue
@@ -171,17 +178,25 @@ def _weighted_train_loss(contents: list[RecordDict]) -> float | None:
     num = den = 0.0
     for content in contents:
         metrics = next(iter(content.metric_records.values()), MetricRecord())
-        if "train-loss" in metrics and float(metrics.get("num-examples", 0) or 0) > 0:
-            num += float(metrics["train-loss"]) * float(metrics["num-examples"])
-            den += float(metrics["num-examples"])
+        if "train-loss" in metrics and p.number(metrics, "num-examples", 0.0) > 0:
+            num += p.number(metrics, "train-loss") * p.number(metrics, "num-examples")
+            den += p.number(metrics, "num-examples")
     return num / den if den else None
 
 
 class PhaseStrategy(Strategy):
     """One phase of the federation around a wrapped Flower strategy (see module docstring)."""
 
-    def __init__(self, inner: Strategy, phase: str, tracker: BestRounds, validator: UpdateValidator, min_replies: int,
-                 extra: dict[str, ArrayRecord] | None = None, round_offset: int = 0):
+    def __init__(
+        self,
+        inner: Strategy,
+        phase: str,
+        tracker: BestRounds,
+        validator: UpdateValidator,
+        min_replies: int,
+        extra: dict[str, ArrayRecord] | None = None,
+        round_offset: int = 0,
+    ):
         self.inner = inner
         self.phase = phase
         self.tracker = tracker
@@ -201,13 +216,17 @@ class PhaseStrategy(Strategy):
                 message.content[key] = record
         return out
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._sent = arrays
         if hasattr(grid, "server_round"):
-            grid.server_round = self._round(server_round)  # type: ignore[attr-defined]
+            grid.server_round = self._round(server_round)
         return self._decorate(self.inner.configure_train(server_round, arrays, config, grid))
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self._sent is not None
         replies = list(replies)
         valid = self.validator.filter(self.phase, self._round(server_round), self._sent, replies)
@@ -221,7 +240,9 @@ class PhaseStrategy(Strategy):
             )
         return self.inner.aggregate_train(server_round, valid)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self._decorate(self.inner.configure_evaluate(server_round, arrays, config, grid))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -234,7 +255,9 @@ class PhaseStrategy(Strategy):
 class ExpertsFedAvg(FedAvg):
     """FedAvg of C packed experts (`expert-<c>.*`), expert c weighted by each site's `n-expert-<c>`."""
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, _ = checked_replies(self, replies, is_train=True)
         if not valid:
             return None, None
@@ -247,7 +270,7 @@ class ExpertsFedAvg(FedAvg):
             parts = []
             for content in contents:
                 metrics = next(iter(content.metric_records.values()))
-                weight = float(metrics.get(f"n-expert-{c}", 0) or 0)
+                weight = p.number(metrics, f"n-expert-{c}", 0.0)
                 sub = ArrayRecord({k: v for k, v in content[record_key].items() if k.startswith(prefix + ".")})
                 parts.append((sub, weight))
             if sum(w for _, w in parts) <= 0:  # no site trained this expert: keep what was sent (all replies equal it)

@@ -30,8 +30,17 @@ class SuperLink:
     `in_memory` keeps no database file at all (Flower's in-memory state and object store).
     """
 
-    def __init__(self, workdir: Path, tls: TLSFiles | None, host: str = "127.0.0.1", port: int = 9092,
-                 node_auth: bool = True, env: dict[str, str] | None = None, fresh: bool = True, in_memory: bool = False):
+    def __init__(
+        self,
+        workdir: Path,
+        tls: TLSFiles | None,
+        host: str = "127.0.0.1",
+        port: int = 9092,
+        node_auth: bool = True,
+        env: dict[str, str] | None = None,
+        fresh: bool = True,
+        in_memory: bool = False,
+    ):
         self.workdir = Path(workdir)
         self.host, self.port, self.tls, self.node_auth = host, port, tls, node_auth
         self.env, self.fresh, self.in_memory = env, fresh, in_memory
@@ -43,15 +52,27 @@ class SuperLink:
 
     def argv(self) -> list[str]:
         """The command line."""
-        argv = [flower_tool("flower-superlink"), "--host", self.host, "--port", str(self.port),
-                "--disable-runtime-dependency-installation"]
+        argv = [
+            flower_tool("flower-superlink"),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
         if not self.in_memory:
             argv += ["--database", str(self.workdir / "state.db")]
         if self.tls is None:
             argv.append("--insecure")
         else:
-            argv += ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
-                     "--ssl-keyfile", str(self.tls.key)]
+            argv += [
+                "--ssl-ca-certfile",
+                str(self.tls.ca),
+                "--ssl-certfile",
+                str(self.tls.cert),
+                "--ssl-keyfile",
+                str(self.tls.key),
+            ]
         if self.node_auth:
             argv.append("--enable-supernode-auth")
         return argv
@@ -61,8 +82,9 @@ class SuperLink:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.fresh:
             (self.workdir / "state.db").unlink(missing_ok=True)  # a fresh link: stale nodes would look online
-        self.process = ManagedProcess("SuperLink", self.argv(), self.workdir / "superlink.log",
-                                      env=flower_env(self.env))
+        self.process = ManagedProcess(
+            "SuperLink", self.argv(), self.workdir / "superlink.log", env=flower_env(self.env)
+        )
         self.process.wait_ready(lambda: port_open(self.host, self.port), timeout)
         return self
 
@@ -98,13 +120,14 @@ class FlowerCli:
         if not parse:
             return out + done.stderr
         try:
-            data = json.loads(out[out.index("{"):]) if "{" in out else {}
+            data = json.loads(out[out.index("{") :]) if "{" in out else {}
         except ValueError:
             data = {}
         if done.returncode != 0 or not data.get("success", False):
             reason = str(data.get("error-message", "")).strip() or "see its output"
-            raise FlowerCliError(f"`flwr {' '.join(args)}` failed (exit {done.returncode}): {reason}\n{out}\n"
-                                 f"{done.stderr[-2000:]}")
+            raise FlowerCliError(
+                f"`flwr {' '.join(args)}` failed (exit {done.returncode}): {reason}\n{out}\n{done.stderr[-2000:]}"
+            )
         return data
 
     def register(self, public_key: Path) -> str:
@@ -123,8 +146,12 @@ class FlowerCli:
     def stream_logs(self, run_id: int, path: Path) -> ManagedProcess:
         """`flwr log RUN_ID --stream`, written to `path`: the ServerApp's log as it is written. One process for the
         whole run; it exits when the SuperLink sees the run finished (or when the stream breaks)."""
-        return ManagedProcess(f"log stream of run {run_id}", [flower_tool("flwr"), "log", str(run_id), self.connection,
-                                                               "--stream"], path, env=self.env())
+        return ManagedProcess(
+            f"log stream of run {run_id}",
+            [flower_tool("flwr"), "log", str(run_id), self.connection, "--stream"],
+            path,
+            env=self.env(),
+        )
 
     def logs(self, run_id: int) -> str:
         """The ServerApp's log so far."""

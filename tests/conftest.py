@@ -53,6 +53,14 @@ def nompp_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with tifffile.TiffWriter(path) as tw:
         for level, ((w, h), mpp) in enumerate(zip(NOMPP_LEVELS, (0.5, 0.5 * NOMPP_DOWNSAMPLE))):
             pixels = np.ascontiguousarray(render_region(model, mpp, 0, 0, w, h))
-            tw.write(pixels, tile=(256, 256), photometric="rgb", compression="zlib", resolutionunit="NONE",
-                     subfiletype=1 if level else 0, description="fedslide no-mpp test slide", metadata=None)
+            tw.write(
+                pixels,
+                tile=(256, 256),
+                photometric="rgb",
+                compression="zlib",
+                resolutionunit="NONE",
+                subfiletype=1 if level else 0,
+                description="fedslide no-mpp test slide",
+                metadata=None,
+            )
     return path

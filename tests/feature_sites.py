@@ -32,8 +32,16 @@ def _world(seed: int = 123) -> dict[str, np.ndarray]:
 
 
 def write_slide(
-    site: Path, slide_id: str, label: int, rng: np.random.Generator, world: dict[str, np.ndarray],
-    n_low: int = 6, drop: float = 0.2, encoder: str = ENCODER, weights_hash: str = HASH, tokens: bool = True,
+    site: Path,
+    slide_id: str,
+    label: int,
+    rng: np.random.Generator,
+    world: dict[str, np.ndarray],
+    n_low: int = 6,
+    drop: float = 0.2,
+    encoder: str = ENCODER,
+    weights_hash: str = HASH,
+    tokens: bool = True,
     attrs: dict[str, str] | None = None,
 ) -> None:
     """Paired low/high files: tokens ~ N(0, 1) (+ v on tumour children of positive slides); high child
@@ -50,15 +58,38 @@ def write_slide(
     keep[:, 0] = True  # every low patch keeps at least one child
     parent, child = np.nonzero(keep)
     hc = low_coords[parent] + np.stack([child % GRID, child // GRID], 1) * 256
-    common = dict(slide_id=slide_id, encoder_name=encoder, encoder_weights_hash=weights_hash, encoder_dim=D,
-                  target_magnification=5.0, slide_mpp=0.5, level0_magnification=20.0)
-    extra = {"child_grid": GRID, "encoder_fingerprint": f"fp-{encoder}-{weights_hash}", "patch_size_level0_exact": 1024.0,
-             **(attrs or {})}
-    low_meta = FeatureMeta(resolution="low", patch_size=256, patch_size_level0=1024, target_mpp=2.0,
-                           token_grid=GRID if tokens else 0, extra=extra, **common)
-    high_meta = FeatureMeta(resolution="high", patch_size=256, patch_size_level0=256, target_mpp=0.5,
-                            extra={**extra, "patch_size_level0_exact": 256.0},
-                            **{**common, "target_magnification": 20.0})
+    common = dict(
+        slide_id=slide_id,
+        encoder_name=encoder,
+        encoder_weights_hash=weights_hash,
+        encoder_dim=D,
+        target_magnification=5.0,
+        slide_mpp=0.5,
+        level0_magnification=20.0,
+    )
+    extra = {
+        "child_grid": GRID,
+        "encoder_fingerprint": f"fp-{encoder}-{weights_hash}",
+        "patch_size_level0_exact": 1024.0,
+        **(attrs or {}),
+    }
+    low_meta = FeatureMeta(
+        resolution="low",
+        patch_size=256,
+        patch_size_level0=1024,
+        target_mpp=2.0,
+        token_grid=GRID if tokens else 0,
+        extra=extra,
+        **common,
+    )
+    high_meta = FeatureMeta(
+        resolution="high",
+        patch_size=256,
+        patch_size_level0=256,
+        target_mpp=0.5,
+        extra={**extra, "patch_size_level0_exact": 256.0},
+        **{**common, "target_magnification": 20.0},
+    )
     with FeatureWriter(feature_path(site, encoder, "low", slide_id), low_meta, with_tokens=tokens) as w:
         w.append(tok.mean(axis=1) + 0.05 * rng.normal(size=(n_low, D)), low_coords, tokens=tok if tokens else None)
     with FeatureWriter(feature_path(site, encoder, "high", slide_id), high_meta, with_parent=True) as w:

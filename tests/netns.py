@@ -130,8 +130,12 @@ class NetnsLab:
             for host in self.hosts:
                 ns = self.ns(host)
                 _ip("-n", ns, "link", "set", "lo", "up")
-                self._sysctl(ns, "net.ipv4.conf.all.route_localnet=1", "net.ipv4.conf.default.route_localnet=1",
-                             "net.ipv4.conf.lo.route_localnet=1")
+                self._sysctl(
+                    ns,
+                    "net.ipv4.conf.all.route_localnet=1",
+                    "net.ipv4.conf.default.route_localnet=1",
+                    "net.ipv4.conf.lo.route_localnet=1",
+                )
                 # 127.0.0.1/8 on lo would make every 127.x.y.z local: keep only 127.0.0.1 itself
                 _ip("-n", ns, "addr", "del", "127.0.0.1/8", "dev", "lo", check=False)
                 _ip("-n", ns, "addr", "replace", "127.0.0.1/32", "dev", "lo")
@@ -157,8 +161,9 @@ class NetnsLab:
 
     @staticmethod
     def _sysctl(ns: str, *settings: str) -> None:
-        done = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *settings], capture_output=True,
-                              text=True, timeout=30)
+        done = subprocess.run(
+            ["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *settings], capture_output=True, text=True, timeout=30
+        )
         if done.returncode != 0:
             raise RuntimeError(f"sysctl {settings} in {ns} failed: {done.stderr.strip()}")
 
@@ -275,8 +280,10 @@ class NetnsLab:
 
     def port_open(self, host: str, address: str, port: int) -> bool:
         """Whether `host` can open a TCP connection to address:port."""
+
         def probe() -> bool:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                 s.settimeout(2.0)
                 return s.connect_ex((address, port)) == 0
+
         return self.call(host, probe)

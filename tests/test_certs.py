@@ -234,6 +234,8 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 def test_openssl_verifies_server_cert(material: certs.Material) -> None:
     done = subprocess.run(
         ["openssl", "verify", "-CAfile", str(material.ca.cert), str(material.server.cert)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.returncode == 0 and ": OK" in done.stdout, done.stdout + done.stderr

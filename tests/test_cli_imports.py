@@ -36,7 +36,9 @@ def test_a_model_building_command_imports_no_flower(command: str) -> None:
     loaded = _modules_after([command, "--help"])
     assert loaded["flwr"] == []
     assert cli.SUBCOMMANDS[command].module in loaded["fedslide"]  # its own module did load
-    others = {entry.module for name, entry in cli.SUBCOMMANDS.items() if entry.module != cli.SUBCOMMANDS[command].module}
+    others = {
+        entry.module for name, entry in cli.SUBCOMMANDS.items() if entry.module != cli.SUBCOMMANDS[command].module
+    }
     assert others.isdisjoint(loaded["fedslide"])
 
 

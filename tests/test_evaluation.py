@@ -40,17 +40,40 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
 TINY = {"hidden_dim": 16, "attention_dim": 8, "dropout": 0.0}
 SPLITS = {"train": 6, "val": 2, "test": 4}
-ONE_ROUND = {"adapter": 1, "teacher": 1, "experts": 1, "baseline": 1, "student": 1, "cluster_iterations": 1,
-             "local_epochs": 1, "adapter_local_epochs": 1}
+ONE_ROUND = {
+    "adapter": 1,
+    "teacher": 1,
+    "experts": 1,
+    "baseline": 1,
+    "student": 1,
+    "cluster_iterations": 1,
+    "local_epochs": 1,
+    "adapter_local_epochs": 1,
+}
 
 
 def tiny_study(sites: list[Path], out: Path, **extra: Any) -> EvaluateConfig:
     return EvaluateConfig(
-        sites=sites, out_dir=out, bootstrap=30, progress=False, threads=1,
-        federation={"rounds": ONE_ROUND, "teacher": TINY, "student": TINY, "adapter": {"hidden_dim": 16},
-                    "clusters": {"num_clusters": 2}, "training": {"lr": 1e-2}},
-        distill={"teacher": TINY, "student": TINY, "adapter": {"hidden_dim": 16, "epochs": 2},
-                 "clusters": {"num_clusters": 2}, "training": {"epochs": 3, "lr": 1e-2}},
+        sites=sites,
+        out_dir=out,
+        bootstrap=30,
+        progress=False,
+        threads=1,
+        federation={
+            "rounds": ONE_ROUND,
+            "teacher": TINY,
+            "student": TINY,
+            "adapter": {"hidden_dim": 16},
+            "clusters": {"num_clusters": 2},
+            "training": {"lr": 1e-2},
+        },
+        distill={
+            "teacher": TINY,
+            "student": TINY,
+            "adapter": {"hidden_dim": 16, "epochs": 2},
+            "clusters": {"num_clusters": 2},
+            "training": {"epochs": 3, "lr": 1e-2},
+        },
         heatmaps={"per_class": 1, "size": 240},
         **extra,
     )
@@ -58,8 +81,9 @@ def tiny_study(sites: list[Path], out: Path, **extra: Any) -> EvaluateConfig:
 
 def _slide_and_mask(site: Path, slide_id: str, tumor: bool) -> None:
     """A small pyramidal TIFF covering the toy slide's 3 x 3 low patches (3072 px at 0.5 µm/px) and its mask."""
+
     def tile(level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        yy, xx = np.mgrid[y:y + h, x:x + w]
+        yy, xx = np.mgrid[y : y + h, x : x + w]
         pink = np.stack([230 - (xx % 97), 180 + (yy % 50), 215 - (xx + yy) % 40], axis=-1)
         return pink.clip(0, 255).astype(np.uint8)
 
@@ -95,13 +119,19 @@ def study(sites: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
 def test_learning_curves_give_each_federated_model_its_own_panel() -> None:
     curves = {
-        "teacher": [{"round": 0, "val_loss_teacher": 1.0, "val_loss_baseline": 2.0},
-                    {"round": 1, "val_loss_teacher": 0.5, "val_loss_baseline": 1.5, "train_loss": 0.9}],
+        "teacher": [
+            {"round": 0, "val_loss_teacher": 1.0, "val_loss_baseline": 2.0},
+            {"round": 1, "val_loss_teacher": 0.5, "val_loss_baseline": 1.5, "train_loss": 0.9},
+        ],
         "experts": [{"round": 0, "val_loss_0": 1.0, "val_loss_1": 3.0}, {"round": 1, "val_loss_1": 2.0}],
         "student": [{"round": 0, "val_loss": 0.7}],
     }
-    assert model_curves(curves) == {"teacher": [(0, 1.0), (1, 0.5)], "baseline": [(0, 2.0), (1, 1.5)],
-                                     "experts": [(0, 2.0), (1, 2.0)], "student": [(0, 0.7)]}
+    assert model_curves(curves) == {
+        "teacher": [(0, 1.0), (1, 0.5)],
+        "baseline": [(0, 2.0), (1, 1.5)],
+        "experts": [(0, 2.0), (1, 2.0)],
+        "student": [(0, 0.7)],
+    }
 
 
 @pytest.mark.slow
@@ -111,8 +141,11 @@ def test_metrics_json_follows_its_schema(study: tuple[dict[str, Any], Path]) -> 
     jsonschema.validate(on_disk, JSON_SCHEMA)
     assert on_disk["study_id"] == metrics["study_id"] == "tiny"
     assert on_disk["schema"] == METRICS_SCHEMA and on_disk["classes"] == ["neg", "pos"]
-    assert set(on_disk["models"]) == {f"{r}.{k}" for r in ("local", "federated", "centralized")
-                                      for k in ("teacher_high", "student_low", "baseline_low")}
+    assert set(on_disk["models"]) == {
+        f"{r}.{k}"
+        for r in ("local", "federated", "centralized")
+        for k in ("teacher_high", "student_low", "baseline_low")
+    }
     broken = dict(on_disk, models={"federated.student": {}})
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, JSON_SCHEMA)
@@ -127,7 +160,9 @@ def test_loso_counts_every_slide_where_it_belongs(study: tuple[dict[str, Any], P
         held = fed["out_of_site"]["per_site"][site]
         assert held["n"] == n_site and held["n_models"] == 1  # every slide of the held-out site, one fold model
         ins = fed["in_distribution"]["per_site"][site]
-        assert ins["n"] == 2 * SPLITS["test"] and ins["n_slides"] == SPLITS["test"]  # test split, by the 2 folds it trained in
+        assert (
+            ins["n"] == 2 * SPLITS["test"] and ins["n_slides"] == SPLITS["test"]
+        )  # test split, by the 2 folds it trained in
         assert ins["bootstrap"] == "patient-cluster"  # a slide scored twice moves as one cluster
         local = metrics["models"]["local.student_low"]
         assert local["in_distribution"]["per_site"][site]["n"] == SPLITS["test"]
@@ -137,8 +172,9 @@ def test_loso_counts_every_slide_where_it_belongs(study: tuple[dict[str, Any], P
             assert iv["estimate"] is not None and iv["lo"] <= iv["hi"] and iv["n_boot_valid"] > 15, (site, m, iv)
     assert fed["out_of_site"]["overall"]["n"] == 3 * n_site
     gap = fed["gap"]["overall"]["auc"]
-    assert gap == pytest.approx(fed["in_distribution"]["overall"]["auc"]["estimate"]
-                                - fed["out_of_site"]["overall"]["auc"]["estimate"])
+    assert gap == pytest.approx(
+        fed["in_distribution"]["overall"]["auc"]["estimate"] - fed["out_of_site"]["overall"]["auc"]["estimate"]
+    )
     # the toy task is easy at high resolution: a teacher that learned nothing would sit near 0.5
     assert metrics["models"]["centralized.teacher_high"]["out_of_site"]["overall"]["auc"]["estimate"] >= 0.8
     transfer = metrics["transfer"]["local.student_low"]["values"]
@@ -154,9 +190,12 @@ def test_loso_counts_every_slide_where_it_belongs(study: tuple[dict[str, Any], P
 @pytest.mark.slow
 def test_paired_tests_student_vs_teacher(study: tuple[dict[str, Any], Path]) -> None:
     metrics, _ = study
-    tests = [t for t in metrics["paired_tests"] if t["a"] == "federated.student_low" and t["b"] == "federated.teacher_high"]
-    assert {(t["setting"], t["site"]) for t in tests} == {(s, site) for s in ("in_distribution", "out_of_site")
-                                                          for site in ("site1", "site2", "site3", "overall")}
+    tests = [
+        t for t in metrics["paired_tests"] if t["a"] == "federated.student_low" and t["b"] == "federated.teacher_high"
+    ]
+    assert {(t["setting"], t["site"]) for t in tests} == {
+        (s, site) for s in ("in_distribution", "out_of_site") for site in ("site1", "site2", "site3", "overall")
+    }
     held = {t["site"]: t for t in tests if t["setting"] == "out_of_site"}
     assert held["site1"]["method"] == "delong" and held["site1"]["n"] == sum(SPLITS.values())
     assert held["overall"]["method"] == "delong"  # every held-out slide is scored once, patients have one slide
@@ -173,7 +212,8 @@ def test_heatmaps_are_exported_by_each_site_and_of_the_centralized_reference(
     metrics, out = study
     entries = metrics["heatmaps"]
     assert {(e["site"], e["source"], e["label"]) for e in entries} == {
-        (s, src, c) for s in ("site1", "site2", "site3") for src in ("site", "centralized") for c in ("neg", "pos")}
+        (s, src, c) for s in ("site1", "site2", "site3") for src in ("site", "centralized") for c in ("neg", "pos")
+    }
     for e in entries:
         path = Path(e["path"]) if Path(e["path"]).is_absolute() else out / e["path"]
         assert path.is_file() and path.stat().st_size > 5000
@@ -202,21 +242,36 @@ def _cli(argv: list[str]) -> int:
 
 
 @pytest.mark.slow
-def test_rerun_reuses_every_finished_fold(study: tuple[dict[str, Any], Path], sites: list[Path],
-                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rerun_reuses_every_finished_fold(
+    study: tuple[dict[str, Any], Path], sites: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     metrics, out = study
     copy = tmp_path / "tiny"
     shutil.copytree(out, copy)
     cfg = tiny_study(sites, copy).model_dump(mode="json", by_alias=True, exclude_unset=True)
     config = tmp_path / "study.toml"
     config.write_text(_toml({"evaluate": {k: v for k, v in cfg.items() if k not in ("sites", "out-dir")}}))
-    code = _cli(["evaluate", "--config", str(config), "--sites", *map(str, sites), "--out", str(copy),
-                 "--no-report", "--no-progress"])
+    code = _cli(
+        [
+            "evaluate",
+            "--config",
+            str(config),
+            "--sites",
+            *map(str, sites),
+            "--out",
+            str(copy),
+            "--no-report",
+            "--no-progress",
+        ]
+    )
     assert code == EXIT_OK, capsys.readouterr().err
     again = json.loads((copy / "metrics.json").read_text())
     assert all(info[r]["reused"] for info in again["folds"].values() for r in ("local", "federated", "centralized"))
     for model in metrics["models"]:  # same predictions, same seed: the same numbers
-        assert again["models"][model]["out_of_site"]["overall"]["auc"] == metrics["models"][model]["out_of_site"]["overall"]["auc"]
+        assert (
+            again["models"][model]["out_of_site"]["overall"]["auc"]
+            == metrics["models"][model]["out_of_site"]["overall"]["auc"]
+        )
     assert "federated.student_low" in capsys.readouterr().out
 
 
@@ -234,9 +289,17 @@ def _toml(doc: dict[str, Any], prefix: str = "") -> str:
 
 
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 IMG_CHECK = """<script>window.addEventListener("load", () => {
   const r = [...document.images].map(i => ({complete: i.complete, w: i.naturalWidth, alt: i.alt}));
   const p = document.createElement("pre"); p.id = "imgcheck"; p.textContent = JSON.stringify(r);
@@ -258,8 +321,16 @@ def test_report_renders_every_figure_in_headless_chromium(study: tuple[dict[str,
     text = page.read_text()
     sources = re.findall(r"<img [^>]*src='([^']*)'", text)
     assert len(sources) >= 10 and all(s.startswith("data:image/png;base64,") for s in sources)  # self-contained
-    for needle in ("Cohort", "Paired AUC tests", "ROC", "Communication per phase", "Compute cost", "Attention heatmaps",
-                   "site-local student (low-res)", "federated student (low-res, LRMIL + D&amp;D)"):
+    for needle in (
+        "Cohort",
+        "Paired AUC tests",
+        "ROC",
+        "Communication per phase",
+        "Compute cost",
+        "Attention heatmaps",
+        "site-local student (low-res)",
+        "federated student (low-res, LRMIL + D&amp;D)",
+    ):
         assert needle in text, needle
     markdown = md.read_text()
     linked = re.findall(r"\]\((report_files/[^)]+)\)", markdown)
@@ -267,13 +338,26 @@ def test_report_renders_every_figure_in_headless_chromium(study: tuple[dict[str,
     assert "| site1 |" in markdown and "scanner magnification" in markdown
     chromium = find_chromium()
     if chromium is None:
-        pytest.skip("no Chromium binary: not on PATH as chromium/chromium-browser/google-chrome and FEDSLIDE_CHROMIUM "
-                    "unset (Debian: apt-get install chromium)")
+        pytest.skip(
+            "no Chromium binary: not on PATH as chromium/chromium-browser/google-chrome and FEDSLIDE_CHROMIUM "
+            "unset (Debian: apt-get install chromium)"
+        )
     probe = tmp_path / "report_check.html"
     probe.write_text(text.replace("</body>", IMG_CHECK + "</body>"))
-    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile1'}",
-                          "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=180, check=False)
+    dom = subprocess.run(
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile1'}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     found = re.search(r'<pre id="imgcheck">(.*?)</pre>', dom.stdout, re.DOTALL)
     assert found, f"Chromium did not run the page's check (rc {dom.returncode}): {dom.stderr[-2000:]}"
     images = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
@@ -283,9 +367,20 @@ def test_report_renders_every_figure_in_headless_chromium(study: tuple[dict[str,
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "evaluation_report.png"
     shot.unlink(missing_ok=True)
-    subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1280,6000",
-                    "--virtual-time-budget=10000", f"--screenshot={shot}", page.as_uri()],
-                   capture_output=True, timeout=180, check=False)
+    subprocess.run(
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile2'}",
+            "--window-size=1280,6000",
+            "--virtual-time-budget=10000",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=180,
+        check=False,
+    )
     assert shot.is_file() and shot.stat().st_size > 50_000
     shutil.copy(page, ARTIFACTS / "evaluation_report.html")
 
@@ -301,7 +396,9 @@ def test_report_of_a_single_federated_run(study: tuple[dict[str, Any], Path], tm
 
 
 @pytest.mark.slow
-def test_compare_two_runs(study: tuple[dict[str, Any], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_two_runs(
+    study: tuple[dict[str, Any], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     metrics, out = study
     same = compare(metrics, metrics)
     assert same and all(r.diff in (0.0, None) for r in same)
@@ -317,7 +414,10 @@ def test_compare_two_runs(study: tuple[dict[str, Any], Path], tmp_path: Path, ca
     assert ("federated.student_low", "out_of_site", "site1", "auc") not in rows  # pooled rows unless --per-site
     b_file = tmp_path / "b.json"
     b_file.write_text(json.dumps(other))
-    assert _cli(["compare", str(out), str(b_file), "--metric", "auc", "--per-site", "--json", str(tmp_path / "cmp.json")]) == EXIT_OK
+    assert (
+        _cli(["compare", str(out), str(b_file), "--metric", "auc", "--per-site", "--json", str(tmp_path / "cmp.json")])
+        == EXIT_OK
+    )
     printed = capsys.readouterr().out
     assert f"| federated.student_low | out_of_site | overall | auc | {auc:.3f} [" in printed
     assert f"{auc - 0.2:.3f} [{auc - 0.25:.3f}, {auc - 0.15:.3f}] | -0.200 | A | yes |" in printed
@@ -337,24 +437,30 @@ def test_report_regenerates_from_the_run_folder(study: tuple[dict[str, Any], Pat
     assert page.stat().st_size > 100_000 and (tmp_path / "again" / "report_files").is_dir()
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["federation.eval-only-sites=site1"], "federation.eval-only-sites is set by the study"),
-    (["distill.out-dir=/tmp/x"], "distill.out-dir is set by the study"),
-    (["paired-tests=['federated.student:federated.teacher_high']"], "is not 'A:B'"),
-    (["regimes=['local', 'local']"], "must not repeat"),
-    (["heatmaps.sourc=site"], "unknown key 'evaluate.heatmaps.sourc'"),
-    (["federation.rounds.teacher=0"], "invalid value for 'evaluate.federation.rounds.teacher': 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["federation.eval-only-sites=site1"], "federation.eval-only-sites is set by the study"),
+        (["distill.out-dir=/tmp/x"], "distill.out-dir is set by the study"),
+        (["paired-tests=['federated.student:federated.teacher_high']"], "is not 'A:B'"),
+        (["regimes=['local', 'local']"], "must not repeat"),
+        (["heatmaps.sourc=site"], "unknown key 'evaluate.heatmaps.sourc'"),
+        (["federation.rounds.teacher=0"], "invalid value for 'evaluate.federation.rounds.teacher': 0"),
+    ],
+)
 def test_bad_settings_are_refused_with_key_and_value(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(EvaluateConfig, section="evaluate", overrides=overrides)
 
 
-def test_evaluate_refuses_bad_sites_before_training(sites: list[Path], tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_refuses_bad_sites_before_training(
+    sites: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert _cli(["evaluate", "--sites", str(sites[0]), "--out", str(tmp_path / "s")]) == EXIT_USAGE
     assert "at least 2 sites" in capsys.readouterr().out
-    assert _cli(["evaluate", "--sites", str(sites[0]), str(tmp_path / "nope"), "--out", str(tmp_path / "s")]) == EXIT_USAGE
+    assert (
+        _cli(["evaluate", "--sites", str(sites[0]), str(tmp_path / "nope"), "--out", str(tmp_path / "s")]) == EXIT_USAGE
+    )
     assert "site folder(s) not found" in capsys.readouterr().out
     code = _cli(["evaluate", "--sites", *map(str, sites[:2]), "--out", str(tmp_path / "s"), "--regimes", "federated"])
     assert code == EXIT_USAGE and "federation.min-nodes = 2" in capsys.readouterr().out

@@ -46,28 +46,51 @@ TINY_MODEL = {"hidden_dim": 16, "attention_dim": 8, "dropout": 0.0}
 
 
 def tiny_config(root: Path, run_id: str, **extra: Any) -> FederationConfig:
-    rounds = {"adapter": 2, "teacher": 3, "experts": 2, "baseline": 2, "student": 3, "cluster_iterations": 3,
-              "local_epochs": 1, "adapter_local_epochs": 1}
+    rounds = {
+        "adapter": 2,
+        "teacher": 3,
+        "experts": 2,
+        "baseline": 2,
+        "student": 3,
+        "cluster_iterations": 3,
+        "local_epochs": 1,
+        "adapter_local_epochs": 1,
+    }
     rounds.update(extra.pop("rounds", {}))
     training = {"lr": 1e-2, **extra.pop("training", {})}
-    return FederationConfig(run_id=run_id, runs_dir=root / "runs", seed=0, rounds=rounds, teacher=TINY_MODEL,
-                            student=TINY_MODEL, adapter={"hidden_dim": 16}, clusters={"num_clusters": 2},
-                            training=training, **extra)
+    return FederationConfig(
+        run_id=run_id,
+        runs_dir=root / "runs",
+        seed=0,
+        rounds=rounds,
+        teacher=TINY_MODEL,
+        student=TINY_MODEL,
+        adapter={"hidden_dim": 16},
+        clusters={"num_clusters": 2},
+        training=training,
+        **extra,
+    )
 
 
 # site2 preprocessed with its own thresholds (its feature files record them); the others with the defaults
-SITE2_PREPROCESS = PreprocessConfig(tissue={"min_saturation": 30}, tiling={"min_tissue_low": 0.4, "min_tissue_high": 0.6})
+SITE2_PREPROCESS = PreprocessConfig(
+    tissue={"min_saturation": 30}, tiling={"min_tissue_low": 0.4, "min_tissue_high": 0.6}
+)
 
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("fed-sites")
     recorded = {2: preprocess_attrs(SITE2_PREPROCESS.tissue.to_toml_dict(), SITE2_PREPROCESS.tiling.to_toml_dict())}
-    return [make_site(root, f"site{i}", {"train": 8, "val": 4, "test": 4}, seed=i, attrs=recorded.get(i))
-            for i in range(1, 4)]
+    return [
+        make_site(root, f"site{i}", {"train": 8, "val": 4, "test": 4}, seed=i, attrs=recorded.get(i))
+        for i in range(1, 4)
+    ]
 
 
-def federate(sites: list[Path], cfg: FederationConfig, hook: Any = None, first_node: int = FIRST_NODE) -> tuple[Any, LocalGrid]:
+def federate(
+    sites: list[Path], cfg: FederationConfig, hook: Any = None, first_node: int = FIRST_NODE
+) -> tuple[Any, LocalGrid]:
     grid = LocalGrid(client_app, [{"site-dir": str(s)} for s in sites], cfg.to_run_config(), first_node=first_node)
     grid.reply_hook = hook
     return run(grid, FederationConfig.from_run_config(cfg.to_run_config())), grid
@@ -90,8 +113,17 @@ def test_full_run_writes_metrics_models_and_site_bundles(full_run: tuple[Any, Lo
     # the toy task is easy at high resolution: a teacher that learned nothing would sit near 0.5
     assert metrics["models"]["teacher_high"]["overall"]["auc"] >= 0.9
     comm = metrics["communication"]["per_phase"]
-    assert set(comm) == {"handshake", "adapter", "teacher", "cluster-init", "cluster-stats", "experts", "kd-cache",
-                         "student", "final"}  # the baseline trains in the teacher phase's messages
+    assert set(comm) == {
+        "handshake",
+        "adapter",
+        "teacher",
+        "cluster-init",
+        "cluster-stats",
+        "experts",
+        "kd-cache",
+        "student",
+        "final",
+    }  # the baseline trains in the teacher phase's messages
     for phase in comm:
         assert comm[phase]["up"] > 0 and comm[phase]["down"] > 0, phase
     manifest = json.loads((result.run_dir / "models" / "manifest.json").read_text())
@@ -129,13 +161,21 @@ def test_nothing_but_weights_statistics_and_metrics_left_any_site(
     slide_ids = {line.split(",")[0] for s in sites for line in (s / "labels.csv").read_text().splitlines()[1:]}
     manifest = json.loads((result.run_dir / "models" / "manifest.json").read_text())
     # on the wire each model is one flat float32 array of all its parameters (`params`); packed models are prefixed
-    sizes = {"params": {manifest[m]["parameters"] for m in ("adapter", "student")},
-             "teacher.params": {manifest["teacher"]["parameters"]}, "baseline.params": {manifest["baseline"]["parameters"]},
-             **{f"expert-{c}.params": {manifest["teacher"]["parameters"]} for c in range(result.fed.cfg.clusters.num_clusters)}}
+    sizes = {
+        "params": {manifest[m]["parameters"] for m in ("adapter", "student")},
+        "teacher.params": {manifest["teacher"]["parameters"]},
+        "baseline.params": {manifest["baseline"]["parameters"]},
+        **{
+            f"expert-{c}.params": {manifest["teacher"]["parameters"]}
+            for c in range(result.fed.cfg.clusters.num_clusters)
+        },
+    }
     assert grid.received, "no replies recorded"
     for reply in grid.received:
-        text = json.dumps({name: dict(rec) for name, rec in reply.content.items()
-                           if isinstance(rec, (ConfigRecord, MetricRecord))}, default=str)
+        text = json.dumps(
+            {name: dict(rec) for name, rec in reply.content.items() if isinstance(rec, (ConfigRecord, MetricRecord))},
+            default=str,
+        )
         assert not any(sid in text for sid in slide_ids)
         for name, record in reply.content.array_records.items():
             assert set(record) <= set(sizes) | {"sums", "counts"}, name
@@ -151,8 +191,17 @@ def test_nothing_but_weights_statistics_and_metrics_left_any_site(
         for entry in ledger:
             assert {a["name"] for a in entry["arrays"]} <= set(sizes) | {"sums", "counts"}
             assert entry["bytes"] > 0
-    assert phases_seen == {"handshake", "adapter", "teacher", "cluster-init", "cluster-stats", "experts",
-                           "kd-cache", "student", "evaluate"}
+    assert phases_seen == {
+        "handshake",
+        "adapter",
+        "teacher",
+        "cluster-init",
+        "cluster-stats",
+        "experts",
+        "kd-cache",
+        "student",
+        "evaluate",
+    }
 
 
 def test_egress_policy_refuses_anything_else() -> None:
@@ -169,9 +218,16 @@ def test_egress_policy_refuses_anything_else() -> None:
     for content in leaks:
         with pytest.raises(EgressViolation):
             check_reply(content, allowed)
-    stats = Allowed("cluster-stats", "stats", {"sums": ArraySpec((2, 3), "float64"), "counts": ArraySpec((2,), "int64")})
+    stats = Allowed(
+        "cluster-stats", "stats", {"sums": ArraySpec((2, 3), "float64"), "counts": ArraySpec((2,), "int64")}
+    )
     with pytest.raises(EgressViolation, match="allowed only"):
-        check_reply(RecordDict({"stats": ArrayRecord({"sums": Array(np.zeros((9, 3))), "counts": Array(np.zeros(2, np.int64))})}), stats)
+        check_reply(
+            RecordDict(
+                {"stats": ArrayRecord({"sums": Array(np.zeros((9, 3))), "counts": Array(np.zeros(2, np.int64))})}
+            ),
+            stats,
+        )
 
 
 def test_a_model_travels_as_one_flat_array_and_comes_back_exactly() -> None:
@@ -191,7 +247,9 @@ def test_a_model_travels_as_one_flat_array_and_comes_back_exactly() -> None:
     record = to_record(sent)
     state = sent.state_dict()
     assert list(record) == [PARAMS_KEY] and len(state) > 4
-    assert record[PARAMS_KEY].dtype == "float32" and tuple(record[PARAMS_KEY].shape) == (sum(v.numel() for v in state.values()),)
+    assert record[PARAMS_KEY].dtype == "float32" and tuple(record[PARAMS_KEY].shape) == (
+        sum(v.numel() for v in state.values()),
+    )
     received = load_record(model(), record)
     assert all(torch.equal(state[k], v) for k, v in received.state_dict().items())
     named = named_record(model(), record)
@@ -214,8 +272,12 @@ def test_a_model_travels_as_one_flat_array_and_comes_back_exactly() -> None:
 @pytest.mark.slow
 def test_site_with_another_encoder_is_refused_at_handshake(sites: list[Path], tmp_path: Path) -> None:
     other = make_site(tmp_path, "site4", {"train": 6, "val": 2, "test": 2}, seed=9, weights_hash="ffff0000")
-    result, _ = federate([*sites, other], tiny_config(tmp_path, "enc", kd={"lambda_expert": 0.0},
-                                                      rounds={"teacher": 1, "student": 1, "baseline": 1, "adapter": 1}))
+    result, _ = federate(
+        [*sites, other],
+        tiny_config(
+            tmp_path, "enc", kd={"lambda_expert": 0.0}, rounds={"teacher": 1, "student": 1, "baseline": 1, "adapter": 1}
+        ),
+    )
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert [s["name"] for s in metrics["sites"]] == ["site1", "site2", "site3"]
     assert len(metrics["refused"]) == 1 and metrics["refused"][0]["site"] == "site4"
@@ -254,8 +316,12 @@ def test_invalid_updates_are_rejected_and_change_nothing(sites: list[Path], tmp_
     bad_nodes = {FIRST_NODE + 3: "nan", FIRST_NODE + 4: "scaled", FIRST_NODE + 5: "shape"}
 
     def corrupt(node: int, reply: Message) -> Message:
-        if node not in bad_nodes or reply.has_error() or "arrays" not in reply.content.array_records \
-                or reply.metadata.message_type != "train":
+        if (
+            node not in bad_nodes
+            or reply.has_error()
+            or "arrays" not in reply.content.array_records
+            or reply.metadata.message_type != "train"
+        ):
             return reply
         arrays = dict(reply.content["arrays"].items())
         key = sorted(arrays)[0]
@@ -285,7 +351,8 @@ def test_invalid_updates_are_rejected_and_change_nothing(sites: list[Path], tmp_
     for model in ("teacher_high", "student_low", "baseline_low"):
         for site in ("site1", "site2", "site3"):
             assert metrics["models"][model]["per_site"][site]["loss"] == pytest.approx(
-                before[model]["per_site"][site]["loss"], abs=1e-4)
+                before[model]["per_site"][site]["loss"], abs=1e-4
+            )
 
 
 class Crash(RuntimeError):
@@ -331,7 +398,10 @@ def test_student_server_momentum_moves_the_student_and_survives_a_resume(sites: 
     momentum of round 1, so the result equals the uninterrupted run's."""
     reference, _ = federate(sites, tiny_config(tmp_path / "ref", "momentum"))
     plain, _ = federate(sites, tiny_config(tmp_path / "plain", "momentum", student_server_momentum=0.0))
-    with np.load(reference.run_dir / "models" / "student.npz") as a, np.load(plain.run_dir / "models" / "student.npz") as b:
+    with (
+        np.load(reference.run_dir / "models" / "student.npz") as a,
+        np.load(plain.run_dir / "models" / "student.npz") as b,
+    ):
         assert max(float(np.abs(a[k] - b[k]).max()) for k in a.files) > 1e-3
     crashed = tiny_config(tmp_path / "crash", "momentum")
     r = crashed.rounds
@@ -365,8 +435,10 @@ def test_resume_refuses_a_checkpoint_with_a_separate_baseline_phase(sites: list[
     ckpt = Checkpoint(tmp_path / "runs" / "old")
     packed = ckpt.load_arrays("teacher.current")
     assert packed is not None
-    ckpt.save_arrays("teacher.final", ArrayRecord({k.removeprefix("teacher."): v for k, v in packed.items()
-                                                   if k.startswith("teacher.")}))
+    ckpt.save_arrays(
+        "teacher.final",
+        ArrayRecord({k.removeprefix("teacher."): v for k, v in packed.items() if k.startswith("teacher.")}),
+    )
     ckpt.finish_phase("teacher", {"history": []})
     with pytest.raises(FederationError, match=r"checkpointed by an earlier fedslide .* new run id"):
         federate(sites, crashed.model_copy(update={"resume": True}))
@@ -382,7 +454,11 @@ def test_resume_finds_sites_that_came_back_under_new_node_ids(sites: list[Path],
     resumed, grid = federate(sites[::-1], crashed.model_copy(update={"resume": True}), first_node=501)
     _assert_same_models(reference.run_dir, resumed.run_dir, atol=1e-5)  # sites averaged in another order
     state = json.loads((tmp_path / "crash" / "runs" / "renamed" / "checkpoint" / "state.json").read_text())
-    assert {int(n): s["name"] for n, s in state["handshake"]["sites"].items()} == {501: "site3", 502: "site2", 503: "site1"}
+    assert {int(n): s["name"] for n, s in state["handshake"]["sites"].items()} == {
+        501: "site3",
+        502: "site2",
+        503: "site1",
+    }
     assert {m.metadata.src_node_id for m in grid.received} == {501, 502, 503}
 
 
@@ -399,8 +475,9 @@ def test_a_site_missing_a_round_is_recorded_and_used_again(sites: list[Path], tm
 
     result, _ = federate(sites, tiny_config(tmp_path, "drop", kd={"lambda_expert": 0.0}), drop)
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
-    assert metrics["missing"] == [{"phase": "teacher", "round": 1, "nodes": [FIRST_NODE + 2],
-                                   "reasons": {str(FIRST_NODE + 2): "timeout"}}]
+    assert metrics["missing"] == [
+        {"phase": "teacher", "round": 1, "nodes": [FIRST_NODE + 2], "reasons": {str(FIRST_NODE + 2): "timeout"}}
+    ]
     uploads = result.fed.grid.uploads
     assert any(u["phase"] == "teacher" and u["round"] == 2 and u["node"] == FIRST_NODE + 2 for u in uploads)
 
@@ -416,7 +493,10 @@ def test_too_few_sites_left_fails_loudly(sites: list[Path], tmp_path: Path) -> N
 def test_run_config_in_pyproject_is_the_federation_config() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     app = pyproject["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "fedslide.server.server_app:app", "clientapp": "fedslide.client.client_app:app"}
+    assert app["components"] == {
+        "serverapp": "fedslide.server.server_app:app",
+        "clientapp": "fedslide.client.client_app:app",
+    }
     flat = flatten_dict(app["config"])
     assert FederationConfig.from_run_config(flat) == FederationConfig()
     every_key = FederationConfig().to_run_config()
@@ -432,7 +512,9 @@ def test_run_config_overrides_choose_an_architecture_and_its_options() -> None:
     assert (cfg.teacher.name, cfg.teacher.options.layers, cfg.student.options.state_dim) == ("transmil", 4, 8)
     assert FederationConfig.from_run_config(cfg.to_run_config()) == cfg
     assert set(cfg.to_run_config()) <= set(declared)
-    with pytest.raises(ConfigError, match="unknown key 'teacher.window' .*for model 'transmil'; allowed keys here: .*layers"):
+    with pytest.raises(
+        ConfigError, match="unknown key 'teacher.window' .*for model 'transmil'; allowed keys here: .*layers"
+    ):
         FederationConfig.from_run_config({**declared, **overrides, "teacher.window": 64})
 
 
@@ -449,8 +531,12 @@ def test_the_app_bundled_from_its_staged_copy_is_the_app(tmp_path: Path) -> None
     code = {name: data for name, data in fab.items() if name.startswith("fedslide/")}
     assert len(code) > 100 and "fedslide/client/client_app.py" in code
     assert all(data == (REPO / name.removeprefix("fedslide/")).read_bytes() for name, data in code.items())
-    sources = {f"fedslide/{p.relative_to(REPO)}" for folder in APP_FOLDERS for p in (REPO / folder).rglob("*")
-               if p.suffix in (".py", ".toml") and "__pycache__" not in p.parts}
+    sources = {
+        f"fedslide/{p.relative_to(REPO)}"
+        for folder in APP_FOLDERS
+        for p in (REPO / folder).rglob("*")
+        if p.suffix in (".py", ".toml") and "__pycache__" not in p.parts
+    }
     assert set(code) == sources
     assert set(fab) - set(code) == {"pyproject.toml", ".info/CONTENT"}
 
@@ -468,10 +554,12 @@ def test_the_manifest_of_an_installed_fedslide_is_the_projects() -> None:
     for key in ("name", "version", "description", "license"):
         assert written["project"][key] == ours["project"][key], key
     assert [Requirement(r) for r in written["project"]["dependencies"]] == [  # as pip reads them
-        Requirement(r) for r in ours["project"]["dependencies"]]
+        Requirement(r) for r in ours["project"]["dependencies"]
+    ]
     app, ours_app = written["tool"]["flwr"]["app"], ours["tool"]["flwr"]["app"]
     assert {k: app[k] for k in ("publisher", "fab-include", "components")} == {
-        k: ours_app[k] for k in ("publisher", "fab-include", "components")}
+        k: ours_app[k] for k in ("publisher", "fab-include", "components")
+    }
     assert flatten_dict(app["config"]) == flatten_dict(ours_app["config"])
 
 
@@ -485,8 +573,23 @@ def test_an_installed_fedslide_submits_the_same_app(tmp_path: Path) -> None:
         shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, source / name)
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                            "-w", str(wheels), str(source)], capture_output=True, text=True)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(wheels),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert built.returncode == 0, built.stderr
     with zipfile.ZipFile(next(wheels.glob("fedslide-*.whl"))) as wheel:
         wheel.extractall(site_packages)
@@ -499,26 +602,37 @@ def test_an_installed_fedslide_submits_the_same_app(tmp_path: Path) -> None:
 
     staged = stage_app(site_packages / "fedslide", tmp_path / "app")
     assert sorted(p.name for p in staged.iterdir()) == ["fedslide", "pyproject.toml"]
-    assert sorted(p.name for p in (staged / "fedslide").iterdir()) == ["client", "common", "configs", "deploy", "server"]
+    assert sorted(p.name for p in (staged / "fedslide").iterdir()) == [
+        "client",
+        "common",
+        "configs",
+        "deploy",
+        "server",
+    ]
     from_source, installed = _fab_contents(stage_app(REPO, tmp_path / "source-app")), _fab_contents(staged)
     assert set(installed) == set(from_source) and len(installed) > 100  # code and settings files, nothing else
     differ = {name for name in installed if installed[name] != from_source[name]}
     assert differ == {"pyproject.toml", ".info/CONTENT"}, differ  # the manifest, and the bundle's list of hashes
-    fab_config = [get_fab_config(build_fab_from_files(collect_files(app))[0])  # validates
-                  for app in (tmp_path / "source-app", staged)]
+    fab_config = [
+        get_fab_config(build_fab_from_files(collect_files(app))[0])  # validates
+        for app in (tmp_path / "source-app", staged)
+    ]
     assert fab_config[1]["tool"]["flwr"]["app"]["components"] == fab_config[0]["tool"]["flwr"]["app"]["components"]
     run_config = [flatten_dict(c["tool"]["flwr"]["app"]["config"]) for c in fab_config]
     assert run_config[1] == run_config[0] and FederationConfig.from_run_config(run_config[1]) == FederationConfig()
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"rounds.teacherr": 3}, "unknown key 'rounds.teacherr'"),
-    ({"rounds.teacher": "many"}, "invalid value for 'rounds.teacher': 'many'"),
-    ({"min-nodes": 0}, "invalid value for 'min-nodes': 0"),
-    ({"mode": "logits"}, "proxy-dir"),
-    ({"training.teacher-epochs": 40}, "teacher-epochs: not used by a federated run; .*rounds.local-epochs"),
-    ({"adapter.epochs": 30, "adapter.patience": 3}, "'adapter' .from run config.: epochs, patience: not used"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"rounds.teacherr": 3}, "unknown key 'rounds.teacherr'"),
+        ({"rounds.teacher": "many"}, "invalid value for 'rounds.teacher': 'many'"),
+        ({"min-nodes": 0}, "invalid value for 'min-nodes': 0"),
+        ({"mode": "logits"}, "proxy-dir"),
+        ({"training.teacher-epochs": 40}, "teacher-epochs: not used by a federated run; .*rounds.local-epochs"),
+        ({"adapter.epochs": 30, "adapter.patience": 3}, "'adapter' .from run config.: epochs, patience: not used"),
+    ],
+)
 def test_bad_run_config_is_refused_with_key_and_value(config: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         FederationConfig.from_run_config(config)
@@ -559,7 +673,9 @@ def test_logits_mode_sends_only_logits_on_the_proxy_cohort(sites: list[Path], tm
         record = reply.content["logits"]
         assert set(record) == {"teacher", "experts", "expert-weights"}
         assert tuple(record["teacher"].shape) == (16, 2) and tuple(record["experts"].shape) == (2, 16, 2)
-    assert not any(r.metadata.message_type == "train" and "student" in json.dumps(str(r.content)) for r in grid.received)
+    assert not any(
+        r.metadata.message_type == "train" and "student" in json.dumps(str(r.content)) for r in grid.received
+    )
     assert "student" not in metrics["communication"]["per_phase"]  # no weights round for the student
     up = metrics["communication"]["per_phase"]["logits"]["max_upload_per_site_round"]
     assert up < 16 * 2 * 4 * 3 + 1500  # logits (teacher + 2 experts) plus names and metrics, not a model
@@ -568,8 +684,9 @@ def test_logits_mode_sends_only_logits_on_the_proxy_cohort(sites: list[Path], tm
 
 @pytest.mark.slow
 def test_differential_privacy_noises_every_release_and_reports_epsilon(sites: list[Path], tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path, "dp", dp_noise_multiplier=1.0, dp_clipping_norm=0.5, dp_delta=1e-5,
-                      cluster_noise_std=0.01)
+    cfg = tiny_config(
+        tmp_path, "dp", dp_noise_multiplier=1.0, dp_clipping_norm=0.5, dp_delta=1e-5, cluster_noise_std=0.01
+    )
     result, _ = federate(sites, cfg)
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     privacy = metrics["privacy"]
@@ -594,17 +711,26 @@ def test_defaults_toml_federation_section_matches_the_model() -> None:
 
 
 @pytest.mark.slow
-def test_an_evaluation_only_site_trains_nothing_and_reports_on_all_its_slides(sites: list[Path], tmp_path: Path) -> None:
+def test_an_evaluation_only_site_trains_nothing_and_reports_on_all_its_slides(
+    sites: list[Path], tmp_path: Path
+) -> None:
     held_out = make_site(tmp_path, "site4", {"train": 4, "val": 2, "test": 2}, seed=11)
-    cfg = tiny_config(tmp_path, "loso", eval_only_sites=["site4"], kd={"lambda_expert": 0.0},
-                      rounds={"adapter": 1, "teacher": 2, "baseline": 1, "student": 1})
+    cfg = tiny_config(
+        tmp_path,
+        "loso",
+        eval_only_sites=["site4"],
+        kd={"lambda_expert": 0.0},
+        rounds={"adapter": 1, "teacher": 2, "baseline": 1, "student": 1},
+    )
     assert cfg.to_run_config()["eval-only-sites"] == "site4"
     result, _ = federate([*sites, held_out], cfg)
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert [(s["name"], s["role"]) for s in metrics["sites"]][-1] == ("site4", "eval-only")
     assert metrics["models"]["student_low"]["held_out"]["n"] == 8  # every labelled slide of the held-out site
     assert metrics["models"]["student_low"]["overall"]["n"] == 12  # the training sites' test slides only
-    ledger = [json.loads(line)["phase"] for line in (held_out / "runs" / "loso" / "egress.jsonl").read_text().splitlines()]
+    ledger = [
+        json.loads(line)["phase"] for line in (held_out / "runs" / "loso" / "egress.jsonl").read_text().splitlines()
+    ]
     assert ledger == ["handshake", "evaluate"]
     predictions = (held_out / "runs" / "loso" / "predictions.csv").read_text().splitlines()
     assert len(predictions) == 9 and predictions[0].startswith("slide_id,patient_id,split,label,teacher_high_p0")
@@ -612,10 +738,16 @@ def test_an_evaluation_only_site_trains_nothing_and_reports_on_all_its_slides(si
 
 @pytest.mark.parametrize("aggregation", ["median", "trimmed-mean"])
 @pytest.mark.slow
-def test_robust_aggregation_is_selectable(sites: list[Path], tmp_path: Path, aggregation: str,
-                                         caplog: pytest.LogCaptureFixture) -> None:
-    cfg = tiny_config(tmp_path, aggregation, aggregation=aggregation, kd={"lambda_expert": 0.0},
-                      rounds={"adapter": 1, "teacher": 2, "baseline": 1, "student": 1})
+def test_robust_aggregation_is_selectable(
+    sites: list[Path], tmp_path: Path, aggregation: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny_config(
+        tmp_path,
+        aggregation,
+        aggregation=aggregation,
+        kd={"lambda_expert": 0.0},
+        rounds={"adapter": 1, "teacher": 2, "baseline": 1, "student": 1},
+    )
     with caplog.at_level(logging.WARNING, logger="fedslide.server.protocol"):
         result, _ = federate(sites, cfg)
     assert f"student-server-momentum 0.5 not applied: aggregation = {aggregation}" in caplog.text  # said, not silent
@@ -630,8 +762,13 @@ def test_robust_aggregation_is_selectable(sites: list[Path], tmp_path: Path, agg
 @pytest.mark.slow
 def test_the_student_starts_from_the_federated_teacher(sites: list[Path], tmp_path: Path, init: str) -> None:
     # a vanishing learning rate: the final student is what its phase started from
-    cfg = tiny_config(tmp_path, init, kd={"lambda_expert": 0.0, "student_init": init}, training={"lr": 1e-12},
-                      rounds={"adapter": 1, "teacher": 1, "baseline": 1, "student": 1})
+    cfg = tiny_config(
+        tmp_path,
+        init,
+        kd={"lambda_expert": 0.0, "student_init": init},
+        training={"lr": 1e-12},
+        rounds={"adapter": 1, "teacher": 1, "baseline": 1, "student": 1},
+    )
     result, _ = federate(sites, cfg)
     models = {name: np.load(result.run_dir / "models" / f"{name}.npz") for name in ("teacher", "student", "baseline")}
     for name in ("student", "baseline"):
@@ -674,7 +811,9 @@ def test_a_client_app_process_does_not_import_scikit_learn_or_scipy() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, client.client_app; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy', 'skimage', 'joblib'}))")
+    code = (
+        "import sys, client.client_app; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy', 'skimage', 'joblib'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

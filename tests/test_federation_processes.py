@@ -52,19 +52,45 @@ from tests.feature_sites import make_site
 
 pytestmark = pytest.mark.slow  # real SuperLink/SuperNode processes
 TINY_MODEL = {"hidden_dim": 16, "attention_dim": 8, "dropout": 0.0}
-ONE_ROUND = {"adapter": 1, "teacher": 1, "experts": 1, "baseline": 1, "student": 1, "cluster_iterations": 1,
-             "local_epochs": 1, "adapter_local_epochs": 1}
-ALL_PHASES = {"handshake", "adapter", "teacher", "cluster-init", "cluster-stats", "experts", "kd-cache",
-              "student", "evaluate"}
+ONE_ROUND = {
+    "adapter": 1,
+    "teacher": 1,
+    "experts": 1,
+    "baseline": 1,
+    "student": 1,
+    "cluster_iterations": 1,
+    "local_epochs": 1,
+    "adapter_local_epochs": 1,
+}
+ALL_PHASES = {
+    "handshake",
+    "adapter",
+    "teacher",
+    "cluster-init",
+    "cluster-stats",
+    "experts",
+    "kd-cache",
+    "student",
+    "evaluate",
+}
 OTHER_HASH = "ffff0000"
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 900.0  # a hung run fails the test instead of hanging it
 
 
 def tiny_config(run_id: str, rounds: dict[str, int] | None = None, **extra: Any) -> FederationConfig:
-    return FederationConfig(run_id=run_id, seed=0, threads=1, rounds={**ONE_ROUND, **(rounds or {})},
-                            teacher=TINY_MODEL, student=TINY_MODEL, adapter={"hidden_dim": 16},
-                            clusters={"num_clusters": 2}, training={"lr": 1e-2}, **extra)
+    return FederationConfig(
+        run_id=run_id,
+        seed=0,
+        threads=1,
+        rounds={**ONE_ROUND, **(rounds or {})},
+        teacher=TINY_MODEL,
+        student=TINY_MODEL,
+        adapter={"hidden_dim": 16},
+        clusters={"num_clusters": 2},
+        training={"lr": 1e-2},
+        **extra,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,8 +137,9 @@ class ProcessTracker:
 
     def _processes(self) -> list[ManagedProcess]:
         with self._lock:
-            managed = list(self.roots) + [p for s in self.stoppables for p in getattr(s, "processes", [s.process])
-                                          if p is not None]
+            managed = list(self.roots) + [
+                p for s in self.stoppables for p in getattr(s, "processes", [s.process]) if p is not None
+            ]
         return managed
 
     def snapshot(self) -> None:
@@ -261,8 +288,7 @@ def test_full_run_with_tls_and_a_refused_encoder(sites: list[Path], tmp_path: Pa
         tracker.add_consortium(consortium)
 
     cfg = tiny_config("tls")
-    run_dir = run_consortium(sites, cfg, LaunchOptions(tmp_path / "work", timeout=RUN_TIMEOUT,
-                                                       on_submitted=submitted))
+    run_dir = run_consortium(sites, cfg, LaunchOptions(tmp_path / "work", timeout=RUN_TIMEOUT, on_submitted=submitted))
     tracker.snapshot()
 
     # nothing left running: the SuperLink, the SuperNodes, their SuperExecs and everything they started
@@ -309,8 +335,9 @@ def test_full_run_with_tls_and_a_refused_encoder(sites: list[Path], tmp_path: Pa
     assert not [c for c in tracker.commands() if "flower-supernode" in c]
     for node in consortium.nodes[:3]:
         assert node.process is not None
-        assert re.search(r"^INFO \d{4}-\d\d-\d\d [\d:,]+:\s+Received successfully", node.process.log.read_text(),
-                         re.M), node.name
+        assert re.search(
+            r"^INFO \d{4}-\d\d-\d\d [\d:,]+:\s+Received successfully", node.process.log.read_text(), re.M
+        ), node.name
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert sorted(s["name"] for s in metrics["sites"]) == ["site1", "site2", "site3"]
@@ -343,7 +370,10 @@ def test_full_run_with_tls_and_a_refused_encoder(sites: list[Path], tmp_path: Pa
 
 
 def test_an_app_flower_refuses_exits_1_with_its_reason(
-    sites: list[Path], tmp_path: Path, tracker: ProcessTracker, monkeypatch: pytest.MonkeyPatch,
+    sites: list[Path],
+    tmp_path: Path,
+    tracker: ProcessTracker,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # `flwr run` refuses an app whose manifest lacks [tool.flwr.app] (what an installed fedslide handed it until
@@ -375,8 +405,10 @@ def test_an_app_flower_refuses_exits_1_with_its_reason(
 # ---------------------------------------------------------------------------------------------
 def node_statuses(cli: FlowerCli) -> dict[str, str]:
     """node id -> status (registered / online / offline ...) as `flwr supernode ls` reports it."""
-    return {str(n["node-id"]): str(n["status"])
-            for n in cli.call("supernode", "ls", cli.connection, "--format", "json", timeout=60)["nodes"]}
+    return {
+        str(n["node-id"]): str(n["status"])
+        for n in cli.call("supernode", "ls", cli.connection, "--format", "json", timeout=60)["nodes"]
+    }
 
 
 def online_in_db(database: Path) -> list[int]:
@@ -422,8 +454,7 @@ def test_identity_is_enforced(sites: list[Path], tmp_path: Path, tracker: Proces
 
     # (a) site A's registered key, but it trusts another CA; (b) the right CA, but site B's unregistered key
     wrong_ca = start_node(tracker, supernode("wrong-ca", stranger.cert, material.sites["siteA"].key), True)
-    unregistered = start_node(tracker, supernode("unregistered", material.ca.cert, material.sites["siteB"].key),
-                              True)
+    unregistered = start_node(tracker, supernode("unregistered", material.ca.cert, material.sites["siteB"].key), True)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         statuses = node_statuses(cli)
@@ -434,15 +465,24 @@ def test_identity_is_enforced(sites: list[Path], tmp_path: Path, tracker: Proces
     assert "certificate verify failed" in text_a.lower(), text_a[-3000:]
     text_b = log_text(unregistered)
     assert "certificate verify failed" not in text_b.lower(), text_b[-3000:]  # TLS was fine: the key was refused
-    assert any(word in text_b.lower() for word in ("failed to activate", "permission denied", "not registered",
-                                                   "unauthenticated", "no supernode found")), text_b[-3000:]
+    assert any(
+        word in text_b.lower()
+        for word in (
+            "failed to activate",
+            "permission denied",
+            "not registered",
+            "unauthenticated",
+            "no supernode found",
+        )
+    ), text_b[-3000:]
     wrong_ca.stop()
     unregistered.stop()
 
     # (c) the registered key with the right CA comes online: the checks above could have seen it
     good = start_node(tracker, supernode("siteA", material.ca.cert, material.sites["siteA"].key))
-    assert wait_until(lambda: node_statuses(cli).get(node_a) == "online", 30, poll=2), \
+    assert wait_until(lambda: node_statuses(cli).get(node_a) == "online", 30, poll=2), (
         f"{node_statuses(cli)}\n{log_text(good)[-3000:]}"
+    )
     assert online_in_db(link.workdir / "state.db") == [int(node_a)]  # the observation used for (d) sees it too
     good.stop()
     link.stop()
@@ -451,14 +491,37 @@ def test_identity_is_enforced(sites: list[Path], tmp_path: Path, tracker: Proces
     # so that the certificate is the only obstacle a SuperNode meets.
     expired_dir = tmp_path / "expired"
     now = dt.datetime.now(dt.timezone.utc)
-    expired = make_server_cert(expired_dir, material.ca, ["localhost"], ["127.0.0.1"],
-                               not_valid_before=now - dt.timedelta(days=30), not_valid_after=now - dt.timedelta(days=1))
-    old_link = tracker.add(SuperLink(tmp_path / "old-link", TLSFiles(material.ca.cert, expired.cert, expired.key),
-                                     port=free_port(), node_auth=False))
+    expired = make_server_cert(
+        expired_dir,
+        material.ca,
+        ["localhost"],
+        ["127.0.0.1"],
+        not_valid_before=now - dt.timedelta(days=30),
+        not_valid_after=now - dt.timedelta(days=1),
+    )
+    old_link = tracker.add(
+        SuperLink(
+            tmp_path / "old-link",
+            TLSFiles(material.ca.cert, expired.cert, expired.key),
+            port=free_port(),
+            node_auth=False,
+        )
+    )
     old_link.start(timeout=30)
     tracker.add(old_link)
-    late = start_node(tracker, SuperNode("late", sites[0], old_link.address, free_port(), tmp_path / "nodes",
-                                         material.ca.cert, material.sites["siteA"].key), True)
+    late = start_node(
+        tracker,
+        SuperNode(
+            "late",
+            sites[0],
+            old_link.address,
+            free_port(),
+            tmp_path / "nodes",
+            material.ca.cert,
+            material.sites["siteA"].key,
+        ),
+        True,
+    )
     old_cli = FlowerCli(tmp_path / "flwr-home-old", old_link.address, material.ca.cert)
     with pytest.raises(FlowerCliError):  # the CLI refuses the expired certificate as well
         old_cli.call("supernode", "ls", old_cli.connection, "--format", "json", timeout=60)
@@ -487,18 +550,28 @@ def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(
     def kill_and_restart(consortium: Consortium) -> None:
         victim = consortium.nodes[-1]
         # the adapter phase is done: the teacher's round 1 is being sent out now
-        assert wait_until(lambda: "adapter" in read_state(consortium.run_dir).get("phases", {}), 600, poll=0.5), \
+        assert wait_until(lambda: "adapter" in read_state(consortium.run_dir).get("phases", {}), 600, poll=0.5), (
             "the adapter phase never finished"
+        )
         victim.stop()
         events["killed"] = victim.name
         # once the SuperLink has noticed (heartbeat timeout), bring the site back with the same key
-        assert wait_until(lambda: "offline" in node_statuses(consortium.cli).values(), 180, poll=5), \
-            node_statuses(consortium.cli)
+        assert wait_until(lambda: "offline" in node_statuses(consortium.cli).values(), 180, poll=5), node_statuses(
+            consortium.cli
+        )
         events["offline"] = [n for n, s in node_statuses(consortium.cli).items() if s == "offline"]
         # back as a hospital runs it: `fedslide-supernode` in Flower's subprocess isolation, which starts
         # fedslide's warm SuperExec itself (the site image's entrypoint)
-        again = SuperNode(victim.name, victim.site_dir, victim.superlink, free_port(), victim.workdir / "again",
-                          victim.ca, victim.auth_key, isolation="subprocess")
+        again = SuperNode(
+            victim.name,
+            victim.site_dir,
+            victim.superlink,
+            free_port(),
+            victim.workdir / "again",
+            victim.ca,
+            victim.auth_key,
+            isolation="subprocess",
+        )
         events["restarted"] = again
         events["ledger-before"] = len(ledger(good[2], "kill"))
         start_node(tracker, again)
@@ -513,8 +586,9 @@ def test_a_node_killed_mid_round_is_recorded_and_the_round_completes(
             polls.extend(superexec_polls(node))
         threads.append(in_thread(lambda: kill_and_restart(consortium)))
 
-    run_dir = run_consortium(good, cfg, LaunchOptions(tmp_path / "work", timeout=RUN_TIMEOUT,
-                                                      on_submitted=submitted, warm=False))
+    run_dir = run_consortium(
+        good, cfg, LaunchOptions(tmp_path / "work", timeout=RUN_TIMEOUT, on_submitted=submitted, warm=False)
+    )
     thread, errors = threads[0]
     thread.join(5)
     assert not errors, errors
@@ -565,8 +639,9 @@ def test_resume_after_the_server_is_killed(sites: list[Path], tmp_path: Path, tr
         def current() -> dict[str, Any]:
             return read_state(consortium.run_dir).get("current") or {}
 
-        assert wait_until(lambda: current().get("phase") == "teacher" and int(current().get("round", 0)) >= 1,
-                          600, poll=0.5), read_state(consortium.run_dir)
+        assert wait_until(
+            lambda: current().get("phase") == "teacher" and int(current().get("round", 0)) >= 1, 600, poll=0.5
+        ), read_state(consortium.run_dir)
         killed["state"] = read_state(consortium.run_dir)
         os.killpg(consortium.link.process.proc.pid, signal.SIGKILL)  # the server host dies: no clean shutdown
         killed["done"] = True
@@ -586,8 +661,11 @@ def test_resume_after_the_server_is_killed(sites: list[Path], tmp_path: Path, tr
     assert not (run_dir / "metrics.json").exists()
     assert wait_until(lambda: not tracker.alive(), 10, poll=0.5), tracker.alive()  # nothing of the first try left
 
-    resumed = run_consortium(good, cfg.model_copy(update={"resume": True}),
-                             LaunchOptions(work, timeout=RUN_TIMEOUT, on_submitted=tracker.add_consortium))
+    resumed = run_consortium(
+        good,
+        cfg.model_copy(update={"resume": True}),
+        LaunchOptions(work, timeout=RUN_TIMEOUT, on_submitted=tracker.add_consortium),
+    )
     assert resumed == run_dir
     state = read_state(run_dir)
     assert {"adapter", "teacher", "kd-cache", "student"} <= set(state["phases"]), state.get("phases")

@@ -43,8 +43,9 @@ def test_installed_flower_has_what_is_shortened(flower_state: None) -> None:
     assert fp.flower_internals_present() == []
 
 
-def test_the_compat_module_names_the_flower_it_was_written_for(flower_state: None, flower_popen: None,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_compat_module_names_the_flower_it_was_written_for(
+    flower_state: None, flower_popen: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fp.check_flower_version()  # the installed one
     fp.check_flower_version(f"{fp.FLOWER_MINOR}.9")
     with pytest.raises(fp.FlowerVersionError, match=rf"written for flwr {fp.FLOWER_MINOR}\.x, but flwr 1\.99\.0"):
@@ -52,8 +53,13 @@ def test_the_compat_module_names_the_flower_it_was_written_for(flower_state: Non
     # another minor version installed: the patches refuse to apply, and Flower is left as it is
     monkeypatch.setattr(fp, "_installed_flower", lambda: "1.99.0")
     defaults = dict(inflatable_utils.pull_objects.__kwdefaults__)
-    for patch in (fp.shorten_object_pulls, fp.shorten_supernode_polls, lambda: fp.start_superexec_through(print),
-                  lambda: fp.set_server_task_identity(1), lambda: fp.RuntimeHttpClient):
+    for patch in (
+        fp.shorten_object_pulls,
+        fp.shorten_supernode_polls,
+        lambda: fp.start_superexec_through(print),
+        lambda: fp.set_server_task_identity(1),
+        lambda: fp.RuntimeHttpClient,
+    ):
         with pytest.raises(fp.FlowerVersionError, match="flower_compat.py"):
             patch()
     assert inflatable_utils.pull_objects.__kwdefaults__ == defaults and start_client_internal.time is time
@@ -64,7 +70,9 @@ def test_flwr_is_pinned_to_the_minor_version_the_compat_module_was_written_for()
     flwr = next(Requirement(r) for r in project["dependencies"] if Requirement(r).name == "flwr")
     major, minor = map(int, fp.FLOWER_MINOR.split("."))
     assert flwr.specifier.contains(f"{major}.{minor}.0") and flwr.specifier.contains(f"{major}.{minor}.9")
-    assert not flwr.specifier.contains(f"{major}.{minor + 1}.0") and not flwr.specifier.contains(f"{major}.{minor - 1}.9")
+    assert not flwr.specifier.contains(f"{major}.{minor + 1}.0") and not flwr.specifier.contains(
+        f"{major}.{minor - 1}.9"
+    )
 
 
 def test_every_internal_name_is_in_the_installed_flower() -> None:
@@ -94,12 +102,17 @@ def test_only_the_compat_module_reaches_past_flowers_api() -> None:
                     modules = [alias.name for alias in node.names]
                 else:
                     modules = []
-                offenders += [f"{path.relative_to(REPO)}:{node.lineno} {m}" for m in modules
-                              if m.partition(".")[0] == "flwr" and m not in PUBLIC_FLOWER]
+                offenders += [
+                    f"{path.relative_to(REPO)}:{node.lineno} {m}"
+                    for m in modules
+                    if m.partition(".")[0] == "flwr" and m not in PUBLIC_FLOWER
+                ]
             text = path.read_text()
-            offenders += [f"{path.relative_to(REPO)} uses {name}" for name in
-                          ("__kwdefaults__", "__dict__[", "TaskIdentity", "momentum_vector", "_check_and_log_replies")
-                          if name in text]
+            offenders += [
+                f"{path.relative_to(REPO)} uses {name}"
+                for name in ("__kwdefaults__", "__dict__[", "TaskIdentity", "momentum_vector", "_check_and_log_replies")
+                if name in text
+            ]
     assert offenders == []
 
 
@@ -150,8 +163,9 @@ def test_object_pull_arguments_checked(flower_state: None) -> None:
         fp.shorten_object_pulls(0.0, 0.5)
 
 
-def test_changed_flower_is_left_alone(flower_state: None, monkeypatch: pytest.MonkeyPatch,
-                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_changed_flower_is_left_alone(
+    flower_state: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(start_client_internal, "time", object())  # a Flower whose loop no longer sleeps via `time`
     monkeypatch.setattr(inflatable_utils.pull_objects, "__kwdefaults__", {"max_time": 10})
     assert fp.shorten_supernode_polls() is False
@@ -184,8 +198,9 @@ def test_warm_supernode_uses_the_launcher(tmp_path) -> None:
     cold = supernode.SuperNode("site1", tmp_path, "127.0.0.1:9092", 9094, tmp_path, None, None, warm=False)
     assert warm.argv()[1:3] == ["-m", "fedslide.client.supernode"] and "--isolation" in warm.argv()
     assert cold.argv()[0].endswith("flower-supernode") and "--isolation" not in cold.argv()
-    hospital = supernode.SuperNode("site1", tmp_path, "127.0.0.1:9092", 9094, tmp_path, None, None,
-                                   isolation="subprocess")
+    hospital = supernode.SuperNode(
+        "site1", tmp_path, "127.0.0.1:9092", 9094, tmp_path, None, None, isolation="subprocess"
+    )
     assert hospital.argv()[-2:] == ["--isolation", "subprocess"]
     with pytest.raises(ValueError, match="isolation must be"):
         supernode.SuperNode("site1", tmp_path, "127.0.0.1:9092", 9094, tmp_path, None, None, isolation="thread")
@@ -203,10 +218,23 @@ def flower_popen(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_flowers_superexec_command_becomes_fedslides() -> None:
     import sys
 
-    tls = ["flower-superexec", "--root-certificates", "/certs/ca.crt", "--runtime-api-address", "127.0.0.1:9094",
-           "--parent-pid", "42"]
+    tls = [
+        "flower-superexec",
+        "--root-certificates",
+        "/certs/ca.crt",
+        "--runtime-api-address",
+        "127.0.0.1:9094",
+        "--parent-pid",
+        "42",
+    ]
     assert supernode.warm_superexec_command(tls, ["--site-dir", "/data/site"]) == [
-        sys.executable, "-m", "fedslide.client.superexec", *tls[1:], "--site-dir", "/data/site"]
+        sys.executable,
+        "-m",
+        "fedslide.client.superexec",
+        *tls[1:],
+        "--site-dir",
+        "/data/site",
+    ]
     plain = ["/venv/bin/flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094"]
     assert supernode.warm_superexec_command(plain)[3:] == plain[1:]
     # what fedslide's SuperExec cannot honour (it installs no dependencies), or another program: left alone
@@ -216,14 +244,17 @@ def test_flowers_superexec_command_becomes_fedslides() -> None:
     assert supernode.warm_superexec_command([]) is None
 
 
-def test_the_supernode_launcher_swaps_in_the_warm_superexec(flower_state: None, flower_popen: None,
-                                                            monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def test_the_supernode_launcher_swaps_in_the_warm_superexec(
+    flower_state: None, flower_popen: None, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
     import importlib
     import subprocess
     import sys
 
     flower_cli = importlib.import_module("flwr.supernode.cli.flower_supernode")
-    monkeypatch.setattr(flower_cli, "flower_supernode", lambda: None)  # the real one: tests/test_federation_processes.py
+    monkeypatch.setattr(
+        flower_cli, "flower_supernode", lambda: None
+    )  # the real one: tests/test_federation_processes.py
     site = tmp_path / "site 1"
     flower_args = ["--superlink", "127.0.0.1:9092", "--insecure", "--node-config", f'site-dir="{site}" site-name="s1"']
     assert supernode.main(["--feature-memory-gb", "0.5", *flower_args]) == 0
@@ -235,12 +266,27 @@ def test_the_supernode_launcher_swaps_in_the_warm_superexec(flower_state: None, 
     started: list[list[str]] = []
     monkeypatch.setattr(subprocess, "Popen", lambda command, *a, **k: started.append(list(command)))
     # as Flower's SuperNode calls it
-    start_client_internal.subprocess.Popen(["flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094",
-                                            "--parent-pid", "7"])
-    start_client_internal.subprocess.Popen(["flower-superexec", "--insecure", "--allow-runtime-dependency-installation"])
+    start_client_internal.subprocess.Popen(
+        ["flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094", "--parent-pid", "7"]
+    )
+    start_client_internal.subprocess.Popen(
+        ["flower-superexec", "--insecure", "--allow-runtime-dependency-installation"]
+    )
     assert started == [
-        [sys.executable, "-m", "fedslide.client.superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094",
-         "--parent-pid", "7", "--feature-memory-gb", "0.5", "--site-dir", str(site)],
+        [
+            sys.executable,
+            "-m",
+            "fedslide.client.superexec",
+            "--insecure",
+            "--runtime-api-address",
+            "127.0.0.1:9094",
+            "--parent-pid",
+            "7",
+            "--feature-memory-gb",
+            "0.5",
+            "--site-dir",
+            str(site),
+        ],
         ["flower-superexec", "--insecure", "--allow-runtime-dependency-installation"],
     ]
     # Flower's own SuperExec on request; a SuperNode without a site-dir holds no features
@@ -254,8 +300,9 @@ def test_the_supernode_launcher_swaps_in_the_warm_superexec(flower_state: None, 
     assert exit_info.value.code == 2
 
 
-def test_a_flower_that_starts_its_superexec_otherwise_is_left_alone(flower_popen: None, monkeypatch: pytest.MonkeyPatch,
-                                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_a_flower_that_starts_its_superexec_otherwise_is_left_alone(
+    flower_popen: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(start_client_internal, "subprocess", object())
     assert supernode.use_warm_superexec("/data/site", 8.0) is False
     assert "runs Flower's own" in caplog.text
@@ -267,7 +314,8 @@ def test_the_installed_flower_starts_its_superexec_as_the_launcher_expects() -> 
     import inspect
     import subprocess
 
-    assert start_client_internal.subprocess is subprocess or isinstance(start_client_internal.subprocess,
-                                                                        fp.PopenInstead)
+    assert start_client_internal.subprocess is subprocess or isinstance(
+        start_client_internal.subprocess, fp.PopenInstead
+    )
     source = inspect.getsource(start_client_internal)
     assert 'command = ["flower-superexec"]' in source and "subprocess.Popen(command)" in source

@@ -14,7 +14,14 @@ import torch
 from PIL import Image
 
 from fedslide.client.encoders import PatchEncoder, build_encoder
-from fedslide.client.heatmaps import InstanceMap, figure_to_array, heatmap_layout, instance_raster, render_heatmap, write_heatmap
+from fedslide.client.heatmaps import (
+    InstanceMap,
+    figure_to_array,
+    heatmap_layout,
+    instance_raster,
+    render_heatmap,
+    write_heatmap,
+)
 from fedslide.client.inference import (
     ModelDirError,
     PredictionRun,

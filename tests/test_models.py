@@ -460,8 +460,18 @@ def test_each_architecture_reads_only_its_own_options() -> None:
 
 
 def test_a_stored_config_of_the_old_flat_layout_still_loads() -> None:
-    old = {"name": "longmil", "in_dim": D, "hidden_dim": 16, "attention_dim": 8, "num_heads": 2, "dsmil_query_dim": 128,
-           "longmil_window": 4, "longmil_alibi": False, "mamba_chunk": 3, "transmil_landmarks": None}
+    old = {
+        "name": "longmil",
+        "in_dim": D,
+        "hidden_dim": 16,
+        "attention_dim": 8,
+        "num_heads": 2,
+        "dsmil_query_dim": 128,
+        "longmil_window": 4,
+        "longmil_alibi": False,
+        "mamba_chunk": 3,
+        "transmil_landmarks": None,
+    }
     cfg = ModelConfig.model_validate(old)
     assert cfg.options == ModelConfig(name="longmil", attention_dim=8, num_heads=2, window=4, alibi=False).options
     assert isinstance(build_model(cfg), LongMIL)

@@ -62,8 +62,16 @@ HOSTS = {"srv": 1, "h1": 11, "h2": 12, "h3": 13}
 HOSPITALS = {"h1": "site1", "h2": "site2", "h3": "site3"}
 PROXY_PORT, LINK_PORT, NODE_PORT, PROXY_HEALTH_PORT = 9092, 9093, 9094, 8081
 TINY_MODEL = {"hidden_dim": 16, "attention_dim": 8, "dropout": 0.0}
-ONE_ROUND = {"adapter": 1, "teacher": 1, "experts": 1, "baseline": 1, "student": 1, "cluster_iterations": 1,
-             "local_epochs": 1, "adapter_local_epochs": 1}
+ONE_ROUND = {
+    "adapter": 1,
+    "teacher": 1,
+    "experts": 1,
+    "baseline": 1,
+    "student": 1,
+    "cluster_iterations": 1,
+    "local_epochs": 1,
+    "adapter_local_epochs": 1,
+}
 RUN_ID = "netns"
 RUN_TIMEOUT = 900.0  # a hung run fails the test instead of hanging it (~2 min on an idle 2-core host)
 
@@ -179,8 +187,10 @@ def lab() -> Iterator[NetnsLab]:
 def deployment(lab: NetnsLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     work = tmp_path_factory.mktemp("netns")
     data = work / "data"
-    sites = {host: make_site(data / host, name, {"train": 8, "val": 4, "test": 4}, seed=i)
-             for i, (host, name) in enumerate(HOSPITALS.items(), start=1)}
+    sites = {
+        host: make_site(data / host, name, {"train": 8, "val": 4, "test": 4}, seed=i)
+        for i, (host, name) in enumerate(HOSPITALS.items(), start=1)
+    }
     srv_ip = lab.ip("srv")
     # the proxy verifies the SuperLink as "superlink" (fleet-proxy.conf); hospitals check the proxy's srv_ip
     material = make_all(work / "srv" / "certs", list(HOSPITALS.values()), ["superlink"], [srv_ip])
@@ -188,11 +198,18 @@ def deployment(lab: NetnsLab, tmp_path_factory: pytest.TempPathFactory) -> Itera
     nginx = shutil.which("nginx")
     # without the proxy the hospitals can only be served by a SuperLink listening on the segment itself
     link_host = "127.0.0.1" if nginx else "0.0.0.0"
-    link = SuperLink(work / "srv" / "superlink", tls, host=link_host, port=LINK_PORT, node_auth=True,
-                     env={**os.environ, "FLWR_HOME": str(work / "srv" / "flwr-home")})
+    link = SuperLink(
+        work / "srv" / "superlink",
+        tls,
+        host=link_host,
+        port=LINK_PORT,
+        node_auth=True,
+        env={**os.environ, "FLWR_HOME": str(work / "srv" / "flwr-home")},
+    )
     cli = FlowerCli(work / "srv" / "flwr-cli", f"127.0.0.1:{LINK_PORT}", material.ca.cert)
-    dep = Deployment(lab, work, material, sites, link, cli, None,
-                     f"{srv_ip}:{PROXY_PORT}" if nginx else f"{srv_ip}:{LINK_PORT}")
+    dep = Deployment(
+        lab, work, material, sites, link, cli, None, f"{srv_ip}:{PROXY_PORT}" if nginx else f"{srv_ip}:{LINK_PORT}"
+    )
     try:
         lab.call("srv", link.start, timeout=60)
         node_ids = {name: lab.call("srv", cli.register, material.sites[name].cert) for name in HOSPITALS.values()}
@@ -201,27 +218,45 @@ def deployment(lab: NetnsLab, tmp_path_factory: pytest.TempPathFactory) -> Itera
             pdir = work / "srv" / "proxy"
             (pdir / "tmp").mkdir(parents=True)
             site_conf = pdir / "fleet-proxy.conf"
-            site_conf.write_text(proxy_config((REPO / "deploy" / "fleet-proxy.conf").read_text(),
-                                              f"{srv_ip}:{PROXY_PORT}", f"127.0.0.1:{LINK_PORT}",
-                                              material.ca.cert.parent, f"127.0.0.1:{PROXY_HEALTH_PORT}"))
+            site_conf.write_text(
+                proxy_config(
+                    (REPO / "deploy" / "fleet-proxy.conf").read_text(),
+                    f"{srv_ip}:{PROXY_PORT}",
+                    f"127.0.0.1:{LINK_PORT}",
+                    material.ca.cert.parent,
+                    f"127.0.0.1:{PROXY_HEALTH_PORT}",
+                )
+            )
             (pdir / "nginx.conf").write_text(nginx_main_config(pdir, site_conf))
 
             def start_proxy() -> ManagedProcess:
-                proc = ManagedProcess("Fleet proxy", [nginx, "-p", str(pdir), "-c", str(pdir / "nginx.conf"),
-                                                      "-e", str(pdir / "error.log")], pdir / "nginx.log")
+                proc = ManagedProcess(
+                    "Fleet proxy",
+                    [nginx, "-p", str(pdir), "-c", str(pdir / "nginx.conf"), "-e", str(pdir / "error.log")],
+                    pdir / "nginx.log",
+                )
                 proc.wait_ready(lambda: port_open(srv_ip, PROXY_PORT), 30)
                 return proc
 
             dep.proxy = lab.call("srv", start_proxy)
         for host, site in sites.items():
             name = HOSPITALS[host]
-            node = SuperNode(name, site, dep.fleet_address, NODE_PORT, work / host / "supernode", material.ca.cert,
-                             material.sites[name].key, env={**os.environ, "FLWR_HOME": str(work / host / "flwr-home")},
-                             isolation="subprocess")
+            node = SuperNode(
+                name,
+                site,
+                dep.fleet_address,
+                NODE_PORT,
+                work / host / "supernode",
+                material.ca.cert,
+                material.sites[name].key,
+                env={**os.environ, "FLWR_HOME": str(work / host / "flwr-home")},
+                isolation="subprocess",
+            )
             dep.nodes[host] = node
             lab.call(host, node.start, timeout=60)
-        assert wait_until(lambda: set(dep.node_statuses().values()) == {"online"}, 90, poll=3), \
+        assert wait_until(lambda: set(dep.node_statuses().values()) == {"online"}, 90, poll=3), (
             f"{dep.node_statuses()}\n{dep.logs()}"
+        )
         yield dep
     finally:
         for node in dep.nodes.values():
@@ -245,8 +280,11 @@ def test_each_host_in_its_own_namespace_and_hospitals_reach_only_the_proxy(deplo
     assert lab.host_of_pid(dep.link.process.proc.pid) == "srv"
     for host, node in dep.nodes.items():
         assert lab.host_of_pid(node.process.proc.pid) == host, node.name
-        superexecs = [c for c in psutil.Process(node.process.proc.pid).children(recursive=True)
-                      if "superexec" in " ".join(c.cmdline())]
+        superexecs = [
+            c
+            for c in psutil.Process(node.process.proc.pid).children(recursive=True)
+            if "superexec" in " ".join(c.cmdline())
+        ]
         assert len(superexecs) == 1 and "fedslide.client.superexec" in superexecs[0].cmdline(), (node.name, superexecs)
         assert lab.host_of_pid(superexecs[0].pid) == host, node.name
     assert set(dep.node_statuses()) == set(dep.node_ids.values())
@@ -257,8 +295,9 @@ def test_each_host_in_its_own_namespace_and_hospitals_reach_only_the_proxy(deplo
         # a hospital's own 127.0.0.1 is its own loopback: the coordinating site's SuperLink is not there
         assert not lab.port_open(host, "127.0.0.1", LINK_PORT), host
         # the hospitals reach the coordinating site over the segment, each from its own address
-        assert lab.call(host, lambda: _source_address(dep.srv_ip, int(dep.fleet_address.rsplit(":", 1)[1]))) \
-            == lab.ip(host)
+        assert lab.call(host, lambda: _source_address(dep.srv_ip, int(dep.fleet_address.rsplit(":", 1)[1]))) == lab.ip(
+            host
+        )
         if dep.proxy is not None:
             assert lab.port_open(host, dep.srv_ip, PROXY_PORT), host
             # the SuperLink's own port is bound to srv's loopback: not reachable at srv's address
@@ -282,10 +321,21 @@ def test_run_submitted_at_the_coordinating_site_completes(deployment: Deployment
     dep = deployment
     started = time.monotonic()
     runs_dir = dep.work / "srv" / "runs"
-    cfg = FederationConfig(run_id=RUN_ID, runs_dir=runs_dir, seed=0, threads=1, rounds=ONE_ROUND,
-                           teacher=TINY_MODEL, student=TINY_MODEL, adapter={"hidden_dim": 16},
-                           clusters={"num_clusters": 2}, training={"lr": 1e-2}, kd={"lambda_expert": 0.0},
-                           expected_nodes=len(HOSPITALS), round_timeout=240.0)
+    cfg = FederationConfig(
+        run_id=RUN_ID,
+        runs_dir=runs_dir,
+        seed=0,
+        threads=1,
+        rounds=ONE_ROUND,
+        teacher=TINY_MODEL,
+        student=TINY_MODEL,
+        adapter={"hidden_dim": 16},
+        clusters={"num_clusters": 2},
+        training={"lr": 1e-2},
+        kd={"lambda_expert": 0.0},
+        expected_nodes=len(HOSPITALS),
+        round_timeout=240.0,
+    )
     config_file = dep.work / "srv" / f"run-config-{RUN_ID}.toml"
     write_run_config(config_file, cfg)
     before = dep.run_ids()
@@ -308,8 +358,9 @@ def test_run_submitted_at_the_coordinating_site_completes(deployment: Deployment
         time.sleep(2)
     state = f"{status.get('status')} {status.get('status-details', '')}"
     if "completed" not in state:
-        pytest.fail(f"run ended as {state!r}; ServerApp log tail:\n{dep.at_srv(dep.cli.logs, run_id)[-3000:]}\n"
-                    f"{dep.logs()}")
+        pytest.fail(
+            f"run ended as {state!r}; ServerApp log tail:\n{dep.at_srv(dep.cli.logs, run_id)[-3000:]}\n{dep.logs()}"
+        )
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert sorted(s["name"] for s in metrics["sites"]) == sorted(HOSPITALS.values())  # in node-id order
@@ -334,42 +385,63 @@ def test_run_submitted_at_the_coordinating_site_completes(deployment: Deployment
 def test_run_submitted_from_a_hospital_is_refused(deployment: Deployment, tmp_path: Path) -> None:
     dep, lab = deployment, deployment.lab
     if dep.proxy is None:
-        pytest.skip("nginx is not installed: without the Fleet proxy the hospitals reach the SuperLink's port "
-                    "directly, whose Control API open-source Flower does not authenticate")
+        pytest.skip(
+            "nginx is not installed: without the Fleet proxy the hospitals reach the SuperLink's port "
+            "directly, whose Control API open-source Flower does not authenticate"
+        )
     before = dep.run_ids()
     fleet = dep.fleet_address
     # everything a hospital has: the federation's CA, and the one address it can reach
     rogue = FlowerCli(tmp_path / "h1-flwr-home", fleet, dep.material.ca.cert)
     config_file = tmp_path / "run-config.toml"
-    write_run_config(config_file, FederationConfig(run_id="rogue", runs_dir=tmp_path / "runs", teacher=TINY_MODEL,
-                                                    student=TINY_MODEL))
+    write_run_config(
+        config_file,
+        FederationConfig(run_id="rogue", runs_dir=tmp_path / "runs", teacher=TINY_MODEL, student=TINY_MODEL),
+    )
 
     with pytest.raises(FlowerCliError) as refused:
-        lab.call("h1", rogue.call, "run", str(stage_app(APP_DIR, tmp_path / "app")), rogue.connection,
-                 "--run-config", str(config_file), "--format", "json", timeout=120)
+        lab.call(
+            "h1",
+            rogue.call,
+            "run",
+            str(stage_app(APP_DIR, tmp_path / "app")),
+            rogue.connection,
+            "--run-config",
+            str(config_file),
+            "--format",
+            "json",
+            timeout=120,
+        )
     assert "403" in str(refused.value) or "forbidden" in str(refused.value).lower(), str(refused.value)
     print(f"\nflwr run from h1 via {fleet}: {' | '.join(str(refused.value).splitlines()[:6])}")
 
     # nor can a hospital register a node of its own, or use the Control / Runtime API over raw HTTPS
     extra = make_site_keys(tmp_path / "keys", ["rogue"])["rogue"]
     with pytest.raises(FlowerCliError):
-        lab.call("h1", rogue.call, "supernode", "register", str(extra.cert), rogue.connection, "--format", "json",
-                 timeout=60)
+        lab.call(
+            "h1", rogue.call, "supernode", "register", str(extra.cert), rogue.connection, "--format", "json", timeout=60
+        )
     host, port = fleet.rsplit(":", 1)
     context = ssl.create_default_context(cafile=str(dep.material.ca.cert))
 
     def request(method: str, path: str) -> int:
         conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=10)
         try:
-            conn.request(method, path, body=b"" if method == "POST" else None,
-                         headers={"Content-Type": "application/protobuf"})
+            conn.request(
+                method, path, body=b"" if method == "POST" else None, headers={"Content-Type": "application/protobuf"}
+            )
             return conn.getresponse().status
         finally:
             conn.close()
 
-    for method, path in [("POST", "/v1/control/list-runs"), ("POST", "/v1/control/start-run"),
-                         ("POST", "/v1/runtime/pull-app-inputs"), ("GET", "/v1/fleet/pull-messages"),
-                         ("POST", "/v1/fleet/../control/list-runs"), ("POST", "/v1/fleet/%2e%2e/control/list-runs")]:
+    for method, path in [
+        ("POST", "/v1/control/list-runs"),
+        ("POST", "/v1/control/start-run"),
+        ("POST", "/v1/runtime/pull-app-inputs"),
+        ("GET", "/v1/fleet/pull-messages"),
+        ("POST", "/v1/fleet/../control/list-runs"),
+        ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
+    ]:
         assert lab.call("h1", request, method, path) == 403, (method, path)
 
     # the SuperLink saw no new run, and the refusals came from the hospital's address, answered by the proxy

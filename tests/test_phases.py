@@ -86,8 +86,9 @@ def test_every_declared_array_leaves_and_nothing_else(phase: ph.Phase) -> None:
         check_reply(RecordDict({phase.reply_arrays: grown}), allowed)
     if not phase.is_weights:  # a name the phase does not declare is refused even where the caller lists it
         with pytest.raises(EgressViolation, match="not declared"):
-            check_reply(RecordDict({phase.reply_arrays: grown}), Allowed(phase.name, phase.reply_arrays,
-                                                                          egress.specs_of(grown)))
+            check_reply(
+                RecordDict({phase.reply_arrays: grown}), Allowed(phase.name, phase.reply_arrays, egress.specs_of(grown))
+            )
 
 
 @pytest.mark.parametrize("phase", ph.ALL, ids=lambda x: x.name)
@@ -103,8 +104,12 @@ def test_only_the_handshake_sends_a_config_and_only_its_declared_keys(phase: ph.
 
 
 def test_weights_replies_carry_exactly_the_model_that_was_sent() -> None:
-    sent = pack_models({p.TEACHER: ArrayRecord({"params": Array(np.zeros(5, np.float32))}),
-                        p.BASELINE: ArrayRecord({"params": Array(np.zeros(3, np.float32))})})
+    sent = pack_models(
+        {
+            p.TEACHER: ArrayRecord({"params": Array(np.zeros(5, np.float32))}),
+            p.BASELINE: ArrayRecord({"params": Array(np.zeros(3, np.float32))}),
+        }
+    )
     for phase in ph.WEIGHTS:
         allowed = weights_reply(phase.name, sent)
         check_reply(RecordDict({p.ARRAYS: sent}), allowed)
@@ -164,9 +169,18 @@ def test_config_phase_names_resolve() -> None:
 
 def test_seed_offsets_are_the_ones_every_run_used() -> None:
     """Changing one changes every model's initial weights: results would no longer reproduce."""
-    assert vars(SEED_OFFSETS) == {"adapter": 1, "teacher": 2, "clusters": 3, "experts_init": 3, "baseline_rounds": 4,
-                                  "student_rounds": 5, "experts": 10, "proxy_teacher": 20, "proxy_experts": 30,
-                                  "student": 100}
+    assert vars(SEED_OFFSETS) == {
+        "adapter": 1,
+        "teacher": 2,
+        "clusters": 3,
+        "experts_init": 3,
+        "baseline_rounds": 4,
+        "student_rounds": 5,
+        "experts": 10,
+        "proxy_teacher": 20,
+        "proxy_experts": 30,
+        "student": 100,
+    }
 
 
 def test_kd_targets_sit_at_the_training_slides_cohort_index() -> None:

@@ -81,7 +81,11 @@ def test_resampled_read_matches_level0_box_average(site_40x: Path) -> None:
 
 
 def test_feature_files_schema_and_geometry(processed: Path) -> None:
-    for slide_id, slide_file in [("a40", "a40.svs"), ("g20", "g20.tif"), ("CMU-1-Small-Region", "CMU-1-Small-Region.svs")]:
+    for slide_id, slide_file in [
+        ("a40", "a40.svs"),
+        ("g20", "g20.tif"),
+        ("CMU-1-Small-Region", "CMU-1-Small-Region.svs"),
+    ]:
         low = read_feature_file(feature_path(processed, ENC, "low", slide_id), load_tokens=True)
         high = read_feature_file(feature_path(processed, ENC, "high", slide_id))
         assert is_complete(low.path) and is_complete(high.path)
@@ -126,8 +130,11 @@ def test_a_bundle_predicts_with_the_thresholds_its_site_preprocessed_with(
 ) -> None:
     site = tmp_path / "strict"
     shutil.copytree(site_40x / "slides", site / "slides")
-    cfg = _cfg(qc_images=False, tissue={"min_saturation": 25, "remove_pen": False},
-               tiling={"min_tissue_low": 0.3, "min_tissue_high": 0.5})
+    cfg = _cfg(
+        qc_images=False,
+        tissue={"min_saturation": 25, "remove_pen": False},
+        tiling={"min_tissue_low": 0.3, "min_tissue_high": 0.5},
+    )
     assert SitePreprocessor(cfg, encoder).run(site).count("done") == 2
     for res in ("low", "high"):
         attrs = read_feature_file(feature_path(site, ENC, res, "a40")).attrs
@@ -137,14 +144,17 @@ def test_a_bundle_predicts_with_the_thresholds_its_site_preprocessed_with(
     model_cfg = ModelConfig(in_dim=data.feature_dim, hidden_dim=8)
     # the federated site step passes no preprocessing config: the bundle takes the site's from its files
     StudentBundle(bundle_meta(data, "raw", None, {}), None, build_model(model_cfg), student_config=model_cfg).save(
-        tmp_path / "bundle")
+        tmp_path / "bundle"
+    )
     settings = slide_settings(load_bundle(tmp_path / "bundle"))
     assert (settings.tissue, settings.tiling) == (cfg.tissue, cfg.tiling)
     assert settings.tiling != TilingConfig() and settings.tissue != TissueConfig()
 
 
 @pytest.mark.slow
-def test_rerun_skips_finished_and_redoes_unmarked_or_changed(processed: Path, tmp_path: Path, encoder: PatchEncoder) -> None:
+def test_rerun_skips_finished_and_redoes_unmarked_or_changed(
+    processed: Path, tmp_path: Path, encoder: PatchEncoder
+) -> None:
     site = tmp_path / "resume"
     shutil.copytree(processed / "slides", site / "slides", ignore=shutil.ignore_patterns("CMU*"))
     shutil.copytree(processed / "features", site / "features")
@@ -230,7 +240,9 @@ def test_bad_slides_are_reported_and_the_rest_processed(
     assert "no resolution metadata" in failures["nompp"] and "--mpp" in failures["nompp"]
     assert "no tissue" in failures["empty"]
     assert feature_path(site, ENC, "high", "g20").read_bytes() == before
-    leftovers = [p for p in (site / "features").rglob("*") if p.name.startswith(("notes", "truncated", "nompp", "empty"))]
+    leftovers = [
+        p for p in (site / "features").rglob("*") if p.name.startswith(("notes", "truncated", "nompp", "empty"))
+    ]
     assert leftovers == []
     assert "nompp" in capsys.readouterr().err
 
@@ -238,8 +250,23 @@ def test_bad_slides_are_reported_and_the_rest_processed(
 @pytest.mark.slow
 def test_cli_synth_then_low_only_preprocess_of_a_cohort(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cohort"
-    code = main(["synth", "--out", str(out), "--sites", "2", "--slides-per-site", "2", "--seed", "3",
-                 "--set", "slide-size-um=[700.0, 800.0]", "--set", "progress=false"])
+    code = main(
+        [
+            "synth",
+            "--out",
+            str(out),
+            "--sites",
+            "2",
+            "--slides-per-site",
+            "2",
+            "--seed",
+            "3",
+            "--set",
+            "slide-size-um=[700.0, 800.0]",
+            "--set",
+            "progress=false",
+        ]
+    )
     assert code == 0
     sites = sorted(p for p in out.iterdir() if p.is_dir())
     assert [s.name for s in sites] == ["site1", "site2"]

@@ -26,8 +26,9 @@ def test_readme_is_short_and_names_the_commands_ci_runs() -> None:
     assert 'pytest -m "not slow"' in readme
 
 
-@pytest.mark.parametrize("page", [REPO / "README.md", REPO / "deploy" / "README.md", *DOCS],
-                         ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize(
+    "page", [REPO / "README.md", REPO / "deploy" / "README.md", *DOCS], ids=lambda p: str(p.relative_to(REPO))
+)
 def test_every_relative_link_resolves(page: Path) -> None:
     for link in LINK.findall(page.read_text()):
         if link.startswith(("http://", "https://")):

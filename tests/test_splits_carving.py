@@ -66,7 +66,10 @@ def test_carving_is_stratified_printed_written_and_reused(tmp_path: Path, caplog
     assert splits_of(site) == carved
     counts = {sp: [data.classes[s.label] for s in data.slides if s.split == sp] for sp in ("train", "val", "test")}
     assert {sp: (c.count("neg"), c.count("pos")) for sp, c in counts.items()} == {
-        "train": (4, 4), "val": (1, 1), "test": (1, 1)}
+        "train": (4, 4),
+        "val": (1, 1),
+        "test": (1, 1),
+    }
     assert "carved train/val/test" in caplog.text
     assert "train 8 (neg 4, pos 4), val 2 (neg 1, pos 1), test 2 (neg 1, pos 1)" in caplog.text
     assert f"written to {site / SPLITS_FILE}" in caplog.text
@@ -168,22 +171,35 @@ def test_evaluate_refuses_a_site_without_labelled_slides(sites: list[Path], tmp_
 
 def test_missing_predictions_name_their_first_cause() -> None:
     fed: dict[str, Any] = {
-        "sites": [{"node": 1, "name": "a", "role": "train", "n-test": 2}, {"node": 2, "name": "b", "role": "eval-only"}],
+        "sites": [
+            {"node": 1, "name": "a", "role": "train", "n-test": 2},
+            {"node": 2, "name": "b", "role": "eval-only"},
+        ],
         "refused": [{"node": 3, "reason": "handshake failed at the site: SplitError: too few slides per class"}],
-        "missing": [{"phase": "teacher", "round": 2, "nodes": [2], "reasons": {"2": "RuntimeError: out of memory"}},
-                    {"phase": "final", "round": 0, "nodes": [2], "reasons": {"2": "timeout"}}],
+        "missing": [
+            {"phase": "teacher", "round": 2, "nodes": [2], "reasons": {"2": "RuntimeError: out of memory"}},
+            {"phase": "final", "round": 0, "nodes": [2], "reasons": {"2": "timeout"}},
+        ],
     }
     assert "refused at the handshake: handshake failed at the site: SplitError" in missing_predictions_cause(fed, "c")
-    assert missing_predictions_cause(fed, "b") == ("site b gave no usable reply in phase teacher round 2: "
-                                                   "RuntimeError: out of memory")
+    assert missing_predictions_cause(fed, "b") == (
+        "site b gave no usable reply in phase teacher round 2: RuntimeError: out of memory"
+    )
     assert "did not finish the federation's final evaluation" in missing_predictions_cause(fed, "a")
 
 
 # ---- the commands on the cohort --------------------------------------------------------------------
 def test_distill_carves_and_scores_a_test_split(sites: list[Path], tmp_path: Path) -> None:
-    cfg = DistillConfig(sites=sites, out_dir=tmp_path / "run", teacher=TINY, student=TINY, threads=1,
-                        adapter={"hidden_dim": 16, "epochs": 1}, clusters={"num_clusters": 2},
-                        training={"epochs": 2, "lr": 1e-2})
+    cfg = DistillConfig(
+        sites=sites,
+        out_dir=tmp_path / "run",
+        teacher=TINY,
+        student=TINY,
+        threads=1,
+        adapter={"hidden_dim": 16, "epochs": 1},
+        clusters={"num_clusters": 2},
+        training={"epochs": 2, "lr": 1e-2},
+    )
     report = run_distill(cfg, progress=False)
     assert all((site / SPLITS_FILE).is_file() for site in sites)
     rows = {r["model"]: r for r in report.metrics["rows"]}
@@ -191,8 +207,17 @@ def test_distill_carves_and_scores_a_test_split(sites: list[Path], tmp_path: Pat
 
 
 def test_federation_carves_at_each_site_and_sends_only_counts(sites: list[Path], tmp_path: Path) -> None:
-    cfg = FederationConfig(run_id="carved", runs_dir=tmp_path / "runs", rounds=ONE_ROUND, teacher=TINY, student=TINY, threads=1,
-                           adapter={"hidden_dim": 16}, clusters={"num_clusters": 2}, training={"lr": 1e-2})
+    cfg = FederationConfig(
+        run_id="carved",
+        runs_dir=tmp_path / "runs",
+        rounds=ONE_ROUND,
+        teacher=TINY,
+        student=TINY,
+        threads=1,
+        adapter={"hidden_dim": 16},
+        clusters={"num_clusters": 2},
+        training={"lr": 1e-2},
+    )
     run_config = cfg.to_run_config()
     grid = LocalGrid(client_app, [{"site-dir": str(s)} for s in sites], run_config)
     result = run(grid, FederationConfig.from_run_config(run_config))
@@ -221,7 +246,9 @@ def test_evaluate_federated_on_sites_without_split_column(sites: list[Path], tmp
     cohort = {row["name"]: row for row in result.metrics["sites"]}
     for site in sites:
         carved = splits_of(site)
-        assert cohort[site.name]["splits"] == {sp: sum(v == sp for v in carved.values()) for sp in ("train", "val", "test")}
+        assert cohort[site.name]["splits"] == {
+            sp: sum(v == sp for v in carved.values()) for sp in ("train", "val", "test")
+        }
     student = result.metrics["models"]["federated.student_low"]
     assert student["in_distribution"]["overall"]["auc"]["estimate"] is not None
     assert student["out_of_site"]["overall"]["auc"]["estimate"] is not None
@@ -230,9 +257,11 @@ def test_evaluate_federated_on_sites_without_split_column(sites: list[Path], tmp
 def test_a_failed_federation_reports_the_first_error_of_its_log() -> None:
     from fedslide.deploy.federate import first_error
 
-    log_text = ("INFO handshake: asking 3 sites\n"
-                "WARNING handshake: refused site site_b (node 2): handshake failed at the site: SplitError: site site_b"
-                " (labels.csv, no split column): too few slides per class to carve splits\n"
-                "Traceback (most recent call last):\n  File \"protocol.py\", line 1\n"
-                "FederationError: handshake: 1 site(s) admitted, min-nodes = 2\n")
+    log_text = (
+        "INFO handshake: asking 3 sites\n"
+        "WARNING handshake: refused site site_b (node 2): handshake failed at the site: SplitError: site site_b"
+        " (labels.csv, no split column): too few slides per class to carve splits\n"
+        'Traceback (most recent call last):\n  File "protocol.py", line 1\n'
+        "FederationError: handshake: 1 site(s) admitted, min-nodes = 2\n"
+    )
     assert "SplitError: site site_b" in first_error(log_text) and "min-nodes" not in first_error(log_text)

@@ -63,9 +63,17 @@ def test_preload_names_the_app_entry_module_and_only_packages_it_forgets() -> No
 
 
 def _spec(task_type: TaskType) -> ExecutionSpec:
-    return ExecutionSpec(task_type=task_type, runtime_api_address="127.0.0.1:9", token="t0k3n", insecure=True,
-                         root_certificates_path=None, runtime_dependency_install=False, parent_pid=None,
-                         suppress_output=False, task_id=7)
+    return ExecutionSpec(
+        task_type=task_type,
+        runtime_api_address="127.0.0.1:9",
+        token="t0k3n",
+        insecure=True,
+        root_certificates_path=None,
+        runtime_dependency_install=False,
+        parent_pid=None,
+        suppress_output=False,
+        task_id=7,
+    )
 
 
 def test_the_executor_takes_clientapp_tasks_only() -> None:
@@ -151,8 +159,9 @@ def test_after_a_fabs_first_task_its_app_is_imported_here_and_handed_to_the_next
     assert APP_MODULES == ("fedslide.client.client_app",)
 
 
-def test_the_executor_holds_the_sites_features_once_the_app_is_imported(tmp_path: Path,
-                                                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_the_executor_holds_the_sites_features_once_the_app_is_imported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from fedslide.client import site_run
     from tests.feature_sites import make_site
 

@@ -220,8 +220,9 @@ def test_split_assignment_groups_patients_and_stratifies() -> None:
         counts = {s: sum(labels[i] == label and splits[i] == s for i in range(20)) for s in ("train", "val", "test")}
         assert counts["test"] >= 2 and counts["val"] >= 2 and counts["train"] >= 5
     # four slides: one test slide per class
-    _, small = assign_patients_and_splits(["tumor", "normal", "tumor", "normal"], (0.6, 0.2, 0.2), 0.25,
-                                          np.random.default_rng(1))
+    _, small = assign_patients_and_splits(
+        ["tumor", "normal", "tumor", "normal"], (0.6, 0.2, 0.2), 0.25, np.random.default_rng(1)
+    )
     assert sorted(s for s in small if s == "test") == ["test", "test"]
     assert {small[0], small[2]} == {"train", "test"} and {small[1], small[3]} == {"train", "test"}
 
@@ -368,8 +369,20 @@ def _cli(argv: list[str]) -> int:
 
 def test_cli_writes_cohort_and_refuses_a_different_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    args = ["synth", "--out", str(out), "--sites", "1", "--slides-per-site", "2", "--seed", "3",
-            "--set", "slide-size-um=[300, 320]", "--no-progress"]
+    args = [
+        "synth",
+        "--out",
+        str(out),
+        "--sites",
+        "1",
+        "--slides-per-site",
+        "2",
+        "--seed",
+        "3",
+        "--set",
+        "slide-size-um=[300, 320]",
+        "--no-progress",
+    ]
     assert _cli(args) == 0
     printed = capsys.readouterr()
     assert "1 sites, 2 slides" in printed.out and "slides:" not in printed.err  # no progress bar

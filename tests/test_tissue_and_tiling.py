@@ -64,7 +64,9 @@ def test_grid_geometry_parents_and_children(slide_mpp: float, low0: float, high0
     width0, height0 = int(3.1 * low0), int(2.5 * low0)
     tissue = np.ones((100, 100), bool)
     mask_mpp = (width0 * slide_mpp / 100, height0 * slide_mpp / 100)
-    g = paired_grid(width0, height0, slide_mpp, TilingConfig(min_tissue_low=0.01, min_tissue_high=0.01), tissue, mask_mpp)
+    g = paired_grid(
+        width0, height0, slide_mpp, TilingConfig(min_tissue_low=0.01, min_tissue_high=0.01), tissue, mask_mpp
+    )
     assert g.ratio == 4
     assert g.low_size_level0 == pytest.approx(low0, rel=1e-3) and g.high_size_level0 == pytest.approx(high0, rel=1e-3)
     assert len(g.low_coords) == 4 * 3  # the grid covers the slide; edge patches reach past it
@@ -86,7 +88,9 @@ def test_tissue_thresholds_select_patches() -> None:
     tissue[:, :64] = True  # first low column entirely tissue
     tissue[:16, 64:80] = True  # one high patch worth of tissue in low patch (row 0, col 1)
     mask_mpp = (8.0, 8.0)
-    g = paired_grid(width0, height0, slide_mpp, TilingConfig(min_tissue_low=0.05, min_tissue_high=0.5), tissue, mask_mpp)
+    g = paired_grid(
+        width0, height0, slide_mpp, TilingConfig(min_tissue_low=0.05, min_tissue_high=0.5), tissue, mask_mpp
+    )
     assert sorted(map(tuple, g.low_coords)) == [(0, 0), (0, 1024), (0, 2048), (0, 3072), (1024, 0)]
     parent_of_corner = [i for i, c in enumerate(g.low_coords) if tuple(c) == (1024, 0)][0]
     kids = g.children_of(parent_of_corner)

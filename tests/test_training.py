@@ -278,7 +278,17 @@ def test_training_learns_and_writes_documented_outputs(tmp_path: Path) -> None:
     assert metrics["encoder"] == {"encoder_name": "toy", "encoder_weights_hash": "abc"}
     assert len(metrics["folds"]) == 3
     for fold in metrics["folds"]:
-        assert {"repeat", "fold", "seed", "n_train", "n_val", "n_test", "best_epoch", "epochs_run", "stopped_early"} <= set(fold)
+        assert {
+            "repeat",
+            "fold",
+            "seed",
+            "n_train",
+            "n_val",
+            "n_test",
+            "best_epoch",
+            "epochs_run",
+            "stopped_early",
+        } <= set(fold)
         assert fold["n_train"] + fold["n_val"] + fold["n_test"] == 40
         assert set(fold["test"]) == {"auc", "acc", "balanced_acc", "f1", "brier", "ece", "loss"}
     assert set(metrics["summary"]) == {"val", "test"}
@@ -288,7 +298,9 @@ def test_training_learns_and_writes_documented_outputs(tmp_path: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["fold", "repeat", "split", "slide_id", "label", "prob_benign", "prob_tumor", "predicted"]
     test_rows = [r for r in rows if r["split"] == "test"]
-    assert sorted(r["slide_id"] for r in test_rows) == sorted(s.slide_id for s in load_cohort(features_dir, read_labels(labels)).slides)
+    assert sorted(r["slide_id"] for r in test_rows) == sorted(
+        s.slide_id for s in load_cohort(features_dir, read_labels(labels)).slides
+    )
     for r in rows:
         assert float(r["prob_benign"]) + float(r["prob_tumor"]) == pytest.approx(1.0, abs=1e-5)
         assert r["predicted"] == ("tumor" if float(r["prob_tumor"]) > float(r["prob_benign"]) else "benign")
@@ -309,8 +321,17 @@ def test_training_learns_and_writes_documented_outputs(tmp_path: Path) -> None:
 def test_same_seed_same_metrics_and_other_knobs_run(tmp_path: Path) -> None:
     features_dir, labels = make_cohort(tmp_path, n_patients=12, coords=False)
     knobs = dict(
-        epochs=3, cv_folds=2, repeats=2, max_instances=12, grad_accum=2, class_weighting="balanced",
-        optimizer="sgd", scheduler="cosine", early_stopping_metric="auc", max_grad_norm=1.0, save_fold_checkpoints=False,
+        epochs=3,
+        cv_folds=2,
+        repeats=2,
+        max_instances=12,
+        grad_accum=2,
+        class_weighting="balanced",
+        optimizer="sgd",
+        scheduler="cosine",
+        early_stopping_metric="auc",
+        max_grad_norm=1.0,
+        save_fold_checkpoints=False,
         val_fraction=0.5,
     )
     runs = []
@@ -327,7 +348,9 @@ def test_same_seed_same_metrics_and_other_knobs_run(tmp_path: Path) -> None:
 def test_early_stopping_stops_when_validation_does_not_improve(tmp_path: Path) -> None:
     features_dir, labels = make_cohort(tmp_path, n_patients=12)
     # lr this small leaves float32 weights unchanged, so the validation loss never improves after epoch 0
-    cfg = train_config(features_dir, labels, tmp_path / "out", epochs=20, lr=1e-12, cv_folds=2, early_stopping_patience=2)
+    cfg = train_config(
+        features_dir, labels, tmp_path / "out", epochs=20, lr=1e-12, cv_folds=2, early_stopping_patience=2
+    )
     report = run_training(cfg, model_factory=stand_in, progress=False)
     for fold in report.folds:
         assert fold.fit.epochs_run == 3 and fold.fit.best_epoch == 0 and fold.fit.stopped_early
@@ -342,7 +365,9 @@ def test_early_stopping_stops_when_validation_does_not_improve(tmp_path: Path) -
 def test_given_splits_train_on_train_and_report_test(tmp_path: Path) -> None:
     split = {f"P{p:02d}": "train" if p < 12 else ("val" if p < 16 else "test") for p in range(20)}
     features_dir, labels = make_cohort(tmp_path, split_column=split)
-    report = run_training(train_config(features_dir, labels, tmp_path / "out", epochs=3), model_factory=stand_in, progress=False)
+    report = run_training(
+        train_config(features_dir, labels, tmp_path / "out", epochs=3), model_factory=stand_in, progress=False
+    )
     assert report.split_mode == "given" and len(report.folds) == 1
     (fold,) = report.folds
     cohort = load_cohort(features_dir, read_labels(labels))
@@ -460,9 +485,34 @@ def test_end_to_end_with_registered_abmil(tmp_path: Path, capsys: pytest.Capture
     train_cli.add_parser(parser.add_subparsers())
     out = tmp_path / "out"
     args = parser.parse_args(
-        ["train", "--features", str(features_dir), "--labels", str(labels), "--out", str(out), "--model", "abmil",
-         "--cv", "2", "--epochs", "6", "--batch-size", "4", "--lr", "2e-3", "--device", "cpu", "--no-progress",
-         "--dropout", "0", "--set", "model.hidden-dim=64", "--set", "scheduler=\"none\""]
+        [
+            "train",
+            "--features",
+            str(features_dir),
+            "--labels",
+            str(labels),
+            "--out",
+            str(out),
+            "--model",
+            "abmil",
+            "--cv",
+            "2",
+            "--epochs",
+            "6",
+            "--batch-size",
+            "4",
+            "--lr",
+            "2e-3",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--dropout",
+            "0",
+            "--set",
+            "model.hidden-dim=64",
+            "--set",
+            'scheduler="none"',
+        ]
     )
     assert args.handler(args) == 0
     printed = capsys.readouterr().out

@@ -58,8 +58,7 @@ class PatchEncoder(nn.Module):
         """(x / 255 - mean) / std as float32 on x's device, in channels_last memory format."""
         if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4 or x_uint8.shape[1] != 3:
             raise ValueError(
-                f"encoder {self.name!r} expects uint8 patches [B, 3, H, W]; "
-                f"got {x_uint8.dtype} {tuple(x_uint8.shape)}"
+                f"encoder {self.name!r} expects uint8 patches [B, 3, H, W]; got {x_uint8.dtype} {tuple(x_uint8.shape)}"
             )
         x = x_uint8.to(dtype=torch.float32, memory_format=torch.channels_last)
         scale = cast(Tensor, self._norm_scale).to(device=x.device, dtype=torch.float32)

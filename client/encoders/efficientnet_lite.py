@@ -12,7 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedslide.client.encoders.base import PatchEncoder, load_checkpoint, load_strict, normalization, require_weights, sha256_file
+from fedslide.client.encoders.base import (
+    PatchEncoder,
+    load_checkpoint,
+    load_strict,
+    normalization,
+    require_weights,
+    sha256_file,
+)
 from fedslide.common.config.preprocess import EncoderConfig
 
 NAME = "efficientnet_lite0"

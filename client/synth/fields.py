@@ -39,7 +39,7 @@ class SlideFields:
     @property
     def shape(self) -> tuple[int, int]:
         """Grid shape (rows, columns)."""
-        return self.tissue_sdf.shape  # type: ignore[return-value]
+        return self.tissue_sdf.shape
 
     def tissue_fraction(self) -> float:
         """Fraction of the slide area covered by tissue."""

@@ -11,7 +11,13 @@ from tqdm import tqdm
 from fedslide.client.synth.fields import build_fields
 from fedslide.client.synth.procedural import derive_key
 from fedslide.client.synth.stains import Stain
-from fedslide.client.synth.tiff_writer import Compression, TiffStyle, count_tiles, default_downsamples, write_pyramidal_tiff
+from fedslide.client.synth.tiff_writer import (
+    Compression,
+    TiffStyle,
+    count_tiles,
+    default_downsamples,
+    write_pyramidal_tiff,
+)
 from fedslide.client.synth.tissue_render import SlideModel, render_region
 
 _MAX_ALIGN = 64

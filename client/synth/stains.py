@@ -68,9 +68,9 @@ def perturb_stain(base: Stain, strength: float, rng: np.random.Generator) -> Sta
 def stain_from_dict(data: dict[str, Any]) -> Stain:
     """Inverse of Stain.to_dict."""
     return Stain(
-        hematoxylin=tuple(data["hematoxylin"]),  # type: ignore[arg-type]
-        eosin=tuple(data["eosin"]),  # type: ignore[arg-type]
+        hematoxylin=tuple(data["hematoxylin"]),
+        eosin=tuple(data["eosin"]),
         h_scale=float(data["h_scale"]),
         e_scale=float(data["e_scale"]),
-        background=tuple(data["background"]),  # type: ignore[arg-type]
+        background=tuple(data["background"]),
     )

@@ -64,7 +64,14 @@ def _validate(width: int, height: int, mpp: float | None, style: str, downsample
 
 
 def _description(
-    style: str, width: int, height: int, level_w: int, level_h: int, mpp: float | None, tile: int, compression: str,
+    style: str,
+    width: int,
+    height: int,
+    level_w: int,
+    level_h: int,
+    mpp: float | None,
+    tile: int,
+    compression: str,
     level: int,
 ) -> str:
     """ImageDescription of one page: Aperio's header and key = value pairs, else a plain note."""

@@ -13,7 +13,15 @@ from functools import cached_property
 import numpy as np
 
 from fedslide.client.synth.fields import SlideFields
-from fedslide.client.synth.procedural import Axis, NucleusLayer, derive_key, field_window_max, nuclei, sample_field, value_noise
+from fedslide.client.synth.procedural import (
+    Axis,
+    NucleusLayer,
+    derive_key,
+    field_window_max,
+    nuclei,
+    sample_field,
+    value_noise,
+)
 from fedslide.client.synth.stains import Stain
 
 NOISE_TABLE_SIZE = 256

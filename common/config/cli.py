@@ -35,8 +35,10 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Write (or with --check compare) the generated settings files."""
     if not (args.root / "pyproject.toml").is_file():
-        print(f"fedslide config dump: {args.root} is not a source checkout (no pyproject.toml); pass --root",
-              file=sys.stderr)
+        print(
+            f"fedslide config dump: {args.root} is not a source checkout (no pyproject.toml); pass --root",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     if args.check:
         stale = stale_files(args.root)

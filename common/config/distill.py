@@ -29,12 +29,16 @@ class AdapterConfig(StageConfig):
     )
     cosine_weight: float = Field(default=1.0, ge=0.0, description="weight of (1 - cosine) in 'mse+cosine'")
     epochs: PositiveInt = Field(default=30, description="maximum epochs over the training slides' low patches")
-    patience: NonNegativeInt = Field(default=5, description="stop after this many epochs without val improvement (0 = never)")
+    patience: NonNegativeInt = Field(
+        default=5, description="stop after this many epochs without val improvement (0 = never)"
+    )
     batch_size: PositiveInt = Field(default=256, description="low-res patches (each with its children) per step")
     lr: PositiveFloat = Field(default=1e-3, description="AdamW learning rate")
     weight_decay: float = Field(default=1e-4, ge=0.0, description="AdamW weight decay")
     max_patches_per_slide: PositiveInt | None = Field(
-        default=None, examples=[512], description="use at most this many low patches per slide (seeded sample; memory cap)"
+        default=None,
+        examples=[512],
+        description="use at most this many low patches per slide (seeded sample; memory cap)",
     )
 
 
@@ -43,7 +47,9 @@ class MILTrainingConfig(OptimizationConfig):
 
     epochs: PositiveInt = Field(default=50, description="maximum epochs (teacher, experts, students unless set below)")
     teacher_epochs: PositiveInt | None = Field(default=None, description="teacher's maximum epochs (default: epochs)")
-    expert_epochs: PositiveInt | None = Field(default=None, description="each expert's maximum epochs (default: epochs)")
+    expert_epochs: PositiveInt | None = Field(
+        default=None, description="each expert's maximum epochs (default: epochs)"
+    )
     student_epochs: PositiveInt | None = Field(default=None, description="students' maximum epochs (default: epochs)")
     batch_size: PositiveInt = Field(default=4, description="bags per training batch")
     eval_batch_size: PositiveInt = Field(default=4, description="bags per evaluation batch")
@@ -71,7 +77,9 @@ class ClusterConfig(StageConfig):
 class ExpertConfig(StageConfig):
     """D&D experts: one MIL model (the teacher's architecture) per cluster."""
 
-    init: Literal["teacher", "scratch"] = Field(default="teacher", description="start from the teacher's weights or afresh")
+    init: Literal["teacher", "scratch"] = Field(
+        default="teacher", description="start from the teacher's weights or afresh"
+    )
 
 
 class KDConfig(StageConfig):
@@ -85,7 +93,8 @@ class KDConfig(StageConfig):
     lambda_base: float = Field(default=1.0, ge=0.0, description="weight of KL(teacher ‖ student); 0 turns it off")
     lambda_expert: float = Field(default=1.0, ge=0.0, description="weight of the experts' KL; 0 turns it off")
     expert_kd: Literal["all", "own"] = Field(
-        default="all", description="'all': (λ/C)·Σ_c KL(expert_c ‖ student); 'own': λ·KL(expert of the slide's cluster ‖ student)"
+        default="all",
+        description="'all': (λ/C)·Σ_c KL(expert_c ‖ student); 'own': λ·KL(expert of the slide's cluster ‖ student)",
     )
     student_init: Literal["auto", "teacher", "scratch"] = Field(
         default="auto",
@@ -99,19 +108,33 @@ class DistillConfig(StageConfig):
     """`fedslide distill` (TOML section [distill])."""
 
     sites: list[Path] = Field(default_factory=list, description="site directories (labels.csv + features/<encoder>/)")
-    out_dir: Path | None = Field(default=None, examples=["runs/distill"], description="run directory (metrics.json, bundles, cache)")
-    encoder: str | None = Field(default=None, examples=["efficientnet_lite0"], description="features/<encoder> subfolder (default: the only one present)")
+    out_dir: Path | None = Field(
+        default=None, examples=["runs/distill"], description="run directory (metrics.json, bundles, cache)"
+    )
+    encoder: str | None = Field(
+        default=None,
+        examples=["efficientnet_lite0"],
+        description="features/<encoder> subfolder (default: the only one present)",
+    )
     seed: int = Field(default=0, description="seed of every model init, sample and batch order")
     device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda[:i], mps")
     deterministic: bool = Field(default=True, description="torch deterministic algorithms (where supported)")
-    threads: PositiveInt | None = Field(default=None, examples=[2], description="torch CPU threads (default: torch's choice)")
+    threads: PositiveInt | None = Field(
+        default=None, examples=[2], description="torch CPU threads (default: torch's choice)"
+    )
     ece_bins: PositiveInt = Field(default=15, description="equal-width confidence bins of the ECE")
     progress: bool = Field(default=False, description="show progress bars")
     carve: SplitCarving = Field(
-        default_factory=SplitCarving, description="test/validation splits carved for a site whose labels.csv has no split column")
+        default_factory=SplitCarving,
+        description="test/validation splits carved for a site whose labels.csv has no split column",
+    )
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
-    teacher: DistillModelConfig = Field(default_factory=DistillModelConfig, description="high-res teacher (and experts') MIL model")
-    student: DistillModelConfig = Field(default_factory=DistillModelConfig, description="low-res student (and baseline) MIL model")
+    teacher: DistillModelConfig = Field(
+        default_factory=DistillModelConfig, description="high-res teacher (and experts') MIL model"
+    )
+    student: DistillModelConfig = Field(
+        default_factory=DistillModelConfig, description="low-res student (and baseline) MIL model"
+    )
     training: MILTrainingConfig = Field(default_factory=MILTrainingConfig)
     clusters: ClusterConfig = Field(default_factory=ClusterConfig)
     experts: ExpertConfig = Field(default_factory=ExpertConfig)

@@ -148,8 +148,10 @@ def _table(
                 lines.append(f"# the other architectures take other keys: see [{seen[name]}]")
             else:
                 seen[name] = header
-                lines += ["# the keys of the other architectures, at their defaults:",
-                          *_catalogue(info.annotation, str(getattr(child, "name", "")))]
+                lines += [
+                    "# the keys of the other architectures, at their defaults:",
+                    *_catalogue(info.annotation, str(getattr(child, "name", ""))),
+                ]
             continue
         if isinstance(child, BaseModel):
             nested.append((name, info))

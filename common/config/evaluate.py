@@ -22,7 +22,7 @@ from fedslide.common.config.federation import FederationConfig
 from fedslide.common.config.splits import SplitCarving
 
 Regime = Literal["local", "federated", "centralized"]
-REGIMES: tuple[str, ...] = ("local", "federated", "centralized")
+REGIMES: tuple[Regime, ...] = ("local", "federated", "centralized")
 MODEL_KINDS: tuple[str, ...] = ("teacher_high", "student_low", "baseline_low")
 _MODEL_KEY = re.compile(r"^(local|federated|centralized)\.(teacher_high|student_low|baseline_low)$")
 _SET_BY_STUDY = {
@@ -53,10 +53,13 @@ class EvaluateConfig(StageConfig):
     sites: list[Path] = Field(default_factory=list, description="site directories (labels.csv + features/<encoder>/)")
     out_dir: Path | None = Field(default=None, description="study folder: metrics.json, predictions.csv, runs, report")
     study_id: str = Field(
-        default="", pattern=r"^[A-Za-z0-9._-]*$",
+        default="",
+        pattern=r"^[A-Za-z0-9._-]*$",
         description="prefix of the federation run ids <study-id>-loso-<site> (default: the out-dir's name)",
     )
-    encoder: str | None = Field(default=None, description="features/<encoder> subfolder (default: the only one present)")
+    encoder: str | None = Field(
+        default=None, description="features/<encoder> subfolder (default: the only one present)"
+    )
     regimes: list[Regime] = Field(
         default_factory=lambda: list(REGIMES),
         min_length=1,
@@ -64,9 +67,12 @@ class EvaluateConfig(StageConfig):
         "centralized (pooled LOSO reference, the upper bound)",
     )
     held_out_split: Literal["all", "test"] = Field(
-        default="all", description="slides of the held-out site that are scored: every labelled slide, or its test split"
+        default="all",
+        description="slides of the held-out site that are scored: every labelled slide, or its test split",
     )
-    seed: int = Field(default=0, description="seed of the bootstrap and the example choice (training seeds: federation/distill)")
+    seed: int = Field(
+        default=0, description="seed of the bootstrap and the example choice (training seeds: federation/distill)"
+    )
     bootstrap: PositiveInt = Field(default=1000, description="bootstrap resamples of every confidence interval")
     alpha: float = Field(default=0.05, gt=0.0, lt=0.5, description="1 - alpha confidence intervals (0.05: 95 %)")
     paired_test: Literal["auto", "delong", "bootstrap"] = Field(
@@ -89,7 +95,9 @@ class EvaluateConfig(StageConfig):
     report: bool = Field(default=True, description="write report.md and report.html when the study is done")
     threads: PositiveInt | None = Field(default=None, description="torch CPU threads (default: torch's choice)")
     progress: bool = Field(default=True, description="show progress bars")
-    federation: FederationConfig = Field(default_factory=FederationConfig, description="the LOSO federations ([federation] keys)")
+    federation: FederationConfig = Field(
+        default_factory=FederationConfig, description="the LOSO federations ([federation] keys)"
+    )
     distill: DistillConfig = Field(
         default_factory=DistillConfig, description="site-local and centralized models ([distill] keys)"
     )

@@ -10,7 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from fedslide.common.config.base import ConfigError, StageConfig, format_validation_error
@@ -38,7 +46,8 @@ def _refuse_unused(data: Any, unused: frozenset[str], hint: str) -> Any:
         given = sorted(str(k).replace("_", "-") for k in data if str(k).replace("_", "-") in unused)
         if given:
             raise PydanticCustomError(
-                "not_used", "{keys}: not used by a federated run; {hint}", {"keys": ", ".join(given), "hint": hint})
+                "not_used", "{keys}: not used by a federated run; {hint}", {"keys": ", ".join(given), "hint": hint}
+            )
     return data
 
 
@@ -65,19 +74,25 @@ class FederatedTrainingConfig(MILTrainingConfig):
     expert_epochs: PositiveInt | None = _unused(None)
     student_epochs: PositiveInt | None = _unused(None)
     early_stopping_patience: NonNegativeInt = Field(
-        default=10, description="logits mode: the server-side student stops after this many epochs without validation "
-        "improvement (0 = never); federated phases keep their best round instead")
+        default=10,
+        description="logits mode: the server-side student stops after this many epochs without validation "
+        "improvement (0 = never); federated phases keep their best round instead",
+    )
     early_stopping_metric: Literal["loss", "auc"] = Field(
-        default="loss", description="logits mode: validation quantity that picks the server-side student's epoch")
+        default="loss", description="logits mode: validation quantity that picks the server-side student's epoch"
+    )
     min_epochs: NonNegativeInt = Field(
-        default=0, description="logits mode: epochs the server-side student always runs before it may stop")
+        default=0, description="logits mode: epochs the server-side student always runs before it may stop"
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _no_epoch_keys(cls, data: Any) -> Any:
-        return _refuse_unused(data, _TRAINING_UNUSED, _ROUNDS_HINT + " (proxy-epochs for logits mode's server-side student)")
+        return _refuse_unused(
+            data, _TRAINING_UNUSED, _ROUNDS_HINT + " (proxy-epochs for logits mode's server-side student)"
+        )
 
-    def _min_epochs_fit(self) -> "FederatedTrainingConfig":
+    def _min_epochs_fit(self) -> "FederatedTrainingConfig":  # type: ignore[override]  # shadows the parent's validator
         return self  # `epochs` is hidden here: FederationConfig checks min-epochs against proxy-epochs
 
 
@@ -104,12 +119,18 @@ class RoundsConfig(StageConfig):
     adapter: PositiveInt = Field(default=3, description="FedAvg rounds of the cross-resolution adapter")
     teacher: PositiveInt = Field(default=8, description="rounds of the high-res teacher")
     experts: PositiveInt = Field(default=3, description="rounds of the D&D experts (all C experts per message)")
-    baseline: PositiveInt = Field(default=8, description="rounds of the low-res baseline (raw features, CE only); it trains in the teacher phase's messages")
+    baseline: PositiveInt = Field(
+        default=8,
+        description="rounds of the low-res baseline (raw features, CE only); it trains in the teacher phase's messages",
+    )
     student: PositiveInt = Field(default=8, description="rounds of the low-res student (weights mode)")
     cluster_iterations: PositiveInt = Field(default=5, description="federated k-means iterations (one round trip each)")
-    local_epochs: PositiveInt = Field(default=2, description="local epochs per round (teacher, experts, baseline, student)")
+    local_epochs: PositiveInt = Field(
+        default=2, description="local epochs per round (teacher, experts, baseline, student)"
+    )
     adapter_local_epochs: PositiveInt = Field(
-        default=10, description="local epochs per adapter round (3 rounds x 10 = the centralized adapter's 30 epochs)")
+        default=10, description="local epochs per adapter round (3 rounds x 10 = the centralized adapter's 30 epochs)"
+    )
 
 
 class FederationConfig(StageConfig):
@@ -122,11 +143,15 @@ class FederationConfig(StageConfig):
         default="weights",
         description="student distillation: local KD + FedAvg of weights, or server-side KD from logits on a proxy cohort",
     )
-    proxy_dir: Path | None = Field(default=None, description="logits mode: the coordinating site's proxy cohort (a site directory)")
+    proxy_dir: Path | None = Field(
+        default=None, description="logits mode: the coordinating site's proxy cohort (a site directory)"
+    )
     strategy: Literal["fedavg", "fedprox"] = Field(default="fedavg", description="teacher/expert/student aggregation")
     proximal_mu: float = Field(default=0.01, ge=0.0, description="FedProx proximal term weight")
     student_server_momentum: float = Field(
-        default=0.5, ge=0.0, lt=1.0,
+        default=0.5,
+        ge=0.0,
+        lt=1.0,
         description="student phase (weights mode): Flower FedAvgM server momentum on the averaged update, 0 = plain "
         "FedAvg; not with robust aggregation or DP, which keep their own update",
     )
@@ -135,10 +160,13 @@ class FederationConfig(StageConfig):
         default=0, description="wait (up to 2 min) for this many connected sites before the handshake (0 = min-nodes)"
     )
     aggregation: Literal["mean", "median", "trimmed-mean"] = Field(
-        default="mean", description="teacher/baseline/student aggregation: weighted mean (strategy), or robust median / trimmed mean"
+        default="mean",
+        description="teacher/baseline/student aggregation: weighted mean (strategy), or robust median / trimmed mean",
     )
     trim_fraction: float = Field(default=0.2, gt=0.0, lt=0.5, description="trimmed-mean: fraction cut at each end")
-    max_update_norm: PositiveFloat | None = Field(default=None, description="reject updates with a larger L2 norm (off when unset)")
+    max_update_norm: PositiveFloat | None = Field(
+        default=None, description="reject updates with a larger L2 norm (off when unset)"
+    )
     update_norm_factor: PositiveFloat | None = Field(
         default=10.0, description="reject updates whose norm exceeds this × the round's median (with ≥ 3 sites)"
     )
@@ -154,26 +182,38 @@ class FederationConfig(StageConfig):
     ece_bins: PositiveInt = Field(default=15, description="equal-width confidence bins of the ECE")
     carve: SplitCarving = Field(
         default_factory=SplitCarving,
-        description="test/validation splits each site carves (at the site) when its labels.csv has no split column")
+        description="test/validation splits each site carves (at the site) when its labels.csv has no split column",
+    )
     rounds: RoundsConfig = Field(default_factory=RoundsConfig)
     adapter: FederatedAdapterConfig = Field(default_factory=FederatedAdapterConfig)
-    teacher: DistillModelConfig = Field(default_factory=DistillModelConfig, description="teacher (and experts') MIL model")
-    student: DistillModelConfig = Field(default_factory=DistillModelConfig, description="student (and baseline) MIL model")
+    teacher: DistillModelConfig = Field(
+        default_factory=DistillModelConfig, description="teacher (and experts') MIL model"
+    )
+    student: DistillModelConfig = Field(
+        default_factory=DistillModelConfig, description="student (and baseline) MIL model"
+    )
     training: FederatedTrainingConfig = Field(
-        default_factory=FederatedTrainingConfig, description="local training of every MIL model")
+        default_factory=FederatedTrainingConfig, description="local training of every MIL model"
+    )
     clusters: ClusterConfig = Field(default_factory=ClusterConfig)
     experts: ExpertConfig = Field(default_factory=ExpertConfig)
     kd: KDConfig = Field(default_factory=KDConfig)
     dp_noise_multiplier: float = Field(
         default=0.0, ge=0.0, description="central DP of every weights phase: Gaussian noise σ / clipping norm (0 = off)"
     )
-    dp_clipping_norm: PositiveFloat = Field(default=1.0, description="DP: each site's update is clipped to this L2 norm")
+    dp_clipping_norm: PositiveFloat = Field(
+        default=1.0, description="DP: each site's update is clipped to this L2 norm"
+    )
     dp_delta: float = Field(default=1e-5, gt=0.0, lt=1.0, description="DP: δ at which ε is reported")
-    dp_max_epsilon: PositiveFloat | None = Field(default=None, description="DP: stop before a release would exceed this ε")
+    dp_max_epsilon: PositiveFloat | None = Field(
+        default=None, description="DP: stop before a release would exceed this ε"
+    )
     cluster_noise_std: float = Field(
         default=0.0, ge=0.0, description="Gaussian noise a site adds to its cluster sums before sending (0 = none)"
     )
-    proxy_epochs: PositiveInt = Field(default=30, description="logits mode: server-side student epochs on the proxy cohort")
+    proxy_epochs: PositiveInt = Field(
+        default=30, description="logits mode: server-side student epochs on the proxy cohort"
+    )
     suppress_below: NonNegativeInt | None = Field(
         default=None, description="cluster statistics of fewer slides are withheld (default: clusters.suppress-below)"
     )
@@ -192,8 +232,10 @@ class FederationConfig(StageConfig):
     @model_validator(mode="after")
     def _min_epochs_fit(self) -> "FederationConfig":
         if self.training.min_epochs > self.proxy_epochs:
-            raise ValueError(f"training.min-epochs ({self.training.min_epochs}) exceeds proxy-epochs ({self.proxy_epochs}), "
-                             "the logits-mode student's epochs")
+            raise ValueError(
+                f"training.min-epochs ({self.training.min_epochs}) exceeds proxy-epochs ({self.proxy_epochs}), "
+                "the logits-mode student's epochs"
+            )
         return self
 
     @property
@@ -217,6 +259,7 @@ class FederationConfig(StageConfig):
                     flat[name] = value
                 elif unset is not None:
                     flat[name] = unset
+
         walk("", self.to_toml_dict())
         for model in ("teacher", "student"):
             cfg = getattr(self, model)

@@ -27,7 +27,9 @@ ModelName = Literal[
     "mean", "max", "abmil", "abmil_gated", "transmil", "dsmil", "clam_sb", "acmil", "longmil", "s4mil", "mambamil"
 ]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
-FROM_DATA: JsonDict = {"dump": "commented"}  # filled from the data unless set: written commented out in configs/defaults.toml
+FROM_DATA: JsonDict = {
+    "dump": "commented"
+}  # filled from the data unless set: written commented out in configs/defaults.toml
 
 
 def _attention_dim() -> Any:
@@ -77,8 +79,12 @@ class CLAMOptions(ModelOptions):
     name: Literal["clam_sb"] = Field(exclude=True)
     attention_dim: PositiveInt = _attention_dim()
     k_sample: int = Field(default=8, ge=0, description="top/bottom-k instances for the instance loss")
-    instance_loss_weight: float = Field(default=0.3, ge=0.0, description="weight of the instance clustering loss in aux_loss")
-    subtyping: bool | None = Field(default=None, description="other classes' top-k as negatives (default: num-classes > 2)")
+    instance_loss_weight: float = Field(
+        default=0.3, ge=0.0, description="weight of the instance clustering loss in aux_loss"
+    )
+    subtyping: bool | None = Field(
+        default=None, description="other classes' top-k as negatives (default: num-classes > 2)"
+    )
 
 
 class ACMILOptions(ModelOptions):
@@ -135,15 +141,29 @@ class MambaMILOptions(ModelOptions):
 
 
 OPTION_MODELS: tuple[type[ModelOptions], ...] = (
-    PoolingOptions, ABMILOptions, TransMILOptions, DSMILOptions, CLAMOptions, ACMILOptions, LongMILOptions,
-    S4MILOptions, MambaMILOptions,
+    PoolingOptions,
+    ABMILOptions,
+    TransMILOptions,
+    DSMILOptions,
+    CLAMOptions,
+    ACMILOptions,
+    LongMILOptions,
+    S4MILOptions,
+    MambaMILOptions,
 )
 OPTIONS: dict[str, type[ModelOptions]] = {
     name: kind for kind in OPTION_MODELS for name in get_args(kind.model_fields["name"].annotation)
 }
 AnyOptions = Annotated[
-    PoolingOptions | ABMILOptions | TransMILOptions | DSMILOptions | CLAMOptions | ACMILOptions | LongMILOptions
-    | S4MILOptions | MambaMILOptions,
+    PoolingOptions
+    | ABMILOptions
+    | TransMILOptions
+    | DSMILOptions
+    | CLAMOptions
+    | ACMILOptions
+    | LongMILOptions
+    | S4MILOptions
+    | MambaMILOptions,
     Field(discriminator="name"),
 ]
 if set(OPTIONS) != set(MODEL_NAMES):  # pragma: no cover - guards edits to either list
@@ -191,7 +211,10 @@ class ModelConfig(StageConfig):
         json_schema_extra=FROM_DATA,
     )
     num_classes: int = Field(
-        default=2, ge=2, description="number of slide classes; taken from the labels when unset", json_schema_extra=FROM_DATA
+        default=2,
+        ge=2,
+        description="number of slide classes; taken from the labels when unset",
+        json_schema_extra=FROM_DATA,
     )
     hidden_dim: PositiveInt = Field(default=512, description="width of the instance embeddings inside the model")
     dropout: float = Field(default=0.25, ge=0.0, lt=1.0, description="dropout rate in training")

@@ -24,7 +24,9 @@ class OptimizationConfig(StageConfig):
         default=True, description="batch bags of similar length together (less padding); order stays seeded"
     )
     grad_accum: PositiveInt = Field(default=1, description="batches whose gradients are summed before a step")
-    max_grad_norm: PositiveFloat | None = Field(default=None, examples=[1.0], description="clip the gradient norm (off when unset)")
+    max_grad_norm: PositiveFloat | None = Field(
+        default=None, examples=[1.0], description="clip the gradient norm (off when unset)"
+    )
     class_weighting: Literal["none", "balanced"] = Field(
         default="none", description="'balanced': cross-entropy weights n / (C * n_c) from each training split"
     )
@@ -36,7 +38,9 @@ class OptimizationConfig(StageConfig):
     )
     min_epochs: NonNegativeInt = Field(default=0, description="epochs always run before early stopping may stop")
     max_instances: PositiveInt | None = Field(
-        default=None, examples=[8192], description="randomly sample at most this many instances per bag in training (memory cap)"
+        default=None,
+        examples=[8192],
+        description="randomly sample at most this many instances per bag in training (memory cap)",
     )
 
     @model_validator(mode="after")

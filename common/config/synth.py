@@ -44,7 +44,10 @@ class SynthConfig(StageConfig):
         default=1.0, ge=0.0, le=5.0, description="strength of per-site stain differences (0 = all sites stained alike)"
     )
     strong_shift_site: int | None = Field(
-        default=None, examples=[4], ge=1, description="1-based index of a site stained with strong-shift-factor × the shift"
+        default=None,
+        examples=[4],
+        ge=1,
+        description="1-based index of a site stained with strong-shift-factor × the shift",
     )
     strong_shift_factor: float = Field(default=3.0, ge=1.0, le=10.0, description="shift multiplier of that site")
     slide_stain_jitter: float = Field(

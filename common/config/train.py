@@ -15,9 +15,14 @@ from fedslide.common.config.splits import SplitCarving
 class TrainConfig(OptimizationConfig):
     """Where the data is, which model, how it is optimised and how slides are split (TOML section [train])."""
 
-    features_dir: Path = Field(examples=["features/efficientnet_lite0/high"], description="directory of <slide_id>.h5 feature files (CLAM/TRIDENT layout)")
+    features_dir: Path = Field(
+        examples=["features/efficientnet_lite0/high"],
+        description="directory of <slide_id>.h5 feature files (CLAM/TRIDENT layout)",
+    )
     labels: Path = Field(examples=["labels.csv"], description="CSV with columns slide_id,label[,split][,patient_id]")
-    out_dir: Path = Field(examples=["runs/train"], description="where metrics.json, predictions.csv and model.pt are written")
+    out_dir: Path = Field(
+        examples=["runs/train"], description="where metrics.json, predictions.csv and model.pt are written"
+    )
     model: ModelConfig = Field(
         default_factory=ModelConfig,
         description="MIL model; in-dim and num-classes are filled from the feature files and labels when unset",
@@ -25,7 +30,9 @@ class TrainConfig(OptimizationConfig):
 
     epochs: PositiveInt = Field(default=50, description="maximum epochs per fold")
     batch_size: PositiveInt = Field(default=8, description="bags per training batch (padded, with a mask)")
-    eval_batch_size: PositiveInt | None = Field(default=None, description="bags per evaluation batch (default: batch-size)")
+    eval_batch_size: PositiveInt | None = Field(
+        default=None, description="bags per evaluation batch (default: batch-size)"
+    )
 
     splits: Literal["auto", "cv", "given", "carve"] = Field(
         default="auto",
@@ -49,7 +56,9 @@ class TrainConfig(OptimizationConfig):
     allow_missing: bool = Field(
         default=False, description="warn (listing the ids) instead of failing on labels without features or vice versa"
     )
-    save_fold_checkpoints: bool = Field(default=True, description="also keep every fold's best model under checkpoints/")
+    save_fold_checkpoints: bool = Field(
+        default=True, description="also keep every fold's best model under checkpoints/"
+    )
     ece_bins: PositiveInt = Field(default=15, description="equal-width confidence bins of the ECE")
 
     @property

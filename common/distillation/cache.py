@@ -81,7 +81,10 @@ class LogitCache:
         if logits.shape[0] != len(keys):
             raise ValueError(f"{name}: computed {logits.shape[0]} rows of logits for {len(keys)} slides")
         self.entries[name] = {
-            "fingerprint": fingerprint, "keys": keys, "data_signature": data_signature, "logits": logits.clone()
+            "fingerprint": fingerprint,
+            "keys": keys,
+            "data_signature": data_signature,
+            "logits": logits.clone(),
         }
         self._save()
         return logits

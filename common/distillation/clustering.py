@@ -60,9 +60,7 @@ def constrained_assignment(cost: np.ndarray, min_size: int, max_size: int) -> np
     sizes = LinearConstraint(kron(np.ones((1, n)), sparse_eye(c)), min_size, max_size)  # x[:, k] within bounds
     # scale costs so the solver's tolerances don't depend on the embedding scale
     scaled = cost / max(float(np.abs(cost).max()), 1e-12)
-    result = milp(
-        c=scaled.reshape(-1), constraints=[one_each, sizes], integrality=np.ones(n * c), bounds=Bounds(0, 1)
-    )
+    result = milp(c=scaled.reshape(-1), constraints=[one_each, sizes], integrality=np.ones(n * c), bounds=Bounds(0, 1))
     if not result.success or result.x is None:  # pragma: no cover - feasible by construction
         raise ClusteringError(f"size-constrained assignment failed: {result.message}")
     return np.asarray(result.x).reshape(n, c).argmax(axis=1)
@@ -88,9 +86,7 @@ def cluster_statistics(
     return sums, counts
 
 
-def update_centroids(
-    stats: Sequence[tuple[np.ndarray, np.ndarray]], previous: np.ndarray | None = None
-) -> np.ndarray:
+def update_centroids(stats: Sequence[tuple[np.ndarray, np.ndarray]], previous: np.ndarray | None = None) -> np.ndarray:
     """New centroids from per-site (sums, counts): total sums / total counts; an empty cluster keeps
     its `previous` centroid (an error without one)."""
     if not stats:
@@ -99,7 +95,9 @@ def update_centroids(
     counts = np.sum([np.asarray(n, dtype=np.float64) for _, n in stats], axis=0)
     empty = counts == 0
     if empty.any() and previous is None:
-        raise ClusteringError(f"cluster(s) {np.flatnonzero(empty).tolist()} received no slides and have no previous centroid")
+        raise ClusteringError(
+            f"cluster(s) {np.flatnonzero(empty).tolist()} received no slides and have no previous centroid"
+        )
     out = np.where(empty[:, None], 0.0, sums / np.maximum(counts, 1)[:, None])
     if empty.any():
         out[empty] = np.asarray(previous, dtype=np.float64)[empty]

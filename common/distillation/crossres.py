@@ -218,4 +218,3 @@ def fit_adapter(
     adapter.load_state_dict(best_state)
     adapter.eval()
     return AdapterFit(best_state, best_epoch, best_val, history, time.perf_counter() - start)
-

@@ -74,8 +74,14 @@ class DistillData:
     def cohort(self, bags: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> Cohort:
         """A training Cohort over all slides (same order as `slides`) reading the given bags."""
         slides = [
-            Slide(slide_id=s.key, label=s.label, patient_id=s.patient_id, split=s.split, path=s.low.path,
-                  num_instances=int(bags[s.key][0].shape[0]))
+            Slide(
+                slide_id=s.key,
+                label=s.label,
+                patient_id=s.patient_id,
+                split=s.split,
+                path=s.low.path,
+                num_instances=int(bags[s.key][0].shape[0]),
+            )
             for s in self.slides
         ]
         dims = {int(b[0].shape[1]) for b in bags.values()}
@@ -120,7 +126,9 @@ def detect_encoder(sites: list[Path]) -> str:
     listing = "; ".join(f"{s}: {', '.join(sorted(n)) or '(none)'}" for s, n in zip(sites, per_site))
     if not common:
         raise FeatureDataError(f"no features/<encoder> folder shared by all sites ({listing})")
-    raise FeatureDataError(f"several encoders under features/ ({', '.join(sorted(common))}); set encoder = NAME ({listing})")
+    raise FeatureDataError(
+        f"several encoders under features/ ({', '.join(sorted(common))}); set encoder = NAME ({listing})"
+    )
 
 
 def child_slots(low: FeatureBag, high: FeatureBag, grid: int) -> np.ndarray:
@@ -152,12 +160,14 @@ def _check_pair(low: FeatureBag, high: FeatureBag, grid: int) -> list[str]:
     if low.tokens is not None and not np.isfinite(low.tokens).all():
         problems.append(f"{low.path}: NaN/Inf in 'tokens'")
     if high.features.shape[1] != low.features.shape[1]:
-        problems.append(f"{high.path}: dim {high.features.shape[1]} differs from the low-res file's {low.features.shape[1]}")
+        problems.append(
+            f"{high.path}: dim {high.features.shape[1]} differs from the low-res file's {low.features.shape[1]}"
+        )
     return problems
 
 
 def load_sites(
-    sites: list[Path | str],
+    sites: Sequence[Path | str],
     encoder: str | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
@@ -183,8 +193,10 @@ def load_sites(
     encoder = encoder or detect_encoder(site_dirs)
     tables = [read_labels(d / "labels.csv") for d in site_dirs]
     carving = carving or SplitCarving()
-    assigned = [site_splits(d, t, carving.test_fraction, carving.val_fraction, carving.seed, name)
-                for d, t, name in zip(site_dirs, tables, names)]
+    assigned = [
+        site_splits(d, t, carving.test_fraction, carving.val_fraction, carving.seed, name)
+        for d, t, name in zip(site_dirs, tables, names)
+    ]
     classes = tuple(classes) if classes is not None else _class_names(tables)
     unknown = sorted({c for t in tables for c in t.classes} - set(classes))
     if unknown:
@@ -226,16 +238,30 @@ def load_sites(
                 problems.append(str(exc))
                 continue
             split = (carved or {}).get(row.slide_id) or row.split or "train"
-            slides.append(SlidePair(
-                key=f"{name}/{row.slide_id}", site=name, slide_id=row.slide_id, label=label_map[row.label],
-                patient_id=f"{name}/{row.patient_id}", split=split, low=low, high=high,
-            ))
+            slides.append(
+                SlidePair(
+                    key=f"{name}/{row.slide_id}",
+                    site=name,
+                    slide_id=row.slide_id,
+                    label=label_map[row.label],
+                    patient_id=f"{name}/{row.patient_id}",
+                    split=split,
+                    low=low,
+                    high=high,
+                )
+            )
     if missing:
-        problems.insert(0, f"{len(missing)} labelled slide file(s) missing: " + ", ".join(missing[:10])
-                        + (f", ... ({len(missing)} files)" if len(missing) > 10 else ""))
+        problems.insert(
+            0,
+            f"{len(missing)} labelled slide file(s) missing: "
+            + ", ".join(missing[:10])
+            + (f", ... ({len(missing)} files)" if len(missing) > 10 else ""),
+        )
     if len(encoders) > 1:
-        problems.append("feature files come from different encoders (name/weights/dim): " + "; ".join(
-            f"{'/'.join(k)} in {len(v)} file(s), e.g. {v[0]}" for k, v in encoders.items()))
+        problems.append(
+            "feature files come from different encoders (name/weights/dim): "
+            + "; ".join(f"{'/'.join(k)} in {len(v)} file(s), e.g. {v[0]}" for k, v in encoders.items())
+        )
     if len(token_grids) > 1:
         problems.append(f"some low-res files carry tokens and some do not (token grids {sorted(token_grids)})")
     if len(child_grids) > 1:
@@ -253,16 +279,33 @@ def load_sites(
     token_grid = token_grids.pop()
     child_grid = child_grids.pop()
     if token_grid and token_grid != child_grid:
-        raise FeatureDataError(f"token grid {token_grid}×{token_grid} does not match the child grid {child_grid}×{child_grid}")
+        raise FeatureDataError(
+            f"token grid {token_grid}×{token_grid} does not match the child grid {child_grid}×{child_grid}"
+        )
     return DistillData(
-        slides=slides, classes=classes, feature_dim=int(slides[0].low.features.shape[1]), token_grid=token_grid,
-        child_grid=child_grid, low_attrs=_shared(s.low.attrs for s in slides),
-        high_attrs=_shared(s.high.attrs for s in slides), encoder=encoder, sites=names,
+        slides=slides,
+        classes=classes,
+        feature_dim=int(slides[0].low.features.shape[1]),
+        token_grid=token_grid,
+        child_grid=child_grid,
+        low_attrs=_shared(s.low.attrs for s in slides),
+        high_attrs=_shared(s.high.attrs for s in slides),
+        encoder=encoder,
+        sites=names,
     )
 
 
-_PER_SLIDE = {"slide_id", "slide_mpp", "level0_magnification", "num_patches", "fedslide_complete",
-              "patch_size_level0", "patch_size_level0_exact", "mpp_source", "slide_vendor"}
+_PER_SLIDE = {
+    "slide_id",
+    "slide_mpp",
+    "level0_magnification",
+    "num_patches",
+    "fedslide_complete",
+    "patch_size_level0",
+    "patch_size_level0_exact",
+    "mpp_source",
+    "slide_vendor",
+}
 
 
 def _shared(attrs_iter: Any) -> dict[str, Any]:

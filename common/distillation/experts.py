@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +37,7 @@ def expert_start(teacher: MILModel, factory: Callable[[], MILModel], init: str) 
     raise ValueError(f"expert init must be 'teacher' or 'scratch', got {init!r}")
 
 
-def cluster_members(train: Sequence[int], assignment: np.ndarray, cluster: int) -> np.ndarray:
+def cluster_members(train: Indices, assignment: np.ndarray, cluster: int) -> np.ndarray:
     """Cohort indices of the training slides in `cluster` (assignment is aligned with `train`)."""
     return np.asarray(train, dtype=np.int64)[np.asarray(assignment) == cluster]
 

@@ -52,7 +52,9 @@ def distillation_loss(
     whose logits are None is left out (it is reported as 0).
     """
     zero = student_logits.new_zeros(())
-    ce = F.cross_entropy(student_logits, labels, weight=None if class_weight is None else class_weight.to(student_logits))
+    ce = F.cross_entropy(
+        student_logits, labels, weight=None if class_weight is None else class_weight.to(student_logits)
+    )
     base = zero
     if teacher_logits is not None and lambda_base > 0:
         base = kl_teacher_student(student_logits, teacher_logits, temperature)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -63,7 +62,7 @@ def train_selected(
 def train_epochs(
     model: MILModel,
     cohort: Cohort,
-    train: Sequence[int],
+    train: Indices,
     cfg: MILTrainingConfig,
     device: torch.device,
     epochs: int,
@@ -85,7 +84,9 @@ def train_epochs(
     loader = train_loader(BagDataset(cohort, train, cfg.max_instances), cfg.batch_size, seed, 0, cfg.group_by_length)
     losses = []
     for _ in range(epochs):
-        losses.append(train_epoch(model, loader, optimizer, loss_fn, device, cfg.grad_accum, cfg.max_grad_norm, batch_loss))
+        losses.append(
+            train_epoch(model, loader, optimizer, loss_fn, device, cfg.grad_accum, cfg.max_grad_norm, batch_loss)
+        )
         if scheduler is not None:
             scheduler.step()
     return losses
@@ -93,7 +94,7 @@ def train_epochs(
 
 @torch.no_grad()
 def slide_outputs(
-    model: MILModel, cohort: Cohort, indices: Sequence[int], device: torch.device, batch_size: int = 1
+    model: MILModel, cohort: Cohort, indices: Indices, device: torch.device, batch_size: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [n, K], embeddings [n, E]) of slides `indices`, in the order given (eval mode, float32, CPU)."""
     model.to(device).eval()
@@ -112,7 +113,7 @@ def slide_outputs(
 
 
 def evaluate_split(
-    model: MILModel, cohort: Cohort, indices: Sequence[int], device: torch.device, ece_bins: int, batch_size: int = 1
+    model: MILModel, cohort: Cohort, indices: Indices, device: torch.device, ece_bins: int, batch_size: int = 1
 ) -> dict[str, float]:
     """Metrics (auc, acc, balanced_acc, f1, brier, ece) and mean CE loss on slides `indices`, plus n."""
     logits, _ = slide_outputs(model, cohort, indices, device, batch_size)

@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ from fedslide.common.models.base import MILModel
 from fedslide.common.models.registry import build_model
 from fedslide.common.seeds import SEED_OFFSETS
 from fedslide.common.training.cohort import Cohort
+from fedslide.common.training.data import Indices
 from fedslide.common.training.loop import class_weights
 from fedslide.common.training.outputs import write_json
 from fedslide.common.training.repro import deterministic_torch, seed_everything
@@ -90,8 +92,11 @@ def train_stage1(
     seed = cfg.seed + SEED_OFFSETS.adapter
     seed_everything(seed)
     spec = AdapterSpec(
-        in_dim=data.feature_dim, out_dim=data.feature_dim, hidden_dim=a.hidden_dim,
-        num_slots=max(data.token_grid**2, 1), dropout=a.dropout,
+        in_dim=data.feature_dim,
+        out_dim=data.feature_dim,
+        hidden_dim=a.hidden_dim,
+        num_slots=max(data.token_grid**2, 1),
+        dropout=a.dropout,
     )
     adapter = build_adapter(spec)
     result = fit_adapter(adapter, train_pairs, val_pairs, a, seed, device)
@@ -118,7 +123,9 @@ def _recorded_by_site(data: DistillData) -> dict[str, Any]:
         texts.setdefault(s.site, set()).add((s.low.attrs.get(TISSUE_ATTR), s.low.attrs.get(TILING_ATTR)))
     out: dict[str, Any] = {}
     for site, found in texts.items():
-        attrs = {k: v for k, v in zip((TISSUE_ATTR, TILING_ATTR), found.pop()) if v is not None} if len(found) == 1 else {}
+        attrs = (
+            {k: v for k, v in zip((TISSUE_ATTR, TILING_ATTR), found.pop()) if v is not None} if len(found) == 1 else {}
+        )
         recorded = recorded_preprocess(attrs)
         out[site] = None if recorded is None else {"tissue": recorded[0], "tiling": recorded[1]}
     return out
@@ -141,7 +148,8 @@ def bundle_meta(
             "config's (min-tissue-low %s, min-tissue-high %s), which prediction will use. `fedslide preprocess "
             "--overwrite` with one config at every site records them",
             ", ".join(f"{k}: {'own record' if v else 'none or mixed'}" for k, v in sorted(by_site.items())),
-            fallback.tiling.min_tissue_low, fallback.tiling.min_tissue_high,
+            fallback.tiling.min_tissue_low,
+            fallback.tiling.min_tissue_high,
         )
         if any(by_site.values()):
             extra = {**extra, "preprocess-by-site": by_site}
@@ -149,12 +157,14 @@ def bundle_meta(
     else:
         tissue, tiling = recorded
     tiling = dict(tiling)
-    tiling.update({
-        "low-mpp": float(low.get("target_mpp", tiling["low-mpp"])),
-        "high-mpp": float(high.get("target_mpp", tiling["high-mpp"])),
-        "low-patch-size": int(low.get("patch_size", tiling["low-patch-size"])),
-        "high-patch-size": int(high.get("patch_size", tiling["high-patch-size"])),
-    })
+    tiling.update(
+        {
+            "low-mpp": float(low.get("target_mpp", tiling["low-mpp"])),
+            "high-mpp": float(high.get("target_mpp", tiling["high-mpp"])),
+            "low-patch-size": int(low.get("patch_size", tiling["low-patch-size"])),
+            "high-patch-size": int(high.get("patch_size", tiling["high-patch-size"])),
+        }
+    )
     return BundleMeta(
         encoder_name=str(low.get("encoder_name") or data.encoder),
         encoder_weights_hash=str(low.get("encoder_weights_hash", "")),
@@ -175,8 +185,15 @@ def bundle_meta(
 
 
 def _cluster_vectors(
-    cfg: DistillConfig, cache: LogitCache, teacher: MILModel, fingerprint: str, high: Cohort,
-    train: np.ndarray, keys: list[str], signature: str, device: torch.device,
+    cfg: DistillConfig,
+    cache: LogitCache,
+    teacher: MILModel,
+    fingerprint: str,
+    high: Cohort,
+    train: np.ndarray,
+    keys: list[str],
+    signature: str,
+    device: torch.device,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """(teacher logits of the training slides, the vectors to cluster), both through the cache."""
     computed: dict[str, torch.Tensor] = {}
@@ -273,13 +290,23 @@ def prepare(cfg: DistillConfig, progress: bool | None, laps: Laps) -> DistillRun
     out_dir.mkdir(parents=True, exist_ok=True)
     mode = student_input(cfg.kd.student_input, data.has_tokens)
     if mode != cfg.kd.student_input:
-        log.warning("student-input = tokens but the low-res files carry no tokens (encoder %s has no feature map); "
-                    "using student-input = pooled", data.encoder)
+        log.warning(
+            "student-input = tokens but the low-res files carry no tokens (encoder %s has no feature map); "
+            "using student-input = pooled",
+            data.encoder,
+        )
     device = resolve_device(cfg.device)
     laps.lap("load")
-    log.info("distill: %d slides (%d train, %d val, %d test) from %d site(s), encoder %s, student input %s",
-             len(data.slides), len(data.split("train")), len(data.split("val")), len(data.split("test")),
-             len(data.sites), data.encoder, mode)
+    log.info(
+        "distill: %d slides (%d train, %d val, %d test) from %d site(s), encoder %s, student input %s",
+        len(data.slides),
+        len(data.split("train")),
+        len(data.split("val")),
+        len(data.split("test")),
+        len(data.sites),
+        data.encoder,
+        mode,
+    )
     num_classes = len(data.classes)
     teacher_cfg = resolve_model_config(cfg.teacher, data.feature_dim, num_classes)
     student_cfg = resolve_model_config(cfg.student, data.feature_dim, num_classes)
@@ -294,10 +321,16 @@ def adapter_stage(run: DistillRun) -> tuple[CrossResAdapter | None, dict[str, An
     info: dict[str, Any] = {"used": run.mode != "raw"}
     if run.mode != "raw":
         adapter, fit, counts = train_stage1(run.data, run.cfg, run.device, use_tokens=run.data.has_tokens)
-        info.update({
-            "uses_tokens": run.data.has_tokens, "best_epoch": fit.best_epoch, "epochs_run": len(fit.history), **counts,
-            **{f"val_{k}": v for k, v in fit.val.items()}, "history": fit.history,
-        })
+        info.update(
+            {
+                "uses_tokens": run.data.has_tokens,
+                "best_epoch": fit.best_epoch,
+                "epochs_run": len(fit.history),
+                **counts,
+                **{f"val_{k}": v for k, v in fit.val.items()},
+                "history": fit.history,
+            }
+        )
     run.laps.lap("adapter")
     return adapter, info
 
@@ -309,8 +342,17 @@ def teacher_stage(run: DistillRun) -> TrainedModel:
     seed = run.cfg.seed + SEED_OFFSETS.teacher
     seed_everything(seed)
     teacher = build_model(run.teacher_cfg)
-    fit = train_selected(teacher, high, run.train, run.val, with_epochs(tr, tr.teacher_epochs), run.device, seed,
-                         progress=run.show, description="teacher")
+    fit = train_selected(
+        teacher,
+        high,
+        run.train,
+        run.val,
+        with_epochs(tr, tr.teacher_epochs),
+        run.device,
+        seed,
+        progress=run.show,
+        description="teacher",
+    )
     teacher.eval()
     run.laps.lap("teacher")
     return TrainedModel(teacher, fit, high, "high-res features")
@@ -323,41 +365,63 @@ def experts_stage(run: DistillRun, teacher: TrainedModel, cache: LogitCache) -> 
     keys = [data.slides[i].key for i in train]
     signature = files_signature([data.slides[i].high.path for i in train])
     teacher_fp = model_fingerprint(teacher.model, run.teacher_cfg.model_dump(mode="json"))
-    teacher_logits, vectors = _cluster_vectors(cfg, cache, teacher.model, teacher_fp, high, train, keys, signature,
-                                               device)
+    teacher_logits, vectors = _cluster_vectors(
+        cfg, cache, teacher.model, teacher_fp, high, train, keys, signature, device
+    )
     out = ExpertStage(teacher_logits, {"used": cfg.kd.lambda_expert > 0})
     if cfg.kd.lambda_expert <= 0:
         return out
     c = cfg.clusters
     lo, hi = size_bounds(len(train), c.num_clusters, c.min_size_ratio, c.max_size_ratio, c.min_size)
-    clusters = balanced_kmeans(vectors, c.num_clusters, lo, hi, cfg.seed + SEED_OFFSETS.clusters, c.iterations,
-                               c.n_init, c.suppress_below)
+    clusters = balanced_kmeans(
+        vectors, c.num_clusters, lo, hi, cfg.seed + SEED_OFFSETS.clusters, c.iterations, c.n_init, c.suppress_below
+    )
     labels = data.labels[train]
-    out.info.update({
-        "num_clusters": c.num_clusters, "features": c.features, "sizes": clusters.sizes,
-        "min_size": lo, "max_size": hi, "iterations": clusters.iterations,
-        "class_counts": [
-            {data.classes[k]: int(v) for k, v in sorted(Counter(labels[clusters.assignment == j].tolist()).items())}
-            for j in range(c.num_clusters)
-        ],
-    })
+    out.info.update(
+        {
+            "num_clusters": c.num_clusters,
+            "features": c.features,
+            "sizes": clusters.sizes,
+            "min_size": lo,
+            "max_size": hi,
+            "iterations": clusters.iterations,
+            "class_counts": [
+                {data.classes[k]: int(v) for k, v in sorted(Counter(labels[clusters.assignment == j].tolist()).items())}
+                for j in range(c.num_clusters)
+            ],
+        }
+    )
     run.laps.lap("clusters")
     val_logits, val_embedding = slide_outputs(teacher.model, high, val, device)
     val_vectors = cluster_vectors(c.features, val_logits, val_embedding)
     val_assignment = assign_nearest(val_vectors, clusters.centroids) if len(val) else None
     tr = cfg.training
     experts = train_experts(
-        teacher.model, _factory(run.teacher_cfg), high, train, clusters.assignment, val,
-        with_epochs(tr, tr.expert_epochs), device, cfg.seed + SEED_OFFSETS.experts, cfg.experts.init, c.num_clusters,
+        teacher.model,
+        _factory(run.teacher_cfg),
+        high,
+        train,
+        clusters.assignment,
+        val,
+        with_epochs(tr, tr.expert_epochs),
+        device,
+        cfg.seed + SEED_OFFSETS.experts,
+        cfg.experts.init,
+        c.num_clusters,
         val_assignment,
     )
-    out.expert_logits = torch.stack([
-        cache.get_or_compute(
-            f"expert_{e.cluster}", model_fingerprint(e.model, run.teacher_cfg.model_dump(mode="json")), keys,
-            lambda e=e: slide_outputs(e.model, high, train, device)[0], signature,
-        )
-        for e in experts
-    ])
+    out.expert_logits = torch.stack(
+        [
+            cache.get_or_compute(
+                f"expert_{e.cluster}",
+                model_fingerprint(e.model, run.teacher_cfg.model_dump(mode="json")),
+                keys,
+                partial(_logits_of, e.model, high, train, device),
+                signature,
+            )
+            for e in experts
+        ]
+    )
     out.clusters, out.experts = clusters, experts
     run.laps.lap("experts")
     return out
@@ -371,9 +435,14 @@ def students_stage(
     cfg, data, train = run.cfg, run.data, run.train
     num_classes = len(data.classes)
     with_experts = experts.expert_logits is not None and experts.clusters is not None
-    targets = scatter_kd_targets(len(data.slides), num_classes, train, experts.teacher_logits,
-                                 experts.expert_logits if with_experts else None,
-                                 experts.clusters.assignment if experts.clusters is not None else None)
+    targets = scatter_kd_targets(
+        len(data.slides),
+        num_classes,
+        train,
+        experts.teacher_logits,
+        experts.expert_logits if with_experts else None,
+        experts.clusters.assignment if experts.clusters is not None else None,
+    )
     low_raw = data.cohort(data.low_bags())
     adapted = low_raw if run.mode == "raw" else data.cohort(student_bags(adapter, data, run.mode))
     tr = cfg.training
@@ -392,12 +461,16 @@ def students_stage(
         return TrainedModel(model.eval(), result, cohort, source)
 
     adapted_source = f"adapted low-res ({run.mode})"
-    trained = {"baseline_low": student("baseline_low", low_raw, None, "raw low-res features"),
-               "lrmil_student": student("lrmil_student", adapted, kd_loss(cfg.kd, targets, weights, use_experts=False),
-                                        adapted_source)}
+    trained = {
+        "baseline_low": student("baseline_low", low_raw, None, "raw low-res features"),
+        "lrmil_student": student(
+            "lrmil_student", adapted, kd_loss(cfg.kd, targets, weights, use_experts=False), adapted_source
+        ),
+    }
     if experts.info["used"]:
-        trained["lrmil_dd_student"] = student("lrmil_dd_student", adapted, kd_loss(cfg.kd, targets, weights),
-                                              adapted_source)
+        trained["lrmil_dd_student"] = student(
+            "lrmil_dd_student", adapted, kd_loss(cfg.kd, targets, weights), adapted_source
+        )
     return trained
 
 
@@ -420,8 +493,12 @@ def evaluation_stage(run: DistillRun, trained: dict[str, TrainedModel]) -> dict[
 
 
 def save_bundles(
-    run: DistillRun, adapter: CrossResAdapter | None, teacher: MILModel, trained: dict[str, TrainedModel],
-    preprocess: PreprocessConfig, extra: dict[str, Any],
+    run: DistillRun,
+    adapter: CrossResAdapter | None,
+    teacher: MILModel,
+    trained: dict[str, TrainedModel],
+    preprocess: PreprocessConfig,
+    extra: dict[str, Any],
 ) -> dict[str, Path]:
     """The students as bundles (teacher inside); without experts the main bundle is the LRMIL student."""
     bundles: dict[str, Path] = {}
@@ -431,8 +508,14 @@ def save_bundles(
     for key, name in roles.items():
         student_input = "raw" if name == "baseline_low" else run.mode
         meta = bundle_meta(run.data, student_input, preprocess, {**extra, "role": name})
-        bundle = StudentBundle(meta, None if student_input == "raw" else adapter, trained[name].model, teacher,
-                               run.student_cfg, run.teacher_cfg)
+        bundle = StudentBundle(
+            meta,
+            None if student_input == "raw" else adapter,
+            trained[name].model,
+            teacher,
+            run.student_cfg,
+            run.teacher_cfg,
+        )
         directory = run.out_dir / (BUNDLE_DIRS[key] if key in BUNDLE_DIRS else key)
         bundle.save(directory)
         bundles[key] = directory
@@ -457,15 +540,20 @@ def run_distill(
         models = evaluation_stage(run, trained)
     use_experts = experts.info["used"]
     common_extra = {
-        "teacher_model": run.teacher_cfg.name, "student_model": run.student_cfg.name, "temperature": kd.temperature,
-        "num_clusters": cfg.clusters.num_clusters if use_experts else 0, "sites": len(data.sites),
+        "teacher_model": run.teacher_cfg.name,
+        "student_model": run.student_cfg.name,
+        "temperature": kd.temperature,
+        "num_clusters": cfg.clusters.num_clusters if use_experts else 0,
+        "sites": len(data.sites),
     }
     students = {name: t for name, t in trained.items() if name != "teacher_high"}
     bundles = save_bundles(run, adapter, teacher.model, students, preprocess, common_extra)
     laps.total()
 
-    rows = [_metrics_row(name, models[name]["input"] if name in models else "", models.get(name, {}).get("test"))
-            for name in MODEL_ROWS]
+    rows = [
+        _metrics_row(name, models[name]["input"] if name in models else "", models.get(name, {}).get("test"))
+        for name in MODEL_ROWS
+    ]
     for row in rows:
         if row["model"] not in models:
             row["skipped"] = "kd.lambda-expert = 0"
@@ -478,22 +566,39 @@ def run_distill(
         "adapter": adapter_info,
         "clusters": experts.info,
         "experts": [
-            {"cluster": e.cluster, "n_train": int(e.train_indices.size),
-             "n_val": int(e.val_indices.size) if e.val_indices is not None else 0, "best_epoch": e.fit.best_epoch,
-             "epochs_run": e.fit.epochs_run, "init": cfg.experts.init}
+            {
+                "cluster": e.cluster,
+                "n_train": int(e.train_indices.size),
+                "n_val": int(e.val_indices.size) if e.val_indices is not None else 0,
+                "best_epoch": e.fit.best_epoch,
+                "epochs_run": e.fit.epochs_run,
+                "init": cfg.experts.init,
+            }
             for e in experts.experts
         ],
-        "kd": {"student_input": mode, "temperature": kd.temperature, "lambda_base": kd.lambda_base,
-               "lambda_expert": kd.lambda_expert, "expert_kd": kd.expert_kd,
-               "student_init": "teacher" if run.from_teacher else "scratch"},
+        "kd": {
+            "student_input": mode,
+            "temperature": kd.temperature,
+            "lambda_base": kd.lambda_base,
+            "lambda_expert": kd.lambda_expert,
+            "expert_kd": kd.expert_kd,
+            "student_init": "teacher" if run.from_teacher else "scratch",
+        },
         "cache": {"path": str(Path("cache") / CACHE_FILE), "hits": cache.hits, "misses": cache.misses},
         "classes": list(data.classes),
-        "encoder": {k: data.low_attrs.get(k) for k in ("encoder_name", "encoder_weights_hash", "encoder_dim",
-                                                       "encoder_fingerprint") if k in data.low_attrs},
+        "encoder": {
+            k: data.low_attrs.get(k)
+            for k in ("encoder_name", "encoder_weights_hash", "encoder_dim", "encoder_fingerprint")
+            if k in data.low_attrs
+        },
         "slides": {
-            "train": int(train.size), "val": int(val.size), "test": int(test.size),
-            "per_site": {site: {split: per_site.get((site, split), 0) for split in ("train", "val", "test")}
-                         for site in data.sites},
+            "train": int(train.size),
+            "val": int(val.size),
+            "test": int(test.size),
+            "per_site": {
+                site: {split: per_site.get((site, split), 0) for split in ("train", "val", "test")}
+                for site in data.sites
+            },
         },
         "teacher": run.teacher_cfg.model_dump(mode="json"),
         "student": run.student_cfg.model_dump(mode="json"),
@@ -513,3 +618,8 @@ def _log_rows(rows: list[dict[str, Any]]) -> None:
             for k in METRIC_NAMES
         )
         log.info("%-17s test: %s", row["model"], values)
+
+
+def _logits_of(model: MILModel, bags: Cohort, indices: Indices, device: torch.device) -> torch.Tensor:
+    """The model's slide logits on the cohort's `indices`."""
+    return slide_outputs(model, bags, indices, device)[0]

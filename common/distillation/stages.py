@@ -25,8 +25,9 @@ def student_input(requested: str, has_tokens: bool) -> str:
     return "pooled" if requested == "tokens" and not has_tokens else requested
 
 
-def adapter_pairs(data: DistillData, indices: np.ndarray, adapter: AdapterConfig, seed: int,
-                  use_tokens: bool | None = None) -> PatchPairs:
+def adapter_pairs(
+    data: DistillData, indices: np.ndarray, adapter: AdapterConfig, seed: int, use_tokens: bool | None = None
+) -> PatchPairs:
     """Patch pairs of the slides `indices` (tokens when the files carry them, unless `use_tokens` says)."""
     tokens = data.has_tokens if use_tokens is None else use_tokens
     slots = data.token_grid**2 if tokens else 1
@@ -48,7 +49,11 @@ class KDTargets:
 
 
 def scatter_kd_targets(
-    n: int, num_classes: int, train: np.ndarray, teacher: torch.Tensor, experts: torch.Tensor | None = None,
+    n: int,
+    num_classes: int,
+    train: np.ndarray,
+    teacher: torch.Tensor,
+    experts: torch.Tensor | None = None,
     assignment: np.ndarray | None = None,
 ) -> KDTargets:
     """Logits of the training slides (`teacher` [|train|, K], `experts` [C, |train|, K]) and their clusters placed
@@ -65,8 +70,18 @@ def scatter_kd_targets(
     return KDTargets(teacher_full, experts_full, cluster)
 
 
-def kd_loss(kd: KDConfig, targets: KDTargets, class_weight: torch.Tensor | None, use_experts: bool = True) -> CachedKDLoss:
+def kd_loss(
+    kd: KDConfig, targets: KDTargets, class_weight: torch.Tensor | None, use_experts: bool = True
+) -> CachedKDLoss:
     """The student's loss: CE + KD from the teacher and (when there are expert targets and `use_experts`) experts."""
     experts = targets.experts if use_experts else None
-    return CachedKDLoss(targets.teacher, experts, kd.temperature, kd.lambda_base,
-                        kd.lambda_expert if experts is not None else 0.0, kd.expert_kd, targets.cluster, class_weight)
+    return CachedKDLoss(
+        targets.teacher,
+        experts,
+        kd.temperature,
+        kd.lambda_base,
+        kd.lambda_expert if experts is not None else 0.0,
+        kd.expert_kd,
+        targets.cluster,
+        class_weight,
+    )

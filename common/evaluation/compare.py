@@ -86,7 +86,8 @@ def flatten(doc: dict[str, Any]) -> dict[Key, Value]:
         for t in doc.get("paired_tests", []):
             if "skipped" not in t:
                 out[(f"{t['a']} - {t['b']}", t["setting"], t["site"], "auc_diff")] = Value(
-                    _finite(t.get("diff")), _finite(t.get("lo")), _finite(t.get("hi")))
+                    _finite(t.get("diff")), _finite(t.get("lo")), _finite(t.get("hi"))
+                )
     elif schema == FEDERATION_SCHEMA:
         for model, section in doc.get("models", {}).items():
             for part in ("overall", "held_out"):
@@ -118,7 +119,9 @@ class Row:
     disjoint: bool | None  # both CIs known and not overlapping
 
 
-def compare(a: dict[str, Any], b: dict[str, Any], metrics: list[str] | None = None, per_site: bool = False) -> list[Row]:
+def compare(
+    a: dict[str, Any], b: dict[str, Any], metrics: list[str] | None = None, per_site: bool = False
+) -> list[Row]:
     """Rows of both runs (overall/pooled and gap rows, plus per-site rows when `per_site`)."""
     fa, fb = flatten(a), flatten(b)
     rows = []
@@ -157,13 +160,20 @@ def _cell(v: Value) -> str:
 
 def markdown(rows: list[Row], name_a: str, name_b: str) -> str:
     """A Markdown table of the rows."""
-    lines = [f"A = {name_a}", f"B = {name_b}", "",
-             "| model | setting | site | metric | A | B | B − A | better | CIs disjoint |", "|---" * 9 + "|"]
+    lines = [
+        f"A = {name_a}",
+        f"B = {name_b}",
+        "",
+        "| model | setting | site | metric | A | B | B − A | better | CIs disjoint |",
+        "|---" * 9 + "|",
+    ]
     for r in rows:
         diff = "n/a" if r.diff is None else f"{r.diff:+.3f}"
         disjoint = "" if r.disjoint is None else ("yes" if r.disjoint else "no")
-        lines.append(f"| {r.model} | {r.setting} | {r.site} | {r.metric} | {_cell(r.a)} | {_cell(r.b)} | {diff} | "
-                     f"{r.better or ''} | {disjoint} |")
+        lines.append(
+            f"| {r.model} | {r.setting} | {r.site} | {r.metric} | {_cell(r.a)} | {_cell(r.b)} | {diff} | "
+            f"{r.better or ''} | {disjoint} |"
+        )
     return "\n".join(lines)
 
 

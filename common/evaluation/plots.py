@@ -32,11 +32,20 @@ LABELS = {
     "centralized.baseline_low": "centralized low-res baseline",
 }
 COLOURS = {
-    "local.student_low": "#7f7f7f", "local.teacher_high": "#bcbcbc", "local.baseline_low": "#d9d9d9",
-    "federated.teacher_high": "#1f77b4", "federated.student_low": "#d62728", "federated.baseline_low": "#ff9896",
-    "centralized.student_low": "#2ca02c", "centralized.teacher_high": "#98df8a", "centralized.baseline_low": "#c5e8b7",
+    "local.student_low": "#7f7f7f",
+    "local.teacher_high": "#bcbcbc",
+    "local.baseline_low": "#d9d9d9",
+    "federated.teacher_high": "#1f77b4",
+    "federated.student_low": "#d62728",
+    "federated.baseline_low": "#ff9896",
+    "centralized.student_low": "#2ca02c",
+    "centralized.teacher_high": "#98df8a",
+    "centralized.baseline_low": "#c5e8b7",
 }
-SETTING_TITLES = {"in_distribution": "in-distribution (site's test split)", "out_of_site": "out-of-site (held-out site)"}
+SETTING_TITLES = {
+    "in_distribution": "in-distribution (site's test split)",
+    "out_of_site": "out-of-site (held-out site)",
+}
 
 
 def label(model: str) -> str:
@@ -80,12 +89,19 @@ def _shared_legend(fig: Figure, models: Sequence[str], extra: Sequence[tuple[str
 
     handles = [Line2D([], [], color=colour(m), lw=2, label=label(m)) for m in models]
     handles += [Line2D([], [], color=c, lw=1, ls=ls, label=name) for name, c, ls in extra]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, 0.0))
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=min(len(handles), 3),
+        fontsize=8,
+        frameon=False,
+        bbox_to_anchor=(0.5, 0.0),
+    )
 
 
-def roc_figure(table: PredictionTable, setting: str, models: Sequence[str], sites: Sequence[str],
-               metrics: dict[str, Any]) -> bytes:
+def roc_figure(
+    table: PredictionTable, setting: str, models: Sequence[str], sites: Sequence[str], metrics: dict[str, Any]
+) -> bytes:
     """ROC curves of `models` at every site and pooled, in one setting (each panel lists the AUCs)."""
     panels = [*sites, "overall"]
     fig, axes = _grid(len(panels))
@@ -105,8 +121,17 @@ def roc_figure(table: PredictionTable, setting: str, models: Sequence[str], site
             ax.plot(curve[0], curve[1], color=colour(model), lw=1.5)
             aucs.append((model, auc))
         for i, (model, auc) in enumerate(reversed(aucs)):
-            ax.text(0.97, 0.04 + 0.075 * i, f"AUC {auc:.3f}", transform=ax.transAxes, ha="right", va="bottom",
-                    fontsize=7, color=colour(model), weight="bold")
+            ax.text(
+                0.97,
+                0.04 + 0.075 * i,
+                f"AUC {auc:.3f}",
+                transform=ax.transAxes,
+                ha="right",
+                va="bottom",
+                fontsize=7,
+                color=colour(model),
+                weight="bold",
+            )
         ax.plot([0, 1], [0, 1], ls=":", color="#999999", lw=1)
         ax.set_title("pooled over sites" if site == "overall" else site, fontsize=10)
         ax.set_xlabel("1 - specificity", fontsize=8)
@@ -156,8 +181,17 @@ def calibration_figure(table: PredictionTable, models: Sequence[str], metrics: d
             if ece is not None:
                 eces.append((model, ece))
         for i, (model, ece) in enumerate(reversed(eces)):
-            ax.text(0.97, 0.04 + 0.07 * i, f"ECE {ece:.3f}", transform=ax.transAxes, ha="right", va="bottom",
-                    fontsize=7, color=colour(model), weight="bold")
+            ax.text(
+                0.97,
+                0.04 + 0.07 * i,
+                f"ECE {ece:.3f}",
+                transform=ax.transAxes,
+                ha="right",
+                va="bottom",
+                fontsize=7,
+                color=colour(model),
+                weight="bold",
+            )
         ax.plot([0, 1], [0, 1], ls=":", color="#999999", lw=1)
         ax.set_xlabel(f"predicted P({table.classes[1]})" if binary else "confidence (max probability)", fontsize=8)
         ax.set_ylabel(f"observed fraction {table.classes[1]}" if binary else "accuracy", fontsize=8)
@@ -177,7 +211,9 @@ def _value(entry: dict[str, Any] | None, metric: str) -> tuple[float, float, flo
     return tuple(math.nan if iv.get(k) is None else float(iv[k]) for k in ("estimate", "lo", "hi"))  # type: ignore[return-value]
 
 
-def site_bars_figure(metrics: dict[str, Any], models: Sequence[str], sites: Sequence[str], metric: str = "auc") -> bytes:
+def site_bars_figure(
+    metrics: dict[str, Any], models: Sequence[str], sites: Sequence[str], metric: str = "auc"
+) -> bytes:
     """Per-site `metric` with 95 % CI whiskers, one panel per setting."""
     fig, axes = _grid(2, 1.2 + 1.1 * (len(sites) + 1), 3.2, cols=1)
     panels = [*sites, "overall"]
@@ -185,11 +221,17 @@ def site_bars_figure(metrics: dict[str, Any], models: Sequence[str], sites: Sequ
     for ax, setting in zip(axes, ("in_distribution", "out_of_site")):
         for i, model in enumerate(models):
             section = metrics.get(model, {}).get(setting, {})
-            values = [_value(section.get("overall") if s == "overall" else section.get("per_site", {}).get(s), metric)
-                      for s in panels]
+            values = [
+                _value(section.get("overall") if s == "overall" else section.get("per_site", {}).get(s), metric)
+                for s in panels
+            ]
             est = np.array([v[0] for v in values])
-            err = np.array([[max(v[0] - v[1], 0) if math.isfinite(v[1]) else 0 for v in values],
-                            [max(v[2] - v[0], 0) if math.isfinite(v[2]) else 0 for v in values]])
+            err = np.array(
+                [
+                    [max(v[0] - v[1], 0) if math.isfinite(v[1]) else 0 for v in values],
+                    [max(v[2] - v[0], 0) if math.isfinite(v[2]) else 0 for v in values],
+                ]
+            )
             xs = np.arange(len(panels)) + (i - (len(models) - 1) / 2) * width
             ax.bar(xs, np.nan_to_num(est), width, color=colour(model), yerr=err, capsize=2, error_kw={"lw": 0.8})
         ax.set_xticks(np.arange(len(panels)), [*sites, "pooled"], fontsize=8)
@@ -216,8 +258,18 @@ def gap_figure(metrics: dict[str, Any], models: Sequence[str], metric: str = "au
         for (est, lo, hi), marker, name in ((ins, "o", "in-distribution"), (out, "s", "out-of-site")):
             if math.isfinite(est):
                 xerr = [[est - lo], [hi - est]] if math.isfinite(lo) and math.isfinite(hi) else None
-                ax.errorbar([est], [y], xerr=xerr, fmt=marker, color=colour(model), ms=6, capsize=2, lw=0.8,
-                            mfc="white" if marker == "s" else colour(model), label=name if row == 0 else None)
+                ax.errorbar(
+                    [est],
+                    [y],
+                    xerr=xerr,
+                    fmt=marker,
+                    color=colour(model),
+                    ms=6,
+                    capsize=2,
+                    lw=0.8,
+                    mfc="white" if marker == "s" else colour(model),
+                    label=name if row == 0 else None,
+                )
     ax.set_yticks(range(len(models)), [label(m) for m in reversed(models)], fontsize=8)
     ax.set_xlabel(f"{metric} (pooled over sites, 95 % CI)", fontsize=8)
     ax.set_xlim(0, 1.02)
@@ -325,8 +377,14 @@ def cost_figure(cost: dict[str, Any]) -> bytes | None:
         width = 0.8 / len(sources)
         for i, (name, entry) in enumerate(sources):
             vals = [entry.get(res, {}).get(key) or 0.0 for res in ("high", "low")]
-            ax.bar(np.arange(2) + (i - (len(sources) - 1) / 2) * width, vals, width, label=name,
-                   color=["#1f77b4", "#d62728"][i % 2], alpha=0.85)
+            ax.bar(
+                np.arange(2) + (i - (len(sources) - 1) / 2) * width,
+                vals,
+                width,
+                label=name,
+                color=["#1f77b4", "#d62728"][i % 2],
+                alpha=0.85,
+            )
         ax.set_xticks([0, 1], ["high-res (teacher)", "low-res (student)"], fontsize=8)
         ax.set_ylabel(unit, fontsize=8)
         ax.set_yscale("log")

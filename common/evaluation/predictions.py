@@ -67,8 +67,13 @@ class PredictionTable:
 
     def select(self, setting: str | None = None, model: str | None = None, site: str | None = None) -> list[PredRow]:
         """Rows matching every given field."""
-        return [r for r in self.rows if (setting is None or r.setting == setting) and (model is None or r.model == model)
-                and (site is None or r.site == site)]
+        return [
+            r
+            for r in self.rows
+            if (setting is None or r.setting == setting)
+            and (model is None or r.model == model)
+            and (site is None or r.site == site)
+        ]
 
     def models(self) -> list[str]:
         """Model keys present, in first-seen order."""
@@ -82,11 +87,33 @@ class PredictionTable:
         """The study's predictions.csv (one row per slide, model and fold)."""
         with atomic_write(path, newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["setting", "model", "fold", "site", "slide_id", "patient_id", "split", "label",
-                             *(f"p_{c}" for c in self.classes)])
+            writer.writerow(
+                [
+                    "setting",
+                    "model",
+                    "fold",
+                    "site",
+                    "slide_id",
+                    "patient_id",
+                    "split",
+                    "label",
+                    *(f"p_{c}" for c in self.classes),
+                ]
+            )
             for r in self.rows:
-                writer.writerow([r.setting, r.model, r.fold, r.site, r.slide_id, r.patient, r.split,
-                                 self.classes[r.label], *(f"{p:.6f}" for p in r.probs)])
+                writer.writerow(
+                    [
+                        r.setting,
+                        r.model,
+                        r.fold,
+                        r.site,
+                        r.slide_id,
+                        r.patient,
+                        r.split,
+                        self.classes[r.label],
+                        *(f"{p:.6f}" for p in r.probs),
+                    ]
+                )
         return path
 
     @classmethod
@@ -104,9 +131,19 @@ class PredictionTable:
             rows = []
             for line, row in enumerate(reader, start=2):
                 try:
-                    rows.append(PredRow(row["setting"], row["model"], row["fold"], row["site"], row["slide_id"],
-                                        row["patient_id"], row["split"], index[row["label"]],
-                                        np.array([float(row[f"p_{c}"]) for c in classes])))
+                    rows.append(
+                        PredRow(
+                            row["setting"],
+                            row["model"],
+                            row["fold"],
+                            row["site"],
+                            row["slide_id"],
+                            row["patient_id"],
+                            row["split"],
+                            index[row["label"]],
+                            np.array([float(row[f"p_{c}"]) for c in classes]),
+                        )
+                    )
                 except (KeyError, ValueError) as exc:
                     raise PredictionsError(f"{path} line {line}: {exc!r}") from None
         return cls(classes, rows)
@@ -146,7 +183,11 @@ class ScoreCost:
 
 
 def score_bundles(
-    run_dir: Path, slides: Sequence[SlidePair], classes: Sequence[str], progress: bool = False, label: str = "score",
+    run_dir: Path,
+    slides: Sequence[SlidePair],
+    classes: Sequence[str],
+    progress: bool = False,
+    label: str = "score",
 ) -> tuple[dict[str, np.ndarray], ScoreCost]:
     """teacher_high / student_low (from `<run>/student`) and baseline_low (`<run>/baseline_low`) probabilities
     [n, C] of `slides`, in `classes` order; plus the high vs low cost of doing so."""
@@ -165,14 +206,19 @@ def score_bundles(
         t1 = time.perf_counter()
         out["student_low"].append(probs.numpy())
         if student.teacher is not None:
-            high, _ = student.predict_high(torch.from_numpy(np.asarray(slide.high.features, dtype=np.float32)), high_coords)
+            high, _ = student.predict_high(
+                torch.from_numpy(np.asarray(slide.high.features, dtype=np.float32)), high_coords
+            )
             out["teacher_high"].append(high.numpy())
         t2 = time.perf_counter()
         if baseline is not None:
             out["baseline_low"].append(baseline.predict_low(low, None, low_coords)[0].numpy())
         cost.add(ScoreCost(1, len(slide.high), len(slide.low), t2 - t1, t1 - t0))
-    names = {"teacher_high": student.meta.class_names, "student_low": student.meta.class_names,
-             "baseline_low": baseline.meta.class_names if baseline is not None else []}
+    names = {
+        "teacher_high": student.meta.class_names,
+        "student_low": student.meta.class_names,
+        "baseline_low": baseline.meta.class_names if baseline is not None else [],
+    }
     result = {}
     for kind, values in out.items():
         if values and len(values) == len(slides):
@@ -181,14 +227,29 @@ def score_bundles(
 
 
 def rows_from_scores(
-    scores: dict[str, np.ndarray], slides: Sequence[SlidePair], setting: str, regime: str, fold: str,
+    scores: dict[str, np.ndarray],
+    slides: Sequence[SlidePair],
+    setting: str,
+    regime: str,
+    fold: str,
 ) -> list[PredRow]:
     """PredRows of scored slides (one per slide and model kind)."""
     rows = []
     for kind, probs in scores.items():
         for slide, p in zip(slides, probs):
-            rows.append(PredRow(setting, f"{regime}.{kind}", fold, slide.site, slide.slide_id, slide.patient_id,
-                                slide.split, slide.label, p))
+            rows.append(
+                PredRow(
+                    setting,
+                    f"{regime}.{kind}",
+                    fold,
+                    slide.site,
+                    slide.slide_id,
+                    slide.patient_id,
+                    slide.split,
+                    slide.label,
+                    p,
+                )
+            )
     return rows
 
 
@@ -197,8 +258,9 @@ def missing_predictions_cause(fed: dict[str, Any], name: str) -> str:
     sites = {s.get("name"): s for s in fed.get("sites", [])}
     if name not in sites:
         reasons = [str(r.get("reason")) for r in fed.get("refused", []) if r.get("site") in (name, None)]
-        return (f"site {name} was not admitted to the federation"
-                + (f"; refused at the handshake: {' | '.join(reasons)}" if reasons else ""))
+        return f"site {name} was not admitted to the federation" + (
+            f"; refused at the handshake: {' | '.join(reasons)}" if reasons else ""
+        )
     node = sites[name].get("node")
     for gap in fed.get("missing", []):
         if node in gap.get("nodes", []):
@@ -210,8 +272,13 @@ def missing_predictions_cause(fed: dict[str, Any], name: str) -> str:
 
 
 def read_site_predictions(
-    path: Path, slides: dict[str, SlidePair], fed_classes: Sequence[str], classes: Sequence[str],
-    setting: str, fold: str, splits: Iterable[str] | None,
+    path: Path,
+    slides: dict[str, SlidePair],
+    fed_classes: Sequence[str],
+    classes: Sequence[str],
+    setting: str,
+    fold: str,
+    splits: Iterable[str] | None,
 ) -> list[PredRow]:
     """Rows of a site's federated `predictions.csv` (teacher_high, student_low, baseline_low columns).
 
@@ -231,10 +298,14 @@ def read_site_predictions(
         for line, row in enumerate(reader, start=2):
             slide = slides.get(row.get("slide_id", ""))
             if slide is None:
-                raise PredictionsError(f"{path} line {line}: slide {row.get('slide_id')!r} is not in the site's labels.csv")
+                raise PredictionsError(
+                    f"{path} line {line}: slide {row.get('slide_id')!r} is not in the site's labels.csv"
+                )
             if row.get("label") != classes[slide.label]:
-                raise PredictionsError(f"{path} line {line}: slide {slide.slide_id} has label {row.get('label')!r} "
-                                       f"but labels.csv says {classes[slide.label]!r}")
+                raise PredictionsError(
+                    f"{path} line {line}: slide {slide.slide_id} has label {row.get('label')!r} "
+                    f"but labels.csv says {classes[slide.label]!r}"
+                )
             if keep is not None and slide.split not in keep:
                 continue
             for kind in kinds:
@@ -245,6 +316,17 @@ def read_site_predictions(
                 if not np.all(np.isfinite(values)) or math.fsum(values[0]) <= 0:
                     raise PredictionsError(f"{path} line {line}: {kind} probabilities are not finite/positive")
                 probs = reorder(values, fed_classes, classes, str(path))[0]
-                rows.append(PredRow(setting, f"federated.{kind}", fold, slide.site, slide.slide_id, slide.patient_id,
-                                    slide.split, slide.label, probs))
+                rows.append(
+                    PredRow(
+                        setting,
+                        f"federated.{kind}",
+                        fold,
+                        slide.site,
+                        slide.slide_id,
+                        slide.patient_id,
+                        slide.split,
+                        slide.label,
+                        probs,
+                    )
+                )
     return rows

@@ -118,15 +118,22 @@ class Doc:
 
     def html(self) -> str:
         e = html.escape
-        parts = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>", f"<title>{e(self.title)}</title>",
-                 f"<style>{CSS}</style></head><body>", f"<h1>{e(self.title)}</h1>"]
+        parts = [
+            "<!DOCTYPE html>",
+            "<html lang='en'><head><meta charset='utf-8'>",
+            f"<title>{e(self.title)}</title>",
+            f"<style>{CSS}</style></head><body>",
+            f"<h1>{e(self.title)}</h1>",
+        ]
 
         def img_tag(img: Image) -> str:
             if img.png is None:
                 return f"<figure><div class='missing'>{e(img.missing)}</div><figcaption>{e(img.caption)}</figcaption></figure>"
             data = base64.b64encode(img.png).decode("ascii")
-            return (f"<figure><img alt='{e(img.caption)}' src='data:image/png;base64,{data}'>"
-                    f"<figcaption>{e(img.caption)}</figcaption></figure>")
+            return (
+                f"<figure><img alt='{e(img.caption)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{e(img.caption)}</figcaption></figure>"
+            )
 
         for block in self.blocks:
             kind = block[0]
@@ -141,7 +148,9 @@ class Doc:
             elif kind == "figure":
                 parts.append(img_tag(block[1]))
             elif kind == "grid":
-                parts.append(f"<h4>{e(block[1])}</h4><div class='grid'>" + "".join(img_tag(i) for i in block[2]) + "</div>")
+                parts.append(
+                    f"<h4>{e(block[1])}</h4><div class='grid'>" + "".join(img_tag(i) for i in block[2]) + "</div>"
+                )
         parts.append("</body></html>")
         return "\n".join(parts)
 
@@ -177,7 +186,11 @@ def fmt_bytes(n: float | None) -> str:
 
 # ---- sections of an evaluation report ---------------------------------------------------------------
 def _ordered_models(metrics: dict[str, Any]) -> list[str]:
-    order = [f"{r}.{k}" for r in ("local", "federated", "centralized") for k in ("student_low", "teacher_high", "baseline_low")]
+    order = [
+        f"{r}.{k}"
+        for r in ("local", "federated", "centralized")
+        for k in ("student_low", "teacher_high", "baseline_low")
+    ]
     present = metrics.get("models", {})
     return [m for m in order if m in present] + [m for m in present if m not in order]
 
@@ -196,10 +209,35 @@ def cohort_section(doc: Doc, metrics: dict[str, Any]) -> None:
         splits = "/".join(str(s["splits"].get(k, 0)) for k in ("train", "val", "test"))
         mag = ", ".join(f"{m:g}×" for m in s["magnification"]) or "n/a"
         mpp = ", ".join(f"{m:g}" for m in s["mpp"]) or "n/a"
-        rows.append([s["name"], s["slides"], s["patients"], splits, balance, mag, mpp, s.get("scanner") or "n/a",
-                     s["masks"] or "none", s["held_out_slides"]])
-    doc.table(["site", "slides", "patients", "train/val/test", "class balance", "scanner magnification", "µm/px",
-               "scanner", "tumor masks", "slides scored when held out"], rows)
+        rows.append(
+            [
+                s["name"],
+                s["slides"],
+                s["patients"],
+                splits,
+                balance,
+                mag,
+                mpp,
+                s.get("scanner") or "n/a",
+                s["masks"] or "none",
+                s["held_out_slides"],
+            ]
+        )
+    doc.table(
+        [
+            "site",
+            "slides",
+            "patients",
+            "train/val/test",
+            "class balance",
+            "scanner magnification",
+            "µm/px",
+            "scanner",
+            "tumor masks",
+            "slides scored when held out",
+        ],
+        rows,
+    )
 
 
 def _mean_auc(metrics: dict[str, Any], model: str, setting: str) -> float | None:
@@ -214,17 +252,23 @@ def _gap_sentence(metrics: dict[str, Any]) -> str:
             continue
         ins, out = _mean_auc(metrics, model, "in_distribution"), _mean_auc(metrics, model, "out_of_site")
         if ins is not None and out is not None:
-            parts.append(f"{plots.label(model)}: AUC {ins:.3f} in-distribution vs {out:.3f} out-of-site "
-                         f"(gap {ins - out:+.3f})")
-    text = ("Mean of the per-site AUCs — " + "; ".join(parts) + "." if parts
-            else "No gap could be computed (a setting has no scored slides).")
+            parts.append(
+                f"{plots.label(model)}: AUC {ins:.3f} in-distribution vs {out:.3f} out-of-site (gap {ins - out:+.3f})"
+            )
+    text = (
+        "Mean of the per-site AUCs — " + "; ".join(parts) + "."
+        if parts
+        else "No gap could be computed (a setting has no scored slides)."
+    )
     if "local.student_low" in models and "federated.student_low" in models:
         loc = _mean_auc(metrics, "local.student_low", "out_of_site")
         fed = _mean_auc(metrics, "federated.student_low", "out_of_site")
         if loc is not None and fed is not None:
             verdict = "higher" if fed > loc else "not higher"
-            text += (f" At sites they never saw, the federated student's AUC ({fed:.3f}) is {verdict} than the "
-                     f"site-local students' ({loc:.3f}).")
+            text += (
+                f" At sites they never saw, the federated student's AUC ({fed:.3f}) is {verdict} than the "
+                f"site-local students' ({loc:.3f})."
+            )
     return text
 
 
@@ -233,15 +277,25 @@ def metric_tables(doc: Doc, metrics: dict[str, Any], models: Sequence[str]) -> N
     ci = round(100 * (1 - metrics["bootstrap"]["alpha"]))
     for setting, title in plots.SETTING_TITLES.items():
         doc.h(3, f"Pooled over sites: {title}")
-        doc.p(f"Slides: {metrics['settings'][setting]['slides']}; models: {metrics['settings'][setting]['models']}. "
-              f"Estimate [{ci} % bootstrap CI].", note=True)
+        doc.p(
+            f"Slides: {metrics['settings'][setting]['slides']}; models: {metrics['settings'][setting]['models']}. "
+            f"Estimate [{ci} % bootstrap CI].",
+            note=True,
+        )
         rows = []
         for m in models:
             entry = metrics["models"][m][setting]["overall"]
             if entry is None:
                 continue
-            rows.append([plots.label(m), *(fmt_ci(entry[k]) for k in METRIC_NAMES), entry["n"], entry["n_slides"],
-                         entry["bootstrap"]])
+            rows.append(
+                [
+                    plots.label(m),
+                    *(fmt_ci(entry[k]) for k in METRIC_NAMES),
+                    entry["n"],
+                    entry["n_slides"],
+                    entry["bootstrap"],
+                ]
+            )
         doc.table(["model", *METRIC_NAMES, "scored rows", "slides", "bootstrap"], rows)
         rows = []
         for m in models:
@@ -259,13 +313,33 @@ def gap_table(doc: Doc, metrics: dict[str, Any], models: Sequence[str]) -> None:
         sec = metrics["models"][m]
         ins = (sec["in_distribution"]["overall"] or {}).get("auc")
         out = (sec["out_of_site"]["overall"] or {}).get("auc")
-        rows.append([plots.label(m), fmt_ci(ins), fmt_ci(out), fmt(sec["gap"]["overall"]["auc"]),
-                     fmt(sec["gap"]["mean_over_sites"]["auc"]), *(fmt(sec["gap"]["per_site"][s]["auc"]) for s in sites)])
-    doc.table(["model", "AUC in-distribution (pooled)", "AUC out-of-site (pooled)", "gap (pooled)",
-               "gap (mean over sites)", *(f"gap at {s}" for s in sites)], rows)
-    doc.p("Pooled: all scored slides together; a slide scored by several fold models (in-distribution slides of the "
-          "LOSO runs, held-out slides of site-local models) counts once per model, so pooled AUCs also reflect how "
-          "differently those models are calibrated. The mean over sites avoids that cross-model pooling.", note=True)
+        rows.append(
+            [
+                plots.label(m),
+                fmt_ci(ins),
+                fmt_ci(out),
+                fmt(sec["gap"]["overall"]["auc"]),
+                fmt(sec["gap"]["mean_over_sites"]["auc"]),
+                *(fmt(sec["gap"]["per_site"][s]["auc"]) for s in sites),
+            ]
+        )
+    doc.table(
+        [
+            "model",
+            "AUC in-distribution (pooled)",
+            "AUC out-of-site (pooled)",
+            "gap (pooled)",
+            "gap (mean over sites)",
+            *(f"gap at {s}" for s in sites),
+        ],
+        rows,
+    )
+    doc.p(
+        "Pooled: all scored slides together; a slide scored by several fold models (in-distribution slides of the "
+        "LOSO runs, held-out slides of site-local models) counts once per model, so pooled AUCs also reflect how "
+        "differently those models are calibrated. The mean over sites avoids that cross-model pooling.",
+        note=True,
+    )
 
 
 def paired_section(doc: Doc, metrics: dict[str, Any]) -> None:
@@ -273,53 +347,98 @@ def paired_section(doc: Doc, metrics: dict[str, Any]) -> None:
     if not tests:
         return
     doc.h(2, "Paired AUC tests")
-    doc.p("diff = AUC(A) − AUC(B) on the same slides scored by the same fold's models; DeLong on independent slides, "
-          "paired (patient-cluster) bootstrap otherwise.", note=True)
+    doc.p(
+        "diff = AUC(A) − AUC(B) on the same slides scored by the same fold's models; DeLong on independent slides, "
+        "paired (patient-cluster) bootstrap otherwise.",
+        note=True,
+    )
     rows = []
     for t in tests:
         if "skipped" in t:
-            rows.append([plots.label(t["a"]), plots.label(t["b"]), t["setting"], t["site"], "", "", "", "", t["skipped"]])
+            rows.append(
+                [plots.label(t["a"]), plots.label(t["b"]), t["setting"], t["site"], "", "", "", "", t["skipped"]]
+            )
         else:
-            rows.append([plots.label(t["a"]), plots.label(t["b"]), t["setting"], t["site"], fmt(t["auc_a"]),
-                         fmt(t["auc_b"]), f"{fmt(t['diff'])} [{fmt(t['lo'])}, {fmt(t['hi'])}]", fmt(t["p_value"], 4),
-                         f"{t['method']}, n = {t['n']}"])
+            rows.append(
+                [
+                    plots.label(t["a"]),
+                    plots.label(t["b"]),
+                    t["setting"],
+                    t["site"],
+                    fmt(t["auc_a"]),
+                    fmt(t["auc_b"]),
+                    f"{fmt(t['diff'])} [{fmt(t['lo'])}, {fmt(t['hi'])}]",
+                    fmt(t["p_value"], 4),
+                    f"{t['method']}, n = {t['n']}",
+                ]
+            )
     doc.table(["A", "B", "setting", "site", "AUC A", "AUC B", "diff [CI]", "p", "method"], rows)
 
 
 def federation_sections(doc: Doc, federation: dict[str, Any], cost: dict[str, Any]) -> None:
     if federation:
         doc.h(2, "Federated training")
-        doc.figure("learning_curves.png", plots.learning_curves_figure(federation),
-                   "Validation loss per round of each federated phase (one line per LOSO federation).")
+        doc.figure(
+            "learning_curves.png",
+            plots.learning_curves_figure(federation),
+            "Validation loss per round of each federated phase (one line per LOSO federation).",
+        )
         per_phase: dict[str, dict[str, float]] = {}
         for fold in federation.values():
             for phase, entry in fold.get("communication", {}).get("per_phase", {}).items():
                 acc = per_phase.setdefault(phase, {"down": 0.0, "up": 0.0, "max_upload_per_site_round": 0.0, "n": 0})
                 acc["down"] += entry.get("down", 0)
                 acc["up"] += entry.get("up", 0)
-                acc["max_upload_per_site_round"] = max(acc["max_upload_per_site_round"],
-                                                       entry.get("max_upload_per_site_round", 0))
+                acc["max_upload_per_site_round"] = max(
+                    acc["max_upload_per_site_round"], entry.get("max_upload_per_site_round", 0)
+                )
                 acc["n"] += 1
-        mean = {p: {"down": v["down"] / v["n"], "up": v["up"] / v["n"], "max": v["max_upload_per_site_round"]}
-                for p, v in per_phase.items()}
+        mean = {
+            p: {"down": v["down"] / v["n"], "up": v["up"] / v["n"], "max": v["max_upload_per_site_round"]}
+            for p, v in per_phase.items()
+        }
         doc.h(3, "Communication per phase")
-        doc.table(["phase", "down (mean per federation)", "up (mean per federation)", "largest upload of a site in one round"],
-                  [[p, fmt_bytes(v["down"]), fmt_bytes(v["up"]), fmt_bytes(v["max"])] for p, v in mean.items()])
-        doc.figure("communication.png", plots.communication_figure(mean), "Bytes per phase, mean over the LOSO federations.")
-        privacy = [f"{h}: ε = {fmt(f['privacy'].get('epsilon'))}" for h, f in federation.items()
-                   if (f.get("privacy") or {}).get("enabled")]
-        doc.p("Differential privacy: " + ("; ".join(privacy) if privacy else "off in every federation") + ".", note=True)
+        doc.table(
+            [
+                "phase",
+                "down (mean per federation)",
+                "up (mean per federation)",
+                "largest upload of a site in one round",
+            ],
+            [[p, fmt_bytes(v["down"]), fmt_bytes(v["up"]), fmt_bytes(v["max"])] for p, v in mean.items()],
+        )
+        doc.figure(
+            "communication.png", plots.communication_figure(mean), "Bytes per phase, mean over the LOSO federations."
+        )
+        privacy = [
+            f"{h}: ε = {fmt(f['privacy'].get('epsilon'))}"
+            for h, f in federation.items()
+            if (f.get("privacy") or {}).get("enabled")
+        ]
+        doc.p(
+            "Differential privacy: " + ("; ".join(privacy) if privacy else "off in every federation") + ".", note=True
+        )
     if cost:
         doc.h(2, "Compute cost: high vs low resolution")
         rows = []
         for name in ("measured", "federated"):
             if name in cost:
                 c = cost[name]
-                what = f"{c.get('models', 'bundles')} models, scored here" if name == "measured" else \
-                    f"as the sites measured it ({c.get('folds')} federations)"
+                what = (
+                    f"{c.get('models', 'bundles')} models, scored here"
+                    if name == "measured"
+                    else f"as the sites measured it ({c.get('folds')} federations)"
+                )
                 for key in ("patches_per_slide", "seconds_per_slide"):
-                    rows.append([what, key.replace("_", " "), fmt(c["high"].get(key), 4), fmt(c["low"].get(key), 4),
-                                 fmt(c["high_over_low"].get(key), 2)])
+                    rows.append(
+                        [
+                            what,
+                            key.replace("_", " "),
+                            fmt(c["high"].get(key), 4),
+                            fmt(c["low"].get(key), 4),
+                            fmt(c["high_over_low"].get(key), 2),
+                        ]
+                    )
         doc.table(["source", "per slide", "high-res (teacher)", "low-res (student)", "high ÷ low"], rows)
         doc.p(cost.get("note", ""), note=True)
         doc.figure("cost.png", plots.cost_figure(cost), "Patches and model seconds per slide, high vs low resolution.")
@@ -339,11 +458,13 @@ def heatmap_section(doc: Doc, run_dir: Path, metrics: dict[str, Any]) -> None:
     if not entries:
         doc.p("No heatmaps in this study (heatmaps.enabled = false, or no model to draw them with).", note=True)
         return
-    doc.p("Student attention over the slide thumbnail, one cell per student instance (the colour bar: attention × "
-          "instances, 1 = uniform); magenta: ground-truth tumor outline where the cohort has masks. Heatmaps of the "
-          "federated student were rendered by each site into its own run folder (in a federation they never leave "
-          "the site; this study reads them from the sites' folders); the others are of the centralized reference.",
-          note=True)
+    doc.p(
+        "Student attention over the slide thumbnail, one cell per student instance (the colour bar: attention × "
+        "instances, 1 = uniform); magenta: ground-truth tumor outline where the cohort has masks. Heatmaps of the "
+        "federated student were rendered by each site into its own run folder (in a federation they never leave "
+        "the site; this study reads them from the sites' folders); the others are of the centralized reference.",
+        note=True,
+    )
     for site in dict.fromkeys(e["site"] for e in entries):
         images = []
         for i, e in enumerate(x for x in entries if x["site"] == site):
@@ -360,41 +481,62 @@ def evaluation_doc(run_dir: Path, metrics: dict[str, Any]) -> Doc:
     sites = [s["name"] for s in metrics["sites"]]
     doc = Doc(f"fedslide evaluation — study {metrics['study_id']}")
     b = metrics["bootstrap"]
-    doc.p(f"Leave-one-site-out study over {len(sites)} sites ({', '.join(sites)}); classes: {', '.join(metrics['classes'])}; "
-          f"encoder: {metrics.get('encoder')}; regimes: {', '.join(metrics['regimes'])}. Confidence intervals: "
-          f"{b['n_boot']} bootstrap resamples over slides (grouped by patient where patients have several slides "
-          f"or a slide is scored by several fold models), {round(100 * (1 - b['alpha']))} %.")
-    doc.p("Study setting: this report pools per-slide predictions that, in a federation, stay at each site "
-          "(<site>/runs/<run-id>/predictions.csv); it was made where all the sites' folders are available.", note=True)
+    doc.p(
+        f"Leave-one-site-out study over {len(sites)} sites ({', '.join(sites)}); classes: {', '.join(metrics['classes'])}; "
+        f"encoder: {metrics.get('encoder')}; regimes: {', '.join(metrics['regimes'])}. Confidence intervals: "
+        f"{b['n_boot']} bootstrap resamples over slides (grouped by patient where patients have several slides "
+        f"or a slide is scored by several fold models), {round(100 * (1 - b['alpha']))} %."
+    )
+    doc.p(
+        "Study setting: this report pools per-slide predictions that, in a federation, stay at each site "
+        "(<site>/runs/<run-id>/predictions.csv); it was made where all the sites' folders are available.",
+        note=True,
+    )
     doc.h(2, "Generalisation to unseen sites")
     doc.p(_gap_sentence(metrics))
     gap_table(doc, metrics, models)
-    doc.figure("gap.png", plots.gap_figure(metrics["models"], models), "AUC in-distribution vs out-of-site, pooled, 95 % CI.")
+    doc.figure(
+        "gap.png", plots.gap_figure(metrics["models"], models), "AUC in-distribution vs out-of-site, pooled, 95 % CI."
+    )
     cohort_section(doc, metrics)
     doc.h(2, "Metrics with confidence intervals")
     metric_tables(doc, metrics, models)
-    doc.figure("site_auc.png", plots.site_bars_figure(metrics["models"], main, sites),
-               "AUC per site with 95 % CI whiskers, both settings.")
+    doc.figure(
+        "site_auc.png",
+        plots.site_bars_figure(metrics["models"], main, sites),
+        "AUC per site with 95 % CI whiskers, both settings.",
+    )
     paired_section(doc, metrics)
     table = _predictions(run_dir, metrics)
     if table is not None:
         doc.h(2, "ROC curves and calibration")
         for setting, title in plots.SETTING_TITLES.items():
-            doc.figure(f"roc_{setting}.png", plots.roc_figure(table, setting, main, sites, metrics["models"]),
-                       f"ROC curves per site and pooled, {title}.")
-        doc.figure("calibration.png", plots.calibration_figure(table, main, metrics["models"]),
-                   "Reliability diagrams (pooled over sites); marker area grows with the number of slides in the bin.")
+            doc.figure(
+                f"roc_{setting}.png",
+                plots.roc_figure(table, setting, main, sites, metrics["models"]),
+                f"ROC curves per site and pooled, {title}.",
+            )
+        doc.figure(
+            "calibration.png",
+            plots.calibration_figure(table, main, metrics["models"]),
+            "Reliability diagrams (pooled over sites); marker area grows with the number of slides in the bin.",
+        )
     else:
         doc.p(f"{metrics.get('predictions')} not found next to metrics.json: no ROC or calibration plots.", note=True)
     for key, transfer in metrics.get("transfer", {}).items():
         if key == "local.student_low" or len(metrics["transfer"]) == 1:
-            doc.figure("transfer.png", plots.transfer_figure(transfer, f"{plots.label(key)}: AUC by training and evaluation site"),
-                       "Site-local models: diagonal = own test split, off-diagonal = another site's slides.")
+            doc.figure(
+                "transfer.png",
+                plots.transfer_figure(transfer, f"{plots.label(key)}: AUC by training and evaluation site"),
+                "Site-local models: diagonal = own test split, off-diagonal = another site's slides.",
+            )
     federation_sections(doc, metrics.get("federation", {}), metrics.get("cost", {}))
     heatmap_section(doc, run_dir, metrics)
     doc.h(2, "Runs and timings")
-    rows = [[h, *(info.get(r, {}).get("run_dir", "") for r in ("local", "federated", "centralized"))]
-            for h, info in metrics.get("folds", {}).items()]
+    rows = [
+        [h, *(info.get(r, {}).get("run_dir", "") for r in ("local", "federated", "centralized"))]
+        for h, info in metrics.get("folds", {}).items()
+    ]
     doc.table(["site", "site-local run", "federation without it", "centralized without it"], rows)
     doc.p("Timings (s): " + ", ".join(f"{k} {v}" for k, v in metrics.get("timings", {}).items()), note=True)
     return doc
@@ -409,17 +551,30 @@ def _predictions(run_dir: Path, metrics: dict[str, Any]) -> PredictionTable | No
 def federation_doc(run_dir: Path, metrics: dict[str, Any]) -> Doc:
     """The report of one federated run (no per-slide predictions at the server: no CIs, ROC or heatmaps)."""
     doc = Doc(f"fedslide federated run {metrics['run_id']}")
-    doc.p(f"Mode {metrics.get('mode')}; classes {', '.join(metrics.get('classes', []))}; encoder {metrics.get('encoder')}. "
-          f"Overall = {metrics.get('overall_method', '')}. Per-slide predictions stay at the sites: for CIs, ROC "
-          "curves, calibration and heatmaps run `fedslide evaluate` in a study setting.")
+    doc.p(
+        f"Mode {metrics.get('mode')}; classes {', '.join(metrics.get('classes', []))}; encoder {metrics.get('encoder')}. "
+        f"Overall = {metrics.get('overall_method', '')}. Per-slide predictions stay at the sites: for CIs, ROC "
+        "curves, calibration and heatmaps run `fedslide evaluate` in a study setting."
+    )
     doc.h(2, "Sites")
-    doc.table(["site", "role", *[k for k in ("n-train", "n-val", "n-test") if any(k in s for s in metrics["sites"])]],
-              [[s["name"], s["role"], *(s.get(k, "") for k in ("n-train", "n-val", "n-test") if any(k in t for t in metrics["sites"]))]
-               for s in metrics["sites"]])
+    doc.table(
+        ["site", "role", *[k for k in ("n-train", "n-val", "n-test") if any(k in s for s in metrics["sites"])]],
+        [
+            [
+                s["name"],
+                s["role"],
+                *(s.get(k, "") for k in ("n-train", "n-val", "n-test") if any(k in t for t in metrics["sites"])),
+            ]
+            for s in metrics["sites"]
+        ],
+    )
     doc.h(2, "Test metrics")
     for part in ("overall", "held_out"):
-        rows = [[m, *(fmt(v[part].get(k)) for k in METRIC_NAMES), v[part].get("n")] for m, v in metrics["models"].items()
-                if v[part].get("n")]
+        rows = [
+            [m, *(fmt(v[part].get(k)) for k in METRIC_NAMES), v[part].get("n")]
+            for m, v in metrics["models"].items()
+            if v[part].get("n")
+        ]
         if rows:
             doc.p(f"{part.replace('_', '-')} sites:")
             doc.table(["model", *METRIC_NAMES, "n"], rows)
@@ -427,13 +582,24 @@ def federation_doc(run_dir: Path, metrics: dict[str, Any]) -> Doc:
     rows = [[m, *(fmt(v["per_site"].get(s, {}).get("auc")) for s in sites)] for m, v in metrics["models"].items()]
     doc.p("AUC per site:")
     doc.table(["model", *sites], rows)
-    fold = {"learning_curves": metrics.get("learning_curves", {}), "communication": metrics.get("communication", {}),
-            "privacy": metrics.get("privacy", {})}
+    fold = {
+        "learning_curves": metrics.get("learning_curves", {}),
+        "communication": metrics.get("communication", {}),
+        "privacy": metrics.get("privacy", {}),
+    }
     cost = dict(metrics.get("cost") or {})
     if cost.get("high"):
-        cost = {"federated": {"folds": 1, "high": cost["high"], "low": cost["low"],
-                              "high_over_low": {k: cost.get(f"high_over_low_{k}") for k in ("patches_per_slide", "seconds_per_slide")}},
-                "note": cost.get("note", "")}
+        cost = {
+            "federated": {
+                "folds": 1,
+                "high": cost["high"],
+                "low": cost["low"],
+                "high_over_low": {
+                    k: cost.get(f"high_over_low_{k}") for k in ("patches_per_slide", "seconds_per_slide")
+                },
+            },
+            "note": cost.get("note", ""),
+        }
     federation_sections(doc, {metrics["run_id"]: fold}, cost)
     return doc
 
@@ -450,7 +616,9 @@ def load_metrics(run_dir: Path) -> dict[str, Any]:
         raise ReportError(f"{path} is not valid JSON: {exc}") from None
     schema = metrics.get("schema") if isinstance(metrics, dict) else None
     if schema not in (METRICS_SCHEMA, FEDERATION_SCHEMA):
-        raise ReportError(f"{path}: schema {schema!r} is not one the report reads ({METRICS_SCHEMA}, {FEDERATION_SCHEMA})")
+        raise ReportError(
+            f"{path}: schema {schema!r} is not one the report reads ({METRICS_SCHEMA}, {FEDERATION_SCHEMA})"
+        )
     return metrics
 
 

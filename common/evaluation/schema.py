@@ -20,12 +20,12 @@ def settings_doc(held_out_split: str) -> dict[str, dict[str, str]]:
         "in_distribution": {
             "slides": "the site's test split",
             "models": "models that trained on the site: its site-local model; the LOSO federations and centralized "
-                      "models of the folds that hold out another site (pooled over those folds)",
+            "models of the folds that hold out another site (pooled over those folds)",
         },
         "out_of_site": {
             "slides": f"{held} of the held-out site",
             "models": "models that never saw the site: the federation and the centralized model of its LOSO fold; the "
-                      "other sites' site-local models (pooled)",
+            "other sites' site-local models (pooled)",
         },
     }
 
@@ -53,8 +53,11 @@ _POINTS = {"type": "object", "properties": {m: _NUM for m in METRIC_NAMES}, "req
 _SETTING = {
     "type": "object",
     "required": ["overall", "mean_over_sites", "per_site"],
-    "properties": {"overall": _ENTRY, "mean_over_sites": _POINTS,
-                   "per_site": {"type": "object", "additionalProperties": _ENTRY}},
+    "properties": {
+        "overall": _ENTRY,
+        "mean_over_sites": _POINTS,
+        "per_site": {"type": "object", "additionalProperties": _ENTRY},
+    },
 }
 _MODEL = {
     "type": "object",
@@ -62,47 +65,103 @@ _MODEL = {
     "properties": {
         "in_distribution": _SETTING,
         "out_of_site": _SETTING,
-        "gap": {"type": "object", "required": ["overall", "mean_over_sites", "per_site"],
-                "properties": {"overall": _POINTS, "mean_over_sites": _POINTS,
-                               "per_site": {"type": "object", "additionalProperties": _POINTS}}},
+        "gap": {
+            "type": "object",
+            "required": ["overall", "mean_over_sites", "per_site"],
+            "properties": {
+                "overall": _POINTS,
+                "mean_over_sites": _POINTS,
+                "per_site": {"type": "object", "additionalProperties": _POINTS},
+            },
+        },
     },
 }
 _PAIRED = {
     "type": "object",
     "required": ["a", "b", "setting", "site"],
     "properties": {
-        "a": {"type": "string"}, "b": {"type": "string"}, "setting": {"enum": ["in_distribution", "out_of_site"]},
-        "site": {"type": "string"}, "auc_a": _NUM, "auc_b": _NUM, "diff": _NUM, "lo": _NUM, "hi": _NUM,
-        "p_value": _NUM, "se": _NUM, "method": {"enum": ["delong", "bootstrap"]}, "n": {"type": "integer"},
+        "a": {"type": "string"},
+        "b": {"type": "string"},
+        "setting": {"enum": ["in_distribution", "out_of_site"]},
+        "site": {"type": "string"},
+        "auc_a": _NUM,
+        "auc_b": _NUM,
+        "diff": _NUM,
+        "lo": _NUM,
+        "hi": _NUM,
+        "p_value": _NUM,
+        "se": _NUM,
+        "method": {"enum": ["delong", "bootstrap"]},
+        "n": {"type": "integer"},
         "skipped": {"type": "string"},
     },
-    "oneOf": [{"required": ["skipped"]}, {"required": ["auc_a", "auc_b", "diff", "lo", "hi", "p_value", "method", "n"]}],
+    "oneOf": [
+        {"required": ["skipped"]},
+        {"required": ["auc_a", "auc_b", "diff", "lo", "hi", "p_value", "method", "n"]},
+    ],
 }
 _SITE = {
     "type": "object",
-    "required": ["name", "dir", "slides", "patients", "splits", "classes", "magnification", "mpp", "scanner", "masks",
-                 "held_out_slides"],
+    "required": [
+        "name",
+        "dir",
+        "slides",
+        "patients",
+        "splits",
+        "classes",
+        "magnification",
+        "mpp",
+        "scanner",
+        "masks",
+        "held_out_slides",
+    ],
     "properties": {
-        "name": {"type": "string"}, "dir": {"type": "string"}, "slides": {"type": "integer"},
-        "patients": {"type": "integer"}, "splits": {"type": "object"}, "classes": {"type": "object"},
+        "name": {"type": "string"},
+        "dir": {"type": "string"},
+        "slides": {"type": "integer"},
+        "patients": {"type": "integer"},
+        "splits": {"type": "object"},
+        "classes": {"type": "object"},
         "magnification": {"type": "array", "items": {"type": "number"}},
-        "mpp": {"type": "array", "items": {"type": "number"}}, "scanner": {"type": ["string", "null"]},
-        "masks": {"type": "integer"}, "held_out_slides": {"type": "integer"},
+        "mpp": {"type": "array", "items": {"type": "number"}},
+        "scanner": {"type": ["string", "null"]},
+        "masks": {"type": "integer"},
+        "held_out_slides": {"type": "integer"},
     },
 }
 _HEATMAP = {
     "type": "object",
     "required": ["site", "slide_id", "label", "source", "model", "fold", "caption", "path", "probs", "predicted"],
-    "properties": {"source": {"enum": ["site", "centralized"]}, "path": {"type": "string"},
-                   "probs": {"type": "array", "items": {"type": "number"}}},
+    "properties": {
+        "source": {"enum": ["site", "centralized"]},
+        "path": {"type": "string"},
+        "probs": {"type": "array", "items": {"type": "number"}},
+    },
 }
 
 JSON_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": METRICS_SCHEMA,
     "type": "object",
-    "required": ["schema", "study_id", "classes", "regimes", "sites", "settings", "bootstrap", "models", "transfer",
-                 "paired_tests", "folds", "federation", "cost", "heatmaps", "predictions", "config", "timings"],
+    "required": [
+        "schema",
+        "study_id",
+        "classes",
+        "regimes",
+        "sites",
+        "settings",
+        "bootstrap",
+        "models",
+        "transfer",
+        "paired_tests",
+        "folds",
+        "federation",
+        "cost",
+        "heatmaps",
+        "predictions",
+        "config",
+        "timings",
+    ],
     "properties": {
         "schema": {"const": METRICS_SCHEMA},
         "study_id": {"type": "string"},

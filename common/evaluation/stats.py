@@ -110,8 +110,9 @@ def _probs(y: np.ndarray, probs: np.ndarray, name: str = "probs", allow_1d: bool
     if not np.all(np.isfinite(p)):
         raise ValueError(f"{name} contains NaN or infinite values")
     if y.min() < 0 or y.max() >= p.shape[1]:
-        raise ValueError(f"labels must lie in 0..{p.shape[1] - 1} for {name} of shape {p.shape}, "
-                         f"got {sorted(set(y.tolist()))}")
+        raise ValueError(
+            f"labels must lie in 0..{p.shape[1] - 1} for {name} of shape {p.shape}, got {sorted(set(y.tolist()))}"
+        )
     return p
 
 
@@ -313,8 +314,16 @@ def paired_bootstrap_auc(
         p_value = float(min(1.0, 2.0 * tail / (n_valid + 1)))
         se = float(d.std(ddof=1)) if n_valid > 1 else math.nan
     return PairedTest(
-        auc_a=auc_a, auc_b=auc_b, diff=auc_a - auc_b, lo=lo, hi=hi, p_value=p_value, se=se,
-        alpha=float(alpha), method="bootstrap", n_boot_valid=n_valid,
+        auc_a=auc_a,
+        auc_b=auc_b,
+        diff=auc_a - auc_b,
+        lo=lo,
+        hi=hi,
+        p_value=p_value,
+        se=se,
+        alpha=float(alpha),
+        method="bootstrap",
+        n_boot_valid=n_valid,
     )
 
 
@@ -325,8 +334,10 @@ def _binary_scores(y: np.ndarray, scores: np.ndarray, name: str) -> np.ndarray:
     elif s.ndim == 2 and s.shape[1] > 2:
         raise ValueError(f"delong_test is binary-only: {name} has shape {s.shape} (multi-class probabilities)")
     if s.ndim != 1 or s.shape[0] != y.shape[0]:
-        raise ValueError(f"{name} must be [n] scores or [n, 2] probabilities with n = len(y_true) = {y.shape[0]}, "
-                         f"got shape {s.shape}")
+        raise ValueError(
+            f"{name} must be [n] scores or [n, 2] probabilities with n = len(y_true) = {y.shape[0]}, "
+            f"got shape {s.shape}"
+        )
     if not np.all(np.isfinite(s)):
         raise ValueError(f"{name} contains NaN or infinite values")
     return s
@@ -365,8 +376,9 @@ def delong_test(
         raise ValueError(f"delong_test needs both classes: only label {present[0]} present, AUC undefined")
     counts = np.bincount(y, minlength=2)
     if counts.min() < 2:
-        raise ValueError(f"delong_test needs at least 2 slides of each class, got {counts[0]} negative and "
-                         f"{counts[1]} positive")
+        raise ValueError(
+            f"delong_test needs at least 2 slides of each class, got {counts[0]} negative and {counts[1]} positive"
+        )
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     a = _binary_scores(y, scores_a, "scores_a")
@@ -381,8 +393,16 @@ def delong_test(
         p_value = 1.0 if diff == 0.0 else 0.0
     half = float(norm.ppf(1.0 - alpha / 2.0)) * se
     return PairedTest(
-        auc_a=float(aucs[0]), auc_b=float(aucs[1]), diff=diff, lo=diff - half, hi=diff + half,
-        p_value=p_value, se=se, alpha=float(alpha), method="delong", n_boot_valid=None,
+        auc_a=float(aucs[0]),
+        auc_b=float(aucs[1]),
+        diff=diff,
+        lo=diff - half,
+        hi=diff + half,
+        p_value=p_value,
+        se=se,
+        alpha=float(alpha),
+        method="delong",
+        n_boot_valid=None,
     )
 
 
@@ -458,6 +478,9 @@ def _weighted_other_metrics(
         if "ece" in names:
             conf = p.max(1)
             bins = np.clip(np.ceil(conf * ece_bins).astype(int) - 1, 0, ece_bins - 1)
-            gaps = [np.abs(w[:, bins == b] @ correct[bins == b] - w[:, bins == b] @ conf[bins == b]) for b in np.unique(bins)]
+            gaps = [
+                np.abs(w[:, bins == b] @ correct[bins == b] - w[:, bins == b] @ conf[bins == b])
+                for b in np.unique(bins)
+            ]
             out["ece"] = np.sum(gaps, axis=0) / total
     return out

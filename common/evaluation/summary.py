@@ -23,8 +23,11 @@ from fedslide.common.metrics import METRIC_NAMES
 
 
 def _arrays(rows: Sequence[PredRow]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    return (np.array([r.label for r in rows], dtype=np.int64), np.stack([r.probs for r in rows]),
-            [r.patient for r in rows])
+    return (
+        np.array([r.label for r in rows], dtype=np.int64),
+        np.stack([r.probs for r in rows]),
+        [r.patient for r in rows],
+    )
 
 
 def _groups(patients: list[str]) -> list[str] | None:
@@ -44,14 +47,16 @@ def metric_entry(rows: Sequence[PredRow], n_boot: int, alpha: float, seed: int, 
     groups = _groups(patients)
     intervals = bootstrap_metrics(y, p, groups=groups, n_boot=n_boot, alpha=alpha, seed=seed, ece_bins=ece_bins)
     entry: dict[str, Any] = {m: _interval(intervals[m]) for m in METRIC_NAMES}
-    entry.update({
-        "n": len(rows),
-        "n_slides": len({(r.site, r.slide_id) for r in rows}),
-        "n_patients": len(set(patients)),
-        "n_models": len({r.fold for r in rows}),
-        "class_counts": np.bincount(y, minlength=p.shape[1]).tolist(),
-        "bootstrap": "patient-cluster" if groups is not None else "stratified-slide",
-    })
+    entry.update(
+        {
+            "n": len(rows),
+            "n_slides": len({(r.site, r.slide_id) for r in rows}),
+            "n_patients": len(set(patients)),
+            "n_models": len({r.fold for r in rows}),
+            "class_counts": np.bincount(y, minlength=p.shape[1]).tolist(),
+            "bootstrap": "patient-cluster" if groups is not None else "stratified-slide",
+        }
+    )
     return entry
 
 
@@ -68,7 +73,13 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def model_section(
-    table: PredictionTable, model: str, sites: Sequence[str], n_boot: int, alpha: float, seed: int, ece_bins: int,
+    table: PredictionTable,
+    model: str,
+    sites: Sequence[str],
+    n_boot: int,
+    alpha: float,
+    seed: int,
+    ece_bins: int,
 ) -> dict[str, Any]:
     """Both settings (overall, mean_over_sites, per_site) and the in-distribution minus out-of-site gap."""
     out: dict[str, Any] = {}
@@ -124,7 +135,12 @@ def _paired(rows_a: list[PredRow], rows_b: list[PredRow]) -> tuple[list[PredRow]
 
 
 def paired_test(
-    rows_a: list[PredRow], rows_b: list[PredRow], method: str, n_boot: int, seed: int, alpha: float,
+    rows_a: list[PredRow],
+    rows_b: list[PredRow],
+    method: str,
+    n_boot: int,
+    seed: int,
+    alpha: float,
 ) -> dict[str, Any]:
     """AUC of A minus AUC of B on the slides both scored (DeLong or paired bootstrap), or why it was skipped."""
     joined = _paired(rows_a, rows_b)
@@ -137,15 +153,22 @@ def paired_test(
     if method == "delong" and (groups is not None or pa.shape[1] != 2):
         chosen = "bootstrap"  # DeLong needs independent slides and binary labels
     try:
-        result = compare_models(y, {"a": pa, "b": pb}, groups, reference="b", method=chosen, n_boot=n_boot,
-                                seed=seed, alpha=alpha)["a"]
+        result = compare_models(
+            y, {"a": pa, "b": pb}, groups, reference="b", method=chosen, n_boot=n_boot, seed=seed, alpha=alpha
+        )["a"]
     except ValueError as exc:
         return {"skipped": str(exc), "n": len(common)}
     return {**result.to_dict(), "n": len(common), "bootstrap": "patient-cluster" if groups is not None else None}
 
 
 def paired_tests(
-    table: PredictionTable, pairs: Sequence[str], sites: Sequence[str], method: str, n_boot: int, seed: int, alpha: float,
+    table: PredictionTable,
+    pairs: Sequence[str],
+    sites: Sequence[str],
+    method: str,
+    n_boot: int,
+    seed: int,
+    alpha: float,
 ) -> list[dict[str, Any]]:
     """One entry per pair, setting and site (plus "overall"): diff = AUC(a) - AUC(b)."""
     out = []
@@ -157,22 +180,34 @@ def paired_tests(
         for setting in SETTINGS:
             for site in [*sites, "overall"]:
                 where = None if site == "overall" else site
-                test = paired_test(table.select(setting, a, where), table.select(setting, b, where), method, n_boot,
-                                   seed, alpha)
+                test = paired_test(
+                    table.select(setting, a, where), table.select(setting, b, where), method, n_boot, seed, alpha
+                )
                 out.append({"a": a, "b": b, "setting": setting, "site": site, **test})
     return out
 
 
 def summarize(
-    table: PredictionTable, sites: Sequence[str], pairs: Sequence[str], *, n_boot: int, alpha: float, seed: int,
-    ece_bins: int, paired_method: str, progress: bool = False,
+    table: PredictionTable,
+    sites: Sequence[str],
+    pairs: Sequence[str],
+    *,
+    n_boot: int,
+    alpha: float,
+    seed: int,
+    ece_bins: int,
+    paired_method: str,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """`models`, `transfer` and `paired_tests` sections of the study's metrics.json."""
     models = {}
     for model in tqdm(table.models(), desc="bootstrap", unit="model", disable=not progress, leave=False):
         models[model] = model_section(table, model, sites, n_boot, alpha, seed, ece_bins)
-    transfer = {f"local.{k}": transfer_matrix(table, sites, k) for k in ("student_low", "teacher_high", "baseline_low")
-                if f"local.{k}" in models}
+    transfer = {
+        f"local.{k}": transfer_matrix(table, sites, k)
+        for k in ("student_low", "teacher_high", "baseline_low")
+        if f"local.{k}" in models
+    }
     return {
         "models": models,
         "transfer": transfer,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -10,7 +11,11 @@ from flwr.app import Array, ArrayRecord
 
 from fedslide.common.config.federation import FederationConfig
 from fedslide.common.config.model import ModelConfig
-from fedslide.common.distillation.adapter import AdapterSpec, CrossResAdapter, build_adapter
+from fedslide.common.distillation.adapter import (
+    AdapterSpec,
+    CrossResAdapter,
+    build_adapter,
+)
 from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
 from fedslide.common.federation.protocol import Facts
@@ -20,6 +25,9 @@ from fedslide.common.training.repro import seed_everything
 from fedslide.common.training.run import resolve_model_config
 
 PARAMS_KEY = "params"  # a model on the wire: every float32 tensor of its state dict, flattened in state-dict order
+
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
 def teacher_config(cfg: FederationConfig, facts: Facts) -> ModelConfig:
@@ -34,8 +42,13 @@ def student_config(cfg: FederationConfig, facts: Facts) -> ModelConfig:
 
 def adapter_spec(cfg: FederationConfig, facts: Facts) -> AdapterSpec:
     """The cross-resolution adapter's shape."""
-    return AdapterSpec(in_dim=facts.feature_dim, out_dim=facts.feature_dim, hidden_dim=cfg.adapter.hidden_dim,
-                       num_slots=max(facts.token_grid**2, 1), dropout=cfg.adapter.dropout)
+    return AdapterSpec(
+        in_dim=facts.feature_dim,
+        out_dim=facts.feature_dim,
+        hidden_dim=cfg.adapter.hidden_dim,
+        num_slots=max(facts.token_grid**2, 1),
+        dropout=cfg.adapter.dropout,
+    )
 
 
 def new_model(model_cfg: ModelConfig, seed: int) -> MILModel:
@@ -66,21 +79,25 @@ def to_record(module: torch.nn.Module) -> ArrayRecord:
     return ArrayRecord(arrays)
 
 
-def load_record(module: torch.nn.Module, record: ArrayRecord) -> torch.nn.Module:
+def load_record(module: ModuleT, record: ArrayRecord) -> ModuleT:
     """Load an ArrayRecord made by `to_record` into a module (strict: names and sizes must match)."""
     state = module.state_dict()
     flat = _flat_names(state)
     expected = ({PARAMS_KEY} if flat else set()) | {k for k in state if k not in flat}
     if set(record) != expected:
-        raise ValueError(f"record does not fit {type(module).__name__}: extra arrays {sorted(set(record) - expected)[:5]}, "
-                         f"missing {sorted(expected - set(record))[:5]}")
+        raise ValueError(
+            f"record does not fit {type(module).__name__}: extra arrays {sorted(set(record) - expected)[:5]}, "
+            f"missing {sorted(expected - set(record))[:5]}"
+        )
     loaded = {k: torch.from_numpy(np.array(record[k].numpy(), copy=True)) for k in state if k not in flat}
     if flat:
         values = record[PARAMS_KEY].numpy()
         sizes = [state[k].numel() for k in flat]
         if values.dtype != np.float32 or values.shape != (sum(sizes),):
-            raise ValueError(f"record's {PARAMS_KEY!r} is {values.dtype}{values.shape}; "
-                             f"{type(module).__name__} needs float32({sum(sizes)},)")
+            raise ValueError(
+                f"record's {PARAMS_KEY!r} is {values.dtype}{values.shape}; "
+                f"{type(module).__name__} needs float32({sum(sizes)},)"
+            )
         chunks = torch.from_numpy(np.array(values, copy=True)).split(sizes)
         loaded.update({k: chunk.view(state[k].shape) for k, chunk in zip(flat, chunks)})
     module.load_state_dict(loaded, strict=True)
@@ -95,13 +112,17 @@ def named_record(module: torch.nn.Module, record: ArrayRecord) -> ArrayRecord:
 
 def named_models(cfg: FederationConfig, facts: Facts, models: dict[str, ArrayRecord]) -> dict[str, ArrayRecord]:
     """The run's global models (adapter, teacher, baseline, student, experts) in named form."""
-    builders = {p.ADAPTER: lambda: build_adapter(adapter_spec(cfg, facts)),
-                p.TEACHER: lambda: build_model(teacher_config(cfg, facts)),
-                p.BASELINE: lambda: build_model(student_config(cfg, facts)),
-                p.STUDENT: lambda: build_model(student_config(cfg, facts))}
+    builders = {
+        p.ADAPTER: lambda: build_adapter(adapter_spec(cfg, facts)),
+        p.TEACHER: lambda: build_model(teacher_config(cfg, facts)),
+        p.BASELINE: lambda: build_model(student_config(cfg, facts)),
+        p.STUDENT: lambda: build_model(student_config(cfg, facts)),
+    }
     out = {name: named_record(builders[name](), record) for name, record in models.items() if name in builders}
     if p.EXPERTS in models:
-        out[p.EXPERTS] = pack_experts([named_record(builders[p.TEACHER](), r) for r in unpack_experts(models[p.EXPERTS])])
+        out[p.EXPERTS] = pack_experts(
+            [named_record(builders[p.TEACHER](), r) for r in unpack_experts(models[p.EXPERTS])]
+        )
     return out
 
 

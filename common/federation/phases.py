@@ -40,7 +40,13 @@ CENTROIDS = "centroids"  # the one array of the server's centroid record
 
 # ---- config keys of the handshake reply ------------------------------------------------------------------
 SITE_NAME, ENCODER_NAME, ENCODER_HASH, ENCODER_FINGERPRINT, CLASSES, ERROR = (
-    "site-name", "encoder-name", "encoder-hash", "encoder-fingerprint", "classes", "error")
+    "site-name",
+    "encoder-name",
+    "encoder-hash",
+    "encoder-fingerprint",
+    "classes",
+    "error",
+)
 
 
 def member_metric(key: str, member: str | int) -> str:
@@ -72,8 +78,9 @@ class BestGroup:
     n_key: str
 
 
-_TRAINING_METRICS = tuple(re.escape(k) for k in (NUM_EXAMPLES, UNIT_WEIGHT, TRAIN_LOSS, VAL_LOSS, VAL_N, EPOCHS,
-                                                SECONDS))
+_TRAINING_METRICS = tuple(
+    re.escape(k) for k in (NUM_EXAMPLES, UNIT_WEIGHT, TRAIN_LOSS, VAL_LOSS, VAL_N, EPOCHS, SECONDS)
+)
 EVALUATED_MODELS = ("teacher_high", "student_low", "baseline_low", "lrmil_low")
 EVALUATION_METRICS = ("auc", "acc", "balanced_acc", "f1", "brier", "ece", "loss", "n")
 
@@ -143,8 +150,10 @@ class Phase:
         if self.members:
             return {m: BestGroup(f"{m}.", member_metric(VAL_LOSS, m), member_metric(VAL_N, m)) for m in self.members}
         if self.numbered is not None:
-            return {str(i): BestGroup(f"{self.member(i)}.", member_metric(VAL_LOSS, i), member_metric(VAL_N, i))
-                    for i in range(count)}
+            return {
+                str(i): BestGroup(f"{self.member(i)}.", member_metric(VAL_LOSS, i), member_metric(VAL_N, i))
+                for i in range(count)
+            }
         return {"": BestGroup("", VAL_LOSS, VAL_N)}
 
     def check_sent(self, records: Iterable[str], config: Iterable[str] = ()) -> None:
@@ -155,7 +164,8 @@ class Phase:
             raise ValueError(
                 f"phase {self.name}: records {sorted(records - set(self.sends))} / config keys "
                 f"{sorted(config - set(self.config_keys))} are not declared (common/federation/phases.py: sends "
-                f"{list(self.sends)}, config keys {list(self.config_keys)})")
+                f"{list(self.sends)}, config keys {list(self.config_keys)})"
+            )
 
     def allows_metric(self, name: str) -> bool:
         """Whether a metric of this name may leave a site in this phase's replies."""
@@ -166,8 +176,14 @@ class Phase:
         return any(re.fullmatch(pattern, name) for pattern in self.array_names)
 
 
-def _weights(name: str, sends: tuple[str, ...] = (), config: tuple[str, ...] = (), members: tuple[str, ...] = (),
-             numbered: str | None = None, extra_metrics: tuple[str, ...] = ()) -> Phase:
+def _weights(
+    name: str,
+    sends: tuple[str, ...] = (),
+    config: tuple[str, ...] = (),
+    members: tuple[str, ...] = (),
+    numbered: str | None = None,
+    extra_metrics: tuple[str, ...] = (),
+) -> Phase:
     if members:
         keys = "|".join(re.escape(m) for m in members)
     elif numbered is not None:
@@ -176,42 +192,105 @@ def _weights(name: str, sends: tuple[str, ...] = (), config: tuple[str, ...] = (
         keys = ""
     names = (r".+",)  # any name of the model the server sent; `egress.weights_reply` pins names, shapes and dtypes
     per_member = (rf"({re.escape(VAL_LOSS)}|{re.escape(VAL_N)}|{re.escape(TRAIN_LOSS)})-({keys})",) if keys else ()
-    return Phase(name, TRAIN, (ROUND_OFFSET, PROXIMAL_MU, *config), (p.ARRAYS, *sends), p.ARRAYS,
-                 names, _TRAINING_METRICS + per_member + extra_metrics, members=members, numbered=numbered)
+    return Phase(
+        name,
+        TRAIN,
+        (ROUND_OFFSET, PROXIMAL_MU, *config),
+        (p.ARRAYS, *sends),
+        p.ARRAYS,
+        names,
+        _TRAINING_METRICS + per_member + extra_metrics,
+        members=members,
+        numbered=numbered,
+    )
 
 
 HANDSHAKE = Phase(
-    "handshake", f"{QUERY}.handshake",
-    metrics=(r"n-(train|val|test)", r"n-(train|val|test)-class-\d+", re.escape(ENCODER_DIM), re.escape(TOKEN_GRID),
-             re.escape(CHILD_GRID)),
+    "handshake",
+    f"{QUERY}.handshake",
+    metrics=(
+        r"n-(train|val|test)",
+        r"n-(train|val|test)-class-\d+",
+        re.escape(ENCODER_DIM),
+        re.escape(TOKEN_GRID),
+        re.escape(CHILD_GRID),
+    ),
     reply_config=p.SITE,
     reply_config_keys=frozenset({SITE_NAME, ENCODER_NAME, ENCODER_HASH, ENCODER_FINGERPRINT, CLASSES, ERROR}),
 )
 ADAPTER = _weights("adapter")
 TEACHER = _weights("teacher", members=("teacher", "baseline"))  # the low-res baseline rides along
-CLUSTER_INIT = Phase("cluster-init", f"{QUERY}.cluster_init", (TEACHER_FINGERPRINT,), (p.TEACHER,), p.STATS,
-                     (SUMS, COUNTS), (re.escape(N_TRAIN), re.escape(EMBEDDING_DIM)), step="clusters")
-CLUSTER_STATS = Phase("cluster-stats", f"{QUERY}.cluster_stats", (TEACHER_FINGERPRINT,), (p.CENTROIDS,), p.STATS,
-                      (SUMS, COUNTS), (re.escape(N_TRAIN), re.escape(MOVED)), step="clusters")
-EXPERTS = _weights("experts", (p.CENTROIDS,), (TEACHER_FINGERPRINT,), numbered="expert-{}",
-                   extra_metrics=(rf"{re.escape(N_EXPERT)}-\d+",))
-KD_CACHE = Phase("kd-cache", f"{QUERY}.kd_cache", (TEACHER_FINGERPRINT,),
-                 (p.TEACHER, p.ADAPTER, p.EXPERTS, p.CENTROIDS),
-                 metrics=(re.escape(N_TRAIN), re.escape(NUM_EXAMPLES), re.escape(SECONDS)))
+CLUSTER_INIT = Phase(
+    "cluster-init",
+    f"{QUERY}.cluster_init",
+    (TEACHER_FINGERPRINT,),
+    (p.TEACHER,),
+    p.STATS,
+    (SUMS, COUNTS),
+    (re.escape(N_TRAIN), re.escape(EMBEDDING_DIM)),
+    step="clusters",
+)
+CLUSTER_STATS = Phase(
+    "cluster-stats",
+    f"{QUERY}.cluster_stats",
+    (TEACHER_FINGERPRINT,),
+    (p.CENTROIDS,),
+    p.STATS,
+    (SUMS, COUNTS),
+    (re.escape(N_TRAIN), re.escape(MOVED)),
+    step="clusters",
+)
+EXPERTS = _weights(
+    "experts",
+    (p.CENTROIDS,),
+    (TEACHER_FINGERPRINT,),
+    numbered="expert-{}",
+    extra_metrics=(rf"{re.escape(N_EXPERT)}-\d+",),
+)
+KD_CACHE = Phase(
+    "kd-cache",
+    f"{QUERY}.kd_cache",
+    (TEACHER_FINGERPRINT,),
+    (p.TEACHER, p.ADAPTER, p.EXPERTS, p.CENTROIDS),
+    metrics=(re.escape(N_TRAIN), re.escape(NUM_EXAMPLES), re.escape(SECONDS)),
+)
 STUDENT = _weights("student")
-LOGITS = Phase("logits", f"{QUERY}.logits", (TEACHER_FINGERPRINT,),
-               (p.TEACHER, p.PROXY, p.EXPERTS, p.CENTROIDS), p.LOGITS_RECORD,
-               (TEACHER_LOGITS, EXPERT_LOGITS, EXPERT_WEIGHTS),
-               (re.escape(N_TRAIN), re.escape(PROXY_N), re.escape(SECONDS)), step="student")
+LOGITS = Phase(
+    "logits",
+    f"{QUERY}.logits",
+    (TEACHER_FINGERPRINT,),
+    (p.TEACHER, p.PROXY, p.EXPERTS, p.CENTROIDS),
+    p.LOGITS_RECORD,
+    (TEACHER_LOGITS, EXPERT_LOGITS, EXPERT_WEIGHTS),
+    (re.escape(N_TRAIN), re.escape(PROXY_N), re.escape(SECONDS)),
+    step="student",
+)
 EVALUATION = Phase(
-    "evaluate", EVALUATE, (EVAL_SPLIT,), (p.TEACHER, p.STUDENT, p.BASELINE, p.ADAPTER),
-    metrics=(rf"({'|'.join(EVALUATED_MODELS)})\.({'|'.join(EVALUATION_METRICS)})",
-             r"cost\.(high|low)\.(patches_per_slide|seconds_per_slide)", re.escape(N_TEST), re.escape(NUM_EXAMPLES)),
+    "evaluate",
+    EVALUATE,
+    (EVAL_SPLIT,),
+    (p.TEACHER, p.STUDENT, p.BASELINE, p.ADAPTER),
+    metrics=(
+        rf"({'|'.join(EVALUATED_MODELS)})\.({'|'.join(EVALUATION_METRICS)})",
+        r"cost\.(high|low)\.(patches_per_slide|seconds_per_slide)",
+        re.escape(N_TEST),
+        re.escape(NUM_EXAMPLES),
+    ),
     config_name="final",
 )
 
-ALL: tuple[Phase, ...] = (HANDSHAKE, ADAPTER, TEACHER, CLUSTER_INIT, CLUSTER_STATS, EXPERTS, KD_CACHE, STUDENT,
-                          LOGITS, EVALUATION)
+ALL: tuple[Phase, ...] = (
+    HANDSHAKE,
+    ADAPTER,
+    TEACHER,
+    CLUSTER_INIT,
+    CLUSTER_STATS,
+    EXPERTS,
+    KD_CACHE,
+    STUDENT,
+    LOGITS,
+    EVALUATION,
+)
 BY_NAME: dict[str, Phase] = {phase.name: phase for phase in ALL}
 WEIGHTS: tuple[Phase, ...] = tuple(phase for phase in ALL if phase.is_weights)
 

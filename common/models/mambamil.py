@@ -51,7 +51,7 @@ class _SelectiveScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: torch.autograd.function.FunctionCtx,
         x: torch.Tensor,
         dt: torch.Tensor,
@@ -75,7 +75,7 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor):
         x, dt, a, b, c, starts = ctx.saved_tensors  # type: ignore[attr-defined]
         chunk = ctx.chunk  # type: ignore[attr-defined]
         grad_x, grad_dt = torch.zeros_like(x), torch.zeros_like(dt)

@@ -57,8 +57,9 @@ def _abmil(c: ModelConfig) -> MILModel:
 
 def _transmil(c: ModelConfig) -> MILModel:
     o = _options(c, TransMILOptions)
-    return TransMIL(heads=o.num_heads, layers=o.layers, landmarks=o.landmarks, pinv_iterations=o.pinv_iterations,
-                    **_common(c))
+    return TransMIL(
+        heads=o.num_heads, layers=o.layers, landmarks=o.landmarks, pinv_iterations=o.pinv_iterations, **_common(c)
+    )
 
 
 def _dsmil(c: ModelConfig) -> MILModel:
@@ -68,20 +69,38 @@ def _dsmil(c: ModelConfig) -> MILModel:
 
 def _clam(c: ModelConfig) -> MILModel:
     o = _options(c, CLAMOptions)
-    return CLAMSB(attention_dim=o.attention_dim, k_sample=o.k_sample, instance_loss_weight=o.instance_loss_weight,
-                  subtyping=o.subtyping, **_common(c))
+    return CLAMSB(
+        attention_dim=o.attention_dim,
+        k_sample=o.k_sample,
+        instance_loss_weight=o.instance_loss_weight,
+        subtyping=o.subtyping,
+        **_common(c),
+    )
 
 
 def _acmil(c: ModelConfig) -> MILModel:
     o = _options(c, ACMILOptions)
-    return ACMIL(attention_dim=o.attention_dim, n_token=o.branches, n_masked_patch=o.top_k, mask_drop=o.mask_drop,
-                 diversity_weight=o.diversity_weight, **_common(c))
+    return ACMIL(
+        attention_dim=o.attention_dim,
+        n_token=o.branches,
+        n_masked_patch=o.top_k,
+        mask_drop=o.mask_drop,
+        diversity_weight=o.diversity_weight,
+        **_common(c),
+    )
 
 
 def _longmil(c: ModelConfig) -> MILModel:
     o = _options(c, LongMILOptions)
-    return LongMIL(heads=o.num_heads, layers=o.layers, window=o.window, shift_windows=o.shift_windows, alibi=o.alibi,
-                   attention_dim=o.attention_dim, **_common(c))
+    return LongMIL(
+        heads=o.num_heads,
+        layers=o.layers,
+        window=o.window,
+        shift_windows=o.shift_windows,
+        alibi=o.alibi,
+        attention_dim=o.attention_dim,
+        **_common(c),
+    )
 
 
 def _s4mil(c: ModelConfig) -> MILModel:
@@ -91,8 +110,16 @@ def _s4mil(c: ModelConfig) -> MILModel:
 
 def _mambamil(c: ModelConfig) -> MILModel:
     o = _options(c, MambaMILOptions)
-    return MambaMIL(layers=o.layers, state_dim=o.state_dim, expand=o.expand, conv_kernel=o.conv_kernel,
-                    sr_rate=o.sr_rate, chunk=o.chunk, attention_dim=o.attention_dim, **_common(c))
+    return MambaMIL(
+        layers=o.layers,
+        state_dim=o.state_dim,
+        expand=o.expand,
+        conv_kernel=o.conv_kernel,
+        sr_rate=o.sr_rate,
+        chunk=o.chunk,
+        attention_dim=o.attention_dim,
+        **_common(c),
+    )
 
 
 _BUILDERS: dict[str, Callable[[ModelConfig], MILModel]] = {

@@ -39,7 +39,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--out", metavar="DIR", help="output directory")
     parser.add_argument("--model", metavar="NAME", help="registered MIL model (e.g. abmil)")
     parser.add_argument("--dropout", type=float, help="model dropout (model.dropout)")
-    parser.add_argument("--cv", type=int, metavar="K", help="K-fold patient-grouped cross-validation (ignores a split column)")
+    parser.add_argument(
+        "--cv", type=int, metavar="K", help="K-fold patient-grouped cross-validation (ignores a split column)"
+    )
     parser.add_argument("--repeats", type=int, metavar="R", help="repeat the folds R times with new seeds")
     parser.add_argument("--epochs", type=int, metavar="E", help="maximum epochs per fold")
     parser.add_argument("--batch-size", type=int, metavar="B", help="bags per batch")

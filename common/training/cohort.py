@@ -101,8 +101,7 @@ def _match(features_dir: Path, table: LabelTable, allow_missing: bool) -> dict[s
         )
     if no_labels:
         parts.append(
-            f"{len(no_labels)} feature file(s) in {features_dir} have no row in {table.path}: "
-            f"{', '.join(no_labels)}"
+            f"{len(no_labels)} feature file(s) in {features_dir} have no row in {table.path}: {', '.join(no_labels)}"
         )
     message = "\n".join(parts)
     if not allow_missing:
@@ -120,7 +119,9 @@ def _shared_attrs(per_file: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return shared or {}
 
 
-def load_cohort(features_dir: Path | str, table: LabelTable, allow_missing: bool = False, preload: bool = True) -> Cohort:
+def load_cohort(
+    features_dir: Path | str, table: LabelTable, allow_missing: bool = False, preload: bool = True
+) -> Cohort:
     """Check every matched feature file (readable, non-empty, finite, one dim, one encoder) and keep the bags.
 
     All problems are collected and raised together in one FeatureDataError naming the files.
@@ -176,22 +177,32 @@ def load_cohort(features_dir: Path | str, table: LabelTable, allow_missing: bool
         groups = sorted(by_dim.items(), key=lambda kv: -len(kv[1]))
         problems.append(
             "feature dims differ between files: "
-            + "; ".join(f"dim {dim} in {len(files)} file(s): {_name_some(files) if i == 0 else ', '.join(files)}"
-                        for i, (dim, files) in enumerate(groups))
+            + "; ".join(
+                f"dim {dim} in {len(files)} file(s): {_name_some(files) if i == 0 else ', '.join(files)}"
+                for i, (dim, files) in enumerate(groups)
+            )
         )
     if len(by_encoder) > 1:
         groups_e = sorted(by_encoder.items(), key=lambda kv: -len(kv[1]))
         problems.append(
             "feature files come from different encoders: "
-            + "; ".join(f"{'/'.join(enc)} in {len(files)} file(s): {_name_some(files) if i == 0 else ', '.join(files)}"
-                        for i, (enc, files) in enumerate(groups_e))
+            + "; ".join(
+                f"{'/'.join(enc)} in {len(files)} file(s): {_name_some(files) if i == 0 else ', '.join(files)}"
+                for i, (enc, files) in enumerate(groups_e)
+            )
         )
     if problems:
-        raise FeatureDataError(f"{len(problems)} problem(s) with the feature files in {features_dir}:\n  " + "\n  ".join(problems))
+        raise FeatureDataError(
+            f"{len(problems)} problem(s) with the feature files in {features_dir}:\n  " + "\n  ".join(problems)
+        )
     has_coords = not without_coords
     if without_coords and len(without_coords) < len(slides):
-        log.warning("coords missing in %d of %d feature files (%s); training without coords",
-                    len(without_coords), len(slides), _name_some(without_coords))
+        log.warning(
+            "coords missing in %d of %d feature files (%s); training without coords",
+            len(without_coords),
+            len(slides),
+            _name_some(without_coords),
+        )
     if preload and not has_coords:
         bags = {sid: (f, None) for sid, (f, _) in bags.items()}
     return Cohort(

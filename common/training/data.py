@@ -14,6 +14,7 @@ from fedslide.common.training.cohort import Cohort
 
 Indices = Sequence[int] | np.ndarray  # slide positions in a cohort
 
+
 @dataclass
 class BagItem:
     """One bag: features [N, D], coords [N, 2] or None, its class and its slide index in the cohort."""

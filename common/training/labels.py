@@ -110,4 +110,6 @@ def read_labels(path: Path | str) -> LabelTable:
     classes = _class_order({r.label for r in rows})
     if len(classes) < 2:
         raise LabelsError(f"labels file {path}: only one class ({classes[0]!r}); classification needs at least two")
-    return LabelTable(path=path, rows=tuple(rows), classes=classes, has_split=has_split, has_patient=patient_col is not None)
+    return LabelTable(
+        path=path, rows=tuple(rows), classes=classes, has_split=has_split, has_patient=patient_col is not None
+    )

@@ -56,9 +56,7 @@ def prediction_header(classes: Sequence[str]) -> list[str]:
     return ["fold", "repeat", "split", "slide_id", "label", *[f"prob_{c}" for c in classes], "predicted"]
 
 
-def prediction_rows(
-    cohort: Cohort, result: EvalResult, split: str, repeat: int, fold: int
-) -> list[list[str | int]]:
+def prediction_rows(cohort: Cohort, result: EvalResult, split: str, repeat: int, fold: int) -> list[list[str | int]]:
     """One predictions.csv row per slide of `result`."""
     rows: list[list[str | int]] = []
     for index, label, probs in zip(result.indices, result.labels, result.probs):
@@ -87,7 +85,16 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) 
 def history_rows(history: Sequence[EpochRecord], repeat: int, fold: int) -> list[list[Any]]:
     """history.csv rows of one fold."""
     return [
-        [repeat, fold, r.epoch, f"{r.train_loss:.6f}", f"{r.val_loss:.6f}", f"{r.val_auc:.6f}", f"{r.lr:.6g}", f"{r.seconds:.3f}"]
+        [
+            repeat,
+            fold,
+            r.epoch,
+            f"{r.train_loss:.6f}",
+            f"{r.val_loss:.6f}",
+            f"{r.val_auc:.6f}",
+            f"{r.lr:.6g}",
+            f"{r.seconds:.3f}",
+        ]
         for r in history
     ]
 

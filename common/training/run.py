@@ -72,7 +72,10 @@ def resolve_model_config(model_cfg: ModelConfig, feature_dim: int, num_classes: 
     """The model config with in_dim and num_classes taken from the data; explicit values must agree."""
     data = model_cfg.model_dump()
     explicit = model_cfg.model_fields_set
-    for key, actual, source in (("in_dim", feature_dim, "the feature files"), ("num_classes", num_classes, "the labels")):
+    for key, actual, source in (
+        ("in_dim", feature_dim, "the feature files"),
+        ("num_classes", num_classes, "the labels"),
+    ):
         given = data.get(key)
         if given and key in explicit and int(given) != actual:
             raise ConfigError(f"model.{key.replace('_', '-')} = {given} but {source} give {actual}; leave it unset")
@@ -101,7 +104,7 @@ def plan_splits(cfg: TrainConfig, cohort: Cohort, has_split_column: bool) -> tup
         folds = given_splits(names, labels, groups, cfg.repeats, cfg.seed, cfg.val_fraction)
     elif mode == "given":
         if not has_split_column:
-            raise ConfigError("splits = \"given\" but the labels CSV has no split column")
+            raise ConfigError('splits = "given" but the labels CSV has no split column')
         folds = given_splits([s.split for s in cohort.slides], labels, groups, cfg.repeats, cfg.seed, cfg.val_fraction)
     else:
         folds = cv_splits(labels, groups, cfg.cv_folds, cfg.repeats, cfg.seed, cfg.val_fraction)
@@ -160,7 +163,9 @@ def _better(metric: str, score: float, best: float | None) -> bool:
     return score < best if metric == "loss" else score > best
 
 
-def run_training(cfg: TrainConfig, model_factory: ModelFactory | None = None, progress: bool | None = None) -> TrainingReport:
+def run_training(
+    cfg: TrainConfig, model_factory: ModelFactory | None = None, progress: bool | None = None
+) -> TrainingReport:
     """Train and evaluate every fold of every repeat; write outputs to cfg.out_dir.
 
     Raises TrainingInputError subclasses (naming files/ids) before any training when inputs are bad.
@@ -174,15 +179,21 @@ def run_training(cfg: TrainConfig, model_factory: ModelFactory | None = None, pr
     factory = model_factory or default_model_factory
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log.info("training %s on %d slides (%s), %d fold(s), device %s", model_cfg.name, len(cohort.slides),
-             ", ".join(cohort.classes), len(splits), device)
+    log.info(
+        "training %s on %d slides (%s), %d fold(s), device %s",
+        model_cfg.name,
+        len(cohort.slides),
+        ", ".join(cohort.classes),
+        len(splits),
+        device,
+    )
 
     folds: list[FoldOutcome] = []
     predictions: list[list[Any]] = []
     history: list[list[Any]] = []
     best: tuple[float, FoldOutcome] | None = None
     model_config_dict = model_cfg.model_dump(mode="json")
-    checkpoint_common = dict(
+    checkpoint_common: dict[str, Any] = dict(
         model_config=model_config_dict,
         label_map=cohort.label_map,
         feature_dim=cohort.feature_dim,
@@ -197,15 +208,24 @@ def run_training(cfg: TrainConfig, model_factory: ModelFactory | None = None, pr
             if outcome.test is not None:
                 predictions += outputs.prediction_rows(cohort, outcome.test, "test", split.repeat, split.fold)
             history += outputs.history_rows(outcome.fit.history, split.repeat, split.fold)
-            fold_extra = dict(repeat=split.repeat, fold=split.fold, epoch=outcome.fit.best_epoch,
-                              val_metrics=outputs.json_safe(outcome.val_metrics))
+            fold_extra: dict[str, Any] = dict(
+                repeat=split.repeat,
+                fold=split.fold,
+                epoch=outcome.fit.best_epoch,
+                val_metrics=outputs.json_safe(outcome.val_metrics),
+            )
             if cfg.save_fold_checkpoints:
-                save_checkpoint(out_dir / "checkpoints" / f"repeat{split.repeat}_fold{split.fold}.pt",
-                                outcome.fit.best_state, **checkpoint_common, **fold_extra)
+                save_checkpoint(
+                    out_dir / "checkpoints" / f"repeat{split.repeat}_fold{split.fold}.pt",
+                    outcome.fit.best_state,
+                    **checkpoint_common,
+                    **fold_extra,
+                )
             if best is None or _better(cfg.early_stopping_metric, outcome.fit.best_score, best[0]):
                 best = (outcome.fit.best_score, outcome)
-                save_checkpoint(out_dir / outputs.CHECKPOINT_FILE, outcome.fit.best_state,
-                                **checkpoint_common, **fold_extra)
+                save_checkpoint(
+                    out_dir / outputs.CHECKPOINT_FILE, outcome.fit.best_state, **checkpoint_common, **fold_extra
+                )
 
     assert best is not None
     summary = {"val": summarize([f.val_metrics for f in folds])}
@@ -261,4 +281,6 @@ def run_training(cfg: TrainConfig, model_factory: ModelFactory | None = None, pr
             },
         },
     )
-    return TrainingReport(out_dir=out_dir, classes=cohort.classes, split_mode=mode, folds=folds, summary=summary, files=files)
+    return TrainingReport(
+        out_dir=out_dir, classes=cohort.classes, split_mode=mode, folds=folds, summary=summary, files=files
+    )

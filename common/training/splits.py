@@ -67,7 +67,9 @@ def carve_validation(
     try:
         inner = _stratified_group_folds(labels[train], groups[train], n_splits, seed)
     except SplitError as exc:
-        raise SplitError(f"cannot carve a validation split ({val_fraction:g}) from the training slides: {exc}") from None
+        raise SplitError(
+            f"cannot carve a validation split ({val_fraction:g}) from the training slides: {exc}"
+        ) from None
     keep, held = inner[0]
     return np.sort(train[keep]), np.sort(train[held])
 
@@ -131,14 +133,16 @@ def check_splits(
             absent = ", ".join(classes[c] for c in sorted(all_classes - present))
             problems.append(f"{split.name}: no training slides of class(es) {absent}")
         if split.test.size and len(set(labels[split.test].tolist())) < 2:
-            log.warning("%s: the test split has a single class; its AUC is undefined (left out of the mean)", split.name)
+            log.warning(
+                "%s: the test split has a single class; its AUC is undefined (left out of the mean)", split.name
+            )
         if split.val.size == 0:
             problems.append(f"{split.name}: the validation split is empty")
         elif val_needs_all_classes and len(set(labels[split.val].tolist())) < 2:
             ids = ", ".join(slide_ids[i] for i in split.val)
             problems.append(
                 f"{split.name}: the validation split has a single class, so its AUC is undefined "
-                f"(use early-stopping-metric = \"loss\"); slides: {ids}"
+                f'(use early-stopping-metric = "loss"); slides: {ids}'
             )
     if problems:
         raise SplitError("unusable split(s):\n  " + "\n  ".join(problems))
@@ -170,13 +174,20 @@ def _holdout(idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: 
 
 
 def carve_splits(
-    slide_ids: Sequence[str], labels: Sequence[str], patients: Sequence[str], classes: Sequence[str],
-    test_fraction: float, val_fraction: float, seed: int, where: str,
+    slide_ids: Sequence[str],
+    labels: Sequence[str],
+    patients: Sequence[str],
+    classes: Sequence[str],
+    test_fraction: float,
+    val_fraction: float,
+    seed: int,
+    where: str,
 ) -> dict[str, str]:
     """slide_id -> "train" | "val" | "test": a stratified test split (none when `test_fraction` is 0), then a
     validation split from the rest, both by whole patients; refuses (naming `where`) when a split would lack a class."""
-    fix = ("add slides of that class, give labels.csv a split column (train/val/test)"
-           + (", or set carve.test-fraction = 0 for no test split" if test_fraction > 0 else ""))
+    fix = "add slides of that class, give labels.csv a split column (train/val/test)" + (
+        ", or set carve.test-fraction = 0 for no test split" if test_fraction > 0 else ""
+    )
     y = np.array([classes.index(c) for c in labels], dtype=np.int64)
     groups = np.array(patients, dtype=object)
     needed = 3 if test_fraction > 0 else 2
@@ -187,16 +198,20 @@ def carve_splits(
             short.append(f"class {name!r} has {n} patient(s)")
     if short:
         parts = "train, val and test" if needed == 3 else "train and val"
-        raise SplitError(f"{where}: too few slides per class to carve splits: {'; '.join(short)} (each class needs at "
-                         f"least {needed}: one patient each for {parts}); {fix}")
+        raise SplitError(
+            f"{where}: too few slides per class to carve splits: {'; '.join(short)} (each class needs at "
+            f"least {needed}: one patient each for {parts}); {fix}"
+        )
     everyone = np.arange(len(y))
     try:
         test = _holdout(everyone, y, groups, test_fraction, seed) if test_fraction > 0 else everyone[:0]
         rest = np.setdiff1d(everyone, test)
         val = _holdout(rest, y, groups, val_fraction, seed)
     except ValueError as exc:  # scikit-learn: a split too small for the classes
-        raise SplitError(f"{where}: cannot carve splits with test-fraction {test_fraction:g}, val-fraction "
-                         f"{val_fraction:g}: {exc}; {fix}") from None
+        raise SplitError(
+            f"{where}: cannot carve splits with test-fraction {test_fraction:g}, val-fraction "
+            f"{val_fraction:g}: {exc}; {fix}"
+        ) from None
     out = {sid: "train" for sid in slide_ids}
     out.update({slide_ids[i]: "test" for i in test})
     out.update({slide_ids[i]: "val" for i in val})
@@ -205,9 +220,11 @@ def carve_splits(
         have = {int(y[i]) for i, sid in enumerate(slide_ids) if out[sid] == split}
         absent = [classes[k] for k in sorted(present - have)]
         if absent:
-            raise SplitError(f"{where}: the carved {split} split has no slide of class(es) {', '.join(map(repr, absent))}"
-                             f" (test-fraction {test_fraction:g}, val-fraction {val_fraction:g}, seed {seed}); raise "
-                             f"carve.{'test' if split == 'test' else 'val'}-fraction, {fix}")
+            raise SplitError(
+                f"{where}: the carved {split} split has no slide of class(es) {', '.join(map(repr, absent))}"
+                f" (test-fraction {test_fraction:g}, val-fraction {val_fraction:g}, seed {seed}); raise "
+                f"carve.{'test' if split == 'test' else 'val'}-fraction, {fix}"
+            )
     return out
 
 
@@ -227,7 +244,9 @@ def _read_splits_file(path: Path) -> dict[str, tuple[str, str]]:
         reader = csv.DictReader(handle)
         missing = [c for c in ("slide_id", "label", "split") if c not in (reader.fieldnames or [])]
         if missing:
-            raise SplitError(f"{path}: missing column(s) {', '.join(missing)}; delete the file to carve the splits again")
+            raise SplitError(
+                f"{path}: missing column(s) {', '.join(missing)}; delete the file to carve the splits again"
+            )
         rows = {row["slide_id"]: (row["label"], row["split"]) for row in reader}
     bad = sorted({s for _, s in rows.values()} - set(SPLIT_NAMES))
     if bad:
@@ -259,25 +278,52 @@ def site_splits(
         removed = sorted(set(saved) - set(labels))
         relabelled = sorted(sid for sid in set(labels) & set(saved) if saved[sid][0] != labels[sid])
         has_test = any(s == "test" for _, s in saved.values())
-        problems = [f"{len(v)} slide(s) {what}" for v, what in (
-            (added, f"in {table.path} but not in it"), (removed, f"in it but not in {table.path}"),
-            (relabelled, "with another label now")) if v]  # counts only: the message may leave the site
+        problems = [
+            f"{len(v)} slide(s) {what}"
+            for v, what in (
+                (added, f"in {table.path} but not in it"),
+                (removed, f"in it but not in {table.path}"),
+                (relabelled, "with another label now"),
+            )
+            if v
+        ]  # counts only: the message may leave the site
         if has_test != (test_fraction > 0):
-            problems.append(f"it has {'a' if has_test else 'no'} test split but carve.test-fraction = {test_fraction:g}")
+            problems.append(
+                f"it has {'a' if has_test else 'no'} test split but carve.test-fraction = {test_fraction:g}"
+            )
         if problems:
-            raise SplitError(f"site {name}: {path} no longer fits: {'; '.join(problems)}; delete it to carve the splits "
-                             "again (or give labels.csv a split column)")
+            raise SplitError(
+                f"site {name}: {path} no longer fits: {'; '.join(problems)}; delete it to carve the splits "
+                "again (or give labels.csv a split column)"
+            )
         splits = {sid: saved[sid][1] for sid in labels}
         log.debug("site %s: splits from %s: %s", name, path, split_counts(splits, labels, table.classes))
         return splits
     where = f"site {name} ({table.path}, no split column)"
-    splits = carve_splits([r.slide_id for r in table.rows], [r.label for r in table.rows],
-                          [r.patient_id for r in table.rows], table.classes, test_fraction, val_fraction, seed, where)
+    splits = carve_splits(
+        [r.slide_id for r in table.rows],
+        [r.label for r in table.rows],
+        [r.patient_id for r in table.rows],
+        table.classes,
+        test_fraction,
+        val_fraction,
+        seed,
+        where,
+    )
     _write_splits_file(path, table, splits)
-    log.info("site %s: %s has no split column: carved %s by %s (test-fraction %g, val-fraction %g, seed %d): %s; "
-             "written to %s (later runs reuse it; delete it to carve again)", name, table.path,
-             "train/val/test" if test_fraction > 0 else "train/val", "patient" if table.has_patient else "slide",
-             test_fraction, val_fraction, seed, split_counts(splits, labels, table.classes), path)
+    log.info(
+        "site %s: %s has no split column: carved %s by %s (test-fraction %g, val-fraction %g, seed %d): %s; "
+        "written to %s (later runs reuse it; delete it to carve again)",
+        name,
+        table.path,
+        "train/val/test" if test_fraction > 0 else "train/val",
+        "patient" if table.has_patient else "slide",
+        test_fraction,
+        val_fraction,
+        seed,
+        split_counts(splits, labels, table.classes),
+        path,
+    )
     return splits
 
 

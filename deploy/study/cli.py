@@ -48,8 +48,10 @@ benchmark) and reads them there. Federations run in-process with the real Server
 def add_parsers(subparsers: Any) -> None:
     """Register `evaluate`, `report` and `compare` on the `fedslide` subcommand parser."""
     ev = subparsers.add_parser(
-        "evaluate", help="leave-one-site-out study: site-local vs federated vs centralized, CIs, report",
-        description=EVALUATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "evaluate",
+        help="leave-one-site-out study: site-local vs federated vs centralized, CIs, report",
+        description=EVALUATE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "Flags override the [evaluate] section of --config; nested settings: --set federation.rounds.teacher=4 "
             "--set distill.training.epochs=20 --set heatmaps.per-class=2. A rerun with the same OUT reuses finished "
@@ -61,7 +63,9 @@ def add_parsers(subparsers: Any) -> None:
     ev.add_argument("--sites", nargs="+", metavar="DIR", help="site directories (at least 2; 3+ for federations)")
     ev.add_argument("--out", metavar="DIR", help="study folder")
     ev.add_argument("--encoder", metavar="NAME", help="features/<NAME> (default: the only encoder present)")
-    ev.add_argument("--regimes", nargs="+", choices=("local", "federated", "centralized"), help="what to train (default: all)")
+    ev.add_argument(
+        "--regimes", nargs="+", choices=("local", "federated", "centralized"), help="what to train (default: all)"
+    )
     ev.add_argument("--bootstrap", type=int, metavar="N", help="bootstrap resamples per CI (default 1000)")
     ev.add_argument("--seed", type=int, help="seed of the bootstrap and example choice")
     ev.add_argument("--no-report", action="store_true", help="do not write report.md / report.html")
@@ -70,17 +74,21 @@ def add_parsers(subparsers: Any) -> None:
     ev.set_defaults(handler=handle_evaluate)
 
     rp = subparsers.add_parser(
-        "report", help="report.md + self-contained report.html of an evaluation study (or a federated run)",
+        "report",
+        help="report.md + self-contained report.html of an evaluation study (or a federated run)",
         description=__doc__,
         epilog="RUN_DIR holds metrics.json of `fedslide evaluate` (full report) or of a federated run (no CIs/ROC/"
-               "heatmaps: per-slide predictions stay at the sites). Exit codes: 0 ok, 2 not a run folder.",
+        "heatmaps: per-slide predictions stay at the sites). Exit codes: 0 ok, 2 not a run folder.",
     )
     rp.add_argument("run_dir", metavar="RUN_DIR", help="study folder (or federated run folder)")
-    rp.add_argument("--out", metavar="DIR", help="where to write the report (default: RUN_DIR; a federated run: RUN_DIR/report)")
+    rp.add_argument(
+        "--out", metavar="DIR", help="where to write the report (default: RUN_DIR; a federated run: RUN_DIR/report)"
+    )
     rp.set_defaults(handler=handle_report)
 
     cp = subparsers.add_parser(
-        "compare", help="compare the metrics.json of two runs: A, B, B - A, CI overlap",
+        "compare",
+        help="compare the metrics.json of two runs: A, B, B - A, CI overlap",
         description="Compare two runs' metrics (evaluation studies, federated runs or distillations).",
         epilog="Exit codes: 0 ok, 2 a run is missing/unreadable or the two share no metric.",
     )
@@ -130,8 +138,10 @@ def handle_evaluate(args: argparse.Namespace) -> int:
         print(f"fedslide evaluate: {exc}", file=sys.stderr)
         return EXIT_ERROR
     print(format_summary(result.metrics))
-    print(f"outputs in {result.out_dir}: metrics.json, predictions.csv"
-          + (", report.md, report.html" if result.report else ""))
+    print(
+        f"outputs in {result.out_dir}: metrics.json, predictions.csv"
+        + (", report.md, report.html" if result.report else "")
+    )
     return EXIT_OK
 
 

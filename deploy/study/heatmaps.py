@@ -70,7 +70,6 @@ def thumbnail(site_dir: Path, slide: SlidePair, long_side: int, min_mpp: float) 
     attr_mpp = float(attrs.get("slide_mpp") or 0.0) or None
     path = slide_file(site_dir, slide.slide_id)
     if path is not None:
-
         try:
             with SlideReader(path, mpp_override=attr_mpp) as reader:
                 long_um = max(reader.dimensions) * reader.mpp
@@ -116,7 +115,9 @@ def student_attention(bundle: StudentBundle, slide: SlidePair) -> tuple[np.ndarr
     tokens = torch.from_numpy(np.asarray(low.tokens, dtype=np.float32)) if low.tokens is not None else None
     size = slide.low_size_level0
     probs, att, low_index, slot = bundle.predict_low(
-        torch.from_numpy(np.asarray(low.features, dtype=np.float32)), tokens, torch.from_numpy(low.coords),
+        torch.from_numpy(np.asarray(low.features, dtype=np.float32)),
+        tokens,
+        torch.from_numpy(low.coords),
         low_patch_size_level0=size,
     )
     grid = bundle.meta.token_grid if bundle.meta.student_input == "tokens" else 0
@@ -140,13 +141,27 @@ def _add_outline(fig: Figure, thumb: Thumbnail, mask: tuple[np.ndarray, float] |
     else:
         handles.append(Line2D([], [], color="none", label="no ground-truth mask"))
     width, height = fig.get_figwidth() * fig.dpi, fig.get_figheight() * fig.dpi
-    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(12 / width, 1.0 - 48 / height),
-               ncol=len(handles), fontsize=7, frameon=False, borderaxespad=0.0, borderpad=0.0)
+    fig.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(12 / width, 1.0 - 48 / height),
+        ncol=len(handles),
+        fontsize=7,
+        frameon=False,
+        borderaxespad=0.0,
+        borderpad=0.0,
+    )
 
 
 def render_slide_heatmap(
-    bundle: StudentBundle, slide: SlidePair, site_dir: Path, out_path: Path, *, source: str,
-    true_label: str, long_side: int = 480,
+    bundle: StudentBundle,
+    slide: SlidePair,
+    site_dir: Path,
+    out_path: Path,
+    *,
+    source: str,
+    true_label: str,
+    long_side: int = 480,
 ) -> dict[str, object]:
     """Write one heatmap PNG; returns what the report needs to caption it."""
     probs, attention = student_attention(bundle, slide)
@@ -159,20 +174,29 @@ def render_slide_heatmap(
     cell_um = attention.size_level0 * thumb.slide_mpp
     background = "" if thumb.real else "; no slide file: plain canvas"
     fig = render_heatmap(
-        thumb.image, thumb.mpp, thumb.slide_mpp, thumb.dims0, values,
+        thumb.image,
+        thumb.mpp,
+        thumb.slide_mpp,
+        thumb.dims0,
+        values,
         title=f"{slide.site} · {slide.slide_id}: true {true_label}, predicted {classes[k]} (p = {probs[k]:.2f})",
         subtitle=f"{source}: attention per {cell_um:.0f}-µm cell, {len(attention.values)} instances{background}",
     )
     _add_outline(fig, thumb, mask, f"attention cell ({cell_um:.0f} µm)")
     write_heatmap(out_path, fig)
     return {
-        "probs": [float(p) for p in probs], "predicted": classes[k], "instances": int(len(attention.values)),
-        "cell_um": float(cell_um), "thumbnail": "slide" if thumb.real else "canvas",
+        "probs": [float(p) for p in probs],
+        "predicted": classes[k],
+        "instances": int(len(attention.values)),
+        "cell_um": float(cell_um),
+        "thumbnail": "slide" if thumb.real else "canvas",
         "mask": None if mask is None else bool(mask[0].any()),
     }
 
 
-def pick_examples(slides: Sequence[SlidePair], classes: Sequence[str], per_class: int, site_dir: Path) -> list[SlidePair]:
+def pick_examples(
+    slides: Sequence[SlidePair], classes: Sequence[str], per_class: int, site_dir: Path
+) -> list[SlidePair]:
     """`per_class` slides of each class: those with a slide file first, then test-split ones, then by id."""
     out: list[SlidePair] = []
     for label in range(len(classes)):

@@ -112,7 +112,7 @@ def _hash(payload: Any) -> str:
 
 
 def _fold_state(run_dir: Path, config_hash: str, reuse: bool) -> str:
-    """"done" (reuse it), "resume" (same settings, unfinished) or "fresh" (absent, or cleared: other settings)."""
+    """ "done" (reuse it), "resume" (same settings, unfinished) or "fresh" (absent, or cleared: other settings)."""
     record = run_dir / FOLD_FILE
     if record.is_file() and reuse:
         try:
@@ -149,8 +149,10 @@ def prepare(cfg: EvaluateConfig) -> Study:
         raise ConfigError(f"site folders must have distinct names (the site names), got {repeated} more than once")
     fed_min = cfg.federation.min_nodes
     if "federated" in cfg.regimes and len(dirs) - 1 < fed_min:
-        raise ConfigError(f"{len(dirs)} sites leave {len(dirs) - 1} training site(s) per LOSO federation, fewer than "
-                          f"federation.min-nodes = {fed_min}; add sites or lower federation.min-nodes")
+        raise ConfigError(
+            f"{len(dirs)} sites leave {len(dirs) - 1} training site(s) per LOSO federation, fewer than "
+            f"federation.min-nodes = {fed_min}; add sites or lower federation.min-nodes"
+        )
     out_dir = Path(cfg.out_dir).resolve()
     study_id = cfg.study_id or slug(out_dir.name)
     encoder = cfg.encoder or cfg.distill.encoder or cfg.federation.encoder
@@ -168,21 +170,30 @@ def check_cohort(cfg: EvaluateConfig, data: DistillData, site_dirs: dict[str, Pa
         slides = [s for s in data.slides if s.site == name]
         labels = site_dir / "labels.csv"
         if not slides:
-            problems.append(f"site {name}: {labels} has no labelled slide with both feature files; as the held-out "
-                            "site it would have nothing to score: add labelled slides or leave the site out")
+            problems.append(
+                f"site {name}: {labels} has no labelled slide with both feature files; as the held-out "
+                "site it would have nothing to score: add labelled slides or leave the site out"
+            )
             continue
         test = [s for s in slides if s.split == "test"]
         if cfg.held_out_split == "test" and not test:
-            problems.append(f"site {name}: no test slides ({labels} / {site_dir / SPLITS_FILE}), and held-out-split = "
-                            "\"test\" scores only those when the site is held out: set held-out-split = \"all\", "
-                            "or give the site a test split")
+            problems.append(
+                f"site {name}: no test slides ({labels} / {site_dir / SPLITS_FILE}), and held-out-split = "
+                '"test" scores only those when the site is held out: set held-out-split = "all", '
+                "or give the site a test split"
+            )
         elif not test:
-            log.warning("site %s has no test slides (%s): it is scored out-of-site only, never in-distribution",
-                        name, labels)
+            log.warning(
+                "site %s has no test slides (%s): it is scored out-of-site only, never in-distribution", name, labels
+            )
         elif len({s.label for s in test}) < len({s.label for s in slides}):
             absent = sorted({data.classes[s.label] for s in slides} - {data.classes[s.label] for s in test})
-            log.warning("site %s: its test split (%s) has no slide of class(es) %s: its in-distribution AUC is "
-                        "undefined", name, labels, ", ".join(absent))
+            log.warning(
+                "site %s: its test split (%s) has no slide of class(es) %s: its in-distribution AUC is undefined",
+                name,
+                labels,
+                ", ".join(absent),
+            )
     if problems:
         raise ConfigError("refusing to start the study:\n  " + "\n  ".join(problems))
 
@@ -213,22 +224,29 @@ def cohort(study: Study) -> list[dict[str, Any]]:
     classes = study.data.classes
     for name, site_dir in study.site_dirs.items():
         slides = study.slides(name)
-        mags = sorted({float(s.low.attrs["level0_magnification"]) for s in slides
-                       if s.low.attrs.get("level0_magnification") not in (None, "")})
+        mags = sorted(
+            {
+                float(s.low.attrs["level0_magnification"])
+                for s in slides
+                if s.low.attrs.get("level0_magnification") not in (None, "")
+            }
+        )
         mpps = sorted({round(float(s.low.attrs["slide_mpp"]), 4) for s in slides if s.low.attrs.get("slide_mpp")})
-        rows.append({
-            "name": name,
-            "dir": str(site_dir.resolve()),
-            "slides": len(slides),
-            "patients": len({s.patient_id for s in slides}),
-            "splits": {sp: sum(s.split == sp for s in slides) for sp in ("train", "val", "test")},
-            "classes": {c: sum(s.label == i for s in slides) for i, c in enumerate(classes)},
-            "magnification": mags,
-            "mpp": mpps,
-            "scanner": _scanner(site_dir),
-            "masks": _mask_count(site_dir),
-            "held_out_slides": len(study.held_out(name)),
-        })
+        rows.append(
+            {
+                "name": name,
+                "dir": str(site_dir.resolve()),
+                "slides": len(slides),
+                "patients": len({s.patient_id for s in slides}),
+                "splits": {sp: sum(s.split == sp for s in slides) for sp in ("train", "val", "test")},
+                "classes": {c: sum(s.label == i for s in slides) for i, c in enumerate(classes)},
+                "magnification": mags,
+                "mpp": mpps,
+                "scanner": _scanner(site_dir),
+                "masks": _mask_count(site_dir),
+                "held_out_slides": len(study.held_out(name)),
+            }
+        )
     return rows
 
 
@@ -237,11 +255,15 @@ def _distill(study: Study, sites: list[str], run_dir: Path, what: str) -> bool:
     """Run (or reuse) `fedslide distill` on `sites` into `run_dir`; True when it was reused."""
 
     cfg = study.cfg
-    dcfg = cfg.distill.model_copy(update={
-        "sites": [study.site_dirs[s] for s in sites], "out_dir": run_dir,
-        "encoder": cfg.distill.encoder or cfg.encoder or study.data.encoder, "threads": cfg.distill.threads or cfg.threads,
-        "carve": cfg.carve,
-    })
+    dcfg = cfg.distill.model_copy(
+        update={
+            "sites": [study.site_dirs[s] for s in sites],
+            "out_dir": run_dir,
+            "encoder": cfg.distill.encoder or cfg.encoder or study.data.encoder,
+            "threads": cfg.distill.threads or cfg.threads,
+            "carve": cfg.carve,
+        }
+    )
     config_hash = _hash({**dcfg.to_toml_dict(), "out-dir": None, "progress": None, "threads": None})
     state = _fold_state(run_dir, config_hash, cfg.reuse)
     if state == "done" and (run_dir / "student" / "bundle.json").is_file():
@@ -258,7 +280,9 @@ def _distill(study: Study, sites: list[str], run_dir: Path, what: str) -> bool:
 def _score(study: Study, run_dir: Path, slides: list[SlidePair], setting: str, regime: str, fold: str) -> None:
     if not slides:
         return
-    scores, cost = score_bundles(run_dir, slides, study.data.classes, study.cfg.progress, f"score {fold} @ {slides[0].site}")
+    scores, cost = score_bundles(
+        run_dir, slides, study.data.classes, study.cfg.progress, f"score {fold} @ {slides[0].site}"
+    )
     study.table.rows.extend(rows_from_scores(scores, slides, setting, regime, fold))
     study.cost.setdefault(regime, ScoreCost()).add(cost)
 
@@ -273,7 +297,10 @@ def run_local(study: Study) -> None:
         for other in study.names:
             if other != name:
                 _score(study, run_dir, study.held_out(other), "out_of_site", "local", fold)
-        study.folds.setdefault(name, {})["local"] = {"run_dir": str(run_dir.relative_to(study.out_dir)), "reused": reused}
+        study.folds.setdefault(name, {})["local"] = {
+            "run_dir": str(run_dir.relative_to(study.out_dir)),
+            "reused": reused,
+        }
 
 
 def run_centralized(study: Study) -> None:
@@ -285,8 +312,10 @@ def run_centralized(study: Study) -> None:
         _score(study, run_dir, study.held_out(held), "out_of_site", "centralized", held)
         for site in train:
             _score(study, run_dir, study.test(site), "in_distribution", "centralized", held)
-        study.folds.setdefault(held, {})["centralized"] = {"run_dir": str(run_dir.relative_to(study.out_dir)),
-                                                           "reused": reused}
+        study.folds.setdefault(held, {})["centralized"] = {
+            "run_dir": str(run_dir.relative_to(study.out_dir)),
+            "reused": reused,
+        }
 
 
 def fold_run_id(study: Study, held: str) -> str:
@@ -301,11 +330,16 @@ def _federate(study: Study, held: str) -> tuple[Path, bool]:
     runs_dir = study.out_dir / "federation"
     run_id = fold_run_id(study, held)
     run_dir = runs_dir / run_id
-    fcfg = cfg.federation.model_copy(update={
-        "run_id": run_id, "runs_dir": runs_dir, "eval_only_sites": [held],
-        "encoder": cfg.federation.encoder or cfg.encoder or study.data.encoder,
-        "threads": cfg.federation.threads or cfg.threads, "carve": cfg.carve,
-    })
+    fcfg = cfg.federation.model_copy(
+        update={
+            "run_id": run_id,
+            "runs_dir": runs_dir,
+            "eval_only_sites": [held],
+            "encoder": cfg.federation.encoder or cfg.encoder or study.data.encoder,
+            "threads": cfg.federation.threads or cfg.threads,
+            "carve": cfg.carve,
+        }
+    )
     dirs = [str(d.resolve()) for d in study.site_dirs.values()]
     config_hash = _hash({**fcfg.to_toml_dict(), "runs-dir": None, "threads": None, "sites": dirs})
     state = _fold_state(run_dir, config_hash, cfg.reuse)
@@ -318,8 +352,10 @@ def _federate(study: Study, held: str) -> tuple[Path, bool]:
     try:
         run(grid, FederationConfig.from_run_config(run_config))
     except Exception as exc:
-        raise StudyError(f"federation without {held} failed in {run_dir}: {type(exc).__name__}: {exc} "
-                         "(rerun the same command to resume it from its checkpoint)") from exc
+        raise StudyError(
+            f"federation without {held} failed in {run_dir}: {type(exc).__name__}: {exc} "
+            "(rerun the same command to resume it from its checkpoint)"
+        ) from exc
     _mark(run_dir, config_hash, True, held_out=held)
     return run_dir, False
 
@@ -337,17 +373,23 @@ def run_federated(study: Study) -> None:
             if name != held and not study.test(name):
                 continue  # a site without a test split (carve.test-fraction = 0) scores nothing in-distribution
             if not path.is_file():
-                raise StudyError(f"federation without {held} ({run_dir}): {path} is missing: "
-                                 f"{missing_predictions_cause(fed, name)}")
+                raise StudyError(
+                    f"federation without {held} ({run_dir}): {path} is missing: {missing_predictions_cause(fed, name)}"
+                )
             if name == held:
                 splits = None if study.cfg.held_out_split == "all" else ["test"]
-                rows = read_site_predictions(path, by_site[name], fed_classes, study.data.classes, "out_of_site", held, splits)
+                rows = read_site_predictions(
+                    path, by_site[name], fed_classes, study.data.classes, "out_of_site", held, splits
+                )
             else:
-                rows = read_site_predictions(path, by_site[name], fed_classes, study.data.classes, "in_distribution",
-                                             held, ["test"])
+                rows = read_site_predictions(
+                    path, by_site[name], fed_classes, study.data.classes, "in_distribution", held, ["test"]
+                )
             study.table.rows.extend(rows)
         study.folds.setdefault(held, {})["federated"] = {
-            "run_dir": str(run_dir.relative_to(study.out_dir)), "run_id": run_id, "reused": reused,
+            "run_dir": str(run_dir.relative_to(study.out_dir)),
+            "run_id": run_id,
+            "reused": reused,
             "site_run_dirs": {n: str((d / "runs" / run_id).resolve()) for n, d in study.site_dirs.items()},
         }
 
@@ -367,25 +409,58 @@ def export_heatmaps(study: Study) -> list[dict[str, Any]]:
         examples = pick_examples(study.held_out(name), classes, hm.per_class, site_dir)
         if hm.source in ("site", "both") and "federated" in study.cfg.regimes:
             run_dir = site_dir / "runs" / fold_run_id(study, name)
-            jobs.append((name, site_dir, examples, run_dir / "student_bundle", run_dir / "heatmaps", "site",
-                         "federated.student_low", f"exported by {name} (federated student, LOSO fold without {name})",
-                         "federated student (site export)"))
+            jobs.append(
+                (
+                    name,
+                    site_dir,
+                    examples,
+                    run_dir / "student_bundle",
+                    run_dir / "heatmaps",
+                    "site",
+                    "federated.student_low",
+                    f"exported by {name} (federated student, LOSO fold without {name})",
+                    "federated student (site export)",
+                )
+            )
         if hm.source in ("centralized", "both") and "centralized" in study.cfg.regimes:
             bundle = study.out_dir / "centralized" / f"loso-{slug(name)}" / "student"
-            jobs.append((name, site_dir, examples, bundle, study.out_dir / "heatmaps" / "centralized" / slug(name),
-                         "centralized", "centralized.student_low", f"centralized reference without {name}",
-                         "centralized reference"))
+            jobs.append(
+                (
+                    name,
+                    site_dir,
+                    examples,
+                    bundle,
+                    study.out_dir / "heatmaps" / "centralized" / slug(name),
+                    "centralized",
+                    "centralized.student_low",
+                    f"centralized reference without {name}",
+                    "centralized reference",
+                )
+            )
     for name, site_dir, examples, bundle_dir, out, source, model, caption, short in tqdm(
-            jobs, desc="heatmaps", unit="site", disable=not study.cfg.progress):
-        bundle = StudentBundle.load(bundle_dir)
+        jobs, desc="heatmaps", unit="site", disable=not study.cfg.progress
+    ):
+        loaded = StudentBundle.load(bundle_dir)
         for slide in examples:
             path = out / f"{slide.slide_id}.png"
-            info = render_slide_heatmap(bundle, slide, site_dir, path, source=short, true_label=classes[slide.label],
-                                        long_side=hm.size)
+            info = render_slide_heatmap(
+                loaded, slide, site_dir, path, source=short, true_label=classes[slide.label], long_side=hm.size
+            )
             shown = str(path.relative_to(study.out_dir)) if path.is_relative_to(study.out_dir) else str(path.resolve())
-            entries.append({"site": name, "slide_id": slide.slide_id, "label": classes[slide.label],
-                            "split": slide.split, "source": source, "model": model, "fold": name,
-                            "caption": caption, "path": shown, **info})
+            entries.append(
+                {
+                    "site": name,
+                    "slide_id": slide.slide_id,
+                    "label": classes[slide.label],
+                    "split": slide.split,
+                    "source": source,
+                    "model": model,
+                    "fold": name,
+                    "caption": caption,
+                    "path": shown,
+                    **info,
+                }
+            )
     return entries
 
 
@@ -415,19 +490,23 @@ def _federation_summary(study: Study) -> dict[str, Any]:
 def _cost(study: Study, federation: dict[str, Any]) -> dict[str, Any]:
     """High vs low patches and seconds per slide: measured here on the bundles, and as the federations report it."""
     source = "centralized" if "centralized" in study.cost else ("local" if "local" in study.cost else None)
-    out: dict[str, Any] = {"note": "MIL-model seconds on feature files (patch encoding excluded); patches = "
-                                   "high-res patches read by the teacher vs low-res patches read by the student"}
+    out: dict[str, Any] = {
+        "note": "MIL-model seconds on feature files (patch encoding excluded); patches = "
+        "high-res patches read by the teacher vs low-res patches read by the student"
+    }
     if source is not None:
         out["measured"] = {"models": source, **study.cost[source].to_dict()}
     fed_costs = [f["cost"] for f in federation.values() if f.get("cost")]
     if fed_costs:
+
         def mean(res: str, key: str) -> float | None:
             values = [c[res][key] for c in fed_costs if c.get(res, {}).get(key) is not None]
             return sum(values) / len(values) if values else None
 
         fed = {res: {k: mean(res, k) for k in ("patches_per_slide", "seconds_per_slide")} for res in ("high", "low")}
-        fed["high_over_low"] = {k: (fed["high"][k] / fed["low"][k] if fed["high"][k] and fed["low"][k] else None)
-                                for k in ("patches_per_slide", "seconds_per_slide")}
+        fed["high_over_low"] = {
+            k: _ratio(fed["high"][k], fed["low"][k]) for k in ("patches_per_slide", "seconds_per_slide")
+        }
         out["federated"] = {"folds": len(fed_costs), **fed}
     return out
 
@@ -463,8 +542,17 @@ def run_study(cfg: EvaluateConfig) -> StudyResult:
     heatmaps = export_heatmaps(study)
     lap("heatmaps")
     study.table.write(study.out_dir / STUDY_PREDICTIONS)
-    summary = summarize(study.table, study.names, cfg.paired_tests, n_boot=cfg.bootstrap, alpha=cfg.alpha,
-                        seed=cfg.seed, ece_bins=cfg.ece_bins, paired_method=cfg.paired_test, progress=cfg.progress)
+    summary = summarize(
+        study.table,
+        study.names,
+        cfg.paired_tests,
+        n_boot=cfg.bootstrap,
+        alpha=cfg.alpha,
+        seed=cfg.seed,
+        ece_bins=cfg.ece_bins,
+        paired_method=cfg.paired_test,
+        progress=cfg.progress,
+    )
     lap("metrics")
     federation = _federation_summary(study)
     study.timings["total"] = round(time.perf_counter() - start, 3)
@@ -478,8 +566,13 @@ def run_study(cfg: EvaluateConfig) -> StudyResult:
         "regimes": list(cfg.regimes),
         "sites": cohort(study),
         "settings": settings_doc(cfg.held_out_split),
-        "bootstrap": {"n_boot": cfg.bootstrap, "alpha": cfg.alpha, "seed": cfg.seed,
-                      "paired_test": cfg.paired_test, "ece_bins": cfg.ece_bins},
+        "bootstrap": {
+            "n_boot": cfg.bootstrap,
+            "alpha": cfg.alpha,
+            "seed": cfg.seed,
+            "paired_test": cfg.paired_test,
+            "ece_bins": cfg.ece_bins,
+        },
         **summary,
         "folds": study.folds,
         "federation": federation,
@@ -492,6 +585,10 @@ def run_study(cfg: EvaluateConfig) -> StudyResult:
     write_json(study.out_dir / METRICS_FILE, metrics)
     result = StudyResult(study.out_dir, metrics)
     if cfg.report:
-
         result.report = write_report(study.out_dir)
     return result
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    """num / den, or None when either is missing or zero."""
+    return num / den if num and den else None

@@ -92,7 +92,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (per-batch .item() syncs the timing)")
-    parser.add_argument("--sites", type=Path, nargs="+", default=None, help="real site directories instead of synthetic bags")
+    parser.add_argument(
+        "--sites", type=Path, nargs="+", default=None, help="real site directories instead of synthetic bags"
+    )
     parser.add_argument("--resolution", choices=["high", "low"], default="high", help="with --sites: which bags")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -102,13 +104,17 @@ def main() -> None:
         data = load_sites(list(args.sites), seed=args.seed)
         cohort = data.cohort(data.high_bags() if args.resolution == "high" else data.low_bags())
         sizes = [s.num_instances for s in cohort.slides]
-        print(f"{len(sizes)} {args.resolution}-res bags of {min(sizes)}-{max(sizes)} instances (mean {np.mean(sizes):.1f}) "
-              f"from {len(args.sites)} site(s), D={cohort.feature_dim}, ABMIL, {args.threads} torch thread(s), "
-              f"{args.device}, torch {torch.__version__}")
+        print(
+            f"{len(sizes)} {args.resolution}-res bags of {min(sizes)}-{max(sizes)} instances (mean {np.mean(sizes):.1f}) "
+            f"from {len(args.sites)} site(s), D={cohort.feature_dim}, ABMIL, {args.threads} torch thread(s), "
+            f"{args.device}, torch {torch.__version__}"
+        )
     else:
         cohort = synthetic_cohort(args.bags, args.dim, args.min_n, args.max_n, args.seed)
-        print(f"{args.bags} bags of {args.min_n}-{args.max_n} instances, D={args.dim}, ABMIL, "
-              f"{args.threads} torch thread(s), {args.device}, torch {torch.__version__}")
+        print(
+            f"{args.bags} bags of {args.min_n}-{args.max_n} instances, D={args.dim}, ABMIL, "
+            f"{args.threads} torch thread(s), {args.device}, torch {torch.__version__}"
+        )
     modes = [
         Mode("train, batch 1", True, 1, False),
         Mode(f"train, batch {args.batch}, random batches", True, args.batch, False),
@@ -125,6 +131,7 @@ def main() -> None:
     for mode in modes:
         median = statistics.median(mode.rates)
         print(f"{mode.name:<40} {median:8.1f} {max(mode.rates):8.1f}           x{median / base[mode.train]:.2f}")
+
 
 if __name__ == "__main__":
     main()

@@ -70,7 +70,9 @@ def run_logged(cmd: list[str], log_path: Path, threads: int) -> tuple[int, float
     with log_path.open("w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[2])
+        rc = subprocess.call(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[2]
+        )
     seconds = time.perf_counter() - start
     print(f"  exit {rc} after {seconds:.1f} s (log: {log_path})", flush=True)
     return rc, seconds
@@ -231,8 +233,10 @@ def markdown(doc: dict[str, Any]) -> str:
         f"median of per-slide ratios {fmt(sp['ratio_per_slide_median'], 1)}×; encoded patches high / low: "
         f"{fmt(sp['patch_ratio'], 1)}× (the 4 × 4 nesting allows at most 16×).",
         "- timed runs (high s/slide / low s/slide, medians): "
-        + "; ".join(f"#{r['repeat']} {r['high_s_median']:.2f} / {r['low_s_median']:.2f} = {r['ratio']:.1f}×"
-                    for r in sp["repeats"])
+        + "; ".join(
+            f"#{r['repeat']} {r['high_s_median']:.2f} / {r['low_s_median']:.2f} = {r['ratio']:.1f}×"
+            for r in sp["repeats"]
+        )
         + f"; median {fmt(sp['ratio_over_repeats_median'], 1)}×.",
         f"- where the time goes (medians): patch reading + encoding high {fmt(sp['high_read_encode_s_median'], 2)} s "
         f"vs low {fmt(sp['low_read_encode_s_median'], 2)} s ({fmt(sp['read_encode_ratio_median'], 1)}×); thumbnail + "
@@ -271,14 +275,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", nargs="+", type=Path, required=True, help="site directories (preprocessed)")
     ap.add_argument("--out", type=Path, required=True, help="output folder (run/, predict/, distill_table.*)")
-    ap.add_argument("--epochs", type=int, default=None, help="max epochs of teacher, experts, students (distill --epochs)")
+    ap.add_argument(
+        "--epochs", type=int, default=None, help="max epochs of teacher, experts, students (distill --epochs)"
+    )
     ap.add_argument("--zoom-k", type=int, default=2, help="K of the zoom row (predict --zoom K)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of distill and predict")
     ap.add_argument("--seed", type=int, default=0, help="distill seed and bootstrap seed")
     ap.add_argument("--workers", type=int, default=None, help="predict --workers (default: predict's default)")
     ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the AUC CIs")
-    ap.add_argument("--timing-repeats", type=int, default=3,
-                    help="times the high-res and low-res D&D predict runs are timed (speed ratio: median over them)")
+    ap.add_argument(
+        "--timing-repeats",
+        type=int,
+        default=3,
+        help="times the high-res and low-res D&D predict runs are timed (speed ratio: median over them)",
+    )
     ap.add_argument("--reuse-run", action="store_true", help="skip distill when OUT/run/metrics.json exists")
     ap.add_argument("--distill-set", action="append", default=[], metavar="KEY=VALUE", help="extra distill --set")
     args = ap.parse_args(argv)
@@ -296,8 +306,18 @@ def main(argv: list[str] | None = None) -> int:
         timings["distill_s"] = json.loads((run_dir / "metrics.json").read_text())["timings"].get("total")
         timings["distill_reused"] = True
     else:
-        cmd = fedslide("distill", "--sites", *map(str, sites), "--out", str(run_dir), "--seed", str(args.seed),
-                       "--no-progress", "--set", f"threads={args.threads}")
+        cmd = fedslide(
+            "distill",
+            "--sites",
+            *map(str, sites),
+            "--out",
+            str(run_dir),
+            "--seed",
+            str(args.seed),
+            "--no-progress",
+            "--set",
+            f"threads={args.threads}",
+        )
         if args.epochs:
             cmd += ["--epochs", str(args.epochs)]
         for kv in args.distill_set:
@@ -323,12 +343,26 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_low": ("baseline_low", []),
         "lrmil_student": ("lrmil_student", []),
     }
+
     def predict(key: str, bundle: str, extra: list[str], dest: Path, log_name: str) -> bool:
         if dest.exists():
             shutil.rmtree(dest)
-        cmd = fedslide("predict", "--slides", str(out / "test_slides"), "--model", str(run_dir / bundle),
-                       "--out", str(dest), "--no-heatmaps", "--no-progress", "--device", "cpu",
-                       "--set", f"threads={args.threads}", *extra)
+        cmd = fedslide(
+            "predict",
+            "--slides",
+            str(out / "test_slides"),
+            "--model",
+            str(run_dir / bundle),
+            "--out",
+            str(dest),
+            "--no-heatmaps",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--set",
+            f"threads={args.threads}",
+            *extra,
+        )
         if args.workers is not None:
             cmd += ["--workers", str(args.workers)]
         rc, seconds = run_logged(cmd, out / "logs" / f"{log_name}.log", args.threads)
@@ -344,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     # timing repeats: the high-res teacher and the low-res D&D student again (alternating order), so the
     # speed ratio is not one draw of a shared, noisy machine
-    repeat_dirs: list[dict[str, Path]] = [{"lrmil_dd_student": out / "predict" / "lrmil_dd_student",
-                                           "teacher_high": out / "predict" / "teacher_high"}]
+    repeat_dirs: list[dict[str, Path]] = [
+        {"lrmil_dd_student": out / "predict" / "lrmil_dd_student", "teacher_high": out / "predict" / "teacher_high"}
+    ]
     for rep in range(2, args.timing_repeats + 1):
         order = ["teacher_high", "lrmil_dd_student"] if rep % 2 == 0 else ["lrmil_dd_student", "teacher_high"]
         dirs = {}
@@ -398,8 +433,13 @@ def main(argv: list[str] | None = None) -> int:
                 "zoom_s_median": statistics.median(slides_t[s]["zoom"]["seconds"] for s in ids),
                 "zoom_cost_saved": tdoc["summary"].get("zoom", {}).get("cost_saved"),
                 "zoom_fallback_to_student": zoom_fallback,
-                "agree_with_student": int(sum(int(np.argmax(zprobs[s])) == int(np.argmax(student[s]))
-                                              for s in ids if zprobs.get(s) is not None)),
+                "agree_with_student": int(
+                    sum(
+                        int(np.argmax(zprobs[s])) == int(np.argmax(student[s]))
+                        for s in ids
+                        if zprobs.get(s) is not None
+                    )
+                ),
             }
         else:
             pred = read_predictions(pdir / "predictions.csv", classes)
@@ -444,15 +484,19 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
 
     # bootstrap CIs
-    pairs = [("lrmil_dd_student", "baseline_low"), ("lrmil_dd_student", "teacher_high"),
-             ("lrmil_student", "baseline_low")]
+    pairs = [
+        ("lrmil_dd_student", "baseline_low"),
+        ("lrmil_dd_student", "teacher_high"),
+        ("lrmil_student", "baseline_low"),
+    ]
     boot = bootstrap_auc(y, probs_for_boot, pairs, args.bootstrap, args.seed)
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
     for row in rows:
         ci = boot["auc"][row["key"]]
         row["predict"]["auc_ci95"] = [ci["lo"], ci["hi"]]
-        row["predict"]["auc_se_hanley_mcneil"] = hanley_mcneil_se(row["predict"]["auc"], n_pos, n_neg) \
-            if len(classes) == 2 else None
+        row["predict"]["auc_se_hanley_mcneil"] = (
+            hanley_mcneil_se(row["predict"]["auc"], n_pos, n_neg) if len(classes) == 2 else None
+        )
 
     for row in rows:
         k = int(round(row["predict"]["acc"] * len(ids)))
@@ -470,8 +514,14 @@ def main(argv: list[str] | None = None) -> int:
         for key, d in dirs.items():
             t = json.loads((d / "timing.json").read_text())["slides"]
             med[key] = statistics.median(t[s]["total_s"] for s in ids if s in t)
-        repeats.append({"repeat": rep, "high_s_median": med["teacher_high"], "low_s_median": med["lrmil_dd_student"],
-                        "ratio": med["teacher_high"] / med["lrmil_dd_student"]})
+        repeats.append(
+            {
+                "repeat": rep,
+                "high_s_median": med["teacher_high"],
+                "low_s_median": med["lrmil_dd_student"],
+                "ratio": med["teacher_high"] / med["lrmil_dd_student"],
+            }
+        )
     speed = {
         "high_s_median": teach["predict"]["seconds_median"],
         "high_s_mean": teach["predict"]["seconds_mean"],
@@ -507,26 +557,35 @@ def main(argv: list[str] | None = None) -> int:
     for where, what in (("predict", "slides, end to end"), ("distill", "feature files")):
         a_dd, a_base, a_t = auc_of(dd, where), auc_of(base, where), auc_of(teach, where)
         d1, d2 = a_dd - a_base, a_dd - (a_t - AUC_MARGIN)
-        targets.append({
-            "target": f"D&D student AUC ≥ low-res baseline AUC ({what})",
-            "where": where, "margin": d1,
-            "measured": f"{fmt(a_dd)} vs {fmt(a_base)} (Δ {d1:+.3f})",
-            "met": bool(finite(d1) and d1 >= -1e-12),
-        })
-        targets.append({
-            "target": f"D&D student AUC ≥ teacher AUC − {AUC_MARGIN} ({what})",
-            "where": where, "margin": d2,
-            "measured": f"{fmt(a_dd)} vs {fmt(a_t)} − {AUC_MARGIN} = {fmt(a_t - AUC_MARGIN)} (Δ {d2:+.3f})",
-            "met": bool(finite(d2) and d2 >= -1e-12),
-        })
-    targets.append({
-        "target": f"low-res ≥ {SPEED_TARGET:.0f}× faster per slide than high-res (medians, end to end)",
-        "where": "predict", "margin": speed["ratio_over_repeats_median"] - SPEED_TARGET,
-        "measured": f"{speed['ratio_over_repeats_median']:.1f}× (median over {len(repeats)} timed runs, range "
-                    f"{speed['ratio_over_repeats_min']:.1f}–{speed['ratio_over_repeats_max']:.1f}×; first run "
-                    f"{fmt(speed['high_s_median'], 2)} s vs {fmt(speed['low_s_median'], 2)} s)",
-        "met": bool(speed["ratio_over_repeats_median"] >= SPEED_TARGET),
-    })
+        targets.append(
+            {
+                "target": f"D&D student AUC ≥ low-res baseline AUC ({what})",
+                "where": where,
+                "margin": d1,
+                "measured": f"{fmt(a_dd)} vs {fmt(a_base)} (Δ {d1:+.3f})",
+                "met": bool(finite(d1) and d1 >= -1e-12),
+            }
+        )
+        targets.append(
+            {
+                "target": f"D&D student AUC ≥ teacher AUC − {AUC_MARGIN} ({what})",
+                "where": where,
+                "margin": d2,
+                "measured": f"{fmt(a_dd)} vs {fmt(a_t)} − {AUC_MARGIN} = {fmt(a_t - AUC_MARGIN)} (Δ {d2:+.3f})",
+                "met": bool(finite(d2) and d2 >= -1e-12),
+            }
+        )
+    targets.append(
+        {
+            "target": f"low-res ≥ {SPEED_TARGET:.0f}× faster per slide than high-res (medians, end to end)",
+            "where": "predict",
+            "margin": speed["ratio_over_repeats_median"] - SPEED_TARGET,
+            "measured": f"{speed['ratio_over_repeats_median']:.1f}× (median over {len(repeats)} timed runs, range "
+            f"{speed['ratio_over_repeats_min']:.1f}–{speed['ratio_over_repeats_max']:.1f}×; first run "
+            f"{fmt(speed['high_s_median'], 2)} s vs {fmt(speed['low_s_median'], 2)} s)",
+            "met": bool(speed["ratio_over_repeats_median"] >= SPEED_TARGET),
+        }
+    )
 
     # notes on uncertainty
     d_base = boot["diff"]["lrmil_dd_student-baseline_low"]
@@ -553,12 +612,16 @@ def main(argv: list[str] | None = None) -> int:
         by_correct.setdefault(r["predict"]["acc_correct"], []).append(r["label"])
     for k, names in sorted(by_correct.items(), reverse=True):
         lo, hi = clopper_pearson(k, len(ids))
-        notes.append(f"accuracy {k}/{len(ids)} ({', '.join(names)}): exact (Clopper-Pearson) 95% CI [{lo:.3f}, {hi:.3f}].")
+        notes.append(
+            f"accuracy {k}/{len(ids)} ({', '.join(names)}): exact (Clopper-Pearson) 95% CI [{lo:.3f}, {hi:.3f}]."
+        )
     if missing:
         notes.append(f"{len(missing)} test slide(s) failed in at least one predict run and are left out: {missing}")
     if zoom_fallback:
-        notes.append(f"zoom: {zoom_fallback} slide(s) had no high-res children in the top-{args.zoom_k} regions; "
-                     "the student's probabilities are used for them")
+        notes.append(
+            f"zoom: {zoom_fallback} slide(s) had no high-res children in the top-{args.zoom_k} regions; "
+            "the student's probabilities are used for them"
+        )
 
     split_counts = metrics.get("slides", {})
     test_counts = {c: int((y == i).sum()) for i, c in enumerate(classes)}

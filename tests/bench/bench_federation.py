@@ -110,18 +110,28 @@ def scale_sites(sites: list[Path], k: int, out: Path, encoder: str | None) -> li
                 target = feature_path(view, name, resolution, slide_id)
                 if target.is_file():
                     continue
-                attrs = {a: v for a, v in bag.attrs.items() if a not in ("format_version", "fedslide_complete", "num_patches")}
+                attrs = {
+                    a: v
+                    for a, v in bag.attrs.items()
+                    if a not in ("format_version", "fedslide_complete", "num_patches")
+                }
                 meta = FeatureMeta(**{f: attrs.pop(f) for f in meta_fields if f in attrs}, extra=attrs)
                 shift = int(bag.coords[:, 0].max()) + 2 * int(meta.patch_size_level0)  # side by side, never overlapping
                 spread = bag.features.std(axis=0, keepdims=True)
-                with FeatureWriter(target, meta, with_parent=bag.parent is not None, with_tokens=bag.tokens is not None) as w:
+                with FeatureWriter(
+                    target, meta, with_parent=bag.parent is not None, with_tokens=bag.tokens is not None
+                ) as w:
                     for copy in range(k):
                         tokens = None
                         if bag.tokens is not None:
                             tokens = bag.tokens + SCALE_NOISE * bag.tokens.std() * rng.standard_normal(bag.tokens.shape)
-                        w.append(bag.features + SCALE_NOISE * spread * rng.standard_normal(bag.features.shape),
-                                 bag.coords + np.array([copy * shift, 0]), tokens=tokens, child=bag.child,
-                                 parent=None if bag.parent is None else bag.parent + copy * n_low)
+                        w.append(
+                            bag.features + SCALE_NOISE * spread * rng.standard_normal(bag.features.shape),
+                            bag.coords + np.array([copy * shift, 0]),
+                            tokens=tokens,
+                            child=bag.child,
+                            parent=None if bag.parent is None else bag.parent + copy * n_low,
+                        )
         scaled.append(view)
     return scaled
 
@@ -130,8 +140,11 @@ def federation_config(args: argparse.Namespace, run_id: str, **extra: Any):  # n
     from fedslide.common.config.base import load_config
     from fedslide.common.config.federation import FederationConfig
 
-    cfg = load_config(FederationConfig, overrides=args.set, values={"run_id": run_id, "runs_dir": str(args.out / "fed" / "runs"),
-                                                                    "threads": args.threads})
+    cfg = load_config(
+        FederationConfig,
+        overrides=args.set,
+        values={"run_id": run_id, "runs_dir": str(args.out / "fed" / "runs"), "threads": args.threads},
+    )
     return cfg.model_copy(update=extra)
 
 
@@ -155,18 +168,34 @@ def run_centralized(args: argparse.Namespace, fed_cfg: Any) -> tuple[Path, float
     from fedslide.common.distillation.pipeline import run_distill
 
     r = fed_cfg.rounds
-    training = MILTrainingConfig.model_validate(fed_cfg.training.model_dump() | {
-        "teacher_epochs": r.teacher * r.local_epochs, "expert_epochs": r.experts * r.local_epochs,
-        "student_epochs": r.student * r.local_epochs, "early_stopping_patience": 0,
-        "epochs": max(r.teacher, r.student, r.experts) * r.local_epochs,
-        "scheduler": MILTrainingConfig().scheduler,  # the centralized pipeline's own LR schedule (cosine)
-    })
-    adapter = AdapterConfig.model_validate(fed_cfg.adapter.model_dump() | {
-        "epochs": r.adapter * r.adapter_local_epochs, "patience": 0,
-        "batch_size": AdapterConfig().batch_size})  # the centralized batch
-    cfg = DistillConfig(sites=args.sites, out_dir=args.out / "central", seed=fed_cfg.seed, threads=2,
-                        adapter=adapter, teacher=fed_cfg.teacher, student=fed_cfg.student, training=training,
-                        clusters=fed_cfg.clusters, experts=fed_cfg.experts, kd=fed_cfg.kd)
+    training = MILTrainingConfig.model_validate(
+        fed_cfg.training.model_dump()
+        | {
+            "teacher_epochs": r.teacher * r.local_epochs,
+            "expert_epochs": r.experts * r.local_epochs,
+            "student_epochs": r.student * r.local_epochs,
+            "early_stopping_patience": 0,
+            "epochs": max(r.teacher, r.student, r.experts) * r.local_epochs,
+            "scheduler": MILTrainingConfig().scheduler,  # the centralized pipeline's own LR schedule (cosine)
+        }
+    )
+    adapter = AdapterConfig.model_validate(
+        fed_cfg.adapter.model_dump()
+        | {"epochs": r.adapter * r.adapter_local_epochs, "patience": 0, "batch_size": AdapterConfig().batch_size}
+    )  # the centralized batch
+    cfg = DistillConfig(
+        sites=args.sites,
+        out_dir=args.out / "central",
+        seed=fed_cfg.seed,
+        threads=2,
+        adapter=adapter,
+        teacher=fed_cfg.teacher,
+        student=fed_cfg.student,
+        training=training,
+        clusters=fed_cfg.clusters,
+        experts=fed_cfg.experts,
+        kd=fed_cfg.kd,
+    )
     start = time.perf_counter()
     run_distill(cfg)
     return args.out / "central", time.perf_counter() - start
@@ -199,7 +228,12 @@ def federated_student_auc(args: argparse.Namespace, run_dir: Path, cfg: Any) -> 
     s = evaluate_split(student, adapted, test, torch.device("cpu"), 15)
     t = evaluate_split(teacher, data.cohort(data.high_bags()), test, torch.device("cpu"), 15)
     t_low = evaluate_split(teacher, adapted, test, torch.device("cpu"), 15)
-    return {"student_auc": s["auc"], "teacher_auc": t["auc"], "teacher_on_adapted_auc": t_low["auc"], "n": int(test.size)}
+    return {
+        "student_auc": s["auc"],
+        "teacher_auc": t["auc"],
+        "teacher_on_adapted_auc": t_low["auc"],
+        "n": int(test.size),
+    }
 
 
 def centralized_teacher_on_adapted_auc(args: argparse.Namespace, central_dir: Path, cfg: Any) -> float:
@@ -216,8 +250,12 @@ def centralized_teacher_on_adapted_auc(args: argparse.Namespace, central_dir: Pa
 
 
 def bytes_rows(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {phase: {k: entry.get(k) for k in ("max_upload_per_site_round", "model_bytes", "max_upload_over_model", "up", "down")}
-            for phase, entry in metrics["communication"]["per_phase"].items()}
+    return {
+        phase: {
+            k: entry.get(k) for k in ("max_upload_per_site_round", "model_bytes", "max_upload_over_model", "up", "down")
+        }
+        for phase, entry in metrics["communication"]["per_phase"].items()
+    }
 
 
 def main() -> None:
@@ -227,8 +265,11 @@ def main() -> None:
     ap.add_argument("--proxy", type=Path, default=None, help="a site directory used as the proxy cohort (logits mode)")
     ap.add_argument("--deploy", choices=["loopback", "inprocess"], default="loopback")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per site process")
-    ap.add_argument("--cold", action="store_true",
-                    help="loopback with Flower's own SuperExec (a fresh flwr-clientapp per message) instead of fedslide's")
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="loopback with Flower's own SuperExec (a fresh flwr-clientapp per message) instead of fedslide's",
+    )
     ap.add_argument("--skip-centralized", action="store_true")
     ap.add_argument("--set", action="append", default=[], help="federation config override (key=value)")
     ap.add_argument("--split-seed", type=int, default=None, help="re-draw each site's splits with this seed")
@@ -240,19 +281,33 @@ def main() -> None:
         args.sites = resplit_sites(args.sites, args.split_seed, args.out / "cohort")
     if args.scale > 1:
         started = time.perf_counter()
-        args.sites = scale_sites(args.sites, args.scale, args.out / f"cohort-x{args.scale}",
-                                 federation_config(args, "scale").encoder)
+        args.sites = scale_sites(
+            args.sites, args.scale, args.out / f"cohort-x{args.scale}", federation_config(args, "scale").encoder
+        )
         logging.info("cohort x%d written in %.0f s", args.scale, time.perf_counter() - started)
-    stamp = f"{time.strftime('%H%M%S')}-{os.getpid()}"  # sites keep files per run id: benches side by side need their own
+    stamp = (
+        f"{time.strftime('%H%M%S')}-{os.getpid()}"  # sites keep files per run id: benches side by side need their own
+    )
     cfg = federation_config(args, f"bench-{stamp}")
-    table: dict[str, Any] = {"deploy": args.deploy, "sites": [str(s) for s in args.sites], "split_seed": args.split_seed,
-                             "config": cfg.to_toml_dict()}
+    table: dict[str, Any] = {
+        "deploy": args.deploy,
+        "sites": [str(s) for s in args.sites],
+        "split_seed": args.split_seed,
+        "config": cfg.to_toml_dict(),
+    }
     run_dir, fed_seconds = run_federated(args, cfg)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    table["federated"] = {"run_dir": str(run_dir), "seconds": fed_seconds, "server_timings": metrics["timings"],
-                          "bytes": bytes_rows(metrics), "per_site_weighted": {r["model"]: r["auc"] for r in metrics["rows"]},
-                          "pooled": federated_student_auc(args, run_dir, cfg)}
-    ratios = [e["max_upload_over_model"] for e in table["federated"]["bytes"].values() if e.get("max_upload_over_model")]
+    table["federated"] = {
+        "run_dir": str(run_dir),
+        "seconds": fed_seconds,
+        "server_timings": metrics["timings"],
+        "bytes": bytes_rows(metrics),
+        "per_site_weighted": {r["model"]: r["auc"] for r in metrics["rows"]},
+        "pooled": federated_student_auc(args, run_dir, cfg),
+    }
+    ratios = [
+        e["max_upload_over_model"] for e in table["federated"]["bytes"].values() if e.get("max_upload_over_model")
+    ]
     table["targets"] = {"bytes_over_model_max": max(ratios), "bytes_met": max(ratios) <= BYTES_TARGET}
     if not args.skip_centralized:
         central_dir, central_seconds = run_centralized(args, cfg)
@@ -260,19 +315,29 @@ def main() -> None:
         rows = {r["model"]: r for r in central["rows"]}
         # the student the federation trains: LRMIL + D&D, or plain LRMIL when the experts are off (kd.lambda-expert 0)
         student_row = rows["lrmil_dd_student" if cfg.kd.lambda_expert > 0 else "lrmil_student"]
-        table["centralized"] = {"seconds": central_seconds, "timings": central["timings"], "student": student_row["model"],
-                                "student_auc": student_row["auc"], "teacher_auc": rows["teacher_high"]["auc"],
-                                "teacher_on_adapted_auc": centralized_teacher_on_adapted_auc(args, central_dir, cfg)}
+        table["centralized"] = {
+            "seconds": central_seconds,
+            "timings": central["timings"],
+            "student": student_row["model"],
+            "student_auc": student_row["auc"],
+            "teacher_auc": rows["teacher_high"]["auc"],
+            "teacher_on_adapted_auc": centralized_teacher_on_adapted_auc(args, central_dir, cfg),
+        }
         diff = table["federated"]["pooled"]["student_auc"] - student_row["auc"]
         # the centralized pipeline also trains the student the federation does not (plain LRMIL beside LRMIL + D&D):
         # the time target compares the same models, so that student's training is left out of the centralized time
         other = "lrmil_student" if student_row["model"] == "lrmil_dd_student" else None
         same_models = central_seconds - float(central["timings"].get(other, 0.0) if other else 0.0)
-        table["targets"].update({
-            "time_ratio": fed_seconds / same_models, "time_met": fed_seconds / same_models <= TIME_TARGET,
-            "time_ratio_whole_pipeline": fed_seconds / central_seconds, "centralized_seconds_same_models": same_models,
-            "auc_diff": diff, "auc_met": abs(diff) <= AUC_TARGET,
-        })
+        table["targets"].update(
+            {
+                "time_ratio": fed_seconds / same_models,
+                "time_met": fed_seconds / same_models <= TIME_TARGET,
+                "time_ratio_whole_pipeline": fed_seconds / central_seconds,
+                "centralized_seconds_same_models": same_models,
+                "auc_diff": diff,
+                "auc_met": abs(diff) <= AUC_TARGET,
+            }
+        )
     if args.proxy is not None:
         saved = args.deploy
         args.deploy = "inprocess"
@@ -280,9 +345,12 @@ def main() -> None:
         logits_dir, logits_seconds = run_federated(args, logits_cfg)
         args.deploy = saved
         lm = json.loads((logits_dir / "metrics.json").read_text())
-        table["logits_mode"] = {"seconds_inprocess": logits_seconds, "bytes": bytes_rows(lm),
-                                "rows": {r["model"]: r["auc"] for r in lm["rows"]},
-                                "student_model_bytes": lm["models_manifest"]["student"]["serialized_bytes"]}
+        table["logits_mode"] = {
+            "seconds_inprocess": logits_seconds,
+            "bytes": bytes_rows(lm),
+            "rows": {r["model"]: r["auc"] for r in lm["rows"]},
+            "student_model_bytes": lm["models_manifest"]["student"]["serialized_bytes"],
+        }
     (args.out / "federation_table.json").write_text(json.dumps(table, indent=2, default=str))
     print(json.dumps(table["targets"], indent=2))
 

@@ -31,25 +31,58 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 log = logging.getLogger("bench_loso")
-MODELS = ("local.student_low", "local.teacher_high", "federated.teacher_high", "federated.student_low",
-          "federated.baseline_low", "centralized.student_low", "centralized.teacher_high")
+MODELS = (
+    "local.student_low",
+    "local.teacher_high",
+    "federated.teacher_high",
+    "federated.student_low",
+    "federated.baseline_low",
+    "centralized.student_low",
+    "centralized.teacher_high",
+)
 
 # the evidence run's defaults: enough rounds / epochs to learn the synthetic task, small enough for a CPU
 EVIDENCE = [
-    "federation.rounds.adapter=3", "federation.rounds.teacher=6", "federation.rounds.experts=3",
-    "federation.rounds.baseline=6", "federation.rounds.student=6", "federation.rounds.local-epochs=2",
+    "federation.rounds.adapter=3",
+    "federation.rounds.teacher=6",
+    "federation.rounds.experts=3",
+    "federation.rounds.baseline=6",
+    "federation.rounds.student=6",
+    "federation.rounds.local-epochs=2",
     "federation.rounds.adapter-local-epochs=2",  # 3 x 2 = distill.adapter.epochs: both arms train the adapter alike
-    "federation.clusters.num-clusters=2", "distill.clusters.num-clusters=2", "distill.training.epochs=12",
-    "distill.adapter.epochs=6", "bootstrap=1000", "heatmaps.per-class=1",
+    "federation.clusters.num-clusters=2",
+    "distill.clusters.num-clusters=2",
+    "distill.training.epochs=12",
+    "distill.adapter.epochs=6",
+    "bootstrap=1000",
+    "heatmaps.per-class=1",
 ]
 TINY_MODEL = ["hidden-dim=16", "attention-dim=8", "dropout=0.0"]
 TINY = [
-    *(f"federation.rounds.{k}=1" for k in ("adapter", "teacher", "experts", "baseline", "student",
-                                            "cluster-iterations", "local-epochs", "adapter-local-epochs")),
+    *(
+        f"federation.rounds.{k}=1"
+        for k in (
+            "adapter",
+            "teacher",
+            "experts",
+            "baseline",
+            "student",
+            "cluster-iterations",
+            "local-epochs",
+            "adapter-local-epochs",
+        )
+    ),
     *(f"{part}.{m}.{kv}" for part in ("federation", "distill") for m in ("teacher", "student") for kv in TINY_MODEL),
-    "federation.adapter.hidden-dim=16", "distill.adapter.hidden-dim=16", "distill.adapter.epochs=2",
-    "federation.clusters.num-clusters=2", "distill.clusters.num-clusters=2", "distill.training.epochs=3",
-    "federation.training.lr=0.01", "distill.training.lr=0.01", "bootstrap=50", "heatmaps.size=240",
+    "federation.adapter.hidden-dim=16",
+    "distill.adapter.hidden-dim=16",
+    "distill.adapter.epochs=2",
+    "federation.clusters.num-clusters=2",
+    "distill.clusters.num-clusters=2",
+    "distill.training.epochs=3",
+    "federation.training.lr=0.01",
+    "distill.training.lr=0.01",
+    "bootstrap=50",
+    "heatmaps.size=240",
 ]
 
 
@@ -61,16 +94,31 @@ def make_cohort(args: argparse.Namespace) -> list[Path]:
     from fedslide.common.config.preprocess import PreprocessConfig
     from fedslide.common.config.synth import SynthConfig
 
-    synth = load_config(SynthConfig, overrides=args.synth_set, values={
-        "out_dir": str(args.out / "cohort"), "sites": 4, "slides_per_site": args.slides_per_site,
-        "strong_shift_site": args.strong_site, "seed": args.seed, "workers": args.threads})
+    synth = load_config(
+        SynthConfig,
+        overrides=args.synth_set,
+        values={
+            "out_dir": str(args.out / "cohort"),
+            "sites": 4,
+            "slides_per_site": args.slides_per_site,
+            "strong_shift_site": args.strong_site,
+            "seed": args.seed,
+            "workers": args.threads,
+        },
+    )
     sites = generate_cohort(synth)
     pre = load_config(PreprocessConfig, overrides=args.preprocess_set)
     preprocessor = SitePreprocessor(pre)
     for site in sites:
         summary = preprocessor.run(site)
-        log.info("%s: %d done, %d skipped, %d failed (%.0f s)", site.name, summary.count("done"),
-                     summary.count("skipped"), summary.count("failed"), summary.seconds)
+        log.info(
+            "%s: %d done, %d skipped, %d failed (%.0f s)",
+            site.name,
+            summary.count("done"),
+            summary.count("skipped"),
+            summary.count("failed"),
+            summary.seconds,
+        )
     return sites
 
 
@@ -83,8 +131,10 @@ def make_tiny(args: argparse.Namespace) -> list[Path]:
     spec.loader.exec_module(module)  # the test suite's tiny-site writer, loaded by path (no sys.path edit)
     make_site = module.make_site
 
-    return [make_site(args.out / "tiny_sites", f"site{i}", {"train": 6, "val": 2, "test": 4}, seed=30 + i)
-            for i in range(1, 4)]
+    return [
+        make_site(args.out / "tiny_sites", f"site{i}", {"train": 6, "val": 2, "test": 4}, seed=30 + i)
+        for i in range(1, 4)
+    ]
 
 
 def _auc(section: dict[str, Any], setting: str, site: str | None = None) -> float | None:
@@ -107,29 +157,46 @@ def table(metrics: dict[str, Any], shifted: str | None) -> tuple[dict[str, Any],
     """The evidence table (JSON + Markdown) from the study's metrics.json."""
     models = [m for m in MODELS if m in metrics["models"]]
     sites = [s["name"] for s in metrics["sites"]]
-    rows, lines = {}, ["| model | AUC in-site (pooled) | AUC out-of-site (pooled) | in-site / out-of-site, mean over sites | "
-                       "gap (mean over sites) | " + " | ".join(f"{s}: in / out" for s in sites) + " |",
-                       "|---" * (5 + len(sites)) + "|"]
+    rows, lines = (
+        {},
+        [
+            "| model | AUC in-site (pooled) | AUC out-of-site (pooled) | in-site / out-of-site, mean over sites | "
+            "gap (mean over sites) | " + " | ".join(f"{s}: in / out" for s in sites) + " |",
+            "|---" * (5 + len(sites)) + "|",
+        ],
+    )
     for m in models:
         sec = metrics["models"][m]
         ins, out = sec["in_distribution"]["mean_over_sites"]["auc"], sec["out_of_site"]["mean_over_sites"]["auc"]
         per = {s: (_auc(sec, "in_distribution", s), _auc(sec, "out_of_site", s)) for s in sites}
-        rows[m] = {"in_site_pooled": _auc(sec, "in_distribution"), "out_of_site_pooled": _auc(sec, "out_of_site"),
-                   "in_site": ins, "out_of_site": out, "gap": sec["gap"]["mean_over_sites"]["auc"],
-                   "per_site": {s: {"in_site": a, "out_of_site": b} for s, (a, b) in per.items()}}
+        rows[m] = {
+            "in_site_pooled": _auc(sec, "in_distribution"),
+            "out_of_site_pooled": _auc(sec, "out_of_site"),
+            "in_site": ins,
+            "out_of_site": out,
+            "gap": sec["gap"]["mean_over_sites"]["auc"],
+            "per_site": {s: {"in_site": a, "out_of_site": b} for s, (a, b) in per.items()},
+        }
         cells = [f"{a:.3f} / {b:.3f}" if a is not None and b is not None else "n/a" for a, b in per.values()]
         gap, both = rows[m]["gap"], f"{ins:.3f} / {out:.3f}" if ins is not None and out is not None else "n/a"
-        lines.append(f"| {m} | {_ci(sec, 'in_distribution')} | {_ci(sec, 'out_of_site')} | {both} | "
-                     f"{'n/a' if gap is None else f'{gap:+.3f}'} | " + " | ".join(cells) + " |")
-    lines += ["", "Pooled: every scored slide together (a slide scored by several fold models counts once per model); "
-                  "mean over sites: the mean of the per-site AUCs (the verdict uses it: no cross-model pooling)."]
+        lines.append(
+            f"| {m} | {_ci(sec, 'in_distribution')} | {_ci(sec, 'out_of_site')} | {both} | "
+            f"{'n/a' if gap is None else f'{gap:+.3f}'} | " + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        "Pooled: every scored slide together (a slide scored by several fold models counts once per model); "
+        "mean over sites: the mean of the per-site AUCs (the verdict uses it: no cross-model pooling).",
+    ]
     verdict: dict[str, Any] = {}
     loc, fed = rows.get("local.student_low"), rows.get("federated.student_low")
     if loc and fed and None not in (loc["gap"], fed["out_of_site"], loc["out_of_site"]):
         gain = fed["out_of_site"] - loc["out_of_site"]
         verdict = {
             "basis": "AUC, mean over sites",
-            "local_gap": loc["gap"], "federated_gap": fed["gap"], "federated_minus_local_out_of_site": gain,
+            "local_gap": loc["gap"],
+            "federated_gap": fed["gap"],
+            "federated_minus_local_out_of_site": gain,
             "share_of_local_gap_closed": min(gain / loc["gap"], 1.0) if loc["gap"] and loc["gap"] > 0 else None,
             "federation_closes_gap": gain > 0,
         }
@@ -137,11 +204,19 @@ def table(metrics: dict[str, Any], shifted: str | None) -> tuple[dict[str, Any],
             a = loc["per_site"][shifted]["out_of_site"]
             b = fed["per_site"][shifted]["out_of_site"]
             verdict["at_shifted_site"] = {"site": shifted, "local_out_of_site": a, "federated_out_of_site": b}
-    tests = [t for t in metrics.get("paired_tests", []) if t["a"] == "federated.student_low"
-             and t["b"] == "federated.teacher_high" and t["setting"] == "out_of_site" and "skipped" not in t]
+    tests = [
+        t
+        for t in metrics.get("paired_tests", [])
+        if t["a"] == "federated.student_low"
+        and t["b"] == "federated.teacher_high"
+        and t["setting"] == "out_of_site"
+        and "skipped" not in t
+    ]
     lines += ["", "Paired test, federated student vs federated teacher, out-of-site (AUC diff [95 % CI], p):", ""]
-    lines += [f"- {t['site']}: {t['diff']:+.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}], p = {t['p_value']:.3g} ({t['method']})"
-              for t in tests]
+    lines += [
+        f"- {t['site']}: {t['diff']:+.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}], p = {t['p_value']:.3g} ({t['method']})"
+        for t in tests
+    ]
     lines += ["", "Verdict: " + json.dumps(verdict, indent=None)]
     return {"models": rows, "verdict": verdict, "shifted_site": shifted}, "\n".join(lines)
 
@@ -171,13 +246,28 @@ def main() -> None:
     from fedslide.deploy.study.loso import run_study
 
     overrides = [*(TINY if args.tiny else EVIDENCE), *args.set]
-    cfg = load_config(EvaluateConfig, path=args.config, section="evaluate", overrides=overrides,
-                      values={"sites": [str(s) for s in sites], "out_dir": str(args.out / "study"),
-                              "threads": args.threads, "seed": args.seed})
+    cfg = load_config(
+        EvaluateConfig,
+        path=args.config,
+        section="evaluate",
+        overrides=overrides,
+        values={
+            "sites": [str(s) for s in sites],
+            "out_dir": str(args.out / "study"),
+            "threads": args.threads,
+            "seed": args.seed,
+        },
+    )
     result = run_study(cfg)
     doc, md = table(result.metrics, shifted)
-    doc.update({"seconds": round(time.perf_counter() - start, 1), "study": str(result.out_dir),
-                "report": [str(p) for p in result.report or ()], "overrides": overrides})
+    doc.update(
+        {
+            "seconds": round(time.perf_counter() - start, 1),
+            "study": str(result.out_dir),
+            "report": [str(p) for p in result.report or ()],
+            "overrides": overrides,
+        }
+    )
     (args.out / "loso_table.json").write_text(json.dumps(doc, indent=2) + "\n")
     (args.out / "loso_table.md").write_text(md + "\n")
     print(md)

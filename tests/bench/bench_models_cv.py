@@ -57,7 +57,9 @@ def _encoder_dir(site: Path, encoder: str | None) -> Path:
         return root / encoder
     found = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if len(found) != 1:
-        raise SystemExit(f"{root}: expected exactly one encoder directory, found {[p.name for p in found]}; pass --encoder")
+        raise SystemExit(
+            f"{root}: expected exactly one encoder directory, found {[p.name for p in found]}; pass --encoder"
+        )
     return found[0]
 
 
@@ -214,7 +216,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     sizes = ", ".join(
         f"{res} {pools[res]['bag_size']['mean']:.0f} (min {pools[res]['bag_size']['min']}, "
         f"max {pools[res]['bag_size']['max']})"
-        for res in resolutions if res in pools
+        for res in resolutions
+        if res in pools
     )
     caption = (
         f"{meta['folds']}-fold patient-grouped stratified CV on {first['slides']} slides "
@@ -285,8 +288,11 @@ def main(argv: list[str] | None = None) -> int:
             pool["bag_size"] = _bag_sizes(pool["features_dir"])
             pools[res] = pool
             meta["pools"][res] = {k: v for k, v in pool.items() if k not in ("features_dir", "labels")}
-            print(f"[{res}] {pool['slides']} slides, {pool['patients']} patients, {pool['classes']}, "
-                  f"instances/slide {pool['bag_size']}", flush=True)
+            print(
+                f"[{res}] {pool['slides']} slides, {pool['patients']} patients, {pool['classes']}, "
+                f"instances/slide {pool['bag_size']}",
+                flush=True,
+            )
         for res in args.resolutions:
             for model in models:
                 row = run_one(model, res, pools[res], args)
@@ -294,9 +300,12 @@ def main(argv: list[str] | None = None) -> int:
                 if "error" in row:
                     print(f"[{res}] {model:<12} FAILED after {row['seconds']:.1f} s: {row['error']}", flush=True)
                 else:
-                    print(f"[{res}] {model:<12} AUC {_pm(row['auc'])}  acc {_pm(row['acc'])}  "
-                          f"{row['seconds']:.1f} s  epochs/fold {row['mean_epochs_run']:.1f} "
-                          f"(best {row['mean_best_epoch']:.1f})", flush=True)
+                    print(
+                        f"[{res}] {model:<12} AUC {_pm(row['auc'])}  acc {_pm(row['acc'])}  "
+                        f"{row['seconds']:.1f} s  epochs/fold {row['mean_epochs_run']:.1f} "
+                        f"(best {row['mean_best_epoch']:.1f})",
+                        flush=True,
+                    )
                 save()
     save()
     print(f"total {meta['total_seconds']:.1f} s -> {args.out / 'models_cv.md'}", flush=True)

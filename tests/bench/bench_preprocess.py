@@ -64,8 +64,13 @@ def preprocess_once(slide: Path, root: Path, resolutions: str, enc_cfg: EncoderC
         result = summary.slides[0]
         assert result.status == "done", result.reason
     patches = result.patches_low + result.patches_high
-    return {"seconds": times[1], "seconds_cold": times[0], "patches_low": result.patches_low,
-            "patches_high": result.patches_high, "patches_per_s": patches / times[1]}
+    return {
+        "seconds": times[1],
+        "seconds_cold": times[0],
+        "patches_low": result.patches_low,
+        "patches_high": result.patches_high,
+        "patches_per_s": patches / times[1],
+    }
 
 
 def peak_memory(cmd: list[str], interval: float = 0.5) -> dict:
@@ -100,8 +105,12 @@ def peak_memory(cmd: list[str], interval: float = 0.5) -> dict:
     thread.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}")
-    return {"peak_rss_gib": peaks["rss"] / 2**30, "peak_pss_gib": peaks["pss"] / 2**30,
-            "seconds": time.perf_counter() - start, "log_tail": out[-600:]}
+    return {
+        "peak_rss_gib": peaks["rss"] / 2**30,
+        "peak_pss_gib": peaks["pss"] / 2**30,
+        "seconds": time.perf_counter() - start,
+        "log_tail": out[-600:],
+    }
 
 
 def main() -> None:
@@ -117,8 +126,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     enc_cfg = EncoderConfig(batch_size=args.batch_size, threads=args.threads, num_workers=args.workers)
-    results: dict = {"batch_size": args.batch_size, "threads": args.threads, "workers": args.workers,
-                     "cpu_count": psutil.cpu_count(), "torch": torch.__version__}
+    results: dict = {
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "workers": args.workers,
+        "cpu_count": psutil.cpu_count(),
+        "torch": torch.__version__,
+    }
 
     slide = args.out / "bench_slide.tif"
     if not slide.exists():
@@ -146,9 +160,21 @@ def main() -> None:
             write_slide(big, side_um, side_um, 0.5, "generic", seed=11, tumor=True, tumor_fraction=0.3, progress=True)
             results["big_slide_write_seconds"] = time.perf_counter() - t0
         shutil.rmtree(big_site / "features", ignore_errors=True)
-        cmd = [sys.executable, "-m", "fedslide.deploy.cli", "preprocess", "--site", str(big_site), "--no-progress",
-               "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-               "--set", f"encoder.threads={args.threads}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fedslide.deploy.cli",
+            "preprocess",
+            "--site",
+            str(big_site),
+            "--no-progress",
+            "--batch-size",
+            str(args.batch_size),
+            "--workers",
+            str(args.workers),
+            "--set",
+            f"encoder.threads={args.threads}",
+        ]
         results["big_slide"] = peak_memory(cmd)
         print(json.dumps(results["big_slide"], indent=2))
     (args.out / "bench_preprocess.json").write_text(json.dumps(results, indent=2))
