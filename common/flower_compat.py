@@ -12,8 +12,7 @@ What is here:
   `shorten_supernode_polls` and `shorten_object_pulls` shorten them in the calling process only (the messages, their
   contents, TLS and node authentication stay Flower's).
 - The SuperNode's SuperExec launch (`start_superexec_through`), the warm SuperExec's FAB re-install
-  (`reuse_installed_fab`), the in-process runtime's task identity and message stamps (`set_server_task_identity`,
-  `stamp_pushed_message`, `stamp_reply_source`), a strategy's reply check (`checked_replies`) and FedAvgM's server
+  (`reuse_installed_fab`), the in-process runtime's task identity (`set_server_task_identity`), a strategy's reply check (`checked_replies`) and FedAvgM's server
   momentum (`fedavgm_momentum`, `set_fedavgm_momentum`).
 
 Every function that changes Flower or writes its private fields first checks the installed Flower's minor version
@@ -259,18 +258,6 @@ def set_server_task_identity(run_id: int) -> None:
     task_identity = importlib.import_module("flwr.supercore.task_identity").TaskIdentity
     superlink = importlib.import_module("flwr.common.constant").SUPERLINK_NODE_ID
     task_identity.run_id, task_identity.node_id, task_identity.task_id = run_id, superlink, 1
-
-
-def stamp_pushed_message(message: Message, message_id: str, run_id: int) -> None:
-    """Give a message the id and run a SuperLink gives it when it is pushed (Flower's metadata has no setters)."""
-    check_flower_version()
-    message.metadata.__dict__.update(_message_id=message_id, _run_id=run_id)
-
-
-def stamp_reply_source(reply: Message, node_id: int) -> None:
-    """Make a reply come from `node_id`, as the SuperLink records the node that sent it."""
-    check_flower_version()
-    reply.metadata.__dict__["_src_node_id"] = node_id
 
 
 # ---- strategies -----------------------------------------------------------------------------------------------------

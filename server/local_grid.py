@@ -5,9 +5,10 @@ It runs the whole protocol without SuperLink or SuperNodes: `fedslide evaluate` 
 would and handed to the node's ClientApp with that node's Context (its node config and persistent state); a
 ClientApp exception becomes an error reply, as a SuperNode would send. Replies are computed when a message is pushed.
 
-What a SuperLink and a ServerApp process would set in Flower's objects (the task identity messages are created
-with, a pushed message's id and run, a reply's source node) is set through `common.flower_compat`, which checks the
-installed Flower's version first.
+A pushed message gets the id and run a SuperLink would give it, and a reply the node that sent it, as new
+messages built with Flower's public `Message(content|error, metadata=Metadata(...))`; the one thing set in Flower
+itself is the task identity a ServerApp process has (`common.flower_compat.set_server_task_identity`, through
+Flower's own setters, after a check of the installed Flower's version).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
@@ -81,10 +82,11 @@ class LocalGrid(Grid):
         ids = []
         for message in messages:
             message_id = uuid.uuid4().hex
-            flower_compat.stamp_pushed_message(message, message_id, self._run.run_id)
             node = int(message.metadata.dst_node_id)
-            if node in self.contexts and node not in self.offline:
-                reply = self._deliver(node, copy.deepcopy(message))
+            if node in self.contexts and node not in self.offline:  # the wire's copy, as the SuperLink stamps it
+                reply = self._deliver(
+                    node, restamped(copy.deepcopy(message), message_id=message_id, run_id=self._run.run_id)
+                )
                 if reply is not None:
                     self._replies[message_id] = reply
             ids.append(message_id)
@@ -95,8 +97,7 @@ class LocalGrid(Grid):
             reply = self.app(message, self.contexts[node])
         except Exception as exc:  # a ClientApp failure is an error reply, as from a SuperNode
             reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
-        flower_compat.stamp_reply_source(reply, node)
-        reply = copy.deepcopy(reply)
+        reply = restamped(copy.deepcopy(reply), src_node_id=node)
         return self.reply_hook(node, reply) if self.reply_hook is not None else reply
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -106,3 +107,25 @@ class LocalGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return list(self.pull_messages(list(self.push_messages(messages))))  # replies are synchronous
+
+
+def restamped(message: Message, **changes: Any) -> Message:
+    """`message` (content or error) with some of its metadata changed (Flower's metadata ids have no setters)."""
+    m = message.metadata
+    fields: dict[str, Any] = {
+        "run_id": m.run_id,
+        "message_id": m.message_id,
+        "src_node_id": m.src_node_id,
+        "dst_node_id": m.dst_node_id,
+        "reply_to_message_id": m.reply_to_message_id,
+        "group_id": m.group_id,
+        "created_at": m.created_at,
+        "ttl": m.ttl,
+        "message_type": m.message_type,
+        "src_task_id": m.src_task_id,
+        "dst_task_id": m.dst_task_id,
+    }
+    metadata = Metadata(**(fields | changes))
+    if message.has_error():
+        return Message(error=message.error, metadata=metadata)
+    return Message(content=message.content, metadata=metadata)

@@ -59,6 +59,16 @@ class TrainConfig(OptimizationConfig):
     save_fold_checkpoints: bool = Field(
         default=True, description="also keep every fold's best model under checkpoints/"
     )
+    standardize: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="per-feature mean/std of the training split's instances, applied to every bag; 'auto': on unless "
+        "the feature files name their encoder (encoder_name attribute)",
+    )
+    calibration: Literal["temperature", "none"] = Field(
+        default="temperature",
+        description="'temperature': fit T >= 1 on the validation split; metrics report before and after, the "
+        "checkpoint stores T",
+    )
     ece_bins: PositiveInt = Field(default=15, description="equal-width confidence bins of the ECE")
 
     @property

@@ -11,6 +11,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from fedslide.common.training.cohort import Cohort
+from fedslide.common.training.standardize import FeatureStats
 
 Indices = Sequence[int] | np.ndarray  # slide positions in a cohort
 
@@ -47,16 +48,20 @@ class BagBatch:
 
 
 class BagDataset(Dataset[BagItem]):
-    """The cohort's slides `indices`; in training, bags longer than `max_instances` are randomly subsampled.
+    """The cohort's slides `indices`, standardised by `stats` when given; in training, bags longer than
+    `max_instances` are randomly subsampled.
 
     Subsampling draws from torch's RNG (seeded per run, and per worker by the DataLoader) and keeps
     the instances in file order.
     """
 
-    def __init__(self, cohort: Cohort, indices: Indices, max_instances: int | None = None):
+    def __init__(
+        self, cohort: Cohort, indices: Indices, max_instances: int | None = None, stats: FeatureStats | None = None
+    ):
         self.cohort = cohort
         self.indices = [int(i) for i in indices]
         self.max_instances = max_instances
+        self.stats = stats
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -76,6 +81,8 @@ class BagDataset(Dataset[BagItem]):
             keep = torch.randperm(n)[: self.max_instances].sort().values
             features = features[keep]
             coords = None if coords is None else coords[keep]
+        if self.stats is not None:
+            features = self.stats.apply(features)
         return BagItem(features=features, coords=coords, label=self.cohort.slides[index].label, index=index)
 
 

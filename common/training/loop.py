@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -168,25 +169,39 @@ def evaluate(model: MILModel, loader: DataLoader, loss_fn: nn.Module, device: to
 
 
 class EarlyStopping:
-    """Tracks the best validation score ('loss': lower is better, 'auc': higher) and when to stop."""
+    """Tracks the best validation score ('loss': lower is better, 'auc': higher) and when to stop.
 
-    def __init__(self, metric: Literal["loss", "auc"], patience: int, min_epochs: int = 0):
+    An epoch is a candidate once `start` epochs have run and `smoothing` scores are in its window; its
+    score is then the mean of the last `smoothing` epochs' scores (itself included). Patience counts
+    candidate epochs that did not improve on the best.
+    """
+
+    def __init__(
+        self, metric: Literal["loss", "auc"], patience: int, min_epochs: int = 0, smoothing: int = 1, start: int = 0
+    ):
         self.metric = metric
         self.patience = patience
         self.min_epochs = min_epochs
+        self.smoothing = smoothing
+        self.start = start
         self.best = math.inf if metric == "loss" else -math.inf
         self.best_epoch = -1
         self.bad_epochs = 0
+        self._window: deque[float] = deque(maxlen=smoothing)
 
     def score(self, result: EvalResult) -> float:
         """The monitored value of a validation result."""
         return result.loss if self.metric == "loss" else roc_auc(result.labels, result.probs)
 
     def update(self, epoch: int, value: float) -> bool:
-        """Record an epoch's score; True when it is the best so far (ties keep the earlier epoch)."""
-        better = value < self.best if self.metric == "loss" else value > self.best
+        """Record an epoch's score; True when it is the best candidate so far (ties keep the earlier epoch)."""
+        self._window.append(value)
+        if epoch < self.start + self.smoothing - 1 or len(self._window) < self.smoothing:
+            return False
+        smoothed = float(np.mean(self._window))
+        better = smoothed < self.best if self.metric == "loss" else smoothed > self.best
         if better or self.best_epoch < 0:
-            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            self.best, self.best_epoch, self.bad_epochs = smoothed, epoch, 0
             return True
         self.bad_epochs += 1
         return False
@@ -216,7 +231,13 @@ def fit(
     scheduler = make_scheduler(optimizer, cfg)
     train_loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
     val_loss_fn = nn.CrossEntropyLoss(weight=weights)  # evaluation logits are gathered on the CPU
-    stopper = EarlyStopping(cfg.early_stopping_metric, cfg.early_stopping_patience, cfg.min_epochs)
+    stopper = EarlyStopping(
+        cfg.early_stopping_metric,
+        cfg.early_stopping_patience,
+        cfg.min_epochs,
+        smoothing=cfg.selection_smoothing,
+        start=cfg.selection_min_epochs,
+    )
     history: list[EpochRecord] = []
     best_state = copy.deepcopy(model.state_dict())
     stopped = False
@@ -239,6 +260,9 @@ def fit(
             stopped = epoch + 1 < cfg.epochs
             break
     bar.close()
+    if stopper.best_epoch < 0 and history:  # fewer epochs ran than selection needs: keep the last
+        best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        stopper.best_epoch, stopper.best = history[-1].epoch, stopper.score(result)
     return FitResult(
         best_state=best_state,
         best_epoch=stopper.best_epoch,

@@ -19,6 +19,7 @@ from fedslide.common.device import resolve_device
 from fedslide.common.metrics import classification_metrics, summarize
 from fedslide.common.models.base import MILModel
 from fedslide.common.training import outputs
+from fedslide.common.training.calibration import apply_temperature, fit_temperature, log_loss
 from fedslide.common.training.checkpoint import save_checkpoint
 from fedslide.common.training.cohort import Cohort, load_cohort
 from fedslide.common.training.data import BagDataset, eval_loader, train_loader
@@ -31,6 +32,7 @@ from fedslide.common.training.loop import (
     fit,
 )
 from fedslide.common.training.repro import deterministic_torch, seed_everything
+from fedslide.common.training.standardize import FeatureStats, fit_stats, standardize_enabled
 from fedslide.common.training.splits import (
     FoldSplit,
     check_splits,
@@ -54,6 +56,21 @@ class FoldOutcome:
     test: EvalResult | None
     val_metrics: dict[str, float]
     test_metrics: dict[str, float] | None
+    stats: FeatureStats | None = None  # standardisation fitted on split.train
+    temperature: float | None = None  # fitted on the validation split
+    val_calibrated: dict[str, float] | None = None
+    test_calibrated: dict[str, float] | None = None
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """What a checkpoint of this fold stores besides the weights: where it came from, stats, temperature."""
+        return dict(
+            repeat=self.split.repeat,
+            fold=self.split.fold,
+            epoch=self.fit.best_epoch,
+            val_metrics=outputs.json_safe(self.val_metrics),
+            standardize=None if self.stats is None else self.stats.to_payload(),
+            temperature=self.temperature,
+        )
 
 
 @dataclass
@@ -66,6 +83,7 @@ class TrainingReport:
     folds: list[FoldOutcome]
     summary: dict[str, dict[str, dict[str, float]]]
     files: dict[str, Path] = field(default_factory=dict)
+    summary_repeats: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # over repeat means
 
 
 def resolve_model_config(model_cfg: ModelConfig, feature_dim: int, num_classes: int) -> ModelConfig:
@@ -129,30 +147,54 @@ def _train_fold(
 ) -> FoldOutcome:
     seed_everything(split.seed)
     model = factory(model_cfg)
-    train_ds = BagDataset(cohort, split.train, max_instances=cfg.max_instances)
+    stats = fit_stats(cohort, split.train) if standardize_enabled(cfg.standardize, cohort.encoder_attrs) else None
+    train_ds = BagDataset(cohort, split.train, max_instances=cfg.max_instances, stats=stats)
     weights = class_weights(cohort.labels[split.train], len(cohort.classes), cfg.class_weighting)
     loader = train_loader(train_ds, cfg.batch_size, split.seed, cfg.num_workers, cfg.group_by_length)
     eval_bs = cfg.resolved_eval_batch_size
-    val_loader = eval_loader(BagDataset(cohort, split.val), eval_bs, cfg.num_workers)
+    val_loader = eval_loader(BagDataset(cohort, split.val, stats=stats), eval_bs, cfg.num_workers)
     result = fit(model, loader, val_loader, cfg, device, weights, progress, description=split.name)
     model.load_state_dict(result.best_state)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
     val = evaluate(model, val_loader, loss_fn, device)
     test = None
     if split.test.size:
-        test = evaluate(model, eval_loader(BagDataset(cohort, split.test), eval_bs, cfg.num_workers), loss_fn, device)
-    return FoldOutcome(
+        test_loader = eval_loader(BagDataset(cohort, split.test, stats=stats), eval_bs, cfg.num_workers)
+        test = evaluate(model, test_loader, loss_fn, device)
+    outcome = FoldOutcome(
         split=split,
         fit=result,
         val=val,
         test=test,
         val_metrics=_metrics(val, cfg.ece_bins),
         test_metrics=None if test is None else _metrics(test, cfg.ece_bins),
+        stats=stats,
     )
+    if cfg.calibration == "temperature":
+        t = outcome.temperature = fit_temperature(val.probs, val.labels)
+        outcome.val_calibrated = _calibrated_metrics(val, t, cfg.ece_bins)
+        outcome.test_calibrated = None if test is None else _calibrated_metrics(test, t, cfg.ece_bins)
+    return outcome
 
 
 def _metrics(result: EvalResult, ece_bins: int) -> dict[str, float]:
     return {**classification_metrics(result.labels, result.probs, ece_bins), "loss": result.loss}
+
+
+def _calibrated_metrics(result: EvalResult, temperature: float, ece_bins: int) -> dict[str, float]:
+    probs = apply_temperature(result.probs, temperature)
+    return {**classification_metrics(result.labels, probs, ece_bins), "loss": log_loss(probs, result.labels)}
+
+
+def _per_repeat(folds: list[FoldOutcome], pick: Callable[[FoldOutcome], dict[str, float] | None]) -> dict[str, Any]:
+    """Mean ± sd over repeats of each repeat's mean over its folds (the papers' repeated k-fold summary)."""
+    by_repeat: dict[int, list[dict[str, float]]] = {}
+    for f in folds:
+        metrics = pick(f)
+        if metrics is not None:
+            by_repeat.setdefault(f.split.repeat, []).append(metrics)
+    means = [{k: v["mean"] for k, v in summarize(rows).items()} for _, rows in sorted(by_repeat.items())]
+    return summarize(means) if means else {}
 
 
 def _better(metric: str, score: float, best: float | None) -> bool:
@@ -208,12 +250,7 @@ def run_training(
             if outcome.test is not None:
                 predictions += outputs.prediction_rows(cohort, outcome.test, "test", split.repeat, split.fold)
             history += outputs.history_rows(outcome.fit.history, split.repeat, split.fold)
-            fold_extra: dict[str, Any] = dict(
-                repeat=split.repeat,
-                fold=split.fold,
-                epoch=outcome.fit.best_epoch,
-                val_metrics=outputs.json_safe(outcome.val_metrics),
-            )
+            fold_extra = outcome.checkpoint_extra()
             if cfg.save_fold_checkpoints:
                 save_checkpoint(
                     out_dir / "checkpoints" / f"repeat{split.repeat}_fold{split.fold}.pt",
@@ -232,6 +269,15 @@ def run_training(
     tested = [f.test_metrics for f in folds if f.test_metrics is not None]
     if tested:
         summary["test"] = summarize(tested)
+    calibrated = [f.test_calibrated for f in folds if f.test_calibrated is not None]
+    if calibrated:
+        summary["test_calibrated"] = summarize(calibrated)
+    repeats = {f.split.repeat for f in folds}
+    summary_repeats = {
+        "val": _per_repeat(folds, lambda f: f.val_metrics),
+        "test": _per_repeat(folds, lambda f: f.test_metrics),
+        "test_calibrated": _per_repeat(folds, lambda f: f.test_calibrated),
+    }
     classes = list(cohort.classes)
     files = {
         "metrics": out_dir / outputs.METRICS_FILE,
@@ -268,10 +314,15 @@ def run_training(
                     "stopped_early": f.fit.stopped_early,
                     "val": f.val_metrics,
                     "test": f.test_metrics,
+                    "standardized": f.stats is not None,
+                    "temperature": f.temperature,
+                    "val_calibrated": f.val_calibrated,
+                    "test_calibrated": f.test_calibrated,
                 }
                 for f in folds
             ],
             "summary": summary,
+            "summary_repeats": {"repeats": len(repeats), **{k: v for k, v in summary_repeats.items() if v}},
             "best_checkpoint": {
                 "repeat": best[1].split.repeat,
                 "fold": best[1].split.fold,
@@ -282,5 +333,11 @@ def run_training(
         },
     )
     return TrainingReport(
-        out_dir=out_dir, classes=cohort.classes, split_mode=mode, folds=folds, summary=summary, files=files
+        out_dir=out_dir,
+        classes=cohort.classes,
+        split_mode=mode,
+        folds=folds,
+        summary=summary,
+        files=files,
+        summary_repeats={k: v for k, v in summary_repeats.items() if v},
     )
