@@ -2,15 +2,17 @@
 
 The SuperNode's node config names the site (`site-dir`, optional `runs-dir`, `site-name`); the run
 config is the federation's (`FederationConfig`). Each reply is checked by `common.egress.check_reply`
-and appended to `<runs-dir>/<run_id>/egress.jsonl` before it is returned to Flower.
+and appended to `<runs-dir>/<run_id>/egress.jsonl` (hash-chained; mirrored to syslog with the node config's
+`ledger-syslog`) before it is returned to Flower. A failure is logged here in full and leaves as an error reply
+with an `ErrorCode` and its fixed message only, ledgered like any reply.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
 import numpy as np
@@ -19,12 +21,29 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from fedslide.client import local_phases as phases
-from fedslide.client.site_run import SiteRun
+from fedslide.client.site_run import EGRESS_FILE, RunIdError, SiteConfigError, SiteRun, private_umask, run_dir_for
+from fedslide.common.config.base import ConfigError
 from fedslide.common.config.federation import FederationConfig
-from fedslide.common.egress import Allowed, ArraySpec, arrays_reply, check_reply, weights_reply
+from fedslide.common.config.floors import SiteRefusal
+from fedslide.common.distillation.bundle import BundleMismatchError
+from fedslide.common.distillation.clustering import ClusteringError
+from fedslide.common.distillation.instances import MissingTokensError
+from fedslide.common.egress import (
+    Allowed,
+    ArraySpec,
+    EgressLedger,
+    EgressViolation,
+    ErrorCode,
+    arrays_reply,
+    check_reply,
+    error_of,
+    weights_reply,
+)
+from fedslide.common.features import FeatureFileError
 from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
 from fedslide.common.federation.models import fingerprint
+from fedslide.common.training.errors import TrainingInputError
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +73,61 @@ def _send(message: Message, site: SiteRun, content: RecordDict, allowed: Allowed
     return Message(content, reply_to=message)
 
 
-def _redact(text: str, site: SiteRun | None) -> str:
-    """An error reason safe to send: slide ids and file names replaced."""
-    text = re.sub(r"[^\s/'\"]+\.(h5|svs|tiff?|ndpi|mrxs|scn|vms|vmu|bif|png)\b", "<file>", text)
-    if site is not None and site._data is not None:
-        for slide in site._data.slides:
-            text = text.replace(slide.slide_id, "<slide>")
-    return text[:500]
+def error_code(exc: BaseException) -> tuple[ErrorCode, str | None]:
+    """The error code a site failure is sent as, and the text that may go with it: a privacy floor's refusal only
+    (its text is made of the run config and the site's floors); any other text stays in the site's log."""
+    if isinstance(exc, SiteRefusal):
+        return ErrorCode.PRIVACY_FLOOR, str(exc)
+    if isinstance(exc, EgressViolation):
+        return ErrorCode.EGRESS_REFUSED, None
+    if isinstance(exc, SiteConfigError | RunIdError):
+        return ErrorCode.SITE_CONFIG, None
+    if isinstance(exc, TrainingInputError | FeatureFileError | MissingTokensError | ClusteringError):
+        return ErrorCode.SITE_DATA, None
+    if isinstance(exc, ConfigError | BundleMismatchError | KeyError):  # the run config or the server's message
+        return ErrorCode.RUN_REQUEST, None
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        return ErrorCode.RESOURCES, None
+    return ErrorCode.INTERNAL, None
+
+
+def _phase_of(message: Message) -> str:
+    """The phase a message belongs to (its config's `phase` for train/evaluate, else its message type)."""
+    try:
+        config = message.content.config_records[p.CONFIG]
+        if ph.PHASE in config:
+            return ph.by_config(str(config[ph.PHASE])).name
+    except (KeyError, ValueError):
+        pass
+    for phase in ph.ALL:
+        if phase.message_type == message.metadata.message_type:
+            return phase.name
+    return str(message.metadata.message_type)
+
+
+def _error_ledger(message: Message, context: Context, site: SiteRun | None) -> EgressLedger | None:
+    """The run's ledger, also where the site could not be set up (e.g. a privacy floor refused the run); None when
+    there is no run directory to write it in (no site-dir, or a run id that would leave `runs/`)."""
+    if site is not None:
+        return site.ledger
+    try:
+        node = dict(context.node_config)
+        site_dir = Path(str(node["site-dir"])).expanduser()
+        runs_dir = Path(str(node.get("runs-dir") or site_dir / "runs")).expanduser()
+        run_dir = run_dir_for(runs_dir, str(message.content.config_records[p.CONFIG][ph.RUN_ID]))
+    except (KeyError, RunIdError):
+        return None
+    if not site_dir.is_dir():
+        return None
+    syslog = node.get("ledger-syslog")
+    return EgressLedger(run_dir / EGRESS_FILE, str(syslog) if syslog else None)
 
 
 def guarded(handler: Callable[[Message, Context, SiteRun], Message]) -> Handler:
-    """Build the site, run the handler; a failure is logged here in full and raised with a redacted reason."""
+    """Build the site, run the handler; a failure is logged here in full and answered with an error reply that
+    carries only its code and fixed message (ledgered where the run has a directory)."""
 
+    @private_umask()  # everything the step writes at the site is private: files 0600, directories 0700
     @functools.wraps(handler)
     def wrapper(message: Message, context: Context) -> Message:
         site = None
@@ -73,8 +135,23 @@ def guarded(handler: Callable[[Message, Context, SiteRun], Message]) -> Handler:
             site = _site(message, context)
             return handler(message, context, site)
         except Exception as exc:
-            log.exception("site %s: %s failed", site.name if site else "?", message.metadata.message_type)
-            raise RuntimeError(f"{type(exc).__name__}: {_redact(str(exc), site)}") from None
+            code, detail = error_code(exc)
+            log.exception(
+                "site %s: %s failed; sent as error %d %s",
+                site.name if site else "?",
+                message.metadata.message_type,
+                int(code),
+                code.label,
+            )
+            error = error_of(code, detail)
+            try:
+                ledger = _error_ledger(message, context, site)
+                if ledger is not None:
+                    config = message.content.config_records.get(p.CONFIG, ConfigRecord())
+                    ledger.append_error(_phase_of(message), _round(config), error)
+            except Exception:  # the reply holds the fixed text only; it is sent even when it cannot be ledgered
+                log.exception("site %s: the error reply could not be written to the ledger", site.name if site else "?")
+            return Message(error, reply_to=message)
 
     return wrapper
 

@@ -24,9 +24,9 @@ from fedslide.common.distillation.bundle import StudentBundle
 from fedslide.common.distillation.clustering import (
     ClusteringError,
     assign_nearest,
-    cluster_statistics,
     constrained_assignment,
     kmeans_init,
+    released_statistics,
     size_bounds,
     squared_distances,
 )
@@ -291,13 +291,16 @@ def local_assignment(site: SiteRun, vectors: np.ndarray, centroids: np.ndarray) 
         return assign_nearest(vectors, centroids)
 
 
-def _noised(site: SiteRun, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Cluster sums with the configured Gaussian noise (withheld clusters stay zero)."""
-    std = site.cfg.cluster_noise_std
-    if std <= 0:
-        return sums
-    noise = np.random.default_rng().normal(0.0, std, size=sums.shape)
-    return np.where(counts[:, None] > 0, sums + noise, 0.0)
+def _released(
+    site: SiteRun, vectors: np.ndarray, centroids: np.ndarray, assignment: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Cluster sums/counts as sent: vectors clipped (cluster-clip-norm), fresh unseeded noise on every release
+    (cluster-noise-std), clusters of fewer than suppress-below slides withheld."""
+    cfg, rng = site.cfg, np.random.default_rng()
+    sums, counts = released_statistics(
+        vectors, centroids, assignment, cfg.min_count, cfg.cluster_clip_norm, cfg.cluster_noise_std, rng
+    )
+    return {ph.SUMS: sums, ph.COUNTS: counts}
 
 
 def cluster_init(site: SiteRun, teacher: ArrayRecord, fingerprint: str) -> tuple[dict[str, np.ndarray], Metrics]:
@@ -318,9 +321,8 @@ def cluster_init(site: SiteRun, teacher: ArrayRecord, fingerprint: str) -> tuple
     vectors = _vectors(site, outputs)
     k = min(site.cfg.clusters.num_clusters, len(vectors))
     local = kmeans_init(vectors, k, site.cfg.seed, site.cfg.clusters.n_init)
-    sums, counts = cluster_statistics(vectors, local, min_count=site.cfg.min_count)
     return (
-        {ph.SUMS: _noised(site, sums, counts), ph.COUNTS: counts},
+        _released(site, vectors, local),
         {ph.N_TRAIN: int(train.size), ph.EMBEDDING_DIM: int(vectors.shape[1])},
     )
 
@@ -338,8 +340,7 @@ def cluster_stats(site: SiteRun, centroids: np.ndarray, fingerprint: str) -> tup
     """Per-cluster sums and counts of the site's training slides under `centroids` (small counts withheld)."""
     vectors = _vectors(site, _teacher_outputs(site, fingerprint))
     assignment = local_assignment(site, vectors, centroids)
-    sums, counts = cluster_statistics(vectors, centroids, min_count=site.cfg.min_count, assignment=assignment)
-    return {ph.SUMS: _noised(site, sums, counts), ph.COUNTS: counts}, {ph.N_TRAIN: int(len(vectors))}
+    return _released(site, vectors, centroids, assignment), {ph.N_TRAIN: int(len(vectors))}
 
 
 def _assignments(site: SiteRun, centroids: np.ndarray, fingerprint: str) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,10 @@ student bags, the final bundle and `egress.jsonl`. A warm SuperExec holds the si
 from __future__ import annotations
 
 import logging
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ import torch
 
 from fedslide.common.atomic import atomic_path
 from fedslide.common.config.federation import FederationConfig
+from fedslide.common.config.floors import SiteFloors
 from fedslide.common.device import resolve_device
 from fedslide.common.distillation.data import DistillData, detect_encoder, load_sites
 from fedslide.common.egress import EgressLedger
@@ -61,8 +66,70 @@ def release_site_features() -> None:
     _held_features = None
 
 
+PRIVATE_UMASK = 0o077  # site outputs: files 0600, directories 0700
+
+
+@contextmanager
+def private_umask() -> Iterator[None]:
+    """Files and directories made inside are private to the site's user (umask 077); the umask is restored after.
+    Used as a decorator around each ClientApp step (which runs one at a time in its process)."""
+    previous = os.umask(PRIVATE_UMASK)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
 class SiteConfigError(ValueError):
     """The SuperNode's node config does not name a usable site directory."""
+
+
+class RunIdError(ValueError):
+    """The server's run id is not one plain name: the site will not make a run directory from it."""
+
+
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def run_dir_for(runs_dir: Path, run_id: str) -> Path:
+    """`runs_dir/run_id`, for a run id that is one plain name (letters, digits, `.`, `_`, `-`; starting with a letter
+    or digit; at most 128 characters) and whose directory, links followed, stays directly under `runs_dir`."""
+    if not _RUN_ID.fullmatch(run_id):
+        raise RunIdError(
+            f"run id {run_id[:80]!r} refused: a run id must be one name of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, at most 128 characters (no '/', '..' or absolute path)"
+        )
+    run_dir = runs_dir / run_id
+    if run_dir.resolve().parent != runs_dir.resolve():
+        raise RunIdError(f"run id {run_id!r} refused: {run_dir} leads outside {runs_dir}")
+    return run_dir
+
+
+_NDARRAY = "__ndarray__"  # marks a numpy array stored as a tensor in a cache file
+
+
+def _to_safe(value: Any) -> Any:
+    """`value` with numpy arrays and scalars turned into what `torch.load(weights_only=True)` reads back."""
+    if isinstance(value, np.ndarray):
+        return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(value))}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _to_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_safe(v) for v in value)
+    return value
+
+
+def _from_safe(value: Any) -> Any:
+    """Inverse of `_to_safe`."""
+    if isinstance(value, dict):
+        if set(value) == {_NDARRAY}:
+            return value[_NDARRAY].numpy()
+        return {k: _from_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_from_safe(v) for v in value)
+    return value
 
 
 @dataclass
@@ -74,11 +141,14 @@ class SiteRun:
     cfg: FederationConfig
     name: str
     facts: Facts | None = None
+    ledger_syslog: str | None = None  # node config `ledger-syslog`: mirror the ledger to this syslog address
     _data: DistillData | None = field(default=None, repr=False)
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any], cfg: FederationConfig, run_id: str) -> "SiteRun":
-        """From the SuperNode's `--node-config`: `site-dir` (required), `runs-dir`, `site-name` (optional)."""
+        """From the SuperNode's `--node-config`: `site-dir` (required), `runs-dir`, `site-name` and the privacy
+        floors (`SiteFloors`, optional). Raises SiteRefusal when the run config `cfg` goes below the floors and
+        RunIdError when `run_id` would leave the runs directory."""
         raw = node_config.get("site-dir")
         if not raw:
             raise SiteConfigError(
@@ -89,12 +159,14 @@ class SiteRun:
             raise SiteConfigError(f"node config site-dir={str(raw)!r}: no such directory")
         runs_dir = Path(str(node_config.get("runs-dir") or site_dir / "runs")).expanduser()
         name = str(node_config.get("site-name") or site_dir.name)
-        return cls(site_dir=site_dir, run_dir=runs_dir / run_id, cfg=cfg, name=name)
+        SiteFloors.from_node_config(node_config).check(cfg)
+        syslog = str(node_config.get("ledger-syslog") or "") or None
+        return cls(site_dir=site_dir, run_dir=run_dir_for(runs_dir, run_id), cfg=cfg, name=name, ledger_syslog=syslog)
 
     @property
     def ledger(self) -> EgressLedger:
         """The site's egress ledger of this run."""
-        return EgressLedger(self.run_dir / EGRESS_FILE)
+        return EgressLedger(self.run_dir / EGRESS_FILE, self.ledger_syslog)
 
     @property
     def device(self) -> torch.device:
@@ -139,19 +211,21 @@ class SiteRun:
         return data.cohort(data.low_bags())
 
     def save(self, name: str, payload: dict[str, Any]) -> Path:
-        """Write a cache file atomically under the run directory."""
+        """Write a cache file atomically under the run directory (tensors, numpy arrays, plain values: a file that
+        `load` reads without running code)."""
         path = self.run_dir / name
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
+            torch.save(_to_safe(payload), tmp)
         return path
 
     def load(self, name: str, fingerprint: str | None = None) -> dict[str, Any] | None:
-        """A cache file, or None when absent or made with another model (fingerprint mismatch)."""
+        """A cache file, or None when absent or made with another model (fingerprint mismatch). Read with
+        `weights_only=True`: a file holding anything but tensors and plain values is refused, never run."""
         path = self.run_dir / name
         if not path.is_file():
             return None
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = _from_safe(torch.load(path, map_location="cpu", weights_only=True))
         if fingerprint is not None and payload.get("fingerprint") != fingerprint:
             return None
         return payload

@@ -4,14 +4,24 @@ imported torch, Flower's runtime and the app's libraries.
 Flower's own SuperExec starts a fresh `flwr-clientapp` for every message, which spends ≈ 3 s of CPU importing
 torch and Flower before it reads the message. This one is Flower's SuperExec loop (`AcquireTask` from the
 SuperNode's Runtime API, launch through Flower's `AutoExecPlugin`) with an executor that forks instead; the child
-runs Flower's own `run_clientapp` with the task's token, so the message, the FAB, the app's loading and the reply
-go through Flower exactly as before. The app's own packages are dropped from the child's module table first, so
-each task imports the code of the FAB it was sent, as a cold `flwr-clientapp` does.
+runs Flower's own `run_clientapp` with the task's token, so the message, the context and the reply go through
+Flower as before.
 
-Once a task of a FAB has run to completion, this process imports the app from the directory Flower installed that
-FAB into (`warm_up`); later tasks of the same FAB keep those modules and Flower's re-install of a FAB that is
-already installed (unzip and hash check into a temporary directory, then nothing) is skipped. A task of any other
-FAB runs as before, so a new app version is never run with the old code.
+Only the site's code runs at the site (the default): the child answers with the ClientApp of the fedslide package
+installed here (imported by this process before any task), and the app bundle (FAB) the coordinator sent is neither
+installed, put on `sys.path` nor imported (`flower_compat.run_clientapp_without_fab`). Before that ClientApp sees
+the message, the FAB's manifest and code are checked against the site's (`flower_app.vet_fab`: fedslide's
+ClientApp at the installed version, client code byte-identical to the installed one, and the FAB's SHA-256 on the
+node config's `allowed-fab-hashes` when the site sets one); a FAB that fails is refused: the refusal is logged here
+and in the run's egress ledger, and the coordinator gets an error reply with code 106 `code-refused`
+(`egress.ErrorCode.CODE_REFUSED`) and the refusal's fixed text; nothing else leaves.
+
+`--allow-fab-code` (development; logged as a warning) runs the FAB's code instead, as Flower's own SuperExec does:
+the app's own packages are dropped from the child's module table, so each task imports the code of the FAB it
+was sent. Once a task of a FAB has run to completion, this process imports the app from the directory Flower
+installed that FAB into (`warm_up`); later tasks of the same FAB keep those modules and Flower's re-install of a
+FAB that is already installed is skipped. A task of any other FAB runs cold, so a new app version is never run
+with the old code.
 
 With `--site-dir`, once the app is imported it also holds the site's labelled feature files in memory
 (`client.site_run.hold_site_features`, re-checked after every task), so a task reads a file from disk only when it
@@ -21,6 +31,7 @@ Start the SuperNode with `--isolation process` and this next to it (it preloads,
 SuperNode's Runtime API):
 
     fedslide superexec --runtime-api-address 127.0.0.1:9094 --insecure [--parent-pid SUPERNODE_PID] [--site-dir DIR]
+        [--allow-fab-code]
 """
 
 from __future__ import annotations
@@ -32,11 +43,22 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Error, Message
 
 from fedslide.common import flower_compat
-from fedslide.common.flower_app import APP_PACKAGES  # a task imports these from its FAB
+from fedslide.common.egress import ErrorCode, error_of
+from fedslide.common.federation.protocol import CONFIG
+from fedslide.common.flower_app import (
+    APP_PACKAGES,  # with --allow-fab-code a task imports these from its FAB
+    COMPONENTS,
+    REFUSALS,
+    vet_fab,
+)
 from fedslide.common.flower_compat import (
     APP_DIR,
     FAB_HASH_TRUNCATION,
@@ -56,6 +78,7 @@ from fedslide.common.flower_compat import (
     make_simple_http_retry_invoker,
     register_signal_handlers,
     reuse_installed_fab,
+    run_clientapp_without_fab,
     shorten_object_pulls,
     validate_and_resolve_root_certificates,
 )
@@ -98,27 +121,83 @@ def installed_fab_dir(fab_hash: str) -> Path | None:
     return found[0] if len(found) == 1 and (found[0] / "pyproject.toml").is_file() else None
 
 
+def installed_app() -> Callable[..., Message]:
+    """The ClientApp of the fedslide package installed at this site (`COMPONENTS["clientapp"]`)."""
+    module, _, attribute = COMPONENTS["clientapp"].partition(":")
+    app: Callable[..., Message] = getattr(importlib.import_module(module), attribute)
+    return app
+
+
+def ledger_refusal(message: Message, context: Context, error: Error) -> None:
+    """Write a refusal to the run's egress ledger with the installed app's own ledger code, where the run has a
+    site directory (a refusal is sent whether or not it could be ledgered)."""
+    client_app = importlib.import_module("fedslide.client.client_app")  # the installed one (preloaded)
+    try:
+        ledger = client_app._error_ledger(message, context, None)  # noqa: SLF001 - the app's own ledger rules
+        if ledger is not None:
+            config = message.content.config_records.get(CONFIG)
+            round_ = client_app._round(config) if config is not None else 0  # noqa: SLF001
+            ledger.append_error(client_app._phase_of(message), round_, error)  # noqa: SLF001
+    except Exception:  # noqa: BLE001 - the refusal is logged and sent either way
+        log.exception("the refusal could not be written to the run's egress ledger")
+
+
+def answer_with_installed_app(fab: bytes) -> Callable[..., Message]:
+    """What answers a task whose FAB is `fab`: the installed ClientApp once the FAB passes `vet_fab` under the
+    task's node config; otherwise an error reply (CODE_REFUSED and the refusal's fixed text), logged and ledgered
+    here."""
+
+    def answer(message: Message, context: Context) -> Message:
+        refusal = vet_fab(fab, context.node_config)
+        if refusal is None:
+            return installed_app()(message=message, context=context)
+        error = error_of(ErrorCode.CODE_REFUSED, REFUSALS[refusal.kind])
+        log.error(
+            "REFUSED the %s message of run %s: %s (%s); none of the FAB's code ran, and only this refusal is sent",
+            message.metadata.message_type,
+            context.run_id,
+            error.reason,
+            refusal.detail,
+        )
+        ledger_refusal(message, context, error)
+        return Message(error, reply_to=message)
+
+    return answer
+
+
+def _clientapp_args(spec: ExecutionSpec) -> dict[str, Any]:
+    return {
+        "runtime_api_address": spec.runtime_api_address,
+        "token": spec.token,
+        "insecure": spec.insecure,
+        "certificates": validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
+        "parent_pid": spec.parent_pid,
+        "runtime_dependency_install": spec.runtime_dependency_install,
+    }
+
+
+def run_installed_task(spec: ExecutionSpec) -> None:
+    """In the forked child (the default): Flower's ClientApp process body for the task, answered by the installed
+    ClientApp after the FAB's check (`answer_with_installed_app`); the FAB is never installed or imported."""
+    run_clientapp_without_fab(answer_with_installed_app, **_clientapp_args(spec))
+
+
 def run_task(spec: ExecutionSpec, warm_dir: Path | None = None) -> None:
-    """In the forked child: forget the app's modules unless they are the task's FAB's (`warm_dir`, see
-    `ForkExecutor.warm_up`), then run Flower's ClientApp process body for the task."""
+    """In the forked child, with FAB code allowed: forget the app's modules unless they are the task's FAB's
+    (`warm_dir`, see `ForkExecutor.warm_up`), then run Flower's ClientApp process body, which loads the FAB's app."""
     if warm_dir is not None and spec.fab_hash:
         reuse_installed_fab(spec.fab_hash, warm_dir)
     else:
         forget_app_modules()
-    flower_compat.run_clientapp(  # Flower's ClientApp process body (imported on first use: PRELOAD)
-        runtime_api_address=spec.runtime_api_address,
-        token=spec.token,
-        insecure=spec.insecure,
-        certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
-        parent_pid=spec.parent_pid,
-        runtime_dependency_install=spec.runtime_dependency_install,
-    )
+    flower_compat.run_clientapp(**_clientapp_args(spec))  # Flower's ClientApp process body (PRELOAD)
 
 
 class ForkExecutor:
-    """A Flower SuperExec executor for ClientApp tasks: one child forked from this process per task."""
+    """A Flower SuperExec executor for ClientApp tasks: one child forked from this process per task, which runs the
+    installed ClientApp (or, with `allow_fab_code`, the FAB's)."""
 
-    def __init__(self, site_dir: Path | None = None, feature_bytes: int = 0) -> None:
+    def __init__(self, site_dir: Path | None = None, feature_bytes: int = 0, allow_fab_code: bool = False) -> None:
+        self.allow_fab_code = allow_fab_code
         self.site_dir = site_dir  # whose feature files to hold for the tasks (None: each task reads them)
         self.feature_bytes = feature_bytes
         self._features_left = 0  # files that did not fit or could not be read at the last check
@@ -151,38 +230,51 @@ class ForkExecutor:
         """Fork the child that runs the task."""
         if spec.task_type != TaskType.CLIENT_APP:
             return LaunchResult.failed(f"the fedslide SuperExec runs ClientApp tasks only, not {spec.task_type}")
-        warm_dir = self.warm_dir if spec.fab_hash and spec.fab_hash == self.warm_fab else None
-        child = self._context.Process(target=run_task, args=(spec, warm_dir), name=f"clientapp-task-{spec.task_id}")
+        name = f"clientapp-task-{spec.task_id}"
+        warm_dir = None
+        if self.allow_fab_code:
+            warm_dir = self.warm_dir if spec.fab_hash and spec.fab_hash == self.warm_fab else None
+            child = self._context.Process(target=run_task, args=(spec, warm_dir), name=name)
+        else:
+            child = self._context.Process(target=run_installed_task, args=(spec,), name=name)
         child.start()
         self.children.append(child)
         self.fab_of[child.name] = spec.fab_hash
         self.launched += 1
         log.info(
-            "task %d: ClientApp in forked process %d%s",
+            "task %d: %s in forked process %d%s",
             spec.task_id,
+            "the FAB's ClientApp" if self.allow_fab_code else "the installed ClientApp",
             child.pid,
             " (app imported)" if warm_dir is not None else "",
         )
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:
-        """Reap the children that have finished; after the first task of a FAB that succeeded, import its app."""
+        """Reap the children that have finished; after a task that succeeded, (re-)hold the site's features, and
+        with FAB code allowed, first import the app of a FAB whose first task it was."""
         running = []
         for child in self.children:
             if child.is_alive():
                 running.append(child)
                 continue
             fab = self.fab_of.pop(child.name, None)
-            if child.exitcode == 0 and fab and fab != self.warm_fab and fab not in self._cold_fabs:
+            if child.exitcode != 0:
+                continue
+            if not self.allow_fab_code:
+                self.hold_features()
+                continue
+            if fab and fab != self.warm_fab and fab not in self._cold_fabs:
                 self.warm_up(fab)
-            if child.exitcode == 0 and fab and fab == self.warm_fab:
+            if fab and fab == self.warm_fab:
                 self.hold_features()
         self.children = running
 
     def hold_features(self) -> bool:
         """Hold (or re-check) the site's feature files with the app's own code for the next tasks; False when
         there is nothing to hold or it failed (the tasks then read the files themselves)."""
-        if self.site_dir is None or self.feature_bytes <= 0 or self.warm_fab is None:
+        app_imported = not self.allow_fab_code or self.warm_fab is not None  # the installed app: preloaded
+        if self.site_dir is None or self.feature_bytes <= 0 or not app_imported:
             return False
         started = time.perf_counter()
         try:
@@ -209,8 +301,12 @@ class ForkExecutor:
         return True
 
     def warm_up(self, fab_hash: str) -> bool:
-        """Import the app from the directory its FAB is installed in, in place of the modules imported so far;
-        False (and this FAB's tasks keep importing it themselves) when that fails."""
+        """With FAB code allowed only: import the app from the directory its FAB is installed in, in place of the
+        modules imported so far; False (and this FAB's tasks keep importing it themselves) when that fails."""
+        if not self.allow_fab_code:
+            raise RuntimeError(
+                "the FAB's code is imported only with allow_fab_code (fedslide superexec --allow-fab-code)"
+            )
         fab_dir = installed_fab_dir(fab_hash)
         if fab_dir is None:
             self._cold_fabs.add(fab_hash)
@@ -275,9 +371,15 @@ def serve(
     poll: float = POLL_S,
     site_dir: Path | None = None,
     feature_memory_gb: float = FEATURE_MEMORY_GB,
+    allow_fab_code: bool = False,
 ) -> None:
     """Preload, wait for the SuperNode's Runtime API, then acquire ClientApp tasks from it and fork one child per
     task until SIGTERM/SIGINT (or until `parent_pid`, the SuperNode, is gone)."""
+    if allow_fab_code:
+        log.warning(
+            "--allow-fab-code: this site runs the ClientApp code of whatever FAB a coordinator submits, not its "
+            "installed fedslide (its egress checks and ledger included); for development only"
+        )
     started = time.perf_counter()
     shorten_object_pulls()  # inherited by every child: it pulls the message's arrays without a 1 s back-off
     for module in PRELOAD:
@@ -301,7 +403,7 @@ def serve(
         interceptors=interceptors,
         retry_invoker=make_simple_http_retry_invoker(),
     )
-    executor = ForkExecutor(site_dir, int(feature_memory_gb * 2**30))
+    executor = ForkExecutor(site_dir, int(feature_memory_gb * 2**30), allow_fab_code)
     plugin = AutoExecPlugin(
         runtime_api_address=runtime_api_address,
         insecure=insecure,
@@ -362,6 +464,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=FEATURE_MEMORY_GB,
         help=f"the most feature arrays held for the tasks, GiB (default {FEATURE_MEMORY_GB:g}; 0: none)",
     )
+    p.add_argument(
+        "--allow-fab-code",
+        action="store_true",
+        help="development only: run the ClientApp code of the FAB the coordinator sent instead of the installed "
+        "fedslide's (default: the installed code, and a FAB that is not the installed version is refused)",
+    )
     add_superexec_auth_secret_args(p)
     p.set_defaults(handler=run)
 
@@ -381,6 +489,7 @@ def run(args: argparse.Namespace) -> int:
         args.poll,
         args.site_dir,
         args.feature_memory_gb,
+        args.allow_fab_code,
     )
     return 0
 

@@ -5,7 +5,9 @@
 (`common.flower_compat`): it asks the SuperLink for work every `--idle-poll` s instead of every 3 s and pulls a
 message's arrays without Flower's 1 s back-off. In Flower's default `subprocess` isolation the SuperExec it
 starts is fedslide's warm one (`client.superexec`, holding the node config's `site-dir` features) instead of
-`flower-superexec`.
+`flower-superexec`; it runs the site's installed ClientApp and refuses a FAB that is not the installed fedslide
+(node config `allowed-fab-hashes` pins reviewed builds). Node config `allow-fab-code=true` (development only) runs the
+FAB's code instead, and is required for `--superexec flower` (Flower's SuperExec always runs the FAB's code).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedslide.common import flower_compat
+from fedslide.common.flower_app import ALLOW_FAB_CODE
 from fedslide.common.flower_env import flower_env, flower_tool
 from fedslide.common.processes import ManagedProcess, port_open
 
@@ -53,6 +56,8 @@ class SuperNode:
         env: dict[str, str] | None = None,
         warm: bool = True,
         isolation: str = "process",
+        allow_fab_code: bool = False,
+        node_options: dict[str, str] | None = None,
     ):
         if isolation not in ("process", "subprocess"):
             raise ValueError(f"isolation must be 'process' or 'subprocess', got {isolation!r}")
@@ -62,6 +67,8 @@ class SuperNode:
         # warm only: "process" = the SuperExec is a process of our own beside the SuperNode (watched by the caller);
         # "subprocess" = the SuperNode starts it, as a hospital's `fedslide-supernode` or the site image does
         self.isolation = isolation
+        self.allow_fab_code = allow_fab_code  # node config allow-fab-code: the site runs the FAB's code (development)
+        self.node_options = dict(node_options or {})  # more node config (e.g. allowed-fab-hashes)
         self.process: ManagedProcess | None = None
         self.superexec: ManagedProcess | None = None
 
@@ -71,11 +78,13 @@ class SuperNode:
         return [p for p in (self.process, self.superexec) if p is not None]
 
     def node_config(self) -> str:
-        """`--node-config` value: the site directory (read), where run outputs go, the site's name."""
-        items = {"site-dir": str(self.site_dir.resolve()), "site-name": self.name}
+        """`--node-config` value: the site directory (read), where run outputs go, the site's name, whether the
+        FAB's code may run, and `node_options`."""
+        items = {"site-dir": str(self.site_dir.resolve()), "site-name": self.name, **self.node_options}
         if self.runs_dir is not None:
             items["runs-dir"] = str(Path(self.runs_dir).resolve())
-        return " ".join(f'{k}="{v}"' for k, v in items.items())
+        text = " ".join(f'{k}="{v}"' for k, v in items.items())
+        return f"{text} {ALLOW_FAB_CODE}=true" if self.allow_fab_code else text
 
     def argv(self) -> list[str]:
         """The command line (warm: fedslide's short-polling launcher of Flower's SuperNode)."""
@@ -113,6 +122,7 @@ class SuperNode:
             str(parent_pid),
             "--site-dir",
             str(self.site_dir.resolve()),
+            *(["--allow-fab-code"] if self.allow_fab_code else []),
         ]
 
     def launch(self) -> "SuperNode":
@@ -168,13 +178,20 @@ def warm_superexec_command(command: Sequence[str], extra: Sequence[str] = ()) ->
 
 class WarmSuperExecLauncher:
     """Flower's SuperNode calls this in place of `subprocess.Popen`: the `flower-superexec` it starts in subprocess
-    isolation becomes `fedslide superexec` with the same flags (see `warm_superexec_command`)."""
+    isolation becomes `fedslide superexec` with the same flags (see `warm_superexec_command`). A command it cannot
+    replace (Flower's SuperExec runs the FAB's code) is started as written only with `allow_fab_code`."""
 
-    def __init__(self, extra: Sequence[str] = ()) -> None:
+    def __init__(self, extra: Sequence[str] = (), allow_fab_code: bool = False) -> None:
         self.extra = list(extra)
+        self.allow_fab_code = allow_fab_code
 
     def __call__(self, command: Sequence[str], *args: Any, **kwargs: Any) -> subprocess.Popen:
         warm = warm_superexec_command(command, self.extra)
+        if warm is None and not self.allow_fab_code:
+            raise PermissionError(
+                f"not starting {' '.join(command)}: only fedslide's SuperExec runs this site's installed code (Flower's "
+                f"runs the FAB's); set {ALLOW_FAB_CODE}=true in --node-config to allow it (development only)"
+            )
         if warm is None:
             log.warning(
                 "starting %s as Flower wrote it, not fedslide's SuperExec: %s",
@@ -184,24 +201,38 @@ class WarmSuperExecLauncher:
         return subprocess.Popen(warm or list(command), *args, **kwargs)
 
 
-def use_warm_superexec(site_dir: str | None, feature_memory_gb: float) -> bool:
+def use_warm_superexec(site_dir: str | None, feature_memory_gb: float, allow_fab_code: bool = False) -> bool:
     """Make this process's SuperNode start fedslide's SuperExec in subprocess isolation (holding `site_dir`'s
-    feature files, up to `feature_memory_gb`); whether it applied."""
+    feature files, up to `feature_memory_gb`; running the FAB's code only with `allow_fab_code`); whether it
+    applied."""
     extra = ["--feature-memory-gb", f"{feature_memory_gb:g}"]
     if site_dir:
         extra += ["--site-dir", str(site_dir)]
-    return flower_compat.start_superexec_through(WarmSuperExecLauncher(extra))
+    if allow_fab_code:
+        extra.append("--allow-fab-code")
+    return flower_compat.start_superexec_through(WarmSuperExecLauncher(extra, allow_fab_code))
+
+
+def node_config_of(flower_args: Sequence[str]) -> dict[str, Any]:
+    """The `--node-config` among Flower's SuperNode flags, parsed as Flower does (empty without one)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--node-config", default=None)
+    known, _ = parser.parse_known_args(list(flower_args))
+    return dict(flower_compat.parse_config_args([known.node_config])) if known.node_config else {}
 
 
 def node_config_site_dir(flower_args: Sequence[str]) -> str | None:
     """The `site-dir` of a `--node-config` among Flower's SuperNode flags, if any."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--node-config", default=None)
-    known, _ = parser.parse_known_args(list(flower_args))
-    if not known.node_config:
-        return None
-    value = flower_compat.parse_config_args([known.node_config]).get("site-dir")
+    value = node_config_of(flower_args).get("site-dir")
     return None if value in (None, "") else str(value)
+
+
+def node_config_allows_fab_code(flower_args: Sequence[str]) -> bool:
+    """Whether the `--node-config` sets `allow-fab-code=true` (a TOML boolean; ValueError for anything else)."""
+    value = node_config_of(flower_args).get(ALLOW_FAB_CODE, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"node config {ALLOW_FAB_CODE} must be true or false (unquoted), got {value!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=("fedslide", "flower"),
         default="fedslide",
         help="the SuperExec started in subprocess isolation: fedslide's (each message in a process "
-        "forked from one that imported torch once; default) or Flower's (a fresh flwr-clientapp per "
-        "message). With --isolation process neither is started here.",
+        "forked from one that imported torch once, running the installed ClientApp; default) or Flower's (a fresh "
+        "flwr-clientapp per message, running the FAB's code: needs node config allow-fab-code=true). With "
+        "--isolation process neither is started here.",
     )
     parser.add_argument(
         "--feature-memory-gb",
@@ -248,10 +280,24 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(ours, name)!r}")
     if ours.feature_memory_gb < 0:
         parser.error(f"--feature-memory-gb must be >= 0, got {ours.feature_memory_gb!r}")
+    try:
+        allow_fab_code = node_config_allows_fab_code(flower_args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    flowers = "--superexec flower" if ours.superexec == "flower" else None
+    if "--allow-runtime-dependency-installation" in flower_args:  # only Flower's SuperExec installs dependencies
+        flowers = "--allow-runtime-dependency-installation (Flower's SuperExec)"
+    if flowers and not allow_fab_code:
+        parser.error(
+            f"{flowers} runs the ClientApp code of the FAB the coordinator sends, not this site's installed "
+            f"fedslide: add {ALLOW_FAB_CODE}=true to --node-config to allow that (development only)"
+        )
+    if allow_fab_code:
+        log.warning("node config %s=true: this site runs the FAB's code (development only)", ALLOW_FAB_CODE)
     flower_compat.shorten_supernode_polls(ours.idle_poll)
     flower_compat.shorten_object_pulls(ours.pull_backoff, max(ours.pull_backoff, PULL_BACKOFF_CAP_S))
     if ours.superexec == "fedslide":
-        use_warm_superexec(node_config_site_dir(flower_args), ours.feature_memory_gb)
+        use_warm_superexec(node_config_site_dir(flower_args), ours.feature_memory_gb, allow_fab_code)
 
     flower_compat.update_console_handler(timestamps=True, colored=False)  # its log is a file: when, not colours
     sys.argv = ["flower-supernode", *flower_args]

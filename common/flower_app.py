@@ -1,4 +1,5 @@
-"""The Flower app as `flwr run` receives it: where its code lives, the folder handed over, its manifest and run config.
+"""The Flower app as `flwr run` receives it: where its code lives, the folder handed over, its manifest and run config;
+and what a site checks in an app bundle (FAB) before it answers a message (`vet_fab`).
 
 From the source tree the manifest is the project's `pyproject.toml`. An installed fedslide (a wheel: no
 `pyproject.toml` beside its packages) gets the same manifest written from the package's metadata, the
@@ -7,8 +8,14 @@ constants below and the federation config's defaults; a test holds the two equal
 
 from __future__ import annotations
 
+import hashlib
+import io
+import re
 import shutil
 import tomllib
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,6 +30,20 @@ MANIFEST = "pyproject.toml"
 PUBLISHER = "fedslide"
 COMPONENTS = {"serverapp": "fedslide.server.server_app:app", "clientapp": "fedslide.client.client_app:app"}
 FAB_INCLUDE = [f"{NAMESPACE}/**/*.py", f"{NAMESPACE}/**/*.toml", "*.toml"]  # what the sites run
+
+# ---- what a site accepts of a FAB (client.superexec): it runs its own installed ClientApp, never the FAB's --------
+SITE_FOLDERS = ("client", "common")  # the code a ClientApp runs (the client layer imports only common)
+ALLOW_FAB_CODE = "allow-fab-code"  # node config: true = the site runs the FAB's code (development only)
+ALLOWED_FAB_HASHES = "allowed-fab-hashes"  # node config: SHA-256s (comma/space separated) of the FABs a site accepts
+REFUSALS = {  # kind -> the fixed text the coordinator is told (egress.ErrorCode.CODE_REFUSED; details: the site's log)
+    "unreadable": "the FAB is not a zip archive with a pyproject.toml manifest",
+    "other-app": "the FAB declares another app than fedslide's ClientApp",
+    "other-version": "the FAB declares another fedslide version than the one installed at this site",
+    "hash-not-allowed": "the FAB's SHA-256 is not on this site's allowed-fab-hashes",
+    "code-differs": "the FAB's client code differs from the fedslide code installed at this site",
+    "bad-node-config": "this site's allowed-fab-hashes node config is invalid",
+}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def toml_value(v: Any) -> str:
@@ -92,3 +113,75 @@ def stage_app(app_dir: Path, stage: Path) -> Path:
     if not from_source:
         (stage / MANIFEST).write_text(app_manifest())
     return stage
+
+
+@dataclass(frozen=True)
+class FabRefusal:
+    """Why a site refuses a FAB: `kind` (a key of REFUSALS: what the coordinator is told) and `detail`, for the
+    site's log only."""
+
+    kind: str
+    detail: str
+
+
+def allowed_fab_hashes(node_config: Mapping[str, Any]) -> frozenset[str]:
+    """The node config's `allowed-fab-hashes` (empty: no allow-list); ValueError naming the key, the bad entry and
+    what is allowed."""
+    value = node_config.get(ALLOWED_FAB_HASHES, "")
+    if not isinstance(value, str):
+        raise ValueError(f"node config {ALLOWED_FAB_HASHES} must be a string of SHA-256s, got {value!r}")
+    hashes = frozenset(h.lower() for h in re.split(r"[,\s]+", value) if h)
+    bad = sorted(h for h in hashes if not _SHA256.fullmatch(h))
+    if bad:
+        raise ValueError(
+            f"node config {ALLOWED_FAB_HASHES}: {bad[0]!r} is not a SHA-256 (64 hex digits; e.g. `sha256sum app.fab`)"
+        )
+    return hashes
+
+
+def vet_fab(
+    fab: bytes,
+    node_config: Mapping[str, Any],
+    app_dir: Path = APP_DIR,
+    installed_version: str | None = None,
+) -> FabRefusal | None:
+    """None when a site may answer a message of this FAB with its installed ClientApp: the FAB's manifest declares
+    fedslide's ClientApp at the installed version, its hash is on `allowed-fab-hashes` (when the node config sets
+    one), and every file of its client code (SITE_FOLDERS) is the installed one's; otherwise why not. Nothing of
+    the FAB is installed or imported."""
+    try:
+        allowed = allowed_fab_hashes(node_config)
+    except ValueError as exc:
+        return FabRefusal("bad-node-config", str(exc))
+    digest = hashlib.sha256(fab).hexdigest()
+    if allowed and digest not in allowed:
+        return FabRefusal("hash-not-allowed", f"FAB {digest} is not one of the {len(allowed)} allowed")
+    try:
+        with zipfile.ZipFile(io.BytesIO(fab)) as archive:
+            manifest = tomllib.loads(archive.read(MANIFEST).decode())
+            files = {name: archive.read(name) for name in archive.namelist() if not name.endswith("/")}
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        return FabRefusal("unreadable", f"FAB {digest[:12]}: {exc}")
+    project = manifest.get("project", {})
+    app = manifest.get("tool", {}).get("flwr", {}).get("app", {})
+    declared = (project.get("name"), app.get("publisher"), app.get("components", {}).get("clientapp"))
+    if declared != (NAMESPACE, PUBLISHER, COMPONENTS["clientapp"]):
+        return FabRefusal(
+            "other-app",
+            f"FAB {digest[:12]} declares name, publisher, clientapp = {declared}; this site runs "
+            f"{(NAMESPACE, PUBLISHER, COMPONENTS['clientapp'])}",
+        )
+    installed = installed_version or metadata.version(NAMESPACE)
+    if project.get("version") != installed:
+        return FabRefusal(
+            "other-version",
+            f"FAB {digest[:12]} declares fedslide {project.get('version')!r}; installed here: {installed!r}",
+        )
+    prefixes = tuple(f"{NAMESPACE}/{folder}/" for folder in SITE_FOLDERS)
+    for name, content in sorted(files.items()):
+        if not name.startswith(prefixes):
+            continue
+        local = app_dir / name.removeprefix(f"{NAMESPACE}/")
+        if not local.is_file() or local.read_bytes() != content:
+            return FabRefusal("code-differs", f"FAB {digest[:12]}: {name} is not the file installed here ({local})")
+    return None

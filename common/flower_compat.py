@@ -11,9 +11,11 @@ What is here:
   2, 4, 8, 10 s (`pull_objects`: `initial_backoff`, `backoff_cap`). Flower has no setting for either;
   `shorten_supernode_polls` and `shorten_object_pulls` shorten them in the calling process only (the messages, their
   contents, TLS and node authentication stay Flower's).
-- The SuperNode's SuperExec launch (`start_superexec_through`), the warm SuperExec's FAB re-install
-  (`reuse_installed_fab`), the in-process runtime's task identity (`set_server_task_identity`), a strategy's reply check (`checked_replies`) and FedAvgM's server
-  momentum (`fedavgm_momentum`, `set_fedavgm_momentum`).
+- The SuperNode's SuperExec launch (`start_superexec_through`), the warm SuperExec's ClientApp process that answers
+  with the site's installed app and never installs the task's FAB (`run_clientapp_without_fab`), its FAB re-install
+  when FAB code is allowed (`reuse_installed_fab`), the in-process runtime's task identity
+  (`set_server_task_identity`), a strategy's reply check (`checked_replies`) and FedAvgM's server momentum
+  (`fedavgm_momentum`, `set_fedavgm_momentum`).
 
 Every function that changes Flower or writes its private fields first checks the installed Flower's minor version
 (`check_flower_version`) and raises `FlowerVersionError` on another one. Importing this module imports no Flower code.
@@ -48,6 +50,7 @@ INTERNAL_NAMES: dict[str, str] = {
     "FAB_HASH_TRUNCATION": "flwr.common.constant",
     "SUPERLINK_NODE_ID": "flwr.common.constant",
     "parse_config_args": "flwr.common.config",
+    "error_to_proto": "flwr.common.serde",
     "recorddict_to_proto": "flwr.common.serde",
     "AcquireTaskRequest": "flwr.proto.runtime_pb2",
     "aggregate_arrayrecords": "flwr.serverapp.strategy.strategy_utils",
@@ -167,8 +170,12 @@ def flower_internals_present() -> list[str]:
         for name, present in (("time", _has_module_time(loop)), ("subprocess", _has_module_subprocess(loop)))
         if not present
     ]
-    if not callable(getattr(importlib.import_module(_CLIENTAPP_RUNTIME_MODULE), "install_from_fab", None)):
-        missing.append(f"{_CLIENTAPP_RUNTIME_MODULE}.install_from_fab")
+    runtime = importlib.import_module(_CLIENTAPP_RUNTIME_MODULE)
+    missing += [
+        f"{_CLIENTAPP_RUNTIME_MODULE}.{name}"
+        for name in ("install_from_fab", "get_load_client_app_fn")
+        if not callable(getattr(runtime, name, None))
+    ]
     return missing
 
 
@@ -250,6 +257,27 @@ def reuse_installed_fab(fab_hash: str, fab_dir: Path) -> None:
     runtime.install_from_fab = installed_or_install  # type: ignore[attr-defined]
 
 
+def run_clientapp_without_fab(answer_with: Callable[[bytes], Callable[..., Any]], **run_clientapp_args: Any) -> None:
+    """In a ClientApp process: Flower's `run_clientapp` (the task's message, context and reply go through Flower as
+    usual) except that the task's FAB is neither installed nor imported: `answer_with(fab_bytes)` gives the callable
+    that answers the message (`app(message=..., context=...)`, as Flower calls a ClientApp)."""
+    check_flower_version()
+    runtime = importlib.import_module(_CLIENTAPP_RUNTIME_MODULE)
+    fab: list[bytes] = []
+
+    def keep_fab(fab_file: Path | bytes, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(fab_file, bytes):
+            raise TypeError(f"expected the FAB's bytes, got {type(fab_file).__name__}")
+        fab.append(fab_file)
+
+    def load_fn(*args: Any, **kwargs: Any) -> Callable[[str, str, str], Callable[..., Any]]:
+        return lambda fab_id, fab_version, fab_hash: answer_with(fab[-1])
+
+    runtime.install_from_fab = keep_fab  # type: ignore[attr-defined]
+    runtime.get_load_client_app_fn = load_fn  # type: ignore[attr-defined]
+    runtime.run_clientapp(**run_clientapp_args)
+
+
 # ---- the in-process runtime (server.local_grid.LocalGrid) ----------------------------------------------------------
 def set_server_task_identity(run_id: int) -> None:
     """Make messages created in this process come from the SuperLink's node in run `run_id` (Flower sets this when it
@@ -258,6 +286,32 @@ def set_server_task_identity(run_id: int) -> None:
     task_identity = importlib.import_module("flwr.supercore.task_identity").TaskIdentity
     superlink = importlib.import_module("flwr.common.constant").SUPERLINK_NODE_ID
     task_identity.run_id, task_identity.node_id, task_identity.task_id = run_id, superlink, 1
+
+
+def restamped(message: Message, **changes: Any) -> Message:
+    """`message` (content or error) with some of its metadata changed, as a new message: Flower's metadata ids have
+    no setters, and `Message(..., metadata=...)` is the constructor Flower's own runtimes use."""
+    check_flower_version()
+    from flwr.app import Message, Metadata
+
+    m = message.metadata
+    fields: dict[str, Any] = {
+        "run_id": m.run_id,
+        "message_id": m.message_id,
+        "src_node_id": m.src_node_id,
+        "dst_node_id": m.dst_node_id,
+        "reply_to_message_id": m.reply_to_message_id,
+        "group_id": m.group_id,
+        "created_at": m.created_at,
+        "ttl": m.ttl,
+        "message_type": m.message_type,
+        "src_task_id": m.src_task_id,
+        "dst_task_id": m.dst_task_id,
+    }
+    metadata = Metadata(**(fields | changes))
+    if message.has_error():
+        return Message(error=message.error, metadata=metadata)  # type: ignore[call-overload]  # not in the overloads
+    return Message(content=message.content, metadata=metadata)  # type: ignore[call-overload]
 
 
 # ---- strategies -----------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ SITE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DNS_NAME = re.compile(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62})?)*")
 RESERVED_SITE_NAMES = frozenset({"ca", "server"})  # their .key files would collide with the TLS keys
 CA_MIN_DAYS = 3650
+SERVER_MAX_DAYS = 825  # the longest server-certificate validity browsers and CA/B baseline accept
 CLOCK_SKEW = dt.timedelta(minutes=5)
 _LOAD_ERRORS = (OSError, ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound)
 
@@ -65,6 +66,7 @@ class Material:
     sites: dict[str, CertPaths]  # site -> (<site>.pub, <site>.key)
     reused_ca: bool = False
     reused_server: bool = False
+    replaced_ca: bool = False  # an existing CA was replaced (`force`): every site needs the new ca.crt
 
 
 def _check_free(paths: Sequence[Path], force: bool) -> None:
@@ -90,6 +92,15 @@ def _window(days: int, start: dt.datetime | None, end: dt.datetime | None) -> tu
     if end <= start:
         raise InvalidInput(f"not_valid_after ({end}) must be later than not_valid_before ({start})")
     return start, end
+
+
+def _server_days(days: int) -> None:
+    """Refuse a server-certificate validity outside 1..SERVER_MAX_DAYS days."""
+    if not 1 <= days <= SERVER_MAX_DAYS:
+        raise InvalidInput(
+            f"--days {days}: a server certificate is valid for 1 to {SERVER_MAX_DAYS} days; renew it with "
+            "`fedslide certs --renew-server` before it expires"
+        )
 
 
 def _issue(
@@ -183,9 +194,11 @@ def make_server_cert(
     not_valid_before: dt.datetime | None = None,
     not_valid_after: dt.datetime | None = None,
 ) -> CertPaths:
-    """Create the SuperLink's `server.pem` + `server.key` signed by `ca`; SANs always include IP 127.0.0.1."""
+    """Create the SuperLink's `server.pem` + `server.key` signed by `ca` (valid at most SERVER_MAX_DAYS days); SANs
+    always include IP 127.0.0.1."""
     paths = CertPaths(Path(out_dir) / "server.pem", Path(out_dir) / "server.key")
     sans = _sans(dns_names, ip_addresses)
+    _server_days(days)
     window = _window(days, not_valid_before, not_valid_after)
     _check_free([paths.cert, paths.key], force)
     issuer = _load_ca_objects(ca)
@@ -257,8 +270,9 @@ def make_all(
     out = Path(out_dir)
     validate_site_names(sites)
     sans = _sans(dns_names, ip_addresses)
-    _window(days, None, None)
+    _server_days(days)
     ca = CertPaths(out / "ca.crt", out / "ca.key")
+    replaced_ca = force and (ca.cert.exists() or ca.key.exists())
     server = CertPaths(out / "server.pem", out / "server.key")
     reuse_ca = not force and ca.cert.exists() and ca.key.exists()
     if reuse_ca:
@@ -273,15 +287,38 @@ def make_all(
         make_ca(out, days=max(days, CA_MIN_DAYS), force=force)
     if not reuse_server:
         make_server_cert(out, ca, dns_names, ip_addresses, days=days, force=force)
-    return Material(out, ca, server, make_site_keys(out, sites, force=force), reuse_ca, reuse_server)
+    return Material(out, ca, server, make_site_keys(out, sites, force=force), reuse_ca, reuse_server, replaced_ca)
+
+
+def renew_server_cert(
+    out_dir: Path | str,
+    dns_names: Sequence[str] = ("localhost",),
+    ip_addresses: Sequence[str] = ("127.0.0.1",),
+    days: int = 365,
+) -> CertPaths:
+    """Replace `server.pem` + `server.key` in `out_dir` with a new pair signed by the CA already there (which must be
+    usable): the sites keep their ca.crt and keys."""
+    _server_days(days)
+    _sans(dns_names, ip_addresses)
+    try:
+        ca = load_ca(out_dir)
+    except CertsError as exc:
+        raise CertsError(f"--renew-server reuses the CA in {out_dir}: {exc}") from exc
+    return make_server_cert(out_dir, ca, dns_names, ip_addresses, days=days, force=True)
 
 
 def instructions(material: Material) -> str:
     """Human-readable text: which file goes where."""
     m = material
     reused = " (existing CA reused)" if m.reused_ca else ""
+    warning = (
+        ["WARNING: the existing CA was replaced (--force): every site needs the new ca.crt", ""]
+        if m.replaced_ca
+        else []
+    )
     return "\n".join(
         [
+            *warning,
             f"TLS and SuperNode-authentication material in {m.out_dir.resolve()}{reused}",
             "",
             "Coordinating site (SuperLink host): copy ca.crt, server.pem, server.key, then run",
@@ -311,25 +348,51 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Write a private CA, the SuperLink's server certificate (SANs: --dns, --ip and always "
         "127.0.0.1) and one ECDSA P-384 OpenSSH key pair per site, then print what to copy where. Existing files "
         "are never replaced without --force; an existing CA (and matching server certificate) in --out is reused, "
-        "so a site can be added later.",
+        "so a site can be added later. --renew-server replaces only the server certificate, signed by that CA.",
     )
     p.add_argument("--out", type=Path, default=Path("certs"), help="output folder (default: certs)")
-    p.add_argument("--sites", nargs="+", required=True, metavar="NAME", help="site names (letters, digits, -, _)")
+    p.add_argument("--sites", nargs="+", default=[], metavar="NAME", help="site names (letters, digits, -, _)")
     p.add_argument(
         "--dns", nargs="+", default=["localhost"], metavar="NAME", help="server DNS names (default: localhost)"
     )
     p.add_argument("--ip", nargs="+", default=["127.0.0.1"], metavar="ADDR", help="server IPs (127.0.0.1 always added)")
-    p.add_argument("--days", type=int, default=365, help="server certificate validity in days (default 365)")
-    p.add_argument("--force", action="store_true", help="replace existing files, CA included")
+    p.add_argument(
+        "--days",
+        type=int,
+        default=365,
+        help=f"server certificate validity in days (default 365, at most {SERVER_MAX_DAYS})",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--force",
+        action="store_true",
+        help="replace existing files, CA included (every site then needs the new ca.crt)",
+    )
+    mode.add_argument(
+        "--renew-server",
+        action="store_true",
+        help="replace only server.pem/server.key, signed by the existing CA in --out (no --sites needed)",
+    )
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Make the material and print the instructions; returns an exit code."""
     try:
+        if args.renew_server:
+            if args.sites:
+                raise InvalidInput("--renew-server renews the server certificate only: leave out --sites")
+            server = renew_server_cert(args.out, args.dns, args.ip, days=args.days)
+            print(f"renewed {server.cert} and {server.key} (signed by the existing {Path(args.out) / 'ca.crt'});")
+            print("copy both to the SuperLink host and restart it: the sites need nothing new")
+            return EXIT_OK
+        if not args.sites:
+            raise InvalidInput("--sites is needed (the site names), unless --renew-server")
         material = make_all(args.out, args.sites, args.dns, args.ip, days=args.days, force=args.force)
     except CertsError as exc:
         print(f"fedslide certs: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    if material.replaced_ca:
+        print("fedslide certs: WARNING: made a new CA (--force); every site needs the new ca.crt", file=sys.stderr)
     print(instructions(material))
     return EXIT_OK

@@ -76,6 +76,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "fedslide.common.config.cli",
         "write configs/defaults.toml and pyproject's Flower app config from the config models",
     ),
+    "audit": Subcommand(
+        "fedslide.client.audit", "verify a site's egress ledgers (hash chain) and print what left it, per run and phase"
+    ),
 }
 
 

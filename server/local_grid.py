@@ -6,9 +6,9 @@ would and handed to the node's ClientApp with that node's Context (its node conf
 ClientApp exception becomes an error reply, as a SuperNode would send. Replies are computed when a message is pushed.
 
 A pushed message gets the id and run a SuperLink would give it, and a reply the node that sent it, as new
-messages built with Flower's public `Message(content|error, metadata=Metadata(...))`; the one thing set in Flower
-itself is the task identity a ServerApp process has (`common.flower_compat.set_server_task_identity`, through
-Flower's own setters, after a check of the installed Flower's version).
+messages (`common.flower_compat.restamped`: Flower's `Message(..., metadata=Metadata(...))`, no writes to its
+private fields); the task identity a ServerApp process has is set through Flower's own setters
+(`common.flower_compat.set_server_task_identity`). Both check the installed Flower's version first.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
@@ -85,7 +85,8 @@ class LocalGrid(Grid):
             node = int(message.metadata.dst_node_id)
             if node in self.contexts and node not in self.offline:  # the wire's copy, as the SuperLink stamps it
                 reply = self._deliver(
-                    node, restamped(copy.deepcopy(message), message_id=message_id, run_id=self._run.run_id)
+                    node,
+                    flower_compat.restamped(copy.deepcopy(message), message_id=message_id, run_id=self._run.run_id),
                 )
                 if reply is not None:
                     self._replies[message_id] = reply
@@ -97,7 +98,7 @@ class LocalGrid(Grid):
             reply = self.app(message, self.contexts[node])
         except Exception as exc:  # a ClientApp failure is an error reply, as from a SuperNode
             reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
-        reply = restamped(copy.deepcopy(reply), src_node_id=node)
+        reply = flower_compat.restamped(copy.deepcopy(reply), src_node_id=node)
         return self.reply_hook(node, reply) if self.reply_hook is not None else reply
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -107,25 +108,3 @@ class LocalGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return list(self.pull_messages(list(self.push_messages(messages))))  # replies are synchronous
-
-
-def restamped(message: Message, **changes: Any) -> Message:
-    """`message` (content or error) with some of its metadata changed (Flower's metadata ids have no setters)."""
-    m = message.metadata
-    fields: dict[str, Any] = {
-        "run_id": m.run_id,
-        "message_id": m.message_id,
-        "src_node_id": m.src_node_id,
-        "dst_node_id": m.dst_node_id,
-        "reply_to_message_id": m.reply_to_message_id,
-        "group_id": m.group_id,
-        "created_at": m.created_at,
-        "ttl": m.ttl,
-        "message_type": m.message_type,
-        "src_task_id": m.src_task_id,
-        "dst_task_id": m.dst_task_id,
-    }
-    metadata = Metadata(**(fields | changes))
-    if message.has_error():
-        return Message(error=message.error, metadata=metadata)
-    return Message(content=message.content, metadata=metadata)

@@ -239,3 +239,56 @@ def test_openssl_verifies_server_cert(material: certs.Material) -> None:
         check=False,
     )
     assert done.returncode == 0 and ": OK" in done.stdout, done.stdout + done.stderr
+
+
+def test_renew_server_reuses_the_ca_and_keeps_site_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca = certs.make_ca(tmp_path)
+    now = dt.datetime.now(UTC)
+    certs.make_server_cert(
+        tmp_path, ca, ["localhost"], [], not_valid_before=now - dt.timedelta(days=10), not_valid_after=now
+    )  # expired
+    certs.make_site_keys(tmp_path, ["a"])
+    before = _snapshot(tmp_path)
+    args = _cli(["certs", "--out", str(tmp_path), "--renew-server", "--dns", "fl.example.org", "--days", "90"])
+    assert args.handler(args) == 0
+    assert "renewed" in capsys.readouterr().out
+    after = _snapshot(tmp_path)
+    assert {k: after[k] for k in ("ca.crt", "ca.key", "a.key", "a.pub")} == {
+        k: before[k] for k in ("ca.crt", "ca.key", "a.key", "a.pub")
+    }
+    assert after["server.pem"] != before["server.pem"] and after["server.key"] != before["server.key"]
+    cert = _cert(tmp_path / "server.pem")
+    cert.verify_directly_issued_by(_cert(ca.cert))
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == dt.timedelta(days=90)
+    assert cert.not_valid_after_utc > now
+    assert stat.S_IMODE((tmp_path / "server.key").stat().st_mode) == 0o600
+
+
+def test_renew_server_without_a_ca_or_with_sites_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = _cli(["certs", "--out", str(tmp_path / "none"), "--renew-server"])
+    assert args.handler(args) == EXIT_USAGE
+    assert "reuses the CA" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    certs.make_all(tmp_path, ["a"])
+    args = _cli(["certs", "--out", str(tmp_path), "--renew-server", "--sites", "b"])
+    assert args.handler(args) == EXIT_USAGE
+    assert "leave out --sites" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --force and --renew-server exclude each other
+        _cli(["certs", "--out", str(tmp_path), "--renew-server", "--force"])
+
+
+@pytest.mark.parametrize("days", [0, certs.SERVER_MAX_DAYS + 1, 3650])
+def test_server_days_are_capped(tmp_path: Path, days: int, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(certs.InvalidInput, match=f"1 to {certs.SERVER_MAX_DAYS} days"):
+        certs.make_all(tmp_path / "out", ["a"], days=days)
+    assert not (tmp_path / "out").exists()
+    args = _cli(["certs", "--out", str(tmp_path / "cli"), "--sites", "a", "--days", str(days)])
+    assert args.handler(args) == EXIT_USAGE
+    assert f"--days {days}" in capsys.readouterr().err
+
+
+def test_force_says_that_it_replaced_the_ca(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    certs.make_all(tmp_path, ["a"])
+    args = _cli(["certs", "--out", str(tmp_path), "--sites", "a", "--force"])
+    assert args.handler(args) == 0
+    captured = capsys.readouterr()
+    assert "new CA" in captured.err and "every site needs the new ca.crt" in captured.out

@@ -269,9 +269,10 @@ def test_the_supernode_launcher_swaps_in_the_warm_superexec(
     start_client_internal.subprocess.Popen(
         ["flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094", "--parent-pid", "7"]
     )
-    start_client_internal.subprocess.Popen(
-        ["flower-superexec", "--insecure", "--allow-runtime-dependency-installation"]
-    )
+    with pytest.raises(PermissionError, match="allow-fab-code=true"):  # Flower's SuperExec: it runs the FAB's code
+        start_client_internal.subprocess.Popen(
+            ["flower-superexec", "--insecure", "--allow-runtime-dependency-installation"]
+        )
     assert started == [
         [
             sys.executable,
@@ -287,11 +288,13 @@ def test_the_supernode_launcher_swaps_in_the_warm_superexec(
             "--site-dir",
             str(site),
         ],
-        ["flower-superexec", "--insecure", "--allow-runtime-dependency-installation"],
     ]
-    # Flower's own SuperExec on request; a SuperNode without a site-dir holds no features
+    # Flower's own SuperExec (it runs the FAB's code) only where the node config allows FAB code; a SuperNode
+    # without a site-dir holds no features
     monkeypatch.setattr(start_client_internal, "subprocess", subprocess)
-    assert supernode.main(["--superexec", "flower", *flower_args]) == 0
+    with pytest.raises(SystemExit):
+        supernode.main(["--superexec", "flower", *flower_args])
+    assert supernode.main(["--superexec", "flower", *flower_args[:-1], f"{flower_args[-1]} allow-fab-code=true"]) == 0
     assert start_client_internal.subprocess is subprocess
     assert supernode.main(["--superlink", "127.0.0.1:9092", "--insecure"]) == 0
     assert fp.superexec_popen().extra == ["--feature-memory-gb", "8"]

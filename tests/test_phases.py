@@ -97,7 +97,8 @@ def test_only_the_handshake_sends_a_config_and_only_its_declared_keys(phase: ph.
         with pytest.raises(EgressViolation, match="config record"):
             check_reply(RecordDict({p.SITE: ConfigRecord({ph.SITE_NAME: "a"})}), Allowed(phase.name))
         return
-    keys = {k: "x" for k in phase.reply_config_keys}
+    keys: dict[str, str | list[str]] = {k: "x" for k in phase.reply_config_keys}
+    keys[ph.CLASSES] = ["tumour", "normal"]
     check_reply(RecordDict({phase.reply_config: ConfigRecord(keys)}), Allowed(phase.name))
     with pytest.raises(EgressViolation, match="config keys not allowed"):
         check_reply(RecordDict({phase.reply_config: ConfigRecord({**keys, "slide-ids": ["a"]})}), Allowed(phase.name))
@@ -122,7 +123,7 @@ def test_the_egress_tables_are_the_declarations() -> None:
     assert egress.PHASES == tuple(x.name for x in ph.ALL)
     assert egress.METRIC_NAMES == {x.name: x.metrics for x in ph.ALL}
     assert set(egress.WEIGHT_PHASES) == {"adapter", "teacher", "experts", "student"}
-    assert egress.HANDSHAKE_KEYS is ph.HANDSHAKE.reply_config_keys
+    assert egress.HANDSHAKE_KEYS == ph.HANDSHAKE.reply_config_keys == {k for k, _ in ph.HANDSHAKE_CONFIG}
     with pytest.raises(EgressViolation, match="unknown phase"):
         check_reply(RecordDict({}), Allowed("features"))
 

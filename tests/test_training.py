@@ -291,8 +291,11 @@ def test_training_learns_and_writes_documented_outputs(tmp_path: Path) -> None:
         } <= set(fold)
         assert fold["n_train"] + fold["n_val"] + fold["n_test"] == 40
         assert set(fold["test"]) == {"auc", "acc", "balanced_acc", "f1", "brier", "ece", "loss"}
-    assert set(metrics["summary"]) == {"val", "test"}
+    assert set(metrics["summary"]) == {"val", "test", "test_calibrated"}
     assert set(metrics["summary"]["test"]["auc"]) == {"mean", "sd", "n"}
+    for fold in metrics["folds"]:  # the toy encoder is named in the files: 'auto' leaves its features as they are
+        assert fold["standardized"] is False and fold["temperature"] >= 1.0
+        assert set(fold["test_calibrated"]) == set(fold["test"])
 
     with (tmp_path / "out" / "predictions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -349,7 +352,14 @@ def test_early_stopping_stops_when_validation_does_not_improve(tmp_path: Path) -
     features_dir, labels = make_cohort(tmp_path, n_patients=12)
     # lr this small leaves float32 weights unchanged, so the validation loss never improves after epoch 0
     cfg = train_config(
-        features_dir, labels, tmp_path / "out", epochs=20, lr=1e-12, cv_folds=2, early_stopping_patience=2
+        features_dir,
+        labels,
+        tmp_path / "out",
+        epochs=20,
+        lr=1e-12,
+        cv_folds=2,
+        early_stopping_patience=2,
+        selection_smoothing=1,
     )
     report = run_training(cfg, model_factory=stand_in, progress=False)
     for fold in report.folds:

@@ -37,6 +37,19 @@ class ConfigError(ValueError):
     """A config value was refused; the message names key, value and what is allowed."""
 
 
+# Top-level tables a `--config` file may hold: one per stage (see configs/defaults.toml) and the deployment's.
+KNOWN_SECTIONS: tuple[str, ...] = (
+    "synth",
+    "preprocess",
+    "train",
+    "distill",
+    "predict",
+    "federation",
+    "evaluate",
+    "deploy",
+)
+
+
 def _fields(kind: Any) -> dict[str, Any]:
     return dict(kind.model_fields) if isinstance(kind, type) and issubclass(kind, BaseModel) else {}
 
@@ -162,6 +175,12 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
         if section is not None:
+            sections = (*KNOWN_SECTIONS, *(() if section in KNOWN_SECTIONS else (section,)))
+            unknown = sorted(set(raw) - set(sections))
+            if unknown:
+                names = ", ".join(f"[{name}]" for name in unknown)
+                known = ", ".join(f"[{name}]" for name in sections)
+                raise ConfigError(f"config file {path}: unknown section {names}; known sections: {known}")
             raw = raw.get(section, {})
             if not isinstance(raw, dict):
                 raise ConfigError(f"config file {path}: [{section}] must be a table")

@@ -211,6 +211,11 @@ class FederationConfig(StageConfig):
     cluster_noise_std: float = Field(
         default=0.0, ge=0.0, description="Gaussian noise a site adds to its cluster sums before sending (0 = none)"
     )
+    cluster_clip_norm: PositiveFloat | None = Field(
+        default=None,
+        description="each slide's clustering vector is clipped to this L2 norm before a site sums it, so "
+        "cluster-noise-std bounds what two releases' difference tells about one slide (unset = no clipping)",
+    )
     proxy_epochs: PositiveInt = Field(
         default=30, description="logits mode: server-side student epochs on the proxy cohort"
     )
@@ -227,6 +232,11 @@ class FederationConfig(StageConfig):
     def _logits_needs_proxy(self) -> "FederationConfig":
         if self.mode == "logits" and self.proxy_dir is None:
             raise ValueError("mode = 'logits' needs proxy-dir (the coordinating site's proxy cohort)")
+        if self.mode == "logits" and self.dp_noise_multiplier > 0:
+            raise ValueError(
+                "dp-noise-multiplier > 0 with mode = 'logits': logits mode sends un-noised logits, so no ε would "
+                "hold; use mode = 'weights' for DP"
+            )
         return self
 
     @model_validator(mode="after")

@@ -39,8 +39,8 @@ class OptimizationConfig(StageConfig):
     min_epochs: NonNegativeInt = Field(default=0, description="epochs always run before early stopping may stop")
     selection_smoothing: PositiveInt = Field(
         default=1,
-        description="select on the mean validation score of the last N epochs (the window's last epoch's weights); "
-        "1 = the epoch's own score",
+        description="select on the mean validation score of the last N epochs (the window's last epoch's weights; "
+        "shortened when fewer epochs may be selected); 1 = the epoch's own score",
     )
     selection_min_epochs: NonNegativeInt = Field(
         default=0, description="epochs trained before any epoch's weights may be selected (the first N never are)"
@@ -55,10 +55,14 @@ class OptimizationConfig(StageConfig):
     def _min_epochs_fit(self) -> "OptimizationConfig":
         if self.min_epochs > self.epochs:
             raise ValueError(f"min-epochs ({self.min_epochs}) exceeds epochs ({self.epochs})")
-        first = self.selection_min_epochs + self.selection_smoothing
-        if first > self.epochs:
+        if self.selection_min_epochs >= self.epochs:
             raise ValueError(
-                f"selection-min-epochs ({self.selection_min_epochs}) + selection-smoothing "
-                f"({self.selection_smoothing}) exceed epochs ({self.epochs}): no epoch could be selected"
+                f"selection-min-epochs ({self.selection_min_epochs}) must be below epochs ({self.epochs}): "
+                "no epoch could be selected"
             )
         return self
+
+    @property
+    def selection_window(self) -> int:
+        """selection-smoothing, shortened to the epochs that may be selected when there are fewer."""
+        return max(1, min(self.selection_smoothing, self.epochs - self.selection_min_epochs))

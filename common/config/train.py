@@ -29,6 +29,11 @@ class TrainConfig(OptimizationConfig):
     )
 
     epochs: PositiveInt = Field(default=50, description="maximum epochs per fold")
+    selection_smoothing: PositiveInt = Field(
+        default=5,
+        description="select on the mean validation loss/AUC of the last N epochs (the window's last epoch's weights; "
+        "shortened when fewer epochs may be selected); 5 chosen by nested CV (tests/bench/mil_classic.md)",
+    )
     batch_size: PositiveInt = Field(default=8, description="bags per training batch (padded, with a mask)")
     eval_batch_size: PositiveInt | None = Field(
         default=None, description="bags per evaluation batch (default: batch-size)"

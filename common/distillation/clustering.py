@@ -86,6 +86,33 @@ def cluster_statistics(
     return sums, counts
 
 
+def clip_rows(x: np.ndarray, norm: float) -> np.ndarray:
+    """Each row of `x` scaled down to L2 norm at most `norm`."""
+    x = np.asarray(x, dtype=np.float64)
+    lengths = np.linalg.norm(x, axis=1, keepdims=True)
+    return x * np.minimum(1.0, norm / np.maximum(lengths, 1e-12))
+
+
+def released_statistics(
+    vectors: np.ndarray,
+    centroids: np.ndarray,
+    assignment: np.ndarray | None,
+    min_count: int,
+    clip_norm: float | None,
+    noise_std: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster (sums, counts) as a site sends them: each vector clipped to `clip_norm` (None: not clipped),
+    fresh Gaussian noise of `noise_std` on every reported sum, withheld clusters zero. With the clip, one slide moves
+    a sum by at most `clip_norm`, so the difference of two releases shows it only through noise of std
+    `noise_std * sqrt(2)` per coordinate."""
+    x = np.asarray(vectors, dtype=np.float64) if clip_norm is None else clip_rows(vectors, clip_norm)
+    sums, counts = cluster_statistics(x, centroids, min_count=min_count, assignment=assignment)
+    if noise_std > 0:
+        sums = np.where(counts[:, None] > 0, sums + rng.normal(0.0, noise_std, size=sums.shape), 0.0)
+    return sums, counts
+
+
 def update_centroids(stats: Sequence[tuple[np.ndarray, np.ndarray]], previous: np.ndarray | None = None) -> np.ndarray:
     """New centroids from per-site (sums, counts): total sums / total counts; an empty cluster keeps
     its `previous` centroid (an error without one)."""

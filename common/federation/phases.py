@@ -10,6 +10,7 @@ step and the server step of each phase are registered by declaration on their ow
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,13 +40,65 @@ TEACHER_LOGITS, EXPERT_LOGITS, EXPERT_WEIGHTS = "teacher", "experts", "expert-we
 CENTROIDS = "centroids"  # the one array of the server's centroid record
 
 # ---- config keys of the handshake reply ------------------------------------------------------------------
-SITE_NAME, ENCODER_NAME, ENCODER_HASH, ENCODER_FINGERPRINT, CLASSES, ERROR = (
+SITE_NAME, ENCODER_NAME, ENCODER_HASH, ENCODER_FINGERPRINT, CLASSES = (
     "site-name",
     "encoder-name",
     "encoder-hash",
     "encoder-fingerprint",
     "classes",
-    "error",
+)
+
+# ---- how much a reply may carry beyond its declared arrays (the egress byte cap) -----------------------------
+MAX_CLASSES = 64  # classes a site may name in its handshake
+ARRAY_SLACK = 1.05  # a reply's serialized arrays may exceed their raw bytes by this factor
+REPLY_ALLOWANCE = 16 * 1024  # bytes for a reply's metrics and config, beyond its arrays
+MEMBER_ALLOWANCE = 1024  # bytes more per packed model of a weights phase (its per-member metrics)
+METRIC_BYTES = 64  # serialized size bound of one metric entry (name and value)
+
+
+@dataclass(frozen=True)
+class ConfigValue:
+    """What one config entry of a reply may hold: a string (with `max_items`, a list of at most that many strings),
+    each of at most `max_length` characters fully matching `pattern` (a safe character set)."""
+
+    pattern: str
+    max_length: int
+    max_items: int = 0
+
+    @property
+    def max_bytes(self) -> int:
+        """Serialized size bound of the entry's value (UTF-8: up to 4 bytes a character, plus framing)."""
+        return max(1, self.max_items) * (4 * self.max_length + 8)
+
+    def problem(self, key: str, value: object) -> str | None:
+        """Why `value` may not leave as config entry `key`, or None when it may."""
+        if self.max_items:
+            if not isinstance(value, list) or len(value) > self.max_items:
+                return f"config {key!r} must be a list of at most {self.max_items} strings"
+            items = value
+        elif isinstance(value, str):
+            items = [value]
+        else:
+            return f"config {key!r} must be a string, got {type(value).__name__}"
+        for item in items:
+            if not isinstance(item, str) or len(item) > self.max_length or not re.fullmatch(self.pattern, item):
+                shown = repr(item)[:40] + ("..." if len(repr(item)) > 40 else "")
+                return (
+                    f"config {key!r} holds {shown} (length {len(item) if isinstance(item, str) else '?'}); allowed: "
+                    f"strings of at most {self.max_length} characters matching {self.pattern}"
+                )
+        return None
+
+
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # site names: letters, digits, '.', '_' and '-'
+_TOKEN = r"[A-Za-z0-9:./_+-]*"  # encoder names, hashes, fingerprints
+_LABEL = r"[\w .,:()+/-]+"  # class names
+HANDSHAKE_CONFIG: tuple[tuple[str, ConfigValue], ...] = (
+    (SITE_NAME, ConfigValue(_NAME, 64)),
+    (ENCODER_NAME, ConfigValue(_TOKEN, 128)),
+    (ENCODER_HASH, ConfigValue(_TOKEN, 128)),
+    (ENCODER_FINGERPRINT, ConfigValue(_TOKEN, 128)),
+    (CLASSES, ConfigValue(_LABEL, 64, MAX_CLASSES)),
 )
 
 
@@ -102,7 +155,8 @@ class Phase:
     array_names: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
     reply_config: str | None = None
-    reply_config_keys: frozenset[str] = frozenset()
+    reply_config_values: tuple[tuple[str, ConfigValue], ...] = ()  # each config key a reply may carry, its values
+    reply_allowance: int = REPLY_ALLOWANCE  # bytes for metrics and config beyond the arrays (the byte cap)
     members: tuple[str, ...] = ()
     numbered: str | None = None
     config_name: str | None = None
@@ -127,6 +181,20 @@ class Phase:
     def action(self) -> str:
         """The action part of its message type (`handshake` of `query.handshake`), what ClientApp registers."""
         return self.message_type.partition(".")[2]
+
+    @property
+    def reply_config_keys(self) -> frozenset[str]:
+        """The config keys its reply may carry."""
+        return frozenset(key for key, _ in self.reply_config_values)
+
+    def config_value(self, key: str) -> ConfigValue | None:
+        """What config entry `key` of its reply may hold (None: the key may not leave)."""
+        return dict(self.reply_config_values).get(key)
+
+    def reply_cap(self, array_bytes: int, members: int = 0) -> int:
+        """The most bytes its serialized reply may have: the declared arrays' raw bytes × ARRAY_SLACK, plus the
+        phase's allowance for metrics and config and MEMBER_ALLOWANCE for each of `members` packed models."""
+        return math.ceil(array_bytes * ARRAY_SLACK) + self.reply_allowance + MEMBER_ALLOWANCE * members
 
     @property
     def is_weights(self) -> bool:
@@ -216,7 +284,11 @@ HANDSHAKE = Phase(
         re.escape(CHILD_GRID),
     ),
     reply_config=p.SITE,
-    reply_config_keys=frozenset({SITE_NAME, ENCODER_NAME, ENCODER_HASH, ENCODER_FINGERPRINT, CLASSES, ERROR}),
+    reply_config_values=HANDSHAKE_CONFIG,
+    # its metrics (3 grids, 3 splits × (1 + MAX_CLASSES) counts) and its config at their bounds
+    reply_allowance=REPLY_ALLOWANCE
+    + METRIC_BYTES * (3 + 3 * (1 + MAX_CLASSES))
+    + sum(value.max_bytes for _, value in HANDSHAKE_CONFIG),
 )
 ADAPTER = _weights("adapter")
 TEACHER = _weights("teacher", members=("teacher", "baseline"))  # the low-res baseline rides along

@@ -9,6 +9,7 @@ import torch
 
 from fedslide.common.atomic import atomic_path
 from fedslide.common.models.base import MILModel
+from fedslide.common.training.standardize import FeatureStats
 
 CHECKPOINT_FORMAT = "fedslide.mil-checkpoint/1"
 
@@ -60,3 +61,19 @@ def load_model(path: Path | str, map_location: str | torch.device = "cpu") -> tu
     model = build_model(ModelConfig.model_validate(payload["model_config"]))
     model.load_state_dict(payload["state_dict"])
     return model.eval(), payload
+
+
+@torch.no_grad()
+def predict_proba(
+    model: MILModel, payload: dict[str, Any], features: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Class probabilities [B, C] of bags [B, N, D] as the run evaluated them: the checkpoint's
+    standardisation (if any) before the model, its temperature (if any) on the logits."""
+    stats = FeatureStats.from_payload(payload.get("standardize"))
+    if stats is not None:
+        features = stats.apply(features)
+        if mask is not None:
+            features = features * mask.unsqueeze(-1)  # padding stays zero, as in training batches
+    logits = model(features, mask=mask).logits.double()
+    temperature = payload.get("temperature") or 1.0
+    return torch.softmax(logits / float(temperature), dim=-1)

@@ -87,14 +87,17 @@ def _cell(stats: dict[str, float] | None) -> str:
     return f"{stats['mean']:.3f} ± {stats['sd']:.3f}"
 
 
-def format_summary(summary: dict[str, dict[str, dict[str, float]]], folds: int) -> str:
-    """Table of metric mean ± sd (over folds) per evaluated split."""
-    splits = [s for s in ("val", "test") if s in summary]
+def format_summary(summary: dict[str, dict[str, dict[str, float]]], folds: int, over: str = "n") -> str:
+    """Table of metric mean ± sd (over `folds` folds, or repeats) per evaluated split."""
+    splits = [s for s in ("val", "test", "test_calibrated") if s in summary]
     names = [*METRIC_NAMES, "loss"]
     width = max(len(n) for n in names) + 2
-    lines = [f"{'metric':<{width}}" + "".join(f"{s + f' (n={folds})':<20}" for s in splits)]
+    heads = {"test_calibrated": "test T-scaled"}
+    titles = [heads.get(s, s) + f" ({over}={folds})" for s in splits]
+    col = max(20, *(len(t) + 2 for t in titles)) if titles else 20
+    lines = [f"{'metric':<{width}}" + "".join(f"{t:<{col}}" for t in titles)]
     for name in names:
-        lines.append(f"{name:<{width}}" + "".join(f"{_cell(summary[s].get(name)):<20}" for s in splits))
+        lines.append(f"{name:<{width}}" + "".join(f"{_cell(summary[s].get(name)):<{col}}" for s in splits))
     return "\n".join(lines)
 
 
@@ -113,5 +116,9 @@ def handle(args: argparse.Namespace) -> int:
         print(f"fedslide train: {exc}", file=sys.stderr)
         return EXIT_ERROR
     print(format_summary(report.summary, len(report.folds)))
+    repeats = len({f.split.repeat for f in report.folds})
+    if repeats > 1 and report.summary_repeats:
+        print(f"\nmean ± sd over {repeats} repeats of the per-repeat means:")
+        print(format_summary(report.summary_repeats, repeats, over="repeats"))
     print(f"outputs in {report.out_dir}: " + ", ".join(p.name for p in report.files.values()))
     return EXIT_OK

@@ -235,7 +235,7 @@ def fit(
         cfg.early_stopping_metric,
         cfg.early_stopping_patience,
         cfg.min_epochs,
-        smoothing=cfg.selection_smoothing,
+        smoothing=cfg.selection_window,
         start=cfg.selection_min_epochs,
     )
     history: list[EpochRecord] = []

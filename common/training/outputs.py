@@ -6,9 +6,15 @@ metrics.json (schema `fedslide.train.metrics/1`)::
      "label_map" {class name: index}, "classes" [names by index], "feature_dim", "encoder" {attrs},
      "num_slides", "split_mode" ("cv" | "given" | "carved"),
      "folds": [{"repeat", "fold", "seed", "n_train", "n_val", "n_test", "best_epoch", "epochs_run",
-                "stopped_early", "val": {metric: value}, "test": {metric: value} | null}],
-     "summary": {"val" | "test": {metric: {"mean", "sd", "n"}}},
+                "stopped_early", "val": {metric: value}, "test": {metric: value} | null,
+                "standardized", "temperature" | null, "val_calibrated" | null, "test_calibrated" | null}],
+     "summary": {"val" | "test" | "test_calibrated": {metric: {"mean", "sd", "n"}}}  (over all folds),
+     "summary_repeats": {"repeats", "val" | "test" | "test_calibrated": {metric: {"mean", "sd", "n"}}}
+                        (mean and sd over repeats of each repeat's mean over its folds),
      "best_checkpoint": {"repeat", "fold", "path", "monitor", "score"}}
+
+"*_calibrated" are the metrics after temperature scaling (calibration = "temperature"), with "loss"
+the unweighted log-loss; the checkpoint stores the temperature and the standardisation statistics.
 
 Undefined values (NaN) are written as null. predictions.csv has one row per slide of each fold's
 val and test splits: fold, repeat, split, slide_id, label, prob_<class> for each class, predicted.

@@ -32,7 +32,11 @@ class FeatureStats:
 
     def to_payload(self) -> dict[str, Any]:
         """Tensors and ints only, so a weights-only checkpoint load reads it."""
-        return {"mean": torch.from_numpy(self.mean.copy()), "std": torch.from_numpy(self.std.copy()), "count": self.count}
+        return {
+            "mean": torch.from_numpy(self.mean.copy()),
+            "std": torch.from_numpy(self.std.copy()),
+            "count": self.count,
+        }
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any] | None) -> FeatureStats | None:

@@ -1,0 +1,216 @@
+"""Standardisation fitted on training folds, checkpoint selection rules, temperature scaling, repeated k-fold."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedslide.common.metrics import expected_calibration_error
+from fedslide.common.training.calibration import apply_temperature, fit_temperature, log_loss
+from fedslide.common.training.checkpoint import load_model, predict_proba
+from fedslide.common.training.cohort import load_cohort
+from fedslide.common.training.labels import read_labels
+from fedslide.common.training.loop import EarlyStopping
+from fedslide.common.training.run import run_training
+from fedslide.common.training.standardize import FeatureStats, fit_stats, standardize_enabled
+from tests.test_training import DIM, train_config, write_bag
+
+
+def raw_cohort(root: Path, n: int = 24, seed: int = 0) -> tuple[Path, Path]:
+    """Bags with no encoder attribute, on a raw scale (offset 50, spread 20), class signal on dim 0."""
+    rng = np.random.default_rng(seed)
+    features_dir, labels = root / "features", root / "labels.csv"
+    rows = []
+    for i in range(n):
+        label = i % 2
+        x = 50.0 + 20.0 * rng.normal(size=(int(rng.integers(5, 15)), DIM))
+        x[:2, 0] += 60.0 * label
+        write_bag(features_dir / f"B{i:02d}.h5", x.astype(np.float32), coords=False, attrs={"slide_id": f"B{i:02d}"})
+        rows.append({"slide_id": f"B{i:02d}", "label": str(label)})
+    with labels.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["slide_id", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return features_dir, labels
+
+
+# ---------------------------------------------------------------- standardisation
+
+
+def test_standardize_auto_follows_the_encoder_attribute() -> None:
+    assert standardize_enabled("auto", {}) and standardize_enabled("auto", {"encoder_name": ""})
+    assert not standardize_enabled("auto", {"encoder_name": "uni"})
+    assert standardize_enabled("on", {"encoder_name": "uni"}) and not standardize_enabled("off", {})
+
+
+def test_stats_are_the_training_folds_and_travel_with_the_checkpoints(tmp_path: Path) -> None:
+    features_dir, labels = raw_cohort(tmp_path)
+    cfg = train_config(features_dir, labels, tmp_path / "out", epochs=3, calibration="none")
+    report = run_training(cfg, progress=False)
+    cohort = load_cohort(features_dir, read_labels(labels))
+    everything = fit_stats(cohort, np.arange(len(cohort.slides)))
+    for outcome in report.folds:
+        split = outcome.split
+        expected = fit_stats(cohort, split.train)
+        assert outcome.stats is not None
+        np.testing.assert_allclose(outcome.stats.mean, expected.mean, rtol=1e-6)
+        np.testing.assert_allclose(outcome.stats.std, expected.std, rtol=1e-6)
+        assert outcome.stats.count == sum(cohort.slides[i].num_instances for i in split.train)
+        assert not np.allclose(outcome.stats.mean, everything.mean, rtol=1e-4)  # leakage would make them equal
+        _, payload = load_model(tmp_path / "out" / "checkpoints" / f"repeat{split.repeat}_fold{split.fold}.pt")
+        stored = FeatureStats.from_payload(payload["standardize"])
+        assert stored is not None
+        np.testing.assert_array_equal(stored.mean, outcome.stats.mean)
+        np.testing.assert_array_equal(stored.std, outcome.stats.std)
+        assert payload["temperature"] is None
+
+
+def test_checkpoint_predictions_reproduce_the_runs_test_probabilities(tmp_path: Path) -> None:
+    features_dir, labels = raw_cohort(tmp_path)
+    cfg = train_config(features_dir, labels, tmp_path / "out", epochs=3)
+    report = run_training(cfg, progress=False)
+    cohort = load_cohort(features_dir, read_labels(labels))
+    outcome = report.folds[1]
+    model, payload = load_model(tmp_path / "out" / "checkpoints" / "repeat0_fold1.pt")
+    assert payload["temperature"] == outcome.temperature and payload["temperature"] >= 1.0
+    assert outcome.test is not None
+    for index, probs in zip(outcome.test.indices, outcome.test.probs):
+        features = torch.from_numpy(cohort.load(int(index))[0])[None]
+        got = predict_proba(model, payload, features)[0].numpy()
+        np.testing.assert_allclose(got, apply_temperature(probs[None], payload["temperature"])[0], atol=1e-5)
+
+
+def test_standardize_off_leaves_raw_features(tmp_path: Path) -> None:
+    features_dir, labels = raw_cohort(tmp_path)
+    cfg = train_config(features_dir, labels, tmp_path / "out", epochs=2, standardize="off")
+    report = run_training(cfg, progress=False)
+    assert all(f.stats is None for f in report.folds)
+    _, payload = load_model(tmp_path / "out" / "model.pt")
+    assert payload["standardize"] is None
+
+
+# ---------------------------------------------------------------- checkpoint selection
+
+
+def select(curve: list[float], metric: str = "loss", patience: int = 0, **kw: int) -> tuple[int, int]:
+    """(selected epoch, epochs run) of EarlyStopping fed `curve`."""
+    stopper = EarlyStopping(metric, patience, **kw)  # type: ignore[arg-type]
+    for epoch, value in enumerate(curve):
+        stopper.update(epoch, value)
+        if stopper.should_stop(epoch):
+            return stopper.best_epoch, epoch + 1
+    return stopper.best_epoch, len(curve)
+
+
+# a lucky dip at epoch 1 on a noisy curve whose trend bottoms out around epochs 6-8
+NOISY = [0.70, 0.30, 0.69, 0.60, 0.55, 0.45, 0.40, 0.38, 0.41, 0.45, 0.50, 0.55]
+
+
+def test_plain_selection_takes_the_lucky_dip() -> None:
+    assert select(NOISY) == (1, len(NOISY))
+
+
+def test_moving_average_ignores_a_single_lucky_epoch() -> None:
+    best, _ = select(NOISY, smoothing=3)
+    # windows (ending at): 2: .563, 3: .530, 4: .613, 5: .533, 6: .467, 7: .410, 8: .397, 9: .413
+    assert best == 8
+
+
+def test_selection_min_epochs_skips_early_epochs() -> None:
+    assert select(NOISY, start=3)[0] == 7
+    assert select([0.1, 0.2, 0.3], start=2)[0] == 2  # only epoch 2 may be chosen
+
+
+def test_auc_is_maximised_and_smoothed() -> None:
+    curve = [0.5, 1.0, 0.6, 0.7, 0.8, 0.85, 0.8]
+    assert select(curve, "auc")[0] == 1
+    assert select(curve, "auc", smoothing=3)[0] == 6  # (.8+.85+.8)/3 beats (1+.6+.7)/3 and (.7+.8+.85)/3
+
+
+def test_patience_counts_candidate_epochs_only() -> None:
+    rising = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    assert select(rising, patience=2) == (0, 3)
+    assert select(rising, patience=2, start=2) == (2, 5)
+    assert select(rising, patience=2, smoothing=3) == (2, 5)
+
+
+def test_nan_scores_never_win_once_a_candidate_exists() -> None:
+    assert select([math.nan, 0.4, math.nan, 0.5], "auc")[0] in (0, 1)
+    assert select([0.4, math.nan, 0.3], "loss")[0] == 2
+
+
+def test_smoothing_in_a_real_run_is_recorded_in_the_selected_epoch(tmp_path: Path) -> None:
+    features_dir, labels = raw_cohort(tmp_path)
+    cfg = train_config(features_dir, labels, tmp_path / "out", epochs=5, selection_smoothing=2, selection_min_epochs=1)
+    report = run_training(cfg, progress=False)
+    for outcome in report.folds:
+        losses = [r.val_loss for r in outcome.fit.history]
+        windows = {e: (losses[e - 1] + losses[e]) / 2 for e in range(2, 5)}
+        assert outcome.fit.best_epoch == min(windows, key=lambda e: (windows[e], e))
+        assert outcome.fit.best_score == pytest.approx(windows[outcome.fit.best_epoch])
+
+
+def test_selection_that_could_pick_nothing_is_refused_and_the_window_fits_the_epochs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="selection-min-epochs"):
+        train_config(tmp_path, tmp_path / "l.csv", tmp_path, epochs=4, selection_min_epochs=4)
+    cfg = train_config(tmp_path, tmp_path / "l.csv", tmp_path, epochs=4, selection_min_epochs=2)
+    assert cfg.selection_smoothing == 5 and cfg.selection_window == 2  # train's default, shortened to fit
+
+
+def test_train_smooths_selection_by_default_and_distill_does_not() -> None:
+    from fedslide.common.config.distill import MILTrainingConfig
+
+    assert MILTrainingConfig().selection_smoothing == 1
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def overconfident(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions right 75% of the time, each with probability ~0.99 on its predicted class."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    predicted = np.where(rng.random(n) < 0.75, labels, 1 - labels)
+    margin = rng.normal(4.6, 0.3, n)
+    logits = np.zeros((n, 2))
+    logits[np.arange(n), predicted] = margin
+    return torch.softmax(torch.from_numpy(logits), 1).numpy(), labels
+
+
+def test_temperature_scaling_lowers_ece_and_log_loss_when_overconfident() -> None:
+    probs, labels = overconfident()
+    t = fit_temperature(probs, labels)
+    assert t > 2.0
+    calibrated = apply_temperature(probs, t)
+    assert expected_calibration_error(labels, calibrated) < 0.5 * expected_calibration_error(labels, probs)
+    assert log_loss(calibrated, labels) < 0.5 * log_loss(probs, labels)
+    np.testing.assert_array_equal(calibrated.argmax(1), probs.argmax(1))  # ranking and accuracy unchanged
+    held_out, held_labels = overconfident(seed=1)  # fitted on one split, it helps on another
+    assert expected_calibration_error(held_labels, apply_temperature(held_out, t)) < expected_calibration_error(
+        held_labels, held_out
+    )
+
+
+def test_temperature_never_sharpens_a_perfectly_separated_split() -> None:
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
+    assert fit_temperature(probs, np.array([0, 1, 0])) == 1.0
+
+
+# ---------------------------------------------------------------- repeated k-fold
+
+
+def test_repeated_cv_reports_mean_and_sd_over_repeats(tmp_path: Path) -> None:
+    features_dir, labels = raw_cohort(tmp_path)
+    cfg = train_config(features_dir, labels, tmp_path / "out", epochs=2, cv_folds=3, repeats=2)
+    report = run_training(cfg, progress=False)
+    assert len(report.folds) == 6
+    per_repeat = [np.mean([f.test_metrics["acc"] for f in report.folds if f.split.repeat == r]) for r in (0, 1)]
+    stats = report.summary_repeats["test"]["acc"]
+    assert stats["n"] == 2
+    assert stats["mean"] == pytest.approx(np.mean(per_repeat))
+    assert stats["sd"] == pytest.approx(np.std(per_repeat, ddof=1))
