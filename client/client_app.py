@@ -21,10 +21,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from fedslide.client import local_phases as phases
+from fedslide.client.local_dp import apply_local_dp
 from fedslide.client.site_run import EGRESS_FILE, RunIdError, SiteConfigError, SiteRun, private_umask, run_dir_for
 from fedslide.common.config.base import ConfigError
 from fedslide.common.config.federation import FederationConfig
-from fedslide.common.config.floors import SiteRefusal
+from fedslide.common.config.floors import SiteFloors, SiteRefusal
 from fedslide.common.distillation.bundle import BundleMismatchError
 from fedslide.common.distillation.clustering import ClusteringError
 from fedslide.common.distillation.instances import MissingTokensError
@@ -211,11 +212,15 @@ def handshake(message: Message, context: Context, site: SiteRun) -> Message:
 @guarded
 def train(message: Message, context: Context, site: SiteRun) -> Message:
     """One local round of the weights phase named in the config (adapter, teacher with the baseline, experts,
-    student)."""
+    student); with site-side DP on, the update is clipped and noised here before it leaves."""
     config = message.content.config_records[p.CONFIG]
     phase = ph.by_config(str(config[ph.PHASE]))
     mu = float(cast(float, config.get(ph.PROXIMAL_MU, 0.0)))
     arrays, metrics = phases.train(site, phase, message.content, _round(config), mu)
+    sent = message.content.array_records[p.ARRAYS]
+    arrays = apply_local_dp(
+        sent, arrays, site.cfg, SiteFloors.from_node_config(dict(context.node_config)), site.run_dir
+    )
     content = RecordDict({p.ARRAYS: arrays, p.METRICS: p.metric_record(metrics)})
     return _send(message, site, content, weights_reply(phase.name, message.content.array_records[p.ARRAYS]))
 

@@ -36,12 +36,16 @@ from fedslide.common.distillation.pipeline import bundle_meta
 from fedslide.common.distillation.stages import (
     KDTargets,
     adapter_pairs,
+    attention_targets,
+    attention_terms_on,
     cluster_vectors,
+    instance_head,
     kd_loss,
     scatter_kd_targets,
     student_input,
+    teacher_attention,
 )
-from fedslide.common.distillation.student import student_bags
+from fedslide.common.distillation.student import attention_kd_width, student_bags
 from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
 from fedslide.common.federation.models import (
@@ -67,6 +71,7 @@ from fedslide.common.training.repro import seed_everything
 
 TEACHER_OUTPUTS = "teacher_outputs.pt"
 KD_CACHE = "kd_cache.pt"
+INSTANCE_HEAD_FILE = "kd_instance_head.pt"  # the student's instance-loss head: trained and kept at the site
 BUNDLE_DIR = "student_bundle"
 
 Metrics = dict[str, float | int]
@@ -254,24 +259,37 @@ def _kd_cache(site: SiteRun) -> dict[str, Any]:
 def student_round(
     site: SiteRun, record: ArrayRecord, server_round: int, mu: float = 0.0
 ) -> tuple[ArrayRecord, Metrics]:
-    """One local round of the low-res student: CE + KD from the cached teacher/expert logits."""
+    """One local round of the low-res student: CE + KD from the cached teacher/expert logits and, when on, LRMIL's
+    attention KD and instance loss from the cached teacher attention. The instance head stays at the site (its
+    weights carry over between rounds in the run directory); only the student's weights leave."""
     cache = _kd_cache(site)
     cohort = site.data().cohort(cache["bags"])
     kd = site.cfg.kd
     train = site.split("train")
     weights = class_weights(cohort.labels[train], len(cohort.classes), site.cfg.training.class_weighting)
-    loss = kd_loss(kd, KDTargets(cache["teacher"], cache["experts"], cache["cluster"]), weights)
+    targets = KDTargets(cache["teacher"], cache["experts"], cache["cluster"])
+    attention, head = cache.get("attention"), None
+    width = cache.get("instance_width")
+    if attention is not None and width is not None:
+        head = instance_head(int(width), _seed(site, SEED_OFFSETS.student_rounds, 0))
+        saved = site.load(INSTANCE_HEAD_FILE)
+        if saved is not None:
+            head.load_state_dict(saved["state"])
+    loss = kd_loss(kd, targets, weights, attention=attention, head=head)
     model = _model(site, p.STUDENT, record)
-    metrics = train_model(
-        site,
-        model,
-        cohort,
-        server_round,
-        SEED_OFFSETS.student_rounds,
-        batch_loss=loss,
-        proximal_mu=mu,
-        rounds=site.cfg.rounds.student,
-    )
+    with loss.attached(model):
+        metrics = train_model(
+            site,
+            model,
+            cohort,
+            server_round,
+            SEED_OFFSETS.student_rounds,
+            batch_loss=loss,
+            proximal_mu=mu,
+            rounds=site.cfg.rounds.student,
+        )
+    if head is not None and loss.guidance is not None:
+        site.save(INSTANCE_HEAD_FILE, {"state": {k: v.cpu() for k, v in head.state_dict().items()}})
     return to_record(model), metrics
 
 
@@ -393,12 +411,23 @@ def kd_cache(
     centroids: np.ndarray | None,
     fingerprint: str,
 ) -> Metrics:
-    """Cache teacher/expert logits of the training slides and the student's adapted bags (all stays here)."""
+    """Cache teacher/expert logits of the training slides, the student's adapted bags and, with LRMIL's attention
+    terms on, the global teacher's attention mapped onto the student's instances (all stays here)."""
     start = time.perf_counter()
     data = site.data()
     train = data.split("train")
     high = site.high_cohort()
-    t_logits, _ = slide_outputs(_model(site, p.TEACHER, teacher), high, train, site.device)
+    kd = site.cfg.kd
+    assert site.facts is not None
+    width = attention_kd_width(  # refuses models without attention before anything is computed
+        kd, student_config(site.cfg, site.facts), teacher_config(site.cfg, site.facts), site.cfg.training.max_instances
+    )
+    teacher_model = _model(site, p.TEACHER, teacher)
+    t_logits, _ = slide_outputs(teacher_model, high, train, site.device)
+    attention = None
+    if attention_terms_on(kd):
+        scores = teacher_attention(teacher_model, high, train, site.device)
+        attention = attention_targets(data, train, scores, _mode(site), kd.attention_agg)
     e_logits = assign = None
     if experts is not None and centroids is not None:
         e_logits = torch.stack(
@@ -411,8 +440,17 @@ def kd_cache(
     targets = scatter_kd_targets(len(data.slides), len(data.classes), train, t_logits, e_logits, assign)
     bags = student_bags(_adapter(site, adapter), data, _mode(site))
     site.save(
-        KD_CACHE, {"teacher": targets.teacher, "experts": targets.experts, "cluster": targets.cluster, "bags": bags}
+        KD_CACHE,
+        {
+            "teacher": targets.teacher,
+            "experts": targets.experts,
+            "cluster": targets.cluster,
+            "bags": bags,
+            "attention": attention,
+            "instance_width": width,
+        },
     )
+    (site.run_dir / INSTANCE_HEAD_FILE).unlink(missing_ok=True)  # a new cache starts a new instance head
     return {ph.N_TRAIN: int(train.size), ph.SECONDS: time.perf_counter() - start}
 
 

@@ -50,6 +50,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
     p.add_argument("--batch-size", type=int, default=None, help="patches per encoder forward pass")
     p.add_argument("--weights", type=Path, default=None, help="local weights file of the bundle's encoder")
+    p.add_argument(
+        "--low-weights",
+        type=Path,
+        default=None,
+        help="fine-tuned 5x encoder weights (SITE/finetune/<encoder>.pt) for a bundle that records only their hash",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument("--no-heatmaps", dest="heatmaps", action="store_false", default=None, help="skip heatmap images")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
@@ -69,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         "num_workers": args.workers,
         "batch_size": args.batch_size,
         "encoder_weights": str(args.weights) if args.weights else None,
+        "low_encoder_weights": str(args.low_weights) if args.low_weights else None,
         "device": args.device,
         "heatmaps": args.heatmaps,
         "progress": args.progress,

@@ -34,6 +34,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "preprocess": Subcommand(
         "fedslide.client.preprocess_cli", "find tissue, tile at two resolutions, encode, write feature files"
     ),
+    "finetune": Subcommand(
+        "fedslide.client.finetune_cli",
+        "LRMIL stage 1 on pixels: fine-tune the site's 5× encoder against its 20× encoder, re-encode 5× features",
+    ),
     "train": Subcommand(
         "fedslide.common.training.cli", "train a MIL model on feature files (cross-validation, metrics, checkpoint)"
     ),

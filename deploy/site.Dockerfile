@@ -40,21 +40,24 @@ ENV FLWR_TELEMETRY_ENABLED=0 \
 
 COPY --chmod=0644 deploy/healthcheck.py /opt/fedslide/healthcheck.py
 
-# 49999 is the unprivileged `app` user of Flower's images; it owns the Python environment, so pip needs no root.
-USER 49999
-# Created by that user (a WORKDIR-created folder could belong to root): pip builds the project in place.
-RUN mkdir /app/fedslide
-WORKDIR /app/fedslide
-COPY --chown=49999 pyproject.toml README.md ./
-COPY --chown=49999 common ./common
-COPY --chown=49999 client ./client
-COPY --chown=49999 server ./server
-COPY --chown=49999 deploy ./deploy
-COPY --chown=49999 configs ./configs
-# CPU-only torch first (the PyPI default pulls CUDA libraries), then the project with openslide-bin and h5py;
-# flwr stays at the image's version.
+# Installed as root and left owned by root (files not writable by UID 49999), so code that runs in the
+# container (e.g. a submitted app bundle) cannot change the installed packages; the container runs as 49999.
+USER 0
+WORKDIR /opt/fedslide-src
+COPY pyproject.toml README.md ./
+COPY common ./common
+COPY client ./client
+COPY server ./server
+COPY deploy ./deploy
+COPY configs ./configs
+# CPU-only torch first (the PyPI default pulls CUDA libraries), then the project (openslide-bin and h5py; flwr stays at the
+# image's version, the one pyproject pins); then the whole Python environment is made root's and read-only to others.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
-    && pip install --no-cache-dir . "flwr==1.42.0" "torch==${TORCH_VERSION}"
+    && pip install --no-cache-dir . "flwr==1.42.0" "torch==${TORCH_VERSION}" \
+    && chown -R root:root "$(python -c 'import sys; print(sys.prefix)')" \
+    && chmod -R go-w "$(python -c 'import sys; print(sys.prefix)')" \
+    && rm -rf /opt/fedslide-src
+USER 49999
 WORKDIR /app
 
 # Liveness of the SuperNode process (its runtime API on loopback); whether it reached the SuperLink shows in

@@ -29,11 +29,45 @@ from fedslide.common.federation.models import (
 )
 from fedslide.common.seeds import SEED_OFFSETS
 from fedslide.common.training.loop import class_weights
-from fedslide.server.strategies import FederationError
+from fedslide.server.strategies import FederationError, robust_combine
 
 
-def _weighted(replies: list[Message], key: str, weights: list[np.ndarray]) -> np.ndarray:
+def _valid_logits(fed, replies: list[Message], n: int, k: int) -> list[Message]:  # noqa: ANN001
+    """The replies whose logits are finite and [n, k] (experts [C, n, k]) and whose n-train is within the site's
+    handshake count; the others are rejected (FederationError when fewer than min-nodes stay)."""
+    out = []
+    for reply in replies:
+        node = int(reply.metadata.src_node_id)
+        record = reply.content.array_records.get(p.LOGITS_RECORD)
+        n_train = fed.sites[node].counts.get(ph.split_count("train"), 0) if node in fed.sites else 0
+        said = p.number(reply.content[p.METRICS], ph.N_TRAIN, -1.0)
+        reason = None
+        if record is None or ph.TEACHER_LOGITS not in record:
+            reason = "no teacher logits"
+        elif not 0 <= said <= n_train:
+            reason = f"n-train = {said:g} outside [0, {n_train}] (its handshake count)"
+        else:
+            for key, array in record.items():
+                a = array.numpy()
+                wrong_shape = key != ph.EXPERT_WEIGHTS and a.shape[-2:] != (n, k)
+                if wrong_shape or not np.isfinite(a).all():
+                    reason = f"logits {key!r} {a.shape} are not finite [.., {n}, {k}]"
+                    break
+        if reason is None:
+            out.append(reply)
+        else:
+            fed.validator.reject(ph.LOGITS.name, 0, node, reason)
+    if len(out) < min(fed.cfg.min_nodes, len(fed.sites)) or not out:
+        raise FederationError(f"phase logits: {len(out)} valid repl(ies) of {len(replies)}; see the rejections")
+    return out
+
+
+def _weighted(
+    replies: list[Message], key: str, weights: list[np.ndarray], method: str = "mean", trim_fraction: float = 0.2
+) -> np.ndarray:
     stack = np.stack([r.content.array_records[p.LOGITS_RECORD][key].numpy() for r in replies]).astype(np.float64)
+    if method != "mean":  # robust: coordinate-wise over the sites, whatever each says it holds
+        return robust_combine(stack, method, trim_fraction)
     w = np.stack(weights).astype(np.float64)  # [sites] or [sites, C]
     while w.ndim < stack.ndim:
         w = w[..., None]
@@ -66,12 +100,14 @@ def distil_from_logits(
         records[p.CENTROIDS] = ArrayRecord({ph.CENTROIDS: Array(np.asarray(centroids, dtype=np.float64))})
     fed.grid.server_round = 0
     replies = fed.query(ph.LOGITS, records, {ph.TEACHER_FINGERPRINT: tfp})
-    n_train = [np.asarray(float(r.content[p.METRICS][ph.N_TRAIN])) for r in replies]
-    teacher_logits = torch.from_numpy(_weighted(replies, ph.TEACHER_LOGITS, n_train)).float()
+    replies = _valid_logits(fed, replies, len(data.slides), len(facts.classes))
+    robust = {"method": cfg.aggregation, "trim_fraction": cfg.trim_fraction}
+    n_train = [np.asarray(p.number(r.content.metric_records[p.METRICS], ph.N_TRAIN)) for r in replies]
+    teacher_logits = torch.from_numpy(_weighted(replies, ph.TEACHER_LOGITS, n_train, **robust)).float()
     expert_logits = None
     if p.EXPERTS in records and all(ph.EXPERT_LOGITS in r.content[p.LOGITS_RECORD] for r in replies):
         weights = [r.content.array_records[p.LOGITS_RECORD][ph.EXPERT_WEIGHTS].numpy() for r in replies]
-        expert_logits = torch.from_numpy(_weighted(replies, ph.EXPERT_LOGITS, weights)).float()
+        expert_logits = torch.from_numpy(_weighted(replies, ph.EXPERT_LOGITS, weights, **robust)).float()
     adapter_model = load_record(build_adapter(adapter_spec(cfg, facts)), adapter).eval()
     mode = student_input(cfg.kd.student_input, data.has_tokens)
     cohort = data.cohort(student_bags(adapter_model, data, mode))

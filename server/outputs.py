@@ -167,6 +167,8 @@ def build_metrics(result: RunResult, manifest: dict[str, dict[str, Any]], second
         "communication": communication(result, manifest),
         "missing": fed.grid.missing,
         "rejections": [vars(r) for r in fed.validator.rejections],
+        "round_errors": [vars(r) for r in fed.validator.round_errors],
+        "status": "error" if fed.validator.round_errors else "ok",
         "learning_curves": fed.curves,
         "clusters": fed.ckpt.phase_done("clusters"),
         "privacy": privacy_report(fed.cfg, fed.accountant),
@@ -256,6 +258,11 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
     lines = [
         f"# fedslide federated run `{metrics['run_id']}`",
         "",
+        *(
+            [f"**Status: error** — {len(metrics['round_errors'])} round(s) released no model (see Errors).", ""]
+            if metrics.get("round_errors")
+            else []
+        ),
         f"Mode: {metrics['mode']}; classes: {', '.join(metrics['classes'])}; encoder: {metrics['encoder']}; "
         f"sites: {', '.join(s['name'] for s in metrics['sites'])}.",
         "",
@@ -324,11 +331,33 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
             f"- {privacy['trust_model']}",
         ]
     else:
-        lines.append("- differential privacy: off (dp-noise-multiplier = 0)")
+        lines.append("- server-side differential privacy: off (dp-noise-multiplier = 0)")
+    site_dp = privacy.get("against_coordinator", {})
+    if site_dp.get("enabled"):
+        lines += [
+            f"- site-side differential privacy: ε = {site_dp['epsilon']:.3g} at δ = {site_dp['delta']:g} against the "
+            f"coordinator after at most {site_dp['releases_per_site']} updates per site (noise multiplier "
+            f"{site_dp['noise_multiplier']}, clipping norm {site_dp['clipping_norm']})",
+            f"- {site_dp['trust_model']}",
+        ]
+    else:
+        lines.append("- against the coordinator: no ε (local-dp-noise-multiplier = 0): it sees every exact update")
+    third = privacy.get("against_third_parties", {})
+    if third.get("epsilon") is not None:
+        lines.append(
+            f"- against third parties (the released global models): ε = {third['epsilon']:.3g} at "
+            f"δ = {third['delta']:g} ({' and '.join(third['by'])})"
+        )
+    if privacy.get("not_covered"):
+        lines.append(f"- {privacy['not_covered']}")
     lines.append(
         f"- cluster sums noise std: {privacy['cluster_noise_std']}; small clusters withheld below "
         f"{metrics['config'].get('suppress-below') or metrics['config']['clusters']['suppress-below']} slides"
     )
+    errors = metrics.get("round_errors", [])
+    if errors:
+        lines += ["", "## Errors: rounds that released no model", ""]
+        lines += [f"- phase {e['phase']} round {e['round']}: {e['reason']}" for e in errors]
     lines += ["", "## Sites refused, absent rounds, rejected updates", ""]
     lines += [f"- refused: {r}" for r in metrics["refused"]] or ["- no site refused"]
     lines += [f"- absent: phase {m['phase']} round {m['round']}: nodes {m['nodes']}" for m in metrics["missing"]] or [

@@ -14,6 +14,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedslide.common.config.federation import FederationConfig
+from fedslide.common.dp import planned_releases, site_epsilon
 
 TRUST_MODEL = (
     "central DP: each site's update is clipped to dp-clipping-norm and Gaussian noise is added to the "
@@ -21,6 +22,15 @@ TRUST_MODEL = (
     "(site-level, add-or-remove-one neighbouring, no sampling amplification: every site joins every round). "
     "The server itself sees the clipped updates; metrics, validation losses and cluster statistics are "
     "not covered by ε."
+)
+LOCAL_TRUST_MODEL = (
+    "site-side DP: each site clips its update to local-dp-clipping-norm and adds Gaussian noise before it leaves, "
+    "so ε holds against the coordinator as well (neighbouring: any two data sets of one site, sensitivity twice the "
+    "clip; RDP composition over the site's updates, no sampling amplification)."
+)
+NOT_COVERED = (
+    "not covered by either ε: the sites' metrics (counts, training and validation losses that pick the best round) "
+    "and cluster counts; cluster sums only through cluster-clip-norm and cluster-noise-std"
 )
 
 
@@ -56,19 +66,52 @@ def dp_strategy(cfg: FederationConfig, num_sites: int, min_nodes: int, accountan
     )
 
 
-def privacy_report(cfg: FederationConfig, accountant: RdpAccountant | None) -> dict[str, Any]:
-    """What metrics.json says about DP: ε at δ, releases, noise, clipping, the trust model."""
-    if accountant is None:
-        return {"enabled": False, "cluster_noise_std": cfg.cluster_noise_std}
-    spent = accountant.get_privacy_spent()
+def site_dp_report(cfg: FederationConfig) -> dict[str, Any]:
+    """ε against the coordinator: site-side DP, each site's updates clipped and noised before they leave (the
+    sites count and cap their own releases; this is the run's planned count, one update per weights round)."""
+    if cfg.local_dp_noise_multiplier <= 0:
+        return {"enabled": False, "epsilon": None, "note": "off: the coordinator sees every site's exact update"}
+    releases = planned_releases(cfg)
     return {
         "enabled": True,
-        "epsilon": spent.epsilon,
-        "delta": spent.delta,
-        "releases": spent.num_releases,
-        "accounting": spent.accounting_method,
-        "noise_multiplier": cfg.dp_noise_multiplier,
-        "clipping_norm": cfg.dp_clipping_norm,
-        "cluster_noise_std": cfg.cluster_noise_std,
-        "trust_model": TRUST_MODEL,
+        "epsilon": site_epsilon(cfg.local_dp_noise_multiplier, releases, cfg.dp_delta),
+        "delta": cfg.dp_delta,
+        "releases_per_site": releases,
+        "noise_multiplier": cfg.local_dp_noise_multiplier,
+        "clipping_norm": cfg.local_dp_clipping_norm,
+        "trust_model": LOCAL_TRUST_MODEL,
     }
+
+
+def privacy_report(cfg: FederationConfig, accountant: RdpAccountant | None) -> dict[str, Any]:
+    """What metrics.json says about DP: the server-side (central) ε at δ with its releases, noise and clipping at the
+    top level, and ε separately against third parties (either mechanism bounds it) and against the coordinator
+    (site-side DP only)."""
+    coordinator = site_dp_report(cfg)
+    out: dict[str, Any] = {"enabled": accountant is not None, "cluster_noise_std": cfg.cluster_noise_std}
+    central = None
+    if accountant is not None:
+        spent = accountant.get_privacy_spent()
+        central = spent.epsilon
+        out.update(
+            {
+                "epsilon": spent.epsilon,
+                "delta": spent.delta,
+                "releases": spent.num_releases,
+                "accounting": spent.accounting_method,
+                "noise_multiplier": cfg.dp_noise_multiplier,
+                "clipping_norm": cfg.dp_clipping_norm,
+                "trust_model": TRUST_MODEL,
+            }
+        )
+    bounds = [e for e in (central, coordinator["epsilon"]) if e is not None]
+    out["against_third_parties"] = {
+        "epsilon": min(bounds) if bounds else None,
+        "delta": cfg.dp_delta if bounds else None,
+        "by": [
+            name for name, e in (("server-side DP", central), ("site-side DP", coordinator["epsilon"])) if e is not None
+        ],
+    }
+    out["against_coordinator"] = coordinator
+    out["not_covered"] = NOT_COVERED
+    return out

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedProx, Strategy
 from sklearn.cluster import KMeans
 
 from fedslide.common.config.federation import FederationConfig
@@ -44,7 +44,17 @@ from fedslide.common.seeds import SEED_OFFSETS
 from fedslide.server.checkpoint import Checkpoint
 from fedslide.server.grid import FederationGrid
 from fedslide.server.privacy import dp_strategy, make_accountant
-from fedslide.server.strategies import BestRounds, ExpertsFedAvg, FederationError, Group, PhaseStrategy, UpdateValidator
+from fedslide.server.strategies import (
+    BestRounds,
+    ExpertsFedAvg,
+    FederationError,
+    Group,
+    PhaseStrategy,
+    RoundError,
+    TrimmedMean,
+    UpdateValidator,
+    trim_count,
+)
 
 log = logging.getLogger(__name__)
 
@@ -271,15 +281,16 @@ def _inner_strategy(fed: Federation, phase: ph.Phase, min_nodes: int) -> Strateg
         return dp_strategy(cfg, len(fed.sites), min_nodes, fed.accountant)
     common: dict[str, Any] = {"fraction_evaluate": 0.0, "min_train_nodes": min_nodes, "min_available_nodes": min_nodes}
     if phase is ph.EXPERTS:
-        return ExpertsFedAvg(**common)
-    if phase is ph.ADAPTER:
-        return FedAvg(**common)
+        return ExpertsFedAvg(cfg.aggregation, cfg.trim_fraction, **common)
     if phase is ph.STUDENT and cfg.student_server_momentum > 0 and cfg.aggregation == "mean":
         return FedAvgM(server_momentum=cfg.student_server_momentum, **common)  # FedProx's mu travels in the config
     if cfg.aggregation == "median":
         return FedMedian(**common)
     if cfg.aggregation == "trimmed-mean":
-        return FedTrimmedAvg(beta=cfg.trim_fraction, **common)
+        trim_count(len(fed.sites), cfg.trim_fraction)  # refused before any round when too few sites were admitted
+        return TrimmedMean(cfg.trim_fraction, **common)
+    if phase is ph.ADAPTER:
+        return FedAvg(**common)
     if cfg.strategy == "fedprox":
         return FedProx(proximal_mu=cfg.proximal_mu, **common)
     return FedAvg(**common)
@@ -306,7 +317,8 @@ def weights_phase(
             return final
     start = time.perf_counter()
     tracker = BestRounds(
-        {name: Group(g.prefix, g.loss_key, g.n_key) for name, g in declared.best_groups(members).items()}
+        {name: Group(g.prefix, g.loss_key, g.n_key) for name, g in declared.best_groups(members).items()},
+        robust=fed.cfg.aggregation != "mean",
     )
     min_nodes = min(fed.cfg.min_nodes, len(fed.sites))
     inner = _inner_strategy(fed, declared, min_nodes)
@@ -323,7 +335,16 @@ def weights_phase(
             log.info("phase %s: resuming after round %d", phase, start_round)
     fed.grid.phase = phase
     declared.check_sent([p.ARRAYS, *(extra or {})])
-    strategy = PhaseStrategy(inner, phase, tracker, fed.validator, min_nodes, extra, round_offset=start_round)
+    strategy = PhaseStrategy(
+        inner,
+        phase,
+        tracker,
+        fed.validator,
+        min_nodes,
+        extra,
+        round_offset=start_round,
+        site_counts={node: int(info.counts.get(ph.split_count("train"), 0)) for node, info in fed.sites.items()},
+    )
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
         if server_round == 0:
@@ -391,11 +412,41 @@ def teacher_and_baseline(fed: Federation, t_cfg: ModelConfig, s_cfg: ModelConfig
 
 
 # ---- phase 3: federated k-means ---------------------------------------------------------------------
-def _stats(replies: list[Message]) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [
-        (r.content.array_records[p.STATS][ph.SUMS].numpy(), r.content.array_records[p.STATS][ph.COUNTS].numpy())
-        for r in replies
-    ]
+def _stats_problem(sums: np.ndarray, counts: np.ndarray, n_train: int, shape: tuple[int, int] | None) -> str | None:
+    """Why a site's cluster sums/counts cannot be used, or None."""
+    if sums.ndim != 2 or counts.shape != (sums.shape[0],):
+        return f"sums {sums.shape} and counts {counts.shape} do not pair up"
+    if shape is not None and tuple(sums.shape) != shape:
+        return f"sums {sums.shape}, expected {shape}"
+    if not np.isfinite(sums).all() or not np.isfinite(counts).all():
+        return "sums or counts hold NaN/Inf"
+    if (counts < 0).any() or (counts != np.round(counts)).any() or counts.sum() > n_train:
+        return f"counts {counts.tolist()} are not whole numbers in [0, {n_train}] (its training slides)"
+    return None
+
+
+def _stats(
+    fed: Federation, phase: ph.Phase, replies: list[Message], shape: tuple[int, int] | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The sites' valid cluster sums and counts (finite, `shape` when given, counts whole and within the site's
+    training slides from the handshake); the others are rejected; FederationError when fewer than min-nodes stay."""
+    out = []
+    for reply in replies:
+        node = int(reply.metadata.src_node_id)
+        record = reply.content.array_records[p.STATS]
+        sums, counts = record[ph.SUMS].numpy(), record[ph.COUNTS].numpy()
+        n_train = fed.sites[node].counts.get(ph.split_count("train"), 0) if node in fed.sites else 0
+        reason = _stats_problem(sums, counts, n_train, shape)
+        if reason is None:
+            out.append((sums, counts))
+        else:
+            fed.validator.reject(phase.name, fed.grid.server_round, node, f"cluster statistics: {reason}")
+    if len(out) < min(fed.cfg.min_nodes, len(fed.sites)) or not out:
+        raise FederationError(
+            f"phase {phase.name}: {len(out)} valid cluster statistics of {len(replies)} repl(ies), fewer than "
+            f"min-nodes = {fed.cfg.min_nodes}; see the rejections"
+        )
+    return out
 
 
 def federated_kmeans(fed: Federation, teacher: ArrayRecord) -> tuple[np.ndarray, list[int]]:
@@ -410,7 +461,7 @@ def federated_kmeans(fed: Federation, teacher: ArrayRecord) -> tuple[np.ndarray,
     tfp = fingerprint(teacher)
     replies = fed.query(ph.CLUSTER_INIT, {p.TEACHER: teacher}, {ph.TEACHER_FINGERPRINT: tfp})
     rows, weights = [], []
-    for sums, counts in _stats(replies):
+    for sums, counts in _stats(fed, ph.CLUSTER_INIT, replies):
         keep = counts > 0
         rows.append(sums[keep] / counts[keep, None])
         weights.append(counts[keep])
@@ -430,7 +481,7 @@ def federated_kmeans(fed: Federation, teacher: ArrayRecord) -> tuple[np.ndarray,
     for iteration in range(fed.cfg.rounds.cluster_iterations):
         fed.grid.server_round = iteration + 1
         replies = fed.query(ph.CLUSTER_STATS, {p.CENTROIDS: _centroid_record(centroids)}, {ph.TEACHER_FINGERPRINT: tfp})
-        stats = _stats(replies)
+        stats = _stats(fed, ph.CLUSTER_STATS, replies, tuple(centroids.shape))
         new = update_centroids(stats, previous=centroids)
         shift = float(np.abs(new - centroids).max())
         sizes = np.sum([n for _, n in stats], axis=0).astype(int).tolist()
@@ -498,6 +549,7 @@ def clusters_step(fed: Federation, run: RunModels) -> None:
     """Federated k-means on the teacher's outputs (cluster-init, then cluster-stats iterations)."""
     assert run.teacher is not None
     run.centroids, _ = federated_kmeans(fed, run.teacher)
+    _save_rejections(fed)
 
 
 def experts_step(fed: Federation, run: RunModels) -> None:
@@ -610,6 +662,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, run_dir: Path) -> RunResul
         cfg, FederationGrid(grid), run_dir, ckpt, UpdateValidator(cfg.max_update_norm, cfg.update_norm_factor)
     )
     fed.validator.rejections.extend(_rejections(ckpt))
+    fed.validator.round_errors.extend(RoundError(**r) for r in ckpt.state.get("round_errors", []))
     handshake(fed)
     fed.accountant = make_accountant(cfg, len(fed.sites), ckpt.state.get("accountant"))
     assert fed.facts is not None
@@ -654,4 +707,7 @@ def _rejections(ckpt: Checkpoint) -> list[Any]:
 
 
 def _save_rejections(fed: Federation) -> None:
-    fed.ckpt.commit(rejections=[vars(r) for r in fed.validator.rejections])
+    fed.ckpt.commit(
+        rejections=[vars(r) for r in fed.validator.rejections],
+        round_errors=[vars(r) for r in fed.validator.round_errors],
+    )

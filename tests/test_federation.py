@@ -389,7 +389,8 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(sites: list[Path], 
     with pytest.raises(Exception, match="already holds a run"):
         federate(sites, crashed)
     resumed, _ = federate(sites, crashed.model_copy(update={"resume": True}))
-    _assert_same_models(reference.run_dir, resumed.run_dir, atol=1e-6)
+    # float32 rounding: the restarted sites' replies may be summed in another order (a resume bug shows as ≫ 1e-5)
+    _assert_same_models(reference.run_dir, resumed.run_dir, atol=1e-5)
 
 
 @pytest.mark.slow

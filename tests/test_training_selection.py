@@ -214,3 +214,54 @@ def test_repeated_cv_reports_mean_and_sd_over_repeats(tmp_path: Path) -> None:
     assert stats["n"] == 2
     assert stats["mean"] == pytest.approx(np.mean(per_repeat))
     assert stats["sd"] == pytest.approx(np.std(per_repeat, ddof=1))
+
+
+def test_cli_prints_the_repeated_kfold_summary_and_calibration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+    import json
+
+    from fedslide.common.training import cli as train_cli
+
+    features_dir, labels = raw_cohort(tmp_path)
+    parser = argparse.ArgumentParser()
+    train_cli.add_parser(parser.add_subparsers())
+    out = tmp_path / "out"
+    argv = ["train", "--features", str(features_dir), "--labels", str(labels), "--out", str(out), "--model", "mean"]
+    argv += ["--cv", "2", "--repeats", "2", "--epochs", "1", "--device", "cpu", "--no-progress"]
+    args = parser.parse_args([*argv, "--set", "model.hidden-dim=16"])
+    assert args.handler(args) == 0
+    printed = capsys.readouterr().out
+    assert "mean ± sd over 2 repeats" in printed and "test T-scaled (repeats=2)" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["summary_repeats"]["repeats"] == 2 and metrics["summary_repeats"]["test"]["acc"]["n"] == 2
+    for fold in metrics["folds"]:  # before/after calibration, per fold, with the temperature that was applied
+        assert fold["standardized"] and fold["temperature"] >= 1.0
+        for key in ("ece", "brier", "loss"):
+            assert math.isfinite(fold["test"][key]) and math.isfinite(fold["test_calibrated"][key])
+        if fold["temperature"] == 1.0:
+            assert fold["test_calibrated"]["ece"] == pytest.approx(fold["test"]["ece"])
+
+
+def test_clip_bounds_an_outlier_on_a_near_constant_feature_and_travels_with_the_checkpoint(tmp_path: Path) -> None:
+    features_dir, labels = raw_cohort(tmp_path)
+    cohort = load_cohort(features_dir, read_labels(labels))
+    stats = fit_stats(cohort, np.arange(len(cohort.slides)), clip=10.0)
+    x = torch.from_numpy(np.array(stats.mean, copy=True))[None, None]  # one instance at the training mean
+    x[..., 1] += 1e4 * float(stats.std[1])  # an outlier far outside the training spread
+    z = stats.apply(x)
+    assert float(z[..., 1]) == 10.0 and float(z[..., 0]) == pytest.approx(0.0, abs=1e-4)
+    assert float(FeatureStats(stats.mean, stats.std, stats.count).apply(x)[..., 1]) == pytest.approx(1e4, rel=1e-3)
+    restored = FeatureStats.from_payload(stats.to_payload())
+    assert restored is not None and restored.clip == 10.0
+    cfg = train_config(features_dir, labels, tmp_path / "out", epochs=1, cv_folds=2, standardize_clip=10.0)
+    run_training(cfg, progress=False)
+    _, payload = load_model(tmp_path / "out" / "model.pt")
+    stored = FeatureStats.from_payload(payload["standardize"])
+    assert stored is not None and stored.clip == 10.0
+    assert train_config(features_dir, labels, tmp_path, standardize_clip=0.0).standardize_clip == 0.0
+    report = run_training(
+        train_config(features_dir, labels, tmp_path / "off", epochs=1, cv_folds=2, standardize_clip=0.0), progress=False
+    )
+    assert all(f.stats is not None and f.stats.clip is None for f in report.folds)  # 0 = no clamp

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from fedslide.common.config.preprocess import EncoderConfig
 
@@ -21,6 +23,21 @@ IMAGENET_STD: Triple = (0.229, 0.224, 0.225)
 
 _WRAPPER_KEYS = ("state_dict", "model")
 _LIST_LIMIT = 12
+LAYER_ALIASES = ("early", "middle", "last")
+
+
+@dataclass
+class LayerOutputs:
+    """One forward pass with intermediate layers: the final embedding and, per requested layer, its tokens.
+
+    `maps[i]` is layer i's spatial token map [B, C_i, h_i, w_i] (CNN: the block's output; ViT: the patch
+    tokens after block i, before the final norm); `summaries[i]` [B, C_i] is that layer's embedding of the
+    whole patch (CNN: the map's mean; ViT: the class token after block i, else the patch tokens' mean).
+    """
+
+    embedding: Tensor
+    maps: dict[int, Tensor]
+    summaries: dict[int, Tensor]
 
 
 class PatchEncoder(nn.Module):
@@ -49,6 +66,7 @@ class PatchEncoder(nn.Module):
         self.mean = tuple(float(m) for m in mean)  # type: ignore[assignment]
         self.std = tuple(float(s) for s in std)  # type: ignore[assignment]
         self.has_feature_map = has_feature_map
+        self.checkpoint_layers = False  # forward_layers recomputes each layer in backward (training memory)
         scale = torch.tensor([1.0 / (255.0 * s) for s in self.std]).view(1, 3, 1, 1)
         shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)]).view(1, 3, 1, 1)
         self.register_buffer("_norm_scale", scale, persistent=False)
@@ -72,6 +90,45 @@ class PatchEncoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The pooled embedding [B, dim] of a normalised batch (global average of the feature map)."""
         return self.forward_features(x).mean(dim=(2, 3))
+
+    def layer_modules(self) -> list[nn.Module]:
+        """The network's layers in order (what `forward_layers` indexes and `last N` counts from the end)."""
+        raise NotImplementedError(f"encoder {self.name!r} exposes no layers")
+
+    @property
+    def num_layers(self) -> int:
+        """How many layers `forward_layers` can return."""
+        return len(self.layer_modules())
+
+    def resolve_layers(self, spec: Sequence[int | str]) -> list[int]:
+        """Layer indices from ints (negative counts from the end) and aliases early (n // 4), middle (n // 2), last."""
+        n = self.num_layers
+        aliases = {"early": n // 4, "middle": n // 2, "last": n - 1}
+        out: list[int] = []
+        for item in spec:
+            if isinstance(item, str):
+                if item not in aliases:
+                    raise ValueError(f"layer {item!r} is not an index or one of {', '.join(LAYER_ALIASES)}")
+                index = aliases[item]
+            else:
+                index = item + n if item < 0 else item
+                if not 0 <= index < n:
+                    raise ValueError(f"layer {item} is out of range for {self.name!r}, which has {n} layers")
+            if index not in out:
+                out.append(index)
+        if not out:
+            raise ValueError("at least one layer is needed")
+        return sorted(out)
+
+    def forward_layers(self, x: Tensor, layers: Sequence[int]) -> LayerOutputs:
+        """The final embedding [B, dim] of a normalised batch and the token maps of `layers` (same pass)."""
+        raise NotImplementedError(f"encoder {self.name!r} exposes no layers")
+
+    def run_layer(self, layer: nn.Module, x: Tensor) -> Tensor:
+        """layer(x), under activation checkpointing when `checkpoint_layers` is set and gradients are on."""
+        if self.checkpoint_layers and torch.is_grad_enabled():
+            return cast(Tensor, checkpoint(layer, x, use_reentrant=False))
+        return cast(Tensor, layer(x))
 
     def encode(self, x_uint8: Tensor, token_grid: int = 0) -> tuple[Tensor, Tensor | None]:
         """Embeddings [B, dim] and, when token_grid = G > 0 and a feature map exists, tokens [B, G*G, dim].

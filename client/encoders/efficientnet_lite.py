@@ -6,6 +6,7 @@ fixed stem/head; convolutions use TensorFlow "SAME" padding. Keys follow Efficie
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedslide.client.encoders.base import (
+    LayerOutputs,
     PatchEncoder,
     load_checkpoint,
     load_strict,
@@ -46,10 +48,24 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tupl
 
 
 class SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow "SAME" padding computed from each input's size (extra pixel after)."""
+    """Conv2d with TensorFlow "SAME" padding computed from each input's size (extra pixel after).
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
-        super().__init__(in_ch, out_ch, kernel, stride=stride, padding=0, groups=groups, bias=False)
+    The signature follows nn.Conv2d's order so generic code (peft's LoRA) can build one; `padding` is ignored.
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: object = 0,
+        *,
+        groups: int = 1,
+        bias: bool = False,
+    ) -> None:
+        del padding  # SAME padding is computed per input in forward
+        super().__init__(in_ch, out_ch, kernel, stride=stride, padding=0, groups=groups, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """Pad like TF, then convolve."""
@@ -117,6 +133,26 @@ class EfficientNetLite0(PatchEncoder):
         for block in self._blocks:
             x = block(x)
         return F.relu6(self._bn1(self._conv_head(x)))
+
+    def layer_modules(self) -> list[nn.Module]:
+        """The 16 MBConv blocks, then the 1×1 head (conv + BN) as layer 16; the stem belongs to no layer."""
+        return [*self._blocks, nn.ModuleList([self._conv_head, self._bn1])]
+
+    def forward_layers(self, x: Tensor, layers: Sequence[int]) -> LayerOutputs:
+        """Embedding [B, 1280] and the outputs of the requested blocks / head (after its ReLU6)."""
+        wanted = set(layers)
+        maps: dict[int, Tensor] = {}
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for i, block in enumerate(self._blocks):
+            x = self.run_layer(block, x)
+            if i in wanted:
+                maps[i] = x
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        head = len(self._blocks)
+        if head in wanted:
+            maps[head] = x
+        summaries = {i: m.mean(dim=(2, 3)) for i, m in maps.items()}
+        return LayerOutputs(embedding=x.mean(dim=(2, 3)), maps=maps, summaries=summaries)
 
 
 def default_weights_path() -> Path:

@@ -6,6 +6,8 @@ used by CLAM (up to layer3, 1024-d); otherwise the full trunk (2048-d).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -13,6 +15,7 @@ from torch import Tensor, nn
 from fedslide.client.encoders.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    LayerOutputs,
     PatchEncoder,
     load_checkpoint,
     load_strict,
@@ -94,6 +97,22 @@ class ResNet50(PatchEncoder):
         for i in range(self.stages):
             x = getattr(self, f"layer{i + 1}")(x)
         return x
+
+    def layer_modules(self) -> list[nn.Module]:
+        """The bottleneck blocks of every stage in order (16 with layer4, 13 without); the stem is no layer."""
+        return [block for i in range(self.stages) for block in getattr(self, f"layer{i + 1}")]
+
+    def forward_layers(self, x: Tensor, layers: Sequence[int]) -> LayerOutputs:
+        """Embedding [B, dim] and the outputs of the requested bottleneck blocks."""
+        wanted = set(layers)
+        maps: dict[int, Tensor] = {}
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, stride=2, padding=1)
+        for i, block in enumerate(self.layer_modules()):
+            x = self.run_layer(block, x)
+            if i in wanted:
+                maps[i] = x
+        summaries = {i: m.mean(dim=(2, 3)) for i, m in maps.items()}
+        return LayerOutputs(embedding=x.mean(dim=(2, 3)), maps=maps, summaries=summaries)
 
     def identity(self) -> dict[str, object]:
         """Base identity plus the number of stages."""

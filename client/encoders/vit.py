@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from fedslide.client.encoders.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    LayerOutputs,
     PatchEncoder,
     load_checkpoint,
     load_strict,
@@ -188,8 +189,8 @@ class VisionTransformer(PatchEncoder):
         grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False, antialias=True)
         return grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, d).to(pos.dtype)
 
-    def forward_tokens(self, x: Tensor) -> Tensor:
-        """All output tokens [B, prefix + h*w, D] (class token, registers, patches) after the final norm."""
+    def _embed_tokens(self, x: Tensor) -> tuple[Tensor, int, int]:
+        """Input tokens [B, prefix + h*w, D] (prefix tokens, then patches, position embeddings added) and (h, w)."""
         geo = self.geometry
         fmap = self.patch_embed(x)
         b, _, gh, gw = fmap.shape
@@ -205,13 +206,24 @@ class VisionTransformer(PatchEncoder):
                 pos_pre = self.pos_embed[:, : geo.pos_prefix]
                 pre = torch.cat([pre[:, : geo.pos_prefix] + pos_pre, pre[:, geo.pos_prefix :]], dim=1)
             tokens = torch.cat([pre, tokens], dim=1)
+        return tokens, gh, gw
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """All output tokens [B, prefix + h*w, D] (class token, registers, patches) after the final norm."""
+        tokens, _, _ = self._embed_tokens(x)
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens) if self.norm is not None else tokens
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Pooled patch embedding [B, dim] of a normalised batch."""
-        tokens = self.forward_tokens(x)
+    def layer_modules(self) -> list[nn.Module]:
+        """The transformer blocks; the last one carries the final norms (they train with it)."""
+        blocks: list[nn.Module] = list(self.blocks)
+        tail = [m for m in (self.norm, self.fc_norm) if m is not None]
+        if tail:
+            blocks[-1] = nn.ModuleList([blocks[-1], *tail])
+        return blocks
+
+    def _pool(self, tokens: Tensor) -> Tensor:
         parts = []
         if self.pooling in ("cls", "cls+mean"):
             parts.append(tokens[:, 0])
@@ -220,6 +232,26 @@ class VisionTransformer(PatchEncoder):
         if self.fc_norm is not None:
             parts = [self.fc_norm(p) for p in parts]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def forward_layers(self, x: Tensor, layers: Sequence[int]) -> LayerOutputs:
+        """Pooled embedding [B, dim] and, per requested block, its patch tokens as a map [B, D, h, w]."""
+        wanted = set(layers)
+        tokens, gh, gw = self._embed_tokens(x)
+        prefix = self.geometry.num_prefix
+        maps: dict[int, Tensor] = {}
+        summaries: dict[int, Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            tokens = self.run_layer(block, tokens)
+            if i in wanted:
+                patches = tokens[:, prefix:]
+                maps[i] = patches.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
+                summaries[i] = tokens[:, 0] if self.geometry.has_cls else patches.mean(dim=1)
+        final = self.norm(tokens) if self.norm is not None else tokens
+        return LayerOutputs(embedding=self._pool(final), maps=maps, summaries=summaries)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Pooled patch embedding [B, dim] of a normalised batch."""
+        return self._pool(self.forward_tokens(x))
 
     def identity(self) -> dict[str, object]:
         """Base identity plus pooling and heads."""

@@ -12,7 +12,12 @@ from fedslide.client.encoders.registry import build_encoder
 from fedslide.common.config.base import ConfigError
 from fedslide.common.config.predict import PredictConfig
 from fedslide.common.config.preprocess import EncoderConfig, TilingConfig, TissueConfig
-from fedslide.common.distillation.bundle import BundleMismatchError, StudentBundle
+from fedslide.common.distillation.bundle import (
+    LOW_ENCODER_FILE,
+    BundleMismatchError,
+    StudentBundle,
+    check_low_encoder_file,
+)
 from fedslide.common.device import resolve_device
 
 
@@ -65,11 +70,31 @@ def slide_settings(bundle: StudentBundle) -> SlideSettings:
     return SlideSettings(tissue=tissue, tiling=tiling, token_grid=m.token_grid if bundle.uses_tokens else 0)
 
 
-def encoder_config(bundle: StudentBundle, cfg: PredictConfig) -> EncoderConfig:
-    """The encoder settings for this bundle: its encoder by name, the run's batch/worker/device options."""
+def low_encoder_weights(bundle: StudentBundle, cfg: PredictConfig) -> Path | None:
+    """The fine-tuned 5x encoder's weights file: the bundle's own, else the site's (checked); None when not fine-tuned."""
+    if not bundle.meta.low_finetuned:
+        return None
+    if bundle.low_encoder_weights is not None:
+        return bundle.low_encoder_weights
+    if cfg.low_encoder_weights is None:
+        raise ModelDirError(
+            f"the bundle's student reads 5x features of a fine-tuned {bundle.meta.encoder_name} (weights "
+            f"{str(bundle.meta.low_encoder_weights_hash)[:12]}) but carries no {LOW_ENCODER_FILE}; supply the file "
+            "with --low-weights (predict.low-encoder-weights), e.g. SITE/finetune/<encoder>.pt"
+        )
+    if not cfg.low_encoder_weights.is_file():
+        raise ModelDirError(f"predict.low-encoder-weights: {cfg.low_encoder_weights} is not a file")
+    check_low_encoder_file(bundle.meta, cfg.low_encoder_weights)
+    return cfg.low_encoder_weights
+
+
+def encoder_config(bundle: StudentBundle, cfg: PredictConfig, resolution: str = "high") -> EncoderConfig:
+    """The encoder settings for one resolution: the bundle's encoder by name (the fine-tuned weights for a
+    fine-tuned 5x encoder), the run's batch/worker/device options."""
+    weights = low_encoder_weights(bundle, cfg) if resolution == "low" else None
     return EncoderConfig(
         name=bundle.meta.encoder_name,
-        weights=cfg.encoder_weights,
+        weights=weights or cfg.encoder_weights,
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         threads=cfg.threads,
@@ -78,22 +103,24 @@ def encoder_config(bundle: StudentBundle, cfg: PredictConfig) -> EncoderConfig:
     )
 
 
-def check_encoder(bundle: StudentBundle, encoder: PatchEncoder) -> None:
-    """Refuse an encoder other than the bundle's (name, weights hash, fingerprint, dim); the message names both."""
+def check_encoder(bundle: StudentBundle, encoder: PatchEncoder, resolution: str = "high") -> None:
+    """Refuse an encoder other than the bundle's for `resolution` (name, weights hash, fingerprint, dim); the
+    message names both."""
     m = bundle.meta
+    weights_hash, fingerprint = m.expected_encoder(resolution)
     differs = []
     if encoder.name != m.encoder_name:
         differs.append("name")
-    if m.encoder_weights_hash and encoder.weights_hash != m.encoder_weights_hash:
+    if weights_hash and encoder.weights_hash != weights_hash:
         differs.append("weights hash")
-    if m.encoder_fingerprint and encoder.fingerprint != m.encoder_fingerprint:
+    if fingerprint and encoder.fingerprint != fingerprint:
         differs.append("fingerprint (weights or normalisation)")
     if encoder.dim != m.encoder_dim:
         differs.append(f"dim {encoder.dim} vs {m.encoder_dim}")
     if differs:
         raise BundleMismatchError(
-            f"the model was trained on features of encoder {m.encoder_name} (weights {m.encoder_weights_hash[:12]}, "
-            f"fingerprint {(m.encoder_fingerprint or 'unknown')[:12]}), but the encoder here is {encoder.name} "
+            f"the model was trained on {resolution}-res features of encoder {m.encoder_name} (weights "
+            f"{weights_hash[:12]}, fingerprint {(fingerprint or 'unknown')[:12]}), but the encoder here is {encoder.name} "
             f"(weights {encoder.weights_hash[:12]}, fingerprint {encoder.fingerprint[:12]}); they differ in: "
             f"{', '.join(differs)}. Point --weights (predict.encoder-weights) at the weights the bundle was trained "
             "with, or use a bundle trained on this encoder"
@@ -104,13 +131,15 @@ def check_encoder(bundle: StudentBundle, encoder: PatchEncoder) -> None:
         )
 
 
-def load_encoder(bundle: StudentBundle, cfg: PredictConfig) -> PatchEncoder:
-    """Build the bundle's encoder (eval mode, on the configured device) and verify it is the one trained on."""
+def load_encoder(bundle: StudentBundle, cfg: PredictConfig, resolution: str = "high") -> PatchEncoder:
+    """Build the bundle's encoder of one resolution (eval mode, on the configured device) and verify it is the
+    one trained on. "low" gives the fine-tuned 5x encoder when the bundle has one, else the same as "high"."""
+    settings = encoder_config(bundle, cfg, resolution)  # refuses fine-tuned weights of another hash
     try:
-        encoder = build_encoder(encoder_config(bundle, cfg))
+        encoder = build_encoder(settings)
     except ValueError as exc:
         raise ModelDirError(f"cannot build the bundle's encoder {bundle.meta.encoder_name!r}: {exc}") from exc
-    check_encoder(bundle, encoder)
+    check_encoder(bundle, encoder, resolution)
     device = resolve_device(cfg.device)
     encoder = encoder.to(device).eval()
     if device.type == "cuda":

@@ -17,7 +17,14 @@ import torch
 from tqdm import tqdm
 
 from fedslide.client.encoders.base import PatchEncoder
-from fedslide.client.inference.model import check_encoder, check_mode, load_bundle, load_encoder, slide_settings
+from fedslide.client.inference.model import (
+    ModelDirError,
+    check_encoder,
+    check_mode,
+    load_bundle,
+    load_encoder,
+    slide_settings,
+)
 from fedslide.client.inference.slide import SlidePrediction, predict_slide
 from fedslide.client.slides import SlideError, discover_slides
 from fedslide.common.atomic import atomic_write, write_text_atomic
@@ -111,10 +118,12 @@ def predict_slides(
     out_dir: Path | str,
     cfg: PredictConfig,
     encoder: PatchEncoder | None = None,
+    low_encoder: PatchEncoder | None = None,
 ) -> PredictionRun:
     """Predict every slide (a folder, or a list of files) and write the outputs into `out_dir`.
 
-    Bad slides are recorded in failures.csv and skipped. Raises ModelDirError / BundleMismatchError /
+    `encoder` / `low_encoder` (built from the bundle when None) encode the high- and 5x patches; they differ
+    only when the bundle's student reads a fine-tuned 5x encoder. Bad slides are recorded in failures.csv and skipped. Raises ModelDirError / BundleMismatchError /
     ConfigError for an unusable model or options, SlideError when there are no slides at all.
     """
     start = time.perf_counter()
@@ -124,10 +133,20 @@ def predict_slides(
     slide_settings(bundle)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if encoder is None:
-        encoder = load_encoder(bundle, cfg)
-    else:
+    low_finetuned = bundle.meta.low_finetuned
+    if encoder is not None:
         check_encoder(bundle, encoder)
+    elif cfg.resolution == "high" or cfg.zoom_k or not low_finetuned:
+        encoder = load_encoder(bundle, cfg)
+    if not low_finetuned:
+        low_encoder = encoder
+    elif low_encoder is not None:
+        check_encoder(bundle, low_encoder, "low")
+    elif cfg.resolution == "low":
+        low_encoder = load_encoder(bundle, cfg, "low")
+    main = low_encoder if cfg.resolution == "low" else encoder
+    if main is None:  # pragma: no cover - every branch above sets the encoder the run reads
+        raise ModelDirError("no encoder for the requested resolution")
     paths = _resolve_slides(slides, cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,8 +154,8 @@ def predict_slides(
         out_dir=out_dir,
         resolution=cfg.resolution,
         zoom_k=cfg.zoom_k,
-        encoder={"name": encoder.name, "weights_hash": encoder.weights_hash, "fingerprint": encoder.fingerprint},
-        device=str(next(iter(encoder.buffers()), torch.empty(0)).device),
+        encoder={"name": main.name, "weights_hash": main.weights_hash, "fingerprint": main.fingerprint},
+        device=str(next(iter(main.buffers()), torch.empty(0)).device),
     )
     seen: dict[str, Path] = {}
     bar = tqdm(paths, desc="predict", unit="slide", disable=not cfg.progress)
@@ -149,7 +168,9 @@ def predict_slides(
         seen[path.stem] = path
         heatmap = out_dir / HEATMAP_DIR / f"{path.stem}.png" if cfg.heatmaps else None
         try:
-            run.predictions.append(predict_slide(path, bundle, encoder, cfg, heatmap_path=heatmap))
+            run.predictions.append(
+                predict_slide(path, bundle, encoder or main, cfg, heatmap_path=heatmap, low_encoder=low_encoder)
+            )
         except Exception as exc:  # one bad slide must not stop the others: record it and go on
             run.failures.append(SlideFailure(path.stem, str(path), _reason(path, exc)))
             log.error("%s", run.failures[-1].reason)

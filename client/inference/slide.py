@@ -223,11 +223,13 @@ def predict_slide(
     *,
     heatmap_path: Path | None = None,
     keep_arrays: bool = False,
+    low_encoder: PatchEncoder | None = None,
 ) -> SlidePrediction:
     """Predict one slide with the bundle (see the module doc); write its heatmap to `heatmap_path` if given.
 
-    `encoder` must be the bundle's (see `client.inference.model.load_encoder`); `keep_arrays` keeps the
-    low-res features and tokens the student saw on the result.
+    `encoder` must be the bundle's (see `client.inference.model.load_encoder`); `low_encoder` encodes the 5x
+    patches when the bundle's student was trained on a fine-tuned 5x encoder (`load_encoder(..., "low")`;
+    None = `encoder`). `keep_arrays` keeps the low-res features and tokens the student saw on the result.
     """
     path = Path(path)
     settings = slide_settings(bundle)
@@ -245,7 +247,7 @@ def predict_slide(
         if high:
             result = _high_pass(reader, grid, settings, bundle, encoder, cfg)
         else:
-            result = _low_pass(reader, grid, settings, bundle, encoder, cfg, keep_arrays)
+            result = _low_pass(reader, grid, settings, bundle, low_encoder or encoder, cfg, keep_arrays)
         t_model = time.perf_counter()
         timing = SlideTiming(
             open_s=t_open - t0,

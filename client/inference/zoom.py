@@ -1,4 +1,5 @@
-"""Zoom (AHDMIL pre-screening / WISE-FUSE coarse-to-fine): pick the most attended low-res regions to read at high res."""
+"""Zoom (AHDMIL pre-screening / WISE-FUSE coarse-to-fine): pick the low-res regions to read at high res, the K most
+attended ones or those whose relevance passes a threshold."""
 
 from __future__ import annotations
 
@@ -23,6 +24,33 @@ def select_regions(scores: np.ndarray, grid: PairedGrid, k: int) -> np.ndarray:
     candidates = np.flatnonzero(has_children)
     order = candidates[np.argsort(-scores[candidates], kind="stable")]
     return np.sort(order[:k]).astype(np.int64)
+
+
+def region_relevance(scores: np.ndarray) -> np.ndarray:
+    """Each low patch's relevance in [0, 1]: its attention score min-max scaled over the slide (all equal: 1).
+
+    AHDMIL's pre-screen keeps a patch when the sigmoid of its own relevance logit passes 0.5
+    (github JiuyangDong/AHDMIL, models/hdmil.py `_gumbel_sigmoid(..., threshold=0.5)`); the student's attention is a
+    softmax over the slide, so its scale depends on the number of patches and is put on [0, 1] per slide instead.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        return scores
+    low, span = scores.min(), scores.max() - scores.min()
+    return np.ones_like(scores) if span <= 0 else (scores - low) / span
+
+
+def select_above(scores: np.ndarray, grid: PairedGrid, threshold: float, k: int = 0) -> np.ndarray:
+    """Indices (ascending) of the low patches with kept high children whose relevance (`region_relevance`) is above
+    `threshold`; with k > 0 at most the k most relevant of them (ties to the lower index)."""
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"zoom threshold must lie in [0, 1), got {threshold}")
+    relevance = region_relevance(scores)
+    has_children = np.bincount(grid.high_parent, minlength=len(grid.low_coords))[: len(grid.low_coords)] > 0
+    passing = np.flatnonzero(has_children & (relevance > threshold))
+    if k > 0 and len(passing) > k:
+        passing = passing[np.argsort(-relevance[passing], kind="stable")[:k]]
+    return np.sort(passing).astype(np.int64)
 
 
 def subset_grid(grid: PairedGrid, low_indices: np.ndarray) -> tuple[PairedGrid, np.ndarray]:

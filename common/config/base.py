@@ -41,6 +41,7 @@ class ConfigError(ValueError):
 KNOWN_SECTIONS: tuple[str, ...] = (
     "synth",
     "preprocess",
+    "finetune",
     "train",
     "distill",
     "predict",

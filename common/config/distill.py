@@ -96,6 +96,39 @@ class KDConfig(StageConfig):
         default="all",
         description="'all': (λ/C)·Σ_c KL(expert_c ‖ student); 'own': λ·KL(expert of the slide's cluster ‖ student)",
     )
+    # Attention KD and the instance loss follow LRMIL's reference code (github hvcl/LRMIL, utils/losses.py
+    # attention_kl_loss / hard_topk_instance_loss, utils/trainer.py train_stage2_student): its argument defaults
+    # give T = 1 (attention_kl_loss), k = 4 (hard_topk_instance_loss) and mean over the children
+    # (build_teacher_guided_attention); its weights (lambda_soft, lambda_hard) have no default there, so they are
+    # 1.0 like the logit term's. Both are off by default until the ablation (issue 31) has measured them.
+    lambda_attention: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="weight of KL(teacher-guided attention ‖ student attention) over the student's instances; 0 turns "
+        "it off (needs an attention student and teacher; LRMIL: 1)",
+    )
+    attention_temperature: PositiveFloat = Field(
+        default=1.0, description="temperature of the attention KL (scaled by T²)"
+    )
+    attention_agg: Literal["mean", "max"] = Field(
+        default="mean",
+        description="teacher attention of a 5x patch (pooled/raw instances): mean or max of its 20x children's "
+        "attention logits (token instances take their own child's)",
+    )
+    lambda_instance: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="weight of the top-k/bottom-k instance loss (instance head on the student's instances picked "
+        "by the teacher-guided attention); 0 turns it off (LRMIL: 1)",
+    )
+    instance_k: PositiveInt = Field(
+        default=4, description="top-k and bottom-k instances per bag (at most half the bag's instances)"
+    )
+    instance_features: Literal["embedding", "input"] = Field(
+        default="embedding",
+        description="what the instance head reads: the student's instance embeddings (gradient reaches the student) "
+        "or its input instances (the reference code's choice: with fixed features it trains only the head)",
+    )
     student_init: Literal["auto", "teacher", "scratch"] = Field(
         default="auto",
         description="KD students start from the teacher's weights ('teacher': adapted tokens live in the teacher's "
@@ -115,6 +148,12 @@ class DistillConfig(StageConfig):
         default=None,
         examples=["efficientnet_lite0"],
         description="features/<encoder> subfolder (default: the only one present)",
+    )
+    low_features: str | None = Field(
+        default=None,
+        examples=["efficientnet_lite0-finetuned"],
+        description="features/<name>/low subfolder of the 5x files, e.g. the fine-tuned encoder's "
+        "<encoder>-finetuned from `fedslide finetune` (default: the encoder's own)",
     )
     seed: int = Field(default=0, description="seed of every model init, sample and batch order")
     device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda[:i], mps")

@@ -20,6 +20,7 @@ from fedslide.common.config.base import StageConfig
 from fedslide.common.config.distill import DistillConfig
 from fedslide.common.config.evaluate import EvaluateConfig
 from fedslide.common.config.federation import FederationConfig
+from fedslide.common.config.finetune import FinetuneConfig
 from fedslide.common.config.predict import PredictConfig
 from fedslide.common.config.preprocess import PreprocessConfig
 from fedslide.common.config.synth import SynthConfig
@@ -33,6 +34,7 @@ APP_CONFIG_TABLE = "tool.flwr.app.config"
 SECTIONS: tuple[tuple[str, type[StageConfig]], ...] = (
     ("synth", SynthConfig),
     ("preprocess", PreprocessConfig),
+    ("finetune", FinetuneConfig),
     ("train", TrainConfig),
     ("distill", DistillConfig),
     ("predict", PredictConfig),

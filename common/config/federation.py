@@ -161,9 +161,17 @@ class FederationConfig(StageConfig):
     )
     aggregation: Literal["mean", "median", "trimmed-mean"] = Field(
         default="mean",
-        description="teacher/baseline/student aggregation: weighted mean (strategy), or robust median / trimmed mean",
+        description="aggregation of every weights phase (adapter, teacher/baseline, experts, student) and of logits "
+        "mode's logits: mean weighted by the handshake's training slides (strategy), or robust coordinate-wise median "
+        "/ trimmed mean, which also pick each model's best round by the median of the sites' validation losses",
     )
-    trim_fraction: float = Field(default=0.2, gt=0.0, lt=0.5, description="trimmed-mean: fraction cut at each end")
+    trim_fraction: float = Field(
+        default=0.2,
+        gt=0.0,
+        lt=0.5,
+        description="trimmed-mean: fraction cut at each end, at least one site per end (refused with fewer than "
+        "3 sites)",
+    )
     max_update_norm: PositiveFloat | None = Field(
         default=None, description="reject updates with a larger L2 norm (off when unset)"
     )
@@ -208,6 +216,15 @@ class FederationConfig(StageConfig):
     dp_max_epsilon: PositiveFloat | None = Field(
         default=None, description="DP: stop before a release would exceed this ε"
     )
+    local_dp_noise_multiplier: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="site-side DP of every weights phase: each site clips its update to local-dp-clipping-norm and adds "
+        "Gaussian noise of this × the clip before it leaves, so ε holds against the coordinator too (0 = off)",
+    )
+    local_dp_clipping_norm: PositiveFloat = Field(
+        default=1.0, description="site-side DP: each site clips its update (reply − global model) to this L2 norm"
+    )
     cluster_noise_std: float = Field(
         default=0.0, ge=0.0, description="Gaussian noise a site adds to its cluster sums before sending (0 = none)"
     )
@@ -232,9 +249,10 @@ class FederationConfig(StageConfig):
     def _logits_needs_proxy(self) -> "FederationConfig":
         if self.mode == "logits" and self.proxy_dir is None:
             raise ValueError("mode = 'logits' needs proxy-dir (the coordinating site's proxy cohort)")
-        if self.mode == "logits" and self.dp_noise_multiplier > 0:
+        if self.mode == "logits" and (self.dp_noise_multiplier > 0 or self.local_dp_noise_multiplier > 0):
+            key = "dp-noise-multiplier" if self.dp_noise_multiplier > 0 else "local-dp-noise-multiplier"
             raise ValueError(
-                "dp-noise-multiplier > 0 with mode = 'logits': logits mode sends un-noised logits, so no ε would "
+                f"{key} > 0 with mode = 'logits': logits mode sends un-noised logits, so no ε would "
                 "hold; use mode = 'weights' for DP"
             )
         return self

@@ -35,12 +35,23 @@ class SiteFloors(BaseModel):
     min_suppress_below: NonNegativeInt = Field(
         default=0, description="cluster statistics of fewer slides than this must be withheld"
     )
-    require_dp: bool = Field(default=False, description="refuse runs without DP (dp-noise-multiplier > 0)")
+    require_dp: bool = Field(
+        default=False, description="refuse runs without DP (dp-noise-multiplier or local-dp-noise-multiplier > 0)"
+    )
     max_epsilon: PositiveFloat | None = Field(
         default=None, description="refuse runs whose DP budget (dp-max-epsilon) is unset or above this ε"
     )
     allowed_modes: tuple[Mode, ...] = Field(
         default=("weights", "logits"), min_length=1, description="federation modes the site joins (comma-separated)"
+    )
+    min_local_dp_noise_multiplier: NonNegativeFloat = Field(
+        default=0.0,
+        description="refuse runs whose site-side DP noise multiplier (local-dp-noise-multiplier) is below this",
+    )
+    max_local_epsilon: PositiveFloat | None = Field(
+        default=None,
+        description="site-side DP: refuse runs whose planned updates would spend more than this ε against the "
+        "coordinator, and send no update beyond it",
     )
     cluster_noise_multiplier: NonNegativeFloat = Field(
         default=0.0,
@@ -77,8 +88,13 @@ class SiteFloors(BaseModel):
             found.append(
                 ("floor-mode", f"mode = {cfg.mode!r} is not allowed here (allowed: {', '.join(self.allowed_modes)})")
             )
-        if self.require_dp and not dp_on:
-            found.append(("floor-require-dp", "this site requires DP: dp-noise-multiplier must be > 0"))
+        if self.require_dp and not (dp_on or cfg.local_dp_noise_multiplier > 0):
+            found.append(
+                (
+                    "floor-require-dp",
+                    "this site requires DP: dp-noise-multiplier or local-dp-noise-multiplier must be > 0",
+                )
+            )
         if self.require_dp and cfg.mode == "logits":
             found.append(
                 ("floor-dp-logits", "this site requires DP and logits mode sends un-noised logits: use mode 'weights'")
@@ -93,6 +109,29 @@ class SiteFloors(BaseModel):
                     (
                         "floor-max-epsilon",
                         f"dp-max-epsilon = {cfg.dp_max_epsilon} exceeds this site's maximum ε = {self.max_epsilon}",
+                    )
+                )
+        local = cfg.local_dp_noise_multiplier
+        if local < self.min_local_dp_noise_multiplier:
+            found.append(
+                (
+                    "floor-local-dp",
+                    f"local-dp-noise-multiplier = {local} is below this site's floor of "
+                    f"{self.min_local_dp_noise_multiplier}",
+                )
+            )
+        if self.max_local_epsilon is not None:
+            from fedslide.common.dp import planned_releases, site_epsilon
+
+            planned = planned_releases(cfg)
+            eps = site_epsilon(local, planned, cfg.dp_delta)
+            if eps > self.max_local_epsilon:
+                found.append(
+                    (
+                        "floor-local-epsilon",
+                        f"{planned} site-side release(s) at local-dp-noise-multiplier = {local} spend ε = {eps:.3g} "
+                        f"against the coordinator (δ = {cfg.dp_delta:g}), above this site's maximum of "
+                        f"{self.max_local_epsilon}",
                     )
                 )
         if self.cluster_noise_multiplier > 0:

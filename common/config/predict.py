@@ -50,6 +50,12 @@ class PredictConfig(StageConfig):
         examples=["/path/to/weights.pth"],
         description="local weights file of the bundle's encoder (encoders whose weights do not ship with a package)",
     )
+    low_encoder_weights: Path | None = Field(
+        default=None,
+        examples=["/site/finetune/efficientnet_lite0.pt"],
+        description="fine-tuned 5x encoder weights (`fedslide finetune`) for a bundle that records their hash but "
+        "does not carry the file; refused unless the sha256 matches the bundle's",
+    )
     heatmaps: bool = Field(default=True, description="write heatmaps/<slide_id>.png")
     heatmap_size: int = Field(default=1024, ge=128, le=8192, description="long side of the heatmap's slide image, px")
     progress: bool = Field(default=True, description="show progress bars")

@@ -3,12 +3,19 @@
 On disk (`directory/`): `bundle.json` (format + BundleMeta), `adapter.pt`, `student.pt` and
 `teacher.pt`, each a plain dict (`state_dict` + config dict) readable with
 `torch.load(weights_only=True)`. `adapter.pt` / `teacher.pt` are absent when the bundle has none.
+
+When the student was trained on 5× features of a fine-tuned low-res encoder (`fedslide finetune`), the meta
+records that encoder's weights hash (`low_encoder_weights_hash`; `encoder_weights_hash` stays the frozen
+high-res encoder's) and `low_encoder.pt` holds its weights file byte for byte, so its sha256 is that hash.
+A bundle may instead carry the hash only; the site then supplies the file (`predict.low-encoder-weights`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -33,6 +40,7 @@ BUNDLE_FILE = "bundle.json"
 ADAPTER_FILE = "adapter.pt"
 STUDENT_FILE = "student.pt"
 TEACHER_FILE = "teacher.pt"
+LOW_ENCODER_FILE = "low_encoder.pt"
 _MPP_TOLERANCE = 0.05
 
 
@@ -59,6 +67,8 @@ class BundleMeta:
     tissue: dict[str, Any]
     tiling: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)  # run facts (model name, temperature, ...)
+    low_encoder_weights_hash: str | None = None  # fine-tuned 5x encoder's sha256; None = the same as encoder_*
+    low_encoder_fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON dict."""
@@ -79,6 +89,21 @@ class BundleMeta:
         """`name (hash 1234abcd…)` for messages."""
         return _encoder_label(self.encoder_name, self.encoder_weights_hash)
 
+    @property
+    def low_finetuned(self) -> bool:
+        """Whether the low-res features come from a fine-tuned encoder other than the high-res one."""
+        return bool(self.low_encoder_weights_hash) and self.low_encoder_weights_hash != self.encoder_weights_hash
+
+    def expected_encoder(self, resolution: str) -> tuple[str, str | None]:
+        """(weights hash, fingerprint) the `resolution` ("low" / "high") features must have been made with."""
+        if resolution == "low" and self.low_finetuned:
+            return str(self.low_encoder_weights_hash), self.low_encoder_fingerprint
+        return self.encoder_weights_hash, self.encoder_fingerprint
+
+    def encoder_label_for(self, resolution: str) -> str:
+        """`name (weights 1234abcd…)` of the encoder of one resolution, for messages."""
+        return _encoder_label(self.encoder_name, self.expected_encoder(resolution)[0])
+
 
 def _short(value: Any) -> str:
     text = str(value or "")
@@ -87,6 +112,38 @@ def _short(value: Any) -> str:
 
 def _encoder_label(name: Any, weights_hash: Any) -> str:
     return f"{name or 'unknown encoder'} (weights {_short(weights_hash)})"
+
+
+def file_sha256(path: Path | str) -> str:
+    """Hex sha256 of a file's bytes (an encoder weights file's hash)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_low_encoder_file(meta: BundleMeta, path: Path | str) -> None:
+    """Refuse a fine-tuned low-res encoder weights file whose sha256 is not the bundle's; names both."""
+    actual = file_sha256(path)
+    if actual != meta.low_encoder_weights_hash:
+        raise BundleMismatchError(
+            f"low-res encoder weights {path} have sha256 {_short(actual)}, but the bundle's student was trained "
+            f"on 5x features of {meta.encoder_name} with fine-tuned weights {_short(meta.low_encoder_weights_hash)}; "
+            "supply the weights `fedslide finetune` wrote for this bundle (SITE/finetune/<encoder>.pt)"
+        )
+
+
+def find_low_encoder_weights(meta: BundleMeta, site_dirs: list[Path]) -> Path | None:
+    """The fine-tuned 5x weights `fedslide finetune` left at a site (`SITE/finetune/<encoder>.pt`) whose sha256
+    is the meta's low-res hash; None when the student's encoder is not fine-tuned or no site has the file."""
+    if not meta.low_finetuned:
+        return None
+    for site in site_dirs:
+        path = Path(site) / "finetune" / f"{meta.encoder_name}.pt"
+        if path.is_file() and file_sha256(path) == meta.low_encoder_weights_hash:
+            return path
+    return None
 
 
 def _reduce_attention(out: MILOutput, m: int) -> torch.Tensor:
@@ -140,7 +197,9 @@ class StudentBundle:
         teacher: MILModel | None = None,
         student_config: ModelConfig | dict[str, Any] | None = None,
         teacher_config: ModelConfig | dict[str, Any] | None = None,
+        low_encoder_weights: Path | str | None = None,
     ):
+        """`low_encoder_weights`: the fine-tuned 5x encoder's weights file (its sha256 must be the meta's)."""
         if meta.student_input != "raw" and adapter is None:
             raise ValueError(f"student input {meta.student_input!r} needs an adapter")
         self.meta = meta
@@ -149,6 +208,15 @@ class StudentBundle:
         self.teacher = teacher.eval() if teacher is not None else None
         self.student_config = _model_config(student, student_config)
         self.teacher_config = None if teacher is None else _model_config(teacher, teacher_config)
+        self.low_encoder_weights: Path | None = None
+        if low_encoder_weights is not None:
+            if not meta.low_finetuned:
+                raise ValueError(
+                    "a low-res encoder weights file needs meta.low_encoder_weights_hash (a fine-tuned encoder "
+                    f"other than the high-res one, weights {_short(meta.encoder_weights_hash)})"
+                )
+            check_low_encoder_file(meta, low_encoder_weights)
+            self.low_encoder_weights = Path(low_encoder_weights)
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, directory: Path | str) -> None:
@@ -164,6 +232,14 @@ class StudentBundle:
             _save_model(directory / TEACHER_FILE, self.teacher, self.teacher_config, "teacher")
         else:
             (directory / TEACHER_FILE).unlink(missing_ok=True)
+        low_target = directory / LOW_ENCODER_FILE
+        if self.low_encoder_weights is not None:
+            if self.low_encoder_weights.resolve() != low_target.resolve():
+                with atomic_path(low_target) as tmp:
+                    shutil.copyfile(self.low_encoder_weights, tmp)
+            self.low_encoder_weights = low_target
+        else:
+            low_target.unlink(missing_ok=True)
         doc = {
             "format": BUNDLE_FORMAT,
             "meta": self.meta.to_dict(),
@@ -171,6 +247,7 @@ class StudentBundle:
                 "adapter": ADAPTER_FILE if self.adapter is not None else None,
                 "student": STUDENT_FILE,
                 "teacher": TEACHER_FILE if self.teacher is not None else None,
+                "low_encoder": LOW_ENCODER_FILE if self.low_encoder_weights is not None else None,
             },
         }
         write_text_atomic(directory / BUNDLE_FILE, json.dumps(doc, indent=2, sort_keys=False) + "\n")
@@ -202,21 +279,25 @@ class StudentBundle:
             teacher_cfg = ModelConfig.model_validate(teacher_payload["config"])
             teacher = build_model(teacher_cfg)
             teacher.load_state_dict(teacher_payload["state_dict"])
-        return cls(meta, adapter, student, teacher, student_cfg, teacher_cfg)
+        low_encoder = directory / files["low_encoder"] if files.get("low_encoder") else None
+        return cls(meta, adapter, student, teacher, student_cfg, teacher_cfg, low_encoder)
 
     # ---- checks ------------------------------------------------------------------------------
     def check_features(self, attrs: dict[str, Any]) -> None:
         """Refuse a feature file whose encoder (or resolution) differs from the bundle's; names both."""
         m = self.meta
+        resolution = attrs.get("resolution")
+        our_hash, our_fingerprint = m.expected_encoder(str(resolution))
+        ours_label = m.encoder_label_for(str(resolution))
         theirs = _encoder_label(attrs.get("encoder_name"), attrs.get("encoder_weights_hash"))
         where = f" ({attrs['slide_id']})" if attrs.get("slide_id") else ""
         conflicts = []
-        for key, ours in (("encoder_name", m.encoder_name), ("encoder_weights_hash", m.encoder_weights_hash)):
+        for key, ours in (("encoder_name", m.encoder_name), ("encoder_weights_hash", our_hash)):
             value = attrs.get(key)
             if value not in (None, "") and ours and str(value) != str(ours):
                 conflicts.append(key)
         fingerprint = attrs.get("encoder_fingerprint")
-        if fingerprint and m.encoder_fingerprint and str(fingerprint) != m.encoder_fingerprint:
+        if fingerprint and our_fingerprint and str(fingerprint) != our_fingerprint:
             conflicts.append("encoder_fingerprint")
         dim = attrs.get("encoder_dim")
         if dim not in (None, "") and int(dim) != int(m.encoder_dim):
@@ -224,15 +305,12 @@ class StudentBundle:
         if conflicts:
             if "encoder_fingerprint" in conflicts:
                 theirs += f" [fingerprint {_short(fingerprint)}]"
-                ours_label = f"{m.encoder_label} [fingerprint {_short(m.encoder_fingerprint)}]"
-            else:
-                ours_label = m.encoder_label
+                ours_label += f" [fingerprint {_short(our_fingerprint)}]"
             raise BundleMismatchError(
                 f"features{where} were made by encoder {theirs}, but the bundle was trained on encoder "
                 f"{ours_label} (differs in: {', '.join(conflicts)}); re-encode the slides with "
                 f"{m.encoder_name} or use a bundle trained on {attrs.get('encoder_name') or 'that encoder'}"
             )
-        resolution = attrs.get("resolution")
         mpp = attrs.get("target_mpp")
         if resolution in ("low", "high") and mpp not in (None, ""):
             expected = m.low_mpp if resolution == "low" else m.high_mpp

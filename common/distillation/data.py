@@ -20,6 +20,7 @@ from fedslide.common.training.splits import carve_validation, site_splits
 
 log = logging.getLogger(__name__)
 
+FINETUNED_SUFFIX = "-finetuned"  # features/<encoder>-finetuned/low: 5x features of `fedslide finetune`'s encoder
 _ENCODER_KEYS = ("encoder_name", "encoder_weights_hash", "encoder_dim")
 
 
@@ -118,8 +119,11 @@ def _class_names(tables: list[LabelTable]) -> tuple[str, ...]:
 
 
 def detect_encoder(sites: list[Path]) -> str:
-    """The one `features/<encoder>` folder every site has."""
-    per_site = [{p.name for p in (Path(s) / "features").glob("*") if p.is_dir()} for s in sites]
+    """The one `features/<encoder>` folder every site has (`<encoder>-finetuned` 5x-only folders do not count)."""
+    per_site = [
+        {p.name for p in (Path(s) / "features").glob("*") if p.is_dir() and not p.name.endswith(FINETUNED_SUFFIX)}
+        for s in sites
+    ]
     common = set.intersection(*per_site) if per_site else set()
     if len(common) == 1:
         return common.pop()
@@ -174,6 +178,7 @@ def load_sites(
     classes: Sequence[str] | None = None,
     store: FeatureStore | None = None,
     carving: SplitCarving | None = None,
+    low_features: str | None = None,
 ) -> DistillData:
     """Read `<site>/labels.csv` and every slide's low and high feature files; check them all first.
 
@@ -183,6 +188,9 @@ def load_sites(
     refused before anything is trained when a split would lack a class). A CSV with a split column but no val
     slides gets a validation split carved (by patient) from its training slides. `classes` fixes the class order
     (a federation's global list); by default it is made from the labels. A `store` serves the files it holds unchanged from memory.
+    `low_features` names the `features/<name>/low` folder of the low-res files (e.g. `<encoder>-finetuned`,
+    written by `fedslide finetune`); by default the high-res files' `encoder` folder. Its files must come from
+    the same architecture; their weights hash is checked per resolution.
     """
     site_dirs = [Path(s) for s in sites]
     if not site_dirs:
@@ -211,7 +219,10 @@ def load_sites(
     child_grids: set[int] = set()
     for site_dir, name, table, carved in zip(site_dirs, names, tables, assigned):
         for row in table.rows:
-            paths = {r: feature_path(site_dir, encoder, r, row.slide_id) for r in ("low", "high")}
+            paths = {
+                "low": feature_path(site_dir, low_features or encoder, "low", row.slide_id),
+                "high": feature_path(site_dir, encoder, "high", row.slide_id),
+            }
             absent = [str(p) for p in paths.values() if not p.is_file()]
             if absent:
                 missing.extend(absent)
@@ -226,8 +237,8 @@ def load_sites(
             if pair_problems:
                 problems.extend(pair_problems)
                 continue
-            for bag in (low, high):
-                key = tuple(str(bag.attrs.get(k, "")) for k in _ENCODER_KEYS)
+            for res, bag in (("low", low), ("high", high)):
+                key = (res, *(str(bag.attrs.get(k, "")) for k in _ENCODER_KEYS))
                 encoders.setdefault(key, []).append(str(bag.path))
             token_grids.add(int(round(np.sqrt(low.tokens.shape[1]))) if low.tokens is not None else 0)
             grid = int(low.attrs.get("child_grid") or high.attrs.get("child_grid") or 4)
@@ -257,9 +268,14 @@ def load_sites(
             + ", ".join(missing[:10])
             + (f", ... ({len(missing)} files)" if len(missing) > 10 else ""),
         )
-    if len(encoders) > 1:
+    by_resolution = {res: [k for k in encoders if k[0] == res] for res in ("low", "high")}
+    if (
+        any(len(keys) > 1 for keys in by_resolution.values())
+        or len({(k[1], k[3]) for k in encoders}) > 1
+        or (low_features is None and len({k[1:] for k in encoders}) > 1)
+    ):
         problems.append(
-            "feature files come from different encoders (name/weights/dim): "
+            "feature files come from different encoders (resolution/name/weights/dim): "
             + "; ".join(f"{'/'.join(k)} in {len(v)} file(s), e.g. {v[0]}" for k, v in encoders.items())
         )
     if len(token_grids) > 1:

@@ -23,6 +23,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,7 +37,7 @@ from fedslide.common.config.distill import DistillConfig
 from fedslide.common.config.model import ModelConfig
 from fedslide.common.config.preprocess import PreprocessConfig
 from fedslide.common.distillation.adapter import AdapterSpec, CrossResAdapter, build_adapter
-from fedslide.common.distillation.bundle import BundleMeta, StudentBundle
+from fedslide.common.distillation.bundle import BundleMeta, StudentBundle, find_low_encoder_weights
 from fedslide.common.distillation.cache import CACHE_FILE, LogitCache, files_signature, model_fingerprint
 from fedslide.common.distillation.clustering import ClusterResult, assign_nearest, balanced_kmeans, size_bounds
 from fedslide.common.distillation.crossres import AdapterFit, fit_adapter
@@ -46,12 +47,16 @@ from fedslide.common.distillation.losses import CachedKDLoss
 from fedslide.common.distillation.mil import evaluate_split, slide_outputs, train_selected, with_epochs
 from fedslide.common.distillation.stages import (
     adapter_pairs,
+    attention_targets,
+    attention_terms_on,
     cluster_vectors,
+    instance_head,
     kd_loss,
     scatter_kd_targets,
     student_input,
+    teacher_attention,
 )
-from fedslide.common.distillation.student import starts_from_teacher, student_bags
+from fedslide.common.distillation.student import attention_kd_width, starts_from_teacher, student_bags
 from fedslide.common.device import resolve_device
 from fedslide.common.features import TILING_ATTR, TISSUE_ATTR, recorded_preprocess
 from fedslide.common.metrics import METRIC_NAMES
@@ -165,11 +170,16 @@ def bundle_meta(
             "high-patch-size": int(high.get("patch_size", tiling["high-patch-size"])),
         }
     )
+    base = high if high.get("encoder_weights_hash") else low  # the high-res (frozen) encoder; low may be fine-tuned
+    low_hash = str(low.get("encoder_weights_hash") or "")
+    low_finetuned = bool(low_hash) and low_hash != str(base.get("encoder_weights_hash", ""))
     return BundleMeta(
-        encoder_name=str(low.get("encoder_name") or data.encoder),
-        encoder_weights_hash=str(low.get("encoder_weights_hash", "")),
-        encoder_dim=int(low.get("encoder_dim") or data.feature_dim),
-        encoder_fingerprint=str(low["encoder_fingerprint"]) if low.get("encoder_fingerprint") else None,
+        encoder_name=str(base.get("encoder_name") or data.encoder),
+        encoder_weights_hash=str(base.get("encoder_weights_hash", "")),
+        encoder_dim=int(base.get("encoder_dim") or data.feature_dim),
+        encoder_fingerprint=str(base["encoder_fingerprint"]) if base.get("encoder_fingerprint") else None,
+        low_encoder_weights_hash=low_hash if low_finetuned else None,
+        low_encoder_fingerprint=str(low.get("encoder_fingerprint") or "") or None if low_finetuned else None,
         low_mpp=tiling["low-mpp"],
         low_patch_size=tiling["low-patch-size"],
         high_mpp=tiling["high-mpp"],
@@ -242,6 +252,7 @@ class DistillRun:
     student_cfg: ModelConfig
     from_teacher: bool
     laps: Laps
+    instance_width: int | None = None  # input width of the instance loss's head (None: no instance loss)
 
     @property
     def train(self) -> np.ndarray:
@@ -285,7 +296,9 @@ def prepare(cfg: DistillConfig, progress: bool | None, laps: Laps) -> DistillRun
         raise ConfigError("distill needs a run directory (--out DIR or out-dir = ...)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    data = load_sites(list(cfg.sites), cfg.encoder, seed=cfg.seed, carving=cfg.carve)  # refuses before any output
+    data = load_sites(
+        list(cfg.sites), cfg.encoder, seed=cfg.seed, carving=cfg.carve, low_features=cfg.low_features
+    )  # refuses before any output
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mode = student_input(cfg.kd.student_input, data.has_tokens)
@@ -311,8 +324,9 @@ def prepare(cfg: DistillConfig, progress: bool | None, laps: Laps) -> DistillRun
     teacher_cfg = resolve_model_config(cfg.teacher, data.feature_dim, num_classes)
     student_cfg = resolve_model_config(cfg.student, data.feature_dim, num_classes)
     from_teacher = starts_from_teacher(cfg.kd.student_init, mode, student_cfg, teacher_cfg)  # fails before training
+    width = attention_kd_width(cfg.kd, student_cfg, teacher_cfg, cfg.training.max_instances)  # likewise
     show = cfg.progress if progress is None else progress
-    return DistillRun(cfg, data, out_dir, mode, device, show, teacher_cfg, student_cfg, from_teacher, laps)
+    return DistillRun(cfg, data, out_dir, mode, device, show, teacher_cfg, student_cfg, from_teacher, laps, width)
 
 
 def adapter_stage(run: DistillRun) -> tuple[CrossResAdapter | None, dict[str, Any]]:
@@ -449,6 +463,10 @@ def students_stage(
     student_tr = with_epochs(tr, tr.student_epochs)
     seed = cfg.seed + SEED_OFFSETS.student  # the same init for all three students: a fair comparison
     weights = class_weights(data.labels[train], num_classes, tr.class_weighting)
+    attention = None
+    if attention_terms_on(cfg.kd):  # the teacher's attention on the training slides, on the students' instances
+        scores = teacher_attention(teacher.model, teacher.cohort, train, run.device)
+        attention = attention_targets(data, train, scores, run.mode, cfg.kd.attention_agg)
     run.laps.lap("student_bags")
 
     def student(name: str, cohort: Cohort, loss: CachedKDLoss | None, source: str) -> TrainedModel:
@@ -456,21 +474,22 @@ def students_stage(
         model = build_model(run.student_cfg)
         if loss is not None and run.from_teacher:  # KD students; the labels-only baseline stays from scratch
             model.load_state_dict(teacher.model.state_dict())
-        result = train_selected(model, cohort, train, run.val, student_tr, run.device, seed, loss, run.show, name)
+        with loss.attached(model) if loss is not None else nullcontext():
+            result = train_selected(model, cohort, train, run.val, student_tr, run.device, seed, loss, run.show, name)
         run.laps.lap(name)
         return TrainedModel(model.eval(), result, cohort, source)
+
+    def loss(use_experts: bool) -> CachedKDLoss:
+        head = None if run.instance_width is None else instance_head(run.instance_width, seed)
+        return kd_loss(cfg.kd, targets, weights, use_experts, attention, head)
 
     adapted_source = f"adapted low-res ({run.mode})"
     trained = {
         "baseline_low": student("baseline_low", low_raw, None, "raw low-res features"),
-        "lrmil_student": student(
-            "lrmil_student", adapted, kd_loss(cfg.kd, targets, weights, use_experts=False), adapted_source
-        ),
+        "lrmil_student": student("lrmil_student", adapted, loss(use_experts=False), adapted_source),
     }
     if experts.info["used"]:
-        trained["lrmil_dd_student"] = student(
-            "lrmil_dd_student", adapted, kd_loss(cfg.kd, targets, weights), adapted_source
-        )
+        trained["lrmil_dd_student"] = student("lrmil_dd_student", adapted, loss(use_experts=True), adapted_source)
     return trained
 
 
@@ -515,6 +534,7 @@ def save_bundles(
             teacher,
             run.student_cfg,
             run.teacher_cfg,
+            low_encoder_weights=find_low_encoder_weights(meta, list(run.cfg.sites)),
         )
         directory = run.out_dir / (BUNDLE_DIRS[key] if key in BUNDLE_DIRS else key)
         bundle.save(directory)
@@ -582,6 +602,12 @@ def run_distill(
             "lambda_base": kd.lambda_base,
             "lambda_expert": kd.lambda_expert,
             "expert_kd": kd.expert_kd,
+            "lambda_attention": kd.lambda_attention,
+            "attention_temperature": kd.attention_temperature,
+            "attention_agg": kd.attention_agg,
+            "lambda_instance": kd.lambda_instance,
+            "instance_k": kd.instance_k,
+            "instance_features": kd.instance_features,
             "student_init": "teacher" if run.from_teacher else "scratch",
         },
         "cache": {"path": str(Path("cache") / CACHE_FILE), "hits": cache.hits, "misses": cache.misses},

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from fedslide.common.config.base import ConfigError
+from fedslide.common.config.distill import KDConfig
 from fedslide.common.config.model import ModelConfig
 from fedslide.common.distillation.adapter import CrossResAdapter
 from fedslide.common.distillation.data import DistillData
@@ -60,3 +61,54 @@ def starts_from_teacher(init: str, student_input: str, student: ModelConfig, tea
             f"{teacher.in_dim}, hidden-dim {teacher.hidden_dim}): set kd.student-init = 'scratch' or 'auto'"
         )
     return same and (init == "teacher" or student_input != "raw")
+
+
+def _probe(cfg: ModelConfig) -> tuple[bool, int | None]:
+    """(pools with softmax attention, width of its instance embeddings or None) of a model config."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        model = build_model(cfg).eval()
+        if not model.attention_pooling:
+            return False, None
+        out = model(torch.zeros(1, 2, cfg.in_dim))
+    width = None if out.instance_embedding is None else int(out.instance_embedding.shape[-1])
+    return out.attention is not None, width
+
+
+def attention_kd_width(
+    kd: KDConfig, student: ModelConfig, teacher: ModelConfig, max_instances: int | None
+) -> int | None:
+    """Check that LRMIL's attention terms (kd.lambda-attention, kd.lambda-instance) can run with these models and
+    return the instance head's input width (None: no instance loss). A ConfigError names what does not fit."""
+    on = {k: v for k, v in (("kd.lambda-attention", kd.lambda_attention), ("kd.lambda-instance", kd.lambda_instance))}
+    on = {k: v for k, v in on.items() if v > 0}
+    if not on:
+        return None
+    switch = " and ".join(f"{k} = {v}" for k, v in on.items())
+    off = " and ".join(f"{k} = 0" for k in on)
+    if max_instances is not None:
+        raise ConfigError(
+            f"{switch} map the teacher's attention onto every student instance, but training.max-instances = "
+            f"{max_instances} subsamples the bags: unset training.max-instances or set {off}"
+        )
+    for role, cfg in (("student", student), ("teacher", teacher)):
+        if not _probe(cfg)[0]:
+            raise ConfigError(
+                f"{switch} need a {role} that pools its instances with attention; {role} {cfg.name} has none "
+                f"(attention models: {', '.join(ATTENTION_MODELS)}): choose one of them or set {off}"
+            )
+    if kd.lambda_instance <= 0:
+        return None
+    if kd.instance_features == "input":
+        return student.in_dim
+    width = _probe(student)[1]
+    if width is None:
+        raise ConfigError(
+            f"kd.lambda-instance = {kd.lambda_instance} with kd.instance-features = 'embedding' needs a student that "
+            f"returns its instance embeddings; student {student.name} does not (those that do: "
+            f"{', '.join(INSTANCE_EMBEDDING_MODELS)}): set kd.instance-features = 'input' or kd.lambda-instance = 0"
+        )
+    return width
+
+
+ATTENTION_MODELS = ("abmil", "abmil_gated", "clam_sb", "acmil", "longmil", "mambamil")
+INSTANCE_EMBEDDING_MODELS = ("abmil", "abmil_gated", "clam_sb", "acmil")

@@ -12,6 +12,8 @@ from fedslide.common.models.layers import AttentionPool, InstanceEncoder, init_l
 class ABMIL(MILModel):
     """Instance MLP, (gated) attention pooling over real instances, classifier head."""
 
+    attention_pooling = True
+
     def __init__(
         self,
         in_dim: int,
@@ -36,4 +38,4 @@ class ABMIL(MILModel):
         features, mask = prepare_bags(features, mask, self.in_dim)
         h = self.encoder(features)
         embedding, attention = self.pool(h, mask)
-        return MILOutput(logits=self.head(embedding), embedding=embedding, attention=attention)
+        return MILOutput(logits=self.head(embedding), embedding=embedding, attention=attention, instance_embedding=h)

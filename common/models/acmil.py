@@ -28,6 +28,7 @@ class ACMIL(MILModel):
     """
 
     accepts_labels = True
+    attention_pooling = True
 
     def __init__(
         self,
@@ -85,7 +86,7 @@ class ACMIL(MILModel):
                 aux = aux + F.cross_entropy(
                     branch_logits.flatten(0, 1), labels.repeat_interleave(self.n_token).to(h.device)
                 )
-        return MILOutput(logits=logits, embedding=embedding, attention=attention, aux_loss=aux)
+        return MILOutput(logits=logits, embedding=embedding, attention=attention, aux_loss=aux, instance_embedding=h)
 
     def stochastic_topk_mask(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Bool [B, M, N]: True where a top-K instance of a branch is randomly hidden (STKIM)."""

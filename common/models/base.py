@@ -16,6 +16,7 @@ class MILOutput:
     embedding: torch.Tensor  # [B, E] slide embedding (input of the classifier head)
     attention: torch.Tensor | None = None  # [B, N] (or [B, H, N] / [B, C, N]) instance attention/scores
     aux_loss: torch.Tensor | None = None  # scalar added to the training loss (e.g. ACMIL diversity)
+    instance_embedding: torch.Tensor | None = None  # [B, N, H] instance embeddings the attention scores (input order)
 
 
 class MILModel(nn.Module):
@@ -25,9 +26,13 @@ class MILModel(nn.Module):
     coords: [B, N, 2] level-0 pixel coordinates or None.
     Models whose training aux_loss can use the bag labels set `accepts_labels = True` and take
     an optional keyword `labels` ([B] long); without it they fall back to a label-free aux_loss.
+    Models that pool instances with a softmax attention set `attention_pooling = True`: their `attention`
+    is that distribution over the real instances in input order ([B, N], or [B, M, N] for M branches whose
+    mean is the pooling weight), which attention distillation reads.
     """
 
     accepts_labels: bool = False
+    attention_pooling: bool = False
 
     def forward(
         self,

@@ -21,6 +21,7 @@ class CLAMSB(MILModel):
     """
 
     accepts_labels = True
+    attention_pooling = True
 
     def __init__(
         self,
@@ -63,7 +64,7 @@ class CLAMSB(MILModel):
         if self.training and self.k_sample > 0 and self.instance_loss_weight > 0:
             targets = labels if labels is not None else logits.detach().argmax(dim=1)
             aux = self.instance_loss_weight * self.instance_loss(h, scores, mask, targets)
-        return MILOutput(logits=logits, embedding=embedding, attention=attention, aux_loss=aux)
+        return MILOutput(logits=logits, embedding=embedding, attention=attention, aux_loss=aux, instance_embedding=h)
 
     def instance_loss(
         self, h: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor

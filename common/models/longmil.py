@@ -189,6 +189,8 @@ class LongMIL(MILModel):
     of the global pooling. Bags are processed one at a time with padding dropped.
     """
 
+    attention_pooling = True
+
     def __init__(
         self,
         in_dim: int,

@@ -194,6 +194,8 @@ class MambaMIL(MILModel):
     checkpointed layer by layer while gradients are recorded.
     """
 
+    attention_pooling = True
+
     def __init__(
         self,
         in_dim: int,

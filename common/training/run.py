@@ -147,7 +147,11 @@ def _train_fold(
 ) -> FoldOutcome:
     seed_everything(split.seed)
     model = factory(model_cfg)
-    stats = fit_stats(cohort, split.train) if standardize_enabled(cfg.standardize, cohort.encoder_attrs) else None
+    stats = (
+        fit_stats(cohort, split.train, cfg.standardize_clip or None)
+        if standardize_enabled(cfg.standardize, cohort.encoder_attrs)
+        else None
+    )
     train_ds = BagDataset(cohort, split.train, max_instances=cfg.max_instances, stats=stats)
     weights = class_weights(cohort.labels[split.train], len(cohort.classes), cfg.class_weighting)
     loader = train_loader(train_ds, cfg.batch_size, split.seed, cfg.num_workers, cfg.group_by_length)

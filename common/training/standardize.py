@@ -23,19 +23,23 @@ class FeatureStats:
     mean: np.ndarray  # [D] float32
     std: np.ndarray  # [D] float32, >= MIN_STD (constant features get 1)
     count: int  # instances they were computed from
+    clip: float | None = None  # standardised values are clamped to [-clip, clip] when set
 
     def apply(self, features: torch.Tensor) -> torch.Tensor:
-        """(features - mean) / std on the last dimension, in the features' dtype and device."""
+        """(features - mean) / std on the last dimension (clamped to ±clip when set), in the features' dtype
+        and device."""
         mean = torch.as_tensor(self.mean, dtype=features.dtype, device=features.device)
         std = torch.as_tensor(self.std, dtype=features.dtype, device=features.device)
-        return (features - mean) / std
+        z = (features - mean) / std
+        return z if self.clip is None else z.clamp(-self.clip, self.clip)
 
     def to_payload(self) -> dict[str, Any]:
-        """Tensors and ints only, so a weights-only checkpoint load reads it."""
+        """Tensors and plain numbers only, so a weights-only checkpoint load reads it."""
         return {
             "mean": torch.from_numpy(self.mean.copy()),
             "std": torch.from_numpy(self.std.copy()),
             "count": self.count,
+            "clip": self.clip,
         }
 
     @classmethod
@@ -47,11 +51,13 @@ class FeatureStats:
         std = np.asarray(torch.as_tensor(payload["std"]).numpy(), dtype=np.float32)
         if mean.shape != std.shape or mean.ndim != 1:
             raise ValueError(f"standardisation statistics have shapes {mean.shape} and {std.shape}; expected [D] each")
-        return cls(mean=mean, std=std, count=int(payload.get("count", 0)))
+        clip = payload.get("clip")
+        return cls(mean=mean, std=std, count=int(payload.get("count", 0)), clip=None if clip is None else float(clip))
 
 
-def fit_stats(cohort: Cohort, indices: Sequence[int] | np.ndarray) -> FeatureStats:
-    """Instance-level mean and std (population) over every instance of the cohort's slides `indices`."""
+def fit_stats(cohort: Cohort, indices: Sequence[int] | np.ndarray, clip: float | None = None) -> FeatureStats:
+    """Instance-level mean and std (population) over every instance of the cohort's slides `indices`; `clip`
+    is stored with them (see FeatureStats.apply)."""
     total = np.zeros(cohort.feature_dim, dtype=np.float64)
     squares = np.zeros(cohort.feature_dim, dtype=np.float64)
     count = 0
@@ -67,7 +73,7 @@ def fit_stats(cohort: Cohort, indices: Sequence[int] | np.ndarray) -> FeatureSta
     var = np.maximum(squares / count - np.square(mean), 0.0)
     std = np.sqrt(var)
     std[std < MIN_STD] = 1.0
-    return FeatureStats(mean=mean.astype(np.float32), std=std.astype(np.float32), count=count)
+    return FeatureStats(mean=mean.astype(np.float32), std=std.astype(np.float32), count=count, clip=clip)
 
 
 def standardize_enabled(mode: StandardizeMode, encoder_attrs: Mapping[str, Any]) -> bool:
