@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ class LaunchOptions:
     threads_per_site: int | None = None
     warm: bool = True  # fedslide's SuperExec at each site (client.superexec); False: Flower's, a process per message
     on_submitted: Callable[[Consortium], None] | None = None  # e.g. a test that kills a process mid-run
+    node_options: dict[str, str] = field(default_factory=dict)  # more node config at every site (e.g. privacy floors)
 
 
 def preflight(sites: list[Path], cfg: FederationConfig) -> None:
@@ -156,6 +157,7 @@ def run_consortium(sites: list[Path], cfg: FederationConfig, opts: LaunchOptions
                 tls.ca if tls else None,
                 keys[site.name],
                 warm=opts.warm,
+                node_options=opts.node_options,
             )
             for site in sites
         ]
