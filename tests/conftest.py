@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,11 @@ import pytest
 import tifffile
 import torch
 
+from fedslide.client.encoders.base import PatchEncoder
+from fedslide.client.encoders.registry import build_encoder
 from fedslide.client.synth.slide import make_slide_model
 from fedslide.client.synth.tissue_render import render_region
+from fedslide.common.config.preprocess import EncoderConfig
 
 REAL = Path(__file__).resolve().parent / "data" / "real"
 REAL_SHA256 = {"CMU-1-Small-Region.svs": "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"}
@@ -64,3 +68,18 @@ def nompp_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 metadata=None,
             )
     return path
+
+
+@pytest.fixture(scope="module")
+def two_threads() -> Iterator[None]:
+    """torch on two threads for a module's encoder tests (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def effnet() -> PatchEncoder:
+    """The packaged EfficientNet-Lite0 encoder (built once per module)."""
+    return build_encoder(EncoderConfig())

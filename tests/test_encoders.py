@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,25 +21,14 @@ from fedslide.client.encoders.resnet import ResNet50
 from fedslide.client.encoders.vit import VisionTransformer, ViTGeometry, default_heads, infer_geometry
 from fedslide.common.config.preprocess import EncoderConfig
 
+pytestmark = pytest.mark.usefixtures("two_threads")
+
 QUADRANTS = {  # (rows, cols) of the patch, token indices inside it, token indices of the opposite quadrant
     "top-left": (slice(0, 128), slice(0, 128), [0, 1, 4, 5], [10, 11, 14, 15]),
     "top-right": (slice(0, 128), slice(128, 256), [2, 3, 6, 7], [8, 9, 12, 13]),
     "bottom-left": (slice(128, 256), slice(0, 128), [8, 9, 12, 13], [2, 3, 6, 7]),
     "bottom-right": (slice(128, 256), slice(128, 256), [10, 11, 14, 15], [0, 1, 4, 5]),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def effnet() -> PatchEncoder:
-    return build_encoder(EncoderConfig())
 
 
 def _patches(n: int, size: int = 256, seed: int = 0) -> Tensor:
@@ -478,6 +466,7 @@ def test_vit_loads_hugging_face_vit_checkpoint(tmp_path: Path) -> None:
 def test_vit_hash_follows_file_bytes_and_bad_checkpoints_are_refused(
     vit_source: VisionTransformer, vit_ckpt: Path, tmp_path: Path
 ) -> None:
+
     copy = tmp_path / "copy.pth"
     shutil.copyfile(vit_ckpt, copy)
     first = build_encoder(EncoderConfig(name="vit", weights=copy))

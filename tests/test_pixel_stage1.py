@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -36,20 +35,9 @@ from fedslide.common.distillation.pixel_stage1_loss import (
 from fedslide.common.features import feature_path, read_feature_file
 from fedslide.deploy.cli import main
 
+pytestmark = pytest.mark.usefixtures("two_threads")
+
 ENC = "efficientnet_lite0"
-
-
-@pytest.fixture(autouse=True)
-def _two_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def effnet() -> PatchEncoder:
-    return build_encoder(EncoderConfig())
 
 
 def _cfg(**kw: object) -> FinetuneConfig:
@@ -295,6 +283,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_patch_set_aligns_children_and_attention(
     site: Path, effnet: PatchEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+
     monkeypatch.setattr(lowres_finetune, "_READ_CHUNK", 1)  # each 5× patch its own teacher chunk
     high = read_feature_file(feature_path(site, ENC, "high", "s1"))
     high2 = read_feature_file(feature_path(site, ENC, "high", "s2"))
