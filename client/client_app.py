@@ -38,13 +38,16 @@ from fedslide.common.egress import (
     arrays_reply,
     check_reply,
     error_of,
+    specs_of,
     weights_reply,
 )
 from fedslide.common.features import FeatureFileError
 from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
+from fedslide.common.federation.feature_stats import feature_sums_allowed, feature_sums_record, stats_from_record
 from fedslide.common.federation.models import fingerprint
 from fedslide.common.training.errors import TrainingInputError
+from fedslide.common.training.standardize import site_feature_sums
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,10 @@ def _site(message: Message, context: Context) -> SiteRun:
     site = SiteRun.from_node_config(dict(context.node_config), cfg, str(config[ph.RUN_ID]))
     if "classes" in config:
         site.facts = p.Facts.from_config(config)
+        if ph.STANDARDIZE in message.content.array_records:  # the federation's pooled standardisation
+            site.feature_stats = stats_from_record(
+                message.content.array_records[ph.STANDARDIZE], site.facts.feature_dim
+            )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return site
@@ -184,6 +191,7 @@ def _centroids(content: RecordDict) -> np.ndarray | None:
 def handshake(message: Message, context: Context, site: SiteRun) -> Message:
     """Counts, class balance and encoder identity of the site (no slide ids)."""
     site.facts = None  # the handshake reads the site's own class list
+    site.own_low_features = True  # and its own encoder's 5x files, also after pixel stage 1
     data = site.data()
     attrs = data.low_attrs
     counts: phases.Metrics = {
@@ -206,7 +214,12 @@ def handshake(message: Message, context: Context, site: SiteRun) -> Message:
         }
     )
     content = RecordDict({p.SITE: info, p.METRICS: p.metric_record(counts)})
-    return _send(message, site, content, Allowed(ph.HANDSHAKE.name))
+    allowed = Allowed(ph.HANDSHAKE.name)
+    if site.cfg.standardize:  # the training bags' 20x feature sums, withheld below suppress-below slides
+        sums = site_feature_sums(site.high_cohort(), data.split("train"), site.cfg.min_count)
+        content[p.STATS] = feature_sums_record(sums)
+        allowed = feature_sums_allowed(data.feature_dim)
+    return _send(message, site, content, allowed)
 
 
 @guarded
@@ -240,10 +253,31 @@ def evaluate(message: Message, context: Context, site: SiteRun) -> Message:
             c.array_records[p.BASELINE],
             c.array_records[p.ADAPTER],
             str(config.get(ph.EVAL_SPLIT, "test")),
+            {
+                model: float(cast(float, config[key]))
+                for model, key in (("teacher_high", ph.TEACHER_TEMPERATURE), ("student_low", ph.STUDENT_TEMPERATURE))
+                if key in config
+            },
         )
     else:
         metrics = phases.validate(site, phase, message.content)
     return _send(message, site, RecordDict({p.METRICS: p.metric_record(metrics)}), Allowed(phase.name))
+
+
+@guarded
+def pixel_stage1_init(message: Message, context: Context, site: SiteRun) -> Message:
+    """The site's initial trainable 5x encoder parameters (exactly those its finetune settings train)."""
+    arrays, metrics = phases.pixel_stage1_init(site)
+    content = RecordDict({p.ARRAYS: arrays, p.METRICS: p.metric_record(metrics)})
+    return _send(message, site, content, arrays_reply(ph.PIXEL_STAGE1_INIT.name, specs_of(arrays)))
+
+
+@guarded
+def pixel_stage1_reencode(message: Message, context: Context, site: SiteRun) -> Message:
+    """Keep the global fine-tuned 5x encoder and re-encode the site's 5x features with it (only counts leave)."""
+    metrics = phases.pixel_stage1_reencode(site, message.content.array_records[p.ARRAYS])
+    content = RecordDict({p.METRICS: p.metric_record(metrics)})
+    return _send(message, site, content, Allowed(ph.PIXEL_STAGE1_REENCODE.name))
 
 
 @guarded
@@ -265,6 +299,14 @@ def cluster_stats(message: Message, context: Context, site: SiteRun) -> Message:
     )
     content = RecordDict({p.STATS: _stats_record(stats), p.METRICS: p.metric_record(metrics)})
     return _send(message, site, content, _stats_allowed(ph.CLUSTER_STATS, *centroids.shape))
+
+
+@guarded
+def calibrate(message: Message, context: Context, site: SiteRun) -> Message:
+    """The final teacher's and student's summed val NLL over the temperature grid (scalars only)."""
+    c = message.content
+    metrics = phases.calibrate(site, c.array_records[p.TEACHER], c.array_records[p.STUDENT], c.array_records[p.ADAPTER])
+    return _send(message, site, RecordDict({p.METRICS: p.metric_record(metrics)}), Allowed(ph.CALIBRATE.name))
 
 
 @guarded
@@ -314,10 +356,13 @@ def logits(message: Message, context: Context, site: SiteRun) -> Message:
 # rounds, dispatched by the config's phase) and `evaluate` (validation of the global model) with the final evaluation
 SITE_STEPS: dict[ph.Phase, Handler] = {
     ph.HANDSHAKE: handshake,
+    ph.PIXEL_STAGE1_INIT: pixel_stage1_init,
+    ph.PIXEL_STAGE1_REENCODE: pixel_stage1_reencode,
     ph.CLUSTER_INIT: cluster_init,
     ph.CLUSTER_STATS: cluster_stats,
     ph.KD_CACHE: kd_cache,
     ph.LOGITS: logits,
+    ph.CALIBRATE: calibrate,
     **{phase: train for phase in phases.TRAIN_STEPS},
     ph.EVALUATION: evaluate,
 }

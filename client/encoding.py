@@ -35,6 +35,7 @@ class EncodedBatch:
     index: np.ndarray  # [B] index into that resolution's grid arrays
     features: np.ndarray  # [B, D] float32
     tokens: np.ndarray | None  # [B, G*G, D] float32, or None
+    stain_fallback: np.ndarray | None = None  # [B] bool: tile left as read where stain normalisation failed
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
@@ -71,4 +72,5 @@ def encode_grid(
                 index=batch.index,
                 features=feats.float().cpu().numpy(),
                 tokens=tokens.float().cpu().numpy() if tokens is not None else None,
+                stain_fallback=batch.stain_fallback,
             )

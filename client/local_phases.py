@@ -8,17 +8,22 @@ metrics.
 
 from __future__ import annotations
 
+import json
 import time
 import zlib
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 from torch import nn
 
-from fedslide.client.site_run import SiteRun
+from fedslide.client.site_run import STAGE1_ENCODER, STAGE1_RECORD, SiteRun
+from fedslide.common.config.base import ConfigError
+from fedslide.common.device import resolve_device
+from fedslide.common.features import FeatureFileError
 from fedslide.common.atomic import atomic_write
 from fedslide.common.distillation.bundle import StudentBundle
 from fedslide.common.distillation.clustering import (
@@ -48,6 +53,7 @@ from fedslide.common.distillation.stages import (
 from fedslide.common.distillation.student import attention_kd_width, student_bags
 from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
+from fedslide.common.federation.temperature import grid_metrics
 from fedslide.common.federation.models import (
     adapter_spec,
     load_record,
@@ -68,6 +74,12 @@ from fedslide.common.training.cohort import Cohort
 from fedslide.common.training.data import BagBatch
 from fedslide.common.training.loop import BatchLoss, class_weights
 from fedslide.common.training.repro import seed_everything
+from fedslide.common.training.scaling import ModelScaling
+from fedslide.common.training.standardize import FeatureStats
+
+if TYPE_CHECKING:  # pixel stage 1 loads lazily: its slide reading and stain jitter would slow every message
+    from fedslide.client.encoders.base import PatchEncoder
+    from fedslide.client.lowres_finetune import PatchSet, Stage1Trainer
 
 TEACHER_OUTPUTS = "teacher_outputs.pt"
 KD_CACHE = "kd_cache.pt"
@@ -92,6 +104,15 @@ def _model(site: SiteRun, kind: str, record: ArrayRecord) -> MILModel:
 
 def _mode(site: SiteRun) -> str:
     return student_input(site.cfg.kd.student_input, site.data().has_tokens)
+
+
+def student_stats(site: SiteRun) -> FeatureStats | None:
+    """The standardisation of the student's instances: the federation's 20x statistics when the student reads
+    adapted instances (they regress 20x features) in weights mode; None (raw) for raw 5x input or logits mode,
+    whose student the server trains on the proxy cohort."""
+    if site.cfg.mode != "weights" or _mode(site) == "raw":
+        return None
+    return site.feature_stats
 
 
 def _seed(site: SiteRun, phase_offset: int, server_round: int) -> int:
@@ -126,6 +147,123 @@ def _adapter_val_metrics(site: SiteRun, adapter: CrossResAdapter) -> Metrics:
     return {
         ph.VAL_LOSS: float(evaluate_adapter(adapter, pairs, site.cfg.adapter, site.device)["loss"]),
         ph.VAL_N: len(pairs),
+    }
+
+
+# ---- pixel stage 1: the 5x encoder's trainable parameters ----------------------------------------
+STAGE1_PATCHES = "pixel_stage1/patches.pt"  # the sampled 5x patches and the frozen encoder's targets (site only)
+
+
+@dataclass
+class Stage1Site:
+    """What a pixel-stage-1 step needs at a site: the frozen encoder (teacher), a trainer holding the 5x copy and
+    the device."""
+
+    teacher: PatchEncoder
+    trainer: Stage1Trainer
+    device: torch.device
+
+
+def _stage1(site: SiteRun, server_round: int = 0) -> Stage1Site:
+    """The site's frozen encoder (checked against its 5x feature files' weights hash) and a stage-1 trainer whose
+    trainable parameters finetune.trainable names; shuffling and jitter seeded per site and round."""
+    from fedslide.client.encoders.registry import build_encoder
+    from fedslide.client.lowres_finetune import Stage1Trainer
+
+    cfg = site.cfg.finetune
+    site.own_low_features = True  # stage 1 reads the site's own encoder's files
+    device = resolve_device(cfg.encoder.device)
+    teacher = build_encoder(cfg.encoder)
+    recorded = str(site.data().high_attrs.get("encoder_weights_hash", ""))
+    if recorded and recorded != teacher.weights_hash:
+        raise FeatureFileError(
+            f"finetune.encoder ({teacher.name}, weights {teacher.weights_hash[:12]}) is not the encoder of "
+            f"{site.site_dir}/features ({recorded[:12]}): point finetune.encoder.weights at the site's encoder"
+        )
+    teacher = teacher.to(device).eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    trainer = Stage1Trainer(teacher, cfg, device, seed=_seed(site, SEED_OFFSETS.pixel_stage1, server_round))
+    return Stage1Site(teacher, trainer, device)
+
+
+def encoder_record(trainer: Stage1Trainer) -> ArrayRecord:
+    """The trainable parameters as they travel: `encoder.<name>`, one float32 array each."""
+    return ArrayRecord({f"{ph.ENCODER_PREFIX}{k}": Array(v) for k, v in trainer.trainable_arrays().items()})
+
+
+def _load_encoder_record(trainer: Stage1Trainer, record: ArrayRecord) -> None:
+    unnamed = sorted(k for k in record if not k.startswith(ph.ENCODER_PREFIX))
+    if unnamed:
+        raise ConfigError(f"pixel stage 1: arrays {unnamed[:3]} are not encoder parameters ({ph.ENCODER_PREFIX}*)")
+    trainer.load_trainable({k.removeprefix(ph.ENCODER_PREFIX): v.numpy() for k, v in record.items()})
+
+
+def _stage1_patches(site: SiteRun, s1: Stage1Site) -> PatchSet:
+    from fedslide.client.lowres_finetune import cached_patches
+
+    return cached_patches(
+        site.site_dir, site.cfg.finetune, s1.teacher, s1.trainer.layers, s1.device, site.run_dir / STAGE1_PATCHES
+    )
+
+
+def pixel_stage1_init(site: SiteRun) -> tuple[ArrayRecord, Metrics]:
+    """The site's initial trainable encoder parameters (the server starts the phase from one site's)."""
+    s1 = _stage1(site)
+    return encoder_record(s1.trainer), {ph.NUM_EXAMPLES: int(site.split("train").size)}
+
+
+def pixel_stage1_round(site: SiteRun, record: ArrayRecord, server_round: int) -> tuple[ArrayRecord, Metrics]:
+    """Validate the global encoder (the stage-1 loss on the site's patches, no jitter), then train it for the local
+    epochs; only the trainable parameters go back. Pixels, patches and targets stay here."""
+    s1 = _stage1(site, server_round)
+    _load_encoder_record(s1.trainer, record)
+    patches = _stage1_patches(site, s1)
+    metrics: Metrics = {
+        ph.NUM_EXAMPLES: len(patches),
+        ph.UNIT_WEIGHT: 1,
+        ph.VAL_LOSS: s1.trainer.evaluate(patches)["total"],
+        ph.VAL_N: len(patches),
+    }
+    start = time.perf_counter()
+    history = s1.trainer.fit(patches, site.cfg.rounds.pixel_stage1_local_epochs)
+    metrics.update(
+        {ph.TRAIN_LOSS: history[-1]["total"], ph.EPOCHS: len(history), ph.SECONDS: time.perf_counter() - start}
+    )
+    return encoder_record(s1.trainer), metrics
+
+
+def _validate_pixel_stage1(site: SiteRun, content: RecordDict) -> Metrics:
+    s1 = _stage1(site)
+    _load_encoder_record(s1.trainer, content.array_records[p.ARRAYS])
+    patches = _stage1_patches(site, s1)
+    return {
+        ph.NUM_EXAMPLES: len(patches),
+        ph.VAL_LOSS: s1.trainer.evaluate(patches)["total"],
+        ph.VAL_N: len(patches),
+    }
+
+
+def pixel_stage1_reencode(site: SiteRun, record: ArrayRecord) -> Metrics:
+    """Keep the global encoder here (`<run>/pixel_stage1/low_encoder.pt`) and re-encode the site's 5x files with it
+    (resumable, keyed by its weights hash); the later phases of the run read those files."""
+    from fedslide.client.lowres_finetune import FINETUNED_SUFFIX, reencode_site, save_weights
+
+    start = time.perf_counter()
+    cfg = site.cfg.finetune
+    s1 = _stage1(site)
+    _load_encoder_record(s1.trainer, record)
+    weights = site.run_dir / STAGE1_ENCODER
+    weights_hash = save_weights(s1.trainer.student, weights)
+    summary = reencode_site(site.site_dir, cfg, weights)
+    if summary.weights_hash != weights_hash:  # pragma: no cover - the registry hashes the same file
+        raise RuntimeError(f"{weights}: re-encoded under {summary.weights_hash}, saved as {weights_hash}")
+    with atomic_write(site.run_dir / STAGE1_RECORD) as handle:
+        json.dump({"weights_hash": weights_hash, "features": f"{s1.teacher.name}{FINETUNED_SUFFIX}"}, handle)
+    return {
+        ph.REENCODED: len(summary.done) + len(summary.skipped),
+        ph.NUM_EXAMPLES: int(site.split("train").size),
+        ph.SECONDS: time.perf_counter() - start,
     }
 
 
@@ -439,6 +577,8 @@ def kd_cache(
         assign, _ = _assignments(site, centroids, fingerprint)
     targets = scatter_kd_targets(len(data.slides), len(data.classes), train, t_logits, e_logits, assign)
     bags = student_bags(_adapter(site, adapter), data, _mode(site))
+    if student_stats(site) is not None:  # the cache holds the instances the student reads: standardised
+        bags = site.standardised(bags)
     site.save(
         KD_CACHE,
         {
@@ -485,6 +625,29 @@ def _write_predictions(site: SiteRun, idx: np.ndarray, logits: dict[str, torch.T
             )
 
 
+def _adapted_cohort(site: SiteRun, adapter_model: CrossResAdapter) -> Cohort:
+    """Every slide's student instances (standardised as the student reads them)."""
+    data = site.data()
+    bags = student_bags(adapter_model, data, _mode(site))
+    return data.cohort(site.standardised(bags) if student_stats(site) is not None else bags)
+
+
+def calibrate(site: SiteRun, teacher: ArrayRecord, student: ArrayRecord, adapter: ArrayRecord) -> Metrics:
+    """The final teacher's and student's summed NLL on the site's val slides at each grid temperature; nothing but
+    val-n 0 when the site has fewer than suppress-below val slides."""
+    val = site.split("val")
+    if val.size == 0 or val.size < site.cfg.min_count:
+        return {ph.VAL_N: 0}
+    labels = site.data().labels[val]
+    t_logits, _ = slide_outputs(_model(site, p.TEACHER, teacher), site.high_cohort(), val, site.device)
+    s_cohort = _adapted_cohort(site, _adapter(site, adapter))
+    s_logits, _ = slide_outputs(_model(site, p.STUDENT, student), s_cohort, val, site.device)
+    metrics: Metrics = {ph.VAL_N: int(val.size)}
+    metrics.update(grid_metrics("teacher_high", t_logits, labels))
+    metrics.update(grid_metrics("student_low", s_logits, labels))
+    return metrics
+
+
 def final_evaluation(
     site: SiteRun,
     teacher: ArrayRecord,
@@ -492,9 +655,13 @@ def final_evaluation(
     baseline: ArrayRecord,
     adapter: ArrayRecord,
     split: str = "test",
+    temperatures: dict[str, float] | None = None,
 ) -> Metrics:
     """Keep the final adapter + student as a bundle and per-slide predictions here; metrics of teacher (high),
-    student and baseline (low) on the site's `split` slides ("all": every labelled slide, an evaluation-only site)."""
+    student and baseline (low) on the site's `split` slides ("all": every labelled slide, an evaluation-only site).
+    `temperatures` ("teacher_high", "student_low"; 1 when absent) go into the bundle and scale the logits of the
+    metrics and predictions, so that they are the bundle's outputs (as `fedslide evaluate` scores bundles)."""
+    temperatures = temperatures or {}
     data = site.data()
     idx = np.arange(len(data.slides)) if split == "all" else data.split(split)
     teacher_model, student_model = _model(site, p.TEACHER, teacher), _model(site, p.STUDENT, student)
@@ -503,6 +670,7 @@ def final_evaluation(
     assert site.facts is not None
     # the tissue/tiling settings this site preprocessed with, as its feature files record them
     meta = bundle_meta(data, mode, None, {"role": "federated_student", "run": site.run_dir.name})
+    s_stats = student_stats(site)
     StudentBundle(
         meta,
         adapter_model,
@@ -510,19 +678,24 @@ def final_evaluation(
         teacher_model,
         student_config(site.cfg, site.facts),
         teacher_config(site.cfg, site.facts),
+        low_encoder_weights=site.run_dir / STAGE1_ENCODER if site.finetuned_low() else None,
+        student_scaling=ModelScaling(s_stats, temperatures.get("student_low", 1.0)),
+        teacher_scaling=ModelScaling(site.feature_stats, temperatures.get("teacher_high", 1.0)),
     ).save(site.run_dir / BUNDLE_DIR)
     metrics: Metrics = {ph.N_TEST: int(idx.size), ph.NUM_EXAMPLES: int(idx.size)}
     if not idx.size:
         return metrics
-    adapted = data.cohort(student_bags(adapter_model, data, mode))
+    adapted = _adapted_cohort(site, adapter_model)
     timed = {
         "teacher_high": _timed_logits(teacher_model, site.high_cohort(), idx, site),
         "student_low": _timed_logits(student_model, adapted, idx, site),
         "baseline_low": _timed_logits(baseline_model, site.low_cohort(), idx, site),
     }
-    _write_predictions(site, idx, {name: logits for name, (logits, _) in timed.items()})
+    # the bundle's outputs: logits over each model's temperature (1 unless the run calibrated it)
+    scaled = {name: logits / temperatures.get(name, 1.0) for name, (logits, _) in timed.items()}
+    _write_predictions(site, idx, scaled)
     labels = data.labels[idx]
-    for name, (logits, _) in timed.items():
+    for name, logits in scaled.items():
         for key, value in metrics_from_logits(logits, labels, site.cfg.ece_bins).items():
             if value is not None and np.isfinite(value):
                 metrics[ph.model_metric(name, key)] = float(value)
@@ -579,6 +752,9 @@ def _validate_student(site: SiteRun, content: RecordDict) -> Metrics:
 
 
 TRAIN_STEPS: dict[ph.Phase, TrainStep] = {
+    ph.PIXEL_STAGE1: lambda site, content, server_round, mu: pixel_stage1_round(
+        site, content.array_records[p.ARRAYS], server_round
+    ),
     ph.ADAPTER: lambda site, content, server_round, mu: adapter_round(
         site, content.array_records[p.ARRAYS], server_round
     ),
@@ -598,6 +774,7 @@ TRAIN_STEPS: dict[ph.Phase, TrainStep] = {
     ),
 }
 VALIDATE_STEPS: dict[ph.Phase, ValidateStep] = {
+    ph.PIXEL_STAGE1: _validate_pixel_stage1,
     ph.ADAPTER: _validate_adapter,
     ph.TEACHER: _validate_teacher,
     ph.EXPERTS: _validate_experts,
@@ -647,7 +824,12 @@ def proxy_logits(
     """Fine-tune the global teacher (and each expert on its cluster) on the site's slides; their logits on the proxy."""
     start = time.perf_counter()
     assert site.facts is not None
-    proxy_cohort = bags_cohort(unpack_bags(proxy), site.facts.classes)
+    proxy_bags = unpack_bags(proxy)
+    if site.feature_stats is not None:  # the teacher and experts read standardised 20x-like instances
+        proxy_bags = [
+            site.feature_stats.apply(torch.from_numpy(np.array(b, dtype=np.float32))).numpy() for b in proxy_bags
+        ]
+    proxy_cohort = bags_cohort(proxy_bags, site.facts.classes)
     everyone = np.arange(len(proxy_cohort.slides))
     high = site.high_cohort()
     train, val = site.split("train"), site.split("val")

@@ -12,10 +12,11 @@ features stay at the site; the fine-tuned weights are a plain state_dict of the 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,9 @@ from fedslide.client.encoders.base import PatchEncoder, sha256_file
 from fedslide.client.encoders.registry import build_encoder
 from fedslide.client.encoding import autocast_for, encode_grid
 from fedslide.client.patch_loader import RegionDataset
-from fedslide.client.slides import SlideReader, discover_slides
+from fedslide.client.slides import SlideReader, discover_slides, slide_id_of
 from fedslide.client.stain_augment import hed_jitter
+from fedslide.client.stain_normalize import StainNormalizer, stain_normalizer_from_identity
 from fedslide.client.tiling import PairedGrid
 from fedslide.common.atomic import atomic_path, atomic_write
 from fedslide.common.config.base import ConfigError
@@ -39,7 +41,9 @@ from fedslide.common.config.finetune import FinetuneConfig
 from fedslide.common.config.preprocess import TilingConfig
 from fedslide.common.device import resolve_device
 from fedslide.common.distillation.pixel_stage1_loss import Stage1Loss, pixel_stage1_loss
+from fedslide.common.training.splits import recorded_splits
 from fedslide.common.features import (
+    STAIN_ATTR,
     FeatureFileError,
     FeatureMeta,
     FeatureWriter,
@@ -47,6 +51,8 @@ from fedslide.common.features import (
     feature_path,
     is_complete,
     recorded_preprocess,
+    shared_stain_identity,
+    stain_identity,
 )
 
 log = logging.getLogger(__name__)
@@ -165,7 +171,7 @@ def _grid_arrays(path: Path, keys: Sequence[str]) -> tuple[dict[str, np.ndarray]
 def _site_files(site_dir: Path, cfg: FinetuneConfig, encoder_name: str, need_high: bool) -> list[_SlideFiles]:
     """Slides with a complete 5× (and, when needed, 20×) feature file, matched to their slide file."""
     low_dir = site_dir / "features" / encoder_name / "low"
-    slides = {p.stem: p for p in discover_slides(site_dir / "slides", cfg.slide.extensions)}
+    slides = {slide_id_of(p): p for p in discover_slides(site_dir / "slides", cfg.slide.extensions)}
     out = []
     for low in sorted(low_dir.glob("*.h5")):
         high = feature_path(site_dir, encoder_name, "high", low.stem)
@@ -180,6 +186,49 @@ def _site_files(site_dir: Path, cfg: FinetuneConfig, encoder_name: str, need_hig
             f"no complete {what} under {site_dir / 'features' / encoder_name}; run `fedslide preprocess` first"
         )
     return out
+
+
+def _sampled_files(site_dir: Path, cfg: FinetuneConfig, files: list[_SlideFiles]) -> list[_SlideFiles]:
+    """The slides stage 1 may sample: none of a split in `skip-splits` (test pixels stay unseen by default)."""
+    if not cfg.skip_splits:
+        return files
+    splits = recorded_splits(site_dir) if (site_dir / "labels.csv").is_file() else {}
+    if not splits:
+        log.warning(
+            "%s: no recorded splits (labels.csv split column or splits.csv), so finetune.skip-splits = %s leaves "
+            "every slide in; run a distill or federation first to carve them, or give labels.csv a split column",
+            site_dir,
+            cfg.skip_splits,
+        )
+    kept = [sf for sf in files if splits.get(sf.slide_id) not in cfg.skip_splits]
+    if not kept:
+        raise FeatureFileError(
+            f"{site_dir}: every slide with feature files is in a split of finetune.skip-splits = {cfg.skip_splits}; "
+            "nothing is left to fine-tune on"
+        )
+    if len(kept) < len(files):
+        log.info(
+            "%s: stage 1 samples %d of %d slides (skip-splits %s)", site_dir, len(kept), len(files), cfg.skip_splits
+        )
+    return kept
+
+
+def _file_attrs(path: Path) -> dict[str, Any]:
+    with h5py.File(path, "r") as f:
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+
+
+def site_stain_identity(site_dir: Path | str, cfg: FinetuneConfig, encoder_name: str) -> dict[str, Any]:
+    """The stain normalisation the site's 5× (and present 20×) feature files record (one for all; a mix is
+    refused)."""
+    files = _site_files(Path(site_dir), cfg, encoder_name, need_high=False)
+    paths = [path for sf in files for path in (sf.low, sf.high) if path.is_file()]
+    return shared_stain_identity((path, _file_attrs(path)) for path in paths)
+
+
+def _normalized(stain: StainNormalizer | None, tiles: np.ndarray) -> np.ndarray:
+    """Tiles [B, 3, H, W] uint8 stain-normalised one by one as preprocessing did (fallbacks left as read)."""
+    return tiles if stain is None or not len(tiles) else stain(tiles)[0]
 
 
 def _load_attention(cfg: FinetuneConfig) -> dict[str, Tensor] | None:
@@ -222,7 +271,7 @@ def collect_patches(
     site_dir: Path, cfg: FinetuneConfig, teacher: PatchEncoder, layers: Sequence[int], device: torch.device
 ) -> PatchSet:
     """Sample 5× patches over the site's slides, read them and their 20× children, compute the teacher targets."""
-    files = _site_files(site_dir, cfg, teacher.name, need_high=True)
+    files = _sampled_files(site_dir, cfg, _site_files(site_dir, cfg, teacher.name, need_high=True))
     rng = np.random.default_rng(cfg.seed)
     attention = _load_attention(cfg)
     if attention is not None:
@@ -244,6 +293,12 @@ def collect_patches(
         keep = np.sort(rng.choice(len(plan), size=cfg.max_patches, replace=False))
         plan = [plan[k] for k in keep]
     plan.sort()
+    # patches are read as preprocessing read them for the features the targets and student must match
+    stain = stain_normalizer_from_identity(
+        shared_stain_identity(
+            [(sf.low, g[1]) for sf, g in zip(files, grids)] + [(sf.high, g[3]) for sf, g in zip(files, grids)]
+        )
+    )
 
     pixels, masks, attns, used = [], [], [], []
     children_by_layer: dict[int, list[Tensor]] = {layer: [] for layer in layers}
@@ -275,7 +330,8 @@ def collect_patches(
                 child_where: list[tuple[int, int]] = []  # (row in this chunk, slot)
                 for row, k in enumerate(chunk):
                     x0, y0 = (int(v) for v in low["coords"][k])
-                    pixels.append(slide.read_region(x0, y0, l_mpp, l_size).transpose(2, 0, 1))
+                    low_tile = slide.read_region(x0, y0, l_mpp, l_size).transpose(2, 0, 1)
+                    pixels.append(_normalized(stain, np.ascontiguousarray(low_tile[None]))[0])
                     block = slide.read_region(x0, y0, h_mpp, h_size * ratio)
                     mask = torch.zeros(slots, dtype=torch.bool)
                     att = torch.zeros(slots)
@@ -291,7 +347,9 @@ def collect_patches(
                     attns.append(att)
                     used.append(sf.slide_id)
                     bar.update(1)
-                kids = torch.from_numpy(np.ascontiguousarray(np.stack(child_pixels).transpose(0, 3, 1, 2)))
+                kids = torch.from_numpy(
+                    _normalized(stain, np.ascontiguousarray(np.stack(child_pixels).transpose(0, 3, 1, 2)))
+                )
                 summaries, final = teacher_targets(
                     teacher,
                     kids,
@@ -326,7 +384,10 @@ def collect_patches(
 class Stage1Trainer:
     """The student (a copy of the teacher with the configured parameters trainable), its optimiser and one step."""
 
-    def __init__(self, teacher: PatchEncoder, cfg: FinetuneConfig, device: torch.device) -> None:
+    def __init__(
+        self, teacher: PatchEncoder, cfg: FinetuneConfig, device: torch.device, seed: int | None = None
+    ) -> None:
+        """`seed` (default cfg.seed) seeds shuffling and stain jitter; a federated round passes its own."""
         self.cfg = cfg
         self.device = device
         self.layers = teacher.resolve_layers(cfg.layers)
@@ -341,7 +402,7 @@ class Stage1Trainer:
         precision = cfg.encoder.precision
         self.precision = ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16" and device.type == "cuda")
-        self.rng = np.random.default_rng(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed if seed is None else seed)
 
     def trainable_numel(self) -> int:
         """How many parameter values train."""
@@ -387,13 +448,68 @@ class Stage1Trainer:
         order = torch.from_numpy(self.rng.permutation(n))
         yield from order.split(self.cfg.batch_size)
 
-    def fit(self, patches: PatchSet) -> list[dict[str, float]]:
-        """cfg.epochs passes over the patch set; the mean loss terms of each epoch."""
+    def trainable_arrays(self) -> dict[str, np.ndarray]:
+        """The student's trainable parameters by name (what a federated round sends), as float32 copies."""
+        return {
+            name: p.detach().cpu().float().numpy().copy()
+            for name, p in self.student.named_parameters()
+            if p.requires_grad
+        }
+
+    def load_trainable(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Set the trainable parameters from `arrays`, which must name exactly them with their shapes (the frozen
+        ones stay the site's own)."""
+        params = {name: p for name, p in self.student.named_parameters() if p.requires_grad}
+        if set(arrays) != set(params):
+            extra, missing = sorted(set(arrays) - set(params)), sorted(set(params) - set(arrays))
+            raise ConfigError(
+                f"the encoder arrays received do not name the trainable parameters of finetune.trainable = "
+                f"{self.cfg.trainable!r}: extra {extra[:3]}, missing {missing[:3]} (every site must run the same "
+                "encoder and finetune settings)"
+            )
+        with torch.no_grad():
+            for name, value in arrays.items():
+                param = params[name]
+                if tuple(value.shape) != tuple(param.shape):
+                    raise ConfigError(
+                        f"encoder array {name!r} has shape {tuple(value.shape)}; the parameter has {tuple(param.shape)}"
+                    )
+                param.copy_(torch.from_numpy(np.asarray(value)).to(param.dtype))
+
+    @torch.no_grad()
+    def evaluate(self, patches: PatchSet) -> dict[str, float]:
+        """The mean loss terms of the student on the patch set (no stain jitter, BatchNorm in eval mode)."""
+        self.student.eval()
+        att = patches.attention if self.cfg.attention_mode == "teacher" else None
+        sums = {"total": 0.0, "layer": 0.0, "attention": 0.0}
+        dev = self.device
+        for idx in torch.arange(len(patches)).split(self.cfg.batch_size):
+            x = self.student.normalize(patches.pixels[idx].to(dev))
+            with autocast_for(dev, self.precision):
+                out = self.student.forward_layers(x, self.layers)
+            loss = pixel_stage1_loss(
+                {layer: out.maps[layer] for layer in self.layers},
+                out.embedding,
+                {layer: patches.children[layer][idx].to(dev) for layer in self.layers},
+                patches.final[idx].to(dev),
+                patches.mask[idx].to(dev),
+                attention=att[idx].to(dev) if att is not None else None,
+                use_attention_term=self.cfg.attention_mode != "off",
+                lambda_layer=self.cfg.lambda_layer,
+                lambda_attention=self.cfg.lambda_attention,
+            )
+            for key in sums:
+                sums[key] += float(getattr(loss, key)) * len(idx)
+        return {k: v / max(len(patches), 1) for k, v in sums.items()}
+
+    def fit(self, patches: PatchSet, epochs: int | None = None) -> list[dict[str, float]]:
+        """`epochs` (default cfg.epochs) passes over the patch set; the mean loss terms of each epoch."""
+        epochs = self.cfg.epochs if epochs is None else epochs
         history = []
-        steps = self.cfg.epochs * -(-len(patches) // self.cfg.batch_size)
+        steps = epochs * -(-len(patches) // self.cfg.batch_size)
         bar = tqdm(total=steps, desc="stage-1 fine-tune", unit="step", disable=not self.cfg.progress)
         att = patches.attention if self.cfg.attention_mode == "teacher" else None
-        for epoch in range(self.cfg.epochs):
+        for epoch in range(epochs):
             sums = {"total": 0.0, "layer": 0.0, "attention": 0.0}
             count = 0
             for idx in self.epoch_batches(len(patches)):
@@ -414,6 +530,72 @@ class Stage1Trainer:
         bar.close()
         self.student.eval()
         return history
+
+
+def patch_settings(
+    cfg: FinetuneConfig, teacher: PatchEncoder, layers: Sequence[int], stain: dict[str, Any] | None = None
+) -> str:
+    """Hash of what decides a site's patch set and its targets (sampling, slides' reading and stain
+    normalisation, teacher, layers)."""
+    payload = cfg.model_dump(
+        mode="json",
+        include={
+            "max_patches",
+            "max_patches_per_slide",
+            "skip_splits",
+            "seed",
+            "slide",
+            "teacher_attention",
+            "attention",
+        },
+    )
+    extra = {"stain": stain} if stain and stain.get("method") != "none" else {}  # unchanged hash without it
+    return config_hash({**payload, "teacher": teacher.identity(), "layers": list(layers), **extra})
+
+
+def cached_patches(
+    site_dir: Path, cfg: FinetuneConfig, teacher: PatchEncoder, layers: Sequence[int], device: torch.device, cache: Path
+) -> PatchSet:
+    """`collect_patches`, kept in `cache` (a torch file at the site) and reused while its settings hold."""
+    settings = patch_settings(cfg, teacher, layers, site_stain_identity(site_dir, cfg, teacher.name))
+    if cache.is_file():
+        saved = torch.load(cache, map_location="cpu", weights_only=True)
+        if saved.get("settings") == settings:
+            return PatchSet(
+                pixels=saved["pixels"],
+                mask=saved["mask"],
+                children={int(k): v for k, v in saved["children"].items()},
+                final=saved["final"],
+                attention=saved["attention"],
+                slides=list(saved["slides"]),
+            )
+    patches = collect_patches(site_dir, cfg, teacher, layers, device)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as tmp:
+        torch.save(
+            {
+                "settings": settings,
+                "pixels": patches.pixels,
+                "mask": patches.mask,
+                "children": {str(k): v for k, v in patches.children.items()},
+                "final": patches.final,
+                "attention": patches.attention,
+                "slides": patches.slides,
+            },
+            tmp,
+        )
+    return patches
+
+
+def save_weights(student: PatchEncoder, path: Path) -> str:
+    """Write the student's merged state_dict (the original architecture's keys) atomically; its sha256. The bytes
+    depend on the weights only (not on the file's name), so sites holding the same weights hold the same hash."""
+    buffer = io.BytesIO()
+    torch.save(merged_state(student), buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    return sha256_file(path)
 
 
 # ---------------------------------------------------------------- the site's job
@@ -442,10 +624,13 @@ def output_dir(site_dir: Path, cfg: FinetuneConfig) -> Path:
     return Path(cfg.output) if cfg.output is not None else Path(site_dir) / "finetune"
 
 
-def settings_hash(cfg: FinetuneConfig, teacher: PatchEncoder) -> str:
-    """Hash of everything that decides the fine-tuned weights (not progress, re-encoding or output)."""
+def settings_hash(cfg: FinetuneConfig, teacher: PatchEncoder, stain: dict[str, Any] | None = None) -> str:
+    """Hash of everything that decides the fine-tuned weights (not progress, re-encoding or output), including
+    the stain normalisation the site's feature files record (`stain`; none leaves the hash as without it)."""
     payload = cfg.model_dump(mode="json", exclude={"progress", "reencode", "overwrite", "output"})
     payload["encoder"] = teacher.identity()
+    if stain and stain.get("method") != "none":
+        payload["stain"] = stain
     return config_hash(payload)
 
 
@@ -461,7 +646,7 @@ def finetune_site(site_dir: Path | str, cfg: FinetuneConfig, teacher: PatchEncod
         p.requires_grad_(False)
     out = output_dir(site_dir, cfg)
     weights, manifest = out / f"{teacher.name}.pt", out / f"{teacher.name}.json"
-    settings = settings_hash(cfg, teacher)
+    settings = settings_hash(cfg, teacher, site_stain_identity(site_dir, cfg, teacher.name))
     if not cfg.overwrite and weights.is_file() and manifest.is_file():
         previous = json.loads(manifest.read_text())
         if previous.get("settings") == settings and previous.get("weights_hash") == sha256_file(weights):
@@ -470,12 +655,10 @@ def finetune_site(site_dir: Path | str, cfg: FinetuneConfig, teacher: PatchEncod
     trainer = Stage1Trainer(teacher, cfg, device)
     patches = collect_patches(site_dir, cfg, teacher, trainer.layers, device)
     history = trainer.fit(patches)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(weights) as tmp:
-        torch.save(merged_state(trainer.student), tmp)
+    weights_hash = save_weights(trainer.student, weights)
     result = FinetuneResult(
         weights=str(weights),
-        weights_hash=sha256_file(weights),
+        weights_hash=weights_hash,
         encoder=teacher.name,
         layers=trainer.layers,
         trainable=cfg.trainable,
@@ -522,6 +705,7 @@ def _reencoded_meta(src: dict[str, Any], encoder: PatchEncoder, chash: str, toke
             "encoder_fingerprint": encoder.fingerprint,
             "finetuned_from_weights_hash": str(src.get("encoder_weights_hash", "")),
             "finetuned_from_config_hash": str(src.get("config_hash", "")),
+            STAIN_ATTR: json.dumps(stain_identity(src), sort_keys=True),  # the source's, as its patches are re-read
         }
     )
     base = {k: src[k] for k in fields if k in src}
@@ -563,6 +747,7 @@ def reencode_site(
         if recorded is None:
             raise FeatureFileError(f"{sf.low}: records no tiling settings; rerun `fedslide preprocess`")
         tiling = TilingConfig.model_validate(recorded[1])
+        stain = stain_identity(src, sf.low)  # re-read as preprocessing read the source file's patches
         coords = arrays["coords"].astype(np.int64)
         grid = PairedGrid(
             ratio=tiling.ratio,
@@ -576,7 +761,14 @@ def reencode_site(
             high_tissue=np.zeros(0),
         )
         dataset = RegionDataset(
-            sf.slide_path, cfg.slide.mpp_override, cfg.slide.mpp_tolerance, grid, tiling, True, False
+            sf.slide_path,
+            cfg.slide.mpp_override,
+            cfg.slide.mpp_tolerance,
+            grid,
+            tiling,
+            True,
+            False,
+            stain=stain_normalizer_from_identity(stain),
         )
         meta = _reencoded_meta(src, encoder, chash, token_grid)
         with FeatureWriter(target, meta, with_tokens=token_grid > 0) as writer:

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from fedslide.client.slides import SlideReader
+from fedslide.client.stain_normalize import StainNormalizer
 from fedslide.client.tiling import PairedGrid
 from fedslide.common.config.preprocess import TilingConfig
 
@@ -23,12 +24,14 @@ class PatchBatch:
     pixels: torch.Tensor  # [B, 3, H, W] uint8
     resolution: list[str]  # "low" / "high" per row
     index: np.ndarray  # [B] index into that resolution's grid arrays
+    stain_fallback: np.ndarray  # [B] bool: stain normalisation was asked for but the tile was left as read
 
 
 class RegionDataset(Dataset):
     """Item k = the patches of low-res grid cell k: the low patch and/or its kept high children.
 
     Each worker process opens its own slide handle (OpenSlide handles are not shared across processes).
+    With `stain`, every patch is stain-normalised as read (a high patch on its own, not as part of its block).
     """
 
     def __init__(
@@ -40,6 +43,7 @@ class RegionDataset(Dataset):
         tiling: TilingConfig,
         want_low: bool,
         want_high: bool,
+        stain: StainNormalizer | None = None,
     ):
         self.slide_path = slide_path
         self.mpp_override = mpp_override
@@ -48,6 +52,7 @@ class RegionDataset(Dataset):
         self.tiling = tiling
         self.want_low = want_low
         self.want_high = want_high
+        self.stain = stain
         self._reader: SlideReader | None = None
         self._reader_pid: int | None = None
 
@@ -68,7 +73,7 @@ class RegionDataset(Dataset):
             self._reader_pid = pid
         return self._reader
 
-    def __getitem__(self, k: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+    def __getitem__(self, k: int) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
         slide, t, g = self._slide(), self.tiling, self.grid
         patches: list[np.ndarray] = []
         kinds: list[str] = []
@@ -90,12 +95,16 @@ class RegionDataset(Dataset):
                     kinds.append("high")
                     indices.append(int(h))
         if not patches:
-            return np.zeros((0, 3, t.high_patch_size, t.high_patch_size), np.uint8), [], np.zeros(0, np.int64)
+            empty = np.zeros((0, 3, t.high_patch_size, t.high_patch_size), np.uint8)
+            return empty, [], np.zeros(0, np.int64), np.zeros(0, bool)
         sizes = {p.shape[0] for p in patches}
         if len(sizes) > 1:
             raise ValueError("low and high patch sizes differ; encode them in separate passes")
         stacked = np.ascontiguousarray(np.stack(patches).transpose(0, 3, 1, 2))
-        return stacked, kinds, np.asarray(indices, dtype=np.int64)
+        fell_back = np.zeros(len(kinds), dtype=bool)
+        if self.stain is not None:
+            stacked, fell_back = self.stain(stacked)
+        return stacked, kinds, np.asarray(indices, dtype=np.int64), fell_back
 
 
 def _identity(item: Any) -> Any:
@@ -119,34 +128,48 @@ def iterate_batches(
     buf_pixels: list[np.ndarray] = []
     buf_kinds: list[str] = []
     buf_index: list[np.ndarray] = []
+    buf_fallback: list[np.ndarray] = []
     buffered = 0
-    for pixels, kinds, index in loader:
+    for pixels, kinds, index, fell_back in loader:
         if len(kinds) == 0:
             continue
         buf_pixels.append(pixels)
         buf_kinds.extend(kinds)
         buf_index.append(index)
+        buf_fallback.append(fell_back)
         buffered += len(kinds)
         while buffered >= batch_size:
-            yield _take(buf_pixels, buf_kinds, buf_index, batch_size, pin_memory)
+            yield _take(buf_pixels, buf_kinds, buf_index, buf_fallback, batch_size, pin_memory)
             buffered -= batch_size
     if buffered:
-        yield _take(buf_pixels, buf_kinds, buf_index, buffered, pin_memory)
+        yield _take(buf_pixels, buf_kinds, buf_index, buf_fallback, buffered, pin_memory)
 
 
-def _take(pixels: list[np.ndarray], kinds: list[str], index: list[np.ndarray], n: int, pin_memory: bool) -> PatchBatch:
+def _take(
+    pixels: list[np.ndarray],
+    kinds: list[str],
+    index: list[np.ndarray],
+    fallback: list[np.ndarray],
+    n: int,
+    pin_memory: bool,
+) -> PatchBatch:
     """Pop the first n patches off the buffers (in place)."""
     all_pixels = np.concatenate(pixels) if len(pixels) > 1 else pixels[0]
     all_index = np.concatenate(index) if len(index) > 1 else index[0]
+    all_fallback = np.concatenate(fallback) if len(fallback) > 1 else fallback[0]
     head = torch.from_numpy(np.ascontiguousarray(all_pixels[:n]))
     if pin_memory:
         head = head.pin_memory()
-    batch = PatchBatch(pixels=head, resolution=kinds[:n], index=all_index[:n].copy())
-    rest_pixels, rest_index = all_pixels[n:], all_index[n:]
+    batch = PatchBatch(
+        pixels=head, resolution=kinds[:n], index=all_index[:n].copy(), stain_fallback=all_fallback[:n].copy()
+    )
+    rest_pixels, rest_index, rest_fallback = all_pixels[n:], all_index[n:], all_fallback[n:]
     pixels.clear()
     index.clear()
+    fallback.clear()
     del kinds[:n]
     if len(rest_pixels):
         pixels.append(rest_pixels)
         index.append(rest_index)
+        fallback.append(rest_fallback)
     return batch

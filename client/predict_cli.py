@@ -24,7 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Predict every slide in SLIDES with the student of a model bundle, reading low-res patches only: "
             "thumbnail -> tissue -> low-res grid -> encoder -> student. Writes OUT/predictions.csv, "
-            "OUT/heatmaps/<slide_id>.png, OUT/timing.json and OUT/failures.csv (bad slides). "
+            "OUT/heatmaps/<slide_id>.png, OUT/overlays/<slide_id>.npz (for `fedslide export-qupath`), OUT/timing.json "
+            "and OUT/failures.csv (bad slides); with --geojson also OUT/qupath/<slide_id>.geojson for QuPath. "
             "Exit codes: 0 all slides predicted, 2 bad model directory, options or no slides, "
             "3 some slides failed (see failures.csv)."
         ),
@@ -58,6 +59,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument("--no-heatmaps", dest="heatmaps", action="store_false", default=None, help="skip heatmap images")
+    p.add_argument(
+        "--geojson",
+        action="store_true",
+        default=None,
+        help="also write OUT/qupath/<slide_id>.geojson: tissue, patches with attention and tumour probability, "
+        "predicted tumour regions (QuPath: File > Import objects)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
     add_config_arguments(p, example="zoom-k=4")
     p.set_defaults(handler=run)
@@ -65,6 +73,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedslide.client.inference import ModelDirError, predict_slides
+    from fedslide.client.inference.qupath import QupathExportError
     from fedslide.client.slides import SlideError
     from fedslide.common.distillation.bundle import BundleMismatchError
 
@@ -78,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         "low_encoder_weights": str(args.low_weights) if args.low_weights else None,
         "device": args.device,
         "heatmaps": args.heatmaps,
+        "geojson": args.geojson,
         "progress": args.progress,
     }
     try:
@@ -86,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"fedslide predict: configuration error:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (ModelDirError, BundleMismatchError, SlideError) as exc:
+    except (ModelDirError, BundleMismatchError, SlideError, QupathExportError) as exc:
         print(f"fedslide predict: {exc}", file=sys.stderr)
         return EXIT_USAGE
     for line in result.summary_lines():

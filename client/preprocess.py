@@ -19,12 +19,14 @@ from fedslide.client.encoders.registry import build_encoder
 from fedslide.client.encoding import encode_grid
 from fedslide.client.patch_loader import RegionDataset
 from fedslide.client.qc import write_qc_image
-from fedslide.client.slides import SlideError, SlideReader, discover_slides
+from fedslide.client.slides import SlideError, SlideReader, discover_slides, slide_id_of
+from fedslide.client.stain_normalize import STAIN_ATTR, build_stain_normalizer
 from fedslide.client.tiling import PairedGrid, paired_grid
 from fedslide.client.tissue import segment_tissue
 from fedslide.common.atomic import TEMP_SUFFIX, atomic_write
 from fedslide.common.config.preprocess import PreprocessConfig
 from fedslide.common.device import resolve_device
+from fedslide.common.feature_layouts import clam_paths, write_clam
 from fedslide.common.features import (
     FeatureMeta,
     FeatureWriter,
@@ -32,6 +34,7 @@ from fedslide.common.features import (
     feature_path,
     is_complete,
     preprocess_attrs,
+    read_feature_file,
 )
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,8 @@ class SlideResult:
     patches_high: int = 0
     seconds: float = 0.0
     reason: str = ""
+    stain_fallback_low: int = 0  # tiles left un-normalised (too little stain, or the Macenko fit failed)
+    stain_fallback_high: int = 0
 
 
 @dataclass
@@ -97,6 +102,7 @@ class SitePreprocessor:
         self.encoder = (encoder or build_encoder(cfg.encoder)).to(self.device).eval()
         if self.device.type == "cuda":
             self.encoder = self.encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch stubs omit Module.to(memory_format=)
+        self.stain = build_stain_normalizer(cfg)
         self.token_grid = cfg.tiling.ratio if (cfg.encoder.write_tokens and self.encoder.has_feature_map) else 0
 
     @property
@@ -114,6 +120,7 @@ class SitePreprocessor:
                 "tiling": c.tiling.model_dump(mode="json"),
                 "encoder": self.encoder.identity(),
                 "tokens": self.token_grid if resolution == "low" else 0,
+                **({"stain": self.stain.identity()} if self.stain is not None else {}),
             }
         )
 
@@ -142,12 +149,13 @@ class SitePreprocessor:
 
     def process_slide(self, path: Path, site_dir: Path) -> SlideResult:
         """Preprocess one slide; return its result (status 'failed' with the reason on bad input)."""
-        slide_id = path.stem
+        slide_id = slide_id_of(path)
         t0 = time.perf_counter()
         targets = {r: feature_path(site_dir, self.encoder.name, r, slide_id) for r in self.resolutions}
         hashes = {r: self.settings_hash(r) for r in self.resolutions}
         todo = [r for r in self.resolutions if self.cfg.overwrite or not is_complete(targets[r], hashes[r])]
         if not todo:
+            self._write_clam(site_dir, slide_id, targets, [])
             return SlideResult(slide_id, str(path), "skipped", seconds=time.perf_counter() - t0)
         try:
             with SlideReader(path, self.cfg.slide.mpp_override, self.cfg.slide.mpp_tolerance) as slide:
@@ -161,6 +169,7 @@ class SitePreprocessor:
                         f"tiling.min-tissue-high={self.cfg.tiling.min_tissue_high})"
                     )
                 counts = self._encode_slide(slide, grid, todo, targets, hashes)
+                self._write_clam(site_dir, slide_id, targets, todo)
                 if self.cfg.qc_images:
                     write_qc_image(site_dir / "qc" / f"{slide_id}.png", slide, tissue, grid)
         except Exception as exc:  # one bad slide must not stop the site: record it and go on
@@ -175,7 +184,19 @@ class SitePreprocessor:
             patches_low=counts.get("low", 0),
             patches_high=counts.get("high", 0),
             seconds=time.perf_counter() - t0,
+            stain_fallback_low=counts.get("stain_fallback_low", 0),
+            stain_fallback_high=counts.get("stain_fallback_high", 0),
         )
+
+    def _write_clam(self, site_dir: Path, slide_id: str, targets: dict[str, Path], fresh: list[str]) -> None:
+        """With `clam-layout`, copy the slide's feature files into CLAM's layout (those just written, and any
+        whose CLAM copy is missing)."""
+        if not self.cfg.clam_layout:
+            return
+        for res, target in targets.items():
+            clam_dir = site_dir / "clam" / self.encoder.name / res
+            if res in fresh or not all(p.is_file() for p in clam_paths(clam_dir, slide_id)):
+                write_clam(read_feature_file(target), clam_dir, slide_id)
 
     def _meta(self, slide: SlideReader, resolution: str, grid: PairedGrid, chash: str) -> FeatureMeta:
         t = self.cfg.tiling
@@ -202,6 +223,7 @@ class SitePreprocessor:
                 "mpp_source": slide.resolution.source,
                 "patch_size_level0_exact": float(size0),
                 "slide_vendor": slide.vendor,
+                STAIN_ATTR: json.dumps(self.stain.identity() if self.stain else {"method": "none"}, sort_keys=True),
                 **preprocess_attrs(self.cfg.tissue.to_toml_dict(), t.to_toml_dict()),
             },
         )
@@ -232,10 +254,14 @@ class SitePreprocessor:
             bar = tqdm(
                 total=total, desc=f"  {slide.slide_id}", unit="patch", leave=False, disable=not self.cfg.progress
             )
+            fallbacks = {r: 0 for r in todo}
             for resolutions in passes:
-                self._encode_pass(slide, grid, resolutions, writers, bar)
+                self._encode_pass(slide, grid, resolutions, writers, bar, fallbacks)
             bar.close()
-        return {r: (len(grid.low_coords) if r == "low" else len(grid.high_coords)) for r in todo}
+        if self.stain is not None and any(fallbacks.values()):
+            log.info("slide %s: %s tiles left un-normalised (too little stain)", slide.slide_id, fallbacks)
+        counts = {r: (len(grid.low_coords) if r == "low" else len(grid.high_coords)) for r in todo}
+        return {**counts, **{f"stain_fallback_{r}": n for r, n in fallbacks.items()}}
 
     def _encode_pass(
         self,
@@ -244,6 +270,7 @@ class SitePreprocessor:
         resolutions: list[str],
         writers: dict[str, FeatureWriter],
         bar: tqdm,
+        fallbacks: dict[str, int],
     ) -> None:
         enc_cfg = self.cfg.encoder
         dataset = RegionDataset(
@@ -254,6 +281,7 @@ class SitePreprocessor:
             self.cfg.tiling,
             want_low="low" in resolutions,
             want_high="high" in resolutions,
+            stain=self.stain,
         )
         encoded = encode_grid(
             dataset,
@@ -270,6 +298,8 @@ class SitePreprocessor:
                 if len(rows) == 0:
                     continue
                 idx = batch.index[rows]
+                if batch.stain_fallback is not None:
+                    fallbacks[res] += int(batch.stain_fallback[rows].sum())
                 if res == "low":
                     writers["low"].append(
                         batch.features[rows],

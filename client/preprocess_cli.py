@@ -31,6 +31,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument("--overwrite", action="store_true", default=None, help="redo slides that are already complete")
+    p.add_argument(
+        "--clam-layout",
+        action="store_true",
+        default=None,
+        help="also write CLAM's layout: SITE/clam/<encoder>/<high|low>/{h5_files,pt_files}/",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
     add_config_arguments(p)
     p.set_defaults(handler=run)
@@ -49,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         "encoder.num_workers": args.workers,
         "encoder.device": args.device,
         "overwrite": args.overwrite,
+        "clam_layout": args.clam_layout,
         "progress": args.progress,
     }
     cfg = config_from_args(PreprocessConfig, args, "preprocess", values)

@@ -7,6 +7,7 @@ student bags, the final bundle and `egress.jsonl`. A warm SuperExec holds the si
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -26,14 +27,17 @@ from fedslide.common.device import resolve_device
 from fedslide.common.distillation.data import DistillData, detect_encoder, load_sites
 from fedslide.common.egress import EgressLedger
 from fedslide.common.feature_store import FeatureStore
-from fedslide.common.features import feature_path
+from fedslide.common.features import FeatureFileError, feature_path
 from fedslide.common.federation.protocol import Facts
 from fedslide.common.training.cohort import Cohort
 from fedslide.common.training.labels import read_labels
+from fedslide.common.training.standardize import FeatureStats
 
 log = logging.getLogger(__name__)
 
 EGRESS_FILE = "egress.jsonl"
+STAGE1_ENCODER = "pixel_stage1/low_encoder.pt"  # the global fine-tuned 5x encoder of federated pixel stage 1
+STAGE1_RECORD = "pixel_stage1/low_encoder.json"  # its weights hash and the features/<name>/low folder it wrote
 
 # The site's feature files held by this process (`hold_site_features`): set only in a warm SuperExec, whose forked
 # ClientApp tasks inherit it. Flower calls a handler with the message and context alone, so the one way a task finds
@@ -142,6 +146,8 @@ class SiteRun:
     name: str
     facts: Facts | None = None
     ledger_syslog: str | None = None  # node config `ledger-syslog`: mirror the ledger to this syslog address
+    own_low_features: bool = False  # read the site's own 5x files even after pixel stage 1 (the handshake does)
+    feature_stats: FeatureStats | None = None  # the federation's standardisation of 20x instances (`standardize`)
     _data: DistillData | None = field(default=None, repr=False)
 
     @classmethod
@@ -173,12 +179,28 @@ class SiteRun:
         """Where local training runs."""
         return resolve_device(self.cfg.device)
 
+    def finetuned_low(self) -> dict[str, str] | None:
+        """The run's fine-tuned 5x encoder once federated pixel stage 1 has re-encoded this site's files
+        ({"weights_hash", "features"}); None without pixel stage 1 or with `own_low_features` (the handshake and
+        stage 1 itself). Raises FeatureFileError when the run has pixel stage 1 but this site was not re-encoded."""
+        path = self.run_dir / STAGE1_RECORD
+        if not self.cfg.pixel_stage1 or self.own_low_features:
+            return None
+        if not path.is_file():
+            raise FeatureFileError(
+                f"{path} is missing: this run fine-tunes the 5x encoder (pixel-stage1 = true) and this site's 5x "
+                "features were not re-encoded with it, so they cannot be read with the run's models"
+            )
+        return {str(k): str(v) for k, v in json.loads(path.read_text()).items()}
+
     def data(self) -> DistillData:
-        """The site's labelled slides with their low/high feature files (class order from the handshake)."""
+        """The site's labelled slides with their low/high feature files (class order from the handshake); after
+        federated pixel stage 1, the 5x files its global encoder wrote."""
         if self._data is None:
             classes = None if self.facts is None else self.facts.classes
             store = held_features()
             hits = store.hits if store is not None else 0
+            tuned = self.finetuned_low()
             self._data = load_sites(
                 [self.site_dir],
                 self.cfg.encoder,
@@ -186,7 +208,16 @@ class SiteRun:
                 classes=classes,
                 store=store,
                 carving=self.cfg.carve,
+                low_features=tuned["features"] if tuned else None,
             )
+            if tuned and str(self._data.low_attrs.get("encoder_weights_hash")) != tuned["weights_hash"]:
+                found = self._data.low_attrs.get("encoder_weights_hash")
+                self._data = None
+                raise FeatureFileError(
+                    f"{self.site_dir}/features/{tuned['features']}/low: files of encoder weights {found}, but this "
+                    f"run's pixel stage 1 made {tuned['weights_hash']} ({self.run_dir / STAGE1_RECORD}); another run "
+                    "re-encoded them since: rerun this one under a new run id"
+                )
             if store is not None:
                 log.info(
                     "site %s: %d of %d feature files from memory",
@@ -201,9 +232,21 @@ class SiteRun:
         return self.data().split(name)
 
     def high_cohort(self) -> Cohort:
-        """High-res bags (teacher, experts)."""
+        """High-res bags (teacher, experts), standardised by `feature_stats` when the federation sent them."""
         data = self.data()
-        return data.cohort(data.high_bags())
+        return data.cohort(self.standardised(data.high_bags()))
+
+    def standardised(
+        self, bags: dict[str, tuple[np.ndarray, np.ndarray | None]]
+    ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """`bags` with `feature_stats` applied to their instances (unchanged when there are none)."""
+        stats = self.feature_stats
+        if stats is None:
+            return bags
+        return {
+            key: (stats.apply(torch.from_numpy(np.array(x, dtype=np.float32))).numpy(), c)
+            for key, (x, c) in bags.items()
+        }
 
     def low_cohort(self) -> Cohort:
         """Raw low-res bags (baseline)."""

@@ -22,12 +22,76 @@ class MissingResolutionError(SlideError):
     """The slide has neither mpp nor objective power and no override was given."""
 
 
+DICOM_SUFFIX = "dcm"
+
+
+def dicom_instances(folder: Path) -> list[Path]:
+    """The DICOM instance files (`*.dcm`, any case) directly in `folder`, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == f".{DICOM_SUFFIX}")
+
+
+def slide_id_of(path: Path) -> str:
+    """A slide's id: the file name without extension, or the folder name of a DICOM slide given as its folder."""
+    return path.name if path.is_dir() else path.stem
+
+
 def discover_slides(folder: Path, extensions: list[str]) -> list[Path]:
-    """Slide files directly in `folder` whose extension is one of `extensions`, sorted by name."""
+    """The slides in `folder`, sorted by name: files whose extension is one of `extensions`, and (when "dcm" is
+    one of them) DICOM WSIs stored as a sub-folder of `.dcm` instances, one folder per slide.
+
+    Loose `.dcm` files directly in `folder` are grouped by OpenSlide's quickhash (every instance of one DICOM slide
+    opens the same slide); each group counts once, as its first file. Files OpenSlide cannot open stay single, so
+    they fail later with a reason.
+    """
     exts = {e.lower().lstrip(".") for e in extensions}
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower().lstrip(".") in exts)
+    found: list[Path] = []
+    loose_dicom: list[Path] = []
+    for p in sorted(folder.iterdir()):
+        suffix = p.suffix.lower().lstrip(".")
+        if p.is_file() and suffix == DICOM_SUFFIX and DICOM_SUFFIX in exts:
+            loose_dicom.append(p)
+        elif p.is_file() and suffix in exts:
+            found.append(p)
+        elif p.is_dir() and DICOM_SUFFIX in exts and dicom_instances(p):
+            found.append(p)
+    found.extend(_one_file_per_dicom_slide(loose_dicom))
+    return sorted(found, key=lambda p: p.name)
+
+
+def _one_file_per_dicom_slide(files: list[Path]) -> list[Path]:
+    """The first of each group of `.dcm` files that open as the same slide (same openslide.quickhash-1)."""
+    kept: dict[str, Path] = {}
+    for f in files:
+        try:
+            with openslide.OpenSlide(str(f)) as s:
+                key = s.properties.get(openslide.PROPERTY_NAME_QUICKHASH1) or str(f)
+        except openslide.OpenSlideError:
+            key = str(f)
+        kept.setdefault(key, f)
+    return list(kept.values())
+
+
+def open_dicom_folder(folder: Path) -> tuple[openslide.OpenSlide, Path]:
+    """Open the DICOM WSI stored in `folder` through the first of its `.dcm` instances that OpenSlide reads.
+
+    OpenSlide opens a DICOM slide from any one instance file and finds the rest of its series in the same folder.
+    """
+    instances = dicom_instances(folder)
+    if not instances:
+        raise SlideError(f"slide folder {folder}: no .dcm files in it; a DICOM WSI is one folder of .dcm instances")
+    errors: list[str] = []
+    for f in instances:
+        try:
+            return openslide.OpenSlide(str(f)), f
+        except openslide.OpenSlideError as exc:
+            errors.append(f"{f.name}: {exc or type(exc).__name__}")
+    shown = "; ".join(errors[:3]) + (f"; ... ({len(errors) - 3} more)" if len(errors) > 3 else "")
+    raise SlideError(
+        f"slide folder {folder}: none of its {len(instances)} .dcm files is a DICOM whole-slide image OpenSlide can "
+        f"open ({shown})"
+    )
 
 
 @dataclass(frozen=True)
@@ -70,14 +134,21 @@ def resolution_from_properties(props: dict[str, str], name: str, mpp_override: f
 
 
 class SlideReader:
-    """A slide opened with OpenSlide, read by target resolution (µm/px) rather than by level index."""
+    """A slide opened with OpenSlide, read by target resolution (µm/px) rather than by level index.
+
+    `path` is a slide file, or a folder of DICOM instances (one DICOM WSI; its id is the folder name).
+    """
 
     def __init__(self, path: Path | str, mpp_override: float | None = None, mpp_tolerance: float = 0.05):
         self.path = Path(path)
-        self.slide_id = self.path.stem
+        self.slide_id = slide_id_of(self.path)
         self.mpp_tolerance = mpp_tolerance
         try:
-            self._slide = openslide.OpenSlide(str(self.path))
+            if self.path.is_dir():
+                self._slide, opened = open_dicom_folder(self.path)
+                log.debug("%s: DICOM WSI opened through %s", self.slide_id, opened.name)
+            else:
+                self._slide = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError as exc:
             raise SlideError(
                 f"slide {self.path.name}: not a slide format OpenSlide can open ({exc or 'unsupported'})"

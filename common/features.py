@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,9 @@ RESOLUTIONS = ("high", "low")
 # the tissue and tiling settings a file was made with (JSON text of the kebab-case config sections)
 TISSUE_ATTR = "preprocess_tissue"
 TILING_ATTR = "preprocess_tiling"
+# JSON of the stain normaliser's identity the pixels were encoded with (`{"method": "none"}` when off or absent)
+STAIN_ATTR = "stain_normalization"
+NO_STAIN: dict[str, Any] = {"method": "none"}
 
 
 class FeatureFileError(ValueError):
@@ -104,6 +108,42 @@ def recorded_preprocess(attrs: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     if not isinstance(tissue, dict) or not isinstance(tiling, dict):
         raise FeatureFileError(f"attributes {TISSUE_ATTR}/{TILING_ATTR} are not JSON objects")
     return tissue, tiling
+
+
+def stain_identity(attrs: Mapping[str, Any], where: Path | str = "feature file") -> dict[str, Any]:
+    """The stain normalisation a file's attributes record (`NO_STAIN` when they record none: older files)."""
+    text = attrs.get(STAIN_ATTR)
+    if text in (None, ""):
+        return dict(NO_STAIN)
+    try:
+        identity = json.loads(text) if isinstance(text, str) else text
+    except ValueError as exc:
+        raise FeatureFileError(f"{where}: attribute {STAIN_ATTR} = {text!r} is not JSON ({exc})") from exc
+    if not isinstance(identity, dict) or "method" not in identity:
+        raise FeatureFileError(f"{where}: attribute {STAIN_ATTR} = {text!r} is not an object with a 'method'")
+    return dict(identity)
+
+
+def shared_stain_identity(files: Iterable[tuple[Path | str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """The one stain identity that every (path, attrs) records; refuses a mix, naming a file of each identity."""
+    found: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    for path, attrs in files:
+        identity = stain_identity(attrs, path)
+        key = json.dumps(identity, sort_keys=True)
+        found.setdefault(key, (identity, []))[1].append(str(path))
+    if not found:
+        return dict(NO_STAIN)
+    if len(found) > 1:
+        parts = [
+            f"{ident['method']} in {paths[0]}" + (f" (+{len(paths) - 1} more)" if len(paths) > 1 else "")
+            for ident, paths in found.values()
+        ]
+        raise FeatureFileError(
+            f"feature files disagree on {STAIN_ATTR}: {'; '.join(parts)}; low- and high-res features must be "
+            "encoded with the same stain normalisation (rerun `fedslide preprocess --overwrite` with one "
+            "[preprocess] stain-normalize / stain-reference)"
+        )
+    return next(iter(found.values()))[0]
 
 
 class FeatureWriter:
@@ -221,11 +261,33 @@ def _attr_value(value: Any) -> Any:
     return value
 
 
+def _read_pt(path: Path) -> FeatureBag:
+    """A CLAM/TRIDENT `.pt` file: one tensor of features [N, D] (or [1, N, D]); no coords, no attributes."""
+    import torch
+
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a file that is not a tensor pickle
+        raise FeatureFileError(f"{path}: not a readable .pt feature file ({type(exc).__name__}: {exc})") from None
+    if isinstance(value, dict) and "features" in value:
+        value = value["features"]
+    if not isinstance(value, torch.Tensor):
+        raise FeatureFileError(f"{path}: a .pt feature file must hold a tensor [N, D], got {type(value).__name__}")
+    features = value.detach().float().numpy()
+    if features.ndim == 3 and features.shape[0] == 1:
+        features = features[0]
+    if features.ndim != 2:
+        raise FeatureFileError(f"{path}: the tensor must be [N, D], got shape {tuple(features.shape)}")
+    return FeatureBag(path=path, features=np.ascontiguousarray(features), coords=None, attrs={})
+
+
 def read_feature_file(path: Path | str, load_tokens: bool = False) -> FeatureBag:
-    """Read a feature file made by fedslide, CLAM or TRIDENT (`coords` optional)."""
+    """Read a feature file made by fedslide, CLAM or TRIDENT: an h5 file (`coords` optional) or a `.pt` tensor."""
     path = Path(path)
     if not path.is_file():
         raise FeatureFileError(f"feature file {path} does not exist")
+    if path.suffix == ".pt":
+        return _read_pt(path)
     try:
         with h5py.File(path, "r") as f:
             if "features" not in f:

@@ -23,6 +23,7 @@ class SeedOffsets:
     experts: int = 10  # expert c trains with offset experts + c
     proxy_teacher: int = 20  # a site's fine-tuning of the teacher before its logits on the proxy cohort
     proxy_experts: int = 30  # ... of expert c (proxy_experts + c)
+    pixel_stage1: int = 40  # a site's local rounds of federated pixel stage 1 (shuffling, stain jitter)
     student: int = 100  # students' and the low-res baseline's initial weights and training (the same for all)
 
 

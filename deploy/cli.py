@@ -49,6 +49,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "fedslide.client.predict_cli",
         "predict slides with a low-res student bundle; heatmaps, timing, optional high-res zoom",
     ),
+    "export-qupath": Subcommand(
+        "fedslide.client.qupath_cli",
+        "QuPath GeoJSON of a past `fedslide predict` run: tissue, patches with measurements, tumour regions",
+    ),
     "certs": Subcommand(
         "fedslide.deploy.certs", "make the TLS certificates and per-site authentication keys of a federation"
     ),

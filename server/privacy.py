@@ -1,5 +1,6 @@
 """Central differential privacy of the weights phases: Flower's server-side fixed-clipping wrapper around FedAvg,
-with one RDP accountant (Flower's, backed by dp-accounting) composing every release of the whole run."""
+with one RDP accountant (Flower's, backed by dp-accounting) composing every release of the whole run; and the run's
+privacy report: ε against third parties, against the coordinator (site-side DP, cluster sums) and what no ε covers."""
 
 from __future__ import annotations
 
@@ -14,23 +15,37 @@ from flwr.serverapp.strategy import (
 )
 
 from fedslide.common.config.federation import FederationConfig
-from fedslide.common.dp import planned_releases, site_epsilon
+from fedslide.common.dp import (
+    cluster_epsilon,
+    cluster_noise_multiplier,
+    planned_cluster_releases,
+    planned_releases,
+    site_epsilon,
+    slide_epsilon_against_coordinator,
+)
 
 TRUST_MODEL = (
     "central DP: each site's update is clipped to dp-clipping-norm and Gaussian noise is added to the "
     "aggregate at the server, so the released global models bound what they reveal about any one site "
     "(site-level, add-or-remove-one neighbouring, no sampling amplification: every site joins every round). "
-    "The server itself sees the clipped updates; metrics, validation losses and cluster statistics are "
-    "not covered by ε."
+    "The server itself sees the clipped updates; metrics, validation losses and cluster counts are not covered by ε."
 )
 LOCAL_TRUST_MODEL = (
     "site-side DP: each site clips its update to local-dp-clipping-norm and adds Gaussian noise before it leaves, "
     "so ε holds against the coordinator as well (neighbouring: any two data sets of one site, sensitivity twice the "
     "clip; RDP composition over the site's updates, no sampling amplification)."
 )
+CLUSTER_TRUST_MODEL = (
+    "cluster sums: each slide's vector clipped to cluster-clip-norm, fresh Gaussian noise of cluster-noise-std on "
+    "every release; slide-level (replace one slide: sensitivity twice the clip), RDP composition over the local "
+    "k-means seeds and each Lloyd iteration. Assumes a slide's cluster depends on its own vector only (nearest "
+    "centroid); the size-constrained assignment can move other slides too, which this does not bound. The cluster "
+    "counts are exact: not covered (suppress-below only)."
+)
 NOT_COVERED = (
-    "not covered by either ε: the sites' metrics (counts, training and validation losses that pick the best round) "
-    "and cluster counts; cluster sums only through cluster-clip-norm and cluster-noise-std"
+    "not covered by any ε: the sites' metrics (counts, class balance, training and validation losses, which also "
+    "pick the best round; exact scalars with no noise, bounded only by the egress policy: finite scalars of declared "
+    "names) and the cluster counts (exact, small ones withheld by suppress-below)"
 )
 
 
@@ -83,6 +98,30 @@ def site_dp_report(cfg: FederationConfig) -> dict[str, Any]:
     }
 
 
+def cluster_dp_report(cfg: FederationConfig) -> dict[str, Any]:
+    """What the cluster sums reveal about one slide: their slide-level ε (to the coordinator, which alone receives
+    them; the centroids it sends on are post-processing) or why there is none."""
+    releases = planned_cluster_releases(cfg)
+    base: dict[str, Any] = {
+        "releases_per_site": releases,
+        "clip_norm": cfg.cluster_clip_norm,
+        "noise_std": cfg.cluster_noise_std,
+    }
+    if releases == 0:
+        return {**base, "enabled": False, "epsilon": None, "note": "no clustering in this run (kd.lambda-expert = 0)"}
+    if cluster_noise_multiplier(cfg) <= 0:
+        note = "off: cluster-clip-norm and cluster-noise-std > 0 are needed; differencing releases exposes a slide"
+        return {**base, "enabled": False, "epsilon": None, "note": note}
+    return {
+        **base,
+        "enabled": True,
+        "epsilon": cluster_epsilon(cfg),
+        "delta": cfg.dp_delta,
+        "noise_multiplier": cluster_noise_multiplier(cfg),
+        "trust_model": CLUSTER_TRUST_MODEL,
+    }
+
+
 def privacy_report(cfg: FederationConfig, accountant: RdpAccountant | None) -> dict[str, Any]:
     """What metrics.json says about DP: the server-side (central) ε at δ with its releases, noise and clipping at the
     top level, and ε separately against third parties (either mechanism bounds it) and against the coordinator
@@ -112,6 +151,17 @@ def privacy_report(cfg: FederationConfig, accountant: RdpAccountant | None) -> d
             name for name, e in (("server-side DP", central), ("site-side DP", coordinator["epsilon"])) if e is not None
         ],
     }
+    clusters = cluster_dp_report(cfg)
+    slide = slide_epsilon_against_coordinator(cfg)
+    coordinator["slide_level"] = {  # everything noised a site sends, for any one of its slides
+        "epsilon": slide if slide != float("inf") else None,
+        "delta": cfg.dp_delta,
+        "composes": ["site-side DP weight updates", "cluster sums"],
+        "note": "None: the weight updates or the cluster sums reach the coordinator without noise"
+        if slide == float("inf")
+        else "site-side DP (site-level, hence also slide-level) composed with the cluster sums by one RDP accountant",
+    }
     out["against_coordinator"] = coordinator
+    out["cluster_statistics"] = clusters
     out["not_covered"] = NOT_COVERED
     return out

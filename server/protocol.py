@@ -28,6 +28,8 @@ from fedslide.common.distillation.clustering import update_centroids
 from fedslide.common.distillation.student import starts_from_teacher
 from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
+from fedslide.common.federation.feature_stats import federated_stats, stats_record
+from fedslide.common.federation.temperature import pick_temperature
 from fedslide.common.federation.models import (
     fingerprint,
     new_adapter,
@@ -88,10 +90,17 @@ class Federation:
     curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     accountant: Any = None  # server.privacy's RDP accountant when DP is on
     timings: dict[str, float] = field(default_factory=dict)
+    standardize: ArrayRecord | None = None  # the pooled standardisation sent to the sites (`standardize = true`)
 
     @property
     def run_id(self) -> str:
         return self.run_dir.name
+
+    def with_standardize(self, phase: ph.Phase, records: dict[str, ArrayRecord]) -> dict[str, ArrayRecord]:
+        """`records` plus the pooled standardisation when the run has one and the phase declares it."""
+        if self.standardize is None or ph.STANDARDIZE not in phase.sends:
+            return records
+        return {**records, ph.STANDARDIZE: self.standardize}
 
     def base_config(self, phase: ph.Phase, **extra: Any) -> dict[str, Any]:
         """Config entries of every message of a phase (`extra`: the config keys it declares)."""
@@ -112,6 +121,7 @@ class Federation:
         """Send one message of the phase (with `validate`, a weights phase's validation) per admitted site; the
         usable replies (at least min-nodes, else FederationError)."""
         self.grid.phase = phase.phase
+        records = self.with_standardize(phase, records)
         phase.check_sent(records)
         content = RecordDict({p.CONFIG: ConfigRecord(self.base_config(phase, **(config or {}))), **records})
         nodes = sorted(self.grid.get_node_ids())
@@ -150,7 +160,14 @@ def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
         if not set(known) <= set(connected):
             _readmit_by_name(fed, [n for n in connected if n not in known])
         fed.grid.admitted = set(fed.sites)
+        fed.standardize = fed.ckpt.load_arrays(STANDARDIZE_KEY)
+        if fed.cfg.standardize and fed.standardize is None:
+            raise FederationError(
+                f"standardize = true but the checkpoint of {fed.run_dir} holds no pooled statistics (the run began "
+                "with standardize = false); resume it with standardize = false"
+            )
         return
+    replies: dict[int, Message] = {}
     nodes = wait_for_nodes(fed.grid, max(fed.cfg.min_nodes, fed.cfg.expected_nodes), wait_timeout)
     candidates: dict[int, SiteInfo] = {}
     for node, reply in _ask_sites(fed, nodes).items():
@@ -158,6 +175,7 @@ def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
             fed.refused.append({"node": node, "reason": f"handshake failed at the site: {reply.error.reason}"})
             continue
         candidates[node] = _site_info(node, reply)
+        replies[node] = reply
     if not candidates:
         raise FederationError(f"handshake: no site answered ({len(nodes)} connected); refused: {fed.refused}")
     identities = Counter(tuple(str(s.encoder[k]) for k in ENCODER_KEYS) for s in candidates.values())
@@ -193,8 +211,32 @@ def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
         str(first.encoder[ph.ENCODER_NAME]),
     )
     fed.grid.admitted = set(fed.sites)
+    if fed.cfg.standardize:
+        _pool_standardize(fed, replies)
     _commit_handshake(fed)
     log.info("handshake: admitted %s; refused %d", ", ".join(s.name for s in fed.sites.values()), len(fed.refused))
+
+
+STANDARDIZE_KEY = "standardize"  # the checkpoint's arrays of the pooled standardisation
+
+
+def _pool_standardize(fed: Federation, replies: dict[int, Message]) -> None:
+    """The training sites' feature sums pooled into one mean/sd (a release of fewer than suppress-below slides
+    counts for nothing), kept in the checkpoint and sent in the later phases that declare it."""
+    assert fed.facts is not None
+    records = []
+    for node, info in sorted(fed.sites.items()):
+        record = replies[node].content.array_records.get(p.STATS)
+        if record is None:
+            raise FederationError(f"handshake: site {info.name} sent no feature sums with standardize = true")
+        records.append(record)
+    try:
+        stats = federated_stats(records, fed.facts.feature_dim, fed.cfg.min_count)
+    except ValueError as exc:
+        raise FederationError(f"handshake: standardize = true, but {exc}") from None
+    fed.standardize = stats_record(stats)
+    fed.ckpt.save_arrays(STANDARDIZE_KEY, fed.standardize)
+    log.info("handshake: standardisation pooled over %d instances of %d site(s)", stats.count, len(records))
 
 
 def _ask_sites(fed: Federation, nodes: list[int]) -> dict[int, Message]:
@@ -289,7 +331,7 @@ def _inner_strategy(fed: Federation, phase: ph.Phase, min_nodes: int) -> Strateg
     if cfg.aggregation == "trimmed-mean":
         trim_count(len(fed.sites), cfg.trim_fraction)  # refused before any round when too few sites were admitted
         return TrimmedMean(cfg.trim_fraction, **common)
-    if phase is ph.ADAPTER:
+    if phase in (ph.ADAPTER, ph.PIXEL_STAGE1):  # no proximal term in these local steps
         return FedAvg(**common)
     if cfg.strategy == "fedprox":
         return FedProx(proximal_mu=cfg.proximal_mu, **common)
@@ -334,6 +376,7 @@ def weights_phase(
                 set_fedavgm_momentum(inner, momentum.to_numpy_ndarrays())
             log.info("phase %s: resuming after round %d", phase, start_round)
     fed.grid.phase = phase
+    extra = fed.with_standardize(declared, extra or {}) or None
     declared.check_sent([p.ARRAYS, *(extra or {})])
     strategy = PhaseStrategy(
         inner,
@@ -507,6 +550,7 @@ class RunModels:
     t_cfg: ModelConfig
     s_cfg: ModelConfig
     from_teacher: bool  # the student starts from the teacher's weights
+    low_encoder: ArrayRecord | None = None  # pixel stage 1's global trainable 5x encoder parameters
     adapter: ArrayRecord | None = None
     teacher: ArrayRecord | None = None
     baseline: ArrayRecord | None = None
@@ -514,6 +558,7 @@ class RunModels:
     centroids: np.ndarray | None = None
     experts: ArrayRecord | None = None
     student: ArrayRecord | None = None
+    temperatures: dict[str, float] = field(default_factory=dict)  # CALIBRATED_MODELS' picked T (`calibrate`)
     evaluation: list[Message] = field(default_factory=list)
 
     def records(self) -> dict[str, ArrayRecord]:
@@ -526,6 +571,63 @@ class RunModels:
 
 def _mu(cfg: FederationConfig) -> float:
     return cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0
+
+
+def _stage1_initial(fed: Federation) -> ArrayRecord:
+    """The phase's initial global encoder arrays: the lowest node's reply to pixel-stage1-init (kept in the
+    checkpoint); every other site must name the same arrays with the same shapes and dtypes."""
+    key = f"{ph.PIXEL_STAGE1_INIT.name}.arrays"
+    saved = fed.ckpt.load_arrays(key)
+    if saved is not None:
+        return saved
+    fed.grid.server_round = 0
+    replies = sorted(fed.query(ph.PIXEL_STAGE1_INIT, {}), key=lambda r: int(r.metadata.src_node_id))
+    first = replies[0].content.array_records.get(p.ARRAYS)
+    for reply in replies:
+        record = reply.content.array_records.get(p.ARRAYS)
+        reason = "no arrays" if record is None or first is None else fed.validator.problem(first, record)
+        if reason is not None:
+            node = int(reply.metadata.src_node_id)
+            name = fed.sites[node].name if node in fed.sites else str(node)
+            raise FederationError(
+                f"phase {ph.PIXEL_STAGE1_INIT.name}: site {name}'s trainable encoder arrays differ from site "
+                f"{fed.sites[int(replies[0].metadata.src_node_id)].name}'s ({reason}); every site must run the same "
+                "encoder with the same finetune.trainable settings"
+            )
+    assert first is not None
+    fed.ckpt.save_arrays(key, first)
+    return first
+
+
+def pixel_stage1_step(fed: Federation, run: RunModels) -> None:
+    """Federated LRMIL stage 1 on pixels: the trainable 5x encoder parameters start from one site's, train for
+    rounds.pixel-stage1 FedAvg rounds (the configured strategy wrappers, validation and DP as in every weights phase),
+    and go back to every site, which keeps the global encoder and re-encodes its 5x features with it."""
+    encoder = weights_phase(
+        fed, ph.PIXEL_STAGE1, lambda: _stage1_initial(fed), fed.cfg.rounds.pixel_stage1, config={ph.PROXIMAL_MU: 0.0}
+    )
+    _save_rejections(fed)
+    run.low_encoder = encoder
+    step = ph.PIXEL_STAGE1_REENCODE.checkpoint
+    if fed.ckpt.phase_done(step) is None:
+        start = time.perf_counter()
+        fed.grid.server_round = 0
+        fed.grid.admitted = set(fed.sites) | set(fed.eval_sites)  # held-out sites evaluate on the same 5x encoder
+        try:
+            replies = fed.query(ph.PIXEL_STAGE1_REENCODE, {p.ARRAYS: encoder})
+        finally:
+            fed.grid.admitted = set(fed.sites)
+        fed.timings[step] = round(time.perf_counter() - start, 3)
+        everyone = {**fed.sites, **fed.eval_sites}
+        reencoded = {
+            everyone[node].name: p.integer(r.content.metric_records[p.METRICS], ph.REENCODED)
+            for r in replies
+            if (node := int(r.metadata.src_node_id)) in everyone
+        }
+        missing = sorted(info.name for node, info in everyone.items() if info.name not in reencoded)
+        if missing:  # a site that evaluates on features of another 5x encoder would report wrong figures
+            log.warning("phase %s: sites %s did not re-encode their 5x features", step, ", ".join(missing))
+        fed.ckpt.finish_phase(step, {"reencoded": reencoded, "seconds": fed.timings[step]})
 
 
 def adapter_step(fed: Federation, run: RunModels) -> None:
@@ -610,15 +712,37 @@ def logits_step(fed: Federation, run: RunModels) -> None:
     run.student = distil_from_logits(fed, run.teacher, run.experts, run.adapter, run.centroids, run.tfp)
 
 
+def calibrate_step(fed: Federation, run: RunModels) -> None:
+    """The final teacher's and student's temperatures: the grid value of the least val NLL summed over the sites."""
+    done = fed.ckpt.phase_done(ph.CALIBRATE.checkpoint)
+    if done is not None:
+        run.temperatures = dict(done["temperatures"])
+        return
+    assert run.teacher is not None and run.student is not None and run.adapter is not None
+    fed.grid.server_round = 0
+    replies = fed.query(ph.CALIBRATE, {p.TEACHER: run.teacher, p.STUDENT: run.student, p.ADAPTER: run.adapter})
+    records = [r.content.metric_records[p.METRICS] for r in replies]
+    metrics = [{key: p.number(record, key) for key in record} for record in records]
+    run.temperatures = {model: pick_temperature(metrics, model) for model in ph.CALIBRATED_MODELS}
+    val_n = sum(int(m.get(ph.VAL_N, 0)) for m in metrics)
+    fed.ckpt.finish_phase(ph.CALIBRATE.checkpoint, {"temperatures": run.temperatures, "val_n": val_n})
+    log.info("phase calibrate: temperatures %s from %d val slide(s)", run.temperatures, val_n)
+
+
 def evaluation_step(fed: Federation, run: RunModels) -> None:
-    """The final models pushed to every site and evaluated there."""
+    """The final models pushed to every site and evaluated there (with the calibrated temperatures, if any)."""
     records = {p.TEACHER: run.teacher, p.STUDENT: run.student, p.BASELINE: run.baseline, p.ADAPTER: run.adapter}
-    run.evaluation = final_evaluation(fed, {k: v for k, v in records.items() if v is not None})
+    keys = {"teacher_high": ph.TEACHER_TEMPERATURE, "student_low": ph.STUDENT_TEMPERATURE}
+    config = {keys[model]: t for model, t in run.temperatures.items()}
+    run.evaluation = final_evaluation(fed, {k: v for k, v in records.items() if v is not None}, config)
 
 
 ServerStep = Callable[[Federation, RunModels], None]
 # the server step that drives each phase (the handshake runs before the models exist: `handshake`)
 SERVER_STEPS: dict[ph.Phase, ServerStep] = {
+    ph.PIXEL_STAGE1_INIT: pixel_stage1_step,
+    ph.PIXEL_STAGE1: pixel_stage1_step,
+    ph.PIXEL_STAGE1_REENCODE: pixel_stage1_step,
     ph.ADAPTER: adapter_step,
     ph.TEACHER: teacher_step,
     ph.CLUSTER_INIT: clusters_step,
@@ -627,16 +751,19 @@ SERVER_STEPS: dict[ph.Phase, ServerStep] = {
     ph.KD_CACHE: kd_cache_step,
     ph.STUDENT: student_step,
     ph.LOGITS: logits_step,
+    ph.CALIBRATE: calibrate_step,
     ph.EVALUATION: evaluation_step,
 }
 
 
 def plan(cfg: FederationConfig) -> list[ph.Phase]:
     """The phases a run goes through after the handshake, in order (a phase's server step runs once)."""
-    phases = [ph.ADAPTER, ph.TEACHER]
+    phases = [ph.PIXEL_STAGE1] if cfg.pixel_stage1 else []  # its step drives init, rounds and re-encoding
+    phases += [ph.ADAPTER, ph.TEACHER]
     if cfg.kd.lambda_expert > 0:
         phases += [ph.CLUSTER_INIT, ph.EXPERTS]  # the clusters step drives cluster-init and cluster-stats
     phases += [ph.LOGITS] if cfg.mode == "logits" else [ph.KD_CACHE, ph.STUDENT]
+    phases += [ph.CALIBRATE] if cfg.calibrate else []
     return [*phases, ph.EVALUATION]
 
 
@@ -674,18 +801,21 @@ def run_federation(grid: Grid, cfg: FederationConfig, run_dir: Path) -> RunResul
     return RunResult(run_dir, run.records(), run.evaluation, fed)
 
 
-def final_evaluation(fed: Federation, records: dict[str, ArrayRecord]) -> list[Message]:
+def final_evaluation(
+    fed: Federation, records: dict[str, ArrayRecord], extra: dict[str, Any] | None = None
+) -> list[Message]:
     """Push the final models to every training and evaluation-only site; their metrics (test split, or all
-    slides of an evaluation-only site)."""
+    slides of an evaluation-only site). `extra`: more declared config entries (the temperatures)."""
     fed.grid.server_round = 0
     fed.grid.admitted = set(fed.sites) | set(fed.eval_sites)
     fed.grid.phase = ph.EVALUATION.phase
+    records = fed.with_standardize(ph.EVALUATION, records)
     ph.EVALUATION.check_sent(records)
     messages = []
     connected = set(fed.grid.get_node_ids())
     for node in sorted(connected):
         split = "all" if node in fed.eval_sites else "test"
-        config = ConfigRecord(fed.base_config(ph.EVALUATION, **{ph.EVAL_SPLIT: split}))
+        config = ConfigRecord(fed.base_config(ph.EVALUATION, **{ph.EVAL_SPLIT: split}, **(extra or {})))
         messages.append(
             Message(
                 content=RecordDict({p.CONFIG: config, **records}),

@@ -2,7 +2,8 @@
 
 PhaseStrategy adds the phase's extra records to every outgoing message, rejects invalid updates
 before the wrapped strategy aggregates them (UpdateValidator), fails a round with fewer valid
-replies than the configured minimum, and tracks the validation loss of every global model so the
+replies than the configured minimum, returns every aggregated array in the dtype of the model it sent
+(`restore_dtypes`), and tracks the validation loss of every global model so the
 phase can keep its best round. ExpertsFedAvg averages each of the C packed experts by its own
 slide counts.
 """
@@ -255,6 +256,8 @@ class PhaseStrategy(Strategy):
                 f"{len(replies)} repl(ies), fewer than min-nodes = {self.min_replies}"
             )
         arrays, metrics = self.inner.aggregate_train(server_round, valid)
+        if arrays is not None:
+            arrays = restore_dtypes(arrays, self._sent)
         if arrays is None:  # e.g. Flower's DP wrapper skips a round with an error reply or a missing site
             reason = (
                 f"no global model released from {len(contents)} valid update(s) of {len(replies)} repl(ies) "
@@ -297,6 +300,23 @@ class PhaseStrategy(Strategy):
 
     def summary(self) -> None:
         self.inner.summary()
+
+
+def restore_dtypes(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """`arrays` with each array in the dtype of the same-named array of `reference` (the global model sent). Flower's
+    FedAvg, FedMedian and FedTrimmedAvg return float64 for integer arrays such as BatchNorm's `num_batches_tracked`;
+    those are rounded to the nearest integer and cast back, so the next round's replies match the model's dtypes."""
+    out: dict[str, Array] = {}
+    for key, array in arrays.items():
+        want = reference[key].numpy().dtype if key in reference else None
+        a = array.numpy()
+        if want is None or a.dtype == want:
+            out[key] = array
+            continue
+        if np.issubdtype(want, np.integer) and not np.issubdtype(a.dtype, np.integer):
+            a = np.rint(a)
+        out[key] = Array(np.asarray(a.astype(want)))
+    return ArrayRecord(out)
 
 
 def trim_count(n: int, fraction: float) -> int:

@@ -111,7 +111,9 @@ def test_weights_replies_carry_exactly_the_model_that_was_sent() -> None:
             p.BASELINE: ArrayRecord({"params": Array(np.zeros(3, np.float32))}),
         }
     )
+    encoder = ArrayRecord({f"{ph.ENCODER_PREFIX}conv.weight": Array(np.zeros(5, np.float32))})
     for phase in ph.WEIGHTS:
+        sent = encoder if phase is ph.PIXEL_STAGE1 else sent
         allowed = weights_reply(phase.name, sent)
         check_reply(RecordDict({p.ARRAYS: sent}), allowed)
         reshaped = ArrayRecord({k: Array(np.zeros(9, np.float32)) for k in sent})
@@ -122,7 +124,7 @@ def test_weights_replies_carry_exactly_the_model_that_was_sent() -> None:
 def test_the_egress_tables_are_the_declarations() -> None:
     assert egress.PHASES == tuple(x.name for x in ph.ALL)
     assert egress.METRIC_NAMES == {x.name: x.metrics for x in ph.ALL}
-    assert set(egress.WEIGHT_PHASES) == {"adapter", "teacher", "experts", "student"}
+    assert set(egress.WEIGHT_PHASES) == {"pixel-stage1", "adapter", "teacher", "experts", "student"}
     assert egress.HANDSHAKE_KEYS == ph.HANDSHAKE.reply_config_keys == {k for k, _ in ph.HANDSHAKE_CONFIG}
     with pytest.raises(EgressViolation, match="unknown phase"):
         check_reply(RecordDict({}), Allowed("features"))
@@ -180,6 +182,7 @@ def test_seed_offsets_are_the_ones_every_run_used() -> None:
         "experts": 10,
         "proxy_teacher": 20,
         "proxy_experts": 30,
+        "pixel_stage1": 40,
         "student": 100,
     }
 

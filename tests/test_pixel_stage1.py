@@ -375,3 +375,19 @@ def test_finetune_without_features_is_a_usage_error(tmp_path: Path) -> None:
     assert main(["finetune", str(tmp_path), "--no-progress", "--device", "cpu"]) == 2
     with pytest.raises(Exception, match="teacher-attention"):
         FinetuneConfig(attention="teacher")
+
+
+def test_stage1_samples_no_test_slide_by_default(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fedslide.client.lowres_finetune import _sampled_files, _SlideFiles
+    from fedslide.common.features import FeatureFileError
+
+    files = [_SlideFiles(s, tmp_path / f"{s}.tif", tmp_path / "l.h5", tmp_path / "h.h5") for s in ("a", "b", "c")]
+    (tmp_path / "labels.csv").write_text("slide_id,label,split\na,normal,train\nb,tumor,test\nc,tumor,val\n")
+    assert [f.slide_id for f in _sampled_files(tmp_path, _cfg(), files)] == ["a", "c"]
+    assert [f.slide_id for f in _sampled_files(tmp_path, _cfg(skip_splits=[]), files)] == ["a", "b", "c"]
+    assert [f.slide_id for f in _sampled_files(tmp_path, _cfg(skip_splits=["train", "val"]), files)] == ["b"]
+    with pytest.raises(FeatureFileError, match="skip-splits"):
+        _sampled_files(tmp_path, _cfg(skip_splits=["train", "val", "test"]), files)
+    (tmp_path / "labels.csv").unlink()
+    assert len(_sampled_files(tmp_path, _cfg(), files)) == 3  # no recorded splits: every slide, with a warning
+    assert "no recorded splits" in caplog.text

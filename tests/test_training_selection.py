@@ -265,3 +265,81 @@ def test_clip_bounds_an_outlier_on_a_near_constant_feature_and_travels_with_the_
         train_config(features_dir, labels, tmp_path / "off", epochs=1, cv_folds=2, standardize_clip=0.0), progress=False
     )
     assert all(f.stats is not None and f.stats.clip is None for f in report.folds)  # 0 = no clamp
+
+
+# ---------------------------------------------------------------- refit on train + val
+
+
+def test_refit_epochs_is_the_median_selected_epoch_count() -> None:
+    from fedslide.common.training.run import refit_epochs
+
+    assert refit_epochs([2, 4, 9]) == 5  # counts 3, 5, 10
+    assert refit_epochs([0, 1]) == 2  # counts 1, 2: median 1.5 rounds up
+    assert refit_epochs([0]) == 1
+
+
+def test_refit_trains_on_train_and_val_for_the_inner_cv_epochs(tmp_path: Path) -> None:
+    import json
+
+    from fedslide.common.training.run import refit_epochs
+
+    features_dir, labels = raw_cohort(tmp_path)
+    cfg = train_config(
+        features_dir, labels, tmp_path / "out", epochs=4, cv_folds=2, refit=True, refit_folds=2, selection_smoothing=2
+    )
+    report = run_training(cfg, progress=False)
+    cohort = load_cohort(features_dir, read_labels(labels))
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for outcome, row in zip(report.folds, metrics["folds"]):
+        split = outcome.split
+        pool = np.sort(np.concatenate([split.train, split.val]))
+        assert outcome.inner_epochs is not None and len(outcome.inner_epochs) == 2
+        assert all(1 <= e < 4 for e in outcome.inner_epochs)  # smoothing 2: epoch 0 is never a candidate
+        epochs = refit_epochs(outcome.inner_epochs)
+        assert outcome.fit.epochs_run == epochs and len(outcome.fit.history) == epochs
+        assert row["refit"] == {"epochs": epochs, "inner_best_epochs": outcome.inner_epochs}
+        # "val" = each train+val slide once, held out by one inner fold; never a test slide
+        np.testing.assert_array_equal(outcome.val.indices, pool)
+        assert not set(outcome.val.indices) & set(split.test.tolist())
+        # the refit model's standardisation is fitted on train + val (not the test fold)
+        assert outcome.stats is not None
+        np.testing.assert_allclose(outcome.stats.mean, fit_stats(cohort, pool).mean, rtol=1e-6)
+        assert outcome.temperature is not None and outcome.temperature >= 1.0
+        assert outcome.test is not None and len(outcome.test.indices) == split.test.size
+    model, payload = load_model(tmp_path / "out" / "checkpoints" / "repeat0_fold0.pt")
+    first = report.folds[0]
+    assert first.test is not None and payload["epoch"] == first.fit.epochs_run - 1
+    index, probs = int(first.test.indices[0]), first.test.probs[0]
+    got = predict_proba(model, payload, torch.from_numpy(cohort.load(index)[0])[None])[0].numpy()
+    np.testing.assert_allclose(got, apply_temperature(probs[None], payload["temperature"])[0], atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")  # no batches
+def test_a_fixed_epoch_fit_follows_the_full_schedule_without_validation() -> None:
+    from fedslide.common.training.loop import fit, lr_factor
+
+    from tests.test_training import train_config as make
+
+    cfg = make(Path("f"), Path("l.csv"), Path("o"), epochs=10, scheduler="cosine", lr=1e-2)
+    model = torch.nn.Linear(1, 1)
+    result = fit(model, [], None, cfg, torch.device("cpu"), fixed_epochs=4)  # type: ignore[arg-type]
+    assert result.epochs_run == 4 and result.best_epoch == 3
+    assert [h.lr for h in result.history] == pytest.approx([1e-2 * lr_factor(cfg, e, 10) for e in range(4)])
+    with pytest.raises(ValueError, match="validation loader"):
+        fit(model, [], None, cfg, torch.device("cpu"))  # type: ignore[arg-type]
+
+
+def test_refit_flag_sets_refit_and_its_folds(tmp_path: Path) -> None:
+    import argparse
+
+    from fedslide.common.cli_support import config_from_args
+    from fedslide.common.config.train import TrainConfig
+    from fedslide.common.training import cli as train_cli
+
+    parser = argparse.ArgumentParser()
+    train_cli.add_parser(parser.add_subparsers())
+    base = ["train", "--features", str(tmp_path), "--labels", str(tmp_path / "l.csv"), "--out", str(tmp_path)]
+    for extra, refit, folds in (([], False, 5), (["--refit"], True, 5), (["--refit", "3"], True, 3)):
+        args = parser.parse_args([*base, *extra])
+        cfg = config_from_args(TrainConfig, args, train_cli.SECTION, values=train_cli._cli_values(args))
+        assert (cfg.refit, cfg.refit_folds, cfg.lr) == (refit, folds, 5e-4)

@@ -11,12 +11,21 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg, FedMedian
 
 from fedslide.client.client_app import app as client_app
 from fedslide.client.local_dp import BUDGET_FILE, SiteBudget, apply_local_dp, privatize
 from fedslide.common.config.federation import FederationConfig
 from fedslide.common.config.floors import SiteFloors, SiteRefusal
-from fedslide.common.dp import planned_releases, site_epsilon
+from fedslide.common.dp import (
+    cluster_epsilon,
+    cluster_noise_multiplier,
+    composed_epsilon,
+    planned_cluster_releases,
+    planned_releases,
+    site_epsilon,
+    slide_epsilon_against_coordinator,
+)
 from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
 from fedslide.common.flower_compat import restamped
@@ -31,6 +40,7 @@ from fedslide.server.strategies import (
     PhaseStrategy,
     TrimmedMean,
     UpdateValidator,
+    restore_dtypes,
     robust_combine,
     trim_count,
 )
@@ -145,8 +155,6 @@ def test_a_round_the_dp_wrapper_skipped_is_recorded_as_an_error() -> None:
 
 # ---- (b) robust aggregation ----------------------------------------------------------------------------------------
 def test_weights_come_from_the_handshake_not_from_what_a_site_says() -> None:
-    from flwr.serverapp.strategy import FedAvg
-
     validator = UpdateValidator(norm_factor=None)
     counts = {1: 1, 2: 3}
     strategy = PhaseStrategy(FedAvg(), "teacher", BestRounds({"": Group()}), validator, 1, site_counts=counts)
@@ -250,3 +258,94 @@ def test_metrics_json_schema_keys_for_errors(tmp_path: Path) -> None:
     text = write_report(tmp_path, metrics).read_text()
     assert "**Status: error**" in text and "phase teacher round 2: no global model released" in text
     assert "against the coordinator" in text
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "median", "trimmed-mean"])
+def test_integer_arrays_come_back_with_their_dtype_from_every_aggregation(aggregation: str) -> None:
+    """BatchNorm's `num_batches_tracked` (int64) beside float32 weights: Flower's FedAvg, FedMedian and FedTrimmedAvg
+    return it as float64; the phase hands it back as int64, so the sites' next replies still match the model."""
+    inner = {
+        "mean": lambda: FedAvg(fraction_evaluate=0.0),
+        "median": lambda: FedMedian(fraction_evaluate=0.0),
+        "trimmed-mean": lambda: TrimmedMean(0.2, fraction_evaluate=0.0),
+    }[aggregation]()
+    validator = UpdateValidator(norm_factor=None)
+    strategy = PhaseStrategy(inner, "teacher", BestRounds({"": Group()}), validator, 1, site_counts={1: 4, 2: 4, 3: 4})
+    sent = _record(w=np.zeros(2, np.float32), steps=np.array(10, np.int64), ids=np.arange(3, dtype=np.int32))
+    strategy._sent = sent
+    replies = [
+        _reply(n, _record(w=np.full(2, v, np.float32), steps=np.array(s, np.int64), ids=np.arange(3, dtype=np.int32)))
+        for n, v, s in ((1, 1.0, 11), (2, 2.0, 12), (3, 9.0, 14))
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    assert {k: str(a.numpy().dtype) for k, a in arrays.items()} == {"w": "float32", "steps": "int64", "ids": "int32"}
+    assert int(arrays["steps"].numpy()) == 12 and arrays["ids"].numpy().tolist() == [0, 1, 2]  # mean 12.33 -> 12
+    expected_w = {"mean": 4.0, "median": 2.0, "trimmed-mean": 2.0}[aggregation]
+    assert arrays["w"].numpy().tolist() == pytest.approx([expected_w] * 2)
+    # the next round's replies (int64 counters, as the sites' models hold them) pass the update check
+    nxt = _record(w=np.zeros(2, np.float32), steps=np.array(15, np.int64), ids=np.arange(3, dtype=np.int32))
+    assert validator.problem(arrays, nxt) is None
+
+
+def test_restore_dtypes_rounds_a_float_median_of_integers() -> None:
+    sent = _record(steps=np.array([0, 0], np.int64), w=np.zeros(1, np.float32))
+    out = restore_dtypes(_record(steps=np.array([11.5, 12.6]), w=np.array([0.5], np.float64)), sent)
+    assert out["steps"].numpy().dtype == np.int64 and out["steps"].numpy().tolist() == [12, 13]
+    assert out["w"].numpy().dtype == np.float32
+
+
+# ---- (c) ε of the cluster statistics, composed with site-side DP -------------------------------------------------
+def _hand_epsilon(rdp_per_alpha: float, delta: float) -> float:
+    """ε at δ by hand: a Gaussian mechanism of noise multiplier z has RDP α/(2z²) at order α, composition adds
+    (so the total is α × `rdp_per_alpha`), converted with ε = min_α [RDP(α) + log(1 − 1/α) − log(δα)/(α − 1)]
+    (Canonne, Kamath, Steinke 2020) over dp-accounting's default orders."""
+    orders = [1 + x / 10 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
+    return min(a * rdp_per_alpha + np.log1p(-1 / a) - np.log(delta * a) / (a - 1) for a in orders if a > 1.01)
+
+
+def test_cluster_sums_and_site_side_dp_compose_as_computed_by_hand() -> None:
+    cfg = FederationConfig(local_dp_noise_multiplier=2.0, cluster_clip_norm=0.5, cluster_noise_std=1.5)
+    z_clusters = 1.5 / (2 * 0.5)  # noise std over a slide's sensitivity (twice the clip)
+    assert cluster_noise_multiplier(cfg) == pytest.approx(z_clusters)
+    k = planned_cluster_releases(cfg)
+    assert k == 1 + cfg.rounds.cluster_iterations  # the local seeds and each Lloyd iteration
+    r = planned_releases(cfg)
+    delta = cfg.dp_delta
+    assert cluster_epsilon(cfg) == pytest.approx(_hand_epsilon(k / (2 * z_clusters**2), delta), rel=1e-9)
+    both = r / (2 * (2.0 / 2) ** 2) + k / (2 * z_clusters**2)  # site-side weights: σ/2 relative to 2·clip
+    assert slide_epsilon_against_coordinator(cfg) == pytest.approx(_hand_epsilon(both, delta), rel=1e-9)
+    # composing is the same as one Gaussian release of the combined noise multiplier
+    z_eff = (r / 1.0**2 + k / z_clusters**2) ** -0.5
+    assert composed_epsilon([(1.0, r), (z_clusters, k)], delta) == pytest.approx(
+        composed_epsilon([(z_eff, 1)], delta), rel=1e-9
+    )
+    assert cluster_epsilon(cfg) < slide_epsilon_against_coordinator(cfg)
+
+    report = privacy_report(cfg, None)
+    clusters = report["cluster_statistics"]
+    assert clusters["enabled"] and clusters["releases_per_site"] == k
+    assert clusters["epsilon"] == pytest.approx(cluster_epsilon(cfg))
+    assert "counts are exact" in clusters["trust_model"] and "size-constrained" in clusters["trust_model"]
+    assert report["against_coordinator"]["slide_level"]["epsilon"] == pytest.approx(
+        slide_epsilon_against_coordinator(cfg)
+    )
+    assert "metrics" in report["not_covered"] and "no noise" in report["not_covered"]
+
+
+def test_unclipped_or_unnoised_cluster_sums_have_no_epsilon() -> None:
+    for cfg in (
+        FederationConfig(cluster_noise_std=1.0),  # not clipped
+        FederationConfig(cluster_clip_norm=1.0),  # no noise
+    ):
+        assert cluster_noise_multiplier(cfg) == 0.0 and cluster_epsilon(cfg) == float("inf")
+        report = privacy_report(cfg.model_copy(update={"local_dp_noise_multiplier": 1.0}), None)
+        assert (
+            report["cluster_statistics"]["epsilon"] is None and "differencing" in report["cluster_statistics"]["note"]
+        )
+        assert report["against_coordinator"]["slide_level"]["epsilon"] is None  # the sums go out without noise
+    no_experts = FederationConfig(cluster_clip_norm=1.0, cluster_noise_std=1.0, kd={"lambda_expert": 0.0})
+    assert planned_cluster_releases(no_experts) == 0 and cluster_epsilon(no_experts) == 0.0
+    # site-side DP off: the coordinator sees exact weight updates, whatever the cluster noise
+    off = FederationConfig(cluster_clip_norm=1.0, cluster_noise_std=1.0)
+    assert privacy_report(off, None)["against_coordinator"]["slide_level"]["epsilon"] is None

@@ -25,8 +25,9 @@ from fedslide.client.inference.model import (
     load_encoder,
     slide_settings,
 )
+from fedslide.client.inference.qupath import OVERLAY_DIR, SlideOverlay, export_slide, tumour_class_index
 from fedslide.client.inference.slide import SlidePrediction, predict_slide
-from fedslide.client.slides import SlideError, discover_slides
+from fedslide.client.slides import SlideError, discover_slides, slide_id_of
 from fedslide.common.atomic import atomic_write, write_text_atomic
 from fedslide.common.config.predict import PredictConfig
 from fedslide.common.distillation.bundle import StudentBundle
@@ -124,13 +125,17 @@ def predict_slides(
 
     `encoder` / `low_encoder` (built from the bundle when None) encode the high- and 5x patches; they differ
     only when the bundle's student reads a fine-tuned 5x encoder. Bad slides are recorded in failures.csv and skipped. Raises ModelDirError / BundleMismatchError /
-    ConfigError for an unusable model or options, SlideError when there are no slides at all.
+    ConfigError for an unusable model or options (QupathExportError for a tumour class the model lacks),
+    SlideError when there are no slides at all. Every slide's overlay record goes to overlays/<slide_id>.npz;
+    with `cfg.geojson` its QuPath GeoJSON to qupath/<slide_id>.geojson.
     """
     start = time.perf_counter()
     if not isinstance(bundle, StudentBundle):
         bundle = load_bundle(bundle)
     check_mode(bundle, cfg)
     slide_settings(bundle)
+    if cfg.geojson:
+        tumour_class_index(bundle.meta.class_names, cfg.qupath.tumour_class)  # a wrong class fails before any slide
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     low_finetuned = bundle.meta.low_finetuned
@@ -161,18 +166,23 @@ def predict_slides(
     bar = tqdm(paths, desc="predict", unit="slide", disable=not cfg.progress)
     for path in bar:
         bar.set_postfix_str(path.name)
-        if path.stem in seen:
-            reason = f"slide {path.name}: slide id {path.stem!r} is already taken by {seen[path.stem].name}; rename one"
-            run.failures.append(SlideFailure(path.stem, str(path), reason))
+        slide_id = slide_id_of(path)
+        if slide_id in seen:
+            reason = f"slide {path.name}: slide id {slide_id!r} is already taken by {seen[slide_id].name}; rename one"
+            run.failures.append(SlideFailure(slide_id, str(path), reason))
             continue
-        seen[path.stem] = path
-        heatmap = out_dir / HEATMAP_DIR / f"{path.stem}.png" if cfg.heatmaps else None
+        seen[slide_id] = path
+        heatmap = out_dir / HEATMAP_DIR / f"{slide_id}.png" if cfg.heatmaps else None
+        overlay = out_dir / OVERLAY_DIR / f"{slide_id}.npz"
         try:
-            run.predictions.append(
-                predict_slide(path, bundle, encoder or main, cfg, heatmap_path=heatmap, low_encoder=low_encoder)
+            pred = predict_slide(
+                path, bundle, encoder or main, cfg, heatmap_path=heatmap, overlay_path=overlay, low_encoder=low_encoder
             )
+            if cfg.geojson:
+                export_slide(SlideOverlay.load(overlay), out_dir, cfg.qupath)
+            run.predictions.append(pred)
         except Exception as exc:  # one bad slide must not stop the others: record it and go on
-            run.failures.append(SlideFailure(path.stem, str(path), _reason(path, exc)))
+            run.failures.append(SlideFailure(slide_id, str(path), _reason(path, exc)))
             log.error("%s", run.failures[-1].reason)
             log.debug("traceback of %s", path.name, exc_info=True)
     bar.close()

@@ -17,9 +17,11 @@ from fedslide.client.encoders.base import PatchEncoder
 from fedslide.client.encoding import encode_grid
 from fedslide.client.heatmaps import InstanceMap, render_heatmap, write_heatmap
 from fedslide.client.inference.model import SlideSettings, slide_settings
+from fedslide.client.inference.qupath import SlideOverlay, instance_probabilities
 from fedslide.client.inference.zoom import region_scores, select_regions, subset_grid
 from fedslide.client.patch_loader import RegionDataset
 from fedslide.client.slides import SlideError, SlideReader
+from fedslide.client.stain_normalize import StainNormalizer, stain_normalizer_from_identity
 from fedslide.client.tiling import PairedGrid, paired_grid
 from fedslide.client.tissue import segment_tissue
 from fedslide.common.config.predict import PredictConfig
@@ -36,6 +38,7 @@ class SlideTiming:
     model_s: float = 0.0
     total_s: float = 0.0
     heatmap_s: float = 0.0  # after the probabilities; not in total_s
+    overlay_s: float = 0.0  # per-instance probabilities + overlay record for the QuPath export; not in total_s
 
     def to_dict(self) -> dict[str, float]:
         return {k: round(v, 4) for k, v in asdict(self).items()}
@@ -91,6 +94,8 @@ class SlidePrediction:
     attention: InstanceMap  # per-instance attention (level-0 cells)
     zoom: ZoomResult | None = None
     heatmap: Path | None = None
+    overlay: Path | None = None  # overlay record of the QuPath export (`client.inference.qupath`)
+    instance_probs: np.ndarray | None = field(default=None, repr=False)  # [M, C] each instance alone, if asked
     low_pass: LowPass | None = field(default=None, repr=False)
 
     @property
@@ -112,8 +117,10 @@ def _encode(
     cfg: PredictConfig,
     resolution: str,
     token_grid: int,
+    stain: StainNormalizer | None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Features [n, D] (and tokens) of every grid patch of one resolution, in grid order."""
+    """Features [n, D] (and tokens) of every grid patch of one resolution, in grid order, each patch
+    stain-normalised as preprocessing did for the bundle's training features (`stain`)."""
     n = len(grid.low_coords) if resolution == "low" else len(grid.high_coords)
     dataset = RegionDataset(
         reader.path,
@@ -123,6 +130,7 @@ def _encode(
         settings.tiling,
         want_low=resolution == "low",
         want_high=resolution == "high",
+        stain=stain,
     )
     device = _module_device(encoder)
     features = np.zeros((n, encoder.dim), dtype=np.float32)
@@ -167,6 +175,8 @@ class _ModelPass:
     encode_s: float
     region_scores: np.ndarray | None = None  # low pass: student attention summed per low patch
     arrays: LowPass | None = None
+    instance_probs: np.ndarray | None = None  # [M, C] each instance read alone (QuPath export)
+    instance_s: float = 0.0  # seconds spent on instance_probs (not model time)
 
 
 def _low_pass(
@@ -177,10 +187,13 @@ def _low_pass(
     encoder: PatchEncoder,
     cfg: PredictConfig,
     keep_arrays: bool,
+    per_instance: bool = False,
+    stain: StainNormalizer | None = None,
 ) -> _ModelPass:
-    """Encode the low-res grid (with tokens when the student reads them) and run the student."""
+    """Encode the low-res grid (with tokens when the student reads them) and run the student (and, if asked,
+    the student on each instance alone)."""
     t0 = time.perf_counter()
-    feats, tokens = _encode(reader, grid, settings, encoder, cfg, "low", settings.token_grid)
+    feats, tokens = _encode(reader, grid, settings, encoder, cfg, "low", settings.token_grid, stain)
     encode_s = time.perf_counter() - t0
     probs, att, low_index, slot = bundle.predict_low(
         torch.from_numpy(feats),
@@ -189,12 +202,21 @@ def _low_pass(
         low_patch_size_level0=grid.low_size_level0,
     )
     att_np, low_np = att.numpy().astype(np.float64), low_index.numpy()
+    attention = _student_attention(grid, bundle, att_np, low_np, slot.numpy())
+    inst_probs, t_inst = None, time.perf_counter()
+    if per_instance:
+        instances, _, _ = bundle.student_instances(
+            torch.from_numpy(feats), torch.from_numpy(tokens) if tokens is not None else None
+        )
+        inst_probs = instance_probabilities(bundle.student, instances, torch.from_numpy(attention.coords))
     return _ModelPass(
         probs=probs.numpy().astype(np.float64),
-        attention=_student_attention(grid, bundle, att_np, low_np, slot.numpy()),
+        attention=attention,
         encode_s=encode_s,
         region_scores=region_scores(att_np, low_np, len(grid.low_coords)),
         arrays=LowPass(grid.low_coords.copy(), feats, tokens) if keep_arrays else None,
+        instance_probs=inst_probs,
+        instance_s=time.perf_counter() - t_inst if per_instance else 0.0,
     )
 
 
@@ -205,14 +227,25 @@ def _high_pass(
     bundle: StudentBundle,
     encoder: PatchEncoder,
     cfg: PredictConfig,
+    per_instance: bool = False,
+    stain: StainNormalizer | None = None,
 ) -> _ModelPass:
-    """Reference mode: encode every kept high-res patch and run the teacher."""
+    """Reference mode: encode every kept high-res patch and run the teacher (and, if asked, on each patch alone)."""
     t0 = time.perf_counter()
-    feats, _ = _encode(reader, grid, settings, encoder, cfg, "high", 0)
+    feats, _ = _encode(reader, grid, settings, encoder, cfg, "high", 0, stain)
     encode_s = time.perf_counter() - t0
     probs, att = bundle.predict_high(torch.from_numpy(feats), torch.from_numpy(grid.high_coords))
     attention = InstanceMap(grid.high_coords.astype(np.float64), grid.high_size_level0, att.numpy().astype(np.float64))
-    return _ModelPass(probs=probs.numpy().astype(np.float64), attention=attention, encode_s=encode_s)
+    inst_probs, t_inst = None, time.perf_counter()
+    if per_instance and bundle.teacher is not None:
+        inst_probs = instance_probabilities(bundle.teacher, torch.from_numpy(feats), torch.from_numpy(grid.high_coords))
+    return _ModelPass(
+        probs=probs.numpy().astype(np.float64),
+        attention=attention,
+        encode_s=encode_s,
+        instance_probs=inst_probs,
+        instance_s=time.perf_counter() - t_inst if per_instance else 0.0,
+    )
 
 
 def predict_slide(
@@ -222,10 +255,12 @@ def predict_slide(
     cfg: PredictConfig,
     *,
     heatmap_path: Path | None = None,
+    overlay_path: Path | None = None,
     keep_arrays: bool = False,
     low_encoder: PatchEncoder | None = None,
 ) -> SlidePrediction:
-    """Predict one slide with the bundle (see the module doc); write its heatmap to `heatmap_path` if given.
+    """Predict one slide with the bundle (see the module doc); write its heatmap to `heatmap_path` and the
+    QuPath export's overlay record (tissue, instances, per-instance probabilities) to `overlay_path` if given.
 
     `encoder` must be the bundle's (see `client.inference.model.load_encoder`); `low_encoder` encodes the 5x
     patches when the bundle's student was trained on a fine-tuned 5x encoder (`load_encoder(..., "low")`;
@@ -235,6 +270,7 @@ def predict_slide(
     settings = slide_settings(bundle)
     class_names = list(bundle.meta.class_names)
     high = cfg.resolution == "high"
+    stain = stain_normalizer_from_identity(bundle.meta.stain_normalization)  # as the training features were made
     t0 = time.perf_counter()
     with SlideReader(path, cfg.mpp_override, cfg.slide.mpp_tolerance) as reader:
         t_open = time.perf_counter()
@@ -245,10 +281,20 @@ def predict_slide(
             raise _no_tissue(path, tissue, settings, high)
         t_grid = time.perf_counter()
         if high:
-            result = _high_pass(reader, grid, settings, bundle, encoder, cfg)
+            result = _high_pass(reader, grid, settings, bundle, encoder, cfg, overlay_path is not None, stain)
         else:
-            result = _low_pass(reader, grid, settings, bundle, low_encoder or encoder, cfg, keep_arrays)
-        t_model = time.perf_counter()
+            result = _low_pass(
+                reader,
+                grid,
+                settings,
+                bundle,
+                low_encoder or encoder,
+                cfg,
+                keep_arrays,
+                overlay_path is not None,
+                stain,
+            )
+        t_model = time.perf_counter() - result.instance_s
         timing = SlideTiming(
             open_s=t_open - t0,
             thumbnail_tissue_s=t_grid - t_open,
@@ -258,7 +304,7 @@ def predict_slide(
         )
         zoom = None
         if cfg.zoom_k and result.region_scores is not None:
-            zoom = _zoom(reader, grid, settings, bundle, encoder, cfg, result.region_scores)
+            zoom = _zoom(reader, grid, settings, bundle, encoder, cfg, result.region_scores, stain)
         prediction = SlidePrediction(
             slide_id=reader.slide_id,
             path=str(path),
@@ -274,12 +320,40 @@ def predict_slide(
             attention=result.attention,
             zoom=zoom,
             low_pass=result.arrays,
+            instance_probs=result.instance_probs,
         )
+        if overlay_path is not None:
+            t_o = time.perf_counter()
+            prediction.overlay = _overlay(prediction, reader, tissue, thumb_mpp).save(overlay_path)
+            timing.overlay_s = time.perf_counter() - t_o + result.instance_s
         if heatmap_path is not None:
             t_h = time.perf_counter()
             prediction.heatmap = _write_heatmap(heatmap_path, reader, prediction, grid, tissue, thumb_mpp, cfg, bundle)
             timing.heatmap_s = time.perf_counter() - t_h
     return prediction
+
+
+def _overlay(
+    pred: SlidePrediction, reader: SlideReader, tissue: np.ndarray, tissue_mpp: tuple[float, float]
+) -> SlideOverlay:
+    att = pred.attention
+    probs = pred.instance_probs
+    return SlideOverlay(
+        slide_id=pred.slide_id,
+        width=int(reader.dimensions[0]),
+        height=int(reader.dimensions[1]),
+        mpp=float(reader.mpp),
+        resolution=pred.resolution,
+        class_names=pred.class_names,
+        probs=pred.probs,
+        label=pred.label,
+        cell_coords=att.coords,
+        cell_size=float(att.size_level0),
+        attention=att.values,
+        instance_probs=probs if probs is not None else np.zeros((len(att.values), 0)),
+        tissue=np.asarray(tissue, dtype=bool),
+        tissue_mpp=(float(tissue_mpp[0]), float(tissue_mpp[1])),
+    )
 
 
 def _student_attention(
@@ -303,6 +377,7 @@ def _zoom(
     encoder: PatchEncoder,
     cfg: PredictConfig,
     attention_scores: np.ndarray,
+    stain: StainNormalizer | None = None,
 ) -> ZoomResult:
     """Encode the high-res children of the top-K attended low regions and run the teacher on them."""
     t0 = time.perf_counter()
@@ -311,7 +386,7 @@ def _zoom(
     probs, label = None, ""
     feats = np.zeros((0, encoder.dim), np.float32)
     if len(sub.high_coords):
-        feats, _ = _encode(reader, sub, settings, encoder, cfg, "high", 0)
+        feats, _ = _encode(reader, sub, settings, encoder, cfg, "high", 0, stain)
     t_enc = time.perf_counter()
     if len(feats):
         probs_t, _ = bundle.predict_high(torch.from_numpy(feats), torch.from_numpy(sub.high_coords))

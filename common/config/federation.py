@@ -30,6 +30,7 @@ from fedslide.common.config.distill import (
     KDConfig,
     MILTrainingConfig,
 )
+from fedslide.common.config.finetune import FederatedFinetuneConfig
 from fedslide.common.config.model import ModelConfig
 from fedslide.common.config.splits import SplitCarving
 
@@ -131,6 +132,12 @@ class RoundsConfig(StageConfig):
     adapter_local_epochs: PositiveInt = Field(
         default=10, description="local epochs per adapter round (3 rounds x 10 = the centralized adapter's 30 epochs)"
     )
+    pixel_stage1: PositiveInt = Field(
+        default=3, description="FedAvg rounds of the 5x encoder's trainable parameters (with pixel-stage1 = true)"
+    )
+    pixel_stage1_local_epochs: PositiveInt = Field(
+        default=1, description="passes over the site's sampled 5x patches per pixel-stage1 round"
+    )
 
 
 class FederationConfig(StageConfig):
@@ -192,7 +199,28 @@ class FederationConfig(StageConfig):
         default_factory=SplitCarving,
         description="test/validation splits each site carves (at the site) when its labels.csv has no split column",
     )
+    pixel_stage1: bool = Field(
+        default=False,
+        description="federated LRMIL stage 1 on pixels before every other phase: each site fine-tunes the trainable "
+        "part of a 5x copy of its encoder (finetune.*), the server averages it, and the sites re-encode their 5x "
+        "features with the global encoder (features/<encoder>-finetuned/low), which every later phase reads",
+    )
+    standardize: bool = Field(
+        default=False,
+        description="federated input standardisation: each site sends its training bags' 20x feature sums, sums "
+        "of squares and counts (withheld below suppress-below slides), the server pools them into one per-feature "
+        "mean/sd, and the teacher, experts and adapted student read standardised instances (stored in the bundle)",
+    )
+    calibrate: bool = Field(
+        default=False,
+        description="temperature scaling of the final teacher and student: each site sends its val slides' summed "
+        "NLL over a fixed temperature grid (scalars only; none below suppress-below val slides), the server picks "
+        "the temperature of the least pooled NLL, and the sites' bundles carry it",
+    )
     rounds: RoundsConfig = Field(default_factory=RoundsConfig)
+    finetune: FederatedFinetuneConfig = Field(
+        default_factory=FederatedFinetuneConfig, description="pixel stage 1's local step at each site"
+    )
     adapter: FederatedAdapterConfig = Field(default_factory=FederatedAdapterConfig)
     teacher: DistillModelConfig = Field(
         default_factory=DistillModelConfig, description="teacher (and experts') MIL model"

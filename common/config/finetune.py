@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator, model_validator
 
@@ -66,6 +66,13 @@ class FinetuneConfig(StageConfig):
         default=2048, description="5× patches sampled over the site's slides (seeded; held in memory with targets)"
     )
     max_patches_per_slide: PositiveInt = Field(default=256, description="at most this many from one slide")
+    skip_splits: list[Literal["train", "val", "test"]] = Field(
+        default=["test"],
+        description=(
+            "slides of these splits (labels.csv split column, else the site's carved splits.csv) are not sampled, "
+            "so stage 1 never sees test pixels; slides with no recorded split are sampled"
+        ),
+    )
     seed: int = Field(default=0, description="sampling, shuffling and augmentation seed")
     reencode: bool = Field(default=True, description="re-encode the site's 5× feature files afterwards")
     overwrite: bool = Field(default=False, description="fine-tune again even when weights exist; redo re-encoding")
@@ -96,3 +103,60 @@ class FinetuneConfig(StageConfig):
         if self.attention == "auto":
             return "teacher" if self.teacher_attention is not None else "off"
         return self.attention
+
+
+def _split_listed(data: Any) -> Any:
+    """Flower's flat run config carries lists comma-separated: split them back (layers, slide.extensions and the
+    encoder's mean/std)."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    if isinstance(data.get("layers"), str):
+        data["layers"] = [t.strip() for t in data["layers"].split(",") if t.strip()]
+    for section, keys in (("slide", ("extensions",)), ("encoder", ("mean", "std"))):
+        node = data.get(section)
+        if isinstance(node, dict):
+            data[section] = {
+                k: [t.strip() for t in v.split(",") if t.strip()] if k in keys and isinstance(v, str) else v
+                for k, v in node.items()
+            }
+    return data
+
+
+class FederatedFinetuneConfig(FinetuneConfig):
+    """Pixel-level LRMIL stage 1 as each site runs it in a federation (section [federation.finetune]).
+
+    Rounds and local epochs come from [federation.rounds] (pixel-stage1, pixel-stage1-local-epochs); the global
+    encoder is written to the site's run directory and re-encoding always follows."""
+
+    epochs: PositiveInt = Field(default=3, exclude=True, description="not used by a federated run (refused)")
+    reencode: bool = Field(default=True, exclude=True, description="a federated run always re-encodes")
+    overwrite: bool = Field(default=False, exclude=True, description="not used by a federated run")
+    output: Path | None = Field(default=None, exclude=True, description="not used: the run directory holds it")
+    progress: bool = Field(default=False, description="show progress bars in the site's log")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _federated_keys(cls, data: Any) -> Any:
+        data = _split_listed(data)
+        if isinstance(data, dict):
+            given = sorted(str(k).replace("_", "-") for k in data if str(k).replace("_", "-") in _FEDERATED_UNUSED)
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: not used by a federated run; set rounds.pixel-stage1 and "
+                    "rounds.pixel-stage1-local-epochs instead (the global encoder is kept in the site's run directory "
+                    "and re-encoding always follows)"
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _shared_bn_stats(self) -> "FederatedFinetuneConfig":
+        if self.update_bn_stats:
+            raise ValueError(
+                "update-bn-stats = true: a site's BatchNorm running statistics would follow its own patches and never "
+                "be averaged, so the sites' encoders would differ; keep it false in a federated run"
+            )
+        return self
+
+
+_FEDERATED_UNUSED = frozenset({"epochs", "reencode", "overwrite", "output"})

@@ -7,12 +7,43 @@ slide exactly as the student's training data was tiled.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, NonNegativeInt, PositiveInt
 
 from fedslide.common.config.base import StageConfig
 from fedslide.common.config.preprocess import SlideConfig
+
+
+_Channel = Annotated[int, Field(ge=0, le=255)]
+RGB = tuple[_Channel, _Channel, _Channel]
+
+
+class QupathConfig(StageConfig):
+    """What the QuPath GeoJSON export (`predict --geojson`, `export-qupath`) writes per slide."""
+
+    tumour_class: str | None = Field(
+        default=None,
+        examples=["tumor"],
+        description="class whose probability is the patches' 'tumour probability' and whose regions are drawn "
+        "(default: the class named tumor/tumour/cancer/malignant, else the second of two classes)",
+    )
+    region_threshold: float = Field(
+        default=0.5,
+        gt=0.0,
+        lt=1.0,
+        description="patches whose tumour probability is at least this form the predicted tumour regions",
+    )
+    patch_object: Literal["tile", "detection"] = Field(
+        default="tile", description="QuPath objectType of the kept patches (student instances)"
+    )
+    tumour_color: RGB = Field(default=(200, 0, 0), description="QuPath colour [r, g, b] of the tumour class")
+    tissue_color: RGB = Field(default=(0, 160, 0), description="QuPath colour [r, g, b] of the tissue annotations")
+    simplify_px: float = Field(
+        default=2.0,
+        ge=0.0,
+        description="simplify tissue contours by this many thumbnail pixels (0 = exact pixel staircase)",
+    )
 
 
 class PredictConfig(StageConfig):
@@ -57,6 +88,10 @@ class PredictConfig(StageConfig):
         "does not carry the file; refused unless the sha256 matches the bundle's",
     )
     heatmaps: bool = Field(default=True, description="write heatmaps/<slide_id>.png")
+    geojson: bool = Field(
+        default=False, description="also write qupath/<slide_id>.geojson (QuPath import; see `export-qupath`)"
+    )
+    qupath: QupathConfig = Field(default_factory=QupathConfig)
     heatmap_size: int = Field(default=1024, ge=128, le=8192, description="long side of the heatmap's slide image, px")
     progress: bool = Field(default=True, description="show progress bars")
     slide: SlideConfig = Field(default_factory=SlideConfig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -94,6 +95,42 @@ class EncoderConfig(StageConfig):
     )
 
 
+StainMethod = Literal["none", "macenko", "reinhard"]
+
+
+class StainReferenceConfig(StageConfig):
+    """The reference a stain normaliser maps every tile onto: an image it is fitted from once, or inline values."""
+
+    image: Path | None = Field(
+        default=None,
+        examples=["reference_tile.png"],
+        description="RGB image (PNG/JPEG/TIFF) of well-stained tissue the reference is fitted from",
+    )
+    stain_matrix: tuple[tuple[float, float], tuple[float, float], tuple[float, float]] | None = Field(
+        default=None,
+        examples=[[[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]]],
+        description="macenko: 3×2 optical-density stain matrix, rows R, G, B; columns haematoxylin, eosin "
+        "(default: torchstain's reference when no image is given either)",
+    )
+    max_concentrations: tuple[PositiveFloat, PositiveFloat] | None = Field(
+        default=None,
+        examples=[[1.9705, 1.0308]],
+        description="macenko: 99th-percentile haematoxylin and eosin concentrations (with stain-matrix)",
+    )
+    lab_means: tuple[float, float, float] | None = Field(
+        default=None, examples=[[66.0, 25.0, -10.0]], description="reinhard: CIELAB channel means (L in 0-100)"
+    )
+    lab_stds: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = Field(
+        default=None, examples=[[12.0, 8.0, 6.0]], description="reinhard: CIELAB channel standard deviations"
+    )
+    min_tissue_fraction: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="tiles with fewer stained pixels (optical density >= 0.15 in every channel) are left as read",
+    )
+
+
 class PreprocessConfig(StageConfig):
     """One site's preprocessing job."""
 
@@ -102,8 +139,63 @@ class PreprocessConfig(StageConfig):
     )
     overwrite: bool = Field(default=False, description="redo slides that are already complete")
     qc_images: bool = Field(default=True, description="write qc/<slide_id>.png")
+    clam_layout: bool = Field(
+        default=False,
+        description="also write CLAM's layout: clam/<encoder>/<high|low>/{h5_files,pt_files}/<slide_id>.{h5,pt} "
+        '(CLAM reads them; fedslide too, with root = "clam/<encoder>", high = "high", low = "low")',
+    )
     progress: bool = Field(default=True, description="show progress bars")
+    stain_normalize: StainMethod = Field(
+        default="none",
+        description="stain normalisation of every tile before encoding (torchstain), onto [preprocess.stain-reference]",
+    )
+    stain_reference: StainReferenceConfig = Field(default_factory=StainReferenceConfig)
     slide: SlideConfig = Field(default_factory=SlideConfig)
     tissue: TissueConfig = Field(default_factory=TissueConfig)
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+
+    @model_validator(mode="after")
+    def _stain_reference_fits(self) -> "PreprocessConfig":
+        ref, method = self.stain_reference, self.stain_normalize
+        macenko_keys: dict[str, object] = {
+            "stain-matrix": ref.stain_matrix,
+            "max-concentrations": ref.max_concentrations,
+        }
+        reinhard_keys: dict[str, object] = {"lab-means": ref.lab_means, "lab-stds": ref.lab_stds}
+        by_method: dict[str, dict[str, object]] = {"macenko": macenko_keys, "reinhard": reinhard_keys}
+        foreign = by_method["reinhard" if method == "macenko" else "macenko"] if method != "none" else {}
+        stray = [k for k, v in foreign.items() if v is not None]
+        if stray:
+            raise ValueError(
+                f"stain-reference.{stray[0]} is set but stain-normalize = {method!r} does not use it "
+                f"(stain-matrix/max-concentrations: macenko; lab-means/lab-stds: reinhard)"
+            )
+        own = by_method.get(method)
+        if own is None:
+            return self
+        given = [k for k, v in own.items() if v is not None]
+        if ref.image is not None and given:
+            raise ValueError(
+                f"stain-reference.image ({ref.image}) and stain-reference.{given[0]} are both set; "
+                f"give either a reference image or the inline reference, not both"
+            )
+        if given and len(given) != len(own):
+            missing = next(k for k in own if k not in given)
+            raise ValueError(
+                f"stain-reference.{given[0]} is set without stain-reference.{missing}; "
+                f"stain-normalize = {method!r} needs both ({' and '.join(own)}) or stain-reference.image"
+            )
+        if method == "reinhard" and ref.image is None and not given:
+            raise ValueError(
+                "stain-normalize = 'reinhard' needs a reference: stain-reference.image, or stain-reference.lab-means "
+                "and stain-reference.lab-stds"
+            )
+        if method == "macenko" and ref.stain_matrix is not None:
+            flat = [v for row in ref.stain_matrix for v in row]
+            if not all(math.isfinite(v) and v > 0 for v in flat):
+                raise ValueError(
+                    f"stain-reference.stain-matrix = {[list(r) for r in ref.stain_matrix]}: every entry must be a "
+                    "positive finite optical density"
+                )
+        return self

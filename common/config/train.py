@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, NonNegativeInt, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
+from fedslide.common.config.layout import FeatureLayoutConfig
 from fedslide.common.config.model import ModelConfig
 from fedslide.common.config.optimization import OptimizationConfig
 from fedslide.common.config.splits import SplitCarving
@@ -17,7 +18,11 @@ class TrainConfig(OptimizationConfig):
 
     features_dir: Path = Field(
         examples=["features/efficientnet_lite0/high"],
-        description="directory of <slide_id>.h5 feature files (CLAM/TRIDENT layout)",
+        description="directory of <slide_id>.h5 feature files, or a CLAM/TRIDENT feature folder (features-layout)",
+    )
+    features_layout: FeatureLayoutConfig = Field(
+        default_factory=FeatureLayoutConfig,
+        description="whose folder features-dir is: fedslide's flat folder, CLAM's or TRIDENT's (root: unused)",
     )
     labels: Path = Field(examples=["labels.csv"], description="CSV with columns slide_id,label[,split][,patient_id]")
     out_dir: Path = Field(
@@ -29,12 +34,24 @@ class TrainConfig(OptimizationConfig):
     )
 
     epochs: PositiveInt = Field(default=50, description="maximum epochs per fold")
+    lr: PositiveFloat = Field(
+        default=5e-4,
+        description="learning rate; 5e-4: lowest inner-CV log-loss averaged over Musk1 and Elephant in nested CV on "
+        "the training folds (tests/bench/mil_classic.md); distill and the federation keep 2e-4",
+    )
     selection_smoothing: PositiveInt = Field(
         default=5,
         description="select on the mean validation loss/AUC of the last N epochs (the window's last epoch's weights; "
         "shortened when fewer epochs may be selected); 5: lower inner-CV log-loss than 1 at each lr tried, nested CV on "
         "the training folds of Musk1 and Elephant (tests/bench/mil_classic.md)",
     )
+    refit: bool = Field(
+        default=False,
+        description="per fold: inner CV (refit-folds) on its training and validation slides picks the number of "
+        "epochs (median of the inner folds' selected epochs); the model is then retrained on all of them for that "
+        "many epochs, the temperature fitted on the inner folds' held-out predictions ('val' metrics are those)",
+    )
+    refit_folds: int = Field(default=5, ge=2, description="inner CV folds of refit")
     batch_size: PositiveInt = Field(default=8, description="bags per training batch (padded, with a mask)")
     eval_batch_size: PositiveInt | None = Field(
         default=None, description="bags per evaluation batch (default: batch-size)"

@@ -8,6 +8,13 @@ When the student was trained on 5× features of a fine-tuned low-res encoder (`f
 records that encoder's weights hash (`low_encoder_weights_hash`; `encoder_weights_hash` stays the frozen
 high-res encoder's) and `low_encoder.pt` holds its weights file byte for byte, so its sha256 is that hash.
 A bundle may instead carry the hash only; the site then supplies the file (`predict.low-encoder-weights`).
+
+student.pt and teacher.pt may also carry the model's input standardisation and logit temperature
+(`common.training.scaling.ModelScaling`: keys `standardize`, `temperature`); predict_low / predict_high apply
+them, and a file without them (an older bundle) predicts with raw inputs and T = 1.
+
+`meta.stain_normalization` is the stain normaliser's identity (method + inline reference) that the training
+feature files record; inference rebuilds it and normalises every patch it encodes (absent = no normalisation).
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ from fedslide.common.distillation.instances import (
     instance_coords,
     student_instances,
 )
+from fedslide.common.features import NO_STAIN
 from fedslide.common.models.base import MILModel, MILOutput
 from fedslide.common.models.registry import build_model
+from fedslide.common.training.scaling import ModelScaling
 
 BUNDLE_FORMAT = "fedslide.student-bundle/1"
 BUNDLE_FILE = "bundle.json"
@@ -69,6 +78,9 @@ class BundleMeta:
     extra: dict[str, Any] = field(default_factory=dict)  # run facts (model name, temperature, ...)
     low_encoder_weights_hash: str | None = None  # fine-tuned 5x encoder's sha256; None = the same as encoder_*
     low_encoder_fingerprint: str | None = None
+    # the stain normaliser's identity the training features were encoded with (feature files' STAIN_ATTR);
+    # inference normalises its patches the same way. Absent in older bundles: no normalisation.
+    stain_normalization: dict[str, Any] = field(default_factory=lambda: dict(NO_STAIN))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON dict."""
@@ -160,12 +172,15 @@ def _reduce_attention(out: MILOutput, m: int) -> torch.Tensor:
     return att.cpu()
 
 
-def _save_model(path: Path, model: nn.Module, config: dict[str, Any], kind: str) -> None:
+def _save_model(
+    path: Path, model: nn.Module, config: dict[str, Any], kind: str, scaling: ModelScaling | None = None
+) -> None:
     payload = {
         "format": BUNDLE_FORMAT,
         "kind": kind,
         "config": config,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **(scaling.to_payload() if scaling is not None else {}),
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -198,8 +213,12 @@ class StudentBundle:
         student_config: ModelConfig | dict[str, Any] | None = None,
         teacher_config: ModelConfig | dict[str, Any] | None = None,
         low_encoder_weights: Path | str | None = None,
+        student_scaling: ModelScaling | None = None,
+        teacher_scaling: ModelScaling | None = None,
     ):
-        """`low_encoder_weights`: the fine-tuned 5x encoder's weights file (its sha256 must be the meta's)."""
+        """`low_encoder_weights`: the fine-tuned 5x encoder's weights file (its sha256 must be the meta's);
+        `student_scaling` / `teacher_scaling`: standardisation of the instances each model reads (the student's
+        are its adapted instances) and its temperature; None = identity."""
         if meta.student_input != "raw" and adapter is None:
             raise ValueError(f"student input {meta.student_input!r} needs an adapter")
         self.meta = meta
@@ -208,6 +227,8 @@ class StudentBundle:
         self.teacher = teacher.eval() if teacher is not None else None
         self.student_config = _model_config(student, student_config)
         self.teacher_config = None if teacher is None else _model_config(teacher, teacher_config)
+        self.student_scaling = student_scaling or ModelScaling()
+        self.teacher_scaling = teacher_scaling or ModelScaling()
         self.low_encoder_weights: Path | None = None
         if low_encoder_weights is not None:
             if not meta.low_finetuned:
@@ -227,9 +248,9 @@ class StudentBundle:
             _save_model(directory / ADAPTER_FILE, self.adapter, self.adapter.spec.to_dict(), "adapter")
         else:
             (directory / ADAPTER_FILE).unlink(missing_ok=True)
-        _save_model(directory / STUDENT_FILE, self.student, self.student_config, "student")
+        _save_model(directory / STUDENT_FILE, self.student, self.student_config, "student", self.student_scaling)
         if self.teacher is not None and self.teacher_config is not None:
-            _save_model(directory / TEACHER_FILE, self.teacher, self.teacher_config, "teacher")
+            _save_model(directory / TEACHER_FILE, self.teacher, self.teacher_config, "teacher", self.teacher_scaling)
         else:
             (directory / TEACHER_FILE).unlink(missing_ok=True)
         low_target = directory / LOW_ENCODER_FILE
@@ -273,14 +294,25 @@ class StudentBundle:
         student_cfg = ModelConfig.model_validate(student_payload["config"])
         student = build_model(student_cfg)
         student.load_state_dict(student_payload["state_dict"])
-        teacher, teacher_cfg = None, None
+        teacher, teacher_cfg, teacher_scaling = None, None, None
         if files.get("teacher"):
             teacher_payload = _load_payload(directory / files["teacher"], map_location)
             teacher_cfg = ModelConfig.model_validate(teacher_payload["config"])
             teacher = build_model(teacher_cfg)
             teacher.load_state_dict(teacher_payload["state_dict"])
+            teacher_scaling = ModelScaling.from_payload(teacher_payload)
         low_encoder = directory / files["low_encoder"] if files.get("low_encoder") else None
-        return cls(meta, adapter, student, teacher, student_cfg, teacher_cfg, low_encoder)
+        return cls(
+            meta,
+            adapter,
+            student,
+            teacher,
+            student_cfg,
+            teacher_cfg,
+            low_encoder,
+            ModelScaling.from_payload(student_payload),
+            teacher_scaling,
+        )
 
     # ---- checks ------------------------------------------------------------------------------
     def check_features(self, attrs: dict[str, Any]) -> None:
@@ -357,7 +389,8 @@ class StudentBundle:
         coords: torch.Tensor | None = None,
         low_patch_size_level0: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Low-res-only prediction: (probs [C], attention [M], low_index [M], slot [M]).
+        """Low-res-only prediction: (probs [C], attention [M], low_index [M], slot [M]); the student's scaling
+        (standardisation of its instances, temperature) applied.
 
         `coords` [N, 2] are the low patches' level-0 corners; token instances get their child's
         corner, using `low_patch_size_level0` (estimated from the coords' grid step when None).
@@ -371,15 +404,15 @@ class StudentBundle:
                 size = estimate_patch_size_level0(coords) or float(self.meta.low_patch_size)
             grid = self.meta.token_grid if self.meta.student_input == "tokens" else 0
             inst_coords = instance_coords(coords, low_index, slot, grid, size or 0.0)[None]
-        out = self.student(instances[None], coords=inst_coords)
-        probs = torch.softmax(out.logits.float(), dim=-1)[0].cpu()
+        out = self.student(self.student_scaling.inputs(instances[None]), coords=inst_coords)
+        probs = self.student_scaling.probs(out.logits).float()[0].cpu()
         return probs, _reduce_attention(out, instances.shape[0]), low_index.cpu(), slot.cpu()
 
     @torch.inference_mode()
     def predict_high(
         self, features: torch.Tensor, coords: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """High-res prediction with the teacher: (probs [C], attention [K])."""
+        """High-res prediction with the teacher, its scaling applied: (probs [C], attention [K])."""
         if self.teacher is None:
             raise ValueError("this bundle has no high-res teacher")
         features = torch.as_tensor(features, dtype=torch.float32)
@@ -389,6 +422,6 @@ class StudentBundle:
                 f"has dim {self.meta.encoder_dim}"
             )
         c = None if coords is None else torch.as_tensor(coords).float()[None]
-        out = self.teacher(features[None], coords=c)
-        probs = torch.softmax(out.logits.float(), dim=-1)[0].cpu()
+        out = self.teacher(self.teacher_scaling.inputs(features[None]), coords=c)
+        probs = self.teacher_scaling.probs(out.logits).float()[0].cpu()
         return probs, _reduce_attention(out, features.shape[0])

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 
 from fedslide.common.config.splits import SplitCarving
+from fedslide.common.config.base import ConfigError
+from fedslide.common.feature_layouts import FeatureLocation, locate, pair_bags, read_bag, site_layout
 from fedslide.common.feature_store import FeatureStore
 from fedslide.common.features import FeatureBag, FeatureFileError, feature_path, read_feature_file
 from fedslide.common.training.cohort import Cohort, Slide
@@ -118,12 +120,29 @@ def _class_names(tables: list[LabelTable]) -> tuple[str, ...]:
         return tuple(sorted(names))
 
 
+def site_location(site_dir: Path) -> FeatureLocation | None:
+    """The CLAM/TRIDENT folders a site declares in `<site>/features.toml` (None: fedslide's own layout).
+
+    Raises FeatureDataError naming the site's file for a bad declaration."""
+    try:
+        cfg = site_layout(site_dir)
+        return locate(site_dir, cfg) if cfg is not None else None
+    except ConfigError as exc:
+        raise FeatureDataError(f"site {site_dir}: features.toml: {exc}") from None
+
+
 def detect_encoder(sites: list[Path]) -> str:
-    """The one `features/<encoder>` folder every site has (`<encoder>-finetuned` 5x-only folders do not count)."""
-    per_site = [
-        {p.name for p in (Path(s) / "features").glob("*") if p.is_dir() and not p.name.endswith(FINETUNED_SUFFIX)}
-        for s in sites
-    ]
+    """The one `features/<encoder>` folder every site has (`<encoder>-finetuned` 5x-only folders do not count);
+    a site with a CLAM/TRIDENT layout (`<site>/features.toml`) counts with its layout's encoder label."""
+    per_site = []
+    for s in sites:
+        location = site_location(Path(s))
+        if location is not None:
+            per_site.append({location.encoder})
+            continue
+        per_site.append(
+            {p.name for p in (Path(s) / "features").glob("*") if p.is_dir() and not p.name.endswith(FINETUNED_SUFFIX)}
+        )
     common = set.intersection(*per_site) if per_site else set()
     if len(common) == 1:
         return common.pop()
@@ -218,18 +237,27 @@ def load_sites(
     token_grids: set[int] = set()
     child_grids: set[int] = set()
     for site_dir, name, table, carved in zip(site_dirs, names, tables, assigned):
+        location = site_location(site_dir)
         for row in table.rows:
-            paths = {
-                "low": feature_path(site_dir, low_features or encoder, "low", row.slide_id),
-                "high": feature_path(site_dir, encoder, "high", row.slide_id),
-            }
+            if location is not None:  # CLAM / TRIDENT folders: parent and child derived from the coords
+                paths = {r: location.path(r, row.slide_id) for r in ("low", "high")}
+            else:
+                paths = {
+                    "low": feature_path(site_dir, low_features or encoder, "low", row.slide_id),
+                    "high": feature_path(site_dir, encoder, "high", row.slide_id),
+                }
             absent = [str(p) for p in paths.values() if not p.is_file()]
             if absent:
                 missing.extend(absent)
                 continue
             try:
-                low = read(paths["low"], load_tokens=True)
-                high = read(paths["high"])
+                if location is not None:
+                    low, high = pair_bags(
+                        read_bag(paths["low"], location, load_tokens=True), read_bag(paths["high"], location)
+                    )
+                else:
+                    low = read(paths["low"], load_tokens=True)
+                    high = read(paths["high"])
             except FeatureFileError as exc:
                 problems.append(str(exc))
                 continue

@@ -7,7 +7,8 @@ One function per stage (`adapter_stage`, `teacher_stage`, `experts_stage`, `stud
 Writes to the run directory:
 - `metrics.json` (schema `fedslide.distill.metrics/1`): `rows` (one per model: teacher_high,
   baseline_low, lrmil_student, lrmil_dd_student, with test auc, acc, balanced_acc, f1, brier, ece,
-  loss, n), `models` (val and test metrics, best epoch, epochs run, instances per slide),
+  loss, n), `models` (val and test metrics, best epoch, epochs run, instances per slide, and the
+  temperature fitted on the val slides that the model's bundle applies; the metrics are before it),
   `adapter` (stage-1 val loss / mse / cosine, and the unadapted cosine for reference),
   `clusters` (sizes, bounds, class counts), `experts`, `cache` (hits/misses), `config`,
   `classes`, `encoder`, `slides` (counts per split and site), `timings` (seconds per stage).
@@ -58,17 +59,19 @@ from fedslide.common.distillation.stages import (
 )
 from fedslide.common.distillation.student import attention_kd_width, starts_from_teacher, student_bags
 from fedslide.common.device import resolve_device
-from fedslide.common.features import TILING_ATTR, TISSUE_ATTR, recorded_preprocess
+from fedslide.common.features import TILING_ATTR, TISSUE_ATTR, recorded_preprocess, shared_stain_identity
 from fedslide.common.metrics import METRIC_NAMES
 from fedslide.common.models.base import MILModel
 from fedslide.common.models.registry import build_model
 from fedslide.common.seeds import SEED_OFFSETS
+from fedslide.common.training.calibration import fit_temperature
 from fedslide.common.training.cohort import Cohort
 from fedslide.common.training.data import Indices
 from fedslide.common.training.loop import class_weights
 from fedslide.common.training.outputs import write_json
 from fedslide.common.training.repro import deterministic_torch, seed_everything
 from fedslide.common.training.run import resolve_model_config
+from fedslide.common.training.scaling import ModelScaling
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +139,13 @@ def _recorded_by_site(data: DistillData) -> dict[str, Any]:
     return out
 
 
+def cohort_stain_identity(data: DistillData) -> dict[str, Any]:
+    """The stain normalisation every low- and high-res feature file of the cohort records; refuses a mix."""
+    return shared_stain_identity(
+        [(s.low.path, s.low.attrs) for s in data.slides] + [(s.high.path, s.high.attrs) for s in data.slides]
+    )
+
+
 def bundle_meta(
     data: DistillData, student_input: str, preprocess: PreprocessConfig | None, extra: dict[str, Any]
 ) -> BundleMeta:
@@ -170,6 +180,7 @@ def bundle_meta(
             "high-patch-size": int(high.get("patch_size", tiling["high-patch-size"])),
         }
     )
+    stain = cohort_stain_identity(data)
     base = high if high.get("encoder_weights_hash") else low  # the high-res (frozen) encoder; low may be fine-tuned
     low_hash = str(low.get("encoder_weights_hash") or "")
     low_finetuned = bool(low_hash) and low_hash != str(base.get("encoder_weights_hash", ""))
@@ -191,6 +202,7 @@ def bundle_meta(
         tissue=dict(tissue),
         tiling=tiling,
         extra=extra,
+        stain_normalization=stain,
     )
 
 
@@ -299,6 +311,7 @@ def prepare(cfg: DistillConfig, progress: bool | None, laps: Laps) -> DistillRun
     data = load_sites(
         list(cfg.sites), cfg.encoder, seed=cfg.seed, carving=cfg.carve, low_features=cfg.low_features
     )  # refuses before any output
+    cohort_stain_identity(data)  # the bundle can carry one stain normalisation: refuse a mix before training
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mode = student_input(cfg.kd.student_input, data.has_tokens)
@@ -511,6 +524,16 @@ def evaluation_stage(run: DistillRun, trained: dict[str, TrainedModel]) -> dict[
     return models
 
 
+def val_scaling(run: DistillRun, trained: TrainedModel) -> ModelScaling:
+    """A temperature fitted on the validation slides' logits (T >= 1; 1 without val slides); no standardisation
+    (distill reads known-encoder features, which `fedslide train` leaves unstandardised by default)."""
+    if not run.val.size:
+        return ModelScaling()
+    logits = _logits_of(trained.model, trained.cohort, run.val, run.device).double()
+    probs = torch.softmax(logits, dim=1).numpy()
+    return ModelScaling(temperature=fit_temperature(probs, run.data.labels[run.val]))
+
+
 def save_bundles(
     run: DistillRun,
     adapter: CrossResAdapter | None,
@@ -518,8 +541,11 @@ def save_bundles(
     trained: dict[str, TrainedModel],
     preprocess: PreprocessConfig,
     extra: dict[str, Any],
+    scaling: dict[str, ModelScaling] | None = None,
 ) -> dict[str, Path]:
-    """The students as bundles (teacher inside); without experts the main bundle is the LRMIL student."""
+    """The students as bundles (teacher inside); without experts the main bundle is the LRMIL student.
+    `scaling`: each model's (students' names, "teacher_high") standardisation and temperature; identity if absent."""
+    scaling = scaling or {}
     bundles: dict[str, Path] = {}
     roles = {name: name for name in trained if name in BUNDLE_DIRS}
     if "lrmil_dd_student" not in trained:
@@ -535,6 +561,8 @@ def save_bundles(
             run.student_cfg,
             run.teacher_cfg,
             low_encoder_weights=find_low_encoder_weights(meta, list(run.cfg.sites)),
+            student_scaling=scaling.get(name),
+            teacher_scaling=scaling.get("teacher_high"),
         )
         directory = run.out_dir / (BUNDLE_DIRS[key] if key in BUNDLE_DIRS else key)
         bundle.save(directory)
@@ -567,7 +595,10 @@ def run_distill(
         "sites": len(data.sites),
     }
     students = {name: t for name, t in trained.items() if name != "teacher_high"}
-    bundles = save_bundles(run, adapter, teacher.model, students, preprocess, common_extra)
+    scaling = {name: val_scaling(run, t) for name, t in trained.items()}
+    for name, s in scaling.items():
+        models[name]["temperature"] = s.temperature
+    bundles = save_bundles(run, adapter, teacher.model, students, preprocess, common_extra, scaling)
     laps.total()
 
     rows = [

@@ -10,6 +10,7 @@ step and the server step of each phase are registered by declaration on their ow
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterable
@@ -38,6 +39,18 @@ SPLITS = ("train", "val", "test")
 SUMS, COUNTS = "sums", "counts"  # cluster statistics
 TEACHER_LOGITS, EXPERT_LOGITS, EXPERT_WEIGHTS = "teacher", "experts", "expert-weights"  # logits on the proxy cohort
 CENTROIDS = "centroids"  # the one array of the server's centroid record
+# a site's feature sums for federated standardisation (handshake reply, common.federation.feature_stats)
+FEATURE_SUMS, FEATURE_SQUARES, FEATURE_COUNTS = "feature-sums", "feature-squares", "feature-counts"
+# the server's pooled standardisation (record STANDARDIZE of the phases that read 20x or adapted instances)
+STANDARDIZE, FEATURE_MEAN, FEATURE_STD = "standardize", "mean", "std"
+
+# ---- federated temperature scaling (phase `calibrate`, common.federation.temperature) ------------------------
+TEMPERATURES = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0)  # T >= 1, as the centralized fit (it only softens)
+CALIBRATED_MODELS = ("teacher_high", "student_low")
+STUDENT_TEMPERATURE, TEACHER_TEMPERATURE = "student-temperature", "teacher-temperature"  # evaluation config keys
+ENCODER_PREFIX = "encoder."  # pixel stage 1: `encoder.<parameter name>`, one array per trainable encoder parameter
+ENCODER_ARRAY = re.escape(ENCODER_PREFIX) + r"\w+(\.\w+)*"
+REENCODED = "reencoded"  # pixel stage 1: 5x feature files a site re-encoded (or found done) with the global encoder
 
 # ---- config keys of the handshake reply ------------------------------------------------------------------
 SITE_NAME, ENCODER_NAME, ENCODER_HASH, ENCODER_FINGERPRINT, CLASSES = (
@@ -115,6 +128,11 @@ def split_count(split: str, label: int | None = None) -> str:
 def model_metric(model: str, metric: str) -> str:
     """A final-evaluation metric of one model (`student_low.auc`)."""
     return f"{model}.{metric}"
+
+
+def nll_metric(model: str, index: int) -> str:
+    """A site's summed val NLL of `model` at temperature TEMPERATURES[index] (`nll-student_low-3`)."""
+    return f"nll-{model}-{index}"
 
 
 def cost_metric(resolution: str, what: str) -> str:
@@ -283,6 +301,8 @@ HANDSHAKE = Phase(
         re.escape(TOKEN_GRID),
         re.escape(CHILD_GRID),
     ),
+    reply_arrays=p.STATS,
+    array_names=tuple(re.escape(name) for name in (FEATURE_SUMS, FEATURE_SQUARES, FEATURE_COUNTS)),
     reply_config=p.SITE,
     reply_config_values=HANDSHAKE_CONFIG,
     # its metrics (3 grids, 3 splits × (1 + MAX_CLASSES) counts) and its config at their bounds
@@ -291,12 +311,30 @@ HANDSHAKE = Phase(
     + sum(value.max_bytes for _, value in HANDSHAKE_CONFIG),
 )
 ADAPTER = _weights("adapter")
-TEACHER = _weights("teacher", members=("teacher", "baseline"))  # the low-res baseline rides along
+# pixel-level LRMIL stage 1: the sites' initial trainable encoder parameters, their FedAvg rounds (only names of
+# the `encoder.` form may leave; `egress.weights_reply` pins them to the arrays sent, and the site sends exactly the
+# parameters its own config trains), then re-encoding with the global encoder (only counts leave)
+PIXEL_STAGE1_INIT = Phase(
+    "pixel-stage1-init",
+    f"{QUERY}.pixel_stage1_init",
+    reply_arrays=p.ARRAYS,
+    array_names=(ENCODER_ARRAY,),
+    metrics=(re.escape(NUM_EXAMPLES),),
+    step="pixel-stage1",
+)
+PIXEL_STAGE1 = dataclasses.replace(_weights("pixel-stage1"), array_names=(ENCODER_ARRAY,))
+PIXEL_STAGE1_REENCODE = Phase(
+    "pixel-stage1-reencode",
+    f"{QUERY}.pixel_stage1_reencode",
+    sends=(p.ARRAYS,),
+    metrics=(re.escape(REENCODED), re.escape(NUM_EXAMPLES), re.escape(SECONDS)),
+)
+TEACHER = _weights("teacher", (STANDARDIZE,), members=("teacher", "baseline"))  # the low-res baseline rides along
 CLUSTER_INIT = Phase(
     "cluster-init",
     f"{QUERY}.cluster_init",
     (TEACHER_FINGERPRINT,),
-    (p.TEACHER,),
+    (p.TEACHER, STANDARDIZE),
     p.STATS,
     (SUMS, COUNTS),
     (re.escape(N_TRAIN), re.escape(EMBEDDING_DIM)),
@@ -306,7 +344,7 @@ CLUSTER_STATS = Phase(
     "cluster-stats",
     f"{QUERY}.cluster_stats",
     (TEACHER_FINGERPRINT,),
-    (p.CENTROIDS,),
+    (p.CENTROIDS, STANDARDIZE),
     p.STATS,
     (SUMS, COUNTS),
     (re.escape(N_TRAIN), re.escape(MOVED)),
@@ -314,7 +352,7 @@ CLUSTER_STATS = Phase(
 )
 EXPERTS = _weights(
     "experts",
-    (p.CENTROIDS,),
+    (p.CENTROIDS, STANDARDIZE),
     (TEACHER_FINGERPRINT,),
     numbered="expert-{}",
     extra_metrics=(rf"{re.escape(N_EXPERT)}-\d+",),
@@ -323,7 +361,7 @@ KD_CACHE = Phase(
     "kd-cache",
     f"{QUERY}.kd_cache",
     (TEACHER_FINGERPRINT,),
-    (p.TEACHER, p.ADAPTER, p.EXPERTS, p.CENTROIDS),
+    (p.TEACHER, p.ADAPTER, p.EXPERTS, p.CENTROIDS, STANDARDIZE),
     metrics=(re.escape(N_TRAIN), re.escape(NUM_EXAMPLES), re.escape(SECONDS)),
 )
 STUDENT = _weights("student")
@@ -331,17 +369,27 @@ LOGITS = Phase(
     "logits",
     f"{QUERY}.logits",
     (TEACHER_FINGERPRINT,),
-    (p.TEACHER, p.PROXY, p.EXPERTS, p.CENTROIDS),
+    (p.TEACHER, p.PROXY, p.EXPERTS, p.CENTROIDS, STANDARDIZE),
     p.LOGITS_RECORD,
     (TEACHER_LOGITS, EXPERT_LOGITS, EXPERT_WEIGHTS),
     (re.escape(N_TRAIN), re.escape(PROXY_N), re.escape(SECONDS)),
     step="student",
 )
+# the final models' summed val NLL over the temperature grid (sites below suppress-below val slides send val-n 0)
+CALIBRATE = Phase(
+    "calibrate",
+    f"{QUERY}.calibrate",
+    sends=(p.TEACHER, p.STUDENT, p.ADAPTER, STANDARDIZE),
+    metrics=(
+        rf"nll-({'|'.join(CALIBRATED_MODELS)})-({'|'.join(str(k) for k in range(len(TEMPERATURES)))})",
+        re.escape(VAL_N),
+    ),
+)
 EVALUATION = Phase(
     "evaluate",
     EVALUATE,
-    (EVAL_SPLIT,),
-    (p.TEACHER, p.STUDENT, p.BASELINE, p.ADAPTER),
+    (EVAL_SPLIT, STUDENT_TEMPERATURE, TEACHER_TEMPERATURE),
+    (p.TEACHER, p.STUDENT, p.BASELINE, p.ADAPTER, STANDARDIZE),
     metrics=(
         rf"({'|'.join(EVALUATED_MODELS)})\.({'|'.join(EVALUATION_METRICS)})",
         r"cost\.(high|low)\.(patches_per_slide|seconds_per_slide)",
@@ -353,6 +401,9 @@ EVALUATION = Phase(
 
 ALL: tuple[Phase, ...] = (
     HANDSHAKE,
+    PIXEL_STAGE1_INIT,
+    PIXEL_STAGE1,
+    PIXEL_STAGE1_REENCODE,
     ADAPTER,
     TEACHER,
     CLUSTER_INIT,
@@ -361,6 +412,7 @@ ALL: tuple[Phase, ...] = (
     KD_CACHE,
     STUDENT,
     LOGITS,
+    CALIBRATE,
     EVALUATION,
 )
 BY_NAME: dict[str, Phase] = {phase.name: phase for phase in ALL}

@@ -9,7 +9,7 @@ import torch
 
 from fedslide.common.atomic import atomic_path
 from fedslide.common.models.base import MILModel
-from fedslide.common.training.standardize import FeatureStats
+from fedslide.common.training.scaling import ModelScaling
 
 CHECKPOINT_FORMAT = "fedslide.mil-checkpoint/1"
 
@@ -69,11 +69,5 @@ def predict_proba(
 ) -> torch.Tensor:
     """Class probabilities [B, C] of bags [B, N, D] as the run evaluated them: the checkpoint's
     standardisation (if any) before the model, its temperature (if any) on the logits."""
-    stats = FeatureStats.from_payload(payload.get("standardize"))
-    if stats is not None:
-        features = stats.apply(features)
-        if mask is not None:
-            features = features * mask.unsqueeze(-1)  # padding stays zero, as in training batches
-    logits = model(features, mask=mask).logits.double()
-    temperature = payload.get("temperature") or 1.0
-    return torch.softmax(logits / float(temperature), dim=-1)
+    scaling = ModelScaling.from_payload(payload)
+    return scaling.probs(model(scaling.inputs(features, mask), mask=mask).logits)

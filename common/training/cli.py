@@ -34,7 +34,16 @@ def add_parser(subparsers: Any) -> None:
             "1 training failed."
         ),
     )
-    parser.add_argument("--features", metavar="DIR", help="directory of <slide_id>.h5 feature files")
+    parser.add_argument(
+        "--features", metavar="DIR", help="directory of <slide_id>.h5 feature files, or a CLAM/TRIDENT feature folder"
+    )
+    parser.add_argument(
+        "--features-layout",
+        choices=["fedslide", "clam", "trident"],
+        default=None,
+        help="whose folder --features is (features-layout.layout; TRIDENT's magnification and encoder: --set "
+        "features-layout.high=..., features-layout.encoder=...)",
+    )
     parser.add_argument("--labels", metavar="CSV", help="slide_id,label[,split][,patient_id]")
     parser.add_argument("--out", metavar="DIR", help="output directory")
     parser.add_argument("--model", metavar="NAME", help="registered MIL model (e.g. abmil)")
@@ -44,6 +53,15 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--repeats", type=int, metavar="R", help="repeat the folds R times with new seeds")
     parser.add_argument("--epochs", type=int, metavar="E", help="maximum epochs per fold")
+    parser.add_argument(
+        "--refit",
+        type=int,
+        nargs="?",
+        const=0,
+        metavar="K",
+        help="per fold, pick the epoch count by K-fold inner CV on its training slides (K: refit-folds, default 5) "
+        "and retrain on all of them for that many epochs",
+    )
     parser.add_argument("--batch-size", type=int, metavar="B", help="bags per batch")
     parser.add_argument("--lr", type=float, help="learning rate")
     parser.add_argument("--seed", type=int, help="random seed")
@@ -64,6 +82,7 @@ def add_parser(subparsers: Any) -> None:
 def _cli_values(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "features_dir": args.features,
+        "features_layout.layout": args.features_layout,
         "labels": args.labels,
         "out_dir": args.out,
         "model.name": args.model,
@@ -72,6 +91,8 @@ def _cli_values(args: argparse.Namespace) -> dict[str, Any]:
         "splits": "cv" if args.cv is not None else None,
         "repeats": args.repeats,
         "epochs": args.epochs,
+        "refit": True if args.refit is not None else None,
+        "refit_folds": args.refit or None,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "seed": args.seed,

@@ -10,6 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from fedslide.common.config.base import ConfigError
+from fedslide.common.config.layout import FeatureLayoutConfig
+from fedslide.common.feature_layouts import FeatureLocation, locate_folder, read_bag
 from fedslide.common.features import COMPLETE_ATTR, FeatureFileError, read_feature_file
 from fedslide.common.training.errors import FeatureDataError, MissingDataError
 from fedslide.common.training.labels import LabelTable
@@ -83,11 +86,10 @@ def _name_some(paths: list[str], limit: int = 5) -> str:
     return shown + (f", ... ({len(paths)} files)" if len(paths) > limit else "")
 
 
-def _match(features_dir: Path, table: LabelTable, allow_missing: bool) -> dict[str, Path]:
+def _match(features_dir: Path, table: LabelTable, allow_missing: bool, location: FeatureLocation) -> dict[str, Path]:
     """slide_id -> feature file for labelled slides; unmatched ids on either side fail or warn."""
-    if not features_dir.is_dir():
-        raise FeatureDataError(f"features directory {features_dir} does not exist")
-    files = {p.stem: p for p in sorted(features_dir.glob("*.h5")) if p.is_file()}
+    files = location.files("high")
+    features_dir = location.folders["high"]
     labelled = [r.slide_id for r in table.rows]
     no_features = sorted(sid for sid in labelled if sid not in files)
     no_labels = sorted(set(files) - set(labelled))
@@ -97,7 +99,7 @@ def _match(features_dir: Path, table: LabelTable, allow_missing: bool) -> dict[s
     if no_features:
         parts.append(
             f"{len(no_features)} labelled slide(s) in {table.path} have no feature file "
-            f"<slide_id>.h5 in {features_dir}: {', '.join(no_features)}"
+            f"<slide_id>{location.suffix} in {features_dir}: {', '.join(no_features)}"
         )
     if no_labels:
         parts.append(
@@ -120,14 +122,26 @@ def _shared_attrs(per_file: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def load_cohort(
-    features_dir: Path | str, table: LabelTable, allow_missing: bool = False, preload: bool = True
+    features_dir: Path | str,
+    table: LabelTable,
+    allow_missing: bool = False,
+    preload: bool = True,
+    layout: FeatureLayoutConfig | None = None,
 ) -> Cohort:
     """Check every matched feature file (readable, non-empty, finite, one dim, one encoder) and keep the bags.
 
-    All problems are collected and raised together in one FeatureDataError naming the files.
+    `layout` says whose folder `features_dir` is (fedslide's flat folder by default, or CLAM's / TRIDENT's:
+    `common.feature_layouts.locate_folder`). All problems are collected and raised together in one
+    FeatureDataError naming the files.
     """
-    features_dir = Path(features_dir)
-    paths = _match(features_dir, table, allow_missing)
+    if not Path(features_dir).is_dir():
+        raise FeatureDataError(f"features directory {features_dir} does not exist")
+    try:
+        location = locate_folder(features_dir, layout or FeatureLayoutConfig())
+    except ConfigError as exc:
+        raise FeatureDataError(f"features directory {features_dir}: {exc}") from None
+    features_dir = location.folders["high"]
+    paths = _match(features_dir, table, allow_missing, location)
     if not paths:
         raise MissingDataError(f"no labelled slide of {table.path} has a feature file in {features_dir}")
     label_map = table.label_map
@@ -143,7 +157,7 @@ def load_cohort(
         if path is None:
             continue
         try:
-            bag = read_feature_file(path)
+            bag = read_bag(path, location)
         except FeatureFileError as exc:
             problems.append(str(exc))
             continue

@@ -211,21 +211,59 @@ class EarlyStopping:
         return self.patience > 0 and epoch + 1 >= self.min_epochs and self.bad_epochs >= self.patience
 
 
+def _fit_fixed(
+    model: MILModel,
+    train: DataLoader,
+    cfg: TrainConfig,
+    device: torch.device,
+    weights: torch.Tensor | None,
+    epochs: int,
+    progress: bool | None,
+    description: str,
+    batch_loss: BatchLoss | None,
+) -> FitResult:
+    if not 1 <= epochs <= cfg.epochs:
+        raise ValueError(f"a refit runs 1 to epochs ({cfg.epochs}) epochs, got {epochs}")
+    model.to(device)
+    optimizer = make_optimizer(model.parameters(), cfg)
+    scheduler = make_scheduler(optimizer, cfg)  # the schedule of cfg.epochs, cut where the inner CV stopped
+    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
+    history: list[EpochRecord] = []
+    for epoch in tqdm(range(epochs), desc=description, leave=False, disable=None if progress is None else not progress):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = train_epoch(
+            model, train, optimizer, loss_fn, device, cfg.grad_accum, cfg.max_grad_norm, batch_loss
+        )
+        if scheduler is not None:
+            scheduler.step()
+        history.append(EpochRecord(epoch, train_loss, math.nan, math.nan, lr, time.perf_counter() - start))
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return FitResult(state, epochs - 1, math.nan, epochs, False, history)
+
+
 def fit(
     model: MILModel,
     train: DataLoader,
-    val: DataLoader,
+    val: DataLoader | None,
     cfg: TrainConfig,
     device: torch.device,
     weights: torch.Tensor | None = None,
     progress: bool | None = None,
     description: str = "epochs",
     batch_loss: BatchLoss | None = None,
+    fixed_epochs: int | None = None,
 ) -> FitResult:
     """Train for up to cfg.epochs, evaluating on `val` after each epoch; keeps the best epoch's weights.
 
     `batch_loss` replaces the training cross-entropy (see train_epoch); validation stays cross-entropy.
+    `fixed_epochs` (a refit, `val` None): exactly that many epochs on the schedule of cfg.epochs, no selection;
+    the last epoch's weights are kept.
     """
+    if fixed_epochs is not None:
+        return _fit_fixed(model, train, cfg, device, weights, fixed_epochs, progress, description, batch_loss)
+    if val is None:
+        raise ValueError("fit needs a validation loader unless fixed_epochs is given")
     model.to(device)
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = make_scheduler(optimizer, cfg)

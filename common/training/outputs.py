@@ -6,7 +6,8 @@ metrics.json (schema `fedslide.train.metrics/1`)::
      "label_map" {class name: index}, "classes" [names by index], "feature_dim", "encoder" {attrs},
      "num_slides", "split_mode" ("cv" | "given" | "carved"),
      "folds": [{"repeat", "fold", "seed", "n_train", "n_val", "n_test", "best_epoch", "epochs_run",
-                "stopped_early", "val": {metric: value}, "test": {metric: value} | null,
+                "stopped_early", "refit": {"epochs", "inner_best_epochs"} | null,
+                "val": {metric: value}, "test": {metric: value} | null,
                 "standardized", "temperature" | null, "val_calibrated" | null, "test_calibrated" | null}],
      "summary": {"val" | "test" | "test_calibrated": {metric: {"mean", "sd", "n"}}}  (over all folds),
      "summary_repeats": {"repeats", "val" | "test" | "test_calibrated": {metric: {"mean", "sd", "n"}}}
@@ -15,6 +16,8 @@ metrics.json (schema `fedslide.train.metrics/1`)::
 
 "*_calibrated" are the metrics after temperature scaling (calibration = "temperature"), with "loss"
 the unweighted log-loss; the checkpoint stores the temperature and the standardisation statistics.
+With refit, a fold's "val" (and its val rows in predictions.csv) are the inner folds' held-out predictions,
+each at its inner fold's selected epoch; the model was then retrained on train + val for "refit.epochs".
 
 Undefined values (NaN) are written as null. predictions.csv has one row per slide of each fold's
 val and test splits: fold, repeat, split, slide_id, label, prob_<class> for each class, predicted.

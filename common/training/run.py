@@ -9,14 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fedslide.common.config.base import ConfigError
 from fedslide.common.config.model import ModelConfig
 from fedslide.common.config.train import TrainConfig
 from fedslide.common.device import resolve_device
-from fedslide.common.metrics import classification_metrics, summarize
+from fedslide.common.metrics import classification_metrics, roc_auc, summarize
 from fedslide.common.models.base import MILModel
 from fedslide.common.training import outputs
 from fedslide.common.training.calibration import apply_temperature, fit_temperature, log_loss
@@ -38,12 +40,14 @@ from fedslide.common.training.splits import (
     check_splits,
     cv_splits,
     given_splits,
+    inner_folds,
     site_splits,
 )
 
 log = logging.getLogger(__name__)
 
 ModelFactory = Callable[[ModelConfig], MILModel]  # resolved model config -> fresh model
+INNER_SEED_STEP = 100_000  # refit: inner fold k trains with the fold's seed + (k + 1) * this
 
 
 @dataclass
@@ -60,6 +64,7 @@ class FoldOutcome:
     temperature: float | None = None  # fitted on the validation split
     val_calibrated: dict[str, float] | None = None
     test_calibrated: dict[str, float] | None = None
+    inner_epochs: list[int] | None = None  # refit: the selected epoch (0-based) of each inner fold
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """What a checkpoint of this fold stores besides the weights: where it came from, stats, temperature."""
@@ -136,6 +141,76 @@ def plan_splits(cfg: TrainConfig, cohort: Cohort, has_split_column: bool) -> tup
     return mode, folds
 
 
+@dataclass
+class _Fitted:
+    model: MILModel
+    stats: FeatureStats | None
+    fit: FitResult
+    weights: torch.Tensor | None
+
+
+def _fit_on(
+    cfg: TrainConfig,
+    cohort: Cohort,
+    train: np.ndarray,
+    val: np.ndarray | None,
+    seed: int,
+    model_cfg: ModelConfig,
+    factory: ModelFactory,
+    device: torch.device,
+    progress: bool | None,
+    description: str,
+    fixed_epochs: int | None = None,
+) -> _Fitted:
+    """A model trained on the slides `train`: standardisation fitted on them, the epoch selected on `val` (or
+    `fixed_epochs` without selection); the model holds the selected weights."""
+    seed_everything(seed)
+    model = factory(model_cfg)
+    stats = (
+        fit_stats(cohort, train, cfg.standardize_clip or None)
+        if standardize_enabled(cfg.standardize, cohort.encoder_attrs)
+        else None
+    )
+    train_ds = BagDataset(cohort, train, max_instances=cfg.max_instances, stats=stats)
+    weights = class_weights(cohort.labels[train], len(cohort.classes), cfg.class_weighting)
+    loader = train_loader(train_ds, cfg.batch_size, seed, cfg.num_workers, cfg.group_by_length)
+    val_loader = None if val is None else _loader(cfg, cohort, val, stats)
+    result = fit(model, loader, val_loader, cfg, device, weights, progress, description, fixed_epochs=fixed_epochs)
+    model.load_state_dict(result.best_state)
+    return _Fitted(model, stats, result, weights)
+
+
+def _loader(cfg: TrainConfig, cohort: Cohort, indices: np.ndarray, stats: FeatureStats | None) -> DataLoader:
+    return eval_loader(BagDataset(cohort, indices, stats=stats), cfg.resolved_eval_batch_size, cfg.num_workers)
+
+
+def _evaluate_on(
+    cfg: TrainConfig, cohort: Cohort, fitted: _Fitted, indices: np.ndarray, device: torch.device
+) -> EvalResult:
+    loss_fn = torch.nn.CrossEntropyLoss(weight=fitted.weights)
+    return evaluate(fitted.model, _loader(cfg, cohort, indices, fitted.stats), loss_fn, device)
+
+
+def _pooled(results: list[EvalResult], weights: torch.Tensor | None) -> EvalResult:
+    """Held-out predictions of several inner folds as one result in cohort-index order; loss: (weighted) CE."""
+    indices = np.concatenate([r.indices for r in results])
+    order = np.argsort(indices)
+    labels = np.concatenate([r.labels for r in results])[order]
+    probs = np.concatenate([r.probs for r in results])[order]
+    log_probs = torch.log(torch.as_tensor(probs).clamp_min(1e-12))
+    loss = float(
+        torch.nn.functional.nll_loss(
+            log_probs, torch.as_tensor(labels), weight=None if weights is None else weights.double()
+        )
+    )
+    return EvalResult(indices=indices[order], labels=labels, probs=probs, loss=loss)
+
+
+def refit_epochs(best_epochs: list[int]) -> int:
+    """Epochs of a refit: the median (rounded half up) of the inner folds' selected epoch counts."""
+    return int(math.floor(float(np.median([e + 1 for e in best_epochs])) + 0.5))
+
+
 def _train_fold(
     cfg: TrainConfig,
     cohort: Cohort,
@@ -145,34 +220,55 @@ def _train_fold(
     device: torch.device,
     progress: bool | None,
 ) -> FoldOutcome:
-    seed_everything(split.seed)
-    model = factory(model_cfg)
-    stats = (
-        fit_stats(cohort, split.train, cfg.standardize_clip or None)
-        if standardize_enabled(cfg.standardize, cohort.encoder_attrs)
-        else None
-    )
-    train_ds = BagDataset(cohort, split.train, max_instances=cfg.max_instances, stats=stats)
-    weights = class_weights(cohort.labels[split.train], len(cohort.classes), cfg.class_weighting)
-    loader = train_loader(train_ds, cfg.batch_size, split.seed, cfg.num_workers, cfg.group_by_length)
-    eval_bs = cfg.resolved_eval_batch_size
-    val_loader = eval_loader(BagDataset(cohort, split.val, stats=stats), eval_bs, cfg.num_workers)
-    result = fit(model, loader, val_loader, cfg, device, weights, progress, description=split.name)
-    model.load_state_dict(result.best_state)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
-    val = evaluate(model, val_loader, loss_fn, device)
-    test = None
-    if split.test.size:
-        test_loader = eval_loader(BagDataset(cohort, split.test, stats=stats), eval_bs, cfg.num_workers)
-        test = evaluate(model, test_loader, loss_fn, device)
+    inner_epochs: list[int] | None = None
+    if cfg.refit:
+        pool = np.sort(np.concatenate([split.train, split.val]))
+        held_out, inner_epochs = [], []
+        for k, (tr, held) in enumerate(inner_folds(pool, cohort.labels, cohort.groups, cfg.refit_folds, split.seed)):
+            inner = _fit_on(
+                cfg,
+                cohort,
+                tr,
+                held,
+                split.seed + INNER_SEED_STEP * (k + 1),
+                model_cfg,
+                factory,
+                device,
+                progress,
+                f"{split.name} inner {k}",
+            )
+            inner_epochs.append(inner.fit.best_epoch)
+            held_out.append(_evaluate_on(cfg, cohort, inner, held, device))
+        fitted = _fit_on(
+            cfg,
+            cohort,
+            pool,
+            None,
+            split.seed,
+            model_cfg,
+            factory,
+            device,
+            progress,
+            f"{split.name} refit",
+            fixed_epochs=refit_epochs(inner_epochs),
+        )
+        val = _pooled(held_out, fitted.weights)
+        fitted.fit.best_score = val.loss if cfg.early_stopping_metric == "loss" else roc_auc(val.labels, val.probs)
+    else:
+        fitted = _fit_on(
+            cfg, cohort, split.train, split.val, split.seed, model_cfg, factory, device, progress, split.name
+        )
+        val = _evaluate_on(cfg, cohort, fitted, split.val, device)
+    test = _evaluate_on(cfg, cohort, fitted, split.test, device) if split.test.size else None
     outcome = FoldOutcome(
         split=split,
-        fit=result,
+        fit=fitted.fit,
         val=val,
         test=test,
         val_metrics=_metrics(val, cfg.ece_bins),
         test_metrics=None if test is None else _metrics(test, cfg.ece_bins),
-        stats=stats,
+        stats=fitted.stats,
+        inner_epochs=inner_epochs,
     )
     if cfg.calibration == "temperature":
         t = outcome.temperature = fit_temperature(val.probs, val.labels)
@@ -218,7 +314,9 @@ def run_training(
     `progress` None shows tqdm bars only on a terminal.
     """
     table = read_labels(cfg.labels)
-    cohort = load_cohort(cfg.features_dir, table, allow_missing=cfg.allow_missing, preload=cfg.preload)
+    cohort = load_cohort(
+        cfg.features_dir, table, allow_missing=cfg.allow_missing, preload=cfg.preload, layout=cfg.features_layout
+    )
     model_cfg = resolve_model_config(cfg.model, cohort.feature_dim, len(cohort.classes))
     mode, splits = plan_splits(cfg, cohort, table.has_split)
     device = resolve_device(cfg.device)
@@ -316,6 +414,9 @@ def run_training(
                     "best_epoch": f.fit.best_epoch,
                     "epochs_run": f.fit.epochs_run,
                     "stopped_early": f.fit.stopped_early,
+                    "refit": None
+                    if f.inner_epochs is None
+                    else {"epochs": f.fit.epochs_run, "inner_best_epochs": f.inner_epochs},
                     "val": f.val_metrics,
                     "test": f.test_metrics,
                     "standardized": f.stats is not None,

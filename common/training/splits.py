@@ -59,6 +59,19 @@ def _stratified_group_folds(
         return list(splitter.split(np.zeros(len(labels)), labels, groups))
 
 
+def inner_folds(
+    pool: np.ndarray, labels: np.ndarray, groups: np.ndarray, folds: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, held-out) cohort indices of `folds` patient-grouped stratified folds of the slides `pool` (the
+    inner CV of a refit: only the outer fold's training slides are split)."""
+    pool = np.asarray(pool, dtype=np.int64)
+    try:
+        parts = _stratified_group_folds(labels[pool], groups[pool], folds, seed)
+    except SplitError as exc:
+        raise SplitError(f"cannot split the training slides into {folds} inner folds (refit): {exc}") from None
+    return [(np.sort(pool[train]), np.sort(pool[held])) for train, held in parts]
+
+
 def carve_validation(
     train: np.ndarray, labels: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:

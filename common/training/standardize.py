@@ -1,4 +1,11 @@
-"""Per-feature standardisation of instances: statistics fitted on a training split, stored with the model."""
+"""Per-feature standardisation of instances: statistics fitted on a training split, stored with the model.
+
+In a federation the statistics come from per-site sums: each site releases the sums, sums of squares and
+instance count of its training bags' features (`site_feature_sums`), withheld as a whole (all zero) when it has
+fewer than suppress-below training slides, by the same rule that withholds a small cluster's statistics
+(`common.distillation.clustering.cluster_statistics`); the server pools them (`pooled_stats`) into the mean and
+population sd that `fit_stats` gives on the union of the sites' training bags.
+"""
 
 from __future__ import annotations
 
@@ -55,25 +62,69 @@ class FeatureStats:
         return cls(mean=mean, std=std, count=int(payload.get("count", 0)), clip=None if clip is None else float(clip))
 
 
+@dataclass(frozen=True)
+class FeatureSums:
+    """Per-feature sums and sums of squares over `count` instances of `slides` bags (what a site releases)."""
+
+    sums: np.ndarray  # [D] float64
+    squares: np.ndarray  # [D] float64
+    count: int  # instances
+    slides: int  # bags
+
+    @property
+    def withheld(self) -> bool:
+        """Whether these are a suppressed release (nothing counted)."""
+        return self.slides == 0
+
+
+def bag_sums(cohort: Cohort, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    """One row per slide `indices`: [sum of its instances' features (D), sum of their squares (D), instances]."""
+    rows = np.zeros((len(indices), 2 * cohort.feature_dim + 1), dtype=np.float64)
+    for row, index in enumerate(indices):
+        features, _ = cohort.load(int(index))
+        x = features.astype(np.float64, copy=False)
+        rows[row, : cohort.feature_dim] = x.sum(0)
+        rows[row, cohort.feature_dim : -1] = np.square(x).sum(0)
+        rows[row, -1] = x.shape[0]
+    return rows
+
+
+def site_feature_sums(cohort: Cohort, indices: Sequence[int] | np.ndarray, min_slides: int = 0) -> FeatureSums:
+    """The sums of the cohort's slides `indices`; all zero (withheld) when there are fewer than `min_slides`
+    of them: cluster statistics' suppression, with every slide in one cluster."""
+    from fedslide.common.distillation.clustering import cluster_statistics  # lazy: it imports scikit-learn
+
+    rows = bag_sums(cohort, indices)
+    totals, counts = cluster_statistics(
+        rows, np.zeros((1, rows.shape[1])), min_count=min_slides, assignment=np.zeros(len(rows), dtype=np.int64)
+    )
+    d = cohort.feature_dim
+    return FeatureSums(totals[0, :d], totals[0, d : 2 * d], int(round(totals[0, -1])), int(counts[0]))
+
+
+def pooled_stats(parts: Sequence[FeatureSums], clip: float | None = None) -> FeatureStats:
+    """Mean and population sd over all instances the (not withheld) parts counted; `clip` stored with them."""
+    counted = [part for part in parts if not part.withheld]
+    count = sum(part.count for part in counted)
+    if count == 0:
+        raise ValueError(
+            f"cannot fit standardisation statistics on no instances ({len(parts)} part(s), "
+            f"{len(parts) - len(counted)} withheld)"
+        )
+    dims = {part.sums.shape for part in counted} | {part.squares.shape for part in counted}
+    if len(dims) != 1:
+        raise ValueError(f"feature sums of different shapes cannot be pooled: {sorted(dims)}")
+    mean = np.sum([part.sums for part in counted], axis=0) / count
+    squares = np.sum([part.squares for part in counted], axis=0)
+    std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
+    std[std < MIN_STD] = 1.0
+    return FeatureStats(mean=mean.astype(np.float32), std=std.astype(np.float32), count=count, clip=clip)
+
+
 def fit_stats(cohort: Cohort, indices: Sequence[int] | np.ndarray, clip: float | None = None) -> FeatureStats:
     """Instance-level mean and std (population) over every instance of the cohort's slides `indices`; `clip`
     is stored with them (see FeatureStats.apply)."""
-    total = np.zeros(cohort.feature_dim, dtype=np.float64)
-    squares = np.zeros(cohort.feature_dim, dtype=np.float64)
-    count = 0
-    for index in indices:
-        features, _ = cohort.load(int(index))
-        x = features.astype(np.float64, copy=False)
-        total += x.sum(0)
-        squares += np.square(x).sum(0)
-        count += x.shape[0]
-    if count == 0:
-        raise ValueError("cannot fit standardisation statistics on no instances")
-    mean = total / count
-    var = np.maximum(squares / count - np.square(mean), 0.0)
-    std = np.sqrt(var)
-    std[std < MIN_STD] = 1.0
-    return FeatureStats(mean=mean.astype(np.float32), std=std.astype(np.float32), count=count, clip=clip)
+    return pooled_stats([site_feature_sums(cohort, indices)], clip)
 
 
 def standardize_enabled(mode: StandardizeMode, encoder_attrs: Mapping[str, Any]) -> bool:

@@ -30,6 +30,7 @@ import platform
 import sys
 import tempfile
 import time
+import tomllib
 import traceback
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of splits, init and batch order")
     parser.add_argument("--threads", type=int, default=1, help="torch (and BLAS) threads")
     parser.add_argument("--device", default="cpu", help="cpu, cuda[:i], auto")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="any [train] setting (TOML)"
+    )
     return parser.parse_args(argv)
 
 
@@ -145,6 +149,10 @@ def run_one(model: str, resolution: str, pool: dict[str, Any], args: argparse.Na
             seed=args.seed,
             device=args.device,
             save_fold_checkpoints=False,
+            **{
+                k.strip().replace("-", "_"): tomllib.loads(f"v = {v}")["v"]
+                for k, _, v in (pair.partition("=") for pair in args.overrides)
+            },
         )
         report = run_training(cfg, progress=False)
     except Exception as exc:  # noqa: BLE001 - a failing model must not stop the table
@@ -156,6 +164,7 @@ def run_one(model: str, resolution: str, pool: dict[str, Any], args: argparse.Na
     test = report.summary.get("test", {})
     row["auc"] = _stat(test, "auc")
     row["acc"] = _stat(test, "acc")
+    row["loss"] = _stat(test, "loss")
     row["balanced_acc"] = _stat(test, "balanced_acc")
     row["val_auc"] = _stat(report.summary["val"], "auc")
     row["folds"] = [
@@ -267,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "threads": args.threads,
         "device": args.device,
+        "overrides": args.overrides,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
