@@ -189,27 +189,24 @@ def _site_files(site_dir: Path, cfg: FinetuneConfig, encoder_name: str, need_hig
 
 
 def _sampled_files(site_dir: Path, cfg: FinetuneConfig, files: list[_SlideFiles]) -> list[_SlideFiles]:
-    """The slides stage 1 may sample: none of a split in `skip-splits` (test pixels stay unseen by default)."""
-    if not cfg.skip_splits:
+    """The slides stage 1 may sample: not the test split's unless `sample-test-slides` (test pixels stay unseen)."""
+    if cfg.sample_test_slides:
         return files
     splits = recorded_splits(site_dir) if (site_dir / "labels.csv").is_file() else {}
     if not splits:
         log.warning(
-            "%s: no recorded splits (labels.csv split column or splits.csv), so finetune.skip-splits = %s leaves "
-            "every slide in; run a distill or federation first to carve them, or give labels.csv a split column",
+            "%s: no recorded splits (labels.csv split column or splits.csv), so stage 1 samples every slide; run a "
+            "distill or federation first to carve them, or give labels.csv a split column",
             site_dir,
-            cfg.skip_splits,
         )
-    kept = [sf for sf in files if splits.get(sf.slide_id) not in cfg.skip_splits]
+    kept = [sf for sf in files if splits.get(sf.slide_id) != "test"]
     if not kept:
         raise FeatureFileError(
-            f"{site_dir}: every slide with feature files is in a split of finetune.skip-splits = {cfg.skip_splits}; "
-            "nothing is left to fine-tune on"
+            f"{site_dir}: every slide with feature files is a test slide; nothing is left to fine-tune on "
+            "(finetune.sample-test-slides = true samples them)"
         )
     if len(kept) < len(files):
-        log.info(
-            "%s: stage 1 samples %d of %d slides (skip-splits %s)", site_dir, len(kept), len(files), cfg.skip_splits
-        )
+        log.info("%s: stage 1 samples %d of %d slides (test slides left out)", site_dir, len(kept), len(files))
     return kept
 
 
@@ -542,7 +539,7 @@ def patch_settings(
         include={
             "max_patches",
             "max_patches_per_slide",
-            "skip_splits",
+            "sample_test_slides",
             "seed",
             "slide",
             "teacher_attention",

@@ -212,3 +212,22 @@ def test_defaults_file_carries_every_key_and_its_description() -> None:
     at = next(i for i, line in enumerate(lines) if line.startswith("# features-dir = "))  # required: no default
     assert "required" in lines[at] or lines[at - 1].startswith("# required;")
     assert '# name = "transmil": Nystrom self-attention layers with positional encoding.' in lines  # other models' keys
+
+
+def test_the_app_declared_run_config_gives_back_the_default_federation_config() -> None:
+    """Every federation setting travels through Flower's flat run config (scalars only): the app's declared table
+    in pyproject.toml, and the default config flattened, both read back as the defaults."""
+    import tomllib
+    from pathlib import Path
+
+    from fedslide.common.config.federation import FederationConfig
+
+    def flat(node: dict, prefix: str = "") -> dict:  # Flower flattens the app's nested table into dotted keys
+        out: dict = {}
+        for key, value in node.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    app = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert FederationConfig.from_run_config(flat(app)) == FederationConfig()
+    assert FederationConfig.from_run_config(FederationConfig().to_run_config()) == FederationConfig()

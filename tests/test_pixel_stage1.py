@@ -384,10 +384,9 @@ def test_stage1_samples_no_test_slide_by_default(tmp_path: Path, caplog: pytest.
     files = [_SlideFiles(s, tmp_path / f"{s}.tif", tmp_path / "l.h5", tmp_path / "h.h5") for s in ("a", "b", "c")]
     (tmp_path / "labels.csv").write_text("slide_id,label,split\na,normal,train\nb,tumor,test\nc,tumor,val\n")
     assert [f.slide_id for f in _sampled_files(tmp_path, _cfg(), files)] == ["a", "c"]
-    assert [f.slide_id for f in _sampled_files(tmp_path, _cfg(skip_splits=[]), files)] == ["a", "b", "c"]
-    assert [f.slide_id for f in _sampled_files(tmp_path, _cfg(skip_splits=["train", "val"]), files)] == ["b"]
-    with pytest.raises(FeatureFileError, match="skip-splits"):
-        _sampled_files(tmp_path, _cfg(skip_splits=["train", "val", "test"]), files)
+    assert [f.slide_id for f in _sampled_files(tmp_path, _cfg(sample_test_slides=True), files)] == ["a", "b", "c"]
+    with pytest.raises(FeatureFileError, match="every slide with feature files is a test slide"):
+        _sampled_files(tmp_path, _cfg(), files[1:2])
     (tmp_path / "labels.csv").unlink()
     assert len(_sampled_files(tmp_path, _cfg(), files)) == 3  # no recorded splits: every slide, with a warning
     assert "no recorded splits" in caplog.text

@@ -32,7 +32,7 @@ from fedslide.client.audit import audit
 from fedslide.client.supernode import SuperNode
 from fedslide.common.config.federation import FederationConfig
 from fedslide.common.distillation.clustering import clip_rows
-from fedslide.common.egress import ErrorCode
+from fedslide.common.egress import ErrorCode, error_reason
 from fedslide.common.flower_app import APP_DIR, app_manifest, stage_app, write_run_config
 from fedslide.common.processes import free_port
 from fedslide.deploy.certs import make_all
@@ -199,11 +199,23 @@ def test_requests_for_what_no_phase_declares_are_answered_with_the_declared_repl
     for reply in probe["undeclared-type"]:
         assert reply["error"]["code"] == 2, reply
         assert reply["error"]["reason"] == "<class 'ValueError'>:<'No query function registered with name 'features''>"
+    # a request the site's step fails on: the code and its fixed text only, nothing of the site's exception (which
+    # names the site's own folders)
+    codes = []
+    for reply in probe["error-text"]:
+        code = ErrorCode(reply["error"]["code"])
+        codes.append(int(code))
+        assert reply["error"]["reason"] == error_reason(code), reply
+        assert all(str(site) not in reply["error"]["reason"] for site in federation.sites), reply
+        assert set(reply) == {"node", "error"}, reply
+    assert len(codes) == len(federation.sites) and len(set(codes)) == 1, codes
     for site in federation.sites:
         entries = _ledger(site, "probe")
         _nothing_forbidden(entries)
         errors = [e for e in entries if e.get("error")]
-        assert [e["error"]["code"] for e in errors] == [int(ErrorCode.INTERNAL)], errors  # the `features` phase
+        # the `features` phase, then the failed cluster-statistics request
+        assert sorted(e["error"]["code"] for e in errors) == sorted([int(ErrorCode.INTERNAL), *codes[:1]]), errors
+        assert all(str(site) not in json.dumps(e["error"]) for e in errors), errors
         handshakes = [e for e in entries if e["phase"] == "handshake" and not e.get("error")]
         assert len(handshakes) == 2 and all(e["arrays"] == [] for e in handshakes), handshakes
         _audited(site)

@@ -153,6 +153,16 @@ def _attack(grid: Grid, cfg: FederationConfig, plan: dict[str, Any], seen: dict[
     ask_all("undeclared-phase", ph.TRAIN, _config(**{**base, ph.PHASE: "features"}))
     ask_all("undeclared-type", f"{ph.QUERY}.features", _config(**{**base, ph.PHASE: "features"}))
 
+    # (b') error text: a cluster-statistics request for a teacher the site never saw, with centroids of the wrong
+    # width; the site's exception names its own cache paths, its reply may carry only a code and a fixed text
+    wrong = RecordDict(
+        {
+            p.CONFIG: ConfigRecord({**base, ph.PHASE: ph.CLUSTER_STATS.phase, ph.TEACHER_FINGERPRINT: "f" * 16}),
+            p.CENTROIDS: ArrayRecord({ph.CENTROIDS: Array(np.zeros((2, 3), dtype=np.float64))}),
+        }
+    )
+    ask_all("error-text", ph.CLUSTER_STATS.message_type, wrong)
+
     # (c) cluster statistics differencing
     teacher = to_record(new_model(teacher_config(cfg, facts), cfg.seed))
     tfp = fingerprint(teacher)

@@ -66,11 +66,11 @@ class FinetuneConfig(StageConfig):
         default=2048, description="5× patches sampled over the site's slides (seeded; held in memory with targets)"
     )
     max_patches_per_slide: PositiveInt = Field(default=256, description="at most this many from one slide")
-    skip_splits: list[Literal["train", "val", "test"]] = Field(
-        default=["test"],
+    sample_test_slides: bool = Field(
+        default=False,
         description=(
-            "slides of these splits (labels.csv split column, else the site's carved splits.csv) are not sampled, "
-            "so stage 1 never sees test pixels; slides with no recorded split are sampled"
+            "also sample the site's test slides (labels.csv split column, else its carved splits.csv); off: stage 1 "
+            "never sees test pixels"
         ),
     )
     seed: int = Field(default=0, description="sampling, shuffling and augmentation seed")
