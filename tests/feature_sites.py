@@ -5,10 +5,16 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 from fedslide.common.config.model import ModelConfig
+from fedslide.common.config.preprocess import TilingConfig, TissueConfig
+from fedslide.common.distillation.adapter import AdapterSpec, build_adapter
+from fedslide.common.distillation.bundle import BundleMeta, StudentBundle
+from fedslide.common.models.registry import build_model
 from fedslide.common.features import FeatureMeta, FeatureWriter, feature_path
 
 D = 16
@@ -118,3 +124,30 @@ def make_site(root: Path, name: str, splits: dict[str, int], seed: int, **kw) ->
 
 def tiny(name: str = "abmil_gated", in_dim: int = D) -> ModelConfig:
     return ModelConfig(name=name, in_dim=in_dim, hidden_dim=16, attention_dim=8, dropout=0.0)
+
+
+def tiny_student_bundle(
+    encoder: Any, class_names: list[str], student_input: str = "pooled", weights: Path | None = None, **meta: Any
+) -> StudentBundle:
+    """A seeded untrained ABMIL student bundle for `encoder` (5x at 2 µm/px, 20x at 0.5, 256 px, 4×4 grids, default
+    tissue and tiling); `meta` overrides BundleMeta fields (e.g. the fine-tuned 5x encoder's hash)."""
+    torch.manual_seed(0)
+    mc = ModelConfig(name="abmil", in_dim=encoder.dim, num_classes=len(class_names), hidden_dim=32, attention_dim=16)
+    fields: dict[str, Any] = {
+        "encoder_name": encoder.name,
+        "encoder_weights_hash": encoder.weights_hash,
+        "encoder_dim": encoder.dim,
+        "encoder_fingerprint": encoder.fingerprint,
+        "low_mpp": 2.0,
+        "low_patch_size": 256,
+        "high_mpp": 0.5,
+        "high_patch_size": 256,
+        "child_grid": 4,
+        "token_grid": 4,
+        "student_input": student_input,
+        "class_names": class_names,
+        "tissue": TissueConfig().model_dump(mode="json"),
+        "tiling": TilingConfig().model_dump(mode="json"),
+    }
+    adapter = build_adapter(AdapterSpec(in_dim=encoder.dim, out_dim=encoder.dim, hidden_dim=32))
+    return StudentBundle(BundleMeta(**{**fields, **meta}), adapter, build_model(mc), build_model(mc), mc, mc, weights)

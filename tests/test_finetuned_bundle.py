@@ -12,21 +12,17 @@ import torch
 from fedslide.client.encoders import PatchEncoder, build_encoder
 from fedslide.client.inference import ModelDirError, load_bundle, load_encoder, predict_slide, predict_slides
 from fedslide.client.synth.slide import write_slide
-from fedslide.common.config.model import ModelConfig
 from fedslide.common.config.predict import PredictConfig
-from fedslide.common.config.preprocess import EncoderConfig, TilingConfig, TissueConfig
-from fedslide.common.distillation.adapter import AdapterSpec, build_adapter
+from fedslide.common.config.preprocess import EncoderConfig
 from fedslide.common.distillation.bundle import (
     LOW_ENCODER_FILE,
-    BundleMeta,
     BundleMismatchError,
     StudentBundle,
     find_low_encoder_weights,
 )
 from fedslide.common.distillation.data import detect_encoder, load_sites
 from fedslide.common.distillation.pipeline import bundle_meta
-from fedslide.common.models.registry import build_model
-from tests.feature_sites import ENCODER, HASH, make_site
+from tests.feature_sites import ENCODER, HASH, make_site, tiny_student_bundle
 
 CLASSES = ["normal", "tumor"]
 
@@ -63,28 +59,13 @@ def slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _bundle(base: PatchEncoder, finetuned: PatchEncoder, weights: Path | None) -> StudentBundle:
-    torch.manual_seed(0)
-    mc = ModelConfig(name="abmil", in_dim=base.dim, num_classes=len(CLASSES), hidden_dim=32, attention_dim=16)
-    meta = BundleMeta(
-        encoder_name=base.name,
-        encoder_weights_hash=base.weights_hash,
-        encoder_dim=base.dim,
-        encoder_fingerprint=base.fingerprint,
-        low_mpp=2.0,
-        low_patch_size=256,
-        high_mpp=0.5,
-        high_patch_size=256,
-        child_grid=4,
-        token_grid=4,
-        student_input="pooled",
-        class_names=CLASSES,
-        tissue=TissueConfig().model_dump(mode="json"),
-        tiling=TilingConfig().model_dump(mode="json"),
+    return tiny_student_bundle(
+        base,
+        CLASSES,
+        weights=weights,
         low_encoder_weights_hash=finetuned.weights_hash,
         low_encoder_fingerprint=finetuned.fingerprint,
     )
-    adapter = build_adapter(AdapterSpec(in_dim=base.dim, out_dim=base.dim, hidden_dim=32))
-    return StudentBundle(meta, adapter, build_model(mc), build_model(mc), mc, mc, weights)
 
 
 def _cfg(**kw: object) -> PredictConfig:

@@ -35,9 +35,10 @@ from fedslide.client.tissue import segment_tissue
 from fedslide.common.config.model import ModelConfig
 from fedslide.common.config.predict import PredictConfig, QupathConfig
 from fedslide.common.config.preprocess import SlideConfig, TilingConfig, TissueConfig
-from fedslide.common.distillation.adapter import AdapterSpec, build_adapter
-from fedslide.common.distillation.bundle import BundleMeta, StudentBundle
+from fedslide.common.distillation.bundle import StudentBundle
 from fedslide.common.models.registry import build_model
+
+from tests.feature_sites import tiny_student_bundle
 
 CLASSES = ["normal", "tumor"]
 SLIDE = "CMU-1-Small-Region"
@@ -54,26 +55,7 @@ def _cli(argv: list[str]) -> int:
 
 
 def _bundle(encoder: PatchEncoder, student_input: str) -> StudentBundle:
-    torch.manual_seed(0)
-    mc = ModelConfig(name="abmil", in_dim=encoder.dim, num_classes=2, hidden_dim=32, attention_dim=16)
-    meta = BundleMeta(
-        encoder_name=encoder.name,
-        encoder_weights_hash=encoder.weights_hash,
-        encoder_dim=encoder.dim,
-        encoder_fingerprint=encoder.fingerprint,
-        low_mpp=2.0,
-        low_patch_size=256,
-        high_mpp=0.5,
-        high_patch_size=256,
-        child_grid=4,
-        token_grid=4,
-        student_input=student_input,
-        class_names=CLASSES,
-        tissue=TissueConfig().model_dump(mode="json"),
-        tiling=TilingConfig().model_dump(mode="json"),
-    )
-    adapter = build_adapter(AdapterSpec(in_dim=encoder.dim, out_dim=encoder.dim, hidden_dim=32))
-    return StudentBundle(meta, adapter, build_model(mc), build_model(mc), mc, mc)
+    return tiny_student_bundle(encoder, CLASSES, student_input)
 
 
 # ---- geometry units -------------------------------------------------------------------------------------------
