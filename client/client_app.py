@@ -46,6 +46,7 @@ from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
 from fedslide.common.federation.feature_stats import feature_sums_allowed, feature_sums_record, stats_from_record
 from fedslide.common.federation.models import fingerprint
+from fedslide.common.federation.ood_stats import site_ood_sums, with_ood_sums
 from fedslide.common.training.errors import TrainingInputError
 from fedslide.common.training.standardize import site_feature_sums
 
@@ -219,6 +220,11 @@ def handshake(message: Message, context: Context, site: SiteRun) -> Message:
         sums = site_feature_sums(site.high_cohort(), data.split("train"), site.cfg.min_count)
         content[p.STATS] = feature_sums_record(sums)
         allowed = feature_sums_allowed(data.feature_dim)
+    if site.cfg.ood_stats and not site.cfg.pixel_stage1:  # the training slides' mean 5x features (OOD score)
+        bags = [data.slides[i].low.features for i in data.split("train")]
+        release = site_ood_sums(bags, data.feature_dim, site.cfg.min_count)
+        stats = content.array_records[p.STATS] if p.STATS in content.array_records else None
+        content[p.STATS], allowed = with_ood_sums(stats, allowed, release, data.feature_dim)
     return _send(message, site, content, allowed)
 
 
@@ -258,6 +264,7 @@ def evaluate(message: Message, context: Context, site: SiteRun) -> Message:
                 for model, key in (("teacher_high", ph.TEACHER_TEMPERATURE), ("student_low", ph.STUDENT_TEMPERATURE))
                 if key in config
             },
+            c.array_records.get(ph.OOD),
         )
     else:
         metrics = phases.validate(site, phase, message.content)

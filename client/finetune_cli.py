@@ -23,6 +23,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("site", type=Path, metavar="SITE_DIR", help="site directory (slides/ and features/)")
+    p.add_argument(
+        "--method",
+        choices=["lrmil", "vib"],
+        default="lrmil",
+        help="lrmil: pixel stage 1 on 5× patches ([finetune]); vib: task-specific fine-tuning of the 20× encoder "
+        "through an information bottleneck's selected instances ([vib]; labels needed)",
+    )
     p.add_argument("--encoder", default=None, help="encoder name (default efficientnet_lite0)")
     p.add_argument("--weights", type=Path, default=None, help="local weights file of the site's encoder")
     p.add_argument("--trainable", choices=["all", "last-n", "lora"], default=None, help="what trains")
@@ -47,6 +54,10 @@ def _layers(text: str | None) -> list[int | str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.method == "vib":
+        from fedslide.client.vib_cli import run_vib
+
+        return run_vib(args)
     from fedslide.client.lowres_finetune import run_site
     from fedslide.client.slides import SlideError
     from fedslide.common.features import FeatureFileError

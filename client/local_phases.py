@@ -37,6 +37,7 @@ from fedslide.common.distillation.clustering import (
 )
 from fedslide.common.distillation.crossres import evaluate_adapter, train_adapter_epochs
 from fedslide.common.distillation.mil import metrics_from_logits, slide_outputs, train_epochs
+from fedslide.common.distillation.ood import OODStats, slide_embeddings
 from fedslide.common.distillation.pipeline import bundle_meta
 from fedslide.common.distillation.stages import (
     KDTargets,
@@ -54,6 +55,7 @@ from fedslide.common.distillation.student import attention_kd_width, student_bag
 from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
 from fedslide.common.federation.temperature import grid_metrics
+from fedslide.common.federation.ood_stats import ood_from_record
 from fedslide.common.federation.models import (
     adapter_spec,
     load_record,
@@ -209,6 +211,10 @@ def _stage1_patches(site: SiteRun, s1: Stage1Site) -> PatchSet:
 
 def pixel_stage1_init(site: SiteRun) -> tuple[ArrayRecord, Metrics]:
     """The site's initial trainable encoder parameters (the server starts the phase from one site's)."""
+    if site.cfg.pixel_stage1_objective == "vib":
+        from fedslide.client.vib_phases import vib_init
+
+        return vib_init(site, _seed(site, SEED_OFFSETS.pixel_stage1, 0))
     s1 = _stage1(site)
     return encoder_record(s1.trainer), {ph.NUM_EXAMPLES: int(site.split("train").size)}
 
@@ -216,6 +222,11 @@ def pixel_stage1_init(site: SiteRun) -> tuple[ArrayRecord, Metrics]:
 def pixel_stage1_round(site: SiteRun, record: ArrayRecord, server_round: int) -> tuple[ArrayRecord, Metrics]:
     """Validate the global encoder (the stage-1 loss on the site's patches, no jitter), then train it for the local
     epochs; only the trainable parameters go back. Pixels, patches and targets stay here."""
+    if site.cfg.pixel_stage1_objective == "vib":
+        from fedslide.client.vib_phases import vib_round
+
+        seed = _seed(site, SEED_OFFSETS.pixel_stage1, 0)
+        return vib_round(site, record, seed, _seed(site, SEED_OFFSETS.pixel_stage1, server_round))
     s1 = _stage1(site, server_round)
     _load_encoder_record(s1.trainer, record)
     patches = _stage1_patches(site, s1)
@@ -234,6 +245,10 @@ def pixel_stage1_round(site: SiteRun, record: ArrayRecord, server_round: int) ->
 
 
 def _validate_pixel_stage1(site: SiteRun, content: RecordDict) -> Metrics:
+    if site.cfg.pixel_stage1_objective == "vib":
+        from fedslide.client.vib_phases import vib_validate
+
+        return vib_validate(site, content.array_records[p.ARRAYS], _seed(site, SEED_OFFSETS.pixel_stage1, 0))
     s1 = _stage1(site)
     _load_encoder_record(s1.trainer, content.array_records[p.ARRAYS])
     patches = _stage1_patches(site, s1)
@@ -249,6 +264,10 @@ def pixel_stage1_reencode(site: SiteRun, record: ArrayRecord) -> Metrics:
     (resumable, keyed by its weights hash); the later phases of the run read those files."""
     from fedslide.client.lowres_finetune import FINETUNED_SUFFIX, reencode_site, save_weights
 
+    if site.cfg.pixel_stage1_objective == "vib":
+        from fedslide.client.vib_phases import vib_reencode
+
+        return vib_reencode(site, record, _seed(site, SEED_OFFSETS.pixel_stage1, 0))
     start = time.perf_counter()
     cfg = site.cfg.finetune
     s1 = _stage1(site)
@@ -656,11 +675,13 @@ def final_evaluation(
     adapter: ArrayRecord,
     split: str = "test",
     temperatures: dict[str, float] | None = None,
+    ood: ArrayRecord | None = None,
 ) -> Metrics:
     """Keep the final adapter + student as a bundle and per-slide predictions here; metrics of teacher (high),
     student and baseline (low) on the site's `split` slides ("all": every labelled slide, an evaluation-only site).
     `temperatures` ("teacher_high", "student_low"; 1 when absent) go into the bundle and scale the logits of the
-    metrics and predictions, so that they are the bundle's outputs (as `fedslide evaluate` scores bundles)."""
+    metrics and predictions, so that they are the bundle's outputs (as `fedslide evaluate` scores bundles).
+    `ood`: the federation's pooled OOD statistics (the evaluation's `ood` record; none: no OOD score)."""
     temperatures = temperatures or {}
     data = site.data()
     idx = np.arange(len(data.slides)) if split == "all" else data.split(split)
@@ -678,9 +699,15 @@ def final_evaluation(
         teacher_model,
         student_config(site.cfg, site.facts),
         teacher_config(site.cfg, site.facts),
-        low_encoder_weights=site.run_dir / STAGE1_ENCODER if site.finetuned_low() else None,
+        # the VIB objective fine-tunes the encoder of both levels: no separate low-res encoder
+        low_encoder_weights=(
+            site.run_dir / STAGE1_ENCODER
+            if site.finetuned_low() and site.cfg.pixel_stage1_objective == "lrmil"
+            else None
+        ),
         student_scaling=ModelScaling(s_stats, temperatures.get("student_low", 1.0)),
         teacher_scaling=ModelScaling(site.feature_stats, temperatures.get("teacher_high", 1.0)),
+        ood=site_ood(site, ood, split),
     ).save(site.run_dir / BUNDLE_DIR)
     metrics: Metrics = {ph.N_TEST: int(idx.size), ph.NUM_EXAMPLES: int(idx.size)}
     if not idx.size:
@@ -704,6 +731,17 @@ def final_evaluation(
     metrics[ph.cost_metric("high", "seconds_per_slide")] = timed["teacher_high"][1]
     metrics[ph.cost_metric("low", "seconds_per_slide")] = timed["student_low"][1]
     return metrics
+
+
+def site_ood(site: SiteRun, record: ArrayRecord | None, split: str) -> OODStats | None:
+    """The pooled OOD statistics with the flag threshold set on this site's validation slides (which stay here);
+    no threshold at an evaluation-only site (`split` "all": its slides may themselves be out of distribution)."""
+    if record is None:
+        return None
+    data = site.data()
+    stats = ood_from_record(record, data.feature_dim)
+    val = [] if split == "all" else [data.slides[i].low.features for i in data.split("val")]
+    return stats.with_threshold(slide_embeddings(val) if val else np.zeros((0, data.feature_dim)))
 
 
 # ---- the site steps of the weights phases, by phase: one local round, and validation of the global model ----

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import h5py
 import numpy as np
@@ -717,9 +717,16 @@ def _reencoded_meta(src: dict[str, Any], encoder: PatchEncoder, chash: str, toke
 
 
 def reencode_site(
-    site_dir: Path | str, cfg: FinetuneConfig, weights: Path | str, encoder: PatchEncoder | None = None
+    site_dir: Path | str,
+    cfg: FinetuneConfig,
+    weights: Path | str,
+    encoder: PatchEncoder | None = None,
+    *,
+    level: Literal["low", "high"] = "low",
+    features_name: str | None = None,
 ) -> ReencodeSummary:
-    """Re-encode every complete 5× feature file of the site with the fine-tuned encoder, on the same grid.
+    """Re-encode every complete 5× (or, with `level` = high, 20×) feature file of the site with the fine-tuned
+    encoder, on the same grid, into `features/<features_name>/<level>` (default `<encoder>-finetuned`).
 
     Resumable: a slide whose target is complete with the same settings (source file's settings, encoder
     identity including the fine-tuned weights hash, token grid) is skipped; a changed hash redoes it.
@@ -730,21 +737,29 @@ def reencode_site(
     encoder = (encoder or build_finetuned(cfg, weights)).to(device).eval()
     base_name = cfg.encoder.name
     summary = ReencodeSummary(weights_hash=encoder.weights_hash)
-    files = _site_files(site_dir, cfg, base_name, need_high=False)
-    bar = tqdm(files, desc="re-encode 5×", unit="slide", disable=not cfg.progress)
+    high = level == "high"
+    files = _site_files(site_dir, cfg, base_name, need_high=high)
+    bar = tqdm(files, desc="re-encode 20×" if high else "re-encode 5×", unit="slide", disable=not cfg.progress)
     for sf in bar:
-        arrays, src = _grid_arrays(sf.low, ["coords"])
+        source = sf.high if high else sf.low
+        arrays, src = _grid_arrays(source, ["coords", "parent", "child"] if high else ["coords"])
         token_grid = int(src.get("token_grid", 0) or 0) if encoder.has_feature_map else 0
         chash = config_hash({"source": src.get("config_hash", ""), "encoder": encoder.identity(), "tokens": token_grid})
-        target = finetuned_feature_path(site_dir, base_name, sf.slide_id)
+        target = (
+            feature_path(site_dir, features_name, level, sf.slide_id)
+            if features_name is not None
+            else finetuned_feature_path(site_dir, base_name, sf.slide_id)
+        )
         if not cfg.overwrite and is_complete(target, chash):
             summary.skipped.append(sf.slide_id)
             continue
         recorded = recorded_preprocess(src)
         if recorded is None:
-            raise FeatureFileError(f"{sf.low}: records no tiling settings; rerun `fedslide preprocess`")
+            raise FeatureFileError(f"{source}: records no tiling settings; rerun `fedslide preprocess`")
         tiling = TilingConfig.model_validate(recorded[1])
-        stain = stain_identity(src, sf.low)  # re-read as preprocessing read the source file's patches
+        if high:  # the 20× grid read as a grid of its own: cells at the high mpp and patch size
+            tiling = tiling.model_copy(update={"low_mpp": tiling.high_mpp, "low_patch_size": tiling.high_patch_size})
+        stain = stain_identity(src, source)  # re-read as preprocessing read the source file's patches
         coords = arrays["coords"].astype(np.int64)
         grid = PairedGrid(
             ratio=tiling.ratio,
@@ -768,7 +783,7 @@ def reencode_site(
             stain=stain_normalizer_from_identity(stain),
         )
         meta = _reencoded_meta(src, encoder, chash, token_grid)
-        with FeatureWriter(target, meta, with_tokens=token_grid > 0) as writer:
+        with FeatureWriter(target, meta, with_parent=high, with_tokens=token_grid > 0) as writer:
             for batch in encode_grid(
                 dataset,
                 encoder,
@@ -778,7 +793,17 @@ def reencode_site(
                 precision=cfg.encoder.precision,
                 token_grid=token_grid,
             ):
-                writer.append(batch.features, coords[batch.index], tokens=batch.tokens)
+                rows = batch.index
+                if high:
+                    writer.append(
+                        batch.features,
+                        coords[rows],
+                        parent=arrays["parent"][rows],
+                        child=arrays["child"][rows],
+                        tokens=batch.tokens,
+                    )
+                else:
+                    writer.append(batch.features, coords[rows], tokens=batch.tokens)
         summary.done.append(sf.slide_id)
     bar.close()
     summary.seconds = time.perf_counter() - t0

@@ -21,14 +21,14 @@ from fedslide.common.config.preprocess import TilingConfig
 class PatchBatch:
     """A batch of patches ready for the encoder and where each one goes."""
 
-    pixels: torch.Tensor  # [B, 3, H, W] uint8
+    pixels: torch.Tensor  # [B, 3, H, W] uint8 in channels-last memory (a view of [B, H, W, 3]: no copy to the encoder)
     resolution: list[str]  # "low" / "high" per row
     index: np.ndarray  # [B] index into that resolution's grid arrays
     stain_fallback: np.ndarray  # [B] bool: stain normalisation was asked for but the tile was left as read
 
 
 class RegionDataset(Dataset):
-    """Item k = the patches of low-res grid cell k: the low patch and/or its kept high children.
+    """Item k = the patches of low-res grid cell k: the low patch and/or its kept high children ([N, H, W, 3] uint8).
 
     Each worker process opens its own slide handle (OpenSlide handles are not shared across processes).
     With `stain`, every patch is stain-normalised as read (a high patch on its own, not as part of its block).
@@ -95,15 +95,16 @@ class RegionDataset(Dataset):
                     kinds.append("high")
                     indices.append(int(h))
         if not patches:
-            empty = np.zeros((0, 3, t.high_patch_size, t.high_patch_size), np.uint8)
+            empty = np.zeros((0, t.high_patch_size, t.high_patch_size, 3), np.uint8)
             return empty, [], np.zeros(0, np.int64), np.zeros(0, bool)
         sizes = {p.shape[0] for p in patches}
         if len(sizes) > 1:
             raise ValueError("low and high patch sizes differ; encode them in separate passes")
-        stacked = np.ascontiguousarray(np.stack(patches).transpose(0, 3, 1, 2))
+        stacked = np.stack(patches)  # [N, H, W, 3]: stays channels-last up to the encoder
         fell_back = np.zeros(len(kinds), dtype=bool)
         if self.stain is not None:
-            stacked, fell_back = self.stain(stacked)
+            normalized, fell_back = self.stain(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
+            stacked = np.ascontiguousarray(normalized.transpose(0, 2, 3, 1))
         return stacked, kinds, np.asarray(indices, dtype=np.int64), fell_back
 
 
@@ -157,7 +158,7 @@ def _take(
     all_pixels = np.concatenate(pixels) if len(pixels) > 1 else pixels[0]
     all_index = np.concatenate(index) if len(index) > 1 else index[0]
     all_fallback = np.concatenate(fallback) if len(fallback) > 1 else fallback[0]
-    head = torch.from_numpy(np.ascontiguousarray(all_pixels[:n]))
+    head = torch.from_numpy(np.ascontiguousarray(all_pixels[:n])).permute(0, 3, 1, 2)  # channels-last view
     if pin_memory:
         head = head.pin_memory()
     batch = PatchBatch(

@@ -25,7 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Predict every slide in SLIDES with the student of a model bundle, reading low-res patches only: "
             "thumbnail -> tissue -> low-res grid -> encoder -> student. Writes OUT/predictions.csv, "
             "OUT/heatmaps/<slide_id>.png, OUT/overlays/<slide_id>.npz (for `fedslide export-qupath`), OUT/timing.json "
-            "and OUT/failures.csv (bad slides); with --geojson also OUT/qupath/<slide_id>.geojson for QuPath. "
+            "OUT/report.html and OUT/failures.csv (bad slides); with --geojson also OUT/qupath/<slide_id>.geojson for "
+            "QuPath. A bundle with OOD statistics adds ood_score and ood_flag to predictions.csv and a WARNING line "
+            "naming the slides unlike its training slides. "
             "Exit codes: 0 all slides predicted, 2 bad model directory, options or no slides, "
             "3 some slides failed (see failures.csv)."
         ),
@@ -40,6 +42,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="K",
         help="also encode the high-res children of the K most attended low-res patches and run the teacher on them",
+    )
+    p.add_argument(
+        "--zoom-threshold",
+        dest="zoom_threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help="also zoom into the low-res patches whose relevance (attention scaled to [0, 1] per slide) is above T, "
+        "as AHDMIL's pre-screen; with --zoom K at most the K most relevant",
     )
     p.add_argument(
         "--resolution",
@@ -79,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     values = {
         "zoom_k": args.zoom_k,
+        "zoom_threshold": args.zoom_threshold,
         "resolution": args.resolution,
         "slide.mpp_override": args.mpp,
         "num_workers": args.workers,

@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -147,8 +148,12 @@ class SitePreprocessor:
         self._write_reports(out_dir, summary)
         return summary
 
-    def process_slide(self, path: Path, site_dir: Path) -> SlideResult:
-        """Preprocess one slide; return its result (status 'failed' with the reason on bad input)."""
+    def process_slide(self, path: Path, site_dir: Path, before_commit: Callable[[], None] | None = None) -> SlideResult:
+        """Preprocess one slide; return its result (status 'failed' with the reason on bad input).
+
+        `before_commit` runs after encoding, before the feature files are renamed into place; raising there
+        discards them (a worker that lost its slide claim).
+        """
         slide_id = slide_id_of(path)
         t0 = time.perf_counter()
         targets = {r: feature_path(site_dir, self.encoder.name, r, slide_id) for r in self.resolutions}
@@ -168,7 +173,7 @@ class SitePreprocessor:
                         f"thresholds tiling.min-tissue-low={self.cfg.tiling.min_tissue_low}, "
                         f"tiling.min-tissue-high={self.cfg.tiling.min_tissue_high})"
                     )
-                counts = self._encode_slide(slide, grid, todo, targets, hashes)
+                counts = self._encode_slide(slide, grid, todo, targets, hashes, before_commit)
                 self._write_clam(site_dir, slide_id, targets, todo)
                 if self.cfg.qc_images:
                     write_qc_image(site_dir / "qc" / f"{slide_id}.png", slide, tissue, grid)
@@ -235,6 +240,7 @@ class SitePreprocessor:
         todo: list[str],
         targets: dict[str, Path],
         hashes: dict[str, str],
+        before_commit: Callable[[], None] | None = None,
     ) -> dict[str, int]:
         t = self.cfg.tiling
         passes = [todo] if t.low_patch_size == t.high_patch_size else [[r] for r in todo]
@@ -258,6 +264,8 @@ class SitePreprocessor:
             for resolutions in passes:
                 self._encode_pass(slide, grid, resolutions, writers, bar, fallbacks)
             bar.close()
+            if before_commit is not None:
+                before_commit()
         if self.stain is not None and any(fallbacks.values()):
             log.info("slide %s: %s tiles left un-normalised (too little stain)", slide.slide_id, fallbacks)
         counts = {r: (len(grid.low_coords) if r == "low" else len(grid.high_coords)) for r in todo}
@@ -315,7 +323,8 @@ class SitePreprocessor:
                     )
             bar.update(len(batch))
 
-    def _write_reports(self, out_dir: Path, summary: SiteSummary) -> None:
+    @staticmethod
+    def _write_reports(out_dir: Path, summary: SiteSummary) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         failures = out_dir / FAILURES_FILE
         if summary.failed:

@@ -38,12 +38,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="also write CLAM's layout: SITE/clam/<encoder>/<high|low>/{h5_files,pt_files}/",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    p.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default=None,
+        help="local (default): slides one after another here; ray: one task per slide over a Ray cluster",
+    )
+    p.add_argument(
+        "--ray-address", default=None, help="Ray cluster to join, e.g. auto or HOST:6379 (implies --executor ray)"
+    )
     add_config_arguments(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from fedslide.client.preprocess import preprocess_site
+    from fedslide.client.preprocess_ray import preprocess_site_ray
     from fedslide.client.slides import SlideError
 
     values = {
@@ -57,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         "overwrite": args.overwrite,
         "clam_layout": args.clam_layout,
         "progress": args.progress,
+        "executor": args.executor or ("ray" if args.ray_address else None),
+        "ray_address": args.ray_address,
     }
     cfg = config_from_args(PreprocessConfig, args, "preprocess", values)
     for site in args.sites:
@@ -66,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     code = EXIT_OK
     for site in args.sites:
         try:
-            summary = preprocess_site(site, cfg)
+            summary = preprocess_site(site, cfg) if cfg.executor == "local" else preprocess_site_ray(site, cfg)
         except SlideError as exc:
             print(f"fedslide preprocess: {exc}", file=sys.stderr)
             return EXIT_USAGE

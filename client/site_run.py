@@ -201,14 +201,15 @@ class SiteRun:
             store = held_features()
             hits = store.hits if store is not None else 0
             tuned = self.finetuned_low()
+            vib = tuned is not None and tuned.get("objective") == "vib"  # both levels re-encoded under a new name
             self._data = load_sites(
                 [self.site_dir],
-                self.cfg.encoder,
+                tuned["features"] if tuned is not None and vib else self.cfg.encoder,
                 seed=self.cfg.seed,
                 classes=classes,
                 store=store,
                 carving=self.cfg.carve,
-                low_features=tuned["features"] if tuned else None,
+                low_features=tuned["features"] if tuned and not vib else None,
             )
             if tuned and str(self._data.low_attrs.get("encoder_weights_hash")) != tuned["weights_hash"]:
                 found = self._data.low_attrs.get("encoder_weights_hash")

@@ -13,6 +13,9 @@ present) is NaN, written as null in JSON.
   slides of the squared distance between the probability vector and the one-hot label, in [0, 2].
 - ece: expected calibration error with `n_bins` equal-width bins over the confidence
   (max probability) in (0, 1]: sum over bins of (bin size / n) * |accuracy - mean confidence|.
+
+Per class (`per_class_metrics`, for subtyping tasks): precision / recall / F1, one-vs-rest AUC, classwise ECE
+(the same bins over each class's probability, averaged over classes) and the confusion matrix.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -90,6 +94,61 @@ def expected_calibration_error(
         in_bin = bins == b
         ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
     return float(ece)
+
+
+def confusion(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Confusion matrix [C, C] of the argmax prediction: row = true class, column = predicted class."""
+    from sklearn.metrics import confusion_matrix
+
+    y, p = _check(y_true, probs)
+    return confusion_matrix(y, p.argmax(axis=1), labels=np.arange(p.shape[1])).astype(np.int64)
+
+
+def classwise_ece(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, n_bins: int = DEFAULT_ECE_BINS) -> np.ndarray:
+    """Per-class calibration error [C] (Kull et al. 2019): for class c, equal-width bins over p[:, c] as in
+    `expected_calibration_error`, summing (bin size / n) * |share of slides of class c - mean p[:, c]|.
+    The classwise ECE is their mean; NaN for every class when there are no slides."""
+    y, p = _check(y_true, probs)
+    out = np.full(p.shape[1], math.nan)
+    if y.size == 0:
+        return out
+    for c in range(p.shape[1]):
+        score, hit = p[:, c], (y == c).astype(np.float64)
+        bins = np.clip(np.ceil(score * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+        out[c] = sum(
+            float((bins == b).mean() * abs(hit[bins == b].mean() - score[bins == b].mean())) for b in np.unique(bins)
+        )
+    return out
+
+
+def per_class_metrics(
+    y_true: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str], n_bins: int = DEFAULT_ECE_BINS
+) -> dict[str, Any]:
+    """Per-class report of one set of slides: precision, recall, F1 and one-vs-rest AUC per class name (NaN AUC for
+    a class absent or alone), classwise ECE per class and its mean (`classwise_ece`), and the confusion matrix
+    (rows = true, columns = predicted, in `classes` order)."""
+    from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+
+    y, p = _check(y_true, probs)
+    if len(classes) != p.shape[1]:
+        raise ValueError(f"{len(classes)} class names {list(classes)} for probabilities of {p.shape[1]} classes")
+    k = p.shape[1]
+    pred = p.argmax(axis=1)
+    precision, recall, f1s, support = precision_recall_fscore_support(y, pred, labels=np.arange(k), zero_division=0.0)
+    auc = [float(roc_auc_score(y == c, p[:, c])) if 0 < int((y == c).sum()) < y.size else math.nan for c in range(k)]
+    ece = classwise_ece(y, p, n_bins)
+    names = [str(c) for c in classes]
+    return {
+        "classes": names,
+        "support": dict(zip(names, (int(v) for v in support))),
+        "precision": dict(zip(names, (float(v) for v in precision))),
+        "recall": dict(zip(names, (float(v) for v in recall))),
+        "f1": dict(zip(names, (float(v) for v in f1s))),
+        "auc_ovr": dict(zip(names, auc)),
+        "ece": dict(zip(names, (float(v) for v in ece))),
+        "classwise_ece": float(np.mean(ece)) if y.size else math.nan,
+        "confusion_matrix": confusion(y, p).tolist(),
+    }
 
 
 def classification_metrics(

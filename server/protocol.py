@@ -29,6 +29,7 @@ from fedslide.common.distillation.student import starts_from_teacher
 from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
 from fedslide.common.federation.feature_stats import federated_stats, stats_record
+from fedslide.common.federation.ood_stats import federated_ood, ood_record
 from fedslide.common.federation.temperature import pick_temperature
 from fedslide.common.federation.models import (
     fingerprint,
@@ -91,6 +92,7 @@ class Federation:
     accountant: Any = None  # server.privacy's RDP accountant when DP is on
     timings: dict[str, float] = field(default_factory=dict)
     standardize: ArrayRecord | None = None  # the pooled standardisation sent to the sites (`standardize = true`)
+    ood: ArrayRecord | None = None  # the pooled OOD statistics sent with the evaluation (`ood-stats = true`)
 
     @property
     def run_id(self) -> str:
@@ -161,6 +163,7 @@ def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
             _readmit_by_name(fed, [n for n in connected if n not in known])
         fed.grid.admitted = set(fed.sites)
         fed.standardize = fed.ckpt.load_arrays(STANDARDIZE_KEY)
+        fed.ood = fed.ckpt.load_arrays(OOD_KEY)
         if fed.cfg.standardize and fed.standardize is None:
             raise FederationError(
                 f"standardize = true but the checkpoint of {fed.run_dir} holds no pooled statistics (the run began "
@@ -200,6 +203,15 @@ def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
             f"handshake: {len(fed.sites)} site(s) admitted, min-nodes = {fed.cfg.min_nodes}; refused: {fed.refused}"
         )
     classes = sorted({c for s in [*fed.sites.values(), *fed.eval_sites.values()] for c in s.classes})
+    if fed.cfg.classes is not None:  # the configured label map: its order, and no site label outside it
+        everyone = [*fed.sites.values(), *fed.eval_sites.values()]
+        outside = {s.name: sorted(set(s.classes) - set(fed.cfg.classes)) for s in everyone}
+        if any(outside.values()):
+            raise FederationError(
+                "handshake: labels outside federation.classes "
+                f"({', '.join(fed.cfg.classes)}): " + "; ".join(f"site {k}: {v}" for k, v in outside.items() if v)
+            )
+        classes = list(fed.cfg.classes)
     if len(classes) < 2:
         raise FederationError(f"handshake: the sites' labels have {len(classes)} class(es) {classes}; need at least 2")
     first = next(iter(fed.sites.values()))
@@ -213,6 +225,8 @@ def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
     fed.grid.admitted = set(fed.sites)
     if fed.cfg.standardize:
         _pool_standardize(fed, replies)
+    if fed.cfg.ood_stats and not fed.cfg.pixel_stage1:
+        _pool_ood(fed, replies)
     _commit_handshake(fed)
     log.info("handshake: admitted %s; refused %d", ", ".join(s.name for s in fed.sites.values()), len(fed.refused))
 
@@ -237,6 +251,30 @@ def _pool_standardize(fed: Federation, replies: dict[int, Message]) -> None:
     fed.standardize = stats_record(stats)
     fed.ckpt.save_arrays(STANDARDIZE_KEY, fed.standardize)
     log.info("handshake: standardisation pooled over %d instances of %d site(s)", stats.count, len(records))
+
+
+OOD_KEY = "ood"  # the checkpoint's arrays of the pooled OOD statistics
+
+
+def _pool_ood(fed: Federation, replies: dict[int, Message]) -> None:
+    """The training sites' OOD sums pooled (a release of fewer than suppress-below slides counts for nothing), kept
+    in the checkpoint and sent with the evaluation; without any usable release the bundles carry no OOD score."""
+    assert fed.facts is not None
+    records = []
+    for node, info in sorted(fed.sites.items()):
+        record = replies[node].content.array_records.get(p.STATS)
+        if record is None or ph.OOD_SUMS not in record:
+            log.warning("handshake: site %s sent no OOD sums; its slides do not count in the OOD statistics", info.name)
+            continue
+        records.append(record)
+    try:
+        stats = federated_ood(records, fed.facts.feature_dim, fed.cfg.min_count)
+    except ValueError as exc:
+        log.warning("handshake: no OOD statistics (the bundles will carry no OOD score): %s", exc)
+        return
+    fed.ood = ood_record(stats)
+    fed.ckpt.save_arrays(OOD_KEY, fed.ood)
+    log.info("handshake: OOD statistics pooled over %d training slides", stats.slides)
 
 
 def _ask_sites(fed: Federation, nodes: list[int]) -> dict[int, Message]:
@@ -810,6 +848,8 @@ def final_evaluation(
     fed.grid.admitted = set(fed.sites) | set(fed.eval_sites)
     fed.grid.phase = ph.EVALUATION.phase
     records = fed.with_standardize(ph.EVALUATION, records)
+    if fed.ood is not None:
+        records = {**records, ph.OOD: fed.ood}
     ph.EVALUATION.check_sent(records)
     messages = []
     connected = set(fed.grid.get_node_ids())

@@ -170,6 +170,7 @@ def test_nothing_but_weights_statistics_and_metrics_left_any_site(
             for c in range(result.fed.cfg.clusters.num_clusters)
         },
     }
+    statistics = {"sums", "counts", "ood-sums", "ood-squares", "ood-counts"}  # cluster and low-res feature statistics
     assert grid.received, "no replies recorded"
     for reply in grid.received:
         text = json.dumps(
@@ -178,7 +179,7 @@ def test_nothing_but_weights_statistics_and_metrics_left_any_site(
         )
         assert not any(sid in text for sid in slide_ids)
         for name, record in reply.content.array_records.items():
-            assert set(record) <= set(sizes) | {"sums", "counts"}, name
+            assert set(record) <= set(sizes) | statistics, name
             for key in set(record) & set(sizes):
                 assert record[key].dtype == "float32" and len(record[key].shape) == 1, key
                 assert record[key].shape[0] in sizes[key], (key, record[key].shape)
@@ -189,7 +190,7 @@ def test_nothing_but_weights_statistics_and_metrics_left_any_site(
         raw = (site / "runs" / "full" / "egress.jsonl").read_text()
         assert not any(sid in raw for sid in slide_ids)
         for entry in ledger:
-            assert {a["name"] for a in entry["arrays"]} <= set(sizes) | {"sums", "counts"}
+            assert {a["name"] for a in entry["arrays"]} <= set(sizes) | statistics
             assert entry["bytes"] > 0
     assert phases_seen == {
         "handshake",

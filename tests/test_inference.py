@@ -30,7 +30,7 @@ from fedslide.client.inference import (
     predict_slides,
 )
 from fedslide.client.inference.slide import heatmap_mpp
-from fedslide.client.inference.zoom import region_scores, select_regions, subset_grid
+from fedslide.client.inference.zoom import region_relevance, region_scores, select_regions, subset_grid
 from fedslide.client.predict_cli import add_parser
 from fedslide.client.preprocess import SitePreprocessor
 from fedslide.client.slides import SlideReader
@@ -330,6 +330,49 @@ def test_bad_slides_listed_and_good_one_predicted(
     assert not (out / "heatmaps").exists()
     captured = capsys.readouterr()
     assert "predicted 1 slide(s), 3 failed" in captured.out and "nompp" in captured.err
+
+
+def test_zoom_threshold_selects_the_relevant_regions(
+    slides: Path, bundle_dirs: dict[str, Path], encoder: PatchEncoder, tmp_path: Path
+) -> None:
+    bundle = load_bundle(bundle_dirs["tokens"])
+    slide = slides / "a40.svs"
+    low = predict_slide(slide, bundle, encoder, _cfg(), keep_arrays=True)
+    assert low.low_pass is not None
+    arrays = low.low_pass
+    _, att, low_index, _ = bundle.predict_low(
+        torch.from_numpy(arrays.features), torch.from_numpy(arrays.tokens), torch.from_numpy(arrays.coords)
+    )
+    relevance = region_relevance(region_scores(att.numpy(), low_index.numpy(), low.patches_low))
+    threshold = float(np.sort(relevance)[-2]) - 1e-6  # the two most relevant regions pass (ties aside)
+    run = predict_slides(
+        [slide], bundle, tmp_path / "thr", _cfg(zoom_threshold=threshold, heatmaps=False), encoder=encoder
+    )
+    z = run.predictions[0].zoom
+    assert z is not None
+    expected = np.flatnonzero(relevance > threshold)
+    assert set(z.regions.tolist()) <= set(expected.tolist()) and len(z.regions) >= 1  # regions with children
+    timing = json.loads((run.out_dir / "timing.json").read_text())["summary"]["zoom"]
+    assert timing["threshold"] == pytest.approx(threshold) and timing["rule"].startswith("relevance >")
+    with (run.out_dir / "predictions.csv").open() as fh:
+        row = next(csv.DictReader(fh))
+    assert int(row["zoom_regions"]) == len(z.regions)
+    assert any("zoom relevance >" in line for line in run.summary_lines())
+    # a cap of one region keeps only the most relevant of those that pass
+    capped = predict_slides(
+        [slide], bundle, tmp_path / "cap", _cfg(zoom_threshold=threshold, zoom_k=1, heatmaps=False), encoder=encoder
+    )
+    zc = capped.predictions[0].zoom
+    assert zc is not None and zc.regions.tolist() == [int(np.argmax(relevance))]
+
+
+def test_zoom_threshold_out_of_range_is_a_usage_error(
+    slides: Path, bundle_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    argv = ["predict", "--slides", str(slides), "--model", str(bundle_dirs["tokens"]), "--out", str(tmp_path / "o")]
+    assert _cli([*argv, "--zoom-threshold", "1.5"]) == 2
+    assert _cli([*argv, "--zoom-threshold", "0.5", "--resolution", "high"]) == 2
+    assert not (tmp_path / "o").exists()
 
 
 def test_options_the_bundle_cannot_serve_are_refused(encoder: PatchEncoder, slides: Path, tmp_path: Path) -> None:

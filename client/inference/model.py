@@ -149,10 +149,11 @@ def load_encoder(bundle: StudentBundle, cfg: PredictConfig, resolution: str = "h
 
 def check_mode(bundle: StudentBundle, cfg: PredictConfig) -> None:
     """Refuse options the bundle cannot serve (zoom or high-res mode without a teacher)."""
-    if cfg.resolution == "high" and cfg.zoom_k:
+    if cfg.resolution == "high" and cfg.zoom:
         raise ConfigError(
-            "--zoom (predict.zoom-k) works on top of the low-res pass; it cannot be combined with --resolution high"
+            "--zoom / --zoom-threshold (predict.zoom-k, predict.zoom-threshold) work on top of the low-res pass; "
+            "they cannot be combined with --resolution high"
         )
-    if (cfg.resolution == "high" or cfg.zoom_k) and bundle.teacher is None:
+    if (cfg.resolution == "high" or cfg.zoom) and bundle.teacher is None:
         what = "--resolution high" if cfg.resolution == "high" else "--zoom"
         raise ModelDirError(f"{what} runs the high-res teacher, but this bundle has none (no teacher.pt)")

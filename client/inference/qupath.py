@@ -33,7 +33,7 @@ from fedslide.common.models.base import MILModel
 OVERLAY_DIR = "overlays"
 QUPATH_DIR = "qupath"
 OVERLAY_VERSION = 1
-TUMOUR_NAMES = ("tumor", "tumour", "cancer", "malignant", "positive")
+TUMOUR_NAMES = ("tumor", "tumour", "cancer", "carcinoma", "malignant", "positive")
 ATTENTION = "student attention"
 TUMOUR_PROBABILITY = "tumour probability"
 

@@ -25,12 +25,14 @@ from fedslide.client.inference.model import (
     load_encoder,
     slide_settings,
 )
+from fedslide.client.inference.ood import OOD_COLUMNS, flagged, ood_cells, ood_lines, ood_settings
 from fedslide.client.inference.qupath import OVERLAY_DIR, SlideOverlay, export_slide, tumour_class_index
 from fedslide.client.inference.slide import SlidePrediction, predict_slide
 from fedslide.client.slides import SlideError, discover_slides, slide_id_of
 from fedslide.common.atomic import atomic_write, write_text_atomic
-from fedslide.common.config.predict import PredictConfig
+from fedslide.common.config.predict import PredictConfig, zoom_rule
 from fedslide.common.distillation.bundle import StudentBundle
+from fedslide.common.evaluation.prediction_report import write_prediction_report
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +60,21 @@ class PredictionRun:
     zoom_k: int
     encoder: dict[str, Any]
     device: str = "cpu"
+    zoom_threshold: float | None = None
     predictions: list[SlidePrediction] = field(default_factory=list)
     failures: list[SlideFailure] = field(default_factory=list)
     seconds: float = 0.0
+    ood: dict[str, Any] | None = None  # the bundle's OOD settings (client.inference.ood); None: no OOD score
+
+    @property
+    def zoom_on(self) -> bool:
+        """Whether the run zoomed (top-K and/or relevance threshold)."""
+        return bool(self.zoom_k) or self.zoom_threshold is not None
+
+    @property
+    def zoom_rule(self) -> str:
+        """The zoom selection in words (`zoom_rule`)."""
+        return zoom_rule(self.zoom_k, self.zoom_threshold)
 
     def zoom_totals(self) -> tuple[int, int]:
         """(high-res patches encoded by zoom, kept high-res patches of the same slides)."""
@@ -83,6 +97,7 @@ class PredictionRun:
             )
             counts = Counter(p.label for p in preds)
             lines.append("  predicted labels: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        lines += ood_lines(self.ood, preds)
         encoded, total = self.zoom_totals()
         zooms = [(p, p.zoom) for p in preds if p.zoom is not None]
         if zooms:
@@ -90,7 +105,7 @@ class PredictionRun:
             agree = sum(z.label == p.label for p, z in zooms)
             seconds = statistics.fmean(z.seconds for _, z in zooms)
             lines.append(
-                f"  zoom top-{self.zoom_k}: encoded {encoded} of {total} kept high-res patches "
+                f"  zoom {self.zoom_rule}: encoded {encoded} of {total} kept high-res patches "
                 f"({saved:.1%} of the high-res encoding cost saved); zoom label agrees with the student on "
                 f"{agree}/{len(zooms)} slides; zoom adds {seconds:.2f} s/slide"
             )
@@ -141,7 +156,7 @@ def predict_slides(
     low_finetuned = bundle.meta.low_finetuned
     if encoder is not None:
         check_encoder(bundle, encoder)
-    elif cfg.resolution == "high" or cfg.zoom_k or not low_finetuned:
+    elif cfg.resolution == "high" or cfg.zoom or not low_finetuned:
         encoder = load_encoder(bundle, cfg)
     if not low_finetuned:
         low_encoder = encoder
@@ -159,8 +174,10 @@ def predict_slides(
         out_dir=out_dir,
         resolution=cfg.resolution,
         zoom_k=cfg.zoom_k,
+        zoom_threshold=cfg.zoom_threshold,
         encoder={"name": main.name, "weights_hash": main.weights_hash, "fingerprint": main.fingerprint},
         device=str(next(iter(main.buffers()), torch.empty(0)).device),
+        ood=ood_settings(bundle, cfg.resolution),
     )
     seen: dict[str, Path] = {}
     bar = tqdm(paths, desc="predict", unit="slide", disable=not cfg.progress)
@@ -201,7 +218,9 @@ def prediction_rows(run: PredictionRun, class_names: list[str]) -> tuple[list[st
     if run.resolution == "high":
         header.append("patches_high")
     header.append("seconds")
-    if run.zoom_k:
+    if run.ood is not None:
+        header += OOD_COLUMNS
+    if run.zoom_on:
         header += [
             *(f"zoom_prob_{c}" for c in class_names),
             "zoom_predicted",
@@ -217,7 +236,9 @@ def prediction_rows(run: PredictionRun, class_names: list[str]) -> tuple[list[st
         if run.resolution == "high":
             row.append(str(p.patches))
         row.append(_fmt(p.timing.total_s, 3))
-        if run.zoom_k and p.zoom is not None:
+        if run.ood is not None:
+            row += ood_cells(p)
+        if run.zoom_on and p.zoom is not None:
             z = p.zoom
             probs = [_fmt(v) for v in z.probs] if z.probs is not None else [""] * len(class_names)
             row += [
@@ -269,6 +290,8 @@ def timing_document(run: PredictionRun, cfg: PredictConfig) -> dict[str, Any]:
         "failed": len(run.failures),
         "wall_s": round(run.seconds, 3),
     }
+    if run.ood is not None:
+        summary["ood"] = {**run.ood, "flagged": [p.slide_id for p in flagged(run.predictions)]}
     if run.predictions:
         for key in ("total_s", "read_encode_s", "thumbnail_tissue_s", "model_s"):
             values = [getattr(p.timing, key) for p in run.predictions]
@@ -276,9 +299,11 @@ def timing_document(run: PredictionRun, cfg: PredictConfig) -> dict[str, Any]:
             summary[f"{key}_median"] = round(statistics.median(values), 4)
         summary["patches_mean"] = round(statistics.fmean(p.patches for p in run.predictions), 2)
     encoded, total = run.zoom_totals()
-    if run.zoom_k:
+    if run.zoom_on:
         summary["zoom"] = {
             "k": run.zoom_k,
+            "threshold": run.zoom_threshold,
+            "rule": run.zoom_rule,
             "patches_high": encoded,
             "patches_high_total": total,
             "cost_saved": round(1.0 - encoded / total, 4) if total else 1.0,
@@ -298,10 +323,11 @@ def timing_document(run: PredictionRun, cfg: PredictConfig) -> dict[str, Any]:
 
 
 def write_outputs(run: PredictionRun, class_names: list[str], cfg: PredictConfig) -> None:
-    """predictions.csv, timing.json and failures.csv (removed when nothing failed)."""
+    """predictions.csv, timing.json, report.html and failures.csv (removed when nothing failed)."""
     header, rows = prediction_rows(run, class_names)
     _write_csv(run.out_dir / PREDICTIONS_FILE, header, rows)
     write_text_atomic(run.out_dir / TIMING_FILE, json.dumps(timing_document(run, cfg), indent=2) + "\n")
+    write_prediction_report(run.out_dir)  # report.html: predictions, OOD warning, heatmaps
     failures = run.out_dir / FAILURES_FILE
     if run.failures:
         _write_csv(failures, ["slide_id", "path", "reason"], [[f.slide_id, f.path, f.reason] for f in run.failures])

@@ -18,7 +18,7 @@ from fedslide.client.encoding import encode_grid
 from fedslide.client.heatmaps import InstanceMap, render_heatmap, write_heatmap
 from fedslide.client.inference.model import SlideSettings, slide_settings
 from fedslide.client.inference.qupath import SlideOverlay, instance_probabilities
-from fedslide.client.inference.zoom import region_scores, select_regions, subset_grid
+from fedslide.client.inference.zoom import region_scores, select_above, select_regions, subset_grid
 from fedslide.client.patch_loader import RegionDataset
 from fedslide.client.slides import SlideError, SlideReader
 from fedslide.client.stain_normalize import StainNormalizer, stain_normalizer_from_identity
@@ -97,6 +97,8 @@ class SlidePrediction:
     overlay: Path | None = None  # overlay record of the QuPath export (`client.inference.qupath`)
     instance_probs: np.ndarray | None = field(default=None, repr=False)  # [M, C] each instance alone, if asked
     low_pass: LowPass | None = field(default=None, repr=False)
+    ood_score: float | None = None  # how unlike the training slides its 5x features are (bundle.ood); None: no stats
+    ood_flag: bool = False  # ood_score above the bundle's threshold
 
     @property
     def probability(self) -> float:
@@ -177,6 +179,7 @@ class _ModelPass:
     arrays: LowPass | None = None
     instance_probs: np.ndarray | None = None  # [M, C] each instance read alone (QuPath export)
     instance_s: float = 0.0  # seconds spent on instance_probs (not model time)
+    ood_score: float | None = None  # low pass: the bundle's OOD score of the 5x features
 
 
 def _low_pass(
@@ -217,6 +220,7 @@ def _low_pass(
         arrays=LowPass(grid.low_coords.copy(), feats, tokens) if keep_arrays else None,
         instance_probs=inst_probs,
         instance_s=time.perf_counter() - t_inst if per_instance else 0.0,
+        ood_score=bundle.ood.score(feats) if bundle.ood is not None else None,
     )
 
 
@@ -303,7 +307,7 @@ def predict_slide(
             total_s=t_model - t0,
         )
         zoom = None
-        if cfg.zoom_k and result.region_scores is not None:
+        if cfg.zoom and result.region_scores is not None:
             zoom = _zoom(reader, grid, settings, bundle, encoder, cfg, result.region_scores, stain)
         prediction = SlidePrediction(
             slide_id=reader.slide_id,
@@ -321,6 +325,8 @@ def predict_slide(
             zoom=zoom,
             low_pass=result.arrays,
             instance_probs=result.instance_probs,
+            ood_score=result.ood_score,
+            ood_flag=bundle.ood is not None and result.ood_score is not None and bundle.ood.flagged(result.ood_score),
         )
         if overlay_path is not None:
             t_o = time.perf_counter()
@@ -379,9 +385,13 @@ def _zoom(
     attention_scores: np.ndarray,
     stain: StainNormalizer | None = None,
 ) -> ZoomResult:
-    """Encode the high-res children of the top-K attended low regions and run the teacher on them."""
+    """Encode the high-res children of the selected low regions (top-K and/or relevance threshold) and run the
+    teacher on them."""
     t0 = time.perf_counter()
-    regions = select_regions(attention_scores, grid, cfg.zoom_k)
+    if cfg.zoom_threshold is not None:
+        regions = select_above(attention_scores, grid, cfg.zoom_threshold, cfg.zoom_k)
+    else:
+        regions = select_regions(attention_scores, grid, cfg.zoom_k)
     sub, _ = subset_grid(grid, regions)
     probs, label = None, ""
     feats = np.zeros((0, encoder.dim), np.float32)
@@ -429,7 +439,7 @@ def _write_heatmap(
         side = grid.low_size_level0
         regions = [(float(x), float(y), side) for x, y in grid.low_coords[pred.zoom.regions]]
         if pred.zoom.probs is not None:
-            subtitle += f"; zoom top-{len(pred.zoom.regions)}: {pred.zoom.label} ({pred.zoom.probs.max():.2f})"
+            subtitle += f"; zoom on {len(pred.zoom.regions)} regions: {pred.zoom.label} ({pred.zoom.probs.max():.2f})"
     values = pred.attention.values * max(len(pred.attention.values), 1)
     figure = render_heatmap(
         thumb,

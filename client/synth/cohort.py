@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import time
@@ -22,13 +23,14 @@ from fedslide.common.config.synth import SynthConfig
 from fedslide.client.synth.fields import tumor_mask
 from fedslide.client.synth.slide import level0_size, make_slide_model, write_slide_model
 from fedslide.client.synth.stains import Stain, perturb_stain
+from fedslide.client.synth.subtypes import is_lesion, lesion_appearance, plan_labels, task_labels
 from fedslide.client.synth.tiff_writer import TiffStyle, objective_power
 
 log = logging.getLogger(__name__)
 
-LABELS = ("normal", "tumor")
+LABELS = task_labels("binary")
 SPLITS = ("train", "val", "test")
-_OWN_FILES = ("labels.csv", "cohort.json")
+_OWN_FILES = ("labels.csv", "cohort.json", "clinical.csv")
 _SETTINGS_NOT_AFFECTING_OUTPUT = ("out-dir", "workers", "overwrite", "progress")
 
 
@@ -170,7 +172,7 @@ def plan_site(cfg: SynthConfig, index: int) -> SitePlan:
     site_stain = perturb_stain(Stain(), shift, _rng(cfg.seed, index, 1))
     rng = _rng(cfg.seed, index, 2)
     k = cfg.slides_per_site
-    labels = [LABELS[1]] * (k // 2) + [LABELS[0]] * (k - k // 2)
+    labels = plan_labels(cfg.task, k)
     labels = [labels[i] for i in rng.permutation(k)]
     pens = _pick(k, cfg.pen_mark_fraction, rng)
     holes = _pick(k, cfg.hole_fraction, rng)
@@ -191,7 +193,7 @@ def plan_site(cfg: SynthConfig, index: int) -> SitePlan:
                 width_um=float(sizes[j, 0]),
                 height_um=float(sizes[j, 1]),
                 seed=seed,
-                tumor_fraction=float(tumor_fractions[j]) if labels[j] == "tumor" else None,
+                tumor_fraction=float(tumor_fractions[j]) if is_lesion(labels[j]) else None,
                 pen=bool(pens[j]),
                 holes=bool(holes[j]),
                 stain=perturb_stain(site_stain, cfg.slide_stain_jitter, _rng(seed, 3)),
@@ -230,6 +232,8 @@ def _make_slide(job: _Job) -> dict[str, Any]:
         holes=plan.holes,
         stain=plan.stain,
     )
+    if is_lesion(plan.label):  # each lesion class has its own look (subtypes.py)
+        model = dataclasses.replace(model, appearance=lesion_appearance(plan.label))
     written = not job.slide_path.exists()
     if written:
         write_slide_model(
@@ -276,6 +280,10 @@ def _generation_settings(cfg: SynthConfig) -> dict[str, Any]:
     data = cfg.to_toml_dict()
     for key in _SETTINGS_NOT_AFFECTING_OUTPUT:
         data.pop(key, None)
+    if data.get("task") == "binary":  # binary cohorts record what they always did (they are unchanged)
+        data.pop("task")
+    if data.get("clinical-missingness") is None:  # cohorts made before the clinical tables keep matching
+        data.pop("clinical-missingness", None)
     return data
 
 
@@ -320,6 +328,14 @@ def _write_labels(path: Path, records: list[dict[str, Any]]) -> None:
 def _write_site_files(site_dir: Path, site: SitePlan, cfg: SynthConfig, records: list[dict[str, Any]]) -> None:
     records = sorted(records, key=lambda r: r["slide_id"])
     _write_labels(site_dir / "labels.csv", records)
+    if cfg.clinical_missingness:
+        from fedslide.client.synth.clinical import write_site_clinical
+
+        patients = dict.fromkeys(r["patient_id"] for r in records)  # a patient's slides share its label
+        label_of = {r["patient_id"]: r["label"] for r in records}
+        share = cfg.clinical_missingness[(site.index - 1) % len(cfg.clinical_missingness)]
+        labels = [label_of[pid] for pid in patients]
+        write_site_clinical(site_dir, list(patients), labels, share, (cfg.seed, site.index, 8))
     masks = {
         "mpp": cfg.mask_mpp,
         "description": "ground-truth tumor masks (255 = tumor within tissue); pixel (0, 0) is the slide's "
@@ -351,7 +367,7 @@ def _write_site_files(site_dir: Path, site: SitePlan, cfg: SynthConfig, records:
         "stain": site.stain.to_dict(),
         "stain_shift": site.stain_shift,
         "seed": cfg.seed,
-        "labels": {label: sum(r["label"] == label for r in records) for label in LABELS},
+        "labels": {label: sum(r["label"] == label for r in records) for label in task_labels(cfg.task)},
         "splits": {split: sum(r["split"] == split for r in records) for split in SPLITS},
         "settings": _generation_settings(cfg),
         "slides": [{k: v for k, v in r.items() if k not in ("written", "seconds")} for r in records],

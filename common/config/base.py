@@ -42,6 +42,7 @@ KNOWN_SECTIONS: tuple[str, ...] = (
     "synth",
     "preprocess",
     "finetune",
+    "vib",
     "train",
     "distill",
     "predict",

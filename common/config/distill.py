@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from fedslide.common.config.base import StageConfig
+from fedslide.common.config.classes import CLASSES_HELP, ClassNames
 from fedslide.common.config.model import ModelConfig, ModelName
 from fedslide.common.config.optimization import OptimizationConfig
 from fedslide.common.config.splits import SplitCarving
@@ -162,6 +163,7 @@ class DistillConfig(StageConfig):
         default=None, examples=[2], description="torch CPU threads (default: torch's choice)"
     )
     ece_bins: PositiveInt = Field(default=15, description="equal-width confidence bins of the ECE")
+    classes: ClassNames = Field(default=None, examples=[["benign", "carcinoma", "normal"]], description=CLASSES_HELP)
     progress: bool = Field(default=False, description="show progress bars")
     carve: SplitCarving = Field(
         default_factory=SplitCarving,

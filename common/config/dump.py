@@ -25,6 +25,7 @@ from fedslide.common.config.predict import PredictConfig
 from fedslide.common.config.preprocess import PreprocessConfig
 from fedslide.common.config.synth import SynthConfig
 from fedslide.common.config.train import TrainConfig
+from fedslide.common.config.vib import VIBConfig
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the source checkout: configs/ and pyproject.toml
 DEFAULTS_FILE = Path("configs") / "defaults.toml"
@@ -35,6 +36,7 @@ SECTIONS: tuple[tuple[str, type[StageConfig]], ...] = (
     ("synth", SynthConfig),
     ("preprocess", PreprocessConfig),
     ("finetune", FinetuneConfig),
+    ("vib", VIBConfig),
     ("train", TrainConfig),
     ("distill", DistillConfig),
     ("predict", PredictConfig),

@@ -93,6 +93,11 @@ class EvaluateConfig(StageConfig):
     ece_bins: PositiveInt = Field(default=15, description="equal-width confidence bins of the ECE")
     reuse: bool = Field(default=True, description="reuse finished fold runs found in out-dir (resume a study)")
     report: bool = Field(default=True, description="write report.md and report.html when the study is done")
+    cost_slides: NonNegativeInt = Field(
+        default=2,
+        description="held-out slides with slide files timed end to end (fedslide predict from the file, encoding "
+        "included) at high and low resolution for the report's cost section (0: not measured)",
+    )
     threads: PositiveInt | None = Field(default=None, description="torch CPU threads (default: torch's choice)")
     progress: bool = Field(default=True, description="show progress bars")
     federation: FederationConfig = Field(

@@ -22,6 +22,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from fedslide.common.config.base import ConfigError, StageConfig, format_validation_error
+from fedslide.common.config.classes import CLASSES_HELP, ClassNames
 from fedslide.common.config.distill import (
     AdapterConfig,
     ClusterConfig,
@@ -31,6 +32,7 @@ from fedslide.common.config.distill import (
     MILTrainingConfig,
 )
 from fedslide.common.config.finetune import FederatedFinetuneConfig
+from fedslide.common.config.vib import FederatedVIBConfig
 from fedslide.common.config.model import ModelConfig
 from fedslide.common.config.splits import SplitCarving
 
@@ -195,6 +197,7 @@ class FederationConfig(StageConfig):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda[:i], mps")
     threads: PositiveInt | None = Field(default=None, description="torch CPU threads per process")
     ece_bins: PositiveInt = Field(default=15, description="equal-width confidence bins of the ECE")
+    classes: ClassNames = Field(default=None, examples=[["benign", "carcinoma", "normal"]], description=CLASSES_HELP)
     carve: SplitCarving = Field(
         default_factory=SplitCarving,
         description="test/validation splits each site carves (at the site) when its labels.csv has no split column",
@@ -205,11 +208,24 @@ class FederationConfig(StageConfig):
         "part of a 5x copy of its encoder (finetune.*), the server averages it, and the sites re-encode their 5x "
         "features with the global encoder (features/<encoder>-finetuned/low), which every later phase reads",
     )
+    pixel_stage1_objective: Literal["lrmil", "vib"] = Field(
+        default="lrmil",
+        description="what pixel stage 1 trains: lrmil (the 5x copy against the 20x encoder, finetune.*) or vib (the "
+        "20x encoder through each site's information-bottleneck selection of instances, vib.*; the encoder and its "
+        "fine-tuning head are averaged, the sites re-encode both levels into features/<encoder>-vib-finetuned)",
+    )
     standardize: bool = Field(
         default=False,
         description="federated input standardisation: each site sends its training bags' 20x feature sums, sums "
         "of squares and counts (withheld below suppress-below slides), the server pools them into one per-feature "
         "mean/sd, and the teacher, experts and adapted student read standardised instances (stored in the bundle)",
+    )
+    ood_stats: bool = Field(
+        default=False,
+        description="out-of-distribution statistics for the bundle (opt-in: exact sums, no DP noise): each site sends "
+        "the per-feature sums, sums of squares and count of its training slides' mean 5x features (withheld below "
+        "suppress-below slides; not with pixel-stage1), the server pools them, and each site's bundle scores slides against them with a flag "
+        "threshold set on its own validation slides (none at an evaluation-only site)",
     )
     calibrate: bool = Field(
         default=False,
@@ -220,6 +236,9 @@ class FederationConfig(StageConfig):
     rounds: RoundsConfig = Field(default_factory=RoundsConfig)
     finetune: FederatedFinetuneConfig = Field(
         default_factory=FederatedFinetuneConfig, description="pixel stage 1's local step at each site"
+    )
+    vib: FederatedVIBConfig = Field(
+        default_factory=FederatedVIBConfig, description="pixel stage 1's local step with pixel-stage1-objective = vib"
     )
     adapter: FederatedAdapterConfig = Field(default_factory=FederatedAdapterConfig)
     teacher: DistillModelConfig = Field(

@@ -19,6 +19,14 @@ _Channel = Annotated[int, Field(ge=0, le=255)]
 RGB = tuple[_Channel, _Channel, _Channel]
 
 
+def zoom_rule(k: int, threshold: float | None) -> str:
+    """A zoom selection in words: 'top-4', 'relevance > 0.5' or 'relevance > 0.5, at most 4'."""
+    if threshold is None:
+        return f"top-{k}"
+    cap = f", at most {k}" if k else ""
+    return f"relevance > {threshold:g}{cap}"
+
+
 class QupathConfig(StageConfig):
     """What the QuPath GeoJSON export (`predict --geojson`, `export-qupath`) writes per slide."""
 
@@ -26,7 +34,7 @@ class QupathConfig(StageConfig):
         default=None,
         examples=["tumor"],
         description="class whose probability is the patches' 'tumour probability' and whose regions are drawn "
-        "(default: the class named tumor/tumour/cancer/malignant, else the second of two classes)",
+        "(default: the class named tumor/tumour/cancer/carcinoma/malignant, else the second of two classes)",
     )
     region_threshold: float = Field(
         default=0.5,
@@ -58,6 +66,15 @@ class PredictConfig(StageConfig):
         default=0,
         description="after the low-res pass, encode the high-res children of the K most attended low-res "
         "patches and run the teacher on them (0 = off; low resolution only)",
+    )
+    zoom_threshold: float | None = Field(
+        default=None,
+        ge=0.0,
+        lt=1.0,
+        examples=[0.5],
+        description="after the low-res pass, zoom into the low-res patches whose relevance (student attention "
+        "min-max scaled over the slide, in [0, 1]) is above this threshold, as AHDMIL's pre-screen; with zoom-k "
+        "> 0 at most the K most relevant of them (default: off)",
     )
     batch_size: PositiveInt = Field(default=32, description="patches per encoder forward pass")
     num_workers: int = Field(
@@ -100,3 +117,13 @@ class PredictConfig(StageConfig):
     def mpp_override(self) -> float | None:
         """µm per level-0 pixel for slides without resolution metadata (`slide.mpp-override`, `--mpp`)."""
         return self.slide.mpp_override
+
+    @property
+    def zoom(self) -> bool:
+        """Whether the high-res zoom pass runs (top-K, relevance threshold, or both)."""
+        return bool(self.zoom_k) or self.zoom_threshold is not None
+
+    @property
+    def zoom_rule(self) -> str:
+        """The zoom selection in words (`zoom_rule`)."""
+        return zoom_rule(self.zoom_k, self.zoom_threshold)

@@ -145,6 +145,25 @@ class PreprocessConfig(StageConfig):
         '(CLAM reads them; fedslide too, with root = "clam/<encoder>", high = "high", low = "low")',
     )
     progress: bool = Field(default=True, description="show progress bars")
+    executor: Literal["local", "ray"] = Field(
+        default="local",
+        description="local: slides one after another in this process; ray: one Ray task per slide over a cluster "
+        "(pip install 'fedslide[cluster]'), slides claimed so two workers never write one",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        examples=["auto", "10.0.0.5:6379"],
+        description="executor = 'ray': the cluster to join (unset: $RAY_ADDRESS, else a Ray started on this machine)",
+    )
+    ray_gpus_per_task: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="GPUs one slide task requests when it encodes on cuda (<1 packs)"
+    )
+    ray_max_retries: int = Field(default=3, ge=0, le=100, description="times Ray reruns a slide task whose worker died")
+    claim_lease_s: PositiveFloat = Field(
+        default=300.0,
+        description="executor = 'ray': a slide claim not renewed for this long counts as a dead worker's and is taken "
+        "over (keep well above the clock skew between nodes)",
+    )
     stain_normalize: StainMethod = Field(
         default="none",
         description="stain normalisation of every tile before encoding (torchstain), onto [preprocess.stain-reference]",

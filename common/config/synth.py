@@ -21,7 +21,14 @@ class SynthConfig(StageConfig):
 
     out_dir: Path = Field(examples=["cohort"], description="cohort root; each site is written to <out-dir>/<site>/")
     sites: int = Field(default=3, ge=1, le=100, description="number of sites (hospitals)")
-    slides_per_site: int = Field(default=6, ge=2, le=10_000, description="slides per site, half tumor, half normal")
+    slides_per_site: int = Field(
+        default=6, ge=2, le=10_000, description="slides per site, in equal shares per class (the remainder normal)"
+    )
+    task: Literal["binary", "subtyping"] = Field(
+        default="binary",
+        description="binary: normal / tumor; subtyping: normal / benign / carcinoma, each lesion class with its own "
+        "20x nuclear cue and a weaker 5x stain cue",
+    )
     seed: NonNegativeInt = Field(default=0, description="everything generated is a pure function of this seed")
     site_names: list[str] | None = Field(
         default=None, description="one name per site (default site1..siteN); letters, digits, '-' and '_'"
@@ -36,7 +43,7 @@ class SynthConfig(StageConfig):
         default=(2000.0, 2800.0), description="range of the scanned area's width and height, µm (each drawn uniformly)"
     )
     tumor_area_fraction: tuple[float, float] = Field(
-        default=(0.1, 0.4), description="range of the share of the tissue that is tumor, on tumor slides"
+        default=(0.1, 0.4), description="range of the share of the tissue that is lesion, on tumor (lesion) slides"
     )
     pen_mark_fraction: float = Field(default=0.3, ge=0.0, le=1.0, description="share of slides with marker ink")
     hole_fraction: float = Field(default=0.3, ge=0.0, le=1.0, description="share of slides with holes and tears")
@@ -70,6 +77,19 @@ class SynthConfig(StageConfig):
         default=False, description="replace a different cohort already in out-dir (else such a run is refused)"
     )
     progress: bool = Field(default=True, description="show progress bars")
+    clinical_missingness: list[float] | None = Field(
+        default=None,
+        examples=[[0.0, 0.5, 1.0]],
+        description="write clinical.csv (one row per patient; client/synth/clinical.py) with this share of patients "
+        "missing, per site (cycled); unset writes no clinical table",
+    )
+
+    @field_validator("clinical_missingness")
+    @classmethod
+    def _missingness_range(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (not value or any(not 0.0 <= v <= 1.0 for v in value)):
+            raise ValueError(f"need one or more shares in [0, 1], got {value}")
+        return value
 
     @field_validator("slide_size_um")
     @classmethod
@@ -121,6 +141,8 @@ class SynthConfig(StageConfig):
     def _consistent(self) -> "SynthConfig":
         if self.site_names is not None and len(self.site_names) != self.sites:
             raise ValueError(f"site-names lists {len(self.site_names)} names but sites = {self.sites}")
+        if self.task == "subtyping" and self.slides_per_site < 3:
+            raise ValueError(f"task 'subtyping' has 3 classes: need slides-per-site >= 3, not {self.slides_per_site}")
         if self.strong_shift_site is not None and self.strong_shift_site > self.sites:
             raise ValueError(f"strong-shift-site = {self.strong_shift_site} but there are only {self.sites} sites")
         return self

@@ -15,6 +15,9 @@ them, and a file without them (an older bundle) predicts with raw inputs and T =
 
 `meta.stain_normalization` is the stain normaliser's identity (method + inline reference) that the training
 feature files record; inference rebuilds it and normalises every patch it encodes (absent = no normalisation).
+
+`ood.json` (optional) holds the training slides' low-res feature statistics and the out-of-distribution flag
+threshold chosen on validation slides (`common.distillation.ood`); absent in older bundles: no OOD score.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from fedslide.common.distillation.instances import (
     student_instances,
 )
 from fedslide.common.features import NO_STAIN
+from fedslide.common.distillation.ood import OOD_FILE, OODStats
 from fedslide.common.models.base import MILModel, MILOutput
 from fedslide.common.models.registry import build_model
 from fedslide.common.training.scaling import ModelScaling
@@ -215,10 +219,12 @@ class StudentBundle:
         low_encoder_weights: Path | str | None = None,
         student_scaling: ModelScaling | None = None,
         teacher_scaling: ModelScaling | None = None,
+        ood: OODStats | None = None,
     ):
         """`low_encoder_weights`: the fine-tuned 5x encoder's weights file (its sha256 must be the meta's);
         `student_scaling` / `teacher_scaling`: standardisation of the instances each model reads (the student's
-        are its adapted instances) and its temperature; None = identity."""
+        are its adapted instances) and its temperature; None = identity; `ood`: the training slides' low-res
+        statistics and the OOD threshold (None: no OOD score)."""
         if meta.student_input != "raw" and adapter is None:
             raise ValueError(f"student input {meta.student_input!r} needs an adapter")
         self.meta = meta
@@ -229,6 +235,7 @@ class StudentBundle:
         self.teacher_config = None if teacher is None else _model_config(teacher, teacher_config)
         self.student_scaling = student_scaling or ModelScaling()
         self.teacher_scaling = teacher_scaling or ModelScaling()
+        self.ood = ood
         self.low_encoder_weights: Path | None = None
         if low_encoder_weights is not None:
             if not meta.low_finetuned:
@@ -261,6 +268,10 @@ class StudentBundle:
             self.low_encoder_weights = low_target
         else:
             low_target.unlink(missing_ok=True)
+        if self.ood is not None:
+            self.ood.save(directory / OOD_FILE)
+        else:
+            (directory / OOD_FILE).unlink(missing_ok=True)
         doc = {
             "format": BUNDLE_FORMAT,
             "meta": self.meta.to_dict(),
@@ -269,6 +280,7 @@ class StudentBundle:
                 "student": STUDENT_FILE,
                 "teacher": TEACHER_FILE if self.teacher is not None else None,
                 "low_encoder": LOW_ENCODER_FILE if self.low_encoder_weights is not None else None,
+                "ood": OOD_FILE if self.ood is not None else None,
             },
         }
         write_text_atomic(directory / BUNDLE_FILE, json.dumps(doc, indent=2, sort_keys=False) + "\n")
@@ -302,6 +314,11 @@ class StudentBundle:
             teacher.load_state_dict(teacher_payload["state_dict"])
             teacher_scaling = ModelScaling.from_payload(teacher_payload)
         low_encoder = directory / files["low_encoder"] if files.get("low_encoder") else None
+        ood = OODStats.load(directory / files["ood"]) if files.get("ood") else None
+        if ood is not None and ood.dim != meta.encoder_dim:
+            raise ValueError(
+                f"{directory / OOD_FILE}: {ood.dim} features, but the bundle's encoder has {meta.encoder_dim}"
+            )
         return cls(
             meta,
             adapter,
@@ -312,6 +329,7 @@ class StudentBundle:
             low_encoder,
             ModelScaling.from_payload(student_payload),
             teacher_scaling,
+            ood,
         )
 
     # ---- checks ------------------------------------------------------------------------------

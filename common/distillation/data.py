@@ -218,7 +218,7 @@ def load_sites(
     if len(set(names)) != len(names):
         names = [f"{i}-{d.name}" for i, d in enumerate(site_dirs)]
     encoder = encoder or detect_encoder(site_dirs)
-    tables = [read_labels(d / "labels.csv") for d in site_dirs]
+    tables = [read_labels(d / "labels.csv", classes) for d in site_dirs]  # names file/line of an unknown label
     carving = carving or SplitCarving()
     assigned = [
         site_splits(d, t, carving.test_fraction, carving.val_fraction, carving.seed, name)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from fedslide.common.config.distill import MILTrainingConfig
-from fedslide.common.metrics import classification_metrics
+from fedslide.common.metrics import classification_metrics, per_class_metrics
 from fedslide.common.models.base import MILModel
 from fedslide.common.training.cohort import Cohort
 from fedslide.common.training.data import (
@@ -118,6 +119,16 @@ def evaluate_split(
     """Metrics (auc, acc, balanced_acc, f1, brier, ece) and mean CE loss on slides `indices`, plus n."""
     logits, _ = slide_outputs(model, cohort, indices, device, batch_size)
     return metrics_from_logits(logits, cohort.labels[np.asarray(indices, dtype=np.int64)], ece_bins)
+
+
+def per_class_split(
+    model: MILModel, cohort: Cohort, indices: Indices, device: torch.device, ece_bins: int, batch_size: int = 1
+) -> dict[str, Any]:
+    """Per-class metrics (common.metrics.per_class_metrics: F1, OvR AUC, classwise ECE, confusion matrix) of
+    slides `indices`."""
+    logits, _ = slide_outputs(model, cohort, indices, device, batch_size)
+    probs = torch.softmax(logits.double(), dim=1).numpy()
+    return per_class_metrics(cohort.labels[np.asarray(indices, dtype=np.int64)], probs, cohort.classes, ece_bins)
 
 
 def metrics_from_logits(logits: torch.Tensor, labels: np.ndarray, ece_bins: int) -> dict[str, float]:

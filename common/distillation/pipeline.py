@@ -45,7 +45,8 @@ from fedslide.common.distillation.crossres import AdapterFit, fit_adapter
 from fedslide.common.distillation.data import DistillData, load_sites
 from fedslide.common.distillation.experts import Expert, train_experts
 from fedslide.common.distillation.losses import CachedKDLoss
-from fedslide.common.distillation.mil import evaluate_split, slide_outputs, train_selected, with_epochs
+from fedslide.common.distillation.mil import evaluate_split, per_class_split, slide_outputs, train_selected, with_epochs
+from fedslide.common.distillation.ood import fit_ood
 from fedslide.common.distillation.stages import (
     adapter_pairs,
     attention_targets,
@@ -309,7 +310,12 @@ def prepare(cfg: DistillConfig, progress: bool | None, laps: Laps) -> DistillRun
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = load_sites(
-        list(cfg.sites), cfg.encoder, seed=cfg.seed, carving=cfg.carve, low_features=cfg.low_features
+        list(cfg.sites),
+        cfg.encoder,
+        seed=cfg.seed,
+        classes=cfg.classes,
+        carving=cfg.carve,
+        low_features=cfg.low_features,
     )  # refuses before any output
     cohort_stain_identity(data)  # the bundle can carry one stain normalisation: refuse a mix before training
     out_dir = Path(cfg.out_dir)
@@ -520,6 +526,9 @@ def evaluation_stage(run: DistillRun, trained: dict[str, TrainedModel]) -> dict[
         }
         for name, t in trained.items()
     }
+    if len(run.data.classes) > 2:  # subtyping: per-class F1 / OvR AUC / classwise ECE / confusion matrix
+        for name, t in trained.items():
+            models[name]["per_class_test"] = per_class_split(t.model, t.cohort, run.test, run.device, bins, bs)
     run.laps.lap("evaluation")
     return models
 
@@ -547,6 +556,8 @@ def save_bundles(
     `scaling`: each model's (students' names, "teacher_high") standardisation and temperature; identity if absent."""
     scaling = scaling or {}
     bundles: dict[str, Path] = {}
+    slides = run.data.slides  # OOD statistics of the training slides' 5x features, threshold on the val slides'
+    ood = fit_ood((slides[i].low.features for i in run.train), (slides[i].low.features for i in run.val))
     roles = {name: name for name in trained if name in BUNDLE_DIRS}
     if "lrmil_dd_student" not in trained:
         roles["student"] = "lrmil_student"
@@ -563,6 +574,7 @@ def save_bundles(
             low_encoder_weights=find_low_encoder_weights(meta, list(run.cfg.sites)),
             student_scaling=scaling.get(name),
             teacher_scaling=scaling.get("teacher_high"),
+            ood=ood,
         )
         directory = run.out_dir / (BUNDLE_DIRS[key] if key in BUNDLE_DIRS else key)
         bundle.save(directory)

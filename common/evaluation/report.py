@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedslide.common.evaluation import plots
+from fedslide.common.evaluation import multiclass_plots, plots
 from fedslide.common.evaluation.predictions import PredictionTable
 from fedslide.common.evaluation.schema import METRICS_SCHEMA
 from fedslide.common.metrics import METRIC_NAMES
@@ -200,11 +200,21 @@ def _main(models: Sequence[str]) -> list[str]:
     return main or list(models)[:4]
 
 
+def site_names(metrics: dict[str, Any]) -> list[str]:
+    """The run's site names in the report's one stable order (sorted by name)."""
+    return sorted(s["name"] for s in metrics["sites"])
+
+
+def sorted_sites(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's site entries sorted by name."""
+    return sorted(metrics["sites"], key=lambda s: s["name"])
+
+
 def cohort_section(doc: Doc, metrics: dict[str, Any]) -> None:
     classes = metrics["classes"]
     doc.h(2, "Cohort")
     rows = []
-    for s in metrics["sites"]:
+    for s in sorted_sites(metrics):
         balance = ", ".join(f"{c} {s['classes'].get(c, 0)}" for c in classes)
         splits = "/".join(str(s["splits"].get(k, 0)) for k in ("train", "val", "test"))
         mag = ", ".join(f"{m:g}×" for m in s["magnification"]) or "n/a"
@@ -273,7 +283,7 @@ def _gap_sentence(metrics: dict[str, Any]) -> str:
 
 
 def metric_tables(doc: Doc, metrics: dict[str, Any], models: Sequence[str]) -> None:
-    sites = [s["name"] for s in metrics["sites"]]
+    sites = site_names(metrics)
     ci = round(100 * (1 - metrics["bootstrap"]["alpha"]))
     for setting, title in plots.SETTING_TITLES.items():
         doc.h(3, f"Pooled over sites: {title}")
@@ -307,7 +317,7 @@ def metric_tables(doc: Doc, metrics: dict[str, Any], models: Sequence[str]) -> N
 
 
 def gap_table(doc: Doc, metrics: dict[str, Any], models: Sequence[str]) -> None:
-    sites = [s["name"] for s in metrics["sites"]]
+    sites = site_names(metrics)
     rows = []
     for m in models:
         sec = metrics["models"][m]
@@ -420,6 +430,7 @@ def federation_sections(doc: Doc, federation: dict[str, Any], cost: dict[str, An
         )
     if cost:
         doc.h(2, "Compute cost: high vs low resolution")
+        end_to_end_section(doc, cost.get("end_to_end"))
         rows = []
         for name in ("measured", "federated"):
             if name in cost:
@@ -433,15 +444,41 @@ def federation_sections(doc: Doc, federation: dict[str, Any], cost: dict[str, An
                     rows.append(
                         [
                             what,
-                            key.replace("_", " "),
+                            "patches" if key == "patches_per_slide" else "MIL-model seconds (no encoding)",
                             fmt(c["high"].get(key), 4),
                             fmt(c["low"].get(key), 4),
                             fmt(c["high_over_low"].get(key), 2),
                         ]
                     )
+        doc.p("MIL models alone, on feature files (patch reading and encoding excluded):")
         doc.table(["source", "per slide", "high-res (teacher)", "low-res (student)", "high ÷ low"], rows)
         doc.p(cost.get("note", ""), note=True)
         doc.figure("cost.png", plots.cost_figure(cost), "Patches and model seconds per slide, high vs low resolution.")
+
+
+END_TO_END_ROWS = (
+    ("patches_per_slide", "patches encoded"),
+    ("seconds_per_slide", "seconds, end to end from the file"),
+    ("read_encode_seconds_per_slide", "of which patch reading + encoding"),
+)
+
+
+def end_to_end_section(doc: Doc, e2e: dict[str, Any] | None) -> None:
+    """End-to-end seconds per slide from the slide file, encoding included, next to the patch counts (or why
+    they were not measured)."""
+    if not e2e:
+        return
+    if "skipped" in e2e:
+        doc.p(f"End-to-end seconds per slide (from the slide file) not measured: {e2e['skipped']}", note=True)
+        return
+    where = f" of {e2e['site']}" if e2e.get("site") else ""
+    doc.p(f"Per slide, end to end from the slide file, encoding included ({e2e['slides']} held-out slide(s){where}):")
+    rows = [
+        [label, fmt(e2e["high"].get(key), 3), fmt(e2e["low"].get(key), 3), fmt(e2e["high_over_low"].get(key), 2)]
+        for key, label in END_TO_END_ROWS
+    ]
+    doc.table(["per slide (end to end)", "high-res (teacher)", "low-res (student)", "high ÷ low"], rows)
+    doc.p(e2e.get("note", ""), note=True)
 
 
 def _heatmap_png(run_dir: Path, entry: dict[str, Any]) -> tuple[bytes | None, str]:
@@ -465,7 +502,7 @@ def heatmap_section(doc: Doc, run_dir: Path, metrics: dict[str, Any]) -> None:
         "the site; this study reads them from the sites' folders); the others are of the centralized reference.",
         note=True,
     )
-    for site in dict.fromkeys(e["site"] for e in entries):
+    for site in sorted({e["site"] for e in entries}):
         images = []
         for i, e in enumerate(x for x in entries if x["site"] == site):
             png, missing = _heatmap_png(run_dir, e)
@@ -478,7 +515,7 @@ def evaluation_doc(run_dir: Path, metrics: dict[str, Any]) -> Doc:
     """The report of an evaluation study."""
     models = _ordered_models(metrics)
     main = _main(models)
-    sites = [s["name"] for s in metrics["sites"]]
+    sites = site_names(metrics)
     doc = Doc(f"fedslide evaluation — study {metrics['study_id']}")
     b = metrics["bootstrap"]
     doc.p(
@@ -521,13 +558,21 @@ def evaluation_doc(run_dir: Path, metrics: dict[str, Any]) -> Doc:
             plots.calibration_figure(table, main, metrics["models"]),
             "Reliability diagrams (pooled over sites); marker area grows with the number of slides in the bin.",
         )
+        if len(table.classes) > 2:  # subtyping: confusion matrices, per-class ROC and per-class metrics
+            doc.h(2, "Per-class results")
+            for fig in multiclass_plots.multiclass_figures(table, main):
+                doc.figure(fig.name, fig.png, fig.caption)
+            class_rows = multiclass_plots.per_class_rows(table, "out_of_site", main)
+            doc.table(multiclass_plots.PER_CLASS_HEADER, [[fmt(v) for v in r] for r in class_rows])
     else:
         doc.p(f"{metrics.get('predictions')} not found next to metrics.json: no ROC or calibration plots.", note=True)
     for key, transfer in metrics.get("transfer", {}).items():
         if key == "local.student_low" or len(metrics["transfer"]) == 1:
             doc.figure(
                 "transfer.png",
-                plots.transfer_figure(transfer, f"{plots.label(key)}: AUC by training and evaluation site"),
+                plots.transfer_figure(
+                    _sorted_transfer(transfer), f"{plots.label(key)}: AUC by training and evaluation site"
+                ),
                 "Site-local models: diagonal = own test split, off-diagonal = another site's slides.",
             )
     federation_sections(doc, metrics.get("federation", {}), metrics.get("cost", {}))
@@ -535,11 +580,18 @@ def evaluation_doc(run_dir: Path, metrics: dict[str, Any]) -> Doc:
     doc.h(2, "Runs and timings")
     rows = [
         [h, *(info.get(r, {}).get("run_dir", "") for r in ("local", "federated", "centralized"))]
-        for h, info in metrics.get("folds", {}).items()
+        for h, info in sorted(metrics.get("folds", {}).items())
     ]
     doc.table(["site", "site-local run", "federation without it", "centralized without it"], rows)
     doc.p("Timings (s): " + ", ".join(f"{k} {v}" for k, v in metrics.get("timings", {}).items()), note=True)
     return doc
+
+
+def _sorted_transfer(transfer: dict[str, Any]) -> dict[str, Any]:
+    """The transfer matrix with its training and evaluation sites in name order."""
+    values = transfer.get("values", {})
+    ordered = {s: {t: values[s].get(t) for t in sorted(values)} for s in sorted(values)}
+    return {**transfer, "values": ordered}
 
 
 def _predictions(run_dir: Path, metrics: dict[str, Any]) -> PredictionTable | None:
@@ -565,7 +617,7 @@ def federation_doc(run_dir: Path, metrics: dict[str, Any]) -> Doc:
                 s["role"],
                 *(s.get(k, "") for k in ("n-train", "n-val", "n-test") if any(k in t for t in metrics["sites"])),
             ]
-            for s in metrics["sites"]
+            for s in sorted_sites(metrics)
         ],
     )
     doc.h(2, "Test metrics")
@@ -578,7 +630,7 @@ def federation_doc(run_dir: Path, metrics: dict[str, Any]) -> Doc:
         if rows:
             doc.p(f"{part.replace('_', '-')} sites:")
             doc.table(["model", *METRIC_NAMES, "n"], rows)
-    sites = [s["name"] for s in metrics["sites"]]
+    sites = site_names(metrics)
     rows = [[m, *(fmt(v["per_site"].get(s, {}).get("auc")) for s in sites)] for m, v in metrics["models"].items()]
     doc.p("AUC per site:")
     doc.table(["model", *sites], rows)
@@ -601,7 +653,21 @@ def federation_doc(run_dir: Path, metrics: dict[str, Any]) -> Doc:
             "note": cost.get("note", ""),
         }
     federation_sections(doc, {metrics["run_id"]: fold}, cost)
+    run_heatmaps(doc, run_dir)
     return doc
+
+
+def run_heatmaps(doc: Doc, run_dir: Path) -> None:
+    """The heatmaps a run folder holds (`heatmaps/**/*.png`, by path), as one grid; nothing when it has none."""
+    paths = sorted((run_dir / "heatmaps").glob("**/*.png")) if (run_dir / "heatmaps").is_dir() else []
+    if not paths:
+        return
+    doc.h(2, "Attention heatmaps")
+    images = [
+        Image(f"run_heatmap_{i}.png", path.read_bytes(), str(path.relative_to(run_dir / "heatmaps").with_suffix("")))
+        for i, path in enumerate(paths)
+    ]
+    doc.grid(f"{len(images)} heatmap(s) in {run_dir.name}/heatmaps", images)
 
 
 # ---- entry point -----------------------------------------------------------------------------------

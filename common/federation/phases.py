@@ -41,8 +41,14 @@ TEACHER_LOGITS, EXPERT_LOGITS, EXPERT_WEIGHTS = "teacher", "experts", "expert-we
 CENTROIDS = "centroids"  # the one array of the server's centroid record
 # a site's feature sums for federated standardisation (handshake reply, common.federation.feature_stats)
 FEATURE_SUMS, FEATURE_SQUARES, FEATURE_COUNTS = "feature-sums", "feature-squares", "feature-counts"
+# a site's clinical-vector sums for the clinical encoder's input normalisation (handshake reply, common.clinical)
+CLINICAL_SUMS, CLINICAL_SQUARES, CLINICAL_COUNTS = "clinical-sums", "clinical-squares", "clinical-counts"
 # the server's pooled standardisation (record STANDARDIZE of the phases that read 20x or adapted instances)
 STANDARDIZE, FEATURE_MEAN, FEATURE_STD = "standardize", "mean", "std"
+# a site's OOD sums of its training slides' mean 5x features (handshake reply, common.federation.ood_stats) and the
+# server's pooled OOD statistics (record OOD of the evaluation: arrays mean, var and ood-counts)
+OOD_SUMS, OOD_SQUARES, OOD_COUNTS = "ood-sums", "ood-squares", "ood-counts"
+OOD, OOD_MEAN, OOD_VAR = "ood", "mean", "var"
 
 # ---- federated temperature scaling (phase `calibrate`, common.federation.temperature) ------------------------
 TEMPERATURES = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0)  # T >= 1, as the centralized fit (it only softens)
@@ -50,6 +56,8 @@ CALIBRATED_MODELS = ("teacher_high", "student_low")
 STUDENT_TEMPERATURE, TEACHER_TEMPERATURE = "student-temperature", "teacher-temperature"  # evaluation config keys
 ENCODER_PREFIX = "encoder."  # pixel stage 1: `encoder.<parameter name>`, one array per trainable encoder parameter
 ENCODER_ARRAY = re.escape(ENCODER_PREFIX) + r"\w+(\.\w+)*"
+HEAD_PREFIX = "head."  # pixel stage 1 with the VIB objective: `head.<parameter name>` of its fine-tuning MIL head
+HEAD_ARRAY = re.escape(HEAD_PREFIX) + r"\w+(\.\w+)*"
 REENCODED = "reencoded"  # pixel stage 1: 5x feature files a site re-encoded (or found done) with the global encoder
 
 # ---- config keys of the handshake reply ------------------------------------------------------------------
@@ -302,7 +310,11 @@ HANDSHAKE = Phase(
         re.escape(CHILD_GRID),
     ),
     reply_arrays=p.STATS,
-    array_names=tuple(re.escape(name) for name in (FEATURE_SUMS, FEATURE_SQUARES, FEATURE_COUNTS)),
+    array_names=tuple(
+        re.escape(name)
+        for name in (FEATURE_SUMS, FEATURE_SQUARES, FEATURE_COUNTS, CLINICAL_SUMS, CLINICAL_SQUARES, CLINICAL_COUNTS)
+        + (OOD_SUMS, OOD_SQUARES, OOD_COUNTS)
+    ),
     reply_config=p.SITE,
     reply_config_values=HANDSHAKE_CONFIG,
     # its metrics (3 grids, 3 splits × (1 + MAX_CLASSES) counts) and its config at their bounds
@@ -313,16 +325,17 @@ HANDSHAKE = Phase(
 ADAPTER = _weights("adapter")
 # pixel-level LRMIL stage 1: the sites' initial trainable encoder parameters, their FedAvg rounds (only names of
 # the `encoder.` form may leave; `egress.weights_reply` pins them to the arrays sent, and the site sends exactly the
-# parameters its own config trains), then re-encoding with the global encoder (only counts leave)
+# parameters its own config trains), then re-encoding with the global encoder (only counts leave); the VIB
+# objective also sends its fine-tuning head (`head.`); its instance selection never leaves the site
 PIXEL_STAGE1_INIT = Phase(
     "pixel-stage1-init",
     f"{QUERY}.pixel_stage1_init",
     reply_arrays=p.ARRAYS,
-    array_names=(ENCODER_ARRAY,),
+    array_names=(ENCODER_ARRAY, HEAD_ARRAY),
     metrics=(re.escape(NUM_EXAMPLES),),
     step="pixel-stage1",
 )
-PIXEL_STAGE1 = dataclasses.replace(_weights("pixel-stage1"), array_names=(ENCODER_ARRAY,))
+PIXEL_STAGE1 = dataclasses.replace(_weights("pixel-stage1"), array_names=(ENCODER_ARRAY, HEAD_ARRAY))
 PIXEL_STAGE1_REENCODE = Phase(
     "pixel-stage1-reencode",
     f"{QUERY}.pixel_stage1_reencode",
@@ -389,7 +402,7 @@ EVALUATION = Phase(
     "evaluate",
     EVALUATE,
     (EVAL_SPLIT, STUDENT_TEMPERATURE, TEACHER_TEMPERATURE),
-    (p.TEACHER, p.STUDENT, p.BASELINE, p.ADAPTER, STANDARDIZE),
+    (p.TEACHER, p.STUDENT, p.BASELINE, p.ADAPTER, STANDARDIZE, OOD),
     metrics=(
         rf"({'|'.join(EVALUATED_MODELS)})\.({'|'.join(EVALUATION_METRICS)})",
         r"cost\.(high|low)\.(patches_per_slide|seconds_per_slide)",

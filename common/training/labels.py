@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +56,16 @@ def _lines(items: list[str]) -> str:
     return ", ".join(items)
 
 
-def read_labels(path: Path | str) -> LabelTable:
-    """Parse and check the labels CSV; every problem found is reported at once, naming lines and ids."""
+def read_labels(path: Path | str, classes: Sequence[str] | None = None) -> LabelTable:
+    """Parse and check the labels CSV; every problem found is reported at once, naming lines and ids.
+
+    `classes`: the label map (class index = position) from the config or the federation; a label outside it is an
+    error naming the line, the slide, the value and the allowed names. Without it the classes are the sorted labels.
+    """
     path = Path(path)
+    allowed = None if classes is None else tuple(str(c) for c in classes)
+    if allowed is not None and (len(allowed) < 2 or len(set(allowed)) != len(allowed) or "" in allowed):
+        raise LabelsError(f"labels file {path}: the class list {list(allowed)} needs two or more distinct names")
     if not path.is_file():
         raise LabelsError(f"labels file {path} does not exist")
     with path.open(newline="", encoding="utf-8-sig") as handle:
@@ -87,6 +95,9 @@ def read_labels(path: Path | str) -> LabelTable:
         if not label:
             problems.append(f"line {line}: slide {slide_id!r} has an empty label")
             continue
+        if allowed is not None and label not in allowed:
+            problems.append(f"line {line}: slide {slide_id!r} has label {label!r}; allowed: {', '.join(allowed)}")
+            continue
         if slide_id in seen:
             duplicates.append(f"{slide_id!r} (lines {seen[slide_id]} and {line})")
             continue
@@ -107,7 +118,7 @@ def read_labels(path: Path | str) -> LabelTable:
         raise LabelsError(f"labels file {path}:\n  " + "\n  ".join(problems))
     if not rows:
         raise LabelsError(f"labels file {path} has no slides")
-    classes = _class_order({r.label for r in rows})
+    classes = allowed if allowed is not None else _class_order({r.label for r in rows})
     if len(classes) < 2:
         raise LabelsError(f"labels file {path}: only one class ({classes[0]!r}); classification needs at least two")
     return LabelTable(

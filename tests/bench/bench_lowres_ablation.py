@@ -2,7 +2,7 @@
 
     python tests/bench/bench_lowres_ablation.py --cohort H48 --out OUT [--seeds 0 1 2] [--step all]
         [--test-fraction 0.25] [--ft-max-patches 384] [--ft-epochs 1] [--threads 1] [--timing-slides 12]
-        [--zoom-k 2]
+        [--zoom-k 2] [--zoom-threshold 0.5]
 
 Run on demand (not collected by pytest); every step is resumable (finished runs are reused), so a step can be run
 alone (`--step views|finetune|distill|predict|table`). Centralized, on the cohort's sites (`H48/site*`):
@@ -17,8 +17,9 @@ alone (`--step views|finetune|distill|predict|table`). Centralized, on the cohor
    same settings hash). The fine-tune is done once and reused by every MIL seed.
 3. distill: `fedslide distill` per (config, seed) on the view sites (CONFIGS below); test metrics come from
    its metrics.json (feature files).
-4. predict: `fedslide predict` end to end from the slide files: the full pixel student with `--zoom K` on every
-   test slide of every seed (zoom row; its low pass also times the student), and on a timing subset of
+4. predict: `fedslide predict` end to end from the slide files on every test slide of every seed: the full pixel
+   student and the frozen-adapter student, each with `--zoom K` and with `--zoom-threshold T` (zoom rows; the
+   low pass also gives the student from the slides), and on a timing subset of
    `--timing-slides` test slides (seed 0 bundles) the teacher at high res and the frozen-adapter student.
 5. table: OUT/lowres_ablation.json and .md: per row the mean and 95 % t-interval over seeds of AUC, balanced
    accuracy and Brier, per-seed values, 5x (and 20x) patches per slide, seconds per slide (median over the
@@ -305,14 +306,25 @@ def timing_ids(out: Path, n: int) -> list[str]:
     return ids[::step][:n]
 
 
+def zoom_runs(args: argparse.Namespace) -> dict[str, tuple[str, str, str, list[str]]]:
+    """Zoom rows: key -> (row label, distill config, bundle folder, predict options)."""
+    top = ["--zoom", str(args.zoom_k)]
+    thr = ["--zoom-threshold", str(args.zoom_threshold)]
+    return {
+        "zoom": ("full pixel student + zoom top-{k}", "px_att_stain", "student", top),
+        "zoomthr": ("full pixel student + zoom relevance > {t}", "px_att_stain", "student", thr),
+        "zoomadp": ("frozen adapter + zoom top-{k}", "frozen", "lrmil_student", top),
+        "zoomadpthr": ("frozen adapter + zoom relevance > {t}", "frozen", "lrmil_student", thr),
+    }
+
+
 def predict(out: Path, args: argparse.Namespace) -> None:
     all_dir = link_slides(out, "test_slides", test_ids(out))
     timing_dir = link_slides(out, "timing_slides", timing_ids(out, args.timing_slides))
     jobs: list[tuple[str, Path, Path, list[str]]] = []
-    for seed in args.seeds:
-        jobs.append(
-            (f"zoom_seed{seed}", run_dir(out, "px_att_stain", seed) / "student", all_dir, ["--zoom", str(args.zoom_k)])
-        )
+    for key, (_, config, folder, options) in zoom_runs(args).items():
+        for seed in args.seeds:
+            jobs.append((f"{key}_seed{seed}", run_dir(out, config, seed) / folder, all_dir, options))
     seed0 = args.seeds[0]
     jobs += [
         ("timing_teacher_high", run_dir(out, "frozen", seed0) / "student", timing_dir, ["--resolution", "high"]),
@@ -389,13 +401,15 @@ def timing_median(out: Path, key: str, ids: list[str], field: str = "total_s") -
     return statistics.median(vals) if vals else math.nan
 
 
-def zoom_rows(out: Path, args: argparse.Namespace, labels: dict[str, str], classes: list[str]) -> dict[str, Any]:
-    """Per seed: the full student end to end from the slides, and the same + zoom top-K."""
+def zoom_rows(
+    out: Path, args: argparse.Namespace, labels: dict[str, str], classes: list[str], key: str = "zoom"
+) -> dict[str, Any]:
+    """Per seed: the student end to end from the slides, and the same + its zoom pass (run `key`)."""
     student: dict[str, list[float]] = {"auc": [], "balanced_acc": [], "brier": []}
     zoom: dict[str, list[float]] = {"auc": [], "balanced_acc": [], "brier": []}
-    high_patches, low_patches, fallback = [], [], 0
+    high_patches, low_patches, high_total, fallback = [], [], [], 0
     for seed in args.seeds:
-        pdir = out / "predict" / f"zoom_seed{seed}"
+        pdir = out / "predict" / f"{key}_seed{seed}"
         if not (pdir / "predictions.csv").is_file():
             continue
         s_probs = read_predictions(pdir / "predictions.csv", classes)
@@ -415,12 +429,15 @@ def zoom_rows(out: Path, args: argparse.Namespace, labels: dict[str, str], class
             for k in acc:
                 acc[k].append(float(m[k]))
         high_patches += [t[s]["zoom"]["patches_high"] for s in ids if "zoom" in t[s]]
+        high_total += [t[s]["zoom"]["patches_high_total"] for s in ids if "zoom" in t[s]]
         low_patches += [t[s]["patches_low"] for s in ids]
+    saved = 1.0 - sum(high_patches) / sum(high_total) if sum(high_total) else math.nan
     return {
         "student_from_slides": {k: mean_ci(v) for k, v in student.items()},
         "zoom": {k: mean_ci(v) for k, v in zoom.items()},
         "zoom_high_patches_mean": statistics.fmean(high_patches) if high_patches else math.nan,
         "low_patches_mean": statistics.fmean(low_patches) if low_patches else math.nan,
+        "high_cost_saved": saved,
         "fallback_to_student": fallback,
     }
 
@@ -480,6 +497,10 @@ def table(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         if r["key"] != "teacher" and len(r["auc"]["values"]) == len(teacher_auc):
             r["auc_minus_teacher"] = mean_ci([a - b for a, b in zip(r["auc"]["values"], teacher_auc)])
     zoom = zoom_rows(out, args, labels, classes)
+    zooms = {
+        key: {"label": label.format(k=args.zoom_k, t=args.zoom_threshold), **zoom_rows(out, args, labels, classes, key)}
+        for key, (label, *_rest) in zoom_runs(args).items()
+    }
     ft_info = {
         v: json.loads((out / "finetune" / v / "finetune.json").read_text())
         for v in VARIANTS
@@ -519,6 +540,7 @@ def table(out: Path, args: argparse.Namespace) -> dict[str, Any]:
             "test_fraction": args.test_fraction,
             "timing_slides": ids_timing,
             "zoom_k": args.zoom_k,
+            "zoom_threshold": args.zoom_threshold,
             "threads": args.threads,
             "ft_max_patches": args.ft_max_patches,
             "ft_epochs": args.ft_epochs,
@@ -532,6 +554,7 @@ def table(out: Path, args: argparse.Namespace) -> dict[str, Any]:
         "finetune": ft_info,
         "rows": rows,
         "zoom": zoom,
+        "zooms": zooms,
         "speed": {
             "high_s_median": t_high,
             "adapter_low_s_median": t_adapter,
@@ -574,6 +597,22 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{' / '.join(fmt(v) for v in z['zoom']['auc']['values'])} | {fmt(z['low_patches_mean'], 1)} + "
         f"{fmt(z['zoom_high_patches_mean'], 1)} (20×) | — |",
         "",
+        "Zoom from the slides (the teacher on the high-res children of the selected 5× regions; the student's own "
+        "label where no region passes): the same test slides and seeds.",
+        "",
+        "| zoom row | student AUC | + zoom AUC | + zoom balanced acc. | + zoom Brier | per-seed AUC | 20× patches "
+        "encoded / slide | high-res cost saved | slides without a zoom label |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for zr in doc.get("zooms", {}).values():
+        lines.append(
+            f"| {zr['label']} | {fmt_ci(zr['student_from_slides']['auc'])} | {fmt_ci(zr['zoom']['auc'])} | "
+            f"{fmt_ci(zr['zoom']['balanced_acc'])} | {fmt_ci(zr['zoom']['brier'])} | "
+            f"{' / '.join(fmt(v) for v in zr['zoom']['auc']['values'])} | {fmt(zr['zoom_high_patches_mean'], 1)} | "
+            f"{fmt(zr['high_cost_saved'], 3)} | {zr['fallback_to_student']} |"
+        )
+    lines += [
+        "",
         "| target | measured | met |",
         "|---|---|---|",
     ]
@@ -613,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distill-set", action="append", default=[], metavar="KEY=VALUE", help="extra distill --set")
     ap.add_argument("--timing-slides", type=int, default=12)
     ap.add_argument("--zoom-k", type=int, default=2)
+    ap.add_argument("--zoom-threshold", type=float, default=0.5, help="AHDMIL's pre-screen threshold (not tuned)")
     args = ap.parse_args(argv)
     args.cohort, out = args.cohort.resolve(), args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
