@@ -20,6 +20,7 @@ from fedslide.client.encoders.registry import build_encoder
 from fedslide.client.encoding import encode_grid
 from fedslide.client.patch_loader import RegionDataset
 from fedslide.client.qc import write_qc_image
+from fedslide.client.slide_claims import CLAIMS_DIR, claim_store
 from fedslide.client.slides import SlideError, SlideReader, discover_slides, slide_id_of
 from fedslide.client.stain_normalize import STAIN_ATTR, build_stain_normalizer
 from fedslide.client.tiling import PairedGrid, paired_grid
@@ -135,6 +136,14 @@ class SitePreprocessor:
         if not slides:
             raise SlideError(
                 f"no slides in {site_dir / 'slides'} (looked for extensions: {', '.join(self.cfg.slide.extensions)})"
+            )
+        live = claim_store(site_dir, self.encoder.name, self.cfg.claim_lease_s).live_claims()
+        if live:
+            held = ", ".join(f"{sid} ({c.owner} on {c.host})" for sid, c in sorted(live.items())[:5])
+            raise SlideError(
+                f"{len(live)} slide(s) of {site_dir} are being written by cluster workers now (live claims under "
+                f"{out_dir / CLAIMS_DIR}: {held}); wait for that job, rerun it with executor = 'ray', or wait "
+                f"claim-lease-s = {self.cfg.claim_lease_s:g} s after it died"
             )
         for res in self.resolutions:
             for stale in (out_dir / res).glob(f"*.h5*{TEMP_SUFFIX}"):  # left by a killed run

@@ -79,9 +79,10 @@ def run(args: argparse.Namespace) -> int:
     for site in args.sites:
         try:
             summary = preprocess_site(site, cfg) if cfg.executor == "local" else preprocess_site_ray(site, cfg)
-        except SlideError as exc:
+        except SlideError as exc:  # this site cannot start; the other sites still run
             print(f"fedslide preprocess: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            code = EXIT_USAGE
+            continue
         out = site / "features" / summary.encoder
         print(
             f"{site}: {summary.count('done')} done, {summary.count('skipped')} skipped, {summary.count('failed')} failed; "
@@ -91,5 +92,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"  failures listed in {out / 'failures.csv'}:", file=sys.stderr)
             for s in summary.failed:
                 print(f"  - {s.slide_id}: {s.reason}", file=sys.stderr)
-            code = EXIT_PARTIAL
+            code = code if code == EXIT_USAGE else EXIT_PARTIAL
     return code

@@ -26,7 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from fedslide.client.preprocess import SiteSummary, SitePreprocessor, SlideResult
-from fedslide.client.slide_claims import ClaimStore
+from fedslide.client.slide_claims import claim_store
 from fedslide.client.slides import SlideError, discover_slides, slide_id_of
 from fedslide.common.atomic import TEMP_SUFFIX
 from fedslide.common.config.base import ConfigError
@@ -35,7 +35,6 @@ from fedslide.common.config.preprocess import PreprocessConfig
 log = logging.getLogger(__name__)
 
 CLAIMED = "claimed"  # a task's status while another live owner holds the slide
-CLAIMS_DIR = ".claims"
 
 
 def import_ray() -> ModuleType:
@@ -48,11 +47,6 @@ def import_ray() -> ModuleType:
             "pip install 'fedslide[cluster]' (or pip install ray==2.60.0), or use executor = 'local'"
         ) from exc
     return ray
-
-
-def claim_store(site_dir: Path, encoder_name: str, lease_s: float) -> ClaimStore:
-    """Where a site's slide claims live: beside the feature files they guard."""
-    return ClaimStore(Path(site_dir) / "features" / encoder_name / CLAIMS_DIR, lease_s)
 
 
 def remove_slide_temps(site_dir: Path, encoder_name: str, slide_id: str) -> None:

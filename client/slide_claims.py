@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 
 CLAIM_SUFFIX = ".claim"
+CLAIMS_DIR = ".claims"  # under features/<encoder>/, beside the feature files the claims guard
 
 
 class ClaimLost(RuntimeError):
@@ -129,6 +130,15 @@ class ClaimStore:
             age_s=time.time() - mtime,
         )
 
+    def live_claims(self) -> dict[str, ClaimInfo]:
+        """Slide id -> holder of every claim younger than the lease (a worker is writing that slide now)."""
+        found = {}
+        for path in sorted(self.directory.glob(f"*{CLAIM_SUFFIX}")) if self.directory.is_dir() else []:
+            info = self.holder(path.name[: -len(CLAIM_SUFFIX)])
+            if info is not None and info.age_s < self.lease_s:
+                found[path.name[: -len(CLAIM_SUFFIX)]] = info
+        return found
+
     def try_claim(self, slide_id: str, owner: str) -> SlideClaim | None:
         """Claim the slide for `owner`; None while another owner holds a live (heartbeating) claim.
 
@@ -180,6 +190,11 @@ class ClaimStore:
             except FileExistsError:
                 pass
         grave.unlink(missing_ok=True)
+
+
+def claim_store(site_dir: Path, encoder_name: str, lease_s: float) -> ClaimStore:
+    """Where a site's slide claims live: beside the feature files they guard."""
+    return ClaimStore(Path(site_dir) / "features" / encoder_name / CLAIMS_DIR, lease_s)
 
 
 def _read(path: Path) -> dict | None:

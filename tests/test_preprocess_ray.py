@@ -20,12 +20,12 @@ import pytest
 from fedslide.client.preprocess import SitePreprocessor
 from fedslide.client.preprocess_ray import (
     CLAIMED,
-    claim_store,
     import_ray,
     task_options,
     process_claimed,
 )
-from fedslide.client.slide_claims import ClaimLost, ClaimStore
+from fedslide.client.slide_claims import ClaimLost, ClaimStore, claim_store
+from fedslide.client.slides import SlideError
 from fedslide.client.synth.slide import write_slide
 from fedslide.common.config.base import ConfigError
 from fedslide.common.config.preprocess import PreprocessConfig
@@ -147,6 +147,38 @@ def test_process_claimed_honours_live_and_stale_claims(tmp_path: Path, slides: P
     result = process_claimed(pre, site / "slides" / "s0.tif", site, "me")
     assert result.status == "done" and is_complete(target)
     assert not temp.exists() and store.holder("s0") is None
+
+
+def test_local_run_refuses_a_site_cluster_workers_are_writing(tmp_path: Path, slides: Path) -> None:
+    site = _site(tmp_path / "site", slides, ["s0.tif"])
+    pre = SitePreprocessor(_cfg(claim_lease_s=30, resolutions="low"))
+    store = claim_store(site, ENC, 30)
+    claim = store.try_claim("s0", "ray-task-7")
+    assert claim is not None
+    temp = feature_path(site, ENC, "low", "s0").parent / ".s0.h5.w1.tmp"  # the worker's file in progress
+    temp.parent.mkdir(parents=True, exist_ok=True)
+    temp.write_bytes(b"half")
+    with pytest.raises(SlideError, match=r"being written by cluster workers.*s0 \(ray-task-7"):
+        pre.run(site)
+    assert temp.exists()  # the worker's file is left alone
+    old = time.time() - 120  # the worker died: its claim went stale, and the local run goes ahead
+    os.utime(store.path("s0"), (old, old))
+    summary = pre.run(site)
+    assert [r.status for r in summary.slides] == ["done"] and not temp.exists()
+
+
+def test_cli_runs_the_other_sites_when_one_is_busy(
+    tmp_path: Path, slides: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    busy = _site(tmp_path / "busy", slides, ["s0.tif"])
+    free = _site(tmp_path / "free", slides, ["s1.tif"])
+    claim = claim_store(busy, ENC, 300).try_claim("s0", "ray-task-1")
+    assert claim is not None
+    small = ["--set", "tiling.high-patch-size=128", "--set", "tiling.low-patch-size=128", "--set", "resolutions=low"]
+    code = main(["preprocess", "--site", str(busy), "--site", str(free), "--no-progress", *small])
+    assert code == 2  # one site could not start ...
+    assert is_complete(feature_path(free, ENC, "low", "s1"))  # ... and the other still ran
+    assert "being written by cluster workers" in capsys.readouterr().err
 
 
 def test_lost_claim_discards_the_slide(tmp_path: Path, slides: Path) -> None:
