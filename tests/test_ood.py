@@ -9,15 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from fedslide.client.encoders import PatchEncoder, build_encoder
 from fedslide.client.inference import predict_slide, predict_slides
 from fedslide.client.synth.slide import write_slide
-from fedslide.common.config.model import ModelConfig
 from fedslide.common.config.predict import PredictConfig
-from fedslide.common.config.preprocess import EncoderConfig, TilingConfig, TissueConfig
-from fedslide.common.distillation.bundle import BundleMeta, StudentBundle
+from fedslide.common.config.preprocess import EncoderConfig
+from fedslide.common.distillation.bundle import StudentBundle
+from tests.feature_sites import tiny_student_bundle
 from fedslide.common.distillation.ood import (
     PRIOR_SLIDES,
     OODStats,
@@ -26,7 +25,6 @@ from fedslide.common.distillation.ood import (
     pool_ood_sums,
     slide_embeddings,
 )
-from fedslide.common.models.registry import build_model
 
 CLASSES = ["normal", "tumor"]
 
@@ -104,25 +102,10 @@ def test_threshold_is_val_quantile() -> None:
 
 
 def _bundle(encoder: PatchEncoder, ood: OODStats | None) -> StudentBundle:
-    torch.manual_seed(0)
-    mc = ModelConfig(name="abmil", in_dim=encoder.dim, num_classes=2, hidden_dim=16, attention_dim=8)
-    meta = BundleMeta(
-        encoder_name=encoder.name,
-        encoder_weights_hash=encoder.weights_hash,
-        encoder_dim=encoder.dim,
-        encoder_fingerprint=encoder.fingerprint,
-        low_mpp=2.0,
-        low_patch_size=256,
-        high_mpp=0.5,
-        high_patch_size=256,
-        child_grid=4,
-        token_grid=0,
-        student_input="raw",
-        class_names=CLASSES,
-        tissue=TissueConfig().model_dump(mode="json"),
-        tiling=TilingConfig().model_dump(mode="json"),
-    )
-    return StudentBundle(meta, None, build_model(mc), None, mc, None, ood=ood)
+    """A raw-input student bundle of `encoder` carrying `ood`."""
+    bundle = tiny_student_bundle(encoder, CLASSES, student_input="raw", token_grid=0)
+    bundle.ood = ood
+    return bundle
 
 
 def test_bundle_round_trip(tmp_path: Path) -> None:

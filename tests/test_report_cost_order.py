@@ -8,17 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from PIL import Image as PILImage
 
 from fedslide.client.encoders import build_encoder
 from fedslide.client.synth.slide import write_slide
-from fedslide.common.config.model import ModelConfig
-from fedslide.common.config.preprocess import EncoderConfig, TilingConfig, TissueConfig
-from fedslide.common.distillation.bundle import BundleMeta, StudentBundle
+from fedslide.common.config.preprocess import EncoderConfig
 from fedslide.common.evaluation.report import Doc, cohort_section, federation_doc, federation_sections
-from fedslide.common.models.registry import build_model
 from fedslide.deploy.study.e2e_cost import end_to_end_cost
+from tests.feature_sites import tiny_student_bundle
 
 E2E = {
     "slides": 2,
@@ -99,25 +96,7 @@ def test_a_runs_heatmaps_are_shown(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_end_to_end_cost_times_both_resolutions_from_the_file(tmp_path: Path) -> None:
     encoder = build_encoder(EncoderConfig())
-    torch.manual_seed(0)
-    mc = ModelConfig(name="abmil", in_dim=encoder.dim, num_classes=2, hidden_dim=16, attention_dim=8)
-    meta = BundleMeta(
-        encoder_name=encoder.name,
-        encoder_weights_hash=encoder.weights_hash,
-        encoder_dim=encoder.dim,
-        encoder_fingerprint=encoder.fingerprint,
-        low_mpp=2.0,
-        low_patch_size=256,
-        high_mpp=0.5,
-        high_patch_size=256,
-        child_grid=4,
-        token_grid=0,
-        student_input="raw",
-        class_names=["normal", "tumor"],
-        tissue=TissueConfig().model_dump(mode="json"),
-        tiling=TilingConfig().model_dump(mode="json"),
-    )
-    StudentBundle(meta, None, build_model(mc), build_model(mc), mc, mc).save(tmp_path / "bundle")
+    tiny_student_bundle(encoder, ["normal", "tumor"], student_input="raw", token_grid=0).save(tmp_path / "bundle")
     write_slide(tmp_path / "s.tif", 1000, 1000, 0.5, "generic", seed=3, tumor=True)
     cost = end_to_end_cost(tmp_path / "bundle", [tmp_path / "s.tif"], threads=1)
     assert "skipped" not in cost, cost

@@ -105,14 +105,15 @@ class FinetuneConfig(StageConfig):
         return self.attention
 
 
-def _split_listed(data: Any) -> Any:
-    """Flower's flat run config carries lists comma-separated: split them back (layers, slide.extensions and the
-    encoder's mean/std)."""
+def split_listed(data: Any, top: tuple[str, ...] = ("layers",)) -> Any:
+    """Flower's flat run config carries lists comma-separated: split them back (the `top` keys, slide.extensions and
+    the encoder's mean/std)."""
     if not isinstance(data, dict):
         return data
     data = dict(data)
-    if isinstance(data.get("layers"), str):
-        data["layers"] = [t.strip() for t in data["layers"].split(",") if t.strip()]
+    for key in top:
+        if isinstance(data.get(key), str):
+            data[key] = [t.strip() for t in data[key].split(",") if t.strip()]
     for section, keys in (("slide", ("extensions",)), ("encoder", ("mean", "std"))):
         node = data.get(section)
         if isinstance(node, dict):
@@ -138,7 +139,7 @@ class FederatedFinetuneConfig(FinetuneConfig):
     @model_validator(mode="before")
     @classmethod
     def _federated_keys(cls, data: Any) -> Any:
-        data = _split_listed(data)
+        data = split_listed(data)
         if isinstance(data, dict):
             given = sorted(str(k).replace("_", "-") for k in data if str(k).replace("_", "-") in _FEDERATED_UNUSED)
             if given:

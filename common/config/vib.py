@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from fedslide.common.config.base import StageConfig
+from fedslide.common.config.finetune import split_listed
 from fedslide.common.config.preprocess import EncoderConfig, SlideConfig
 
 
@@ -79,16 +80,7 @@ class FederatedVIBConfig(VIBConfig):
                 f"{', '.join(given)}: not used by a federated run; set rounds.pixel-stage1 and "
                 "rounds.pixel-stage1-local-epochs instead"
             )
-        if isinstance(data.get("levels"), str):
-            data["levels"] = [t.strip() for t in data["levels"].split(",") if t.strip()]
-        for section, keys in (("slide", ("extensions",)), ("encoder", ("mean", "std"))):
-            node = data.get(section)
-            if isinstance(node, dict):
-                data[section] = {
-                    k: [t.strip() for t in v.split(",") if t.strip()] if k in keys and isinstance(v, str) else v
-                    for k, v in node.items()
-                }
-        return data
+        return split_listed(data, top=("levels",))
 
 
 _FEDERATED_UNUSED = frozenset({"epochs", "reencode", "overwrite", "output"})
