@@ -689,8 +689,11 @@ def final_evaluation(
     baseline_model, adapter_model = _model(site, p.BASELINE, baseline), _adapter(site, adapter)
     mode = _mode(site)
     assert site.facts is not None
+    # VIB fine-tunes the encoder of both levels: the bundle carries it (encoder.pt) and its meta says so
+    vib_tuned = site.cfg.pixel_stage1_objective == "vib" and site.finetuned_low() is not None
+    run_facts = {"role": "federated_student", "run": site.run_dir.name}
     # the tissue/tiling settings this site preprocessed with, as its feature files record them
-    meta = bundle_meta(data, mode, None, {"role": "federated_student", "run": site.run_dir.name})
+    meta = bundle_meta(data, mode, None, run_facts | ({"encoder_finetuned": "vib"} if vib_tuned else {}))
     s_stats = student_stats(site)
     StudentBundle(
         meta,
@@ -708,6 +711,7 @@ def final_evaluation(
         student_scaling=ModelScaling(s_stats, temperatures.get("student_low", 1.0)),
         teacher_scaling=ModelScaling(site.feature_stats, temperatures.get("teacher_high", 1.0)),
         ood=site_ood(site, ood, split),
+        encoder_weights=site.run_dir / STAGE1_ENCODER if vib_tuned else None,
     ).save(site.run_dir / BUNDLE_DIR)
     metrics: Metrics = {ph.N_TEST: int(idx.size), ph.NUM_EXAMPLES: int(idx.size)}
     if not idx.size:

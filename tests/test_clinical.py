@@ -107,6 +107,21 @@ def test_schema_config_from_toml_and_its_errors(tmp_path: Path) -> None:
         load_config(ClinicalConfig, path, section="clinical")
 
 
+def test_a_shared_config_file_may_hold_the_clinical_section(tmp_path: Path) -> None:
+    from fedslide.common.config.dump import defaults_toml
+    from fedslide.common.config.predict import PredictConfig
+
+    path = tmp_path / "site.toml"
+    path.write_text(
+        '[predict]\nbatch-size = 8\n\n[clinical]\nvariables = [{ kind = "numeric", name = "psa", unit = "ng/mL", min = 0.0, max = 9.0 }]\n'
+    )
+    assert load_config(PredictConfig, path, section="predict").batch_size == 8  # another stage reads the same file
+    assert load_config(ClinicalConfig, path, section="clinical").variables[0].name == "psa"
+    defaults = tmp_path / "defaults.toml"
+    defaults.write_text(defaults_toml())  # the dumped [clinical] table is valid TOML and round-trips
+    assert load_config(ClinicalConfig, defaults, section="clinical") == ClinicalConfig()
+
+
 def test_encode_zero_and_mean_fill() -> None:
     raw = np.array([[50.0, 10.0, 1, 0, 0, 1, 0], [70.0, 30.0, 0, 1, 0, 0, 1], [np.nan] * 7])
     stats = pooled_clinical_stats([site_clinical_sums(raw)])

@@ -27,12 +27,17 @@ from fedslide.common.distillation.vib import (
 )
 from fedslide.client.site_run import STAGE1_RECORD
 from fedslide.common.config.federation import FederationConfig
-from fedslide.common.distillation.bundle import StudentBundle
+from fedslide.client.inference import ModelDirError, load_bundle, predict_slides
+from fedslide.client.inference.model import encoder_config
+from fedslide.common.config.base import ConfigError
+from fedslide.common.config.predict import PredictConfig
+from fedslide.common.distillation.bundle import ENCODER_FILE, BundleMismatchError, StudentBundle, file_sha256
 from fedslide.common.egress import EgressViolation, arrays_reply, check_reply, specs_of, weights_reply
 from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
 from fedslide.deploy.cli import main
 from fedslide.server.checkpoint import Checkpoint
+from tests.feature_sites import tiny_student_bundle
 from tests.test_federation import federate, tiny_config
 
 # ---------------------------------------------------------------- the bottleneck
@@ -268,8 +273,12 @@ def test_federated_vib_objective_runs_to_the_end_on_the_reencoded_features(
             assert files and all(
                 h5py.File(f, "r").attrs["encoder_weights_hash"] == record["weights_hash"] for f in files
             )
-        # the teacher and student read the re-encoded files: the bundle names the VIB-fine-tuned encoder
-        assert StudentBundle.load(run / "student_bundle").meta.encoder_weights_hash == record["weights_hash"]
+        # the teacher and student read the re-encoded files: the bundle names the VIB-fine-tuned encoder and
+        # carries it (encoder.pt) as the encoder of both levels
+        bundle = StudentBundle.load(run / "student_bundle")
+        assert bundle.meta.encoder_weights_hash == record["weights_hash"] and not bundle.meta.low_finetuned
+        assert bundle.meta.extra["encoder_finetuned"] == "vib"
+        assert bundle.encoder_weights is not None and file_sha256(bundle.encoder_weights) == record["weights_hash"]
         ledger = [json.loads(line) for line in (run / "egress.jsonl").read_text().splitlines()]
         sent = [e for e in ledger if e["phase"] == ph.PIXEL_STAGE1.name and e["arrays"]]
         assert len(sent) == 2 and all({a["name"] for a in e["arrays"]} == set(final) for e in sent)
@@ -278,6 +287,54 @@ def test_federated_vib_objective_runs_to_the_end_on_the_reencoded_features(
         assert not any(e.get("error") for e in ledger)
         assert (run / "pixel_stage1" / "vib_selection.pt").is_file()
     assert len(hashes) == 1
+    # predict from the bundle alone (no --weights): both levels are encoded with the VIB-fine-tuned encoder
+    bundle_dir = vib_sites[0] / "runs" / "vib" / "student_bundle"
+    slide = sorted((vib_sites[0] / "slides").iterdir())[0]
+    for resolution in ("low", "high"):
+        out = tmp_path / f"predict-{resolution}"
+        run = predict_slides([slide], bundle_dir, out, _predict_cfg(resolution=resolution))
+        assert not run.failures and len(run.predictions) == 1
+        assert run.encoder["weights_hash"] == hashes.pop() if resolution == "low" else run.encoder["weights_hash"]
+        assert run.encoder["weights_hash"] == record["weights_hash"]
+    with pytest.raises(BundleMismatchError, match=effnet.weights_hash[:12]):  # the frozen encoder is refused
+        predict_slides([slide], bundle_dir, tmp_path / "frozen", _predict_cfg(), encoder=effnet)
+
+
+def _predict_cfg(**kw: object) -> PredictConfig:
+    return PredictConfig.model_validate({"num_workers": 0, "batch_size": 16, "progress": False, "heatmaps": False, **kw})
+
+
+def test_bundle_carries_the_encoder_of_both_levels_and_predict_uses_it(tmp_path: Path) -> None:
+    weights = tmp_path / "vib.pt"
+    torch.save({"w": torch.ones(3)}, weights)
+    encoder = type("Enc", (), {"name": "efficientnet_lite0", "dim": 8, "fingerprint": None})()
+    encoder.weights_hash = file_sha256(weights)
+    plain = tiny_student_bundle(encoder, ["a", "b"])
+    parts = (plain.meta, plain.adapter, plain.student, plain.teacher, plain.student_config, plain.teacher_config)
+    StudentBundle(*parts, encoder_weights=weights).save(tmp_path / "b")
+    assert (tmp_path / "b" / ENCODER_FILE).read_bytes() == weights.read_bytes()
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.encoder_weights == tmp_path / "b" / ENCODER_FILE
+    for resolution in ("high", "low"):  # both levels, over any --weights given
+        cfg = _predict_cfg(encoder_weights=str(tmp_path / "elsewhere.pt"))
+        assert encoder_config(bundle, cfg, resolution).weights == tmp_path / "b" / ENCODER_FILE
+    plain.save(tmp_path / "plain")  # a bundle without it: predict.encoder-weights as before
+    assert encoder_config(load_bundle(tmp_path / "plain"), _predict_cfg(), "high").weights is None
+    torch.save({"w": torch.zeros(3)}, weights)
+    with pytest.raises(BundleMismatchError, match=encoder.weights_hash[:12]):
+        StudentBundle(*parts, encoder_weights=weights)
+    (tmp_path / "b" / ENCODER_FILE).write_bytes(weights.read_bytes())  # swapped file: refused on load
+    with pytest.raises(ModelDirError, match=encoder.weights_hash[:12]):
+        load_bundle(tmp_path / "b")
+
+
+@pytest.mark.parametrize("key", ["standardize", "ood-stats"])
+def test_vib_objective_refuses_handshake_statistics_of_the_frozen_features(key: str) -> None:
+    run_config = {"pixel-stage1": True, "pixel-stage1-objective": "vib", key: True}
+    with pytest.raises(ConfigError, match=f"{key} = true with pixel-stage1-objective = 'vib'"):
+        FederationConfig.from_run_config(run_config)
+    FederationConfig.from_run_config({**run_config, "pixel-stage1-objective": "lrmil"})  # lrmil: as before
+    FederationConfig.from_run_config({**run_config, "pixel-stage1": False})  # no pixel stage 1: objective unused
 
 
 def test_cli_vib_refuses_lrmil_only_flags_and_a_missing_site(

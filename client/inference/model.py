@@ -90,11 +90,12 @@ def low_encoder_weights(bundle: StudentBundle, cfg: PredictConfig) -> Path | Non
 
 def encoder_config(bundle: StudentBundle, cfg: PredictConfig, resolution: str = "high") -> EncoderConfig:
     """The encoder settings for one resolution: the bundle's encoder by name (the fine-tuned weights for a
-    fine-tuned 5x encoder), the run's batch/worker/device options."""
+    fine-tuned 5x encoder; the bundle's `encoder.pt` for an encoder fine-tuned at both levels, else
+    `predict.encoder-weights`), the run's batch/worker/device options."""
     weights = low_encoder_weights(bundle, cfg) if resolution == "low" else None
     return EncoderConfig(
         name=bundle.meta.encoder_name,
-        weights=weights or cfg.encoder_weights,
+        weights=weights or bundle.encoder_weights or cfg.encoder_weights,
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         threads=cfg.threads,

@@ -45,6 +45,7 @@ KNOWN_SECTIONS: tuple[str, ...] = (
     "vib",
     "train",
     "distill",
+    "clinical",
     "predict",
     "federation",
     "evaluate",

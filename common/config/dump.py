@@ -26,6 +26,7 @@ from fedslide.common.config.preprocess import PreprocessConfig
 from fedslide.common.config.synth import SynthConfig
 from fedslide.common.config.train import TrainConfig
 from fedslide.common.config.vib import VIBConfig
+from fedslide.common.config.clinical import ClinicalConfig
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the source checkout: configs/ and pyproject.toml
 DEFAULTS_FILE = Path("configs") / "defaults.toml"
@@ -39,6 +40,7 @@ SECTIONS: tuple[tuple[str, type[StageConfig]], ...] = (
     ("vib", VIBConfig),
     ("train", TrainConfig),
     ("distill", DistillConfig),
+    ("clinical", ClinicalConfig),
     ("predict", PredictConfig),
     ("federation", FederationConfig),
     ("evaluate", EvaluateConfig),
@@ -62,6 +64,8 @@ def toml_value(value: Any) -> str:
     """One value as TOML (arrays inline)."""
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table (e.g. one clinical variable)
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
     return tomli_w.dumps({"v": value})[4:-1]
 
 

@@ -305,6 +305,19 @@ class FederationConfig(StageConfig):
         return self
 
     @model_validator(mode="after")
+    def _vib_handshake_stats(self) -> "FederationConfig":
+        # the handshake's statistics come from the frozen features; VIB re-encodes both levels before they are read
+        if self.pixel_stage1 and self.pixel_stage1_objective == "vib":
+            for key, on in (("standardize", self.standardize), ("ood-stats", self.ood_stats)):
+                if on:
+                    raise ValueError(
+                        f"{key} = true with pixel-stage1-objective = 'vib': the handshake computes its statistics "
+                        "from the frozen encoder's features, but VIB re-encodes both levels that every later phase "
+                        f"reads; set {key} = false or pixel-stage1-objective = 'lrmil'"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _min_epochs_fit(self) -> "FederationConfig":
         if self.training.min_epochs > self.proxy_epochs:
             raise ValueError(

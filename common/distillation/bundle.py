@@ -8,6 +8,9 @@ When the student was trained on 5× features of a fine-tuned low-res encoder (`f
 records that encoder's weights hash (`low_encoder_weights_hash`; `encoder_weights_hash` stays the frozen
 high-res encoder's) and `low_encoder.pt` holds its weights file byte for byte, so its sha256 is that hash.
 A bundle may instead carry the hash only; the site then supplies the file (`predict.low-encoder-weights`).
+When the encoder of BOTH levels was fine-tuned (federated pixel stage 1 with the VIB objective), both feature levels
+record its hash as `encoder_weights_hash` (no `low_encoder_weights_hash`) and `encoder.pt` holds its weights file
+byte for byte; prediction then encodes both levels with it.
 
 student.pt and teacher.pt may also carry the model's input standardisation and logit temperature
 (`common.training.scaling.ModelScaling`: keys `standardize`, `temperature`); predict_low / predict_high apply
@@ -54,6 +57,7 @@ ADAPTER_FILE = "adapter.pt"
 STUDENT_FILE = "student.pt"
 TEACHER_FILE = "teacher.pt"
 LOW_ENCODER_FILE = "low_encoder.pt"
+ENCODER_FILE = "encoder.pt"
 _MPP_TOLERANCE = 0.05
 
 
@@ -220,8 +224,11 @@ class StudentBundle:
         student_scaling: ModelScaling | None = None,
         teacher_scaling: ModelScaling | None = None,
         ood: OODStats | None = None,
+        encoder_weights: Path | str | None = None,
     ):
         """`low_encoder_weights`: the fine-tuned 5x encoder's weights file (its sha256 must be the meta's);
+        `encoder_weights`: the weights file of the encoder of both levels (sha256 = meta.encoder_weights_hash), for
+        an encoder fine-tuned at both levels (VIB); None: the encoder's own weights, supplied at prediction;
         `student_scaling` / `teacher_scaling`: standardisation of the instances each model reads (the student's
         are its adapted instances) and its temperature; None = identity; `ood`: the training slides' low-res
         statistics and the OOD threshold (None: no OOD score)."""
@@ -245,6 +252,15 @@ class StudentBundle:
                 )
             check_low_encoder_file(meta, low_encoder_weights)
             self.low_encoder_weights = Path(low_encoder_weights)
+        self.encoder_weights: Path | None = None
+        if encoder_weights is not None:
+            actual = file_sha256(encoder_weights)
+            if actual != meta.encoder_weights_hash:
+                raise BundleMismatchError(
+                    f"{encoder_weights}: weights {_short(actual)}, but the bundle's models were trained on features "
+                    f"of {meta.encoder_label}; the encoder weights file must be those weights byte for byte"
+                )
+            self.encoder_weights = Path(encoder_weights)
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, directory: Path | str) -> None:
@@ -268,6 +284,14 @@ class StudentBundle:
             self.low_encoder_weights = low_target
         else:
             low_target.unlink(missing_ok=True)
+        encoder_target = directory / ENCODER_FILE
+        if self.encoder_weights is not None:
+            if self.encoder_weights.resolve() != encoder_target.resolve():
+                with atomic_path(encoder_target) as tmp:
+                    shutil.copyfile(self.encoder_weights, tmp)
+            self.encoder_weights = encoder_target
+        else:
+            encoder_target.unlink(missing_ok=True)
         if self.ood is not None:
             self.ood.save(directory / OOD_FILE)
         else:
@@ -280,6 +304,7 @@ class StudentBundle:
                 "student": STUDENT_FILE,
                 "teacher": TEACHER_FILE if self.teacher is not None else None,
                 "low_encoder": LOW_ENCODER_FILE if self.low_encoder_weights is not None else None,
+                "encoder": ENCODER_FILE if self.encoder_weights is not None else None,
                 "ood": OOD_FILE if self.ood is not None else None,
             },
         }
@@ -314,6 +339,7 @@ class StudentBundle:
             teacher.load_state_dict(teacher_payload["state_dict"])
             teacher_scaling = ModelScaling.from_payload(teacher_payload)
         low_encoder = directory / files["low_encoder"] if files.get("low_encoder") else None
+        encoder = directory / files["encoder"] if files.get("encoder") else None
         ood = OODStats.load(directory / files["ood"]) if files.get("ood") else None
         if ood is not None and ood.dim != meta.encoder_dim:
             raise ValueError(
@@ -330,6 +356,7 @@ class StudentBundle:
             ModelScaling.from_payload(student_payload),
             teacher_scaling,
             ood,
+            encoder,
         )
 
     # ---- checks ------------------------------------------------------------------------------

@@ -16,6 +16,12 @@ process, its RSS summed over the process tree (DataLoader workers included) and 
     second of the whole preprocess process tree (start-up and DataLoader workers included) against the encoder's
     patches per CPU second — the work the pipeline adds per patch, whatever else runs.
 (c) peak RSS of each command's process tree. Target: ≤ 2 GiB.
+With `--throughput-ab N` only (b)'s wall-clock ratio is measured, fairly under a changing load: in one process, N
+pairs alternate (A B A B …) encoder-only on in-memory batches (A) and preprocessing (B) of the same fixed subset of
+the slide — the first low-res patches in grid order and all their high-res children, ≥ `--ab-patches` in all —
+read from the file by the preprocessing code (DataLoader worker, encoder, h5 writers) with the same encoder object,
+batch size, threads and workers; the pairs' ratios B/A, their median, min and max and the load average go to
+<out>/throughput_ab.json. Thumbnail and tissue are computed once per slide (not per pair) and reported beside.
 The bundle is a seeded, untrained ABMIL student (tokens through the adapter) and teacher of the default sizes on
 the default encoder: its speed, not its predictions, is measured. Figures go to <out>/bench_realsize.json.
 """
@@ -27,16 +33,26 @@ import json
 import resource
 import shutil
 import sys
+import statistics
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 import psutil
 import torch
 from bench_preprocess import peak_memory
 
 from fedslide.client.encoders import build_encoder
+from fedslide.client.encoders.base import PatchEncoder
+from fedslide.client.preprocess import SitePreprocessor
+from fedslide.client.slides import SlideReader
+from fedslide.client.tiling import PairedGrid, paired_grid
+from fedslide.client.tissue import segment_tissue
 from fedslide.common.config.model import ModelConfig
-from fedslide.common.config.preprocess import EncoderConfig, TilingConfig, TissueConfig
+from fedslide.common.config.preprocess import EncoderConfig, PreprocessConfig, TilingConfig, TissueConfig
 from fedslide.common.distillation.adapter import AdapterSpec, build_adapter
 from fedslide.common.distillation.bundle import BundleMeta, StudentBundle
 from fedslide.common.models.registry import build_model
@@ -109,10 +125,10 @@ def measured(cmd: list[str]) -> dict:
     return result
 
 
-def encoder_rates(cfg: EncoderConfig, patch: int, batches: int) -> dict:
+def encoder_rates(cfg: EncoderConfig, patch: int, batches: int, encoder: PatchEncoder | None = None) -> dict:
     """Encoder alone on random uint8 channels-last batches (after a warm-up batch): patches per wall second and
     per CPU second of this process."""
-    enc = build_encoder(cfg).eval()
+    enc = (encoder or build_encoder(cfg)).eval()
     x = torch.randint(0, 256, (cfg.batch_size, 3, patch, patch), dtype=torch.uint8)
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
@@ -192,6 +208,88 @@ def run_preprocess(site: Path, args: argparse.Namespace) -> dict:
     }
 
 
+def grid_prefix(grid: PairedGrid, min_patches: int) -> PairedGrid:
+    """The first low-res patches of the grid (grid order) and all their high-res children: the shortest such
+    prefix with at least `min_patches` patches of both resolutions together."""
+    low = len(grid.low_coords)
+    per_low = np.bincount(grid.high_parent, minlength=low) + 1  # each low patch and its kept children
+    n_low = min(int(np.searchsorted(np.cumsum(per_low), min_patches)) + 1, low)
+    n_high = int(np.searchsorted(grid.high_parent, n_low))  # high patches are grouped by parent, in order
+    return replace(
+        grid,
+        low_coords=grid.low_coords[:n_low],
+        low_tissue=grid.low_tissue[:n_low],
+        high_coords=grid.high_coords[:n_high],
+        high_parent=grid.high_parent[:n_high],
+        high_child=grid.high_child[:n_high],
+        high_tissue=grid.high_tissue[:n_high],
+    )
+
+
+def throughput_ab(slide_path: Path, out: Path, pairs: int, min_patches: int, args: argparse.Namespace) -> dict:
+    """Alternate encoder-only (A) and preprocessing (B) of the same patch subset, `pairs` times after one warm-up
+    of each; return each pair's patches/s and ratio B/A with the load average."""
+    enc = EncoderConfig(batch_size=args.batch_size, threads=args.threads, num_workers=args.workers, device="cpu")
+    cfg = PreprocessConfig(progress=False, qc_images=False, encoder=enc)
+    pre = SitePreprocessor(cfg)
+    todo = list(pre.resolutions)
+    hashes = {r: pre.settings_hash(r) for r in todo}
+    t0 = time.perf_counter()
+    with SlideReader(slide_path, cfg.slide.mpp_override, cfg.slide.mpp_tolerance) as slide:
+        thumb, thumb_mpp = slide.thumbnail(cfg.tissue.thumbnail_mpp)
+        tissue = segment_tissue(thumb, float(np.mean(thumb_mpp)), cfg.tissue)
+        full = paired_grid(*slide.dimensions, slide.mpp, cfg.tiling, tissue, thumb_mpp)
+    tissue_s = time.perf_counter() - t0
+    grid = grid_prefix(full, min_patches)
+    n = len(grid.low_coords) + len(grid.high_coords)
+    batches = -(-n // args.batch_size)
+
+    def run_a() -> float:
+        return encoder_rates(cfg.encoder, cfg.tiling.high_patch_size, batches, pre.encoder)["patches_per_s"]
+
+    def run_b() -> float:
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            targets = {r: Path(tmp) / f"{r}.h5" for r in todo}
+            start = time.perf_counter()
+            with SlideReader(slide_path, cfg.slide.mpp_override, cfg.slide.mpp_tolerance) as slide:
+                counts = pre._encode_slide(slide, grid, todo, targets, hashes)  # the code path of process_slide
+            seconds = time.perf_counter() - start
+        if counts["low"] + counts["high"] != n:
+            raise RuntimeError(f"preprocessed {counts} patches, expected {n}")
+        return n / seconds
+
+    run_a(), run_b()  # warm-up: caches, allocator, first worker start
+    rows = []
+    for i in range(pairs):
+        a, b = run_a(), run_b()
+        rows.append(
+            {
+                "pair": i,
+                "encoder_only_patches_per_s": a,
+                "preprocess_patches_per_s": b,
+                "ratio": b / a,
+                "load_average_1min": psutil.getloadavg()[0],
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    ratios = [r["ratio"] for r in rows]
+    return {
+        "patches": n,
+        "patches_low": len(grid.low_coords),
+        "patches_high": len(grid.high_coords),
+        "slide_patches": len(full.low_coords) + len(full.high_coords),
+        "thumbnail_tissue_grid_s": tissue_s,
+        "pairs": rows,
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "load_average_1min_range": [
+            min(r["load_average_1min"] for r in rows),
+            max(r["load_average_1min"] for r in rows),
+        ],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -202,6 +300,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--encoder-batches", type=int, default=16, help="batches timed for encoder-only, before and after")
     ap.add_argument("--skip", nargs="*", default=[], choices=["preprocess", "predict"], help="parts to leave out")
+    ap.add_argument(
+        "--throughput-ab", type=int, metavar="N", default=0, help="only the alternating A/B throughput ratio, N pairs"
+    )
+    ap.add_argument("--ab-patches", type=int, default=320, help="patches (both resolutions) per A/B run")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
@@ -219,6 +321,13 @@ def main() -> None:
         results["slide_write"] = write_bench_slide(slide, args.side_um, args.seed)
         print(json.dumps(results["slide_write"], indent=2))
     results["slide"] = slide_facts(slide)
+    if args.throughput_ab:
+        results["throughput_ab"] = throughput_ab(slide, args.out, args.throughput_ab, args.ab_patches, args)
+        results["load_average_1min_at_end"] = psutil.getloadavg()[0]
+        (args.out / "throughput_ab.json").write_text(json.dumps(results, indent=2))
+        keys = ("patches", "ratio_median", "ratio_min", "ratio_max", "load_average_1min_range")
+        print(json.dumps({k: results["throughput_ab"][k] for k in keys}))
+        return
 
     def save() -> None:
         (args.out / "bench_realsize.json").write_text(json.dumps(results, indent=2))
