@@ -224,7 +224,7 @@ class FederationConfig(StageConfig):
         default=False,
         description="out-of-distribution statistics for the bundle (opt-in: exact sums, no DP noise): each site sends "
         "the per-feature sums, sums of squares and count of its training slides' mean 5x features (withheld below "
-        "suppress-below slides; not with pixel-stage1), the server pools them, and each site's bundle scores slides against them with a flag "
+        "suppress-below slides; skipped with pixel-stage1's lrmil objective, refused with vib), the server pools them, and each site's bundle scores slides against them with a flag "
         "threshold set on its own validation slides (none at an evaluation-only site)",
     )
     calibrate: bool = Field(
