@@ -68,3 +68,9 @@ def test_view_links_feature_folders_and_is_idempotent(bench: ModuleType, tmp_pat
     assert (view / "features" / "enc").resolve() == (site / "features" / "enc").resolve()
     (view / "features" / "enc-finetuned").mkdir()  # pixel stage 1's re-encoded files stay in the view
     assert not (site / "features" / "enc-finetuned").exists()
+
+
+def test_each_out_folder_is_its_own_study(bench: ModuleType, tmp_path: Path) -> None:
+    # seeds that share one --views-dir must not share the sites' run folders (<study-id>-loso-<site>)
+    assert bench.study_id(tmp_path / "mac s1") == "mac_s1"
+    assert bench.study_id(tmp_path / "b_s1") != bench.study_id(tmp_path / "b_s2")

@@ -11,7 +11,7 @@ OUT/sites, so nothing a variant writes lands in the cohort):
     --cohort C --out OUT_A                                                   # today's defaults
     --cohort C --out OUT_B --view --preprocess-set stain-normalize=macenko   # features made afresh in the views
     --cohort C --out OUT_C --view --set federation.pixel-stage1=true ...     # federated pixel stage 1
-    ... --seed N --cohort-seed 0 [--views-dir OUT_B/sites]                   # another study seed, same sites
+    ... --seed N --cohort-seed 0 [--views-dir OUT_B/sites]                   # another seed (study and models), same sites
 
 Run on demand (not collected by pytest). Steps:
 1. `fedslide synth` (4 sites, `strong-shift-site = 4`: that site is stained with 3x the usual shift)
@@ -132,6 +132,13 @@ def make_cohort(args: argparse.Namespace) -> list[Path]:
             summary.seconds,
         )
     return view_sites(sites, args.views_dir, link_features=True) if args.view and not fresh else sites
+
+
+def study_id(out: Path) -> str:
+    """The study id of an --out folder: its name, run-id safe (the prefix of every fold's run id at the sites)."""
+    from fedslide.deploy.study.loso import slug
+
+    return slug(Path(out).resolve().name)
 
 
 def view_sites(sites: list[Path], root: Path, link_features: bool) -> list[Path]:
@@ -298,7 +305,9 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny feature-file sites and models: an end-to-end check")
     ap.add_argument("--slides-per-site", type=int, default=16)
     ap.add_argument("--strong-site", type=int, default=4, help="1-based index of the strongly stain-shifted site")
-    ap.add_argument("--seed", type=int, default=0, help="the study's seed (and the cohort's, unless --cohort-seed)")
+    ap.add_argument(
+        "--seed", type=int, default=0, help="the study's and the models' seed (and the cohort's, unless --cohort-seed)"
+    )
     ap.add_argument("--cohort-seed", type=int, default=None, help="synthesis seed (default: --seed)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (and synth workers)")
     ap.add_argument("--config", type=Path, default=None, help="TOML with an [evaluate] section")
@@ -319,7 +328,10 @@ def main() -> None:
     from fedslide.common.config.evaluate import EvaluateConfig
     from fedslide.deploy.study.loso import run_study
 
-    overrides = [*(TINY if args.tiny else EVIDENCE), *args.set]
+    # --seed is also the training seed, and --out names the study (the sites' run folders), so seeds sharing one
+    # --views-dir never meet in a site's runs/; --set overrides either
+    seeds = [f"federation.seed={args.seed}", f"distill.seed={args.seed}", f"study-id={study_id(args.out)}"]
+    overrides = [*(TINY if args.tiny else EVIDENCE), *seeds, *args.set]
     cfg = load_config(
         EvaluateConfig,
         path=args.config,
