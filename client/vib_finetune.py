@@ -40,6 +40,7 @@ from fedslide.client.lowres_finetune import (
     save_weights,
 )
 from fedslide.client.slides import SlideReader
+from fedslide.client.stain_augment import hed_jitter
 from fedslide.client.stain_normalize import stain_normalizer_from_identity
 from fedslide.common.atomic import atomic_write
 from fedslide.common.config.base import ConfigError
@@ -215,7 +216,10 @@ class VIBTrainer:
         return torch.cat(parts)
 
     def step(self, pixels: Tensor, label: int) -> float:
-        """One optimiser step on one slide's selected patches (bag CE; BatchNorm statistics frozen)."""
+        """One optimiser step on one slide's selected patches (bag CE; BatchNorm statistics frozen; HED-jittered when
+        `stain.enabled`)."""
+        if self.cfg.stain.enabled:
+            pixels = hed_jitter(pixels, self.rng, self.cfg.stain.sigma, self.cfg.stain.bias)
         self.student.train()
         _set_bn_mode(self.student, False)
         self.head.train()

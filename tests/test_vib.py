@@ -134,6 +134,23 @@ def test_gradients_reach_the_encoder_only_through_selected_instances() -> None:
     assert sparse_bag(counting, pixels, selected).shape == (2, 3) and counted == [2]
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_selected_patches_are_hed_jittered_at_each_step_when_enabled(effnet: PatchEncoder, enabled: bool) -> None:
+    cfg = VIBConfig.model_validate({"stain": {"enabled": enabled, "sigma": 0.2, "bias": 0.05}, "progress": False})
+    trainer = VIBTrainer(effnet, 2, cfg, torch.device("cpu"))
+    seen: list[torch.Tensor] = []
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:  # what the encoder is given, without running it
+        seen.append(pixels.clone())
+        return torch.zeros(len(pixels), effnet.dim, requires_grad=True)
+
+    trainer.encode = encode  # type: ignore[method-assign]
+    pixels = torch.randint(60, 200, (3, 3, 32, 32), dtype=torch.uint8)
+    trainer.step(pixels, 1)
+    assert seen[0].dtype == torch.uint8 and seen[0].shape == pixels.shape
+    assert (not torch.equal(seen[0], pixels)) is enabled
+
+
 # ---------------------------------------------------------------- a site: fine-tune, re-encode, federated round
 
 

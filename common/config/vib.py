@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from fedslide.common.config.base import StageConfig
-from fedslide.common.config.finetune import split_listed
+from fedslide.common.config.finetune import StainJitterConfig, split_listed
 from fedslide.common.config.preprocess import EncoderConfig, SlideConfig
 
 
@@ -40,6 +40,9 @@ class VIBConfig(StageConfig):
     head_lr: PositiveFloat = Field(default=2e-4, description="AdamW learning rate of the fine-tuning MIL head")
     weight_decay: NonNegativeFloat = Field(default=1e-5, description="AdamW weight decay")
     patch_batch: PositiveInt = Field(default=64, description="selected patches encoded per forward chunk")
+    stain: StainJitterConfig = Field(
+        default_factory=StainJitterConfig, description="HED jitter of the selected 20x patches at every step"
+    )
     sample_test_slides: bool = Field(default=False, description="also train on the site's test slides")
     levels: list[Literal["high", "low"]] = Field(
         default=["high", "low"], description="feature levels re-encoded with the fine-tuned encoder"
