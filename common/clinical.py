@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
 from fedslide.common.config.clinical import CategoricalVariable, ClinicalConfig, NumericVariable
-from fedslide.common.egress import Allowed, ArraySpec, arrays_reply
+from fedslide.common.egress import Allowed, arrays_reply
 from fedslide.common.federation import phases as ph
+from fedslide.common.federation.moments import MomentArrays
 from fedslide.common.training.standardize import FeatureStats, FeatureSums, pooled_stats
 
 CLINICAL_FILE = "clinical.csv"
@@ -180,40 +181,20 @@ def encode(raw: np.ndarray, stats: FeatureStats, fill: FillMode = "mean") -> tup
 
 
 # --- on the wire: the handshake's `stats` record carries the release beside the feature sums ----------------------
+CLINICAL_MOMENTS = MomentArrays(ph.CLINICAL_SUMS, ph.CLINICAL_SQUARES, ph.CLINICAL_COUNTS)
+
+
 def clinical_sums_allowed(dim: int) -> Allowed:
     """The handshake reply carrying a site's clinical sums of `dim` encoded columns: these arrays, these shapes."""
-    return arrays_reply(
-        ph.HANDSHAKE.name,
-        {
-            ph.CLINICAL_SUMS: ArraySpec((dim,), "float64"),
-            ph.CLINICAL_SQUARES: ArraySpec((dim,), "float64"),
-            ph.CLINICAL_COUNTS: ArraySpec((1,), "int64"),
-        },
-    )
+    return arrays_reply(ph.HANDSHAKE.name, CLINICAL_MOMENTS.specs(dim))
 
 
 def clinical_sums_record(sums: FeatureSums) -> ArrayRecord:
     """The release as arrays of the handshake's `stats` record."""
-    return ArrayRecord(
-        {
-            ph.CLINICAL_SUMS: Array(np.asarray(sums.sums, dtype=np.float64)),
-            ph.CLINICAL_SQUARES: Array(np.asarray(sums.squares, dtype=np.float64)),
-            ph.CLINICAL_COUNTS: Array(np.asarray([sums.slides], dtype=np.int64)),
-        }
-    )
+    return CLINICAL_MOMENTS.record(sums.sums, sums.squares, [sums.slides])
 
 
 def clinical_sums_from_record(record: ArrayRecord, dim: int) -> FeatureSums:
     """A site's release read back at the server; ValueError naming the array when a shape or value is off."""
-    missing = [n for n in (ph.CLINICAL_SUMS, ph.CLINICAL_SQUARES, ph.CLINICAL_COUNTS) if n not in record]
-    if missing:
-        raise ValueError(f"clinical sums reply lacks array(s) {', '.join(missing)}")
-    sums = record[ph.CLINICAL_SUMS].numpy().astype(np.float64)
-    squares = record[ph.CLINICAL_SQUARES].numpy().astype(np.float64)
-    counts = record[ph.CLINICAL_COUNTS].numpy().astype(np.int64)
-    for name, array in ((ph.CLINICAL_SUMS, sums), (ph.CLINICAL_SQUARES, squares)):
-        if array.shape != (dim,) or not np.isfinite(array).all():
-            raise ValueError(f"array {name!r} has shape {array.shape} (expected ({dim},)) or non-finite values")
-    if counts.shape != (1,) or (counts < 0).any() or (squares < 0).any():
-        raise ValueError(f"array {ph.CLINICAL_COUNTS!r} is {counts.tolist()} or sums of squares are negative")
-    return FeatureSums(sums, squares, int(counts[0]), int(counts[0]))
+    sums, squares, (slides,) = CLINICAL_MOMENTS.read(record, dim)
+    return FeatureSums(sums, squares, slides, slides)

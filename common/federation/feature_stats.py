@@ -13,50 +13,29 @@ from collections.abc import Sequence
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fedslide.common.egress import Allowed, ArraySpec, arrays_reply
+from fedslide.common.egress import Allowed, arrays_reply
 from fedslide.common.federation import phases as ph
+from fedslide.common.federation.moments import MomentArrays
 from fedslide.common.training.standardize import FeatureStats, FeatureSums, pooled_stats
+
+
+FEATURE_MOMENTS = MomentArrays(ph.FEATURE_SUMS, ph.FEATURE_SQUARES, ph.FEATURE_COUNTS, 2, "instances, slides")
 
 
 def feature_sums_allowed(dim: int) -> Allowed:
     """The handshake reply carrying a site's feature sums of `dim` features: these three arrays, these shapes."""
-    return arrays_reply(
-        ph.HANDSHAKE.name,
-        {
-            ph.FEATURE_SUMS: ArraySpec((dim,), "float64"),
-            ph.FEATURE_SQUARES: ArraySpec((dim,), "float64"),
-            ph.FEATURE_COUNTS: ArraySpec((2,), "int64"),
-        },
-    )
+    return arrays_reply(ph.HANDSHAKE.name, FEATURE_MOMENTS.specs(dim))
 
 
 def feature_sums_record(sums: FeatureSums) -> ArrayRecord:
     """The release as the handshake's `stats` record."""
-    return ArrayRecord(
-        {
-            ph.FEATURE_SUMS: Array(np.asarray(sums.sums, dtype=np.float64)),
-            ph.FEATURE_SQUARES: Array(np.asarray(sums.squares, dtype=np.float64)),
-            ph.FEATURE_COUNTS: Array(np.asarray([sums.count, sums.slides], dtype=np.int64)),
-        }
-    )
+    return FEATURE_MOMENTS.record(sums.sums, sums.squares, [sums.count, sums.slides])
 
 
 def feature_sums_from_record(record: ArrayRecord, dim: int) -> FeatureSums:
     """A site's release read back at the server; ValueError naming the array when a shape or count is off."""
-    missing = [name for name in (ph.FEATURE_SUMS, ph.FEATURE_SQUARES, ph.FEATURE_COUNTS) if name not in record]
-    if missing:
-        raise ValueError(f"feature sums reply lacks array(s) {', '.join(missing)}")
-    sums = record[ph.FEATURE_SUMS].numpy().astype(np.float64)
-    squares = record[ph.FEATURE_SQUARES].numpy().astype(np.float64)
-    counts = record[ph.FEATURE_COUNTS].numpy().astype(np.int64)
-    for name, array, shape in ((ph.FEATURE_SUMS, sums, (dim,)), (ph.FEATURE_SQUARES, squares, (dim,))):
-        if array.shape != shape or not np.isfinite(array).all():
-            raise ValueError(f"array {name!r} has shape {array.shape} (expected {shape}) or non-finite values")
-    if counts.shape != (2,) or (counts < 0).any():
-        raise ValueError(f"array {ph.FEATURE_COUNTS!r} is {counts.tolist()}; expected [instances, slides] >= 0")
-    if (squares < 0).any():
-        raise ValueError(f"array {ph.FEATURE_SQUARES!r} holds negative sums of squares")
-    return FeatureSums(sums, squares, int(counts[0]), int(counts[1]))
+    sums, squares, (instances, slides) = FEATURE_MOMENTS.read(record, dim)
+    return FeatureSums(sums, squares, instances, slides)
 
 
 def federated_stats(

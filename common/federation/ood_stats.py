@@ -17,42 +17,26 @@ from flwr.app import Array, ArrayRecord
 from fedslide.common.distillation.ood import OODStats, OODSums, ood_sums, pool_ood_sums, slide_embeddings
 from fedslide.common.egress import Allowed, ArraySpec
 from fedslide.common.federation import phases as ph
+from fedslide.common.federation.moments import MomentArrays
+
+
+OOD_MOMENTS = MomentArrays(ph.OOD_SUMS, ph.OOD_SQUARES, ph.OOD_COUNTS)
 
 
 def ood_sums_specs(dim: int) -> dict[str, ArraySpec]:
     """The three arrays a site's OOD release adds to the handshake's `stats` record, with their shapes."""
-    return {
-        ph.OOD_SUMS: ArraySpec((dim,), "float64"),
-        ph.OOD_SQUARES: ArraySpec((dim,), "float64"),
-        ph.OOD_COUNTS: ArraySpec((1,), "int64"),
-    }
+    return OOD_MOMENTS.specs(dim)
 
 
 def ood_sums_arrays(sums: OODSums) -> dict[str, Array]:
     """The release as arrays of the handshake's `stats` record."""
-    return {
-        ph.OOD_SUMS: Array(np.asarray(sums.sums, dtype=np.float64)),
-        ph.OOD_SQUARES: Array(np.asarray(sums.squares, dtype=np.float64)),
-        ph.OOD_COUNTS: Array(np.asarray([sums.slides], dtype=np.int64)),
-    }
+    return OOD_MOMENTS.arrays(sums.sums, sums.squares, [sums.slides])
 
 
 def ood_sums_from_record(record: ArrayRecord, dim: int) -> OODSums:
     """A site's release read back at the server; ValueError naming the array when it is missing or malformed."""
-    missing = [name for name in (ph.OOD_SUMS, ph.OOD_SQUARES, ph.OOD_COUNTS) if name not in record]
-    if missing:
-        raise ValueError(f"OOD sums reply lacks array(s) {', '.join(missing)}")
-    sums = record[ph.OOD_SUMS].numpy().astype(np.float64)
-    squares = record[ph.OOD_SQUARES].numpy().astype(np.float64)
-    counts = record[ph.OOD_COUNTS].numpy().astype(np.int64)
-    for name, array in ((ph.OOD_SUMS, sums), (ph.OOD_SQUARES, squares)):
-        if array.shape != (dim,) or not np.isfinite(array).all():
-            raise ValueError(f"array {name!r} has shape {array.shape} (expected ({dim},)) or non-finite values")
-    if counts.shape != (1,) or counts[0] < 0:
-        raise ValueError(f"array {ph.OOD_COUNTS!r} is {counts.tolist()}; expected [slides >= 0]")
-    if (squares < 0).any():
-        raise ValueError(f"array {ph.OOD_SQUARES!r} holds negative sums of squares")
-    return OODSums(sums, squares, int(counts[0]))
+    sums, squares, (slides,) = OOD_MOMENTS.read(record, dim)
+    return OODSums(sums, squares, slides)
 
 
 def federated_ood(records: Sequence[ArrayRecord], dim: int, min_slides: int = 0) -> OODStats:
