@@ -20,9 +20,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedslide.client import clinical_site
 from fedslide.client import local_phases as phases
 from fedslide.client.local_dp import apply_local_dp
 from fedslide.client.site_run import EGRESS_FILE, RunIdError, SiteConfigError, SiteRun, private_umask, run_dir_for
+from fedslide.common.clinical import ClinicalDataError
 from fedslide.common.config.base import ConfigError
 from fedslide.common.config.federation import FederationConfig
 from fedslide.common.config.floors import SiteFloors, SiteRefusal
@@ -44,6 +46,7 @@ from fedslide.common.egress import (
 from fedslide.common.features import FeatureFileError
 from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
+from fedslide.common.federation.clinical_sums import with_clinical_sums
 from fedslide.common.federation.feature_stats import feature_sums_allowed, feature_sums_record, stats_from_record
 from fedslide.common.federation.models import fingerprint
 from fedslide.common.federation.ood_stats import site_ood_sums, with_ood_sums
@@ -91,7 +94,9 @@ def error_code(exc: BaseException) -> tuple[ErrorCode, str | None]:
         return ErrorCode.EGRESS_REFUSED, None
     if isinstance(exc, SiteConfigError | RunIdError):
         return ErrorCode.SITE_CONFIG, None
-    if isinstance(exc, TrainingInputError | FeatureFileError | MissingTokensError | ClusteringError):
+    if isinstance(
+        exc, TrainingInputError | FeatureFileError | MissingTokensError | ClusteringError | ClinicalDataError
+    ):
         return ErrorCode.SITE_DATA, None
     if isinstance(exc, ConfigError | BundleMismatchError | KeyError):  # the run config or the server's message
         return ErrorCode.RUN_REQUEST, None
@@ -225,6 +230,10 @@ def handshake(message: Message, context: Context, site: SiteRun) -> Message:
         release = site_ood_sums(bags, data.feature_dim, site.cfg.min_count)
         stats = content.array_records[p.STATS] if p.STATS in content.array_records else None
         content[p.STATS], allowed = with_ood_sums(stats, allowed, release, data.feature_dim)
+    if site.cfg.clinical.enabled:  # the training slides' clinical sums (the BD model's input normalisation)
+        stats = content.array_records[p.STATS] if p.STATS in content.array_records else None
+        dim = site.cfg.clinical.encoded_dim
+        content[p.STATS], allowed = with_clinical_sums(stats, allowed, clinical_site.clinical_release(site), dim)
     return _send(message, site, content, allowed)
 
 
@@ -252,20 +261,23 @@ def evaluate(message: Message, context: Context, site: SiteRun) -> Message:
     phase = ph.by_config(str(config[ph.PHASE]))
     if phase is ph.EVALUATION:
         c = message.content
+        bd, split = clinical_site.bundle_model(site, c), str(config.get(ph.EVAL_SPLIT, "test"))
         metrics = phases.final_evaluation(
             site,
             c.array_records[p.TEACHER],
             c.array_records[p.STUDENT],
             c.array_records[p.BASELINE],
             c.array_records[p.ADAPTER],
-            str(config.get(ph.EVAL_SPLIT, "test")),
+            split,
             {
                 model: float(cast(float, config[key]))
                 for model, key in (("teacher_high", ph.TEACHER_TEMPERATURE), ("student_low", ph.STUDENT_TEMPERATURE))
                 if key in config
             },
             c.array_records.get(ph.OOD),
+            bd,
         )
+        metrics.update(clinical_site.evaluation_metrics(site, c, bd, split))  # BD rows: with / without clinical
     else:
         metrics = phases.validate(site, phase, message.content)
     return _send(message, site, RecordDict({p.METRICS: p.metric_record(metrics)}), Allowed(phase.name))

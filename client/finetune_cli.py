@@ -18,7 +18,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Fine-tune a copy of the site's encoder on its 5× patches so that its tokens over each 20× child match "
             "the frozen encoder's embedding of that child (configurable layers, attention-weighted whole-patch "
             "term, HED stain jitter); write SITE/finetune/<encoder>.pt and re-encode SITE/features/<encoder>/low "
-            "into SITE/features/<encoder>-finetuned/low (resumable). Needs `fedslide preprocess` first. "
+            "into SITE/features/<encoder>-ft-<hash12>/low (hash12: the fine-tuned weights' sha256; resumable). Needs "
+            "`fedslide preprocess` first. "
             "Exit codes: 0 done, 2 bad configuration or missing inputs."
         ),
     )
@@ -97,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if reencoded is not None:
         print(
-            f"  re-encoded 5× features: {len(reencoded.done)} done, {len(reencoded.skipped)} skipped, "
-            f"{reencoded.seconds:.1f} s"
+            f"  re-encoded 5× features into {args.site}/features/{reencoded.features}/low: {len(reencoded.done)} "
+            f"done, {len(reencoded.skipped)} skipped, {reencoded.seconds:.1f} s (distill --set "
+            f"low-features={reencoded.features})"
         )
     return EXIT_OK

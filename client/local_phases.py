@@ -20,12 +20,14 @@ import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from torch import nn
 
+from fedslide.client.clinical_site import clinical_train, validate_clinical
 from fedslide.client.site_run import STAGE1_ENCODER, STAGE1_RECORD, SiteRun
 from fedslide.common.config.base import ConfigError
 from fedslide.common.device import resolve_device
 from fedslide.common.features import FeatureFileError
 from fedslide.common.atomic import atomic_write
 from fedslide.common.distillation.bundle import StudentBundle
+from fedslide.common.distillation.clinical_model import ClinicalModel
 from fedslide.common.distillation.clustering import (
     ClusteringError,
     assign_nearest,
@@ -52,6 +54,7 @@ from fedslide.common.distillation.stages import (
     teacher_attention,
 )
 from fedslide.common.distillation.student import attention_kd_width, student_bags
+from fedslide.common.federation import per_class
 from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
 from fedslide.common.federation.temperature import grid_metrics
@@ -261,8 +264,9 @@ def _validate_pixel_stage1(site: SiteRun, content: RecordDict) -> Metrics:
 
 def pixel_stage1_reencode(site: SiteRun, record: ArrayRecord) -> Metrics:
     """Keep the global encoder here (`<run>/pixel_stage1/low_encoder.pt`) and re-encode the site's 5x files with it
-    (resumable, keyed by its weights hash); the later phases of the run read those files."""
-    from fedslide.client.lowres_finetune import FINETUNED_SUFFIX, reencode_site, save_weights
+    into `features/<encoder>-ft-<hash12>` (resumable; a folder per weights hash, so runs never overwrite each other's
+    files); the later phases of the run read those files."""
+    from fedslide.client.lowres_finetune import reencode_site, save_weights
 
     if site.cfg.pixel_stage1_objective == "vib":
         from fedslide.client.vib_phases import vib_reencode
@@ -278,7 +282,7 @@ def pixel_stage1_reencode(site: SiteRun, record: ArrayRecord) -> Metrics:
     if summary.weights_hash != weights_hash:  # pragma: no cover - the registry hashes the same file
         raise RuntimeError(f"{weights}: re-encoded under {summary.weights_hash}, saved as {weights_hash}")
     with atomic_write(site.run_dir / STAGE1_RECORD) as handle:
-        json.dump({"weights_hash": weights_hash, "features": f"{s1.teacher.name}{FINETUNED_SUFFIX}"}, handle)
+        json.dump({"weights_hash": weights_hash, "features": summary.features}, handle)  # <encoder>-ft-<hash12>
     return {
         ph.REENCODED: len(summary.done) + len(summary.skipped),
         ph.NUM_EXAMPLES: int(site.split("train").size),
@@ -676,12 +680,14 @@ def final_evaluation(
     split: str = "test",
     temperatures: dict[str, float] | None = None,
     ood: ArrayRecord | None = None,
+    clinical: ClinicalModel | None = None,
 ) -> Metrics:
     """Keep the final adapter + student as a bundle and per-slide predictions here; metrics of teacher (high),
     student and baseline (low) on the site's `split` slides ("all": every labelled slide, an evaluation-only site).
     `temperatures` ("teacher_high", "student_low"; 1 when absent) go into the bundle and scale the logits of the
     metrics and predictions, so that they are the bundle's outputs (as `fedslide evaluate` scores bundles).
-    `ood`: the federation's pooled OOD statistics (the evaluation's `ood` record; none: no OOD score)."""
+    `ood`: the federation's pooled OOD statistics (the evaluation's `ood` record; none: no OOD score);
+    `clinical`: the federated BD model the bundle carries (`clinical.pt`; None: none)."""
     temperatures = temperatures or {}
     data = site.data()
     idx = np.arange(len(data.slides)) if split == "all" else data.split(split)
@@ -712,6 +718,7 @@ def final_evaluation(
         teacher_scaling=ModelScaling(site.feature_stats, temperatures.get("teacher_high", 1.0)),
         ood=site_ood(site, ood, split),
         encoder_weights=site.run_dir / STAGE1_ENCODER if vib_tuned else None,
+        clinical=clinical,
     ).save(site.run_dir / BUNDLE_DIR)
     metrics: Metrics = {ph.N_TEST: int(idx.size), ph.NUM_EXAMPLES: int(idx.size)}
     if not idx.size:
@@ -730,6 +737,8 @@ def final_evaluation(
         for key, value in metrics_from_logits(logits, labels, site.cfg.ece_bins).items():
             if value is not None and np.isfinite(value):
                 metrics[ph.model_metric(name, key)] = float(value)
+        probs = torch.softmax(logits.double(), dim=1).numpy()
+        metrics.update(per_class.site_metrics(name, labels, probs, site.cfg.ece_bins))  # C > 2 only
     metrics[ph.cost_metric("high", "patches_per_slide")] = float(np.mean([len(data.slides[i].high) for i in idx]))
     metrics[ph.cost_metric("low", "patches_per_slide")] = float(np.mean([len(data.slides[i].low) for i in idx]))
     metrics[ph.cost_metric("high", "seconds_per_slide")] = timed["teacher_high"][1]
@@ -814,6 +823,7 @@ TRAIN_STEPS: dict[ph.Phase, TrainStep] = {
     ph.STUDENT: lambda site, content, server_round, mu: student_round(
         site, content.array_records[p.ARRAYS], server_round, mu
     ),
+    ph.CLINICAL: clinical_train,
 }
 VALIDATE_STEPS: dict[ph.Phase, ValidateStep] = {
     ph.PIXEL_STAGE1: _validate_pixel_stage1,
@@ -821,6 +831,7 @@ VALIDATE_STEPS: dict[ph.Phase, ValidateStep] = {
     ph.TEACHER: _validate_teacher,
     ph.EXPERTS: _validate_experts,
     ph.STUDENT: _validate_student,
+    ph.CLINICAL: validate_clinical,
 }
 
 

@@ -40,6 +40,7 @@ from fedslide.common.config.base import ConfigError
 from fedslide.common.config.finetune import FinetuneConfig
 from fedslide.common.config.preprocess import TilingConfig
 from fedslide.common.device import resolve_device
+from fedslide.common.distillation.feature_folders import finetuned_features_name
 from fedslide.common.distillation.pixel_stage1_loss import Stage1Loss, pixel_stage1_loss
 from fedslide.common.training.splits import recorded_splits
 from fedslide.common.features import (
@@ -57,7 +58,6 @@ from fedslide.common.features import (
 
 log = logging.getLogger(__name__)
 
-FINETUNED_SUFFIX = "-finetuned"
 _READ_CHUNK = 16  # 5× patches whose 20× children are read and encoded by the teacher together
 _FILE_KEYS = {"format_version", "num_patches", "fedslide_complete"}
 
@@ -679,14 +679,16 @@ class ReencodeSummary:
     """What re-encoding did to each 5× feature file."""
 
     weights_hash: str
+    features: str = ""  # the features/<name> folder written
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
-def finetuned_feature_path(site_dir: Path | str, encoder: str, slide_id: str) -> Path:
-    """`<site>/features/<encoder>-finetuned/low/<slide_id>.h5`: 5× features of the fine-tuned encoder."""
-    return feature_path(site_dir, f"{encoder}{FINETUNED_SUFFIX}", "low", slide_id)
+def finetuned_feature_path(site_dir: Path | str, encoder: str, weights_hash: str, slide_id: str) -> Path:
+    """`<site>/features/<encoder>-ft-<hash12>/low/<slide_id>.h5`: 5× features of `encoder` fine-tuned to the
+    weights whose sha256 is `weights_hash`."""
+    return feature_path(site_dir, finetuned_features_name(encoder, weights_hash), "low", slide_id)
 
 
 def build_finetuned(cfg: FinetuneConfig, weights: Path | str) -> PatchEncoder:
@@ -726,7 +728,8 @@ def reencode_site(
     features_name: str | None = None,
 ) -> ReencodeSummary:
     """Re-encode every complete 5× (or, with `level` = high, 20×) feature file of the site with the fine-tuned
-    encoder, on the same grid, into `features/<features_name>/<level>` (default `<encoder>-finetuned`).
+    encoder, on the same grid, into `features/<features_name>/<level>` (default `<encoder>-ft-<hash12>`, named from
+    the fine-tuned weights' sha256, so other weights never overwrite these files).
 
     Resumable: a slide whose target is complete with the same settings (source file's settings, encoder
     identity including the fine-tuned weights hash, token grid) is skipped; a changed hash redoes it.
@@ -736,7 +739,8 @@ def reencode_site(
     device = resolve_device(cfg.encoder.device)
     encoder = (encoder or build_finetuned(cfg, weights)).to(device).eval()
     base_name = cfg.encoder.name
-    summary = ReencodeSummary(weights_hash=encoder.weights_hash)
+    name = features_name if features_name is not None else finetuned_features_name(base_name, encoder.weights_hash)
+    summary = ReencodeSummary(weights_hash=encoder.weights_hash, features=name)
     high = level == "high"
     files = _site_files(site_dir, cfg, base_name, need_high=high)
     bar = tqdm(files, desc="re-encode 20×" if high else "re-encode 5×", unit="slide", disable=not cfg.progress)
@@ -745,11 +749,7 @@ def reencode_site(
         arrays, src = _grid_arrays(source, ["coords", "parent", "child"] if high else ["coords"])
         token_grid = int(src.get("token_grid", 0) or 0) if encoder.has_feature_map else 0
         chash = config_hash({"source": src.get("config_hash", ""), "encoder": encoder.identity(), "tokens": token_grid})
-        target = (
-            feature_path(site_dir, features_name, level, sf.slide_id)
-            if features_name is not None
-            else finetuned_feature_path(site_dir, base_name, sf.slide_id)
-        )
+        target = feature_path(site_dir, name, level, sf.slide_id)
         if not cfg.overwrite and is_complete(target, chash):
             summary.skipped.append(sf.slide_id)
             continue

@@ -68,6 +68,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="fine-tuned 5x encoder weights (SITE/finetune/<encoder>.pt) for a bundle that records only their hash",
     )
+    p.add_argument(
+        "--clinical",
+        type=Path,
+        default=None,
+        help="clinical table of the slides (e.g. SITE/clinical.csv): with a bundle carrying a BD model, slides with a "
+        "complete row are read by its multi-modal branch, the others by its single-modal branch (predictions.csv: "
+        "clinical_branch)",
+    )
+    p.add_argument(
+        "--clinical-patients",
+        type=Path,
+        default=None,
+        help="CSV with slide_id and patient_id columns (e.g. SITE/labels.csv) for a patient-keyed --clinical table",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument("--no-heatmaps", dest="heatmaps", action="store_false", default=None, help="skip heatmap images")
     p.add_argument(
@@ -86,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from fedslide.client.inference import ModelDirError, predict_slides
     from fedslide.client.inference.qupath import QupathExportError
     from fedslide.client.slides import SlideError
+    from fedslide.common.clinical import ClinicalDataError
     from fedslide.common.distillation.bundle import BundleMismatchError
 
     values = {
@@ -97,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "encoder_weights": str(args.weights) if args.weights else None,
         "low_encoder_weights": str(args.low_weights) if args.low_weights else None,
+        "clinical": str(args.clinical) if args.clinical else None,
+        "clinical_patients": str(args.clinical_patients) if args.clinical_patients else None,
         "device": args.device,
         "heatmaps": args.heatmaps,
         "geojson": args.geojson,
@@ -108,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"fedslide predict: configuration error:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (ModelDirError, BundleMismatchError, SlideError, QupathExportError) as exc:
+    except (ModelDirError, BundleMismatchError, SlideError, QupathExportError, ClinicalDataError) as exc:
         print(f"fedslide predict: {exc}", file=sys.stderr)
         return EXIT_USAGE
     for line in result.summary_lines():

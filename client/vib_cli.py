@@ -50,5 +50,6 @@ def run_vib(args: argparse.Namespace) -> int:
         f"(sha256 {result.weights_hash[:12]})"
     )
     if reencoded is not None:
-        print(f"  re-encoded: {', '.join(f'{level} {n} slides' for level, n in reencoded.items())}")
+        levels = ", ".join(f"{level} {n} slides" for level, n in reencoded.slides.items())
+        print(f"  re-encoded into {args.site}/features/{reencoded.features}: {levels}")
     return EXIT_OK

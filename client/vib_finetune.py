@@ -5,9 +5,10 @@ Stage B keeps each slide's top instances by the selector (the test-time top-k, r
 `bag_size`), reads their 20× pixels at the feature files' coordinates, and fine-tunes the encoder end to end with a
 gated-ABMIL head on those bags (bag CE; only the selected patches are encoded, forward and backward). The encoder
 then re-encodes the site's feature files (the 5× re-encoding path of `client/lowres_finetune.py`, at both levels)
-into `features/<encoder>-vib-finetuned/{high,low}`, which any MIL model trains on (`distill --set
-encoder=<encoder>-vib-finetuned`). Selection stays at the site; a federated round sends the encoder's trainable
-parameters and the head (`VIBTrainer.trainable_arrays`) for FedAvg.
+into `features/<encoder>-vib-<hash12>/{high,low}` (named from the fine-tuned weights' sha256), which any MIL model
+trains on (`distill --set encoder=<encoder>-vib-<hash12>`). Only the training split's slides and labels are used
+(never val or test). Selection stays at the site; a federated round sends the encoder's trainable parameters and the
+head (`VIBTrainer.trainable_arrays`) for FedAvg.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,16 +48,16 @@ from fedslide.common.config.base import ConfigError
 from fedslide.common.config.finetune import FinetuneConfig
 from fedslide.common.config.vib import VIBConfig
 from fedslide.common.device import resolve_device
+from fedslide.common.distillation.data import load_sites
+from fedslide.common.distillation.feature_folders import finetuned_features_name
 from fedslide.common.distillation.vib import VIBSelector, select_instances, sparse_bag, vib_loss
 from fedslide.common.features import FeatureFileError, config_hash, shared_stain_identity
 from fedslide.common.federation import phases as ph
 from fedslide.common.models.abmil import ABMIL
 from fedslide.common.training.labels import read_labels
-from fedslide.common.training.splits import recorded_splits
 
 log = logging.getLogger(__name__)
 
-VIB_SUFFIX = "-vib-finetuned"  # features/<encoder>-vib-finetuned/{high,low}; *-finetuned: not auto-detected
 ENCODER_PREFIX = ph.ENCODER_PREFIX  # what a federated round sends: encoder.<trainable parameter>, head.<parameter>
 HEAD_PREFIX = ph.HEAD_PREFIX
 
@@ -102,20 +103,32 @@ class SiteBags:
     stain: dict[str, object] = field(default_factory=dict)
 
 
-def site_bags(site_dir: Path, cfg: VIBConfig, classes: Sequence[str] | None = None) -> SiteBags:
-    """The labelled slides with complete 5× and 20× feature files (not test slides unless sample-test-slides);
-    label indices follow `classes` (a federation's order) when given, else the site's labels.csv."""
+def train_slide_ids(site_dir: Path, cfg: VIBConfig) -> set[str]:
+    """The site's training split (plus its test split with `sample-test-slides`; never its validation split), as a
+    federation or `fedslide distill` of this site with seed `vib.seed` carves it: labels.csv's split column or
+    `splits.csv`, and a validation split carved from the training slides when none is recorded."""
+    data = load_sites([site_dir], cfg.encoder.name, seed=cfg.seed)
+    splits = ("train", "test") if cfg.sample_test_slides else ("train",)
+    return {data.slides[int(i)].slide_id for name in splits for i in data.split(name)}
+
+
+def site_bags(
+    site_dir: Path, cfg: VIBConfig, classes: Sequence[str] | None = None, slide_ids: Collection[str] | None = None
+) -> SiteBags:
+    """The slides `slide_ids` (default: `train_slide_ids`, the training split only, so validation labels stay
+    unseen) with complete 5× and 20× feature files; label indices follow `classes` (a federation's order) when
+    given, else the site's labels.csv."""
     table = read_labels(site_dir / "labels.csv")
     order = tuple(classes) if classes is not None else table.classes
     unknown = sorted({row.label for row in table.rows} - set(order))
     if unknown:
         raise FeatureFileError(f"{site_dir / 'labels.csv'}: labels {unknown} are not among the classes {list(order)}")
     labels = {row.slide_id: order.index(row.label) for row in table.rows}
-    splits = recorded_splits(site_dir)
+    kept = set(slide_ids) if slide_ids is not None else train_slide_ids(Path(site_dir), cfg)
     files = _site_files(site_dir, as_finetune(cfg), cfg.encoder.name, need_high=True)
     bags, attrs = [], []
     for sf in files:
-        if sf.slide_id not in labels or (not cfg.sample_test_slides and splits.get(sf.slide_id) == "test"):
+        if sf.slide_id not in labels or sf.slide_id not in kept:
             continue
         arrays, meta = _grid_arrays(sf.high, ["coords"])
         with h5py.File(sf.high, "r") as f:
@@ -133,7 +146,7 @@ def site_bags(site_dir: Path, cfg: VIBConfig, classes: Sequence[str] | None = No
             )
         )
     if not bags:
-        raise FeatureFileError(f"{site_dir}: no labelled non-test slide has 20× feature files to fine-tune on")
+        raise FeatureFileError(f"{site_dir}: no labelled training-split slide has 20× feature files to fine-tune on")
     return SiteBags(bags, order, shared_stain_identity(attrs))
 
 
@@ -347,7 +360,8 @@ def vib_finetune_site(site_dir: Path | str, cfg: VIBConfig, encoder: PatchEncode
     out = output_dir(site_dir, cfg)
     weights, manifest = out / f"{encoder.name}.pt", out / f"{encoder.name}.json"
     payload = cfg.model_dump(mode="json", exclude={"progress", "reencode", "overwrite", "output", "levels"})
-    settings = config_hash({**payload, "encoder": encoder.identity()})
+    # "slides": the bags are the training split only (weights made from train + val slides are not reused)
+    settings = config_hash({**payload, "encoder": encoder.identity(), "slides": "train-split"})
     if not cfg.overwrite and weights.is_file() and manifest.is_file():
         previous = json.loads(manifest.read_text())
         if previous.get("settings") == settings and previous.get("weights_hash") == sha256_file(weights):
@@ -375,31 +389,41 @@ def vib_finetune_site(site_dir: Path | str, cfg: VIBConfig, encoder: PatchEncode
     return result
 
 
-def reencode_vib(site_dir: Path | str, cfg: VIBConfig, weights: Path | str) -> dict[str, int]:
-    """Re-encode the site's feature files at `cfg.levels` with the VIB-fine-tuned encoder; slides per level."""
+@dataclass
+class VIBReencoded:
+    """Where re-encoding wrote (`features/<features>/<level>`) and the slides per level."""
+
+    features: str
+    slides: dict[str, int]
+
+
+def reencode_vib(site_dir: Path | str, cfg: VIBConfig, weights: Path | str) -> VIBReencoded:
+    """Re-encode the site's feature files at `cfg.levels` with the VIB-fine-tuned encoder into
+    `features/<encoder>-vib-<hash12>` (resumable; a folder per weights hash)."""
     ft = as_finetune(cfg)
     encoder = build_encoder(cfg.encoder.model_copy(update={"weights": Path(weights)}))
-    name = f"{cfg.encoder.name}{VIB_SUFFIX}"
+    name = finetuned_features_name(cfg.encoder.name, encoder.weights_hash, "vib")
     done: dict[str, int] = {}
     for level in cfg.levels:
         summary = reencode_site(site_dir, ft, weights, encoder, level=level, features_name=name)
         done[level] = len(summary.done) + len(summary.skipped)
-    return done
+    return VIBReencoded(name, done)
 
 
-def run_vib_site(site_dir: Path | str, cfg: VIBConfig) -> tuple[VIBResult, dict[str, int] | None]:
+def run_vib_site(site_dir: Path | str, cfg: VIBConfig) -> tuple[VIBResult, VIBReencoded | None]:
     """Fine-tune with VIB, then (when cfg.reencode) re-encode the site's feature files with the result."""
     result = vib_finetune_site(site_dir, cfg)
     return result, (reencode_vib(site_dir, cfg, result.weights) if cfg.reencode else None)
 
 
 __all__ = [
-    "VIB_SUFFIX",
+    "VIBReencoded",
     "VIBResult",
     "VIBTrainer",
     "run_vib_site",
     "select_site",
     "site_bags",
+    "train_slide_ids",
     "vib_finetune_site",
     "vib_round",
 ]

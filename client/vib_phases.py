@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord
 
 from fedslide.client.encoders.registry import build_encoder
 from fedslide.client.site_run import STAGE1_ENCODER, STAGE1_RECORD, SiteRun
-from fedslide.client.vib_finetune import VIB_SUFFIX, SiteBags, VIBTrainer, reencode_vib, select_site, site_bags
+from fedslide.client.vib_finetune import SiteBags, VIBTrainer, reencode_vib, select_site, site_bags
 from fedslide.client.lowres_finetune import save_weights
 from fedslide.common.atomic import atomic_path, atomic_write
 from fedslide.common.config.base import ConfigError
@@ -33,10 +33,19 @@ def _classes(site: SiteRun) -> tuple[str, ...] | None:
     return tuple(site.facts.classes) if site.facts is not None else None
 
 
+def train_ids(site: SiteRun) -> set[str]:
+    """The site's training-split slides as this run splits them (its validation and test slides never train), plus
+    its test slides with `vib.sample-test-slides`."""
+    data = site.data()
+    splits = ("train", "test") if site.cfg.vib.sample_test_slides else ("train",)
+    return {data.slides[int(i)].slide_id for name in splits for i in data.split(name)}
+
+
 def selected_bags(site: SiteRun, seed: int) -> SiteBags:
-    """The site's train bags with their selection, made once per run (selector seeded by `seed`) and reused."""
+    """The site's training-split bags with their selection, made once per run (selector seeded by `seed`) and
+    reused."""
     cfg = site.cfg.vib
-    bags = site_bags(site.site_dir, cfg, _classes(site))
+    bags = site_bags(site.site_dir, cfg, _classes(site), train_ids(site))
     settings = config_hash({"vib": cfg.model_dump(mode="json", exclude={"progress"}), "seed": seed})
     path = site.run_dir / SELECTION
     if path.is_file():
@@ -74,7 +83,7 @@ def _load(trainer: VIBTrainer, record: ArrayRecord) -> None:
 
 def _num_classes(site: SiteRun) -> int:
     classes = _classes(site)
-    return len(classes) if classes is not None else len(site_bags(site.site_dir, site.cfg.vib).classes)
+    return len(classes) if classes is not None else len(site.data().classes)
 
 
 def vib_init(site: SiteRun, seed: int) -> tuple[ArrayRecord, Metrics]:
@@ -128,7 +137,8 @@ def vib_validate(site: SiteRun, record: ArrayRecord, seed: int) -> Metrics:
 
 def vib_reencode(site: SiteRun, record: ArrayRecord, seed: int) -> Metrics:
     """Keep the global encoder here (`<run>/pixel_stage1/low_encoder.pt`) and re-encode both levels of the site's
-    feature files with it into `features/<encoder>-vib-finetuned`, which the later phases read."""
+    feature files with it into `features/<encoder>-vib-<hash12>` (a folder per weights hash, so runs never overwrite
+    each other's files), which the later phases read."""
     start = time.perf_counter()
     site.own_low_features = True
     trainer = _trainer(site, _num_classes(site), seed)
@@ -137,11 +147,10 @@ def vib_reencode(site: SiteRun, record: ArrayRecord, seed: int) -> Metrics:
     weights_hash = save_weights(trainer.student, weights)
     cfg = site.cfg.vib.model_copy(update={"levels": ["high", "low"]})
     done = reencode_vib(site.site_dir, cfg, weights)
-    name = f"{cfg.encoder.name}{VIB_SUFFIX}"
     with atomic_write(site.run_dir / STAGE1_RECORD) as handle:
-        json.dump({"weights_hash": weights_hash, "features": name, "objective": "vib"}, handle)
+        json.dump({"weights_hash": weights_hash, "features": done.features, "objective": "vib"}, handle)
     return {
-        ph.REENCODED: int(done["low"]),
+        ph.REENCODED: int(done.slides["low"]),
         ph.NUM_EXAMPLES: int(site.split("train").size),
         ph.SECONDS: time.perf_counter() - start,
     }

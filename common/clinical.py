@@ -10,7 +10,8 @@ row counts as missing, so each slide either has the whole vector or none of it).
 Encoding: a numeric column gives its value, a categorical column a one-hot block. The vectors are standardised
 with statistics pooled from per-site sums, sums of squares and counts of the training slides that have the
 modality, withheld as a whole when a site has fewer than suppress-below such slides (the rule of cluster
-statistics; `site_clinical_sums`). Clinical rows themselves never leave a site.
+statistics; `site_clinical_sums`; on the wire: `common.federation.clinical_sums`). Clinical rows themselves never
+leave a site. This module imports no Flower (the distill and predict commands read tables through it).
 """
 
 from __future__ import annotations
@@ -23,12 +24,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from flwr.app import ArrayRecord
 
 from fedslide.common.config.clinical import CategoricalVariable, ClinicalConfig, NumericVariable
-from fedslide.common.egress import Allowed, arrays_reply
-from fedslide.common.federation import phases as ph
-from fedslide.common.federation.moments import MomentArrays
 from fedslide.common.training.standardize import FeatureStats, FeatureSums, pooled_stats
 
 CLINICAL_FILE = "clinical.csv"
@@ -86,9 +83,10 @@ def _encode_cell(text: str, variable: NumericVariable | CategoricalVariable) -> 
     return np.eye(len(variable.values))[variable.values.index(text)]
 
 
-def load_clinical(path: Path, cfg: ClinicalConfig) -> ClinicalTable:
+def load_clinical(path: Path, cfg: ClinicalConfig, row_errors: dict[str, str] | None = None) -> ClinicalTable:
     """Read and check `path` against the schema of `cfg`; ClinicalDataError naming file, row (the line number),
-    column, value and the allowed values for the first bad cell, or the header problem."""
+    column, value and the allowed values for the first bad cell, or the header problem. With `row_errors` a bad
+    row is left out and its message recorded under its id instead (header problems still raise)."""
     path = Path(path)
     with path.open(newline="") as handle:
         reader = csv.reader(handle)
@@ -112,7 +110,11 @@ def load_clinical(path: Path, cfg: ClinicalConfig) -> ClinicalTable:
             if not any(cell.strip() for cell in cells):
                 continue
             if len(cells) != len(header):
-                raise ClinicalDataError(f"{path}, row {line}: {len(cells)} cells, the header has {len(header)}")
+                message = f"{path}, row {line}: {len(cells)} cells, the header has {len(header)}"
+                if row_errors is None or not cells[0].strip():
+                    raise ClinicalDataError(message)
+                row_errors[cells[0].strip()] = message
+                continue
             row_id = cells[0].strip()
             if not row_id or row_id in ids:
                 what = "is empty" if not row_id else "appears twice"
@@ -126,11 +128,17 @@ def load_clinical(path: Path, cfg: ClinicalConfig) -> ClinicalTable:
                     continue
                 encoded = _encode_cell(text, variable)
                 if encoded is None:
-                    raise ClinicalDataError(
+                    message = (
                         f"{path}, row {line}, column {variable.name!r}: value {text!r} is not allowed; "
                         f"allowed: {_allowed(variable)} (or a missing token: {cfg.missing_tokens})"
                     )
+                    if row_errors is None:
+                        raise ClinicalDataError(message)
+                    row_errors[row_id] = message
+                    break
                 parts.append(encoded)
+            if row_id in (row_errors or {}):
+                continue
             ids.append(row_id)
             rows.append(np.concatenate(parts) if complete else np.full(cfg.encoded_dim, np.nan))
     raw = np.stack(rows) if rows else np.zeros((0, cfg.encoded_dim))
@@ -178,23 +186,3 @@ def encode(raw: np.ndarray, stats: FeatureStats, fill: FillMode = "mean") -> tup
     if fill == "mean":
         z[~present] = 0.0
     return z.astype(np.float32), present
-
-
-# --- on the wire: the handshake's `stats` record carries the release beside the feature sums ----------------------
-CLINICAL_MOMENTS = MomentArrays(ph.CLINICAL_SUMS, ph.CLINICAL_SQUARES, ph.CLINICAL_COUNTS)
-
-
-def clinical_sums_allowed(dim: int) -> Allowed:
-    """The handshake reply carrying a site's clinical sums of `dim` encoded columns: these arrays, these shapes."""
-    return arrays_reply(ph.HANDSHAKE.name, CLINICAL_MOMENTS.specs(dim))
-
-
-def clinical_sums_record(sums: FeatureSums) -> ArrayRecord:
-    """The release as arrays of the handshake's `stats` record."""
-    return CLINICAL_MOMENTS.record(sums.sums, sums.squares, [sums.slides])
-
-
-def clinical_sums_from_record(record: ArrayRecord, dim: int) -> FeatureSums:
-    """A site's release read back at the server; ValueError naming the array when a shape or value is off."""
-    sums, squares, (slides,) = CLINICAL_MOMENTS.read(record, dim)
-    return FeatureSums(sums, squares, slides, slides)

@@ -12,9 +12,12 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from fedslide.common.federation import per_class
+from fedslide.common.federation import phases as ph
 from fedslide.common.federation.models import named_models
 from fedslide.common.metrics import METRIC_NAMES
 from fedslide.common.training.outputs import write_json
+from fedslide.server import clinical_outputs
 from fedslide.server.privacy import privacy_report
 from fedslide.server.protocol import RunResult
 
@@ -67,7 +70,9 @@ def _weighted(per_site: dict[str, dict[str, float]], key: str, weight_key: str) 
 
 
 def model_table(
-    per_site: dict[str, dict[str, float]], held_out: set[str] | frozenset[str] = frozenset()
+    per_site: dict[str, dict[str, float]],
+    held_out: set[str] | frozenset[str] = frozenset(),
+    model_rows: tuple[str, ...] = MODEL_ROWS,
 ) -> dict[str, dict[str, Any]]:
     """models -> {overall (training sites' test splits), held_out (evaluation-only sites' slides), per_site}."""
     table: dict[str, dict[str, Any]] = {}
@@ -75,7 +80,7 @@ def model_table(
         "overall": {k: v for k, v in per_site.items() if k not in held_out},
         "held_out": {k: v for k, v in per_site.items() if k in held_out},
     }
-    for model in MODEL_ROWS:
+    for model in model_rows:
         sites = {site: {m: v.get(f"{model}.{m}") for m in (*METRIC_NAMES, "loss", "n")} for site, v in per_site.items()}
         table[model] = {"per_site": sites}
         for part, values in parts.items():
@@ -145,9 +150,18 @@ def build_metrics(result: RunResult, manifest: dict[str, dict[str, Any]], second
     names = {n: s.name for n, s in [*fed.sites.items(), *fed.eval_sites.items()]}
     per_site = site_metrics(result.evaluation, names)
     models = model_table(per_site, {s.name for s in fed.eval_sites.values()})
+    if fed.facts and len(fed.facts.classes) > 2:  # per class, by the federation's class names
+        held_out = {s.name for s in fed.eval_sites.values()}
+        for model, table in per_class.model_tables(per_site, held_out, fed.facts.classes, MODEL_ROWS).items():
+            models[model]["per_class"] = table
     train_sites = {s.name for s in fed.sites.values()}
     per_site = {k: v for k, v in per_site.items() if k in train_sites}  # cost: the training sites' test slides
-    rows = [{"model": m, **{k: models[m]["overall"].get(k) for k in (*METRIC_NAMES, "loss", "n")}} for m in MODEL_ROWS]
+    row_names: tuple[str, ...] = MODEL_ROWS
+    if clinical_outputs.has_bd_rows(per_site):  # the BD model, with / without the clinical data as recorded
+        models.update(model_table(per_site, {s.name for s in fed.eval_sites.values()}, ph.BD_EVALUATED))
+        models[ph.BD_EVALUATED[0]]["with_clinical"] = clinical_outputs.with_clinical(per_site)
+        row_names = (*MODEL_ROWS, *ph.BD_EVALUATED)
+    rows = [{"model": m, **{k: models[m]["overall"].get(k) for k in (*METRIC_NAMES, "loss", "n")}} for m in row_names]
     sites = [{"node": n, "name": s.name, "role": "train", **s.counts} for n, s in sorted(fed.sites.items())] + [
         {"node": n, "name": s.name, "role": "eval-only", **s.counts} for n, s in sorted(fed.eval_sites.items())
     ]
@@ -300,6 +314,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any]) -> Path:
             + " |"
         )
     lines += ["", f"![per-site AUC](plots/{bars.name})", ""]
+    lines += per_class.report_lines(metrics["models"])
     c = metrics["cost"]
     lines += [
         "## Cost per test slide",
@@ -378,6 +393,12 @@ def write_outputs(result: RunResult, seconds: float) -> dict[str, Any]:
     assert result.fed.facts is not None
     named = named_models(result.fed.cfg, result.fed.facts, result.models)
     manifest = save_models(result.run_dir, result.models, named)
+    bd = clinical_outputs.save_bd_model(
+        result.run_dir, result.fed.cfg, result.fed.facts, result.clinical, result.fed.clinical_norm
+    )
+    if bd:
+        manifest.update(bd)
+        write_json(result.run_dir / "models" / "manifest.json", manifest)
     metrics = build_metrics(result, manifest, seconds)
     write_json(result.run_dir / "metrics.json", metrics)
     write_report(result.run_dir, metrics)

@@ -44,7 +44,10 @@ from fedslide.common.federation.models import (
 )
 from fedslide.common.flower_compat import fedavgm_momentum, set_fedavgm_momentum
 from fedslide.common.seeds import SEED_OFFSETS
+from fedslide.common.training.labels import class_order
+from fedslide.server import clinical_step
 from fedslide.server.checkpoint import Checkpoint
+from fedslide.server.clinical_strategy import ClinicalFedAvg
 from fedslide.server.grid import FederationGrid
 from fedslide.server.privacy import dp_strategy, make_accountant
 from fedslide.server.strategies import (
@@ -93,6 +96,7 @@ class Federation:
     timings: dict[str, float] = field(default_factory=dict)
     standardize: ArrayRecord | None = None  # the pooled standardisation sent to the sites (`standardize = true`)
     ood: ArrayRecord | None = None  # the pooled OOD statistics sent with the evaluation (`ood-stats = true`)
+    clinical_norm: ArrayRecord | None = None  # the pooled clinical normalisation (`clinical.enabled`)
 
     @property
     def run_id(self) -> str:
@@ -164,6 +168,7 @@ def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
         fed.grid.admitted = set(fed.sites)
         fed.standardize = fed.ckpt.load_arrays(STANDARDIZE_KEY)
         fed.ood = fed.ckpt.load_arrays(OOD_KEY)
+        clinical_step.resume_clinical(fed)
         if fed.cfg.standardize and fed.standardize is None:
             raise FederationError(
                 f"standardize = true but the checkpoint of {fed.run_dir} holds no pooled statistics (the run began "
@@ -202,7 +207,7 @@ def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
         raise FederationError(
             f"handshake: {len(fed.sites)} site(s) admitted, min-nodes = {fed.cfg.min_nodes}; refused: {fed.refused}"
         )
-    classes = sorted({c for s in [*fed.sites.values(), *fed.eval_sites.values()] for c in s.classes})
+    classes = list(class_order(c for s in [*fed.sites.values(), *fed.eval_sites.values()] for c in s.classes))
     if fed.cfg.classes is not None:  # the configured label map: its order, and no site label outside it
         everyone = [*fed.sites.values(), *fed.eval_sites.values()]
         outside = {s.name: sorted(set(s.classes) - set(fed.cfg.classes)) for s in everyone}
@@ -227,6 +232,8 @@ def handshake(fed: Federation, wait_timeout: float = 120.0) -> None:
         _pool_standardize(fed, replies)
     if fed.cfg.ood_stats and not fed.cfg.pixel_stage1:
         _pool_ood(fed, replies)
+    if fed.cfg.clinical.enabled:
+        clinical_step.pool_clinical(fed, replies)
     _commit_handshake(fed)
     log.info("handshake: admitted %s; refused %d", ", ".join(s.name for s in fed.sites.values()), len(fed.refused))
 
@@ -362,6 +369,8 @@ def _inner_strategy(fed: Federation, phase: ph.Phase, min_nodes: int) -> Strateg
     common: dict[str, Any] = {"fraction_evaluate": 0.0, "min_train_nodes": min_nodes, "min_available_nodes": min_nodes}
     if phase is ph.EXPERTS:
         return ExpertsFedAvg(cfg.aggregation, cfg.trim_fraction, **common)
+    if phase is ph.CLINICAL and cfg.aggregation == "mean":  # `multi.` by clinical slides, the rest by slides
+        return ClinicalFedAvg(**common)
     if phase is ph.STUDENT and cfg.student_server_momentum > 0 and cfg.aggregation == "mean":
         return FedAvgM(server_momentum=cfg.student_server_momentum, **common)  # FedProx's mu travels in the config
     if cfg.aggregation == "median":
@@ -596,6 +605,7 @@ class RunModels:
     centroids: np.ndarray | None = None
     experts: ArrayRecord | None = None
     student: ArrayRecord | None = None
+    clinical: ArrayRecord | None = None  # the BD model (`clinical.enabled`)
     temperatures: dict[str, float] = field(default_factory=dict)  # CALIBRATED_MODELS' picked T (`calibrate`)
     evaluation: list[Message] = field(default_factory=list)
 
@@ -772,6 +782,7 @@ def evaluation_step(fed: Federation, run: RunModels) -> None:
     records = {p.TEACHER: run.teacher, p.STUDENT: run.student, p.BASELINE: run.baseline, p.ADAPTER: run.adapter}
     keys = {"teacher_high": ph.TEACHER_TEMPERATURE, "student_low": ph.STUDENT_TEMPERATURE}
     config = {keys[model]: t for model, t in run.temperatures.items()}
+    records.update(clinical_step.evaluation_records(fed, run))
     run.evaluation = final_evaluation(fed, {k: v for k, v in records.items() if v is not None}, config)
 
 
@@ -789,6 +800,7 @@ SERVER_STEPS: dict[ph.Phase, ServerStep] = {
     ph.KD_CACHE: kd_cache_step,
     ph.STUDENT: student_step,
     ph.LOGITS: logits_step,
+    ph.CLINICAL: clinical_step.clinical_step,
     ph.CALIBRATE: calibrate_step,
     ph.EVALUATION: evaluation_step,
 }
@@ -801,6 +813,7 @@ def plan(cfg: FederationConfig) -> list[ph.Phase]:
     if cfg.kd.lambda_expert > 0:
         phases += [ph.CLUSTER_INIT, ph.EXPERTS]  # the clusters step drives cluster-init and cluster-stats
     phases += [ph.LOGITS] if cfg.mode == "logits" else [ph.KD_CACHE, ph.STUDENT]
+    phases += [ph.CLINICAL] if cfg.clinical.enabled else []
     phases += [ph.CALIBRATE] if cfg.calibrate else []
     return [*phases, ph.EVALUATION]
 
@@ -813,6 +826,7 @@ class RunResult:
     models: dict[str, ArrayRecord]
     evaluation: list[Message]
     fed: Federation
+    clinical: ArrayRecord | None = None  # the final BD model (`clinical.enabled`)
 
 
 def run_federation(grid: Grid, cfg: FederationConfig, run_dir: Path) -> RunResult:
@@ -836,7 +850,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, run_dir: Path) -> RunResul
     run = RunModels(t_cfg, s_cfg, from_teacher)
     for phase in plan(cfg):
         SERVER_STEPS[phase](fed, run)
-    return RunResult(run_dir, run.records(), run.evaluation, fed)
+    return RunResult(run_dir, run.records(), run.evaluation, fed, run.clinical)
 
 
 def final_evaluation(

@@ -278,7 +278,7 @@ class PhaseStrategy(Strategy):
             reason = "not a site admitted at the handshake" if n_train is None else "no metrics in the reply"
         else:
             for key in metrics:
-                if key.startswith(ph.N_EXPERT + "-"):
+                if key.startswith(ph.N_EXPERT + "-") or key == ph.N_CLINICAL:
                     value = p.number(metrics, key, -1.0)
                     if not (math.isfinite(value) and 0 <= value <= n_train):
                         reason = f"{key} = {value:g} outside [0, {n_train}] (its training slides at the handshake)"

@@ -14,7 +14,6 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from fedslide.client.synth.clinical import clinical_rows, write_clinical, write_site_clinical
 from fedslide.common.clinical import (
     ClinicalDataError,
-    clinical_sums_allowed,
     encode,
     load_clinical,
     pooled_clinical_stats,
@@ -22,6 +21,7 @@ from fedslide.common.clinical import (
     site_clinical_sums,
 )
 from fedslide.common.config.base import ConfigError, load_config
+from fedslide.common.federation.clinical_sums import clinical_sums_allowed
 from fedslide.common.config.clinical import ClinicalConfig
 from fedslide.common.config.synth import SynthConfig
 from fedslide.common.egress import EgressViolation, check_reply

@@ -180,7 +180,7 @@ def test_federated_stage1_runs_to_the_end_and_the_student_reads_its_features(
         run = site / "runs" / "stage1"
         weights = run / STAGE1_ENCODER
         record = json.loads((run / STAGE1_RECORD).read_text())
-        assert record == {"weights_hash": sha256_file(weights), "features": f"{ENC}-finetuned"}
+        assert record == {"weights_hash": sha256_file(weights), "features": f"{ENC}-ft-{sha256_file(weights)[:12]}"}
         hashes.add(record["weights_hash"])
         # only the configured parameters changed, and they hold the global arrays
         tuned = build_encoder(EncoderConfig(weights=weights))
@@ -193,7 +193,7 @@ def test_federated_stage1_runs_to_the_end_and_the_student_reads_its_features(
         lows = sorted((site / "features" / ENC / "low").glob("*.h5"))
         assert lows
         for low in lows:
-            new = read_feature_file(finetuned_feature_path(site, ENC, low.stem))
+            new = read_feature_file(finetuned_feature_path(site, ENC, record["weights_hash"], low.stem))
             assert new.attrs["encoder_weights_hash"] == record["weights_hash"]
             assert new.attrs["finetuned_from_weights_hash"] == effnet.weights_hash
         # the later phases read them: the site's bundle names the fine-tuned 5x encoder and carries its file

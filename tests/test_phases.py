@@ -112,8 +112,11 @@ def test_weights_replies_carry_exactly_the_model_that_was_sent() -> None:
         }
     )
     encoder = ArrayRecord({f"{ph.ENCODER_PREFIX}conv.weight": Array(np.zeros(5, np.float32))})
+    bd = ArrayRecord(
+        {"multi.head.weight": Array(np.zeros(5, np.float32)), "single.prompt": Array(np.zeros(3, np.float32))}
+    )
     for phase in ph.WEIGHTS:
-        sent = encoder if phase is ph.PIXEL_STAGE1 else sent
+        sent = encoder if phase is ph.PIXEL_STAGE1 else bd if phase is ph.CLINICAL else sent
         allowed = weights_reply(phase.name, sent)
         check_reply(RecordDict({p.ARRAYS: sent}), allowed)
         reshaped = ArrayRecord({k: Array(np.zeros(9, np.float32)) for k in sent})
@@ -124,7 +127,7 @@ def test_weights_replies_carry_exactly_the_model_that_was_sent() -> None:
 def test_the_egress_tables_are_the_declarations() -> None:
     assert egress.PHASES == tuple(x.name for x in ph.ALL)
     assert egress.METRIC_NAMES == {x.name: x.metrics for x in ph.ALL}
-    assert set(egress.WEIGHT_PHASES) == {"pixel-stage1", "adapter", "teacher", "experts", "student"}
+    assert set(egress.WEIGHT_PHASES) == {"pixel-stage1", "adapter", "teacher", "experts", "student", "clinical"}
     assert egress.HANDSHAKE_KEYS == ph.HANDSHAKE.reply_config_keys == {k for k, _ in ph.HANDSHAKE_CONFIG}
     with pytest.raises(EgressViolation, match="unknown phase"):
         check_reply(RecordDict({}), Allowed("features"))

@@ -337,7 +337,8 @@ def test_finetune_then_reencode_is_resumable(site: Path, effnet: PatchEncoder, t
     diff = {k for k, v in tuned.state_dict().items() if not torch.equal(v, effnet.state_dict()[k])}
     assert diff and all(k.startswith(("_blocks.15.", "_conv_head.", "_bn1.")) for k in diff)
 
-    targets = {s: finetuned_feature_path(site, ENC, s) for s in ("s1", "s2")}
+    targets = {s: finetuned_feature_path(site, ENC, manifest["weights_hash"], s) for s in ("s1", "s2")}
+    assert targets["s1"].parent.parent.name == f"{ENC}-ft-{manifest['weights_hash'][:12]}"
     frozen = read_feature_file(feature_path(site, ENC, "low", "s1"), load_tokens=True)
     new = read_feature_file(targets["s1"], load_tokens=True)
     assert new.attrs["encoder_weights_hash"] == manifest["weights_hash"]
@@ -359,15 +360,22 @@ def test_finetune_then_reencode_is_resumable(site: Path, effnet: PatchEncoder, t
     assert reencode_site(site, cfg, weights).done == ["s2"]
     assert targets["s1"].stat().st_mtime_ns == mtimes["s1"]
 
-    # changed weights (another hash) force a redo of every slide
+    # changed weights (another hash) force a redo of every slide, into a folder of their own
     state = torch.load(weights, weights_only=True)
     state["_conv_head.weight"] = state["_conv_head.weight"] * 1.01
     other = tmp_path / "other.pt"
     torch.save(state, other)
     redo = reencode_site(site, cfg, other)
     assert redo.done == ["s1", "s2"] and redo.weights_hash == sha256_file(other)
-    with h5py.File(targets["s1"], "r") as f:
+    assert redo.features == f"{ENC}-ft-{redo.weights_hash[:12]}" != summary.features
+    with h5py.File(finetuned_feature_path(site, ENC, redo.weights_hash, "s1"), "r") as f:
         assert f.attrs["encoder_weights_hash"] == sha256_file(other)
+    # the first weights' files are untouched (another run, e.g. an earlier LOSO fold, still reads them)
+    mtimes["s2"] = targets["s2"].stat().st_mtime_ns
+    assert reencode_site(site, cfg, weights).skipped == ["s1", "s2"]
+    assert {s: p.stat().st_mtime_ns for s, p in targets.items()} == mtimes
+    with h5py.File(targets["s1"], "r") as f:
+        assert f.attrs["encoder_weights_hash"] == manifest["weights_hash"]
 
 
 def test_finetune_without_features_is_a_usage_error(tmp_path: Path) -> None:

@@ -141,7 +141,7 @@ def test_reencoding_and_stage1_patches_use_the_sites_normaliser(
     assert summary.done == ["s1", "s2"]
     for sid in ("s1", "s2"):
         source = feature_path(site, ENC, "low", sid)
-        target = finetuned_feature_path(site, ENC, sid)
+        target = finetuned_feature_path(site, ENC, effnet.weights_hash, sid)
         assert _identity(target) == _identity(source) and _identity(target)["method"] == "macenko"
         np.testing.assert_allclose(read_feature_file(target).features, read_feature_file(source).features, atol=1e-3)
 

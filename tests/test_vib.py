@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from torch import nn
 
 from fedslide.client.encoders import PatchEncoder
-from fedslide.client.vib_finetune import VIB_SUFFIX, VIBTrainer, run_vib_site, site_bags, select_site, vib_round
+from fedslide.client.vib_finetune import VIBTrainer, run_vib_site, site_bags, select_site, vib_round
 from fedslide.common.config.vib import VIBConfig
 from fedslide.common.distillation.vib import (
     VIBSelector,
@@ -26,17 +26,19 @@ from fedslide.common.distillation.vib import (
     top_k,
     vib_loss,
 )
-from fedslide.client.site_run import STAGE1_RECORD
+from fedslide.client.site_run import STAGE1_ENCODER, STAGE1_RECORD
 from fedslide.common.config.federation import FederationConfig
 from fedslide.client.inference import ModelDirError, load_bundle, predict_slides
 from fedslide.client.inference.model import encoder_config
 from fedslide.common.config.base import ConfigError
 from fedslide.common.config.predict import PredictConfig
+from fedslide.common.distillation.data import load_sites
 from fedslide.common.distillation.bundle import ENCODER_FILE, BundleMismatchError, StudentBundle, file_sha256
 from fedslide.common.egress import EgressViolation, arrays_reply, check_reply, specs_of, weights_reply
 from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
 from fedslide.deploy.cli import main
+from fedslide.deploy.federate import LaunchOptions, run_consortium
 from fedslide.server.checkpoint import Checkpoint
 from tests.feature_sites import tiny_student_bundle
 from tests.test_federation import federate, tiny_config
@@ -198,8 +200,9 @@ def test_tiny_end_to_end_fine_tune_and_reencode(vib_site: Path, tmp_path: Path) 
     per_slide = [min(cfg.bag_size, len(b.features)) for b in bags.bags]
     assert result.selected == sum(per_slide) < result.instances
     assert result.patches_forward_backward == cfg.epochs * sum(per_slide)  # only the selected patches are encoded
-    assert reencoded is not None and reencoded["high"] == reencoded["low"] > 0
-    name = f"{cfg.encoder.name}{VIB_SUFFIX}"
+    assert reencoded is not None and reencoded.slides["high"] == reencoded.slides["low"] > 0
+    name = f"{cfg.encoder.name}-vib-{result.weights_hash[:12]}"
+    assert reencoded.features == name
     for level in ("high", "low"):
         for src in sorted((vib_site / "features" / cfg.encoder.name / level).glob("*.h5")):
             out = vib_site / "features" / name / level / src.name
@@ -284,7 +287,7 @@ def test_federated_vib_objective_runs_to_the_end_on_the_reencoded_features(
     for site in vib_sites:
         run = site / "runs" / "vib"
         record = json.loads((run / STAGE1_RECORD).read_text())
-        assert record["objective"] == "vib" and record["features"] == f"{effnet.name}{VIB_SUFFIX}"
+        assert record["objective"] == "vib" and record["features"] == f"{effnet.name}-vib-{record['weights_hash'][:12]}"
         hashes.add(record["weights_hash"])
         for level in ("high", "low"):
             files = sorted((site / "features" / record["features"] / level).glob("*.h5"))
@@ -303,7 +306,10 @@ def test_federated_vib_objective_runs_to_the_end_on_the_reencoded_features(
         for entry in sent:  # the upload is the trainable parameters (float32), nothing more
             assert sum(int(np.prod(a["shape"])) for a in entry["arrays"]) <= 1.05 * trainable
         assert not any(e.get("error") for e in ledger)
-        assert (run / "pixel_stage1" / "vib_selection.pt").is_file()
+        # the selection (and so the labels fine-tuned on) covers the run's training split only, never val or test
+        selection = torch.load(run / "pixel_stage1" / "vib_selection.pt", weights_only=True)
+        data = load_sites([site], effnet.name, seed=cfg.seed, carving=cfg.carve)
+        assert set(selection["slides"]) == {data.slides[int(i)].slide_id for i in data.split("train")}
     assert len(hashes) == 1
     # predict from the bundle alone (no --weights): both levels are encoded with the VIB-fine-tuned encoder
     bundle_dir = vib_sites[0] / "runs" / "vib" / "student_bundle"
@@ -315,6 +321,60 @@ def test_federated_vib_objective_runs_to_the_end_on_the_reencoded_features(
         assert run.encoder["weights_hash"] == record["weights_hash"]
     with pytest.raises(BundleMismatchError, match=effnet.weights_hash[:12]):  # the frozen encoder is refused
         predict_slides([slide], bundle_dir, tmp_path / "frozen", _predict_cfg(), encoder=effnet)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("two_threads")
+def test_real_process_federation_with_the_vib_objective(vib_sites: list[Path], tmp_path: Path) -> None:
+    """SuperLink + one SuperNode per site as separate processes on loopback (TLS, node authentication, warm
+    SuperExecs): VIB pixel stage 1 (one round), then every phase on both re-encoded levels, and the evaluation."""
+    cfg = tiny_config(
+        tmp_path,
+        "vib-processes",
+        pixel_stage1=True,
+        pixel_stage1_objective="vib",
+        vib=VIB_FEDERATED,
+        threads=1,
+        rounds={
+            "pixel_stage1": 1,
+            "pixel_stage1_local_epochs": 1,
+            "adapter": 1,
+            "teacher": 1,
+            "baseline": 1,
+            "student": 1,
+        },
+        kd={"lambda_expert": 0.0},
+        training={"batch_size": 2},
+        device="cpu",
+    )
+    run_dir = run_consortium(vib_sites, cfg, LaunchOptions(tmp_path / "work", timeout=900.0))
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert {ph.PIXEL_STAGE1.name, ph.PIXEL_STAGE1_REENCODE.name, "teacher", "student"} <= set(state["phases"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {r["model"] for r in metrics["rows"]} >= {"teacher_high", "student_low"}
+    hashes = set()
+    for site in vib_sites:
+        run = site / "runs" / "vib-processes"
+        record = json.loads((run / STAGE1_RECORD).read_text())
+        assert record["objective"] == "vib" and record["weights_hash"] == file_sha256(run / STAGE1_ENCODER)
+        assert record["features"] == f"{cfg.vib.encoder.name}-vib-{record['weights_hash'][:12]}"
+        hashes.add(record["weights_hash"])
+        for level in ("high", "low"):
+            files = sorted((site / "features" / record["features"] / level).glob("*.h5"))
+            assert files and all(
+                h5py.File(f, "r").attrs["encoder_weights_hash"] == record["weights_hash"] for f in files
+            )
+        bundle = StudentBundle.load(run / "student_bundle")
+        assert bundle.meta.encoder_weights_hash == record["weights_hash"] and bundle.meta.extra["encoder_finetuned"]
+        assert bundle.encoder_weights is not None and file_sha256(bundle.encoder_weights) == record["weights_hash"]
+        ledger = [json.loads(line) for line in (run / "egress.jsonl").read_text().splitlines()]
+        assert not any(e.get("error") for e in ledger)
+        assert {ph.PIXEL_STAGE1_INIT.name, ph.PIXEL_STAGE1.name, ph.PIXEL_STAGE1_REENCODE.name, "evaluate"} <= {
+            e["phase"] for e in ledger
+        }
+        sent = [e for e in ledger if e["phase"] == ph.PIXEL_STAGE1.name and e["arrays"]]
+        assert sent and all({a["name"].split(".")[0] for a in e["arrays"]} == {"encoder", "head"} for e in sent)
+    assert len(hashes) == 1  # every site holds the same global encoder
 
 
 def _predict_cfg(**kw: object) -> PredictConfig:
@@ -333,9 +393,9 @@ def test_bundle_carries_the_encoder_of_both_levels_and_predict_uses_it(tmp_path:
     assert (tmp_path / "b" / ENCODER_FILE).read_bytes() == weights.read_bytes()
     bundle = load_bundle(tmp_path / "b")
     assert bundle.encoder_weights == tmp_path / "b" / ENCODER_FILE
-    for resolution in ("high", "low"):  # both levels, over any --weights given
-        cfg = _predict_cfg(encoder_weights=str(tmp_path / "elsewhere.pt"))
-        assert encoder_config(bundle, cfg, resolution).weights == tmp_path / "b" / ENCODER_FILE
+    # both levels; another --weights file is refused (tests/test_finetuned_folders.py)
+    for resolution in ("high", "low"):
+        assert encoder_config(bundle, _predict_cfg(), resolution).weights == tmp_path / "b" / ENCODER_FILE
     plain.save(tmp_path / "plain")  # a bundle without it: predict.encoder-weights as before
     assert encoder_config(load_bundle(tmp_path / "plain"), _predict_cfg(), "high").weights is None
     torch.save({"w": torch.zeros(3)}, weights)

@@ -17,6 +17,7 @@ from fedslide.common.distillation.bundle import (
     BundleMismatchError,
     StudentBundle,
     check_low_encoder_file,
+    file_sha256,
 )
 from fedslide.common.device import resolve_device
 
@@ -75,7 +76,7 @@ def low_encoder_weights(bundle: StudentBundle, cfg: PredictConfig) -> Path | Non
     if not bundle.meta.low_finetuned:
         return None
     if bundle.low_encoder_weights is not None:
-        return bundle.low_encoder_weights
+        return _bundle_file_or_refuse(bundle.low_encoder_weights, cfg.low_encoder_weights, "low-encoder-weights")
     if cfg.low_encoder_weights is None:
         raise ModelDirError(
             f"the bundle's student reads 5x features of a fine-tuned {bundle.meta.encoder_name} (weights "
@@ -88,14 +89,35 @@ def low_encoder_weights(bundle: StudentBundle, cfg: PredictConfig) -> Path | Non
     return cfg.low_encoder_weights
 
 
+def _bundle_file_or_refuse(own: Path, given: Path | None, key: str) -> Path:
+    """The bundle's own encoder weights file `own`; a `predict.<key>` file with other contents is refused (a
+    ConfigError naming both files and hashes), never silently ignored. The same bytes (same sha256) pass."""
+    if given is None:
+        return own
+    option = "--weights" if key == "encoder-weights" else "--low-weights"
+    if not given.is_file():
+        raise ConfigError(f"predict.{key} ({option}): {given} is not a file")
+    theirs, ours = file_sha256(given), file_sha256(own)
+    if theirs != ours:
+        raise ConfigError(
+            f"predict.{key} ({option}) = {given} (sha256 {theirs[:12]}) conflicts with the bundle's own {own.name} "
+            f"({own}, sha256 {ours[:12]}), the fine-tuned encoder its models were trained on: drop {option} (the "
+            "bundle's file is used) or use a bundle trained on those weights"
+        )
+    return own
+
+
 def encoder_config(bundle: StudentBundle, cfg: PredictConfig, resolution: str = "high") -> EncoderConfig:
     """The encoder settings for one resolution: the bundle's encoder by name (the fine-tuned weights for a
     fine-tuned 5x encoder; the bundle's `encoder.pt` for an encoder fine-tuned at both levels, else
-    `predict.encoder-weights`), the run's batch/worker/device options."""
+    `predict.encoder-weights`), the run's batch/worker/device options. A `predict.encoder-weights` file other than
+    the bundle's `encoder.pt` is a ConfigError naming both."""
     weights = low_encoder_weights(bundle, cfg) if resolution == "low" else None
+    if weights is None and bundle.encoder_weights is not None:
+        weights = _bundle_file_or_refuse(bundle.encoder_weights, cfg.encoder_weights, "encoder-weights")
     return EncoderConfig(
         name=bundle.meta.encoder_name,
-        weights=weights or bundle.encoder_weights or cfg.encoder_weights,
+        weights=weights or cfg.encoder_weights,
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         threads=cfg.threads,

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from fedslide.client.encoders.base import PatchEncoder
+from fedslide.client.inference.clinical import BRANCH_COLUMN, clinical_input
 from fedslide.client.inference.model import (
     ModelDirError,
     check_encoder,
@@ -65,6 +66,7 @@ class PredictionRun:
     failures: list[SlideFailure] = field(default_factory=list)
     seconds: float = 0.0
     ood: dict[str, Any] | None = None  # the bundle's OOD settings (client.inference.ood); None: no OOD score
+    clinical: bool = False  # slides were read by the bundle's BD model (client.inference.clinical)
 
     @property
     def zoom_on(self) -> bool:
@@ -168,6 +170,7 @@ def predict_slides(
     if main is None:  # pragma: no cover - every branch above sets the encoder the run reads
         raise ModelDirError("no encoder for the requested resolution")
     paths = _resolve_slides(slides, cfg)
+    clinical = clinical_input(bundle, cfg)  # a table of another schema is refused before any slide
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run = PredictionRun(
@@ -178,6 +181,7 @@ def predict_slides(
         encoder={"name": main.name, "weights_hash": main.weights_hash, "fingerprint": main.fingerprint},
         device=str(next(iter(main.buffers()), torch.empty(0)).device),
         ood=ood_settings(bundle, cfg.resolution),
+        clinical=clinical is not None,
     )
     seen: dict[str, Path] = {}
     bar = tqdm(paths, desc="predict", unit="slide", disable=not cfg.progress)
@@ -193,8 +197,18 @@ def predict_slides(
         overlay = out_dir / OVERLAY_DIR / f"{slide_id}.npz"
         try:
             pred = predict_slide(
-                path, bundle, encoder or main, cfg, heatmap_path=heatmap, overlay_path=overlay, low_encoder=low_encoder
+                path,
+                bundle,
+                encoder or main,
+                cfg,
+                heatmap_path=heatmap,
+                overlay_path=overlay,
+                low_encoder=low_encoder,
+                keep_arrays=clinical is not None,
             )
+            if clinical is not None:
+                clinical.apply(pred, bundle)
+                pred.low_pass = None
             if cfg.geojson:
                 export_slide(SlideOverlay.load(overlay), out_dir, cfg.qupath)
             run.predictions.append(pred)
@@ -220,6 +234,8 @@ def prediction_rows(run: PredictionRun, class_names: list[str]) -> tuple[list[st
     header.append("seconds")
     if run.ood is not None:
         header += OOD_COLUMNS
+    if run.clinical:
+        header.append(BRANCH_COLUMN)
     if run.zoom_on:
         header += [
             *(f"zoom_prob_{c}" for c in class_names),
@@ -238,6 +254,8 @@ def prediction_rows(run: PredictionRun, class_names: list[str]) -> tuple[list[st
         row.append(_fmt(p.timing.total_s, 3))
         if run.ood is not None:
             row += ood_cells(p)
+        if run.clinical:
+            row.append(p.clinical_branch or "")
         if run.zoom_on and p.zoom is not None:
             z = p.zoom
             probs = [_fmt(v) for v in z.probs] if z.probs is not None else [""] * len(class_names)

@@ -99,6 +99,7 @@ class SlidePrediction:
     low_pass: LowPass | None = field(default=None, repr=False)
     ood_score: float | None = None  # how unlike the training slides its 5x features are (bundle.ood); None: no stats
     ood_flag: bool = False  # ood_score above the bundle's threshold
+    clinical_branch: str | None = None  # BD branch that read the slide (multi/single); None: the student alone
 
     @property
     def probability(self) -> float:

@@ -335,11 +335,13 @@ def _write_site_files(site_dir: Path, site: SitePlan, cfg: SynthConfig, records:
         label_of = {r["patient_id"]: r["label"] for r in records}
         share = cfg.clinical_missingness[(site.index - 1) % len(cfg.clinical_missingness)]
         labels = [label_of[pid] for pid in patients]
-        write_site_clinical(site_dir, list(patients), labels, share, (cfg.seed, site.index, 8))
+        classes = task_labels(cfg.task)  # severity order: the clinical signal grows with the class index
+        write_site_clinical(site_dir, list(patients), labels, share, (cfg.seed, site.index, 8), classes)
     masks = {
         "mpp": cfg.mask_mpp,
-        "description": "ground-truth tumor masks (255 = tumor within tissue); pixel (0, 0) is the slide's "
-        "top-left corner, each pixel covers mpp × mpp µm; level-0 size and mpp per slide below",
+        "description": "ground-truth lesion masks (255 = lesion within tissue, of the class named by `lesion`); "
+        "pixel (0, 0) is the slide's top-left corner, each pixel covers mpp × mpp µm; level-0 size and mpp per "
+        "slide below",
         "slides": {
             r["slide_id"]: {
                 "file": f"{r['slide_id']}.png",
@@ -349,6 +351,7 @@ def _write_site_files(site_dir: Path, site: SitePlan, cfg: SynthConfig, records:
                 "level0_height": r["height"],
                 "level0_mpp": site.scanner.mpp,
                 "tumor_pixels": r["tumor_mask_pixels"],
+                "lesion": r["label"] if r["tumor_mask_pixels"] else None,  # the class the masked lesion shows
             }
             for r in records
         },

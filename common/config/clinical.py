@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from fedslide.common.config.base import StageConfig
 
@@ -85,6 +85,15 @@ class ClinicalConfig(StageConfig):
         default=True,
         description="both BD branches read one ABMIL slide embedding (trained by every slide) instead of one each",
     )
+    enabled: bool = Field(
+        default=False,
+        description="train a BD model on the student's 5x instances of the sites with clinical.csv and ship it in "
+        "the student bundle (fedslide distill; fedslide predict --clinical reads it)",
+    )
+    epochs: PositiveInt = Field(default=30, description="epochs of the BD model's training (fedslide distill)")
+    batch_size: PositiveInt = Field(default=16, description="slides per BD training batch")
+    lr: PositiveFloat = Field(default=1e-3, description="AdamW learning rate of the BD model")
+    weight_decay: float = Field(default=1e-4, ge=0.0, description="AdamW weight decay of the BD model")
 
     @field_validator("variables")
     @classmethod

@@ -152,9 +152,9 @@ class DistillConfig(StageConfig):
     )
     low_features: str | None = Field(
         default=None,
-        examples=["efficientnet_lite0-finetuned"],
+        examples=["efficientnet_lite0-ft-0123456789ab"],
         description="features/<name>/low subfolder of the 5x files, e.g. the fine-tuned encoder's "
-        "<encoder>-finetuned from `fedslide finetune` (default: the encoder's own)",
+        "<encoder>-ft-<hash12> from `fedslide finetune` (default: the encoder's own)",
     )
     seed: int = Field(default=0, description="seed of every model init, sample and batch order")
     device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda[:i], mps")

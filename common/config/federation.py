@@ -7,6 +7,7 @@ overrides; `FederationConfig.from_run_config` reads that form.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from pydantic_core import PydanticCustomError
 
 from fedslide.common.config.base import ConfigError, StageConfig, format_validation_error
 from fedslide.common.config.classes import CLASSES_HELP, ClassNames
+from fedslide.common.config.clinical import ClinicalConfig
 from fedslide.common.config.distill import (
     AdapterConfig,
     ClusterConfig,
@@ -116,6 +118,40 @@ class FederatedAdapterConfig(AdapterConfig):
         return _refuse_unused(data, frozenset({"epochs", "patience"}), _ROUNDS_HINT)
 
 
+class FederatedClinicalConfig(ClinicalConfig):
+    """The clinical (BD) phase of a federated run (section [federation.clinical]): the clinical.csv schema every
+    site reads its table against and the BD model; its local epochs come from rounds.local-epochs.
+
+    Flower's run config holds scalars: `variables` travels as one JSON string, `missing-tokens` comma-separated."""
+
+    enabled: bool = Field(
+        default=False,
+        description="federated BD phase after the student: each site sends its training slides' clinical sums at "
+        "the handshake (withheld below suppress-below slides), trains the BD model on its student instances for "
+        "rounds.clinical FedAvg rounds, and every site's bundle carries it (clinical.pt)",
+    )
+    epochs: PositiveInt = _unused(30)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_run_config(cls, data: Any) -> Any:
+        data = _refuse_unused(data, frozenset({"epochs"}), _ROUNDS_HINT)
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("variables",):
+                if isinstance(data.get(key), str):
+                    try:
+                        data[key] = json.loads(data[key])
+                    except json.JSONDecodeError as exc:
+                        raise PydanticCustomError(
+                            "json", "variables: not a JSON list of columns ({error})", {"error": str(exc)}
+                        ) from None
+            for key in ("missing-tokens", "missing_tokens"):
+                if isinstance(data.get(key), str):
+                    data[key] = data[key].split(",")
+        return data
+
+
 class RoundsConfig(StageConfig):
     """Federated rounds per phase and local epochs per round."""
 
@@ -140,6 +176,7 @@ class RoundsConfig(StageConfig):
     pixel_stage1_local_epochs: PositiveInt = Field(
         default=1, description="passes over the site's sampled 5x patches per pixel-stage1 round"
     )
+    clinical: PositiveInt = Field(default=5, description="FedAvg rounds of the BD model (with clinical.enabled)")
 
 
 class FederationConfig(StageConfig):
@@ -206,13 +243,13 @@ class FederationConfig(StageConfig):
         default=False,
         description="federated LRMIL stage 1 on pixels before every other phase: each site fine-tunes the trainable "
         "part of a 5x copy of its encoder (finetune.*), the server averages it, and the sites re-encode their 5x "
-        "features with the global encoder (features/<encoder>-finetuned/low), which every later phase reads",
+        "features with the global encoder (features/<encoder>-ft-<hash12>/low), which every later phase reads",
     )
     pixel_stage1_objective: Literal["lrmil", "vib"] = Field(
         default="lrmil",
         description="what pixel stage 1 trains: lrmil (the 5x copy against the 20x encoder, finetune.*) or vib (the "
         "20x encoder through each site's information-bottleneck selection of instances, vib.*; the encoder and its "
-        "fine-tuning head are averaged, the sites re-encode both levels into features/<encoder>-vib-finetuned)",
+        "fine-tuning head are averaged, the sites re-encode both levels into features/<encoder>-vib-<hash12>)",
     )
     standardize: bool = Field(
         default=False,
@@ -234,6 +271,10 @@ class FederationConfig(StageConfig):
         "the temperature of the least pooled NLL, and the sites' bundles carry it",
     )
     rounds: RoundsConfig = Field(default_factory=RoundsConfig)
+    clinical: FederatedClinicalConfig = Field(
+        default_factory=FederatedClinicalConfig,
+        description="clinical data with a missing modality: the bidirectional-distillation phase (off by default)",
+    )
     finetune: FederatedFinetuneConfig = Field(
         default_factory=FederatedFinetuneConfig, description="pixel stage 1's local step at each site"
     )
@@ -341,6 +382,8 @@ class FederationConfig(StageConfig):
                 name = f"{prefix}{key}"
                 if isinstance(value, dict):
                     walk(f"{name}.", value)
+                elif isinstance(value, list) and any(isinstance(v, dict) for v in value):  # tables: one JSON string
+                    flat[name] = json.dumps(value, separators=(",", ":"))
                 elif isinstance(value, list):  # Flower's run config holds scalars: lists travel comma-separated
                     flat[name] = ",".join(str(v) for v in value)
                 elif value is not None:

@@ -96,13 +96,27 @@ class PredictConfig(StageConfig):
     encoder_weights: Path | None = Field(
         default=None,
         examples=["/path/to/weights.pth"],
-        description="local weights file of the bundle's encoder (encoders whose weights do not ship with a package)",
+        description="local weights file of the bundle's encoder (encoders whose weights do not ship with a package); "
+        "with a bundle that carries encoder.pt, a file of other contents is an error naming both",
     )
     low_encoder_weights: Path | None = Field(
         default=None,
         examples=["/site/finetune/efficientnet_lite0.pt"],
         description="fine-tuned 5x encoder weights (`fedslide finetune`) for a bundle that records their hash but "
-        "does not carry the file; refused unless the sha256 matches the bundle's",
+        "does not carry the file; refused unless the sha256 matches the bundle's (and, with a bundle that carries "
+        "low_encoder.pt, unless it is the same bytes)",
+    )
+    clinical: Path | None = Field(
+        default=None,
+        examples=["/site/clinical.csv"],
+        description="clinical table of the slides (slide_id or patient_id, then the bundle's BD schema): slides with a "
+        "complete row are read by the bundle's multi-modal BD model, the others by its single-modal branch",
+    )
+    clinical_patients: Path | None = Field(
+        default=None,
+        examples=["/site/labels.csv"],
+        description="CSV with slide_id and patient_id columns (e.g. the site's labels.csv) for a patient-keyed "
+        "clinical table",
     )
     heatmaps: bool = Field(default=True, description="write heatmaps/<slide_id>.png")
     geojson: bool = Field(

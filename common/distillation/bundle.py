@@ -21,6 +21,9 @@ feature files record; inference rebuilds it and normalises every patch it encode
 
 `ood.json` (optional) holds the training slides' low-res feature statistics and the out-of-distribution flag
 threshold chosen on validation slides (`common.distillation.ood`); absent in older bundles: no OOD score.
+
+`clinical.pt` (optional) is a bidirectional-distillation model reading the student's instances plus a clinical
+row, with its clinical schema and normalisation (`common.distillation.clinical_model`); absent: no clinical model.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from torch import nn
 from fedslide.common.atomic import atomic_path, write_text_atomic
 from fedslide.common.config.model import ModelConfig
 from fedslide.common.distillation.adapter import CrossResAdapter, build_adapter
+from fedslide.common.distillation.clinical_model import CLINICAL_MODEL_FILE, ClinicalModel
 from fedslide.common.distillation.instances import (
     MissingTokensError,
     estimate_patch_size_level0,
@@ -225,13 +229,15 @@ class StudentBundle:
         teacher_scaling: ModelScaling | None = None,
         ood: OODStats | None = None,
         encoder_weights: Path | str | None = None,
+        clinical: ClinicalModel | None = None,
     ):
         """`low_encoder_weights`: the fine-tuned 5x encoder's weights file (its sha256 must be the meta's);
         `encoder_weights`: the weights file of the encoder of both levels (sha256 = meta.encoder_weights_hash), for
         an encoder fine-tuned at both levels (VIB); None: the encoder's own weights, supplied at prediction;
         `student_scaling` / `teacher_scaling`: standardisation of the instances each model reads (the student's
         are its adapted instances) and its temperature; None = identity; `ood`: the training slides' low-res
-        statistics and the OOD threshold (None: no OOD score)."""
+        statistics and the OOD threshold (None: no OOD score); `clinical`: a BD model reading the student's instances
+        and clinical rows (None: none)."""
         if meta.student_input != "raw" and adapter is None:
             raise ValueError(f"student input {meta.student_input!r} needs an adapter")
         self.meta = meta
@@ -243,6 +249,9 @@ class StudentBundle:
         self.student_scaling = student_scaling or ModelScaling()
         self.teacher_scaling = teacher_scaling or ModelScaling()
         self.ood = ood
+        self.clinical = clinical
+        if clinical is not None:
+            clinical.check_bundle(Path(CLINICAL_MODEL_FILE), meta.encoder_dim, len(meta.class_names))
         self.low_encoder_weights: Path | None = None
         if low_encoder_weights is not None:
             if not meta.low_finetuned:
@@ -296,6 +305,10 @@ class StudentBundle:
             self.ood.save(directory / OOD_FILE)
         else:
             (directory / OOD_FILE).unlink(missing_ok=True)
+        if self.clinical is not None:
+            self.clinical.save(directory / CLINICAL_MODEL_FILE)
+        else:
+            (directory / CLINICAL_MODEL_FILE).unlink(missing_ok=True)
         doc = {
             "format": BUNDLE_FORMAT,
             "meta": self.meta.to_dict(),
@@ -306,6 +319,7 @@ class StudentBundle:
                 "low_encoder": LOW_ENCODER_FILE if self.low_encoder_weights is not None else None,
                 "encoder": ENCODER_FILE if self.encoder_weights is not None else None,
                 "ood": OOD_FILE if self.ood is not None else None,
+                "clinical": CLINICAL_MODEL_FILE if self.clinical is not None else None,
             },
         }
         write_text_atomic(directory / BUNDLE_FILE, json.dumps(doc, indent=2, sort_keys=False) + "\n")
@@ -345,6 +359,10 @@ class StudentBundle:
             raise ValueError(
                 f"{directory / OOD_FILE}: {ood.dim} features, but the bundle's encoder has {meta.encoder_dim}"
             )
+        clinical = None
+        if files.get("clinical"):
+            clinical = ClinicalModel.load(directory / files["clinical"], map_location)
+            clinical.check_bundle(directory / files["clinical"], meta.encoder_dim, len(meta.class_names))
         return cls(
             meta,
             adapter,
@@ -357,6 +375,7 @@ class StudentBundle:
             teacher_scaling,
             ood,
             encoder,
+            clinical,
         )
 
     # ---- checks ------------------------------------------------------------------------------

@@ -36,6 +36,12 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--device", help="auto, cpu, cuda[:i], mps")
     parser.add_argument("--epochs", type=int, metavar="E", help="maximum epochs of teacher, experts and students")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--clinical",
+        action="store_true",
+        help="also train a bidirectional-distillation model on the student's instances and the sites' clinical.csv "
+        "into student/ (= [clinical] enabled = true; the schema is the --config file's [clinical] section)",
+    )
     add_config_arguments(parser, example="kd.temperature=4")
     parser.set_defaults(handler=handle)
 
@@ -66,6 +72,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 def handle(args: argparse.Namespace) -> int:
     """Run `fedslide distill`; returns an exit code."""
+    from fedslide.common.clinical import ClinicalDataError
+    from fedslide.common.config.clinical import ClinicalConfig
     from fedslide.common.config.distill import DistillConfig
     from fedslide.common.config.preprocess import PreprocessConfig
     from fedslide.common.distillation.clustering import ClusteringError
@@ -73,9 +81,15 @@ def handle(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(DistillConfig, args, SECTION, values=_cli_values(args))
     preprocess = config_from_args(PreprocessConfig, argparse.Namespace(config=args.config, overrides=[]), "preprocess")
+    clinical = config_from_args(
+        ClinicalConfig,
+        argparse.Namespace(config=args.config, overrides=[]),
+        "clinical",
+        values={"enabled": True} if getattr(args, "clinical", False) else None,
+    )
     try:
-        report = run_distill(cfg, preprocess, progress=False if args.no_progress else None)
-    except (TrainingInputError, ClusteringError) as exc:
+        report = run_distill(cfg, preprocess, progress=False if args.no_progress else None, clinical=clinical)
+    except (TrainingInputError, ClusteringError, ClinicalDataError) as exc:
         print(f"fedslide distill: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except FloatingPointError as exc:

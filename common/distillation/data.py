@@ -12,17 +12,17 @@ import numpy as np
 
 from fedslide.common.config.splits import SplitCarving
 from fedslide.common.config.base import ConfigError
+from fedslide.common.distillation.feature_folders import is_finetuned_features
 from fedslide.common.feature_layouts import FeatureLocation, locate, pair_bags, read_bag, site_layout
 from fedslide.common.feature_store import FeatureStore
 from fedslide.common.features import FeatureBag, FeatureFileError, feature_path, read_feature_file
 from fedslide.common.training.cohort import Cohort, Slide
 from fedslide.common.training.errors import FeatureDataError, MissingDataError, SplitError
-from fedslide.common.training.labels import LabelTable, read_labels
+from fedslide.common.training.labels import LabelTable, class_order, read_labels
 from fedslide.common.training.splits import carve_validation, site_splits
 
 log = logging.getLogger(__name__)
 
-FINETUNED_SUFFIX = "-finetuned"  # features/<encoder>-finetuned/low: 5x features of `fedslide finetune`'s encoder
 _ENCODER_KEYS = ("encoder_name", "encoder_weights_hash", "encoder_dim")
 
 
@@ -114,10 +114,7 @@ def _class_names(tables: list[LabelTable]) -> tuple[str, ...]:
     first = tables[0].classes
     if all(set(t.classes) == set(first) for t in tables):
         return first
-    try:
-        return tuple(sorted(names, key=lambda n: (float(n), n)))
-    except ValueError:
-        return tuple(sorted(names))
+    return class_order(names)
 
 
 def site_location(site_dir: Path) -> FeatureLocation | None:
@@ -132,7 +129,8 @@ def site_location(site_dir: Path) -> FeatureLocation | None:
 
 
 def detect_encoder(sites: list[Path]) -> str:
-    """The one `features/<encoder>` folder every site has (`<encoder>-finetuned` 5x-only folders do not count);
+    """The one `features/<encoder>` folder every site has (fine-tuned encoders' folders, `<encoder>-ft-<hash12>`,
+    `<encoder>-vib-<hash12>` or `*-finetuned`, do not count);
     a site with a CLAM/TRIDENT layout (`<site>/features.toml`) counts with its layout's encoder label."""
     per_site = []
     for s in sites:
@@ -141,7 +139,7 @@ def detect_encoder(sites: list[Path]) -> str:
             per_site.append({location.encoder})
             continue
         per_site.append(
-            {p.name for p in (Path(s) / "features").glob("*") if p.is_dir() and not p.name.endswith(FINETUNED_SUFFIX)}
+            {p.name for p in (Path(s) / "features").glob("*") if p.is_dir() and not is_finetuned_features(p.name)}
         )
     common = set.intersection(*per_site) if per_site else set()
     if len(common) == 1:
@@ -207,7 +205,7 @@ def load_sites(
     refused before anything is trained when a split would lack a class). A CSV with a split column but no val
     slides gets a validation split carved (by patient) from its training slides. `classes` fixes the class order
     (a federation's global list); by default it is made from the labels. A `store` serves the files it holds unchanged from memory.
-    `low_features` names the `features/<name>/low` folder of the low-res files (e.g. `<encoder>-finetuned`,
+    `low_features` names the `features/<name>/low` folder of the low-res files (e.g. `<encoder>-ft-<hash12>`,
     written by `fedslide finetune`); by default the high-res files' `encoder` folder. Its files must come from
     the same architecture; their weights hash is checked per resolution.
     """

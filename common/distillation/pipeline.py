@@ -15,6 +15,9 @@ Writes to the run directory:
 - bundles (common.distillation.bundle): `student/` (LRMIL + D&D student), `lrmil_student/`,
   `baseline_low/`, each with the teacher inside.
 - `cache/logits.pt`: teacher/expert logits of the training slides.
+- with `[clinical] enabled = true`: a BD model on the student's instances and the sites' clinical tables
+  (`common.distillation.clinical_stage`) inside `student/`, its test metrics under `clinical` and as rows
+  bd_clinical (clinical data as recorded) and bd_no_clinical (removed).
 """
 
 from __future__ import annotations
@@ -34,11 +37,14 @@ import numpy as np
 import torch
 
 from fedslide.common.config.base import ConfigError
+from fedslide.common.config.clinical import ClinicalConfig
 from fedslide.common.config.distill import DistillConfig
 from fedslide.common.config.model import ModelConfig
 from fedslide.common.config.preprocess import PreprocessConfig
 from fedslide.common.distillation.adapter import AdapterSpec, CrossResAdapter, build_adapter
 from fedslide.common.distillation.bundle import BundleMeta, StudentBundle, find_low_encoder_weights
+from fedslide.common.distillation.clinical_model import ClinicalModel
+from fedslide.common.distillation.clinical_stage import check_training_rows, clinical_stage, cohort_clinical
 from fedslide.common.distillation.cache import CACHE_FILE, LogitCache, files_signature, model_fingerprint
 from fedslide.common.distillation.clustering import ClusterResult, assign_nearest, balanced_kmeans, size_bounds
 from fedslide.common.distillation.crossres import AdapterFit, fit_adapter
@@ -59,6 +65,11 @@ from fedslide.common.distillation.stages import (
     teacher_attention,
 )
 from fedslide.common.distillation.student import attention_kd_width, starts_from_teacher, student_bags
+from fedslide.common.distillation.test_predictions import (
+    TEST_PREDICTIONS_FILE,
+    test_prediction_rows,
+    write_test_predictions,
+)
 from fedslide.common.device import resolve_device
 from fedslide.common.features import TILING_ATTR, TISSUE_ATTR, recorded_preprocess, shared_stain_identity
 from fedslide.common.metrics import METRIC_NAMES
@@ -551,9 +562,11 @@ def save_bundles(
     preprocess: PreprocessConfig,
     extra: dict[str, Any],
     scaling: dict[str, ModelScaling] | None = None,
+    clinical: ClinicalModel | None = None,
 ) -> dict[str, Path]:
     """The students as bundles (teacher inside); without experts the main bundle is the LRMIL student.
-    `scaling`: each model's (students' names, "teacher_high") standardisation and temperature; identity if absent."""
+    `scaling`: each model's (students' names, "teacher_high") standardisation and temperature; identity if absent;
+    `clinical`: the BD model the main bundle (`student/`) carries."""
     scaling = scaling or {}
     bundles: dict[str, Path] = {}
     slides = run.data.slides  # OOD statistics of the training slides' 5x features, threshold on the val slides'
@@ -575,6 +588,7 @@ def save_bundles(
             student_scaling=scaling.get(name),
             teacher_scaling=scaling.get("teacher_high"),
             ood=ood,
+            clinical=clinical if key == ("student" if "student" in roles else "lrmil_dd_student") else None,
         )
         directory = run.out_dir / (BUNDLE_DIRS[key] if key in BUNDLE_DIRS else key)
         bundle.save(directory)
@@ -584,20 +598,42 @@ def save_bundles(
 
 
 def run_distill(
-    cfg: DistillConfig, preprocess: PreprocessConfig | None = None, progress: bool | None = None
+    cfg: DistillConfig,
+    preprocess: PreprocessConfig | None = None,
+    progress: bool | None = None,
+    clinical: ClinicalConfig | None = None,
 ) -> DistillReport:
-    """Run the whole centralised pipeline on cfg.sites; write metrics.json, bundles and the logit cache."""
+    """Run the whole centralised pipeline on cfg.sites; write metrics.json, bundles and the logit cache; with
+    `clinical.enabled`, also the BD model in the main bundle."""
     preprocess = preprocess or PreprocessConfig()
     laps = Laps()
     run = prepare(cfg, progress, laps)
     data, mode, kd = run.data, run.mode, cfg.kd
     cache = LogitCache(run.out_dir / "cache" / CACHE_FILE)
+    clinical_raw = None
+    if clinical is not None and clinical.enabled:  # read and check the sites' tables before anything trains
+        clinical_raw = cohort_clinical(data, list(cfg.sites), clinical)
+        check_training_rows(clinical_raw, run.train, list(cfg.sites))
     with deterministic_torch(cfg.deterministic, cuda=run.device.type == "cuda"):
         adapter, adapter_info = adapter_stage(run)
         teacher = teacher_stage(run)
         experts = experts_stage(run, teacher, cache)
         trained = {"teacher_high": teacher, **students_stage(run, adapter, teacher, experts)}
         models = evaluation_stage(run, trained)
+        write_test_predictions(
+            run.out_dir / TEST_PREDICTIONS_FILE,
+            test_prediction_rows(trained, data.slides, run.test, run.device),
+            data.classes,
+        )
+        bd: ClinicalModel | None = None
+        bd_info: dict[str, Any] = {"used": False}
+        if clinical is not None and clinical_raw is not None:
+            main = trained["lrmil_dd_student" if "lrmil_dd_student" in trained else "lrmil_student"]
+            seed = cfg.seed + SEED_OFFSETS.student
+            bd, bd_info = clinical_stage(
+                data, list(cfg.sites), clinical_raw, main.cohort, run.train, run.test, clinical, seed, run.val
+            )
+            laps.lap("clinical")
     use_experts = experts.info["used"]
     common_extra = {
         "teacher_model": run.teacher_cfg.name,
@@ -610,7 +646,7 @@ def run_distill(
     scaling = {name: val_scaling(run, t) for name, t in trained.items()}
     for name, s in scaling.items():
         models[name]["temperature"] = s.temperature
-    bundles = save_bundles(run, adapter, teacher.model, students, preprocess, common_extra, scaling)
+    bundles = save_bundles(run, adapter, teacher.model, students, preprocess, common_extra, scaling, bd)
     laps.total()
 
     rows = [
@@ -620,6 +656,9 @@ def run_distill(
     for row in rows:
         if row["model"] not in models:
             row["skipped"] = "kd.lambda-expert = 0"
+    for name, part in (("bd_clinical", "test"), ("bd_no_clinical", "test_without_clinical")):
+        if part in bd_info:
+            rows.append(_metrics_row(name, "student instances + clinical", bd_info[part]))
     train, val, test = run.train, run.val, run.test
     per_site = Counter((s.site, s.split) for s in data.slides)
     metrics: dict[str, Any] = {
@@ -654,6 +693,7 @@ def run_distill(
             "student_init": "teacher" if run.from_teacher else "scratch",
         },
         "cache": {"path": str(Path("cache") / CACHE_FILE), "hits": cache.hits, "misses": cache.misses},
+        "clinical": bd_info,
         "classes": list(data.classes),
         "encoder": {
             k: data.low_attrs.get(k)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedslide.common.evaluation import multiclass_plots, plots
+from fedslide.common.evaluation.clinical_column import clinical_table
 from fedslide.common.evaluation.predictions import PredictionTable
 from fedslide.common.evaluation.schema import METRICS_SCHEMA
 from fedslide.common.metrics import METRIC_NAMES
@@ -497,7 +498,7 @@ def heatmap_section(doc: Doc, run_dir: Path, metrics: dict[str, Any]) -> None:
         return
     doc.p(
         "Student attention over the slide thumbnail, one cell per student instance (the colour bar: attention × "
-        "instances, 1 = uniform); magenta: ground-truth tumor outline where the cohort has masks. Heatmaps of the "
+        "instances, 1 = uniform); magenta: ground-truth lesion outline (its class in the legend) where the cohort has masks. Heatmaps of the "
         "federated student were rendered by each site into its own run folder (in a federation they never leave "
         "the site; this study reads them from the sites' folders); the others are of the centralized reference.",
         note=True,
@@ -577,6 +578,10 @@ def evaluation_doc(run_dir: Path, metrics: dict[str, Any]) -> Doc:
             )
     federation_sections(doc, metrics.get("federation", {}), metrics.get("cost", {}))
     heatmap_section(doc, run_dir, metrics)
+    clinical_header, clinical_rows = clinical_table(metrics.get("folds", {}))
+    if clinical_rows:  # folds whose federation trained a BD model on a cohort with clinical data
+        doc.h(2, "Clinical missingness (held-out site, federated BD model)")
+        doc.table(clinical_header, clinical_rows)
     doc.h(2, "Runs and timings")
     rows = [
         [h, *(info.get(r, {}).get("run_dir", "") for r in ("local", "federated", "centralized"))]

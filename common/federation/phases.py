@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from fedslide.common.federation import per_class
 from fedslide.common.federation import protocol as p
 
 # ---- message categories (Flower message types are "<category>" or "<category>.<action>") -------------------
@@ -378,6 +379,25 @@ KD_CACHE = Phase(
     metrics=(re.escape(N_TRAIN), re.escape(NUM_EXAMPLES), re.escape(SECONDS)),
 )
 STUDENT = _weights("student")
+# the bidirectional-distillation (BD) model on the student's instances + clinical rows (`[federation.clinical]`):
+# exactly the BD arrays it was sent (shared slide encoder `slide.`, branches `multi.` / `single.`), `multi.` averaged
+# with each site's clinical-slide count (server.clinical_strategy); sent with the final adapter and the pooled
+# clinical normalisation (record CLINICAL_NORM: mean, std of the handshake's clinical sums)
+N_CLINICAL = "n-clinical"  # a site's training slides with a complete clinical row (weight of `multi.`)
+CLINICAL_NORM, BD_MODEL = "clinical-norm", "bd"  # records: pooled clinical normalisation; the final BD model
+BD_ARRAYS = r"(slide|multi|single)\.\w+(\.\w+)*"  # the BD model's state-dict names, nothing else
+# the final evaluation's BD rows: test slides read with their clinical data as recorded / with all of it removed
+BD_EVALUATED = ("bd_clinical", "bd_no_clinical")
+BD_WITH_CLINICAL = "bd-with-clinical"  # a site's evaluated slides with a complete clinical row
+CLINICAL = Phase(
+    "clinical",
+    TRAIN,
+    (ROUND_OFFSET,),
+    (p.ARRAYS, p.ADAPTER, CLINICAL_NORM),
+    p.ARRAYS,
+    (BD_ARRAYS,),
+    tuple(re.escape(k) for k in (NUM_EXAMPLES, UNIT_WEIGHT, N_CLINICAL, TRAIN_LOSS, VAL_LOSS, VAL_N, EPOCHS, SECONDS)),
+)
 LOGITS = Phase(
     "logits",
     f"{QUERY}.logits",
@@ -402,14 +422,20 @@ EVALUATION = Phase(
     "evaluate",
     EVALUATE,
     (EVAL_SPLIT, STUDENT_TEMPERATURE, TEACHER_TEMPERATURE),
-    (p.TEACHER, p.STUDENT, p.BASELINE, p.ADAPTER, STANDARDIZE, OOD),
+    (p.TEACHER, p.STUDENT, p.BASELINE, p.ADAPTER, STANDARDIZE, OOD, BD_MODEL, CLINICAL_NORM),
     metrics=(
         rf"({'|'.join(EVALUATED_MODELS)})\.({'|'.join(EVALUATION_METRICS)})",
+        *per_class.policy_patterns(EVALUATED_MODELS),  # C > 2: f1-c<k>, auc-c<k>, ece-c<k>, confusion-<i>-<j>
+        rf"({'|'.join(BD_EVALUATED)})\.({'|'.join(EVALUATION_METRICS)})",
+        re.escape(BD_WITH_CLINICAL),
         r"cost\.(high|low)\.(patches_per_slide|seconds_per_slide)",
         re.escape(N_TEST),
         re.escape(NUM_EXAMPLES),
     ),
     config_name="final",
+    reply_allowance=REPLY_ALLOWANCE
+    + per_class.reply_bytes(len(EVALUATED_MODELS), METRIC_BYTES)
+    + (len(BD_EVALUATED) * len(EVALUATION_METRICS) + 1) * METRIC_BYTES,
 )
 
 ALL: tuple[Phase, ...] = (
@@ -425,6 +451,7 @@ ALL: tuple[Phase, ...] = (
     KD_CACHE,
     STUDENT,
     LOGITS,
+    CLINICAL,
     CALIBRATE,
     EVALUATION,
 )

@@ -24,8 +24,6 @@ from torch import nn
 
 from fedslide.common.clinical import (
     FillMode,
-    clinical_sums_allowed,
-    clinical_sums_record,
     encode,
     pooled_clinical_stats,
     present_mask,
@@ -34,7 +32,9 @@ from fedslide.common.clinical import (
 from fedslide.common.config.clinical import ClinicalConfig
 from fedslide.common.egress import check_reply
 from fedslide.common.federation import protocol as p
-from fedslide.common.models.bimodal import BidirectionalMIL, FusionBranch, bd_losses
+from fedslide.common.federation.clinical_sums import clinical_sums_allowed, clinical_sums_record
+from fedslide.common.models.bimodal import BidirectionalMIL, FusionBranch
+from fedslide.common.training.bd_fit import BestState, Selection, TrainSettings, bd_batch_loss, fit
 from fedslide.common.training.standardize import FeatureStats
 
 ModelKind = Literal["slide-only", "zero-fill", "mean-fill", "bd"]
@@ -78,16 +78,6 @@ class ClinicalBags:
         return replace(self, raw=raw)
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """Optimisation of one training run (centralised) or of one site's local round (federated)."""
-
-    epochs: int = 30
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-
-
 def build(kind: ModelKind, in_dim: int, cfg: ClinicalConfig, num_classes: int = 2) -> nn.Module:
     """A fresh model of `kind`: BD's single-modal branch alone (slide-only: gated ABMIL ⊕ prompt, the same
     architecture as the branch BD reads without clinical data), one multi-modal branch (the fills) or BD."""
@@ -116,11 +106,10 @@ def _batch_loss(
     x, m, y = bags.features[idx], bags.mask[idx], bags.labels[idx]
     if kind == "slide-only":
         return F.cross_entropy(model(x, m), y)
-    z, present = encode(bags.raw[idx], stats, _fill(kind))
     if kind == "bd":
         assert isinstance(model, BidirectionalMIL)
-        out = model(x, m, torch.from_numpy(z), torch.from_numpy(present))
-        return bd_losses(out, y, cfg.temperature, cfg.weight_m2s, cfg.weight_s2m)["total"]
+        return bd_batch_loss(model, x, m, y, bags.raw[idx], stats, cfg)
+    z, _ = encode(bags.raw[idx], stats, _fill(kind))
     return F.cross_entropy(model(x, m, torch.from_numpy(z)), y)
 
 
@@ -133,18 +122,8 @@ def train(
     settings: TrainSettings,
     seed: int,
 ) -> nn.Module:
-    """Train `model` in place on `bags` (mini-batches, AdamW) and return it."""
-    gen = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    model.train()
-    for _ in range(settings.epochs):
-        order = gen.permutation(len(bags))
-        for start in range(0, len(order), settings.batch_size):
-            optimizer.zero_grad(set_to_none=True)
-            _batch_loss(model, kind, bags, order[start : start + settings.batch_size], stats, cfg).backward()
-            optimizer.step()
-    return model
+    """Train `model` in place on `bags` (mini-batches, AdamW; `common.training.bd_fit.fit`) and return it."""
+    return fit(model, len(bags), lambda idx: _batch_loss(model, kind, bags, idx, stats, cfg), settings, seed).model
 
 
 @torch.no_grad()
@@ -160,6 +139,86 @@ def predict(model: nn.Module, kind: ModelKind, bags: ClinicalBags, stats: Featur
         else:
             logits = model(bags.features, bags.mask, torch.from_numpy(z))
     return torch.softmax(logits, dim=-1).numpy()
+
+
+# --- validation split and model selection ---------------------------------------------------------------------
+def subset(bags: ClinicalBags, idx: Sequence[int] | np.ndarray) -> ClinicalBags:
+    """The slides `idx` of `bags` (padding trimmed to the longest selected bag)."""
+    index = np.asarray(idx, dtype=np.int64)
+    if index.size == 0:
+        raise ValueError("a subset needs at least one slide")
+    t = torch.from_numpy(index)
+    mask = bags.mask[t]
+    width = max(int(mask.sum(1).max()), 1)
+    return ClinicalBags(bags.features[t, :width], mask[:, :width], bags.labels[t], bags.raw[index])
+
+
+def validation_split(
+    bags: ClinicalBags, fraction: float, seed: int, groups: Sequence[str] | None = None
+) -> tuple[ClinicalBags, ClinicalBags]:
+    """(train, validation) of one site's training slides: a label-stratified `fraction` held out, by patient when
+    `groups` (one patient id per slide) is given, so a patient's slides all fall on one side."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
+
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    y = bags.labels.numpy()
+    if groups is None:
+        splitter = StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        train_idx, val_idx = next(splitter.split(np.zeros(len(y)), y))
+    else:
+        if len(groups) != len(y):
+            raise ValueError(f"need one patient id per slide: {len(groups)} ids for {len(y)} slides")
+        folds = StratifiedGroupKFold(n_splits=max(2, round(1.0 / fraction)), shuffle=True, random_state=seed)
+        train_idx, val_idx = next(folds.split(np.zeros(len(y)), y, groups=list(groups)))
+    return subset(bags, np.sort(train_idx)), subset(bags, np.sort(val_idx))
+
+
+def validation_auc(model: nn.Module, kind: ModelKind, bags: ClinicalBags, stats: FeatureStats) -> float:
+    """AUC on `bags` the way inference reads them (BD: multi-modal branch where clinical data is present, else the
+    single-modal one); NaN when `bags` hold one class only."""
+    from fedslide.common.metrics import roc_auc
+
+    return roc_auc(bags.labels.numpy(), predict(model, kind, bags, stats))
+
+
+def train_selected(
+    model: nn.Module,
+    kind: ModelKind,
+    bags: ClinicalBags,
+    val: ClinicalBags,
+    stats: FeatureStats,
+    cfg: ClinicalConfig,
+    settings: TrainSettings,
+    seed: int,
+    patience: int | None = None,
+    window: int = 1,
+) -> Selection:
+    """`train` for up to `settings.epochs`, scoring `validation_auc` on `val` after every epoch; the model is
+    restored to the epoch ending the best run of `window` epochs by mean validation AUC (first of ties), and
+    training stops after `patience` epochs without improvement (`common.training.bd_fit.fit`)."""
+    return fit(
+        model,
+        len(bags),
+        lambda idx: _batch_loss(model, kind, bags, idx, stats, cfg),
+        settings,
+        seed,
+        score=lambda m: validation_auc(m, kind, val, stats),
+        patience=patience,
+        window=window,
+    )
+
+
+def federated_validation_auc(
+    model: nn.Module, kind: ModelKind, val_sets: Sequence[ClinicalBags], stats: FeatureStats
+) -> float:
+    """Mean of the sites' validation AUCs weighted by their validation slides (each site scores its own split and
+    releases one number); sites whose split holds one class are left out; NaN if all are."""
+    scores = [(validation_auc(model, kind, val, stats), len(val)) for val in val_sets]
+    kept = [(auc, n) for auc, n in scores if np.isfinite(auc)]
+    if not kept:
+        return float("nan")
+    return float(sum(auc * n for auc, n in kept) / sum(n for _, n in kept))
 
 
 def centralised_stats(train_sets: Sequence[ClinicalBags]) -> FeatureStats:
@@ -206,6 +265,8 @@ class FederatedResult:
     model: nn.Module
     stats: FeatureStats
     released: tuple[int, ...]  # clinical vectors each site's release counted (0: withheld)
+    best_round: int | None = None  # selected round (from 0) when validation sets were given
+    val_history: tuple[float, ...] = ()  # federated validation AUC after each round
 
 
 def federate(
@@ -216,10 +277,16 @@ def federate(
     settings: TrainSettings,
     seed: int,
     min_slides: int = 0,
+    val_sets: Sequence[ClinicalBags] | None = None,
+    patience: int | None = None,
+    window: int = 1,
 ) -> FederatedResult:
     """FedAvg of `kind` over the sites' training bags, in process, with the normalisation pooled from the sites'
-    suppressed clinical sums (see the module docstring)."""
-    from fedslide.common.clinical import clinical_sums_from_record
+    suppressed clinical sums (see the module docstring). With `val_sets` (one validation split per site) the
+    global model is scored after every round (`federated_validation_auc`), the model of the round ending the best
+    run of `window` rounds (mean validation AUC) is returned, and training stops after `patience` rounds without
+    improvement."""
+    from fedslide.common.federation.clinical_sums import clinical_sums_from_record
 
     dim = cfg.encoded_dim
     releases = [clinical_sums_from_record(site_release(bags, min_slides).array_records[p.STATS], dim) for bags in sites]
@@ -227,6 +294,7 @@ def federate(
     torch.manual_seed(seed)
     in_dim = int(sites[0].features.shape[-1])
     global_model = build(kind, in_dim, cfg)
+    best = BestState(patience, window)
     for round_index in range(rounds):
         states, weights = [], []
         for site_index, bags in enumerate(sites):
@@ -236,4 +304,12 @@ def federate(
             states.append({k: v.detach().clone() for k, v in local.state_dict().items()})
             weights.append(_site_weights(local, kind, bags))
         global_model.load_state_dict(fedavg(states, weights))
-    return FederatedResult(global_model, stats, tuple(release.slides for release in releases))
+        if val_sets is not None and best.update(
+            global_model, federated_validation_auc(global_model, kind, val_sets, stats)
+        ):
+            break
+    released = tuple(release.slides for release in releases)
+    if val_sets is None:
+        return FederatedResult(global_model, stats, released)
+    selection = best.restore(global_model)
+    return FederatedResult(selection.model, stats, released, selection.best, selection.history)

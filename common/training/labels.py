@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,15 +41,17 @@ class LabelTable:
         return {name: i for i, name in enumerate(self.classes)}
 
 
-def _class_order(labels: set[str]) -> tuple[str, ...]:
-    """Numeric labels sort by value (2 before 10), anything else alphabetically."""
+def class_order(labels: Iterable[str]) -> tuple[str, ...]:
+    """The class order (class index = position) of labels without a configured class list: numeric labels sort
+    by value (2 before 10), anything else alphabetically. Every place that derives a label map uses this."""
+    names = set(labels)
     try:
-        values = {name: float(name) for name in labels}
+        values = {name: float(name) for name in names}
     except ValueError:
-        return tuple(sorted(labels))
+        return tuple(sorted(names))
     if any(math.isnan(v) for v in values.values()):
-        return tuple(sorted(labels))
-    return tuple(sorted(labels, key=lambda name: (values[name], name)))
+        return tuple(sorted(names))
+    return tuple(sorted(names, key=lambda name: (values[name], name)))
 
 
 def _lines(items: list[str]) -> str:
@@ -118,7 +120,7 @@ def read_labels(path: Path | str, classes: Sequence[str] | None = None) -> Label
         raise LabelsError(f"labels file {path}:\n  " + "\n  ".join(problems))
     if not rows:
         raise LabelsError(f"labels file {path} has no slides")
-    classes = allowed if allowed is not None else _class_order({r.label for r in rows})
+    classes = allowed if allowed is not None else class_order(r.label for r in rows)
     if len(classes) < 2:
         raise LabelsError(f"labels file {path}: only one class ({classes[0]!r}); classification needs at least two")
     return LabelTable(

@@ -3,8 +3,8 @@
 The student (a `StudentBundle`) is run on the slide's low-res features (and tokens), and its
 attention is drawn per instance cell (a child slot of a low patch, or a whole low patch) over the
 slide thumbnail with `client.heatmaps.render_heatmap` (colour bar included). The ground-truth
-tumor outline is added where the site has `masks/<slide_id>.png` + `masks/masks.json` (synthetic
-cohorts do). A site without its slide files (features only) gets a plain canvas instead of the
+lesion outline, named by the lesion's class, is added where the site has `masks/<slide_id>.png` +
+`masks/masks.json` (synthetic cohorts do). A site without its slide files (features only) gets a plain canvas instead of the
 thumbnail, said so in the subtitle.
 
 In a federation this runs at the site, with the bundle the site kept, and writes into the site's
@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,9 @@ from fedslide.client.heatmaps import InstanceMap, render_heatmap, write_heatmap
 from fedslide.client.slides import SlideError, SlideReader
 from fedslide.common.distillation.bundle import StudentBundle
 from fedslide.common.distillation.data import SlidePair
+from fedslide.common.distillation.feature_folders import find_finetuned_features
 from fedslide.common.distillation.instances import instance_coords
+from fedslide.common.features import feature_path, read_feature_file
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -106,6 +108,21 @@ def tumor_mask(site_dir: Path, slide_id: str) -> tuple[np.ndarray, float] | None
     return mask, float(entry.get("mpp") or doc.get("mpp") or 0.0)
 
 
+def bundle_slide(bundle: StudentBundle, slide: SlidePair, site_dir: Path) -> SlidePair:
+    """`slide` with the 5x features the bundle's student reads: when its 5x encoder was fine-tuned (pixel stage 1 or
+    VIB), the slide's file in the site's folder of those weights (`features/<encoder>-ft-<hash12>` or
+    `-vib-<hash12>`); unchanged when the slide's own file already fits or no such file exists (then
+    `check_features` refuses it, naming both encoders)."""
+    weights_hash, _ = bundle.meta.expected_encoder("low")
+    if not weights_hash or str(slide.low.attrs.get("encoder_weights_hash", "")) == weights_hash:
+        return slide
+    name = find_finetuned_features(site_dir, bundle.meta.encoder_name, weights_hash)
+    path = feature_path(site_dir, name, "low", slide.slide_id) if name is not None else None
+    if path is None or not path.is_file():
+        return slide
+    return replace(slide, low=read_feature_file(path, load_tokens=True))
+
+
 def student_attention(bundle: StudentBundle, slide: SlidePair) -> tuple[np.ndarray, InstanceMap]:
     """(class probabilities [C], attention per instance cell) of the bundle's student on one slide."""
     bundle.check_features(slide.low.attrs)
@@ -126,20 +143,37 @@ def student_attention(bundle: StudentBundle, slide: SlidePair) -> tuple[np.ndarr
     return probs.numpy().astype(np.float64), InstanceMap(coords, float(cell), att.numpy().astype(np.float64))
 
 
-def _add_outline(fig: Figure, thumb: Thumbnail, mask: tuple[np.ndarray, float] | None, cells: str) -> None:
-    """Tumor contour (if any) and a legend naming what is drawn."""
+def lesion_name(site_dir: Path, slide_id: str, fallback: str) -> str:
+    """The class of the slide's masked lesion: `lesion` of its `masks/masks.json` entry (fedslide synth writes it),
+    else `fallback` (the slide's label)."""
+    index = Path(site_dir) / "masks" / "masks.json"
+    try:
+        entry = (json.loads(index.read_text()).get("slides") or {}).get(slide_id) or {}
+    except (OSError, json.JSONDecodeError):
+        return fallback
+    return str(entry.get("lesion") or fallback)
+
+
+def outline_label(mask: tuple[np.ndarray, float] | None, lesion: str) -> str:
+    """The legend entry of the ground-truth outline: the lesion class it outlines, or why there is none."""
+    if mask is not None and mask[0].any() and mask[1] > 0:
+        return f"{lesion} (ground-truth mask)"
+    return "ground-truth mask: no lesion" if mask is not None else "no ground-truth mask"
+
+
+def _add_outline(fig: Figure, thumb: Thumbnail, mask: tuple[np.ndarray, float] | None, cells: str, lesion: str) -> None:
+    """Lesion contour (if any) and a legend naming what is drawn (`lesion`: the outlined lesion's class)."""
     ax = fig.axes[0]
     handles: list = [Patch(facecolor="#f5a742", edgecolor="none", alpha=0.6, label=cells)]
+    label = outline_label(mask, lesion)
     if mask is not None and mask[0].any() and mask[1] > 0:
         m, mpp = mask
         xs = (np.arange(m.shape[1]) + 0.5) * mpp / thumb.mpp[0]
         ys = (np.arange(m.shape[0]) + 0.5) * mpp / thumb.mpp[1]
         ax.contour(xs, ys, m.astype(np.float32), levels=[0.5], colors=[MASK_COLOUR], linewidths=1.4)
-        handles.append(Line2D([], [], color=MASK_COLOUR, lw=1.6, label="tumor (ground-truth mask)"))
-    elif mask is not None:
-        handles.append(Line2D([], [], color="none", label="ground-truth mask: no tumor"))
+        handles.append(Line2D([], [], color=MASK_COLOUR, lw=1.6, label=label))
     else:
-        handles.append(Line2D([], [], color="none", label="no ground-truth mask"))
+        handles.append(Line2D([], [], color="none", label=label))
     width, height = fig.get_figwidth() * fig.dpi, fig.get_figheight() * fig.dpi
     fig.legend(
         handles=handles,
@@ -163,7 +197,9 @@ def render_slide_heatmap(
     true_label: str,
     long_side: int = 480,
 ) -> dict[str, object]:
-    """Write one heatmap PNG; returns what the report needs to caption it."""
+    """Write one heatmap PNG; returns what the report needs to caption it (the slide's 5x features are those the
+    bundle's student reads: `bundle_slide`)."""
+    slide = bundle_slide(bundle, slide, site_dir)
     probs, attention = student_attention(bundle, slide)
     thumb = thumbnail(site_dir, slide, long_side, bundle.meta.low_mpp)
     mask = tumor_mask(site_dir, slide.slide_id)
@@ -182,7 +218,8 @@ def render_slide_heatmap(
         title=f"{slide.site} · {slide.slide_id}: true {true_label}, predicted {classes[k]} (p = {probs[k]:.2f})",
         subtitle=f"{source}: attention per {cell_um:.0f}-µm cell, {len(attention.values)} instances{background}",
     )
-    _add_outline(fig, thumb, mask, f"attention cell ({cell_um:.0f} µm)")
+    lesion = lesion_name(site_dir, slide.slide_id, true_label)
+    _add_outline(fig, thumb, mask, f"attention cell ({cell_um:.0f} µm)", lesion)
     write_heatmap(out_path, fig)
     return {
         "probs": [float(p) for p in probs],

@@ -57,6 +57,7 @@ from fedslide.common.evaluation.schema import METRICS_SCHEMA, settings_doc
 from fedslide.common.evaluation.summary import summarize
 from fedslide.common.training.outputs import write_json
 from fedslide.common.training.splits import SPLITS_FILE
+from fedslide.deploy.study.clinical_missingness import clinical_missingness
 from fedslide.deploy.study.e2e_cost import end_to_end_cost
 from fedslide.deploy.study.heatmaps import pick_examples, render_slide_heatmap, slide_file
 from fedslide.server.local_grid import LocalGrid
@@ -393,6 +394,12 @@ def run_federated(study: Study) -> None:
             "reused": reused,
             "site_run_dirs": {n: str((d / "runs" / run_id).resolve()) for n, d in study.site_dirs.items()},
         }
+        # the held-out site's BD AUC at 0/50/80/100 % of its clinical rows removed (a fold with a BD model only)
+        column = clinical_missingness(
+            study.site_dirs[held] / "runs" / run_id / "student_bundle", study.site_dirs[held], study.held_out(held)
+        )
+        if column is not None:
+            study.folds[held]["federated"]["clinical_missingness"] = column
 
 
 # ---- heatmaps --------------------------------------------------------------------------------------
@@ -448,7 +455,7 @@ def export_heatmaps(study: Study) -> list[dict[str, Any]]:
                 info = render_slide_heatmap(
                     loaded, slide, site_dir, path, source=short, true_label=classes[slide.label], long_side=hm.size
                 )
-            except BundleMismatchError as exc:  # pixel stage 1: a later fold re-encoded the site's 5x files
+            except BundleMismatchError as exc:  # the site has no 5x files of the bundle's encoder (any more)
                 log.warning("heatmap of %s (%s) skipped: %s", slide.slide_id, caption, exc)
                 continue
             shown = str(path.relative_to(study.out_dir)) if path.is_relative_to(study.out_dir) else str(path.resolve())

@@ -18,10 +18,17 @@ sites' suppressed sums) or `--mode centralised` (pooled training slides). Each i
 slides (3 sites × --test slides) with the clinical vectors of 0 / 50 / 80 / 100 % of them removed (the same
 slides for every model).
 
+Validation (`--val`, default 0.2): a label-stratified share of each site's training slides (each slide its own
+patient here) is held out; every model kind is restored to the epoch (centralised, pooled validation AUC) or round
+(federated, the sites' validation AUCs averaged by their slide counts) with the best validation AUC, read the way
+inference reads (BD: multi-modal branch where clinical data is present); `--window K` selects on the mean of K
+consecutive steps (the federated evidence uses 3) and `--patience` stops early. The test slides never enter
+selection.
+
 Reported per cell: mean test AUC over seeds with a 95 % t-interval, and for BD the paired difference to each
 baseline (mean, 95 % t-interval over seeds). Writes OUT/clinical_bd.json and OUT/clinical_bd.md. The BD
-settings (`--set weight-m2s=...`) were looked at on seeds 100-101 only (`--first-seed 100 --seeds 2`); the
-reported figures use seeds 0-4. Results: tests/bench/clinical_bd.md.
+settings (`--set weight-m2s=...`, `--window`, `--rounds`) were looked at on seeds 100-102 only (`--first-seed 100
+--seeds 3`); the reported figures use seeds 0-4. Results: tests/bench/clinical_bd.md.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ from fedslide.common.training.bidirectional import (
     federate,
     predict,
     train,
+    train_selected,
+    validation_split,
 )
 
 TRAIN_MISSINGNESS = (0.0, 0.5, 1.0)
@@ -89,38 +98,72 @@ def t_interval(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(sps.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
 
 
+def pool(sets: list[ClinicalBags]) -> ClinicalBags:
+    """The sites' slides as one set."""
+    return ClinicalBags.from_lists(
+        [b[m].numpy() for t in sets for b, m in zip(t.features, t.mask)],
+        [int(y) for t in sets for y in t.labels],
+        np.concatenate([t.raw for t in sets]),
+    )
+
+
 def run_seed(seed: int, args: argparse.Namespace, cfg: ClinicalConfig, folder: Path) -> dict[str, dict[str, float]]:
-    """Test AUC of every model at every test missingness for one seed."""
+    """Test AUC of every model at every test missingness for one seed (and, with a validation split, the selected
+    epoch or round under key "selected")."""
     rng = np.random.default_rng([seed, 34])
     direction = np.zeros(D)
     direction[: args.signal_dims] = args.signal / math.sqrt(args.signal_dims)
     train_sets = [
         make_site(s + 1, args.train, m, rng, direction, folder, "train") for s, m in enumerate(TRAIN_MISSINGNESS)
     ]
+    val_sets: list[ClinicalBags] | None = None
+    if args.val > 0:
+        splits = [validation_split(bags, args.val, seed * 10 + i) for i, bags in enumerate(train_sets)]
+        train_sets, val_sets = [t for t, _ in splits], [v for _, v in splits]
     tests = [make_site(s + 1, args.test, 0.0, rng, direction, folder, "test") for s in range(len(TRAIN_MISSINGNESS))]
-    test = ClinicalBags.from_lists(
-        [b[m].numpy() for t in tests for b, m in zip(t.features, t.mask)],
-        [int(y) for t in tests for y in t.labels],
-        np.concatenate([t.raw for t in tests]),
-    )
+    test = pool(tests)
     hidden = {m: test.hide_clinical(m, np.random.default_rng([seed, 35, int(m * 100)])) for m in TEST_MISSINGNESS}
     settings = TrainSettings(epochs=args.local_epochs if args.mode == "federated" else args.epochs)
     out: dict[str, dict[str, float]] = {}
     for kind in args.kinds:
         if args.mode == "federated":
-            result = federate(kind, train_sets, cfg, args.rounds, settings, seed, min_slides=args.min_slides)
-            model, norm = result.model, result.stats
+            result = federate(
+                kind,
+                train_sets,
+                cfg,
+                args.rounds,
+                settings,
+                seed,
+                min_slides=args.min_slides,
+                val_sets=val_sets,
+                patience=args.patience,
+                window=args.window,
+            )
+            model, norm, selected = result.model, result.stats, result.best_round
         else:
             norm = centralised_stats(train_sets)
-            pooled = ClinicalBags.from_lists(
-                [b[m].numpy() for t in train_sets for b, m in zip(t.features, t.mask)],
-                [int(y) for t in train_sets for y in t.labels],
-                np.concatenate([t.raw for t in train_sets]),
-            )
+            pooled = pool(train_sets)
             torch.manual_seed(seed)
-            model = train(build(kind, D, cfg), kind, pooled, norm, cfg, settings, seed)
+            if val_sets is None:
+                model, selected = train(build(kind, D, cfg), kind, pooled, norm, cfg, settings, seed), None
+            else:
+                chosen = train_selected(
+                    build(kind, D, cfg),
+                    kind,
+                    pooled,
+                    pool(val_sets),
+                    norm,
+                    cfg,
+                    settings,
+                    seed,
+                    args.patience,
+                    args.window,
+                )
+                model, selected = chosen.model, chosen.best
         labels = test.labels.numpy()
         out[kind] = {f"{m:g}": roc_auc(labels, predict(model, kind, hidden[m], norm)) for m in TEST_MISSINGNESS}
+        if selected is not None:
+            out[kind]["selected"] = float(selected + 1)
         print(f"seed {seed} {kind:10s} " + " ".join(f"{k}:{v:.3f}" for k, v in out[kind].items()), flush=True)
     return out
 
@@ -132,6 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("federated", "centralised"), default="federated")
     parser.add_argument("--train", type=int, default=80, help="training slides per site")
     parser.add_argument("--test", type=int, default=40, help="test slides per site")
+    parser.add_argument(
+        "--val", type=float, default=0.2, help="share of each site's training slides held out for validation (0: none)"
+    )
+    parser.add_argument(
+        "--patience", type=int, default=None, help="early stopping: epochs (rounds) without validation gain"
+    )
+    parser.add_argument(
+        "--window", type=int, default=1, help="select on the mean validation AUC of this many consecutive steps"
+    )
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--local-epochs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=60, help="centralised epochs")
@@ -174,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for base, row in diffs.items():
         lines.append(f"| {base} | " + " | ".join(f"{m:+.3f} ± {h:.3f}" for m, h in row.values()) + " |")
+    picked = {kind: [s[kind]["selected"] for s in per_seed if "selected" in s[kind]] for kind in kinds}
+    if any(picked.values()):
+        step = "round" if args.mode == "federated" else "epoch"
+        lines += ["", f"Selected {step} on validation AUC (per seed): "]
+        lines[-1] += "; ".join(f"{kind} {', '.join(f'{v:.0f}' for v in picked[kind])}" for kind in kinds)
     seconds = time.perf_counter() - start
     lines += ["", f"{seconds:.0f} s on {platform.machine()} ({platform.python_version()}), torch threads 1."]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,8 @@ def finetune_settings(args: argparse.Namespace) -> dict[str, Any]:
 def centralized(sites: list[Path], args: argparse.Namespace, out: Path) -> dict[str, Any]:
     per_site = {}
     for site in sites:
-        shutil.rmtree(site / "features" / "efficientnet_lite0-finetuned", ignore_errors=True)
+        for folder in (site / "features").glob("efficientnet_lite0-ft-*"):  # re-encoding is timed afresh
+            shutil.rmtree(folder, ignore_errors=True)
         cfg = FinetuneConfig.model_validate(
             {
                 **finetune_settings(args),
@@ -90,7 +91,8 @@ def centralized(sites: list[Path], args: argparse.Namespace, out: Path) -> dict[
 
 def federated(sites: list[Path], args: argparse.Namespace, out: Path) -> dict[str, Any]:
     for site in sites:
-        shutil.rmtree(site / "features" / "efficientnet_lite0-finetuned", ignore_errors=True)
+        for folder in (site / "features").glob("efficientnet_lite0-ft-*"):  # re-encoding is timed afresh
+            shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(site / "runs" / "bench-s1", ignore_errors=True)
     run_dir = out / "fed" / "bench-s1"
     shutil.rmtree(run_dir, ignore_errors=True)

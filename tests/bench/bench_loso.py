@@ -144,7 +144,7 @@ def study_id(out: Path) -> str:
 def view_sites(sites: list[Path], root: Path, link_features: bool) -> list[Path]:
     """One view per cohort site under `root`: every entry of the site is linked except `features/`, a real folder
     whose encoder folders are linked only with `link_features`. A variant then writes its own feature files (a
-    preprocessing variant, or pixel stage 1's `features/<encoder>-finetuned`) without touching the cohort."""
+    preprocessing variant, or pixel stage 1's `features/<encoder>-ft-<hash12>`) without touching the cohort."""
     views = []
     for site in sites:
         view = root / site.name

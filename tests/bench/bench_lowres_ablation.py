@@ -45,12 +45,13 @@ from bench_distill import AUC_MARGIN, SPEED_TARGET, fedslide, finite, fmt, read_
 
 from fedslide.client.slides import discover_slides
 from fedslide.common.config.preprocess import SlideConfig
+from fedslide.common.distillation.feature_folders import finetuned_features_name
 from fedslide.common.metrics import classification_metrics
 from fedslide.common.training.labels import read_labels
 from fedslide.common.training.splits import carve_splits
 
 ENCODER = "efficientnet_lite0"
-FINETUNED = f"{ENCODER}-finetuned"
+FINETUNED = "{finetuned}"  # stands for the variant's features/<encoder>-ft-<hash12> folder (`finetuned_folder`)
 # fine-tuned variant -> `fedslide finetune --set` beyond the shared flags
 VARIANTS: dict[str, list[str] | None] = {
     "frozen": None,
@@ -253,10 +254,18 @@ def run_dir(out: Path, config: str, seed: int) -> Path:
     return out / "runs" / config / f"seed{seed}"
 
 
+def finetuned_folder(out: Path, variant: str) -> str:
+    """The features/<name> folder that re-encoding with the variant's fine-tuned weights wrote at each view."""
+    doc = json.loads((out / "finetune" / variant / "weights" / f"{ENCODER}.json").read_text())
+    return finetuned_features_name(ENCODER, doc["weights_hash"])
+
+
 def distill(out: Path, args: argparse.Namespace) -> None:
     for seed in args.seeds:
         for config in args.configs:
             variant, sets = CONFIGS[config]
+            if any(FINETUNED in kv for kv in sets):
+                sets = [kv.replace(FINETUNED, finetuned_folder(out, variant)) for kv in sets]
             dest = run_dir(out, config, seed)
             if (dest / "metrics.json").is_file():
                 continue

@@ -4,9 +4,9 @@
         [--seeds 0 1 2] [--epochs 30] [--json OUT.json]
 
 Run on demand (not collected by pytest), after `fedslide finetune SITE --method vib` wrote
-features/<encoder>-vib-finetuned/high. A gated ABMIL (common/models) trains on the site's train slides (labels.csv
+features/<encoder>-vib-<hash12>/high. A gated ABMIL (common/models) trains on the site's train slides (labels.csv
 split column) with AdamW for --epochs, one slide per step, and is scored on its test slides (ROC AUC), per seed,
-for each feature folder. The fine-tuning saw the train and val slides' labels, never the test slides.
+for each feature folder. The fine-tuning saw the train slides' labels only (never val or test).
 """
 
 from __future__ import annotations
@@ -67,10 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--vib-features", default=None, help="the VIB feature folder (default: the site's first `<encoder>-vib-*`)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out: dict[str, list[float]] = {}
-    for arm, name in (("frozen", args.encoder), ("vib", f"{args.encoder}-vib-finetuned")):
+    vib = args.vib_features or next(
+        (d.name for d in sorted((args.site / "features").glob(f"{args.encoder}-vib-*")) if (d / "high").is_dir()),
+        f"{args.encoder}-vib-<hash12>",
+    )
+    for arm, name in (("frozen", args.encoder), ("vib", vib)):
         if not (args.site / "features" / name / "high").is_dir():
             print(f"{arm:6s} no features/{name}/high: skipped")
             continue

@@ -1,0 +1,354 @@
+"""VIB-fine-tuned encoder on a whole cohort (issue 34): teacher AND LRMIL student vs the frozen encoder.
+
+    python tests/bench/bench_vib_cohort.py --cohort /tmp/H48 --out /tmp/vib48 \
+        [--frozen-runs /tmp/h4abl/runs/frozen] [--seeds 0 1 2] [--step all] [--threads 1]
+
+Run on demand (not collected by pytest); every step is resumable (finished outputs are reused). Centralised:
+
+1. views: OUT/views/<site>/ links the site's slides and frozen features and holds a labels.csv whose split is
+   carved exactly as `bench_lowres_ablation.py` carves it (stratified, seed 0, `--test-fraction` test, 20 % of the
+   rest val), so the test slides are the ones of its frozen rows. OUT/pool/ links every site's train and val
+   slides (and their frozen feature files) with a labels.csv of those rows: the pooled training site.
+2. finetune: one `fedslide finetune OUT/pool --method vib --no-reencode` with the settings in VIB_SET (fixed before
+   any test result was seen), weights in OUT/vib/; it trains on the pool's train split only (val and test slides'
+   pixels and labels are never seen).
+3. reencode: `fedslide finetune VIEW --method vib` with the same settings on every view (training is skipped: same
+   settings hash), which re-encodes both levels of all its slides with the pooled weights.
+4. distill: `fedslide distill --sites OUT/views/* --set encoder=<the VIB feature folder>` per seed (default distill
+   config otherwise), outputs in OUT/runs/seed<S>/metrics.json.
+5. table: OUT/vib_cohort.json and .md: teacher, labels-only baseline and LRMIL student (+ D&D) on the VIB features,
+   next to the same models of the frozen runs (`--frozen-runs`, e.g. the low-res ablation's) on the same test
+   slides: mean and 95 % t-interval over seeds, paired (same seed) VIB - frozen and student - teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from scipy import stats
+
+ENCODER = "efficientnet_lite0"
+# Stage settings, fixed before any test result: the product's (= reference code's) defaults except bag-size 16
+# (the patch budget of the recorded site-1 run; the hard cohort's slides hold 65-97 20x patches, so the default 512
+# would select every patch), lr 1e-4 (the site-1 run's; 1e-5 barely moves the encoder in one epoch) and one epoch
+# (3 epochs over the pooled slides extrapolate from the site-1 run to ~40-55 min on the shared CPU).
+VIB_SET = ["bag-size=16", "lr=1e-4", "encoder.num-workers=0"]
+VIB_EPOCHS = 1
+# row key -> (label, model name in metrics.json)
+MODELS: dict[str, tuple[str, str]] = {
+    "teacher": ("teacher (20×)", "teacher_high"),
+    "baseline": ("labels-only low-res baseline (5×)", "baseline_low"),
+    "student": ("LRMIL student (frozen adapter, default)", "lrmil_student"),
+    "student_dd": ("LRMIL + D&D student", "lrmil_dd_student"),
+}
+METRICS = ("auc", "balanced_acc", "brier")
+
+
+def fedslide(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedslide.deploy.cli", *args]
+
+
+def run_logged(cmd: list[str], log_path: Path, threads: int) -> float:
+    """Run a command with its output in log_path; wall seconds (exits on failure, naming the log)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print("$ " + " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    with log_path.open("w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    seconds = time.perf_counter() - start
+    print(f"  exit {rc} after {seconds:.1f} s (log: {log_path})", flush=True)
+    record = log_path.parent / "seconds.json"
+    done = json.loads(record.read_text()) if record.is_file() else {}
+    record.write_text(json.dumps({**done, log_path.stem: round(seconds, 1)}, indent=1) + "\n")
+    if rc != 0:
+        raise SystemExit(f"{cmd[3]} failed (exit {rc}); see {log_path}")
+    return seconds
+
+
+# ---------------------------------------------------------------- 1. views and the pooled training site
+
+
+def carved_rows(site: Path, test_fraction: float) -> list[dict[str, str]]:
+    """labels.csv rows of the site with the split `bench_lowres_ablation.carve` gives (stratified, seed 0)."""
+    from fedslide.common.training.labels import read_labels
+    from fedslide.common.training.splits import carve_splits
+
+    table = read_labels(site / "labels.csv")
+    rows = table.rows
+    split = carve_splits(
+        [r.slide_id for r in rows],
+        [r.label for r in rows],
+        [r.patient_id for r in rows],
+        list(table.classes),
+        test_fraction,
+        0.2,
+        0,
+        str(site / "labels.csv"),
+    )
+    return [{"slide_id": r.slide_id, "label": r.label, "split": split[r.slide_id]} for r in rows]
+
+
+def write_labels(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["slide_id", "label", "split"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def link(dest: Path, target: Path) -> None:
+    if not dest.is_symlink():
+        dest.symlink_to(target.resolve(), target_is_directory=target.is_dir())
+
+
+def make_views(sites: list[Path], out: Path, test_fraction: float) -> None:
+    """OUT/views/<site>/ (links + carved labels.csv) and OUT/pool/ (train and val slides of every site)."""
+    from fedslide.client.slides import discover_slides
+    from fedslide.common.config.preprocess import SlideConfig
+
+    pool_rows: list[dict[str, str]] = []
+    for sub in ("slides", f"features/{ENCODER}/high", f"features/{ENCODER}/low"):
+        (out / "pool" / sub).mkdir(parents=True, exist_ok=True)
+    for site in sites:
+        rows = carved_rows(site, test_fraction)
+        view = out / "views" / site.name
+        (view / "features").mkdir(parents=True, exist_ok=True)
+        link(view / "slides", site / "slides")
+        link(view / "features" / ENCODER, site / "features" / ENCODER)
+        write_labels(view / "labels.csv", rows)
+        files = {p.stem: p for p in discover_slides(site / "slides", SlideConfig().extensions)}
+        for row in rows:
+            if row["split"] == "test":
+                continue
+            pool_rows.append(row)
+            link(out / "pool" / "slides" / files[row["slide_id"]].name, files[row["slide_id"]])
+            for res in ("high", "low"):
+                src = site / "features" / ENCODER / res / f"{row['slide_id']}.h5"
+                link(out / "pool" / "features" / ENCODER / res / src.name, src)
+        print(f"{site.name}: {sum(r['split'] == 'test' for r in rows)} test of {len(rows)} slides", flush=True)
+    write_labels(out / "pool" / "labels.csv", pool_rows)
+
+
+def view_sites(out: Path) -> list[Path]:
+    return sorted((out / "views").glob("site*"))
+
+
+# ---------------------------------------------------------------- 2-4. fine-tune, re-encode, distill
+
+
+def vib_flags(out: Path, threads: int) -> list[str]:
+    sets = [*VIB_SET, f"encoder.threads={threads}", f"output={out / 'vib'}"]
+    return ["--method", "vib", "--epochs", str(VIB_EPOCHS), "--no-progress", *[x for s in sets for x in ("--set", s)]]
+
+
+def vib_folder(view: Path) -> str:
+    """The feature folder the VIB re-encoding wrote in `view` (any features/ subfolder but the frozen one)."""
+    found = sorted(
+        p.name for p in (view / "features").iterdir() if p.is_dir() and p.name != ENCODER and (p / "high").is_dir()
+    )
+    if len(found) != 1:
+        raise SystemExit(f"{view / 'features'}: expected one VIB feature folder besides {ENCODER}, found {found}")
+    return found[0]
+
+
+def weights_hash(out: Path) -> str:
+    return str(json.loads((out / "vib" / f"{ENCODER}.json").read_text())["weights_hash"])
+
+
+def finetune(out: Path, threads: int) -> None:
+    """Fine-tune once on the pool, then re-encode every view with those weights (refusing to go on if a view's run
+    fine-tuned again instead of reusing them, e.g. because the settings hash changed)."""
+    if not (out / "vib" / f"{ENCODER}.json").is_file():
+        run_logged(
+            fedslide("finetune", str(out / "pool"), "--no-reencode", *vib_flags(out, threads)),
+            out / "logs" / "finetune.log",
+            threads,
+        )
+    pooled = weights_hash(out)
+    shutil.copy2(out / "vib" / f"{ENCODER}.json", out / "vib" / "pool_manifest.json")
+    for view in view_sites(out):
+        log = out / "logs" / f"reencode_{view.name}.log"
+        run_logged(fedslide("finetune", str(view), *vib_flags(out, threads)), log, threads)
+        if weights_hash(out) != pooled or "reused" not in log.read_text():
+            raise SystemExit(f"{view}: `fedslide finetune` did not reuse the pooled weights {pooled[:12]}; see {log}")
+
+
+def distill(out: Path, seeds: list[int], threads: int) -> None:
+    views = view_sites(out)
+    folder = vib_folder(views[0])
+    for seed in seeds:
+        dest = out / "runs" / f"seed{seed}"
+        if (dest / "metrics.json").is_file():
+            continue
+        cmd = fedslide(
+            "distill",
+            "--sites",
+            *map(str, views),
+            "--out",
+            str(dest),
+            "--seed",
+            str(seed),
+            "--no-progress",
+            "--set",
+            f"threads={threads}",
+            "--set",
+            f"encoder={folder}",
+        )
+        run_logged(cmd, out / "logs" / f"distill_seed{seed}.log", threads)
+
+
+# ---------------------------------------------------------------- 5. table
+
+
+def mean_ci(values: list[float]) -> dict[str, Any]:
+    """Mean and 95 % t-interval over seeds (no interval from fewer than two values)."""
+    v = [x for x in values if math.isfinite(x)]
+    if not v:
+        return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "values": values}
+    m = statistics.fmean(v)
+    if len(v) < 2:
+        return {"mean": m, "lo": math.nan, "hi": math.nan, "values": values}
+    half = float(stats.t.ppf(0.975, len(v) - 1)) * statistics.stdev(v) / math.sqrt(len(v))
+    return {"mean": m, "lo": m - half, "hi": m + half, "values": values}
+
+
+def fmt_ci(s: dict[str, Any]) -> str:
+    if not math.isfinite(s["mean"]):
+        return "n/a"
+    return f"{s['mean']:.3f}" + (f" [{s['lo']:.3f}, {s['hi']:.3f}]" if math.isfinite(s["lo"]) else "")
+
+
+def test_row(metrics: dict[str, Any], model: str) -> dict[str, Any] | None:
+    return next((r for r in metrics["rows"] if r["model"] == model and r.get("split", "test") == "test"), None)
+
+
+def per_seed(runs: Path, seeds: list[int], model: str) -> dict[str, list[float]]:
+    """Test metric per seed of `model` in RUNS/seed<S>/metrics.json (NaN where missing)."""
+    out: dict[str, list[float]] = {k: [] for k in METRICS}
+    for seed in seeds:
+        p = runs / f"seed{seed}" / "metrics.json"
+        row = test_row(json.loads(p.read_text()), model) if p.is_file() else None
+        for k in METRICS:
+            value = row.get(k) if row else None
+            out[k].append(float(value) if isinstance(value, (int, float)) else math.nan)
+    return out
+
+
+def paired(a: list[float], b: list[float]) -> dict[str, Any]:
+    """Mean and t-interval of the per-seed differences a - b."""
+    return mean_ci([x - y for x, y in zip(a, b)])
+
+
+def build_table(vib_runs: Path, frozen_runs: Path, seeds: list[int]) -> dict[str, Any]:
+    """Rows per (encoder arm, model) with metric summaries and the paired differences."""
+    arms = {"frozen": frozen_runs, "vib": vib_runs}
+    values = {
+        (arm, key): per_seed(runs, seeds, model) for arm, runs in arms.items() for key, (_, model) in MODELS.items()
+    }
+    rows = []
+    for key, (label, model) in MODELS.items():
+        for arm in arms:
+            v = values[(arm, key)]
+            row: dict[str, Any] = {"arm": arm, "key": key, "label": label, "model": model}
+            row.update({k: mean_ci(v[k]) for k in METRICS})
+            row["auc_minus_teacher"] = None if key == "teacher" else paired(v["auc"], values[(arm, "teacher")]["auc"])
+            row["vib_minus_frozen_auc"] = paired(v["auc"], values[("frozen", key)]["auc"]) if arm == "vib" else None
+            rows.append(row)
+    return {"seeds": seeds, "vib_runs": str(vib_runs), "frozen_runs": str(frozen_runs), "rows": rows}
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = [
+        f"Test split: {doc['n_test']} slides {doc['test_class_counts']}, seeds {doc['seeds']}; mean [95 % t-interval "
+        "over seeds]; metrics from `fedslide distill` metrics.json (feature files). Frozen rows: "
+        f"`{doc['frozen_runs']}`; VIB rows: `{doc['vib_runs']}`.",
+        "",
+        "| encoder | model | AUC | balanced acc. | Brier | AUC − teacher (paired) | VIB − frozen AUC (paired) "
+        "| per-seed AUC |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["rows"]:
+        per = " / ".join("n/a" if not math.isfinite(x) else f"{x:.3f}" for x in r["auc"]["values"])
+        lines.append(
+            f"| {r['arm']} | {r['label']} | {fmt_ci(r['auc'])} | {fmt_ci(r['balanced_acc'])} | {fmt_ci(r['brier'])} "
+            f"| {fmt_ci(r['auc_minus_teacher']) if r['auc_minus_teacher'] else '—'} "
+            f"| {fmt_ci(r['vib_minus_frozen_auc']) if r['vib_minus_frozen_auc'] else '—'} | {per} |"
+        )
+    ft = doc.get("finetune")
+    if ft:
+        lines += [
+            "",
+            f"VIB fine-tune (centralised, on the pooled training-split slides of every site; val and test held out): "
+            f"{ft['slides']} slides, "
+            f"{ft['selected']} of {ft['instances']} 20× instances selected, {ft['patches_forward_backward']} patch "
+            f"forward + backward passes, {ft['trainable_params']:,} trainable parameters, {ft['seconds']:.0f} s, "
+            f"loss per epoch {[round(h['loss'], 4) for h in ft['history']]}, weights sha256 {ft['weights_hash'][:12]}; "
+            f"settings `{' '.join(doc['vib_set'])}`, epochs {doc['vib_epochs']}.",
+        ]
+    if doc.get("seconds"):
+        lines += ["", "Wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in doc["seconds"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def table(out: Path, frozen_runs: Path, seeds: list[int]) -> dict[str, Any]:
+    doc = build_table(out / "runs", frozen_runs, seeds)
+    labels = {}
+    for view in view_sites(out):
+        with (view / "labels.csv").open(newline="") as fh:
+            labels.update({r["slide_id"]: r["label"] for r in csv.DictReader(fh) if r["split"] == "test"})
+    y = list(labels.values())
+    doc.update(n_test=len(y), test_class_counts={c: y.count(c) for c in sorted(set(y))})
+    doc.update(vib_set=VIB_SET, vib_epochs=VIB_EPOCHS)
+    manifest = out / "vib" / "pool_manifest.json"
+    if manifest.is_file():
+        doc["finetune"] = {k: v for k, v in json.loads(manifest.read_text()).items() if k != "settings"}
+    record = out / "logs" / "seconds.json"
+    doc["seconds"] = json.loads(record.read_text()) if record.is_file() else {}
+    (out / "vib_cohort.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "vib_cohort.md").write_text(markdown(doc))
+    print(markdown(doc))
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cohort", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--frozen-runs", type=Path, default=Path("/tmp/h4abl/runs/frozen"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--test-fraction", type=float, default=0.25)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--step", choices=["all", "views", "finetune", "distill", "table"], default="all")
+    args = ap.parse_args(argv)
+    sites = sorted(p for p in args.cohort.glob("site*") if (p / "labels.csv").is_file())
+    if not sites:
+        raise SystemExit(f"{args.cohort}: no site*/labels.csv")
+    if args.step in ("all", "views"):
+        if (args.out / "pool").exists() and args.step == "all":
+            print("views exist: reused", flush=True)
+        else:
+            make_views(sites, args.out, args.test_fraction)
+    if args.step in ("all", "finetune"):
+        finetune(args.out, args.threads)
+    if args.step in ("all", "distill"):
+        distill(args.out, args.seeds, args.threads)
+    if args.step in ("all", "table"):
+        table(args.out, args.frozen_runs, args.seeds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
