@@ -2,7 +2,7 @@
 
 - handshake: the clinical sums of its training slides with a complete row (withheld below suppress-below slides);
 - each round (`phases.CLINICAL`): the global BD model validated on its val slides, then trained for
-  rounds.local-epochs epochs on its training slides' student instances (the final adapter's output, unstandardised,
+  rounds.clinical-local-epochs epochs on its training slides' student instances (the final adapter's output, unstandardised,
   exactly what `StudentBundle.student_instances` builds at prediction) and clinical rows (`client.clinical_round`);
 - final evaluation: the global BD model and the pooled normalisation kept in the site's bundle (`clinical.pt`).
 
@@ -24,6 +24,7 @@ from fedslide.common.distillation.adapter import build_adapter
 from fedslide.common.distillation.clinical_model import ClinicalModel, build_bd
 from fedslide.common.distillation.stages import student_input
 from fedslide.common.distillation.student import student_bags
+from fedslide.common.federation import per_class
 from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
 from fedslide.common.federation.feature_stats import stats_from_record
@@ -38,9 +39,10 @@ _SEED_KEY = zlib.crc32(b"clinical")
 
 
 def bd_config(site: SiteRun) -> ClinicalConfig:
-    """The run's `[federation.clinical]` as the BD model's config (its local epochs: rounds.local-epochs)."""
+    """The run's `[federation.clinical]` as the BD model's config (its local epochs: rounds.clinical-local-epochs)."""
     cfg = site.cfg.clinical
-    return ClinicalConfig.model_validate(cfg.to_toml_dict()).model_copy(update={"epochs": site.cfg.rounds.local_epochs})
+    epochs = site.cfg.rounds.clinical_local_epochs
+    return ClinicalConfig.model_validate(cfg.to_toml_dict()).model_copy(update={"epochs": epochs})
 
 
 def raw_vectors(site: SiteRun, idx: np.ndarray) -> np.ndarray:
@@ -171,4 +173,5 @@ def evaluation_metrics(site: SiteRun, content: RecordDict, model: ClinicalModel 
         values = {**classification_metrics(data.labels, probs), "loss": float(-np.log(picked).mean())}
         out.update({f"{name}.{k}": float(v) for k, v in values.items()})
         out[f"{name}.n"] = len(data.bags)
+        out.update(per_class.site_metrics(name, data.labels, probs, site.cfg.ece_bins))  # C > 2 only
     return out

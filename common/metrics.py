@@ -76,6 +76,8 @@ def brier(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> float:
     y, p = _check(y_true, probs)
     if p.shape[1] == 2:
         return float(brier_score_loss(y, p[:, 1], pos_label=1))
+    p = np.asarray(p, dtype=np.float64)
+    p = p / p.sum(axis=1, keepdims=True)  # float32 softmax rows miss scikit-learn's sum-to-one check in float64
     return float(brier_score_loss(y, p, labels=np.arange(p.shape[1])))
 
 

@@ -160,6 +160,10 @@ def build_metrics(result: RunResult, manifest: dict[str, dict[str, Any]], second
     if clinical_outputs.has_bd_rows(per_site):  # the BD model, with / without the clinical data as recorded
         models.update(model_table(per_site, {s.name for s in fed.eval_sites.values()}, ph.BD_EVALUATED))
         models[ph.BD_EVALUATED[0]]["with_clinical"] = clinical_outputs.with_clinical(per_site)
+        if fed.facts and len(fed.facts.classes) > 2:  # per class, as for the other models
+            held_out = {s.name for s in fed.eval_sites.values()}
+            for model, table in per_class.model_tables(per_site, held_out, fed.facts.classes, ph.BD_EVALUATED).items():
+                models[model]["per_class"] = table
         row_names = (*MODEL_ROWS, *ph.BD_EVALUATED)
     rows = [{"model": m, **{k: models[m]["overall"].get(k) for k in (*METRIC_NAMES, "loss", "n")}} for m in row_names]
     sites = [{"node": n, "name": s.name, "role": "train", **s.counts} for n, s in sorted(fed.sites.items())] + [

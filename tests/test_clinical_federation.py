@@ -109,7 +109,7 @@ def test_the_schema_travels_in_the_run_config() -> None:
     assert all(isinstance(v, str | int | float | bool) for v in flat.values())  # Flower's run config: scalars
     back = FederationConfig.from_run_config(flat)
     assert back.clinical == cfg.clinical and back.clinical.encoded_dim == 5
-    with pytest.raises(ConfigError, match="epochs"):  # local epochs come from rounds.local-epochs
+    with pytest.raises(ConfigError, match="epochs"):  # local epochs come from rounds.clinical-local-epochs
         FederationConfig.from_run_config({**flat, "clinical.epochs": 3})
     with pytest.raises(ConfigError, match="variables"):
         FederationConfig.from_run_config({**flat, "clinical.variables": "[{"})

@@ -41,7 +41,7 @@ from fedslide.common.config.splits import SplitCarving
 
 _ROUNDS_HINT = (
     "a federated phase trains rounds.<phase> x rounds.local-epochs local epochs (rounds.adapter x "
-    "rounds.adapter-local-epochs for the adapter) and keeps the round with the lowest validation loss; set those instead"
+    "rounds.adapter-local-epochs for the adapter, rounds.clinical x rounds.clinical-local-epochs for BD) and keeps the round with the lowest validation loss; set those instead"
 )
 
 
@@ -177,6 +177,9 @@ class RoundsConfig(StageConfig):
         default=1, description="passes over the site's sampled 5x patches per pixel-stage1 round"
     )
     clinical: PositiveInt = Field(default=5, description="FedAvg rounds of the BD model (with clinical.enabled)")
+    clinical_local_epochs: PositiveInt = Field(
+        default=6, description="local epochs per BD round (5 rounds x 6 = the centralized BD stage's 30 epochs)"
+    )
 
 
 class FederationConfig(StageConfig):

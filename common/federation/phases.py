@@ -425,7 +425,7 @@ EVALUATION = Phase(
     (p.TEACHER, p.STUDENT, p.BASELINE, p.ADAPTER, STANDARDIZE, OOD, BD_MODEL, CLINICAL_NORM),
     metrics=(
         rf"({'|'.join(EVALUATED_MODELS)})\.({'|'.join(EVALUATION_METRICS)})",
-        *per_class.policy_patterns(EVALUATED_MODELS),  # C > 2: f1-c<k>, auc-c<k>, ece-c<k>, confusion-<i>-<j>
+        *per_class.policy_patterns((*EVALUATED_MODELS, *BD_EVALUATED)),  # C > 2: f1-c<k>, auc-c<k>, ece-c<k>, ...
         rf"({'|'.join(BD_EVALUATED)})\.({'|'.join(EVALUATION_METRICS)})",
         re.escape(BD_WITH_CLINICAL),
         r"cost\.(high|low)\.(patches_per_slide|seconds_per_slide)",
@@ -434,7 +434,7 @@ EVALUATION = Phase(
     ),
     config_name="final",
     reply_allowance=REPLY_ALLOWANCE
-    + per_class.reply_bytes(len(EVALUATED_MODELS), METRIC_BYTES)
+    + per_class.reply_bytes(len(EVALUATED_MODELS) + len(BD_EVALUATED), METRIC_BYTES)
     + (len(BD_EVALUATED) * len(EVALUATION_METRICS) + 1) * METRIC_BYTES,
 )
 

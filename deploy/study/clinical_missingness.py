@@ -31,9 +31,12 @@ def clinical_missingness(
     slides: Sequence[SlidePair],
     seed: int = 0,
     levels: Sequence[float] = MISSINGNESS,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, Any] | None:
     """{"n", "with_clinical", "auc": {"<percent>": AUC or None}} of the bundle's BD model on `slides` of the site
-    at each missingness level; None when the bundle has no BD model or the site no clinical.csv."""
+    at each missingness level; None when the bundle has no BD model or the site no clinical.csv. `classes` names
+    the slides' label indices (their `DistillData.classes`); they are mapped to the bundle's class order by name
+    (by default the slides already use the bundle's order)."""
     table_path = Path(site_dir) / CLINICAL_FILE
     if not slides or not table_path.is_file():
         return None
@@ -50,7 +53,7 @@ def clinical_missingness(
     for slide in slides:
         tokens = None if slide.low.tokens is None or not bundle.uses_tokens else torch.from_numpy(slide.low.tokens)
         instances.append(bundle.student_instances(torch.from_numpy(slide.low.features), tokens)[0])
-    labels = np.array([s.label for s in slides])
+    labels = _bundle_labels(slides, classes, bundle.meta.class_names, Path(bundle_dir))
     auc: dict[str, float | None] = {}
     for level in levels:
         rows = raw.copy()
@@ -59,3 +62,18 @@ def clinical_missingness(
         value = classification_metrics(labels, probs).get("auc")
         auc[f"{round(level * 100)}"] = None if value is None or not np.isfinite(value) else float(value)
     return {"n": len(slides), "with_clinical": int(len(present)), "auc": auc}
+
+
+def _bundle_labels(
+    slides: Sequence[SlidePair], classes: Sequence[str] | None, bundle_classes: Sequence[str], bundle_dir: Path
+) -> np.ndarray:
+    """The slides' labels as indices of the bundle's classes (`classes`: the names of the slides' indices)."""
+    if classes is None:
+        return np.array([s.label for s in slides])
+    order = {str(name): k for k, name in enumerate(bundle_classes)}
+    unknown = sorted({str(classes[s.label]) for s in slides} - set(order))
+    if unknown:
+        raise ValueError(
+            f"{bundle_dir}: the BD model's classes {list(bundle_classes)} lack the slides' class(es) {unknown}"
+        )
+    return np.array([order[str(classes[s.label])] for s in slides])

@@ -396,7 +396,10 @@ def run_federated(study: Study) -> None:
         }
         # the held-out site's BD AUC at 0/50/80/100 % of its clinical rows removed (a fold with a BD model only)
         column = clinical_missingness(
-            study.site_dirs[held] / "runs" / run_id / "student_bundle", study.site_dirs[held], study.held_out(held)
+            study.site_dirs[held] / "runs" / run_id / "student_bundle",
+            study.site_dirs[held],
+            study.held_out(held),
+            classes=study.data.classes,
         )
         if column is not None:
             study.folds[held]["federated"]["clinical_missingness"] = column
