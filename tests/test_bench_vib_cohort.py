@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -65,3 +66,59 @@ def test_vib_folder_needs_exactly_one(bench: ModuleType, tmp_path: Path) -> None
     (tmp_path / "features" / "other" / "high").mkdir(parents=True)
     with pytest.raises(SystemExit, match="expected one"):
         bench.vib_folder(tmp_path)
+
+
+def _load(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Load a sibling bench by path under its module name, for this test only (the zoom step imports it by name)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH.parent / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+
+
+def _predict_run(pdir: Path, rows: dict[str, tuple[float, float | None, int, int]]) -> None:
+    """A `fedslide predict` output: slide -> (student P(tumor), zoom P(tumor) or None, 20x encoded, 20x total)."""
+    pdir.mkdir(parents=True)
+    lines = ["slide_id,prob_normal,prob_tumor,zoom_prob_normal,zoom_prob_tumor"]
+    slides = {}
+    for sid, (p, z, enc, total) in rows.items():
+        zoom = f"{1 - z},{z}" if z is not None else ","
+        lines.append(f"{sid},{1 - p},{p},{zoom}")
+        slides[sid] = {"patches_low": 8, "zoom": {"patches_high": enc, "patches_high_total": total}}
+    (pdir / "predictions.csv").write_text("\n".join(lines) + "\n")
+    (pdir / "timing.json").write_text(json.dumps({"slides": slides}))
+
+
+def test_zoom_table_summarises_the_predict_runs(
+    bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("bench_distill", "bench_lowres_ablation"):
+        _load(name, monkeypatch)
+    view = tmp_path / "views" / "site1"
+    view.mkdir(parents=True)
+    (view / "labels.csv").write_text(
+        "slide_id,label,split\na,tumor,test\nb,tumor,test\nc,normal,test\nd,normal,test\ne,tumor,train\n"
+    )
+    _runs(tmp_path / "runs", {"lrmil_student": [0.75, 0.5, 0.9]})
+    # seed 0: the student ranks one normal above one tumour (AUC 0.75), zoom fixes it; slide d has no zoom label
+    _predict_run(
+        tmp_path / "predict" / "zoom_seed0",
+        {"a": (0.9, 0.99, 4, 16), "b": (0.3, 0.9, 4, 16), "c": (0.4, 0.1, 4, 16), "d": (0.2, None, 0, 16)},
+    )
+    _predict_run(
+        tmp_path / "predict" / "zoom_seed1",
+        {"a": (0.9, 0.8, 2, 16), "b": (0.8, 0.7, 2, 16), "c": (0.1, 0.2, 2, 16), "d": (0.2, 0.3, 2, 16)},
+    )
+    doc = bench.zoom_table(tmp_path, [0, 1, 2], 2, 0.5)
+    top = doc["rows"]["zoom"]
+    assert top["seeds"] == [0, 1]  # seed 2 has no predict run: left out, not counted as a failure
+    assert top["student_from_slides"]["auc"]["values"] == pytest.approx([0.75, 1.0])
+    assert top["zoom"]["auc"]["values"] == pytest.approx([1.0, 1.0])
+    assert top["fallback_to_student"] == 1
+    assert top["high_cost_saved"] == pytest.approx(1 - 20 / 128)
+    assert top["zoom_high_patches_mean"] == pytest.approx(20 / 8)
+    assert doc["rows"]["zoomthr"]["seeds"] == []
+    assert doc["student_distill_auc"]["0"] == pytest.approx(0.75)
+    md = (tmp_path / "vib_zoom.md").read_text()
+    assert "| VIB LRMIL student + zoom top-2 | 0, 1 | 0.875 [" in md and "relevance > 0.5" in md

@@ -33,7 +33,13 @@ from fedslide.client.inference.model import encoder_config
 from fedslide.common.config.base import ConfigError
 from fedslide.common.config.predict import PredictConfig
 from fedslide.common.distillation.data import load_sites
-from fedslide.common.distillation.bundle import ENCODER_FILE, BundleMismatchError, StudentBundle, file_sha256
+from fedslide.common.distillation.bundle import (
+    ENCODER_FILE,
+    BundleMismatchError,
+    StudentBundle,
+    file_sha256,
+    find_encoder_weights,
+)
 from fedslide.common.egress import EgressViolation, arrays_reply, check_reply, specs_of, weights_reply
 from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
@@ -404,6 +410,18 @@ def test_bundle_carries_the_encoder_of_both_levels_and_predict_uses_it(tmp_path:
     (tmp_path / "b" / ENCODER_FILE).write_bytes(weights.read_bytes())  # swapped file: refused on load
     with pytest.raises(ModelDirError, match=encoder.weights_hash[:12]):
         load_bundle(tmp_path / "b")
+
+
+def test_distill_finds_the_vib_weights_a_site_holds_for_its_bundle(tmp_path: Path) -> None:
+    weights = tmp_path / "site2" / "vib" / "efficientnet_lite0.pt"
+    weights.parent.mkdir(parents=True)
+    torch.save({"w": torch.ones(3)}, weights)
+    encoder = SimpleNamespace(name="efficientnet_lite0", dim=8, fingerprint=None, weights_hash=file_sha256(weights))
+    meta = tiny_student_bundle(encoder, ["a", "b"]).meta
+    sites = [tmp_path / "site1", tmp_path / "site2"]
+    assert find_encoder_weights(meta, sites) == weights  # the pipeline passes it as the bundle's encoder.pt
+    torch.save({"w": torch.zeros(3)}, weights)  # other weights than the features were made with: not taken
+    assert find_encoder_weights(meta, sites) is None
 
 
 @pytest.mark.parametrize("key", ["standardize", "ood-stats"])

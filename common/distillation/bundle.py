@@ -170,6 +170,17 @@ def find_low_encoder_weights(meta: BundleMeta, site_dirs: list[Path]) -> Path | 
     return None
 
 
+def find_encoder_weights(meta: BundleMeta, site_dirs: list[Path]) -> Path | None:
+    """The VIB-fine-tuned weights of both levels `fedslide finetune --method vib` left at a site
+    (`SITE/vib/<encoder>.pt`) whose sha256 is the meta's encoder hash; None when no site has such a file (the
+    encoder's own weights, supplied at prediction)."""
+    for site in site_dirs:
+        path = Path(site) / "vib" / f"{meta.encoder_name}.pt"
+        if path.is_file() and file_sha256(path) == meta.encoder_weights_hash:
+            return path
+    return None
+
+
 def _reduce_attention(out: MILOutput, m: int) -> torch.Tensor:
     """Per-instance attention [M] of one bag: heads / classes averaged; uniform when the model has none."""
     att = out.attention

@@ -42,7 +42,12 @@ from fedslide.common.config.distill import DistillConfig
 from fedslide.common.config.model import ModelConfig
 from fedslide.common.config.preprocess import PreprocessConfig
 from fedslide.common.distillation.adapter import AdapterSpec, CrossResAdapter, build_adapter
-from fedslide.common.distillation.bundle import BundleMeta, StudentBundle, find_low_encoder_weights
+from fedslide.common.distillation.bundle import (
+    BundleMeta,
+    StudentBundle,
+    find_encoder_weights,
+    find_low_encoder_weights,
+)
 from fedslide.common.distillation.clinical_model import ClinicalModel
 from fedslide.common.distillation.clinical_stage import check_training_rows, clinical_stage, cohort_clinical
 from fedslide.common.distillation.cache import CACHE_FILE, LogitCache, files_signature, model_fingerprint
@@ -585,6 +590,7 @@ def save_bundles(
             run.student_cfg,
             run.teacher_cfg,
             low_encoder_weights=find_low_encoder_weights(meta, list(run.cfg.sites)),
+            encoder_weights=find_encoder_weights(meta, list(run.cfg.sites)),
             student_scaling=scaling.get(name),
             teacher_scaling=scaling.get("teacher_high"),
             ood=ood,

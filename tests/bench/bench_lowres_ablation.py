@@ -290,14 +290,14 @@ def distill(out: Path, args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- 4. predict from the slide files
 
 
-def link_slides(out: Path, name: str, ids: list[str]) -> Path:
-    """OUT/<name>/: links to the given slides of the frozen views."""
+def link_slides(out: Path, name: str, ids: list[str], views: list[Path] | None = None) -> Path:
+    """OUT/<name>/: links to the given slides of `views` (default: the frozen views)."""
     dest = out / name
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     exts = SlideConfig().extensions
-    for view in view_sites(out, "frozen"):
+    for view in view_sites(out, "frozen") if views is None else views:
         for p in discover_slides(view / "slides", exts):
             if p.stem in ids:
                 (dest / p.name).symlink_to(p.resolve())
@@ -341,31 +341,37 @@ def predict(out: Path, args: argparse.Namespace) -> None:
         ("timing_pixel_full", run_dir(out, "px_att_stain", seed0) / "student", timing_dir, []),
     ]
     for key, bundle, slides, extra in jobs:
-        dest = out / "predict" / key
-        if (dest / "timing.json").is_file():
-            continue
-        if not (bundle / "bundle.json").is_file():
-            print(f"skipping predict {key}: no bundle {bundle} (its distill run is missing)", flush=True)
-            continue
-        cmd = fedslide(
-            "predict",
-            "--slides",
-            str(slides),
-            "--model",
-            str(bundle),
-            "--out",
-            str(dest),
-            "--no-heatmaps",
-            "--no-progress",
-            "--device",
-            "cpu",
-            "--set",
-            f"threads={args.threads}",
-            *extra,
-        )
-        rc, _ = run_logged(cmd, out / "logs" / f"predict_{key}.log", args.threads)
-        if rc not in (0, 3):
-            raise SystemExit(f"predict {key} failed (exit {rc}); see {out / 'logs'}")
+        run_predict(out, key, bundle, slides, extra, args.threads)
+
+
+def run_predict(out: Path, key: str, bundle: Path, slides: Path, extra: list[str], threads: int) -> None:
+    """`fedslide predict` of `bundle` on the slide folder into OUT/predict/<key>, log in OUT/logs (a finished run,
+    one with a timing.json, is reused; a missing bundle is skipped with a note; a failed run exits)."""
+    dest = out / "predict" / key
+    if (dest / "timing.json").is_file():
+        return
+    if not (bundle / "bundle.json").is_file():
+        print(f"skipping predict {key}: no bundle {bundle} (its distill run is missing)", flush=True)
+        return
+    cmd = fedslide(
+        "predict",
+        "--slides",
+        str(slides),
+        "--model",
+        str(bundle),
+        "--out",
+        str(dest),
+        "--no-heatmaps",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--set",
+        f"threads={threads}",
+        *extra,
+    )
+    rc, _ = run_logged(cmd, out / "logs" / f"predict_{key}.log", threads)
+    if rc not in (0, 3):
+        raise SystemExit(f"predict {key} failed (exit {rc}); see {out / 'logs'}")
 
 
 # ---------------------------------------------------------------- 5. table

@@ -1,7 +1,7 @@
 """VIB-fine-tuned encoder on a whole cohort (issue 34): teacher AND LRMIL student vs the frozen encoder.
 
     python tests/bench/bench_vib_cohort.py --cohort /tmp/H48 --out /tmp/vib48 \
-        [--frozen-runs /tmp/h4abl/runs/frozen] [--seeds 0 1 2] [--step all] [--threads 1]
+        [--frozen-runs /tmp/h4abl/runs/frozen] [--seeds 0 1 2] [--step all] [--threads 1] [--zoom-k 2] [--zoom-threshold 0.5]
 
 Run on demand (not collected by pytest); every step is resumable (finished outputs are reused). Centralised:
 
@@ -19,6 +19,12 @@ Run on demand (not collected by pytest); every step is resumable (finished outpu
 5. table: OUT/vib_cohort.json and .md: teacher, labels-only baseline and LRMIL student (+ D&D) on the VIB features,
    next to the same models of the frozen runs (`--frozen-runs`, e.g. the low-res ablation's) on the same test
    slides: mean and 95 % t-interval over seeds, paired (same seed) VIB - frozen and student - teacher.
+6. zoom: `fedslide predict` end to end from the slide files of the test slides, per seed, with the LRMIL student
+   bundle (`lrmil_student`) and the VIB weights (`--weights OUT/vib/<encoder>.pt`: the bundle records their hash
+   but holds no encoder.pt), once with `--zoom K` and once with `--zoom-threshold T` (the teacher on the 20x
+   children of the selected 5x regions), run and summarised exactly as `bench_lowres_ablation.py`'s predict step
+   and zoom rows do for its frozen rows (its `run_predict` and `zoom_rows`); also the student alone from the same
+   runs, next to its distill metrics. Outputs OUT/predict/<row>_seed<S>/, OUT/vib_zoom.json and .md.
 """
 
 from __future__ import annotations
@@ -323,6 +329,92 @@ def table(out: Path, frozen_runs: Path, seeds: list[int]) -> dict[str, Any]:
     return doc
 
 
+# ---------------------------------------------------------------- 6. zoom from the slide files
+
+# zoom row key -> (label, predict options); {k} / {t} are --zoom-k / --zoom-threshold
+ZOOM_ROWS: dict[str, tuple[str, list[str]]] = {
+    "zoom": ("VIB LRMIL student + zoom top-{k}", ["--zoom", "{k}"]),
+    "zoomthr": ("VIB LRMIL student + zoom relevance > {t}", ["--zoom-threshold", "{t}"]),
+}
+ZOOM_BUNDLE = "lrmil_student"
+
+
+def test_labels(out: Path) -> dict[str, str]:
+    """slide_id -> label of every view's test split."""
+    labels: dict[str, str] = {}
+    for view in view_sites(out):
+        with (view / "labels.csv").open(newline="") as fh:
+            labels.update({r["slide_id"]: r["label"] for r in csv.DictReader(fh) if r["split"] == "test"})
+    return labels
+
+
+def zoom_predict(out: Path, seeds: list[int], threads: int, k: int, t: float) -> None:
+    """The zoom rows' `fedslide predict` runs (finished ones are reused)."""
+    from bench_lowres_ablation import link_slides, run_predict
+
+    slides = link_slides(out, "test_slides", sorted(test_labels(out)), view_sites(out))
+    weights = ["--weights", str(out / "vib" / f"{ENCODER}.pt")]
+    for key, (_, options) in ZOOM_ROWS.items():
+        opts = [o.format(k=k, t=t) for o in options]
+        for seed in seeds:
+            bundle = out / "runs" / f"seed{seed}" / ZOOM_BUNDLE
+            run_predict(out, f"{key}_seed{seed}", bundle, slides, opts + weights, threads)
+
+
+def zoom_table(out: Path, seeds: list[int], k: int, t: float) -> dict[str, Any]:
+    """OUT/vib_zoom.json and .md: per zoom row the student from the slides and the zoom metrics (mean and 95 %
+    t-interval over the seeds whose predict run finished), 20x patches encoded and cost saved, and the student's
+    distill (feature-file) AUC per seed for comparison."""
+    from bench_lowres_ablation import zoom_rows
+
+    labels = test_labels(out)
+    classes = sorted(set(labels.values()))
+    rows = {}
+    for key, (label, _) in ZOOM_ROWS.items():
+        done = [s for s in seeds if (out / "predict" / f"{key}_seed{s}" / "predictions.csv").is_file()]
+        summary = zoom_rows(out, argparse.Namespace(seeds=done), labels, classes, key)
+        rows[key] = {"label": label.format(k=k, t=t), "seeds": done, **summary}
+    distill_auc = per_seed(out / "runs", seeds, MODELS["student"][1])["auc"]
+    doc = {"n_test": len(labels), "seeds": seeds, "zoom_k": k, "zoom_threshold": t, "rows": rows}
+    doc["student_distill_auc"] = dict(zip(map(str, seeds), distill_auc))
+    (out / "vib_zoom.json").write_text(json.dumps(doc, indent=1, default=float) + "\n")
+    md = zoom_markdown(doc)
+    (out / "vib_zoom.md").write_text(md)
+    print(md)
+    return doc
+
+
+def zoom_markdown(doc: dict[str, Any]) -> str:
+    def per(s: dict[str, Any]) -> str:
+        return " / ".join("n/a" if not math.isfinite(x) else f"{x:.3f}" for x in s["values"])
+
+    lines = [
+        f"Zoom from the slide files ({doc['n_test']} test slides; the teacher on the 20× children of the selected 5× "
+        "regions, the student's own label where none is selected); mean [95 % t-interval over seeds].",
+        "",
+        "| zoom row | seeds | student AUC (from the slides) | per-seed | + zoom AUC | + zoom balanced acc. "
+        "| + zoom Brier | per-seed zoom AUC | 5× patches / slide | 20× patches encoded / slide | high-res cost saved "
+        "| slides without a zoom label |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["rows"].values():
+        st, z = r["student_from_slides"], r["zoom"]
+        lines.append(
+            f"| {r['label']} | {', '.join(map(str, r['seeds']))} | {fmt_ci(st['auc'])} | {per(st['auc'])} "
+            f"| {fmt_ci(z['auc'])} | {fmt_ci(z['balanced_acc'])} | {fmt_ci(z['brier'])} | {per(z['auc'])} "
+            f"| {r['low_patches_mean']:.1f} | {r['zoom_high_patches_mean']:.1f} | {r['high_cost_saved']:.3f} "
+            f"| {r['fallback_to_student']} |"
+        )
+    d = doc["student_distill_auc"]
+    lines += [
+        "",
+        "Student AUC from `fedslide distill` (feature files), per seed: "
+        + ", ".join(f"seed {s} {v:.3f}" for s, v in d.items())
+        + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cohort", type=Path, required=True)
@@ -331,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--test-fraction", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--step", choices=["all", "views", "finetune", "distill", "table"], default="all")
+    ap.add_argument("--step", choices=["all", "views", "finetune", "distill", "table", "zoom"], default="all")
+    ap.add_argument("--zoom-k", type=int, default=2)
+    ap.add_argument("--zoom-threshold", type=float, default=0.5, help="AHDMIL's pre-screen threshold (not tuned)")
     args = ap.parse_args(argv)
     sites = sorted(p for p in args.cohort.glob("site*") if (p / "labels.csv").is_file())
     if not sites:
@@ -347,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
         distill(args.out, args.seeds, args.threads)
     if args.step in ("all", "table"):
         table(args.out, args.frozen_runs, args.seeds)
+    if args.step in ("all", "zoom"):
+        zoom_predict(args.out, args.seeds, args.threads, args.zoom_k, args.zoom_threshold)
+        zoom_table(args.out, args.seeds, args.zoom_k, args.zoom_threshold)
     return 0
 
 
