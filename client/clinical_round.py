@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from fedslide.common.clinical import encode, present_mask
 from fedslide.common.config.clinical import ClinicalConfig
+from fedslide.common.distillation.clinical_model import build_bd
 from fedslide.common.distillation.clinical_stage import train_bd
 from fedslide.common.federation import phases as ph
 from fedslide.common.federation import protocol as p
@@ -68,15 +69,7 @@ def clinical_round(
     """One local round (`cfg.epochs` epochs from the global model `sent`) and the reply it releases, checked
     against the phase's declaration: the BD arrays, `num-examples`, `n-clinical`, `train-loss`, `seconds`."""
     start = time.perf_counter()
-    model = BidirectionalMIL(
-        in_dim,
-        cfg.encoded_dim,
-        num_classes,
-        cfg.hidden_dim,
-        cfg.attention_dim,
-        cfg.dropout,
-        shared_slide_encoder=cfg.shared_slide_encoder,
-    )
+    model = build_bd(in_dim, cfg, num_classes)
     load_bd_record(model, sent)
     train_bd(model, data.bags, data.labels, data.raw, stats, cfg, seed)
     arrays = bd_record(model)

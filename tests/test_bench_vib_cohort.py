@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -14,12 +15,12 @@ BENCH = Path(__file__).resolve().parent / "bench" / "bench_vib_cohort.py"
 
 
 @pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_vib_cohort", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # loaded by path: tests/bench is no package
-    return module
+def bench() -> Iterator[ModuleType]:
+    """The bench, loaded by path (tests/bench is no package) with the sibling benches it imports by name."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("bench_distill", "bench_lowres_ablation"):
+            _load(name, mp)
+        yield _load("bench_vib_cohort", mp)
 
 
 def _runs(root: Path, aucs: dict[str, list[float]]) -> Path:
@@ -68,13 +69,14 @@ def test_vib_folder_needs_exactly_one(bench: ModuleType, tmp_path: Path) -> None
         bench.vib_folder(tmp_path)
 
 
-def _load(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Load a sibling bench by path under its module name, for this test only (the zoom step imports it by name)."""
+def _load(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """Load a bench by path under its module name, for as long as `monkeypatch` lasts."""
     spec = importlib.util.spec_from_file_location(name, BENCH.parent / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, module)
     spec.loader.exec_module(module)
+    return module
 
 
 def _predict_run(pdir: Path, rows: dict[str, tuple[float, float | None, int, int]]) -> None:
@@ -90,11 +92,7 @@ def _predict_run(pdir: Path, rows: dict[str, tuple[float, float | None, int, int
     (pdir / "timing.json").write_text(json.dumps({"slides": slides}))
 
 
-def test_zoom_table_summarises_the_predict_runs(
-    bench: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for name in ("bench_distill", "bench_lowres_ablation"):
-        _load(name, monkeypatch)
+def test_zoom_table_summarises_the_predict_runs(bench: ModuleType, tmp_path: Path) -> None:
     view = tmp_path / "views" / "site1"
     view.mkdir(parents=True)
     (view / "labels.csv").write_text(

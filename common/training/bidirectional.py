@@ -30,6 +30,7 @@ from fedslide.common.clinical import (
     site_clinical_sums,
 )
 from fedslide.common.config.clinical import ClinicalConfig
+from fedslide.common.distillation.clinical_model import build_bd
 from fedslide.common.egress import check_reply
 from fedslide.common.federation import protocol as p
 from fedslide.common.federation.clinical_sums import clinical_sums_allowed, clinical_sums_record
@@ -84,15 +85,7 @@ def build(kind: ModelKind, in_dim: int, cfg: ClinicalConfig, num_classes: int = 
     if kind == "slide-only":
         return FusionBranch(in_dim, None, num_classes, cfg.hidden_dim, cfg.attention_dim, cfg.dropout)
     if kind == "bd":
-        return BidirectionalMIL(
-            in_dim,
-            cfg.encoded_dim,
-            num_classes,
-            cfg.hidden_dim,
-            cfg.attention_dim,
-            cfg.dropout,
-            shared_slide_encoder=cfg.shared_slide_encoder,
-        )
+        return build_bd(in_dim, cfg, num_classes)
     return FusionBranch(in_dim, cfg.encoded_dim, num_classes, cfg.hidden_dim, cfg.attention_dim, cfg.dropout)
 
 

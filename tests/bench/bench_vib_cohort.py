@@ -33,16 +33,14 @@ import argparse
 import csv
 import json
 import math
-import os
 import shutil
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from scipy import stats
+from bench_distill import fedslide
+from bench_distill import run_logged as run_command
+from bench_lowres_ablation import carve, fmt_ci, mean_ci
 
 ENCODER = "efficientnet_lite0"
 # Stage settings, fixed before any test result: the product's (= reference code's) defaults except bag-size 16
@@ -61,22 +59,10 @@ MODELS: dict[str, tuple[str, str]] = {
 METRICS = ("auc", "balanced_acc", "brier")
 
 
-def fedslide(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedslide.deploy.cli", *args]
-
-
 def run_logged(cmd: list[str], log_path: Path, threads: int) -> float:
-    """Run a command with its output in log_path; wall seconds (exits on failure, naming the log)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    print("$ " + " ".join(cmd), flush=True)
-    start = time.perf_counter()
-    with log_path.open("w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    seconds = time.perf_counter() - start
-    print(f"  exit {rc} after {seconds:.1f} s (log: {log_path})", flush=True)
+    """`bench_distill.run_logged`, its wall seconds also recorded in the log folder's seconds.json; exits on
+    failure, naming the log."""
+    rc, seconds = run_command(cmd, log_path, threads)
     record = log_path.parent / "seconds.json"
     done = json.loads(record.read_text()) if record.is_file() else {}
     record.write_text(json.dumps({**done, log_path.stem: round(seconds, 1)}, indent=1) + "\n")
@@ -86,26 +72,6 @@ def run_logged(cmd: list[str], log_path: Path, threads: int) -> float:
 
 
 # ---------------------------------------------------------------- 1. views and the pooled training site
-
-
-def carved_rows(site: Path, test_fraction: float) -> list[dict[str, str]]:
-    """labels.csv rows of the site with the split `bench_lowres_ablation.carve` gives (stratified, seed 0)."""
-    from fedslide.common.training.labels import read_labels
-    from fedslide.common.training.splits import carve_splits
-
-    table = read_labels(site / "labels.csv")
-    rows = table.rows
-    split = carve_splits(
-        [r.slide_id for r in rows],
-        [r.label for r in rows],
-        [r.patient_id for r in rows],
-        list(table.classes),
-        test_fraction,
-        0.2,
-        0,
-        str(site / "labels.csv"),
-    )
-    return [{"slide_id": r.slide_id, "label": r.label, "split": split[r.slide_id]} for r in rows]
 
 
 def write_labels(path: Path, rows: list[dict[str, str]]) -> None:
@@ -129,7 +95,7 @@ def make_views(sites: list[Path], out: Path, test_fraction: float) -> None:
     for sub in ("slides", f"features/{ENCODER}/high", f"features/{ENCODER}/low"):
         (out / "pool" / sub).mkdir(parents=True, exist_ok=True)
     for site in sites:
-        rows = carved_rows(site, test_fraction)
+        rows = carve(site, test_fraction)
         view = out / "views" / site.name
         (view / "features").mkdir(parents=True, exist_ok=True)
         link(view / "slides", site / "slides")
@@ -217,24 +183,6 @@ def distill(out: Path, seeds: list[int], threads: int) -> None:
 
 
 # ---------------------------------------------------------------- 5. table
-
-
-def mean_ci(values: list[float]) -> dict[str, Any]:
-    """Mean and 95 % t-interval over seeds (no interval from fewer than two values)."""
-    v = [x for x in values if math.isfinite(x)]
-    if not v:
-        return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "values": values}
-    m = statistics.fmean(v)
-    if len(v) < 2:
-        return {"mean": m, "lo": math.nan, "hi": math.nan, "values": values}
-    half = float(stats.t.ppf(0.975, len(v) - 1)) * statistics.stdev(v) / math.sqrt(len(v))
-    return {"mean": m, "lo": m - half, "hi": m + half, "values": values}
-
-
-def fmt_ci(s: dict[str, Any]) -> str:
-    if not math.isfinite(s["mean"]):
-        return "n/a"
-    return f"{s['mean']:.3f}" + (f" [{s['lo']:.3f}, {s['hi']:.3f}]" if math.isfinite(s["lo"]) else "")
 
 
 def test_row(metrics: dict[str, Any], model: str) -> dict[str, Any] | None:
