@@ -21,7 +21,7 @@ from fedslide.client.site_run import SiteRun
 from fedslide.common.clinical import load_site_clinical, site_clinical_sums
 from fedslide.common.config.clinical import ClinicalConfig
 from fedslide.common.distillation.adapter import build_adapter
-from fedslide.common.distillation.clinical_model import ClinicalModel, build_bd
+from fedslide.common.distillation.clinical_model import ClinicalModel, build_bd, federated_bd_config
 from fedslide.common.distillation.stages import student_input
 from fedslide.common.distillation.student import student_bags
 from fedslide.common.federation import per_class
@@ -40,9 +40,7 @@ _SEED_KEY = zlib.crc32(b"clinical")
 
 def bd_config(site: SiteRun) -> ClinicalConfig:
     """The run's `[federation.clinical]` as the BD model's config (its local epochs: rounds.clinical-local-epochs)."""
-    cfg = site.cfg.clinical
-    epochs = site.cfg.rounds.clinical_local_epochs
-    return ClinicalConfig.model_validate(cfg.to_toml_dict()).model_copy(update={"epochs": epochs})
+    return federated_bd_config(site.cfg)
 
 
 def raw_vectors(site: SiteRun, idx: np.ndarray) -> np.ndarray:
@@ -148,7 +146,7 @@ def bundle_model(site: SiteRun, content: RecordDict) -> ClinicalModel | None:
     """The final BD model for the site's bundle from the evaluation message (None when it carries none)."""
     if ph.BD_MODEL not in content.array_records or ph.CLINICAL_NORM not in content.array_records:
         return None
-    cfg = ClinicalConfig.model_validate(site.cfg.clinical.to_toml_dict())
+    cfg = bd_config(site)  # records the phase's local epochs per round
     record = content.array_records[ph.BD_MODEL]
     in_dim, classes = _model_shape(site, content)
     model = build_bd(in_dim, cfg, classes)
@@ -169,9 +167,16 @@ def evaluation_metrics(site: SiteRun, content: RecordDict, model: ClinicalModel 
     out: Metrics = {ph.BD_WITH_CLINICAL: data.with_clinical}
     for name, raw in zip(ph.BD_EVALUATED, (data.raw, np.full_like(data.raw, np.nan))):
         probs = bd_probs(model.model, data.bags, raw, model.stats, model.cfg.batch_size)
-        picked = np.clip(probs[np.arange(len(probs)), data.labels], 1e-12, None)
-        values = {**classification_metrics(data.labels, probs), "loss": float(-np.log(picked).mean())}
-        out.update({f"{name}.{k}": float(v) for k, v in values.items()})
-        out[f"{name}.n"] = len(data.bags)
-        out.update(per_class.site_metrics(name, data.labels, probs, site.cfg.ece_bins))  # C > 2 only
+        out.update(bd_metric_values(name, data.labels, probs, site.cfg.ece_bins))
+    return out
+
+
+def bd_metric_values(name: str, labels: np.ndarray, probs: np.ndarray, ece_bins: int) -> Metrics:
+    """`<name>.<metric>` of one BD reading: finite values only (a one-class split has no AUC; only finite scalars
+    may leave), `<name>.n`, and per-class metrics for C > 2."""
+    picked = np.clip(probs[np.arange(len(probs)), labels], 1e-12, None)
+    values = {**classification_metrics(labels, probs), "loss": float(-np.log(picked).mean())}
+    out: Metrics = {f"{name}.{k}": float(v) for k, v in values.items() if v is not None and np.isfinite(v)}
+    out[f"{name}.n"] = len(labels)
+    out.update(per_class.site_metrics(name, labels, probs, ece_bins))  # C > 2 only
     return out

@@ -13,9 +13,13 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord
 
-from fedslide.common.config.clinical import ClinicalConfig
 from fedslide.common.config.federation import FederationConfig
-from fedslide.common.distillation.clinical_model import CLINICAL_MODEL_FILE, ClinicalModel, build_bd
+from fedslide.common.distillation.clinical_model import (
+    CLINICAL_MODEL_FILE,
+    ClinicalModel,
+    build_bd,
+    federated_bd_config,
+)
 from fedslide.common.federation import phases as ph
 from fedslide.common.federation.clinical_phase import load_bd_record
 from fedslide.common.federation.feature_stats import stats_from_record
@@ -26,7 +30,7 @@ from fedslide.common.federation.protocol import Facts
 def bd_model(cfg: FederationConfig, facts: Facts, record: ArrayRecord, norm: ArrayRecord) -> ClinicalModel:
     """The final BD model of a run from its arrays and the pooled clinical normalisation (the BD model reads the
     student's instances: `student_config(...).in_dim` wide)."""
-    clinical = ClinicalConfig.model_validate(cfg.clinical.to_toml_dict())
+    clinical = federated_bd_config(cfg)
     in_dim, classes = int(student_config(cfg, facts).in_dim), len(facts.classes)
     model = build_bd(in_dim, clinical, classes)
     load_bd_record(model, record)

@@ -154,17 +154,17 @@ def build_metrics(result: RunResult, manifest: dict[str, dict[str, Any]], second
         held_out = {s.name for s in fed.eval_sites.values()}
         for model, table in per_class.model_tables(per_site, held_out, fed.facts.classes, MODEL_ROWS).items():
             models[model]["per_class"] = table
-    train_sites = {s.name for s in fed.sites.values()}
-    per_site = {k: v for k, v in per_site.items() if k in train_sites}  # cost: the training sites' test slides
     row_names: tuple[str, ...] = MODEL_ROWS
     if clinical_outputs.has_bd_rows(per_site):  # the BD model, with / without the clinical data as recorded
-        models.update(model_table(per_site, {s.name for s in fed.eval_sites.values()}, ph.BD_EVALUATED))
+        held_out = {s.name for s in fed.eval_sites.values()}  # every site: the held-out rows are the eval-only sites'
+        models.update(model_table(per_site, held_out, ph.BD_EVALUATED))
         models[ph.BD_EVALUATED[0]]["with_clinical"] = clinical_outputs.with_clinical(per_site)
         if fed.facts and len(fed.facts.classes) > 2:  # per class, as for the other models
-            held_out = {s.name for s in fed.eval_sites.values()}
             for model, table in per_class.model_tables(per_site, held_out, fed.facts.classes, ph.BD_EVALUATED).items():
                 models[model]["per_class"] = table
         row_names = (*MODEL_ROWS, *ph.BD_EVALUATED)
+    train_sites = {s.name for s in fed.sites.values()}
+    per_site = {k: v for k, v in per_site.items() if k in train_sites}  # cost: the training sites' test slides
     rows = [{"model": m, **{k: models[m]["overall"].get(k) for k in (*METRIC_NAMES, "loss", "n")}} for m in row_names]
     sites = [{"node": n, "name": s.name, "role": "train", **s.counts} for n, s in sorted(fed.sites.items())] + [
         {"node": n, "name": s.name, "role": "eval-only", **s.counts} for n, s in sorted(fed.eval_sites.items())

@@ -111,3 +111,17 @@ def test_the_clinical_phase_admits_exactly_the_bd_arrays(shared: bool) -> None:
         check_clinical_reply(names, names, metrics | {"age-mean"})
     with pytest.raises(ValueError, match="missing"):
         check_clinical_reply(names, names - {min(n for n in names if n.startswith("single."))}, metrics)
+
+
+def test_bd_metrics_of_a_one_class_split_leave_only_finite_values() -> None:
+    """A site whose evaluated slides hold one class has no AUC: the metric is dropped, not sent as NaN (the egress
+    check refuses non-finite metrics, which would lose the site's whole final evaluation)."""
+    from fedslide.client.clinical_site import bd_metric_values
+    from fedslide.common.federation import phases as ph
+
+    labels = np.zeros(4, dtype=np.int64)
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.7, 0.3]])
+    out = bd_metric_values(ph.BD_EVALUATED[0], labels, probs, 10)
+    assert out and all(np.isfinite(v) for v in out.values())
+    assert f"{ph.BD_EVALUATED[0]}.auc" not in out and out[f"{ph.BD_EVALUATED[0]}.n"] == 4
+    assert f"{ph.BD_EVALUATED[0]}.acc" in out

@@ -12,7 +12,7 @@ import pytest
 from flwr.app import MetricRecord, RecordDict
 from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
-from fedslide.common.distillation.test_predictions import read_test_predictions, write_test_predictions
+from fedslide.common.distillation.split_predictions import read_test_predictions, write_test_predictions
 from fedslide.common.egress import Allowed, EgressViolation, check_reply
 from fedslide.common.federation import per_class
 from fedslide.common.federation import phases as ph

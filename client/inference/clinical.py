@@ -36,7 +36,25 @@ def read_patients(path: Path) -> dict[str, str]:
         fields = reader.fieldnames or []
         if "slide_id" not in fields or "patient_id" not in fields:
             raise ClinicalDataError(f"{path}: needs columns slide_id and patient_id; it has {fields}")
-        return {row["slide_id"].strip(): row["patient_id"].strip() for row in reader}
+        patient_of: dict[str, str] = {}
+        line_of: dict[str, int] = {}
+        for row in reader:
+            line = reader.line_num
+            cells = {}
+            for column in ("slide_id", "patient_id"):
+                value = row.get(column)
+                if value is None:  # a short row
+                    raise ClinicalDataError(f"{path}, line {line}: column {column!r} is missing (the row is short)")
+                cells[column] = value.strip()
+            slide_id = cells["slide_id"]
+            if slide_id in patient_of:
+                raise ClinicalDataError(
+                    f"{path}: slide_id {slide_id!r} is listed twice (lines {line_of[slide_id]} and {line}); "
+                    "give each slide one patient"
+                )
+            patient_of[slide_id] = cells["patient_id"]
+            line_of[slide_id] = line
+        return patient_of
 
 
 @dataclass
@@ -48,6 +66,22 @@ class ClinicalInput:
     row_errors: dict[str, str]
     patient_of: dict[str, str] | None
     path: Path
+    patients_path: Path | None = None
+
+    def warn_unlisted(self, slide_ids: list[str]) -> list[str]:
+        """Log a WARNING naming the slides a patient-keyed table cannot reach (absent from the patients file; the
+        single-modal branch reads them); returns them."""
+        if self.patient_of is None or self.patients_path is None:
+            return []
+        missing = [s for s in slide_ids if s not in self.patient_of]
+        if missing:
+            log.warning(
+                "%d slide(s) are not in the patients file %s, so they get no clinical row (single-modal branch): %s",
+                len(missing),
+                self.patients_path,
+                ", ".join(missing),
+            )
+        return missing
 
     def raw(self, slide_id: str) -> np.ndarray:
         """The slide's raw clinical vector (NaN: not recorded); ClinicalDataError when its row was refused."""
@@ -98,4 +132,5 @@ def clinical_input(bundle: StudentBundle, cfg: PredictConfig) -> ClinicalInput |
         patient_of = read_patients(Path(cfg.clinical_patients))
     for row_id, message in errors.items():
         log.error("clinical row %s refused: %s", row_id, message)
-    return ClinicalInput(bundle.clinical, table, errors, patient_of, path)
+    patients_path = None if cfg.clinical_patients is None else Path(cfg.clinical_patients)
+    return ClinicalInput(bundle.clinical, table, errors, patient_of, path, patients_path)

@@ -171,6 +171,8 @@ def predict_slides(
         raise ModelDirError("no encoder for the requested resolution")
     paths = _resolve_slides(slides, cfg)
     clinical = clinical_input(bundle, cfg)  # a table of another schema is refused before any slide
+    if clinical is not None:
+        clinical.warn_unlisted([slide_id_of(p) for p in paths])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run = PredictionRun(

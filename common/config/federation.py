@@ -120,7 +120,7 @@ class FederatedAdapterConfig(AdapterConfig):
 
 class FederatedClinicalConfig(ClinicalConfig):
     """The clinical (BD) phase of a federated run (section [federation.clinical]): the clinical.csv schema every
-    site reads its table against and the BD model; its local epochs come from rounds.local-epochs.
+    site reads its table against and the BD model; its local epochs come from rounds.clinical-local-epochs.
 
     Flower's run config holds scalars: `variables` travels as one JSON string, `missing-tokens` comma-separated."""
 

@@ -14,7 +14,6 @@ slide through the single-modal branch and its learnable prompt (`single`).
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +25,7 @@ from pydantic import ValidationError
 from fedslide.common.atomic import atomic_path
 from fedslide.common.clinical import ClinicalDataError, ClinicalTable, encode, load_clinical, present_mask
 from fedslide.common.config.clinical import ClinicalConfig
+from fedslide.common.config.federation import FederationConfig
 from fedslide.common.models.bimodal import BidirectionalMIL
 from fedslide.common.training.standardize import FeatureStats
 
@@ -36,6 +36,13 @@ Branch = Literal["multi", "single"]
 
 class ClinicalSchemaError(ClinicalDataError):
     """A clinical table's columns differ from the schema the bundle's BD model was trained with."""
+
+
+def federated_bd_config(cfg: FederationConfig) -> ClinicalConfig:
+    """A federated run's `[federation.clinical]` as the BD model's config, its epochs the phase's local epochs per
+    round (rounds.clinical-local-epochs): what the sites train with and what the saved model records."""
+    clinical = ClinicalConfig.model_validate(cfg.clinical.to_toml_dict())
+    return clinical.model_copy(update={"epochs": cfg.rounds.clinical_local_epochs})
 
 
 def build_bd(in_dim: int, cfg: ClinicalConfig, num_classes: int) -> BidirectionalMIL:
@@ -138,15 +145,6 @@ class ClinicalModel:
         x = torch.as_tensor(instances, dtype=torch.float32)[None]
         out = self.model(x, None, torch.from_numpy(z), torch.from_numpy(present))
         return torch.softmax(out.logits, dim=-1)[0].float(), "multi" if bool(present[0]) else "single"
-
-
-def slide_vectors(
-    table: ClinicalTable | None, slide_ids: Sequence[str], patient_of: dict[str, str], dim: int
-) -> np.ndarray:
-    """Raw clinical vectors [n, dim] of the slides (all NaN where a slide has no complete row or no table)."""
-    if table is None:
-        return np.full((len(slide_ids), dim), np.nan)
-    return table.lookup(slide_ids, patient_of)
 
 
 def with_clinical(raw: np.ndarray) -> int:

@@ -70,7 +70,7 @@ from fedslide.common.distillation.stages import (
     teacher_attention,
 )
 from fedslide.common.distillation.student import attention_kd_width, starts_from_teacher, student_bags
-from fedslide.common.distillation.test_predictions import (
+from fedslide.common.distillation.split_predictions import (
     TEST_PREDICTIONS_FILE,
     test_prediction_rows,
     write_test_predictions,

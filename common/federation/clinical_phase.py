@@ -14,14 +14,12 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedslide.common.federation import phases as ph
 from fedslide.common.federation.phases import BD_ARRAYS, CLINICAL, N_CLINICAL
 from fedslide.common.models.bimodal import BidirectionalMIL
 
 __all__ = ["BD_ARRAYS", "CLINICAL", "MULTI_PREFIX", "N_CLINICAL", "bd_record", "check_clinical_reply", "load_bd_record"]
 
 MULTI_PREFIX = "multi."  # BD arrays trained only by slides with clinical data
-_METRICS = (ph.NUM_EXAMPLES, ph.UNIT_WEIGHT, N_CLINICAL, ph.TRAIN_LOSS, ph.VAL_LOSS, ph.VAL_N, ph.EPOCHS, ph.SECONDS)
 
 
 def check_clinical_reply(sent: set[str], arrays: set[str], metrics: set[str]) -> None:
@@ -30,9 +28,10 @@ def check_clinical_reply(sent: set[str], arrays: set[str], metrics: set[str]) ->
     bad_arrays = sorted(name for name in arrays if not CLINICAL.allows_array(name))
     bad_metrics = sorted(name for name in metrics if not CLINICAL.allows_metric(name))
     if arrays != sent or bad_arrays or bad_metrics:
+        declared = [pattern.replace("\\", "") for pattern in CLINICAL.metrics]  # re.escape'd names
         raise ValueError(
             f"phase {CLINICAL.name}: the reply may carry exactly the BD arrays it was sent and the metrics "
-            f"{list(_METRICS)}; not declared: arrays {bad_arrays}, metrics {bad_metrics}; not sent: "
+            f"{declared}; not declared: arrays {bad_arrays}, metrics {bad_metrics}; not sent: "
             f"{sorted(arrays - sent)}; missing: {sorted(sent - arrays)}"
         )
 

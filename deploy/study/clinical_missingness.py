@@ -4,7 +4,8 @@ clinical rows removed (issue 34).
 It reads the held-out site's copy of its fold's bundle (`clinical.pt`, trained federated with
 `[federation.clinical] enabled = true`) and the site's own `clinical.csv`; a fold whose bundle has no BD model, or a
 site without a table, has no column. Rows are removed from the slides that have a complete row, in one seeded order,
-so each level removes a superset of the previous level's rows.
+so each level removes a superset of the previous level's rows. The BD model reads the 5x features of the fold's
+bundle (`bundle_features.matching_slide`: a fine-tuned encoder's own folder); a slide without them is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fedslide.common.clinical import CLINICAL_FILE, present_mask
 from fedslide.common.distillation.bundle import StudentBundle
 from fedslide.common.distillation.data import SlidePair
 from fedslide.common.metrics import classification_metrics
+from fedslide.deploy.study.bundle_features import matching_slide
 
 MISSINGNESS = (0.0, 0.5, 0.8, 1.0)
 
@@ -51,8 +53,9 @@ def clinical_missingness(
     order = np.random.default_rng(seed).permutation(present)
     instances = []
     for slide in slides:
-        tokens = None if slide.low.tokens is None or not bundle.uses_tokens else torch.from_numpy(slide.low.tokens)
-        instances.append(bundle.student_instances(torch.from_numpy(slide.low.features), tokens)[0])
+        low = matching_slide(bundle, slide, Path(site_dir)).low  # a fine-tuned 5x encoder: that fold's own files
+        tokens = None if low.tokens is None or not bundle.uses_tokens else torch.from_numpy(low.tokens)
+        instances.append(bundle.student_instances(torch.from_numpy(low.features), tokens)[0])
     labels = _bundle_labels(slides, classes, bundle.meta.class_names, Path(bundle_dir))
     auc: dict[str, float | None] = {}
     for level in levels:

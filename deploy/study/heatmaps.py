@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +25,8 @@ from fedslide.client.heatmaps import InstanceMap, render_heatmap, write_heatmap
 from fedslide.client.slides import SlideError, SlideReader
 from fedslide.common.distillation.bundle import StudentBundle
 from fedslide.common.distillation.data import SlidePair
-from fedslide.common.distillation.feature_folders import find_finetuned_features
 from fedslide.common.distillation.instances import instance_coords
-from fedslide.common.features import feature_path, read_feature_file
+from fedslide.deploy.study.bundle_features import bundle_slide
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -106,21 +105,6 @@ def tumor_mask(site_dir: Path, slide_id: str) -> tuple[np.ndarray, float] | None
         return None
     mask = np.asarray(Image.open(path).convert("L")) > 127
     return mask, float(entry.get("mpp") or doc.get("mpp") or 0.0)
-
-
-def bundle_slide(bundle: StudentBundle, slide: SlidePair, site_dir: Path) -> SlidePair:
-    """`slide` with the 5x features the bundle's student reads: when its 5x encoder was fine-tuned (pixel stage 1 or
-    VIB), the slide's file in the site's folder of those weights (`features/<encoder>-ft-<hash12>` or
-    `-vib-<hash12>`); unchanged when the slide's own file already fits or no such file exists (then
-    `check_features` refuses it, naming both encoders)."""
-    weights_hash, _ = bundle.meta.expected_encoder("low")
-    if not weights_hash or str(slide.low.attrs.get("encoder_weights_hash", "")) == weights_hash:
-        return slide
-    name = find_finetuned_features(site_dir, bundle.meta.encoder_name, weights_hash)
-    path = feature_path(site_dir, name, "low", slide.slide_id) if name is not None else None
-    if path is None or not path.is_file():
-        return slide
-    return replace(slide, low=read_feature_file(path, load_tokens=True))
 
 
 def student_attention(bundle: StudentBundle, slide: SlidePair) -> tuple[np.ndarray, InstanceMap]:

@@ -35,7 +35,7 @@ import numpy as np
 from bench_distill import fedslide, finite, fmt, run_logged
 from bench_lowres_ablation import ENCODER, fmt_ci, mean_ci
 
-from fedslide.common.distillation.test_predictions import TEST_PREDICTIONS_FILE, read_test_predictions
+from fedslide.common.distillation.split_predictions import TEST_PREDICTIONS_FILE, read_test_predictions
 from fedslide.common.evaluation.stats import bootstrap_metrics
 from fedslide.common.training.labels import read_labels
 
