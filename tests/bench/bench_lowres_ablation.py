@@ -260,6 +260,14 @@ def finetuned_folder(out: Path, variant: str) -> str:
     return finetuned_features_name(ENCODER, doc["weights_hash"])
 
 
+def distill_cmd(sites: list[Path], dest: Path, seed: int, threads: int, sets: list[str]) -> list[str]:
+    """`fedslide distill` of `sites` into `dest` with the run's seed, threads and `--set KEY=VALUE` overrides."""
+    overrides = [x for kv in [f"threads={threads}", *sets] for x in ("--set", kv)]
+    return fedslide(
+        "distill", "--sites", *map(str, sites), "--out", str(dest), "--seed", str(seed), "--no-progress", *overrides
+    )
+
+
 def distill(out: Path, args: argparse.Namespace) -> None:
     for seed in args.seeds:
         for config in args.configs:
@@ -269,19 +277,7 @@ def distill(out: Path, args: argparse.Namespace) -> None:
             dest = run_dir(out, config, seed)
             if (dest / "metrics.json").is_file():
                 continue
-            cmd = fedslide(
-                "distill",
-                "--sites",
-                *map(str, view_sites(out, variant)),
-                "--out",
-                str(dest),
-                "--seed",
-                str(seed),
-                "--no-progress",
-                "--set",
-                f"threads={args.threads}",
-                *[x for kv in sets + args.distill_set for x in ("--set", kv)],
-            )
+            cmd = distill_cmd(view_sites(out, variant), dest, seed, args.threads, sets + args.distill_set)
             rc, _ = run_logged(cmd, out / "logs" / f"distill_{config}_seed{seed}.log", args.threads)
             if rc != 0:
                 raise SystemExit(f"distill {config} seed {seed} failed (exit {rc}); see {out / 'logs'}")

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_distill import fedslide, finite, fmt, run_logged
-from bench_lowres_ablation import ENCODER, fmt_ci, mean_ci
+from bench_distill import finite, fmt, run_logged
+from bench_lowres_ablation import ENCODER, distill_cmd, fmt_ci, mean_ci
 
 from fedslide.common.distillation.split_predictions import TEST_PREDICTIONS_FILE, read_test_predictions
 from fedslide.common.evaluation.stats import bootstrap_metrics
@@ -104,21 +104,9 @@ def distill(out: Path, args: argparse.Namespace) -> None:
                 dest = run_dir(out, config, fold, seed)
                 if (dest / TEST_PREDICTIONS_FILE).is_file() and (dest / "metrics.json").is_file():
                     continue
-                cmd = fedslide(
-                    "distill",
-                    "--sites",
-                    *map(str, sorted((out / "views" / fold).glob("site*"))),
-                    "--out",
-                    str(dest),
-                    "--seed",
-                    str(seed),
-                    "--no-progress",
-                    "--set",
-                    f"threads={args.threads}",
-                    "--set",
-                    f"encoder={args.encoder}",
-                    *[x for kv in CONFIGS[config] + args.distill_set for x in ("--set", kv)],
-                )
+                sites = sorted((out / "views" / fold).glob("site*"))
+                sets = [f"encoder={args.encoder}", *CONFIGS[config], *args.distill_set]
+                cmd = distill_cmd(sites, dest, seed, args.threads, sets)
                 rc, seconds = run_logged(cmd, out / "logs" / f"distill_{config}_{fold}_seed{seed}.log", args.threads)
                 if rc != 0:
                     raise SystemExit(f"distill {config} {fold} seed {seed} failed (exit {rc}); see {out / 'logs'}")

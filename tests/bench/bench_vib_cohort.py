@@ -40,7 +40,7 @@ from typing import Any
 
 from bench_distill import fedslide
 from bench_distill import run_logged as run_command
-from bench_lowres_ablation import carve, fmt_ci, mean_ci
+from bench_lowres_ablation import carve, distill_cmd, fmt_ci, mean_ci
 
 ENCODER = "efficientnet_lite0"
 # Stage settings, fixed before any test result: the product's (= reference code's) defaults except bag-size 16
@@ -165,20 +165,7 @@ def distill(out: Path, seeds: list[int], threads: int) -> None:
         dest = out / "runs" / f"seed{seed}"
         if (dest / "metrics.json").is_file():
             continue
-        cmd = fedslide(
-            "distill",
-            "--sites",
-            *map(str, views),
-            "--out",
-            str(dest),
-            "--seed",
-            str(seed),
-            "--no-progress",
-            "--set",
-            f"threads={threads}",
-            "--set",
-            f"encoder={folder}",
-        )
+        cmd = distill_cmd(views, dest, seed, threads, [f"encoder={folder}"])
         run_logged(cmd, out / "logs" / f"distill_seed{seed}.log", threads)
 
 
